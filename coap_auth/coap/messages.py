@@ -1,0 +1,102 @@
+"""ACE messages on the wire: parse a /token request map, encode the /token response map.
+
+Parsing is defensive: wrong content format, oversize, non-CBOR, wrong types. Unknown
+parameters are ignored, as RFC 6749 §3.2 requires of a token endpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cbor2
+
+from coap_auth.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    UnsupportedContentFormat,
+    UnsupportedGrantType,
+)
+from coap_auth.service import IssuedToken, TokenRequest
+from coap_auth.store import TOKEN_FORMATS
+from coap_auth.wire import CLIENT_ASSERTION, TOKEN_FORMAT, AceParam, ContentFormat, GrantType
+
+MAX_TEXT = 512
+
+_TEXT_PARAMS = {
+    AceParam.CLIENT_ID: "client_id",
+    AceParam.CLIENT_SECRET: "client_secret",
+    AceParam.AUDIENCE: "audience",
+    AceParam.SCOPE: "scope",
+    TOKEN_FORMAT: "token_format",
+}
+_BYTES_PARAMS = {
+    AceParam.REFRESH_TOKEN: "refresh_token",
+    CLIENT_ASSERTION: "client_assertion",
+}
+
+
+def decode_ace_payload(
+    payload: bytes, content_format: int | None, max_payload: int
+) -> dict[Any, Any]:
+    """The CBOR map of an application/ace+cbor request body."""
+    if content_format != ContentFormat.ACE_CBOR:
+        raise UnsupportedContentFormat("expected application/ace+cbor (19)")
+    if len(payload) > max_payload:
+        raise PayloadTooLarge(f"request payload larger than {max_payload} bytes")
+    try:
+        body = cbor2.loads(payload)
+    except Exception:
+        # Includes RecursionError for absurd nesting: any undecodable body is the client's fault.
+        raise InvalidRequest("request body is not well-formed CBOR") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a CBOR map")
+    for key in body:
+        if isinstance(key, bool) or not isinstance(key, int | str):
+            raise InvalidRequest("request parameters must have integer or text keys")
+    return body
+
+
+def parse_token_request(body: dict[Any, Any]) -> TokenRequest:
+    values: dict[str, Any] = {}
+    for key, name in _TEXT_PARAMS.items():
+        if key in body:
+            value = body[key]
+            if not isinstance(value, str) or not value or len(value) > MAX_TEXT:
+                raise InvalidRequest(f"{name} must be a non-empty text string")
+            values[name] = value
+    for key, name in _BYTES_PARAMS.items():
+        if key in body:
+            if not isinstance(body[key], bytes) or not body[key]:
+                raise InvalidRequest(f"{name} must be a non-empty byte string")
+            values[name] = body[key]
+    if AceParam.REQ_CNF in body:
+        if not isinstance(body[AceParam.REQ_CNF], dict):
+            raise InvalidRequest("req_cnf must be a map")
+        values["req_cnf"] = body[AceParam.REQ_CNF]
+    if AceParam.GRANT_TYPE in body:
+        grant = body[AceParam.GRANT_TYPE]
+        if isinstance(grant, bool) or not isinstance(grant, int):
+            raise InvalidRequest("grant_type must be an unsigned integer")
+        try:
+            values["grant_type"] = GrantType(grant)
+        except ValueError:
+            raise UnsupportedGrantType("grant type not supported") from None
+    if values.get("token_format", "cwt") not in TOKEN_FORMATS:
+        raise InvalidRequest('token_format must be "cwt" or "jwt"')
+    return TokenRequest(**values)
+
+
+def encode_token_response(issued: IssuedToken, refresh_token: bytes | None = None) -> bytes:
+    body: dict[Any, Any] = {
+        AceParam.ACCESS_TOKEN: issued.access_token,
+        AceParam.EXPIRES_IN: issued.expires_in,
+        # RFC 9200 §5.8.2: PoP is the default, so Bearer must be said; we always say which.
+        AceParam.TOKEN_TYPE: issued.token_type,
+    }
+    if issued.narrowed_scope is not None:
+        body[AceParam.SCOPE] = issued.narrowed_scope
+    if issued.cnf is not None:
+        body[AceParam.CNF] = issued.cnf
+    if refresh_token is not None:
+        body[AceParam.REFRESH_TOKEN] = refresh_token
+    return cbor2.dumps(body)

@@ -1,0 +1,90 @@
+"""Settings: defaults < TOML file < environment (COAP_AUTH_*) < command-line flags.
+
+An unknown key in the TOML file is an error, not silence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from coap_auth.errors import OperatorError
+
+ENV_PREFIX = "COAP_AUTH_"
+DEFAULT_DATA_DIR = Path("coap-auth-data")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path = DEFAULT_DATA_DIR
+    bind: str = "::"
+    port: int = 5683
+    # The AS identifier: `iss` of every token, `aud` a client assertion must carry.
+    issuer: str = "coap-auth"
+    # Algorithm of the signing keys `init` creates: ES256 or EdDSA.
+    signing_alg: str = "ES256"
+    # Default lifetime (s) of an audience's access tokens when `audiences add` gives none.
+    token_lifetime: int = 3600
+    # Largest accepted request payload in bytes (larger: 4.13).
+    max_payload: int = 2048
+    # PROTOCOL.md: a client assertion's exp is at most this far ahead.
+    assertion_max_lifetime: int = 300
+    # Allowed clock difference when checking a client assertion's iat.
+    clock_skew: int = 30
+    # How often (s) the server looks at the store's change feed.
+    change_poll_interval: float = 0.5
+    log_level: str = "INFO"
+
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = _FIELDS[name].type
+    try:
+        if kind in ("Path", Path):
+            return Path(value)
+        if kind in ("int", int):
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if kind in ("float", float):
+            return float(value)
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    except (TypeError, ValueError):
+        raise OperatorError(f"setting {name!r} has a value of the wrong type") from None
+
+
+def load_settings(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            document = tomllib.loads(config_file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise OperatorError(f"cannot read config file {config_file}: {exc}") from None
+        for name, value in document.items():
+            if name not in _FIELDS:
+                raise OperatorError(f"unknown setting {name!r} in {config_file}")
+            values[name] = _coerce(name, value)
+    for name, value in (os.environ if env is None else env).items():
+        key = name[len(ENV_PREFIX) :].lower() if name.startswith(ENV_PREFIX) else None
+        if key in _FIELDS:
+            values[key] = _coerce(key, value)
+    for name, value in (flags or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value)
+    settings = dataclasses.replace(Settings(), **values)
+    if settings.signing_alg not in ("ES256", "EdDSA"):
+        raise OperatorError("signing_alg must be ES256 or EdDSA")
+    return settings

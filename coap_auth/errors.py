@@ -1,0 +1,146 @@
+"""The one exception tree of coap-auth, and how each error renders on the wire.
+
+    CoapAuthError                   base: carries a CoAP code and renders itself
+    ├── AceError                    RFC 9200 §5.8.3 body {30: code, 31: text}, format 19
+    │   ├── InvalidRequest          4.00, error 1
+    │   ├── InvalidClient           4.01, error 2 (never says whether the client exists)
+    │   ├── InvalidGrant            4.00, error 3
+    │   ├── UnauthorizedClient      4.00, error 4
+    │   ├── UnsupportedGrantType    4.00, error 5
+    │   ├── InvalidScope            4.00, error 6
+    │   └── UnsupportedPopKey       4.00, error 7
+    ├── ProblemError                RFC 9290 body {-1: title, -2: detail}, format 257
+    │   ├── BadRequest              4.00
+    │   ├── MethodNotAllowed        4.05
+    │   ├── NotAcceptable           4.06
+    │   ├── PayloadTooLarge         4.13
+    │   ├── UnsupportedContentFormat 4.15
+    │   └── ServiceUnavailable      5.03
+    ├── TokenError                  a token did not decode or verify (4.01 at an RS)
+    │   ├── MalformedToken
+    │   ├── InvalidSignature        also: unknown kid, algorithm not allowed
+    │   └── InvalidClaims           expired, not yet valid, wrong issuer or audience
+    └── OperatorError               bad operator input (CLI, configuration); never on the wire
+
+Messages are one line and never contain a secret, a token or key material: callers pass
+descriptions, not values.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import cbor2
+
+from coap_auth.wire import AceErrorCode, AceParam, CoapCode, ContentFormat, ProblemDetail
+
+
+class CoapAuthError(Exception):
+    """Base of every error coap-auth raises on purpose."""
+
+    code: ClassVar[CoapCode] = CoapCode.BAD_REQUEST
+    title: ClassVar[str] = "Bad Request"
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description)
+        self.description = description
+
+    def render(self) -> tuple[CoapCode, ContentFormat, bytes]:
+        """The CoAP response code, content format and payload for this error."""
+        body = {ProblemDetail.TITLE: self.title, ProblemDetail.DETAIL: self.description}
+        return self.code, ContentFormat.PROBLEM_DETAILS_CBOR, cbor2.dumps(body)
+
+
+class AceError(CoapAuthError):
+    """An RFC 9200 §5.8.3 error response of /token, /introspect or /revoke."""
+
+    ace_code: ClassVar[AceErrorCode]
+
+    def render(self) -> tuple[CoapCode, ContentFormat, bytes]:
+        body = {AceParam.ERROR: int(self.ace_code), AceParam.ERROR_DESCRIPTION: self.description}
+        return self.code, ContentFormat.ACE_CBOR, cbor2.dumps(body)
+
+
+class InvalidRequest(AceError):
+    ace_code = AceErrorCode.INVALID_REQUEST
+
+
+class InvalidClient(AceError):
+    code = CoapCode.UNAUTHORIZED
+    ace_code = AceErrorCode.INVALID_CLIENT
+
+
+class InvalidGrant(AceError):
+    ace_code = AceErrorCode.INVALID_GRANT
+
+
+class UnauthorizedClient(AceError):
+    ace_code = AceErrorCode.UNAUTHORIZED_CLIENT
+
+
+class UnsupportedGrantType(AceError):
+    ace_code = AceErrorCode.UNSUPPORTED_GRANT_TYPE
+
+
+class InvalidScope(AceError):
+    ace_code = AceErrorCode.INVALID_SCOPE
+
+
+class UnsupportedPopKey(AceError):
+    ace_code = AceErrorCode.UNSUPPORTED_POP_KEY
+
+
+class ProblemError(CoapAuthError):
+    """A failure outside the ACE error vocabulary: RFC 9290 concise problem details."""
+
+
+class BadRequest(ProblemError):
+    pass
+
+
+class MethodNotAllowed(ProblemError):
+    code = CoapCode.METHOD_NOT_ALLOWED
+    title = "Method Not Allowed"
+
+
+class NotAcceptable(ProblemError):
+    code = CoapCode.NOT_ACCEPTABLE
+    title = "Not Acceptable"
+
+
+class PayloadTooLarge(ProblemError):
+    code = CoapCode.REQUEST_ENTITY_TOO_LARGE
+    title = "Request Entity Too Large"
+
+
+class UnsupportedContentFormat(ProblemError):
+    code = CoapCode.UNSUPPORTED_CONTENT_FORMAT
+    title = "Unsupported Content-Format"
+
+
+class ServiceUnavailable(ProblemError):
+    code = CoapCode.SERVICE_UNAVAILABLE
+    title = "Service Unavailable"
+
+
+class TokenError(CoapAuthError):
+    """An access token (or client assertion) that does not decode or verify."""
+
+    code = CoapCode.UNAUTHORIZED
+    title = "Unauthorized"
+
+
+class MalformedToken(TokenError):
+    pass
+
+
+class InvalidSignature(TokenError):
+    pass
+
+
+class InvalidClaims(TokenError):
+    pass
+
+
+class OperatorError(CoapAuthError):
+    """Bad input from an operator: the CLI prints the description and exits non-zero."""

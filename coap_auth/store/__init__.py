@@ -1,0 +1,16 @@
+"""Persistence: the `Store` protocol, its records, and the embedded SQLite implementation."""
+
+from coap_auth.store.base import Store
+from coap_auth.store.master_key import MasterKey
+from coap_auth.store.records import TOKEN_FORMATS, Audience, Client, TokenFormat
+from coap_auth.store.sqlite import SqliteStore
+
+__all__ = [
+    "TOKEN_FORMATS",
+    "Audience",
+    "Client",
+    "MasterKey",
+    "SqliteStore",
+    "Store",
+    "TokenFormat",
+]

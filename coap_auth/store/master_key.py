@@ -1,0 +1,72 @@
+"""The master key, kept outside the database: encrypts private keys at rest, keys secret digests.
+
+Taken from COAP_AUTH_MASTER_KEY (base64url, 32 bytes) or `master.key` in the data directory,
+generated with mode 0600 when absent.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from coap_auth.errors import OperatorError
+
+ENV_VAR = "COAP_AUTH_MASTER_KEY"
+FILE_NAME = "master.key"
+KEY_BYTES = 32
+_NONCE_BYTES = 12
+
+
+class MasterKey:
+    def __init__(self, key: bytes) -> None:
+        if len(key) != KEY_BYTES:
+            raise OperatorError("master key must be 32 bytes")
+        self._aead = AESGCM(hashlib.sha256(b"coap-auth key encryption" + key).digest())
+        self._digest_key = hashlib.sha256(b"coap-auth secret digest" + key).digest()
+
+    def __repr__(self) -> str:
+        return "MasterKey(<hidden>)"
+
+    @classmethod
+    def load(cls, data_dir: Path, *, create: bool) -> MasterKey:
+        """The environment variable wins; else the key file, created if asked to."""
+        from_env = os.environ.get(ENV_VAR)
+        if from_env:
+            try:
+                return cls(base64.urlsafe_b64decode(from_env + "=" * (-len(from_env) % 4)))
+            except ValueError:
+                raise OperatorError(f"{ENV_VAR} is not base64url of 32 bytes") from None
+        path = data_dir / FILE_NAME
+        if path.exists():
+            return cls(path.read_bytes())
+        if not create:
+            raise OperatorError(f"no master key: set {ENV_VAR} or run `coap-auth init`")
+        key = secrets.token_bytes(KEY_BYTES)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(key)
+            out.flush()
+            os.fsync(out.fileno())
+        return cls(key)
+
+    def encrypt(self, plaintext: bytes, context: bytes) -> bytes:
+        """AES-256-GCM; `context` (e.g. the kid) is bound as associated data."""
+        nonce = secrets.token_bytes(_NONCE_BYTES)
+        return nonce + self._aead.encrypt(nonce, plaintext, context)
+
+    def decrypt(self, sealed: bytes, context: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], context)
+        except InvalidTag:
+            raise OperatorError("stored key does not decrypt: wrong master key?") from None
+
+    def digest(self, secret: bytes) -> bytes:
+        """The keyed digest under which a client secret or refresh token is stored."""
+        return hmac.new(self._digest_key, secret, hashlib.sha256).digest()

@@ -1,0 +1,158 @@
+"""The claims of an access token, in their CWT (RFC 8392) and JWT (RFC 9068) forms.
+
+Decoding checks types; `validate` checks time, issuer and audience against a `now` passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from coap_auth.errors import InvalidClaims, MalformedToken
+from coap_auth.tokens.cose_key import b64url, b64url_decode, cose_key_to_jwk
+from coap_auth.wire import CnfMethod, CwtClaim
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    iss: str
+    sub: str
+    aud: str
+    exp: int
+    iat: int
+    cti: bytes
+    scope: str | None = None
+    nbf: int | None = None
+    # RFC 8747 §3.1: the confirmation key as a COSE_Key map, for PoP tokens.
+    cnf_key: Mapping[int, Any] | None = field(default=None, hash=False)
+
+    @property
+    def scopes(self) -> frozenset[str]:
+        return frozenset(self.scope.split()) if self.scope else frozenset()
+
+    def to_cwt_map(self) -> dict[int, Any]:
+        out: dict[int, Any] = {
+            CwtClaim.ISS: self.iss,
+            CwtClaim.SUB: self.sub,
+            CwtClaim.AUD: self.aud,
+            CwtClaim.EXP: self.exp,
+            CwtClaim.IAT: self.iat,
+            CwtClaim.CTI: self.cti,
+        }
+        if self.nbf is not None:
+            out[CwtClaim.NBF] = self.nbf
+        if self.scope is not None:
+            out[CwtClaim.SCOPE] = self.scope
+        if self.cnf_key is not None:
+            out[CwtClaim.CNF] = {CnfMethod.COSE_KEY: dict(self.cnf_key)}
+        return out
+
+    def to_jwt_dict(self) -> dict[str, Any]:
+        # RFC 9068 §2.2: iss, exp, aud, sub, client_id, iat, jti are required.
+        out: dict[str, Any] = {
+            "iss": self.iss,
+            "sub": self.sub,
+            "aud": self.aud,
+            "exp": self.exp,
+            "iat": self.iat,
+            "jti": b64url(self.cti),
+            "client_id": self.sub,
+        }
+        if self.nbf is not None:
+            out["nbf"] = self.nbf
+        if self.scope is not None:
+            out["scope"] = self.scope
+        if self.cnf_key is not None:
+            out["cnf"] = {"jwk": cose_key_to_jwk(self.cnf_key)}
+        return out
+
+    @classmethod
+    def from_cwt_map(cls, claims: Any) -> Claims:
+        if not isinstance(claims, dict):
+            raise MalformedToken("CWT claims must be a map")
+        cnf = claims.get(CwtClaim.CNF)
+        cnf_key = None
+        if cnf is not None:
+            if not isinstance(cnf, dict) or not isinstance(cnf.get(CnfMethod.COSE_KEY), dict):
+                raise MalformedToken("cnf claim must hold a COSE_Key")
+            cnf_key = cnf[CnfMethod.COSE_KEY]
+        scope = claims.get(CwtClaim.SCOPE)
+        if scope is not None and not isinstance(scope, str):
+            raise MalformedToken("scope claim must be a text string")
+        return cls(
+            iss=_text(claims, CwtClaim.ISS, "iss"),
+            sub=_text(claims, CwtClaim.SUB, "sub"),
+            aud=_text(claims, CwtClaim.AUD, "aud"),
+            exp=_date(claims.get(CwtClaim.EXP), "exp"),
+            iat=_date(claims.get(CwtClaim.IAT), "iat"),
+            cti=_cti(claims.get(CwtClaim.CTI)),
+            scope=scope,
+            nbf=None if claims.get(CwtClaim.NBF) is None else _date(claims[CwtClaim.NBF], "nbf"),
+            cnf_key=cnf_key,
+        )
+
+    @classmethod
+    def from_jwt_dict(cls, claims: Any) -> Claims:
+        if not isinstance(claims, dict):
+            raise MalformedToken("JWT claims must be an object")
+        jti = claims.get("jti")
+        if not isinstance(jti, str):
+            raise MalformedToken("jti claim must be a string")
+        try:
+            cti = b64url_decode(jti)
+        except ValueError:
+            raise MalformedToken("jti claim is not base64url") from None
+        scope = claims.get("scope")
+        if scope is not None and not isinstance(scope, str):
+            raise MalformedToken("scope claim must be a string")
+        return cls(
+            iss=_text(claims, "iss", "iss"),
+            sub=_text(claims, "sub", "sub"),
+            aud=_text(claims, "aud", "aud"),
+            exp=_date(claims.get("exp"), "exp"),
+            iat=_date(claims.get("iat"), "iat"),
+            cti=cti,
+            scope=scope,
+            nbf=None if claims.get("nbf") is None else _date(claims["nbf"], "nbf"),
+        )
+
+    def validate(
+        self,
+        *,
+        now: int,
+        issuer: str | None = None,
+        audience: str | None = None,
+        leeway: int = 0,
+    ) -> None:
+        """Raise InvalidClaims unless the token is valid at `now` for this issuer and audience."""
+        if now >= self.exp + leeway:
+            raise InvalidClaims("token expired")
+        if self.nbf is not None and now + leeway < self.nbf:
+            raise InvalidClaims("token not yet valid")
+        if issuer is not None and self.iss != issuer:
+            raise InvalidClaims("token from another issuer")
+        if audience is not None and self.aud != audience:
+            raise InvalidClaims("token for another audience")
+
+
+def _text(claims: Mapping[Any, Any], key: Any, name: str) -> str:
+    value = claims.get(key)
+    if not isinstance(value, str):
+        raise MalformedToken(f"{name} claim must be a text string")
+    return value
+
+
+def _date(value: Any, name: str) -> int:
+    # RFC 8392 §2: NumericDate; we issue integers and accept floats by truncation.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MalformedToken(f"{name} claim must be a NumericDate")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise MalformedToken(f"{name} claim must be a NumericDate")
+    return int(value)
+
+
+def _cti(value: Any) -> bytes:
+    if not isinstance(value, bytes):
+        raise MalformedToken("cti claim must be a byte string")
+    return value

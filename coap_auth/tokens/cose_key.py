@@ -1,0 +1,174 @@
+"""COSE_Key (RFC 9052 §7, RFC 9053 §7) and JWK (RFC 7517/8037) forms of public keys.
+
+A `VerificationKey` is what a verifier needs: a kid, the one algorithm the key may be used
+with (never the algorithm a token claims), and the public key.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from coap_auth.errors import UnsupportedPopKey
+from coap_auth.wire import CoseAlg, CoseCurve, CoseKeyOp, CoseKeyParam, CoseKty
+
+PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+JWS_ALG = {CoseAlg.ES256: "ES256", CoseAlg.EDDSA: "EdDSA"}
+_P256_COORD = 32
+_ED25519_LEN = 32
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def kid_text(kid: bytes) -> str:
+    """The one text form of a byte-string kid: lowercase hex (JWT `kid`, CLI, logs)."""
+    return kid.hex()
+
+
+def alg_for_key(key: PublicKey | PrivateKey) -> CoseAlg:
+    if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise ValueError("only P-256 elliptic-curve keys are supported")
+        return CoseAlg.ES256
+    if isinstance(key, ed25519.Ed25519PublicKey | ed25519.Ed25519PrivateKey):
+        return CoseAlg.EDDSA
+    raise ValueError("unsupported key type")
+
+
+def cose_key_from_public(
+    public_key: PublicKey,
+    *,
+    kid: bytes | None = None,
+    alg: CoseAlg | None = None,
+    key_ops: tuple[CoseKeyOp, ...] = (),
+) -> dict[int, Any]:
+    """The COSE_Key map of a public key; optional members only when given."""
+    out: dict[int, Any]
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        numbers = public_key.public_numbers()
+        out = {
+            CoseKeyParam.KTY: CoseKty.EC2,
+            CoseKeyParam.CRV: CoseCurve.P256,
+            CoseKeyParam.X: numbers.x.to_bytes(_P256_COORD, "big"),
+            CoseKeyParam.Y: numbers.y.to_bytes(_P256_COORD, "big"),
+        }
+    else:
+        out = {
+            CoseKeyParam.KTY: CoseKty.OKP,
+            CoseKeyParam.CRV: CoseCurve.ED25519,
+            CoseKeyParam.X: _raw_ed25519(public_key),
+        }
+    if kid is not None:
+        out[CoseKeyParam.KID] = kid
+    if alg is not None:
+        out[CoseKeyParam.ALG] = alg
+    if key_ops:
+        out[CoseKeyParam.KEY_OPS] = list(key_ops)
+    return out
+
+
+def public_key_from_cose(cose_key: Any) -> PublicKey:
+    """Parse a COSE_Key map into a public key, refusing anything but P-256 and Ed25519.
+
+    Raises UnsupportedPopKey: the error RFC 9200 §5.8.3 names for a key the AS cannot use.
+    """
+    if not isinstance(cose_key, Mapping):
+        raise UnsupportedPopKey("COSE_Key must be a map")
+    kty = cose_key.get(CoseKeyParam.KTY)
+    crv = cose_key.get(CoseKeyParam.CRV)
+    x = cose_key.get(CoseKeyParam.X)
+    if CoseKeyParam.D in cose_key and kty != CoseKty.SYMMETRIC:
+        raise UnsupportedPopKey("COSE_Key must not contain a private key")
+    if kty == CoseKty.EC2 and crv == CoseCurve.P256:
+        y = cose_key.get(CoseKeyParam.Y)
+        if not (_is_coord(x) and _is_coord(y)):
+            raise UnsupportedPopKey("EC2 key needs 32-byte x and y")
+        try:
+            return ec.EllipticCurvePublicNumbers(
+                int.from_bytes(x, "big"), int.from_bytes(y, "big"), ec.SECP256R1()
+            ).public_key()
+        except ValueError:
+            raise UnsupportedPopKey("EC2 point is not on P-256") from None
+    if kty == CoseKty.OKP and crv == CoseCurve.ED25519:
+        if not (isinstance(x, bytes) and len(x) == _ED25519_LEN):
+            raise UnsupportedPopKey("OKP key needs a 32-byte x")
+        return ed25519.Ed25519PublicKey.from_public_bytes(x)
+    raise UnsupportedPopKey("only EC2 P-256 and OKP Ed25519 keys are supported")
+
+
+def jwk_from_public(
+    public_key: PublicKey, *, kid: str | None = None, alg: CoseAlg | None = None
+) -> dict[str, Any]:
+    """The JWK (RFC 7517; OKP per RFC 8037) of a public key."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        numbers = public_key.public_numbers()
+        jwk: dict[str, Any] = {
+            "kty": "EC",
+            "crv": "P-256",
+            "x": b64url(numbers.x.to_bytes(_P256_COORD, "big")),
+            "y": b64url(numbers.y.to_bytes(_P256_COORD, "big")),
+        }
+    else:
+        jwk = {"kty": "OKP", "crv": "Ed25519", "x": b64url(_raw_ed25519(public_key))}
+    if kid is not None:
+        jwk["kid"] = kid
+    if alg is not None:
+        jwk["alg"] = JWS_ALG[alg]
+        jwk["use"] = "sig"
+    return jwk
+
+
+def cose_key_to_jwk(cose_key: Mapping[int, Any]) -> dict[str, Any]:
+    """Translate a PoP COSE_Key into the JWK a JWT `cnf` carries (RFC 7800 §3.2)."""
+    return jwk_from_public(public_key_from_cose(cose_key))
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationKey:
+    """A published public key: the kid it is found by and the only algorithm it verifies."""
+
+    kid: bytes
+    alg: CoseAlg
+    public_key: PublicKey
+
+    def to_cose_key(self) -> dict[int, Any]:
+        return cose_key_from_public(
+            self.public_key, kid=self.kid, alg=self.alg, key_ops=(CoseKeyOp.VERIFY,)
+        )
+
+    def to_jwk(self) -> dict[str, Any]:
+        return jwk_from_public(self.public_key, kid=kid_text(self.kid), alg=self.alg)
+
+    @classmethod
+    def from_cose_key(cls, cose_key: Mapping[int, Any]) -> VerificationKey:
+        """Read one entry of a COSE_KeySet (as a device does with `/keys`)."""
+        kid = cose_key.get(CoseKeyParam.KID)
+        if not isinstance(kid, bytes):
+            raise ValueError("COSE_Key in a key set needs a byte-string kid")
+        public_key = public_key_from_cose(cose_key)
+        alg = alg_for_key(public_key)
+        if cose_key.get(CoseKeyParam.ALG, alg) != alg:
+            raise ValueError("COSE_Key alg does not match its key type")
+        return cls(kid=kid, alg=alg, public_key=public_key)
+
+
+def _is_coord(value: Any) -> bool:
+    return isinstance(value, bytes) and len(value) == _P256_COORD
+
+
+def _raw_ed25519(public_key: ed25519.Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)

@@ -1,0 +1,137 @@
+"""Fixtures: a real coap-auth server on 127.0.0.1 (free port) and an aiocoap client.
+
+Nothing the project provides is mocked; time comes from a SettableClock.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiocoap
+import cbor2
+import pytest
+
+from coap_auth.clock import SettableClock
+from coap_auth.coap.server import Server
+from coap_auth.config import Settings
+from coap_auth.service import AuthService
+from coap_auth.store import Audience, Client, MasterKey, SqliteStore
+from coap_auth.wire import ContentFormat
+
+VECTORS = Path(__file__).parent / "vectors"
+
+
+def load_vectors(name: str) -> list[dict[str, Any]]:
+    document = json.loads((VECTORS / name).read_text())
+    return document["vectors"]
+
+
+@pytest.fixture
+def clock() -> SettableClock:
+    return SettableClock()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path, bind="127.0.0.1", port=0, issuer="coap://as.test")
+
+
+@pytest.fixture
+async def service(settings: Settings, clock: SettableClock) -> AsyncIterator[AuthService]:
+    master_key = MasterKey.load(settings.data_dir, create=True)
+    store = SqliteStore.in_data_dir(settings.data_dir, master_key)
+    await store.open()
+    service = AuthService(store, master_key, settings, clock)
+    await service.load_keys()
+    yield service
+    await store.close()
+
+
+@dataclass
+class Coap:
+    """An aiocoap client pointed at one running server."""
+
+    context: aiocoap.Context
+    base: str
+    server: Server
+    service: AuthService
+    secrets: dict[str, str] = field(default_factory=dict)
+
+    async def request(
+        self,
+        method: aiocoap.Code,
+        path: str,
+        payload: bytes = b"",
+        content_format: int | None = None,
+        **options: Any,
+    ) -> aiocoap.Message:
+        message = aiocoap.Message(code=method, uri=self.base + path, payload=payload, **options)
+        if content_format is not None:
+            message.opt.content_format = content_format
+        return await self.context.request(message).response
+
+    async def post_ace(self, path: str, body: Any) -> tuple[aiocoap.Message, Any]:
+        response = await self.request(aiocoap.POST, path, cbor2.dumps(body), ContentFormat.ACE_CBOR)
+        decoded = cbor2.loads(response.payload) if response.payload else None
+        return response, decoded
+
+    async def add_audience(
+        self, audience_id: str, token_format: str = "cwt", lifetime: int = 3600
+    ) -> None:
+        await self.service.store.add_audience(
+            Audience(audience_id, token_format, lifetime, self.service.clock.now())  # type: ignore[arg-type]
+        )
+
+    async def add_secret_client(
+        self, client_id: str, audiences: tuple[str, ...], scope: str
+    ) -> str:
+        secret = f"secret-of-{client_id}-0123456789abcdef"
+        await self.service.store.add_client(
+            Client(
+                client_id,
+                audiences,
+                tuple(scope.split()),
+                self.service.clock.now(),
+                secret_digest=self.service.secret_digest(secret),
+            )
+        )
+        self.secrets[client_id] = secret
+        return secret
+
+    async def add_key_client(
+        self, client_id: str, audiences: tuple[str, ...], scope: str, cose_key: dict[int, Any]
+    ) -> None:
+        await self.service.store.add_client(
+            Client(
+                client_id,
+                audiences,
+                tuple(scope.split()),
+                self.service.clock.now(),
+                public_key=cose_key,
+            )
+        )
+
+
+@pytest.fixture
+async def coap(service: AuthService) -> AsyncIterator[Coap]:
+    server = Server(service, "127.0.0.1", 0)
+    await server.start()
+    context = await aiocoap.Context.create_client_context()
+    try:
+        yield Coap(context, f"coap://127.0.0.1:{server.port}", server, service)
+    finally:
+        await context.shutdown()
+        await server.stop()
+
+
+@pytest.fixture
+async def sensor(coap: Coap) -> Coap:
+    """A server with audience `thermostat` (CWT), `dashboard` (JWT) and client `sensor-1`."""
+    await coap.add_audience("thermostat", "cwt", 600)
+    await coap.add_audience("dashboard", "jwt", 900)
+    await coap.add_secret_client("sensor-1", ("thermostat", "dashboard"), "temp:read temp:write")
+    return coap
