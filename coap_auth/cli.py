@@ -258,6 +258,33 @@ async def cmd_keys_rotate(args: argparse.Namespace, service: AuthService) -> int
     return 0
 
 
+# -- refresh families -------------------------------------------------------------------------
+
+
+@_with_service
+async def cmd_tokens_families(args: argparse.Namespace, service: AuthService) -> int:
+    families = await service.store.list_families(args.client, service.clock.now())
+    rows = [f.public_view() for f in families]
+    for row in rows:
+        row["last_used"] = _when(row["last_used_at"])
+        row["expires"] = _when(row["expires_at"])
+    _print_rows(
+        rows, args.json, ["family", "client_id", "audience", "scope", "last_used", "expires"]
+    )
+    return 0
+
+
+@_with_service
+async def cmd_tokens_revoke_family(args: argparse.Namespace, service: AuthService) -> int:
+    if await service.store.get_client(args.client) is None:
+        raise OperatorError(f"no client {args.client!r}")
+    killed = await service.store.kill_families(
+        args.client, "revoked by operator", service.clock.now()
+    )
+    print(f"{killed} refresh families of {args.client} revoked")
+    return 0
+
+
 # -- argument parsing -------------------------------------------------------------------------
 
 
@@ -324,6 +351,19 @@ def _parser() -> argparse.ArgumentParser:
     lst.set_defaults(command_fn=cmd_keys_list)
     rot = k_sub.add_parser("rotate", parents=[common], help="rotate now: next key becomes active")
     rot.set_defaults(command_fn=cmd_keys_rotate)
+
+    tokens = sub.add_parser("tokens", help="refresh-token families and revocation")
+    t_sub = tokens.add_subparsers(metavar="ACTION", required=True)
+    fam = t_sub.add_parser("families", parents=[common, listing], help="list live families")
+    fam.add_argument("--client", help="only this client's families")
+    fam.set_defaults(command_fn=cmd_tokens_families)
+    rev = t_sub.add_parser(
+        "revoke-family",
+        parents=[common],
+        help="kill every refresh family of a client, revoking its tokens",
+    )
+    rev.add_argument("--client", required=True)
+    rev.set_defaults(command_fn=cmd_tokens_revoke_family)
     return parser
 
 

@@ -36,6 +36,11 @@ class Settings:
     assertion_max_lifetime: int = 300
     # Allowed clock difference when checking a client assertion's iat.
     clock_skew: int = 30
+    # Refresh tokens (PROTOCOL.md): grace window for a lost response, idle timeout and
+    # absolute lifetime of a refresh family, in seconds.
+    refresh_grace: int = 30
+    refresh_idle_timeout: int = 7 * 24 * 3600
+    refresh_max_lifetime: int = 30 * 24 * 3600
     # How often (s) the server looks at the store's change feed.
     change_poll_interval: float = 0.5
     log_level: str = "INFO"

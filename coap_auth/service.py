@@ -10,13 +10,14 @@ import hmac
 import logging
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from coap_auth.clock import Clock
 from coap_auth.config import Settings
 from coap_auth.errors import (
     InvalidClient,
+    InvalidGrant,
     InvalidRequest,
     InvalidScope,
     TokenError,
@@ -24,7 +25,14 @@ from coap_auth.errors import (
     UnsupportedPopKey,
 )
 from coap_auth.keys import KeyRing, SigningKey
-from coap_auth.store import Audience, Client, MasterKey, Store
+from coap_auth.store import (
+    Audience,
+    Client,
+    IssuedAccess,
+    MasterKey,
+    RefreshFamily,
+    Store,
+)
 from coap_auth.tokens import (
     Claims,
     alg_for_key,
@@ -32,6 +40,7 @@ from coap_auth.tokens import (
     encode_cwt,
     encode_jwt,
     public_key_from_cose,
+    token_hash,
 )
 from coap_auth.tokens.cose import verify_sign1
 from coap_auth.tokens.cwt import decode_claims
@@ -40,6 +49,8 @@ from coap_auth.wire import CnfMethod, CoseAlg, GrantType, TokenType
 log = logging.getLogger("coap_auth.service")
 
 CTI_BYTES = 8
+REFRESH_TOKEN_BYTES = 32
+FAMILY_ID_BYTES = 16
 # A retiring key stays published this long past the longest token lifetime.
 ROTATION_LEEWAY = 60
 
@@ -66,6 +77,7 @@ class IssuedToken:
     # Set when the granted scope is narrower than the one requested (RFC 6749 §5.1).
     narrowed_scope: str | None = None
     cnf: Mapping[int, Any] | None = None
+    refresh_token: bytes | None = field(default=None, repr=False)
 
 
 class AuthService:
@@ -112,17 +124,94 @@ class AuthService:
     # -- /token -------------------------------------------------------------------------------
 
     async def issue_token(self, request: TokenRequest) -> IssuedToken:
+        """The /token use case: a client_credentials grant or a refresh."""
+        if request.grant_type == GrantType.REFRESH_TOKEN:
+            return await self.refresh(request)
         if request.grant_type != GrantType.CLIENT_CREDENTIALS:
             raise UnsupportedGrantType("grant type not supported")
         client = await self.authenticate(request)
         audience = await self._audience_for(client, request.audience)
         scope, narrowed = self._grant_scope(client, request.scope)
         cnf = _pop_key(request.req_cnf)
-        token_format = request.token_format or audience.token_format
+        issued = self._mint(client.client_id, audience, scope, cnf, request.token_format)
+        # Every grant starts a refresh family (RFC 9700 §4.14).
+        refresh_token = secrets.token_bytes(REFRESH_TOKEN_BYTES)
+        now = self.clock.now()
+        family = RefreshFamily(
+            family_id=secrets.token_bytes(FAMILY_ID_BYTES),
+            client_id=client.client_id,
+            audience=audience.audience_id,
+            scope=scope,
+            created_at=now,
+            last_used_at=now,
+            expires_at=now + self.settings.refresh_max_lifetime,
+            cnf=dict(cnf) if cnf is not None else None,
+        )
+        await self.store.start_family(
+            family, self._master_key.digest(refresh_token), _access_record(issued)
+        )
+        return replace(
+            issued, narrowed_scope=scope if narrowed else None, refresh_token=refresh_token
+        )
+
+    async def refresh(self, request: TokenRequest) -> IssuedToken:
+        """RFC 9200 §5.8.1 / RFC 9700 §4.14: rotate a refresh token, catching reuse."""
+        if request.refresh_token is None:
+            raise InvalidRequest("refresh_token required")
+        client = await self.authenticate(request)
+        cnf = _pop_key(request.req_cnf)
+        # mint() runs inside the store's transaction and cannot await: look audiences up first.
+        audiences = {a.audience_id: a for a in await self.store.list_audiences()}
+        issued: list[IssuedToken] = []
+
+        def mint(family: RefreshFamily) -> IssuedAccess:
+            # RFC 9200 §5.8.1: a refresh may narrow the scope, never widen it or change
+            # the audience or the key. Raising here rolls the refresh back.
+            if request.audience is not None and request.audience != family.audience:
+                raise InvalidGrant("refresh may not change the audience")
+            if cnf is not None and dict(cnf) != family.cnf:
+                raise InvalidGrant("refresh may not change the proof-of-possession key")
+            family_scope = family.scope.split()
+            wanted = request.scope.split() if request.scope else family_scope
+            if not set(wanted) <= set(family_scope):
+                raise InvalidGrant("refresh may not widen the scope")
+            scope = " ".join(dict.fromkeys(wanted))
+            audience = audiences.get(family.audience)
+            if audience is None:
+                raise InvalidGrant("audience no longer registered")
+            token = self._mint(family.client_id, audience, scope, family.cnf, request.token_format)
+            issued.append(replace(token, narrowed_scope=scope if wanted != family_scope else None))
+            return _access_record(token)
+
+        successor = secrets.token_bytes(REFRESH_TOKEN_BYTES)
+        outcome = await self.store.rotate_refresh(
+            self._master_key.digest(request.refresh_token),
+            self._master_key.digest(successor),
+            client_id=client.client_id,
+            now=self.clock.now(),
+            grace=self.settings.refresh_grace,
+            idle_timeout=self.settings.refresh_idle_timeout,
+            mint=mint,
+        )
+        if outcome.status == "reused":
+            log.warning("refresh token reuse by %s: family killed", client.client_id)
+            raise InvalidGrant("refresh token reused: its family is revoked")
+        if outcome.status not in ("rotated", "grace"):
+            raise InvalidGrant("refresh token invalid or expired")
+        return replace(issued[0], refresh_token=successor)
+
+    def _mint(
+        self,
+        client_id: str,
+        audience: Audience,
+        scope: str,
+        cnf: Mapping[int, Any] | None,
+        token_format: str | None,
+    ) -> IssuedToken:
         now = self.clock.now()
         claims = Claims(
             iss=self.settings.issuer,
-            sub=client.client_id,
+            sub=client_id,
             aud=audience.audience_id,
             exp=now + audience.lifetime,
             iat=now,
@@ -131,14 +220,12 @@ class AuthService:
             cnf_key=cnf,
         )
         key = self.key_ring.active
-        encode = encode_jwt if token_format == "jwt" else encode_cwt
-        access_token = encode(claims, key.private_key, key.alg, key.kid)
+        encode = encode_jwt if (token_format or audience.token_format) == "jwt" else encode_cwt
         return IssuedToken(
-            access_token=access_token,
+            access_token=encode(claims, key.private_key, key.alg, key.kid),
             expires_in=audience.lifetime,
             token_type=TokenType.POP if cnf is not None else TokenType.BEARER,
             claims=claims,
-            narrowed_scope=scope if narrowed else None,
             cnf={CnfMethod.COSE_KEY: dict(cnf)} if cnf is not None else None,
         )
 
@@ -228,3 +315,7 @@ def _pop_key(req_cnf: Mapping[Any, Any] | None) -> Mapping[int, Any] | None:
         raise UnsupportedPopKey("req_cnf must be {1: COSE_Key}")
     public_key_from_cose(cose_key)  # validates type, curve and point
     return {k: v for k, v in cose_key.items()}
+
+
+def _access_record(issued: IssuedToken) -> IssuedAccess:
+    return IssuedAccess(token_hash(issued.access_token), issued.claims.sub, issued.claims.exp)

@@ -86,7 +86,7 @@ def parse_token_request(body: dict[Any, Any]) -> TokenRequest:
     return TokenRequest(**values)
 
 
-def encode_token_response(issued: IssuedToken, refresh_token: bytes | None = None) -> bytes:
+def encode_token_response(issued: IssuedToken) -> bytes:
     body: dict[Any, Any] = {
         AceParam.ACCESS_TOKEN: issued.access_token,
         AceParam.EXPIRES_IN: issued.expires_in,
@@ -97,6 +97,6 @@ def encode_token_response(issued: IssuedToken, refresh_token: bytes | None = Non
         body[AceParam.SCOPE] = issued.narrowed_scope
     if issued.cnf is not None:
         body[AceParam.CNF] = issued.cnf
-    if refresh_token is not None:
-        body[AceParam.REFRESH_TOKEN] = refresh_token
+    if issued.refresh_token is not None:
+        body[AceParam.REFRESH_TOKEN] = issued.refresh_token
     return cbor2.dumps(body)

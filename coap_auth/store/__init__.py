@@ -2,14 +2,25 @@
 
 from coap_auth.store.base import Store
 from coap_auth.store.master_key import MasterKey
-from coap_auth.store.records import TOKEN_FORMATS, Audience, Client, TokenFormat
+from coap_auth.store.records import (
+    TOKEN_FORMATS,
+    Audience,
+    Client,
+    IssuedAccess,
+    RefreshFamily,
+    RefreshOutcome,
+    TokenFormat,
+)
 from coap_auth.store.sqlite import SqliteStore
 
 __all__ = [
     "TOKEN_FORMATS",
     "Audience",
     "Client",
+    "IssuedAccess",
     "MasterKey",
+    "RefreshFamily",
+    "RefreshOutcome",
     "SqliteStore",
     "Store",
     "TokenFormat",

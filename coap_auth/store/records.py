@@ -38,3 +38,50 @@ class Client:
             "disabled": self.disabled,
             "created_at": self.created_at,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshFamily:
+    """Every refresh token descended from one grant (RFC 9700 §4.14): one client, audience,
+    scope set and cnf, with an idle timeout and an absolute lifetime."""
+
+    family_id: bytes
+    client_id: str
+    audience: str
+    scope: str
+    created_at: int
+    last_used_at: int
+    expires_at: int
+    cnf: dict[Any, Any] | None = field(default=None, compare=False)
+    killed_at: int | None = None
+    kill_reason: str | None = None
+
+    def public_view(self) -> dict[str, Any]:
+        return {
+            "family": self.family_id.hex(),
+            "client_id": self.client_id,
+            "audience": self.audience,
+            "scope": self.scope,
+            "pop": self.cnf is not None,
+            "created_at": self.created_at,
+            "last_used_at": self.last_used_at,
+            "expires_at": self.expires_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedAccess:
+    """The record of an issued access token: enough to revoke it and to drop it when expired."""
+
+    token_hash: bytes
+    client_id: str
+    exp: int
+
+
+RefreshStatus = Literal["rotated", "grace", "reused", "unknown", "dead", "expired"]
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshOutcome:
+    status: RefreshStatus
+    family: RefreshFamily | None = None

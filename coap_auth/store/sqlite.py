@@ -18,8 +18,15 @@ from cryptography.hazmat.primitives import serialization
 
 from coap_auth.errors import OperatorError
 from coap_auth.keys import KeyState, SigningKey
+from coap_auth.store.base import Mint
 from coap_auth.store.master_key import MasterKey
-from coap_auth.store.records import Audience, Client
+from coap_auth.store.records import (
+    Audience,
+    Client,
+    IssuedAccess,
+    RefreshFamily,
+    RefreshOutcome,
+)
 from coap_auth.wire import CoseAlg
 
 T = TypeVar("T")
@@ -57,6 +64,35 @@ CREATE TABLE IF NOT EXISTS assertion_replay (
     exp INTEGER NOT NULL,
     PRIMARY KEY (client_id, cti)
 );
+CREATE TABLE IF NOT EXISTS refresh_families (
+    family_id BLOB PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    audience TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    cnf BLOB,
+    created_at INTEGER NOT NULL,
+    last_used_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    killed_at INTEGER,
+    kill_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS refresh_families_client ON refresh_families (client_id);
+CREATE TABLE IF NOT EXISTS refresh_tokens (
+    digest BLOB PRIMARY KEY,
+    family_id BLOB NOT NULL REFERENCES refresh_families (family_id),
+    issued_at INTEGER NOT NULL,
+    spent_at INTEGER,
+    successor BLOB
+);
+CREATE INDEX IF NOT EXISTS refresh_tokens_family ON refresh_tokens (family_id);
+CREATE TABLE IF NOT EXISTS access_tokens (
+    token_hash BLOB PRIMARY KEY,
+    family_id BLOB REFERENCES refresh_families (family_id),
+    client_id TEXT NOT NULL,
+    exp INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS access_tokens_family ON access_tokens (family_id);
 CREATE TABLE IF NOT EXISTS change_feed (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     counter INTEGER NOT NULL
@@ -264,6 +300,135 @@ class SqliteStore:
 
         return await self._in_tx(remember)
 
+    # -- refresh families ------------------------------------------------------------------
+
+    async def start_family(
+        self, family: RefreshFamily, refresh_digest: bytes, access: IssuedAccess
+    ) -> None:
+        cnf = None if family.cnf is None else cbor2.dumps(family.cnf)
+
+        def start(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO refresh_families VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+                (
+                    family.family_id,
+                    family.client_id,
+                    family.audience,
+                    family.scope,
+                    cnf,
+                    family.created_at,
+                    family.last_used_at,
+                    family.expires_at,
+                ),
+            )
+            conn.execute(
+                "INSERT INTO refresh_tokens VALUES (?, ?, ?, NULL, NULL)",
+                (refresh_digest, family.family_id, family.created_at),
+            )
+            _record_access(conn, access, family.family_id)
+
+        await self._in_tx(start)
+
+    async def rotate_refresh(
+        self,
+        refresh_digest: bytes,
+        successor_digest: bytes,
+        *,
+        client_id: str,
+        now: int,
+        grace: int,
+        idle_timeout: int,
+        mint: Mint,
+    ) -> RefreshOutcome:
+        def rotate(conn: sqlite3.Connection) -> RefreshOutcome:
+            row = conn.execute(
+                "SELECT t.spent_at, t.successor, f.* FROM refresh_tokens t"
+                " JOIN refresh_families f USING (family_id) WHERE t.digest = ?",
+                (refresh_digest,),
+            ).fetchone()
+            if row is None:
+                return RefreshOutcome("unknown")
+            spent_at, successor, family = row[0], row[1], _family(row[2:])
+            if family.client_id != client_id:
+                return RefreshOutcome("unknown")
+            if family.killed_at is not None:
+                return RefreshOutcome("dead", family)
+            if now >= family.expires_at or now - family.last_used_at >= idle_timeout:
+                _kill(conn, family.family_id, "expired", now)
+                return RefreshOutcome("expired", family)
+            status = "rotated"
+            if spent_at is not None:
+                successor_unused = (
+                    successor is not None
+                    and conn.execute(
+                        "SELECT 1 FROM refresh_tokens WHERE digest = ? AND spent_at IS NULL",
+                        (successor,),
+                    ).fetchone()
+                )
+                if now - spent_at >= grace or not successor_unused:
+                    # RFC 9700 §4.14.2: reuse of a spent refresh token means theft.
+                    _kill(conn, family.family_id, "refresh token reused", now)
+                    return RefreshOutcome("reused", family)
+                # A device whose response was lost: its successor is replaced, not kept live.
+                conn.execute(
+                    "UPDATE refresh_tokens SET spent_at = ? WHERE digest = ?", (now, successor)
+                )
+                status = "grace"
+            access = mint(family)
+            conn.execute(
+                "UPDATE refresh_tokens SET spent_at = COALESCE(spent_at, ?), successor = ?"
+                " WHERE digest = ?",
+                (now, successor_digest, refresh_digest),
+            )
+            conn.execute(
+                "INSERT INTO refresh_tokens VALUES (?, ?, ?, NULL, NULL)",
+                (successor_digest, family.family_id, now),
+            )
+            conn.execute(
+                "UPDATE refresh_families SET last_used_at = ? WHERE family_id = ?",
+                (now, family.family_id),
+            )
+            _record_access(conn, access, family.family_id)
+            return RefreshOutcome(status, family)  # type: ignore[arg-type]
+
+        return await self._in_tx(rotate)
+
+    async def kill_families(self, client_id: str, reason: str, now: int) -> int:
+        def kill(conn: sqlite3.Connection) -> int:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT family_id FROM refresh_families"
+                    " WHERE client_id = ? AND killed_at IS NULL",
+                    (client_id,),
+                )
+            ]
+            for family_id in ids:
+                _kill(conn, family_id, reason, now)
+            return len(ids)
+
+        return await self._in_tx(kill)
+
+    async def list_families(self, client_id: str | None, now: int) -> list[RefreshFamily]:
+        query = (
+            "SELECT * FROM refresh_families WHERE killed_at IS NULL AND expires_at > ?"
+            + (" AND client_id = ?" if client_id is not None else "")
+            + " ORDER BY created_at, family_id"
+        )
+        args = (now,) if client_id is None else (now, client_id)
+        rows = await self._in_tx(lambda c: c.execute(query, args).fetchall())
+        return [_family(r) for r in rows]
+
+    async def revoked_token_hashes(self, now: int) -> list[bytes]:
+        rows = await self._in_tx(
+            lambda c: c.execute(
+                "SELECT token_hash FROM access_tokens WHERE revoked_at IS NOT NULL AND exp > ?"
+                " ORDER BY revoked_at, token_hash",
+                (now,),
+            ).fetchall()
+        )
+        return [r[0] for r in rows]
+
     async def change_counter(self) -> int:
         rows = await self._run(
             lambda: self._conn.execute(  # type: ignore[union-attr]
@@ -275,6 +440,59 @@ class SqliteStore:
 
 def _bump(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE change_feed SET counter = counter + 1 WHERE id = 1")
+
+
+def _record_access(conn: sqlite3.Connection, access: IssuedAccess, family_id: bytes) -> None:
+    conn.execute(
+        "INSERT INTO access_tokens VALUES (?, ?, ?, ?, NULL)",
+        (access.token_hash, family_id, access.client_id, access.exp),
+    )
+
+
+def _kill(conn: sqlite3.Connection, family_id: bytes, reason: str, now: int) -> None:
+    """Kill a family: no refresh token of it works again, its live access tokens are revoked."""
+    conn.execute(
+        "UPDATE refresh_families SET killed_at = ?, kill_reason = ? WHERE family_id = ?",
+        (now, reason, family_id),
+    )
+    conn.execute(
+        "UPDATE refresh_tokens SET spent_at = ? WHERE family_id = ? AND spent_at IS NULL",
+        (now, family_id),
+    )
+    revoked = conn.execute(
+        "UPDATE access_tokens SET revoked_at = ?"
+        " WHERE family_id = ? AND revoked_at IS NULL AND exp > ?",
+        (now, family_id, now),
+    ).rowcount
+    if revoked:
+        _bump(conn)
+
+
+def _family(row: tuple[Any, ...]) -> RefreshFamily:
+    (
+        family_id,
+        client_id,
+        audience,
+        scope,
+        cnf,
+        created_at,
+        last_used_at,
+        expires_at,
+        killed_at,
+        kill_reason,
+    ) = row
+    return RefreshFamily(
+        family_id=family_id,
+        client_id=client_id,
+        audience=audience,
+        scope=scope,
+        created_at=created_at,
+        last_used_at=last_used_at,
+        expires_at=expires_at,
+        cnf=None if cnf is None else cbor2.loads(cnf),
+        killed_at=killed_at,
+        kill_reason=kill_reason,
+    )
 
 
 def _audience(row: tuple[Any, ...]) -> Audience:
