@@ -54,11 +54,14 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if kind in ("Path", Path):
             return Path(value)
+        # Text comes from the environment or flags; a TOML number must already be the type.
         if kind in ("int", int):
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not isinstance(value, int | str):
                 raise ValueError
             return int(value)
         if kind in ("float", float):
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise ValueError
             return float(value)
         if not isinstance(value, str):
             raise ValueError
@@ -92,4 +95,6 @@ def load_settings(
     settings = dataclasses.replace(Settings(), **values)
     if settings.signing_alg not in ("ES256", "EdDSA"):
         raise OperatorError("signing_alg must be ES256 or EdDSA")
+    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise OperatorError("log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
     return settings

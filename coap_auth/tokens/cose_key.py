@@ -54,7 +54,11 @@ def cose_key_from_public(
     alg: CoseAlg | None = None,
     key_ops: tuple[CoseKeyOp, ...] = (),
 ) -> dict[int, Any]:
-    """The COSE_Key map of a public key; optional members only when given."""
+    """The COSE_Key map of a public key; optional members only when given.
+
+    Raises ValueError for anything but a P-256 or Ed25519 key.
+    """
+    alg_for_key(public_key)
     out: dict[int, Any]
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         numbers = public_key.public_numbers()

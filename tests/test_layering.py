@@ -1,0 +1,231 @@
+"""DESIGN.md's dependency direction, checked by walking the import statements of every module.
+
+coap/ -> service.py -> (tokens/, keys.py, store/) -> (wire, errors, clock). Nothing below
+coap/ imports aiocoap; tokens/ and keys.py import no storage and read no clock.
+Imports inside functions and under TYPE_CHECKING count too.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("coap_auth", "device_client")
+
+
+@dataclass(frozen=True)
+class Module:
+    path: str  # relative to the project root, with forward slashes
+    name: str  # dotted module name
+    imports: frozenset[str]  # every dotted name imported, with its parent packages
+
+
+@dataclass(frozen=True)
+class Rule:
+    description: str
+    applies_to: Callable[[Module], bool]
+    forbidden: tuple[str, ...]
+
+    def broken_by(self, module: Module) -> list[str]:
+        if not self.applies_to(module):
+            return []
+        return sorted(
+            name
+            for name in module.imports
+            if any(name == f or name.startswith(f + ".") for f in self.forbidden)
+        )
+
+
+def _imported_names(tree: ast.AST, module_name: str, is_package: bool) -> frozenset[str]:
+    package = module_name.split(".") if is_package else module_name.split(".")[:-1]
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base_parts = package[: len(package) - (node.level - 1)]
+                base = ".".join(base_parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            names.add(base)
+            # `from coap_auth import store` imports the module coap_auth.store.
+            names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+    # Importing a.b.c runs a and a.b as well; rules name packages, so keep every prefix.
+    parts = [n.split(".") for n in names if n]
+    return frozenset(".".join(p[: i + 1]) for p in parts for i in range(len(p)))
+
+
+def parse_module(path: str, source: str) -> Module:
+    parts = path.removesuffix(".py").split("/")
+    is_package = parts[-1] == "__init__"
+    if is_package:
+        parts = parts[:-1]
+    name = ".".join(parts)
+    return Module(path, name, _imported_names(ast.parse(source, path), name, is_package))
+
+
+def scan(root: Path = ROOT) -> list[Module]:
+    modules = []
+    for package in PACKAGES:
+        for file in sorted((root / package).rglob("*.py")):
+            relative = file.relative_to(root).as_posix()
+            modules.append(parse_module(relative, file.read_text(encoding="utf-8")))
+    return modules
+
+
+def _under(*prefixes: str) -> Callable[[Module], bool]:
+    return lambda m: any(m.path == p or m.path.startswith(p) for p in prefixes)
+
+
+def _in_coap_auth_except(*allowed: str) -> Callable[[Module], bool]:
+    return lambda m: m.path.startswith("coap_auth/") and not _under(*allowed)(m)
+
+
+PURE = ("coap_auth/tokens/", "coap_auth/keys.py")
+
+RULES = (
+    Rule(
+        "only coap_auth/coap/ and coap_auth/cli.py may import aiocoap",
+        _in_coap_auth_except("coap_auth/coap/", "coap_auth/cli.py"),
+        ("aiocoap",),
+    ),
+    Rule(
+        "tokens/ and keys.py are pure: no storage, service, transport, clock or settings",
+        _under(*PURE),
+        (
+            "coap_auth.store",
+            "coap_auth.service",
+            "coap_auth.coap",
+            "coap_auth.clock",
+            "coap_auth.config",
+            "coap_auth.cli",
+        ),
+    ),
+    Rule(
+        "tokens/ and keys.py read no clock: time is passed in", _under(*PURE), ("time", "datetime")
+    ),
+    Rule(
+        "service.py knows nothing of CoAP or the command line",
+        _under("coap_auth/service.py"),
+        ("coap_auth.coap", "coap_auth.cli"),
+    ),
+    Rule(
+        "store/ sits below the service and the transport",
+        _under("coap_auth/store/"),
+        ("coap_auth.service", "coap_auth.coap", "coap_auth.cli"),
+    ),
+    Rule(
+        "device_client/ imports only coap_auth.wire, coap_auth.errors and coap_auth.tokens",
+        _under("device_client/"),
+        (
+            "coap_auth.store",
+            "coap_auth.service",
+            "coap_auth.coap",
+            "coap_auth.clock",
+            "coap_auth.config",
+            "coap_auth.cli",
+            "coap_auth.keys",
+        ),
+    ),
+)
+
+
+def violations(modules: Iterable[Module]) -> list[str]:
+    return [
+        f"{module.path} imports {name}: breaks rule '{rule.description}'"
+        for module in modules
+        for rule in RULES
+        for name in rule.broken_by(module)
+    ]
+
+
+# -- the check on the real tree -----------------------------------------------------------------
+
+
+def test_scan_finds_the_modules() -> None:
+    modules = scan()
+    paths = {m.path for m in modules}
+
+    assert len(modules) > 10, paths
+    for expected in (
+        "coap_auth/service.py",
+        "coap_auth/keys.py",
+        "coap_auth/cli.py",
+        "coap_auth/tokens/cwt.py",
+        "coap_auth/store/sqlite.py",
+        "coap_auth/coap/server.py",
+    ):
+        assert expected in paths
+    # Sanity: the parser sees real imports, or an empty rule check would prove nothing.
+    by_path = {m.path: m for m in modules}
+    assert "aiocoap" in by_path["coap_auth/coap/server.py"].imports
+    assert "coap_auth.service" in by_path["coap_auth/coap/server.py"].imports
+
+
+def test_dependency_direction() -> None:
+    broken = violations(scan())
+    assert not broken, "layering broken:\n" + "\n".join(broken)
+
+
+# -- the checker itself catches what it should --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "source", "expected"),
+    [
+        ("coap_auth/service.py", "import aiocoap\n", "aiocoap"),
+        ("coap_auth/store/sqlite.py", "from aiocoap import resource\n", "aiocoap.resource"),
+        ("coap_auth/tokens/cwt.py", "import time\n", "time"),
+        ("coap_auth/tokens/cwt.py", "from datetime import datetime\n", "datetime"),
+        (
+            "coap_auth/keys.py",
+            "def f():\n    from coap_auth.clock import SystemClock\n",
+            "coap_auth.clock",
+        ),
+        ("coap_auth/keys.py", "from coap_auth import store\n", "coap_auth.store"),
+        ("coap_auth/tokens/jwt.py", "from ..config import Settings\n", "coap_auth.config"),
+        ("coap_auth/tokens/__init__.py", "from .. import service\n", "coap_auth.service"),
+        (
+            "coap_auth/service.py",
+            "from coap_auth.coap.server import Server\n",
+            "coap_auth.coap.server",
+        ),
+        ("coap_auth/service.py", "from .cli import main\n", "coap_auth.cli"),
+        ("coap_auth/store/base.py", "from ..service import AuthService\n", "coap_auth.service"),
+        (
+            "coap_auth/store/__init__.py",
+            "import coap_auth.coap.resources\n",
+            "coap_auth.coap.resources",
+        ),
+        ("device_client/client.py", "from coap_auth.store import SqliteStore\n", "coap_auth.store"),
+    ],
+)
+def test_checker_reports_file_and_rule(path: str, source: str, expected: str) -> None:
+    broken = violations([parse_module(path, source)])
+
+    assert broken, f"{path}: {source!r} was not caught"
+    assert any(line.startswith(f"{path} imports {expected}:") for line in broken), broken
+    assert all("breaks rule" in line for line in broken)
+
+
+@pytest.mark.parametrize(
+    ("path", "source"),
+    [
+        ("coap_auth/coap/server.py", "import aiocoap\nfrom coap_auth.service import AuthService\n"),
+        ("coap_auth/cli.py", "import aiocoap\nfrom coap_auth.coap.server import Server\n"),
+        ("coap_auth/tokens/cwt.py", "from .cose import x\nfrom coap_auth.wire import CoseAlg\n"),
+        ("coap_auth/keys.py", "from coap_auth.tokens.cose_key import PrivateKey\nimport secrets\n"),
+        ("coap_auth/service.py", "from coap_auth.store import Store\nfrom .keys import KeyRing\n"),
+        ("coap_auth/store/sqlite.py", "from coap_auth.keys import SigningKey\n"),
+        ("coap_auth/tokens/claims.py", "import timeit\nimport datetimes\n"),  # prefixes, not names
+        ("device_client/client.py", "import aiocoap\nfrom coap_auth.tokens import verify_cwt\n"),
+    ],
+)
+def test_checker_allows_the_intended_direction(path: str, source: str) -> None:
+    assert violations([parse_module(path, source)]) == []
