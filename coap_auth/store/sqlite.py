@@ -399,8 +399,8 @@ class SqliteStore:
                 r[0]
                 for r in conn.execute(
                     "SELECT family_id FROM refresh_families"
-                    " WHERE client_id = ? AND killed_at IS NULL",
-                    (client_id,),
+                    " WHERE client_id = ? AND killed_at IS NULL AND expires_at > ?",
+                    (client_id, now),
                 )
             ]
             for family_id in ids:

@@ -1,0 +1,727 @@
+"""The `Store` contract: what every implementation (SQLite today, PostgreSQL later) must do.
+
+Tests talk to the `Store` protocol only. Backend-specific checks (plaintext on disk, direct
+SQL) go through the `Backend` fixture, so adding a backend means adding one param and one
+`Backend` implementation. Time is always passed as `now`; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from coap_auth.errors import OperatorError
+from coap_auth.keys import KeyRing, KeyState, SigningKey
+from coap_auth.store import (
+    Audience,
+    Client,
+    IssuedAccess,
+    MasterKey,
+    RefreshFamily,
+    SqliteStore,
+    Store,
+)
+from coap_auth.store.sqlite import DB_FILE
+from coap_auth.wire import CoseAlg
+
+T0 = 1_700_000_000
+LIFETIME = 30 * 24 * 3600  # absolute family lifetime used unless a test says otherwise
+IDLE = 7 * 24 * 3600
+GRACE = 30
+ACCESS_LIFETIME = 600
+
+
+# -- backends -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    """One storage location; `open_store` gives another independent instance on it (another
+    process, as far as the store can tell)."""
+
+    name: str
+    tmp_path: Path
+    master_key: MasterKey
+    opened: list[Store] = field(default_factory=list)
+
+    async def open_store(self) -> Store:
+        if self.name == "sqlite":
+            store: Store = SqliteStore.in_data_dir(self.tmp_path, self.master_key)
+        else:  # pragma: no cover - a new backend must be wired in here
+            raise NotImplementedError(self.name)
+        await store.open()
+        self.opened.append(store)
+        return store
+
+    def unspent_refresh_tokens(self, family_id: bytes) -> int:
+        """Read the backend directly, bypassing the store under test."""
+        if self.name != "sqlite":  # pragma: no cover
+            raise NotImplementedError(self.name)
+        with sqlite3.connect(self.tmp_path / DB_FILE) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM refresh_tokens WHERE family_id = ? AND spent_at IS NULL",
+                (family_id,),
+            ).fetchone()
+        return int(row[0])
+
+    def unspent_digests(self, family_id: bytes) -> list[bytes]:
+        if self.name != "sqlite":  # pragma: no cover
+            raise NotImplementedError(self.name)
+        with sqlite3.connect(self.tmp_path / DB_FILE) as conn:
+            rows = conn.execute(
+                "SELECT digest FROM refresh_tokens WHERE family_id = ? AND spent_at IS NULL",
+                (family_id,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def raw_files(self) -> dict[str, bytes]:
+        """Every file the backend keeps its data in, as bytes (SQLite: the db and its WAL)."""
+        if self.name != "sqlite":  # pragma: no cover
+            raise NotImplementedError(self.name)
+        files = {}
+        for suffix in ("", "-wal", "-journal"):
+            path = self.tmp_path / (DB_FILE + suffix)
+            if path.exists():
+                files[path.name] = path.read_bytes()
+        return files
+
+
+@pytest.fixture(params=["sqlite"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    master_key = MasterKey.load(tmp_path, create=True)
+    backend = Backend(request.param, tmp_path, master_key)
+    try:
+        yield backend
+    finally:
+        for store in backend.opened:
+            await store.close()
+
+
+@pytest.fixture
+async def store(backend: Backend) -> Store:
+    return await backend.open_store()
+
+
+@pytest.fixture
+async def registered(store: Store) -> Store:
+    """A store with audience `thermostat` and secret clients `sensor-1` and `sensor-2`."""
+    await store.add_audience(Audience("thermostat", "cwt", ACCESS_LIFETIME, T0))
+    for client_id in ("sensor-1", "sensor-2"):
+        await store.add_client(_secret_client(client_id))
+    return store
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _secret_client(client_id: str, audiences: tuple[str, ...] = ("thermostat",)) -> Client:
+    return Client(
+        client_id,
+        audiences,
+        ("temp:read", "temp:write"),
+        T0,
+        secret_digest=secrets.token_bytes(32),
+    )
+
+
+def _digest() -> bytes:
+    return secrets.token_bytes(32)
+
+
+def _access(client_id: str = "sensor-1", exp: int = T0 + 10 * ACCESS_LIFETIME) -> IssuedAccess:
+    return IssuedAccess(secrets.token_bytes(16), client_id, exp)
+
+
+def _family(
+    client_id: str = "sensor-1",
+    now: int = T0,
+    lifetime: int = LIFETIME,
+    cnf: dict[Any, Any] | None = None,
+) -> RefreshFamily:
+    return RefreshFamily(
+        family_id=secrets.token_bytes(16),
+        client_id=client_id,
+        audience="thermostat",
+        scope="temp:read temp:write",
+        created_at=now,
+        last_used_at=now,
+        expires_at=now + lifetime,
+        cnf=cnf,
+    )
+
+
+class Minter:
+    """A mint callback that records what it was given and what it returned."""
+
+    def __init__(self, exp: int = T0 + 10 * ACCESS_LIFETIME) -> None:
+        self.exp = exp
+        self.families: list[RefreshFamily] = []
+        self.issued: list[IssuedAccess] = []
+
+    def __call__(self, family: RefreshFamily) -> IssuedAccess:
+        access = _access(family.client_id, self.exp)
+        self.families.append(family)
+        self.issued.append(access)
+        return access
+
+
+async def _start(
+    store: Store, family: RefreshFamily | None = None, access: IssuedAccess | None = None
+) -> tuple[RefreshFamily, bytes, IssuedAccess]:
+    family = family or _family()
+    digest = _digest()
+    access = access or _access(family.client_id)
+    await store.start_family(family, digest, access)
+    return family, digest, access
+
+
+async def _rotate(
+    store: Store,
+    digest: bytes,
+    successor: bytes,
+    now: int,
+    *,
+    client_id: str = "sensor-1",
+    grace: int = GRACE,
+    idle_timeout: int = IDLE,
+    mint: Any = None,
+) -> str:
+    outcome = await store.rotate_refresh(
+        digest,
+        successor,
+        client_id=client_id,
+        now=now,
+        grace=grace,
+        idle_timeout=idle_timeout,
+        mint=mint or Minter(),
+    )
+    return outcome.status
+
+
+async def _live_ids(store: Store, now: int, client_id: str | None = None) -> set[bytes]:
+    return {f.family_id for f in await store.list_families(client_id, now)}
+
+
+# -- audiences and clients ----------------------------------------------------------------------
+
+
+async def test_audiences_add_get_list(store: Store) -> None:
+    thermostat = Audience("thermostat", "cwt", 600, T0)
+    dashboard = Audience("dashboard", "jwt", 900, T0 + 1)
+    assert await store.list_audiences() == []
+    await store.add_audience(thermostat)
+    await store.add_audience(dashboard)
+
+    assert await store.get_audience("thermostat") == thermostat
+    assert await store.get_audience("dashboard") == dashboard
+    assert await store.get_audience("nope") is None
+    listed = await store.list_audiences()
+    assert sorted(listed, key=lambda a: a.audience_id) == [dashboard, thermostat]
+
+
+async def test_duplicate_audience_raises_and_changes_nothing(store: Store) -> None:
+    original = Audience("thermostat", "cwt", 600, T0)
+    await store.add_audience(original)
+
+    with pytest.raises(OperatorError):
+        await store.add_audience(Audience("thermostat", "jwt", 900, T0 + 5))
+
+    assert await store.get_audience("thermostat") == original
+    assert await store.list_audiences() == [original]
+
+
+async def test_clients_add_get_list_roundtrip(store: Store) -> None:
+    await store.add_audience(Audience("thermostat", "cwt", 600, T0))
+    await store.add_audience(Audience("dashboard", "jwt", 900, T0))
+    secret = _secret_client("sensor-1", ("thermostat", "dashboard"))
+    x, y = secrets.token_bytes(32), secrets.token_bytes(32)
+    cose_key = {1: 2, -1: 1, -2: x, -3: y}
+    keyed = Client("sensor-2", ("thermostat",), ("temp:read",), T0 + 1, public_key=cose_key)
+    await store.add_client(secret)
+    await store.add_client(keyed)
+
+    got = await store.get_client("sensor-1")
+    assert got == secret
+    assert got is not None and got.secret_digest == secret.secret_digest
+    assert got.audiences == ("thermostat", "dashboard") and got.public_key is None
+    got_keyed = await store.get_client("sensor-2")
+    assert got_keyed == keyed
+    # public_key is compare=False on the record: check it explicitly.
+    assert got_keyed is not None and got_keyed.public_key == cose_key
+    assert got_keyed.secret_digest is None
+    assert await store.get_client("sensor-3") is None
+    listed = sorted(await store.list_clients(), key=lambda c: c.client_id)
+    assert listed == [secret, keyed]
+    assert listed[1].public_key == cose_key
+
+
+async def test_duplicate_client_raises_and_changes_nothing(registered: Store) -> None:
+    before = await registered.get_client("sensor-1")
+    before_list = await registered.list_clients()
+
+    with pytest.raises(OperatorError):
+        await registered.add_client(_secret_client("sensor-1"))
+
+    after = await registered.get_client("sensor-1")
+    assert after == before
+    assert after is not None and before is not None
+    assert after.secret_digest == before.secret_digest
+    assert await registered.list_clients() == before_list
+
+
+@pytest.mark.parametrize(
+    "audiences", [("no-such-audience",), ("thermostat", "no-such-audience")], ids=["one", "mixed"]
+)
+async def test_client_with_unknown_audience_raises_and_changes_nothing(
+    registered: Store, audiences: tuple[str, ...]
+) -> None:
+    before = await registered.list_clients()
+
+    with pytest.raises(OperatorError):
+        await registered.add_client(_secret_client("sensor-3", audiences))
+
+    assert await registered.get_client("sensor-3") is None
+    assert await registered.list_clients() == before
+
+
+async def test_disable_client(registered: Store) -> None:
+    assert await registered.disable_client("sensor-1") is True
+    assert await registered.disable_client("no-such-client") is False
+
+    sensor_1 = await registered.get_client("sensor-1")
+    sensor_2 = await registered.get_client("sensor-2")
+    assert sensor_1 is not None and sensor_1.disabled
+    assert sensor_2 is not None and not sensor_2.disabled
+
+
+# -- signing keys -------------------------------------------------------------------------------
+
+
+def _public_bytes(key: SigningKey) -> bytes:
+    return key.private_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _raw_private(key: SigningKey) -> bytes:
+    private_key = key.private_key
+    if isinstance(private_key, ec.EllipticCurvePrivateKey):
+        return private_key.private_numbers().private_value.to_bytes(32, "big")
+    assert isinstance(private_key, ed25519.Ed25519PrivateKey)
+    return private_key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
+def _by_kid(keys: list[SigningKey]) -> dict[bytes, SigningKey]:
+    return {k.kid: k for k in keys}
+
+
+@pytest.mark.parametrize("alg", [CoseAlg.ES256, CoseAlg.EDDSA], ids=["ES256", "EdDSA"])
+async def test_keys_roundtrip_and_update(store: Store, alg: CoseAlg) -> None:
+    ring = KeyRing.initial(alg, T0)
+    assert await store.load_keys() == []
+    await store.save_keys(ring.keys)
+
+    loaded = _by_kid(await store.load_keys())
+    assert set(loaded) == {k.kid for k in ring.keys}
+    for key in ring.keys:
+        got = loaded[key.kid]
+        assert got == key  # kid, alg, state, timestamps
+        assert _public_bytes(got) == _public_bytes(key)
+        assert _raw_private(got) == _raw_private(key)
+
+    rotated, changed = ring.rotate(T0 + 100, 700)
+    await store.save_keys(changed)
+    loaded = _by_kid(await store.load_keys())
+    assert len(loaded) == 3
+    for key in rotated.keys:
+        assert loaded[key.kid] == key
+        assert _public_bytes(loaded[key.kid]) == _public_bytes(key)
+    assert {k.state for k in loaded.values()} == {
+        KeyState.RETIRING,
+        KeyState.ACTIVE,
+        KeyState.NEXT,
+    }
+
+
+@pytest.mark.parametrize("alg", [CoseAlg.ES256, CoseAlg.EDDSA], ids=["ES256", "EdDSA"])
+async def test_private_keys_not_stored_in_plaintext(backend: Backend, alg: CoseAlg) -> None:
+    store = await backend.open_store()
+    ring = KeyRing.initial(alg, T0)
+    await store.save_keys(ring.keys)
+    secrets_on_disk = [_raw_private(k) for k in ring.keys]
+    secrets_on_disk += [
+        k.private_key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        for k in ring.keys
+    ]
+
+    files = backend.raw_files()  # while open: the WAL holds the fresh pages
+    assert files, "backend keeps no files?"
+    # The check must be able to see key material at all: public keys are stored in clear
+    # nowhere, but the kid is, so the files really are the ones holding the key rows.
+    assert any(ring.keys[0].kid in data for data in files.values())
+    for name, data in files.items():
+        for secret in secrets_on_disk:
+            assert secret not in data, f"private key material in plaintext in {name}"
+
+    await store.close()
+    backend.opened.remove(store)
+    for name, data in backend.raw_files().items():  # after the checkpoint on close
+        for secret in secrets_on_disk:
+            assert secret not in data, f"private key material in plaintext in {name}"
+
+
+async def test_change_counter_increases_on_save_keys(store: Store) -> None:
+    ring = KeyRing.initial(CoseAlg.ES256, T0)
+    before = await store.change_counter()
+    await store.save_keys(ring.keys)
+    after_first = await store.change_counter()
+    assert after_first > before
+
+    _, changed = ring.rotate(T0 + 10, 700)
+    await store.save_keys(changed)
+    assert await store.change_counter() > after_first
+
+
+async def test_change_counter_seen_by_another_instance(backend: Backend, store: Store) -> None:
+    other = await backend.open_store()
+    before = await other.change_counter()
+    await store.save_keys(KeyRing.initial(CoseAlg.ES256, T0).keys)
+    assert await other.change_counter() > before
+
+
+# -- client-assertion replay cache ----------------------------------------------------------------
+
+
+async def test_remember_assertion_refuses_replay_until_exp(registered: Store) -> None:
+    cti, exp = secrets.token_bytes(8), T0 + 300
+
+    assert await registered.remember_assertion("sensor-1", cti, exp, T0) is True
+    assert await registered.remember_assertion("sensor-1", cti, exp, T0) is False
+    assert await registered.remember_assertion("sensor-1", cti, exp, exp - 1) is False
+    # Another client may use the same cti.
+    assert await registered.remember_assertion("sensor-2", cti, exp, T0 + 1) is True
+    assert await registered.remember_assertion("sensor-2", cti, exp, T0 + 2) is False
+    # Another cti of the same client is fresh.
+    assert await registered.remember_assertion("sensor-1", b"other", exp, T0 + 2) is True
+    # Once exp has passed the entry may be forgotten (the assertion is refused as expired
+    # anyway, before the replay cache is asked).
+    assert await registered.remember_assertion("sensor-1", cti, exp + 300, exp + 1) is True
+    assert await registered.remember_assertion("sensor-1", cti, exp + 300, exp + 2) is False
+
+
+# -- refresh families ---------------------------------------------------------------------------
+
+
+async def test_start_family_is_listed(registered: Store) -> None:
+    cnf = {1: 2, -1: 1, -2: b"x" * 32, -3: b"y" * 32}
+    plain, _, _ = await _start(registered)
+    pop, _, _ = await _start(registered, _family(now=T0 + 1, cnf=cnf))
+    other, _, _ = await _start(registered, _family("sensor-2", now=T0 + 2))
+
+    listed = await registered.list_families(None, T0 + 10)
+    assert {f.family_id for f in listed} == {plain.family_id, pop.family_id, other.family_id}
+    by_id = {f.family_id: f for f in listed}
+    assert by_id[plain.family_id] == plain and by_id[plain.family_id].cnf is None
+    assert by_id[pop.family_id] == pop and by_id[pop.family_id].cnf == cnf
+    assert await _live_ids(registered, T0 + 10, "sensor-1") == {plain.family_id, pop.family_id}
+    assert await _live_ids(registered, T0 + 10, "sensor-2") == {other.family_id}
+    assert await _live_ids(registered, T0 + 10, "sensor-3") == set()
+    # Past the absolute lifetime a family is no longer listed.
+    assert await _live_ids(registered, T0 + LIFETIME + 1, "sensor-1") == set()
+
+
+async def test_rotate_spends_and_successor_rotates(registered: Store) -> None:
+    family, d0, _ = await _start(registered)
+    d1, d2 = _digest(), _digest()
+    mint = Minter()
+
+    outcome = await registered.rotate_refresh(
+        d0, d1, client_id="sensor-1", now=T0 + 10, grace=GRACE, idle_timeout=IDLE, mint=mint
+    )
+
+    assert outcome.status == "rotated"
+    assert outcome.family is not None and outcome.family.family_id == family.family_id
+    assert [f.family_id for f in mint.families] == [family.family_id]
+    assert mint.families[0].scope == family.scope
+    assert mint.families[0].audience == family.audience
+    assert await _rotate(registered, d1, d2, T0 + 20) == "rotated"
+    listed = {f.family_id: f for f in await registered.list_families("sensor-1", T0 + 20)}
+    assert listed[family.family_id].last_used_at == T0 + 20
+
+
+async def test_grace_replaces_successor_which_is_then_reused(registered: Store) -> None:
+    family, d0, _ = await _start(registered)
+    d1, d2, d3, d4 = _digest(), _digest(), _digest(), _digest()
+    assert await _rotate(registered, d0, d1, T0 + 10) == "rotated"
+
+    # The response carrying d1 was lost: d0 again, inside the grace window, d1 still unused.
+    mint = Minter()
+    outcome = await registered.rotate_refresh(
+        d0, d2, client_id="sensor-1", now=T0 + 20, grace=GRACE, idle_timeout=IDLE, mint=mint
+    )
+    assert outcome.status == "grace"
+    assert len(mint.issued) == 1
+
+    # d2 is the live token now; d1 was spent by the grace refresh and is useless.
+    assert await _rotate(registered, d1, d3, T0 + 20 + GRACE + 1) == "reused"
+    assert family.family_id not in await _live_ids(registered, T0 + 20 + GRACE + 1)
+    assert await _rotate(registered, d2, d4, T0 + 20 + GRACE + 2) == "dead"
+    # The access token minted under grace belongs to the family and was revoked with it.
+    assert mint.issued[0].token_hash in await registered.revoked_token_hashes(T0 + 60)
+
+
+async def test_replaced_successor_is_reuse_even_inside_grace(registered: Store) -> None:
+    family, d0, _ = await _start(registered)
+    d1, d2, d3 = _digest(), _digest(), _digest()
+    assert await _rotate(registered, d0, d1, T0 + 10) == "rotated"
+    assert await _rotate(registered, d0, d2, T0 + 11) == "grace"
+
+    # d1 was spent by the grace refresh without a successor of its own: not a lost response.
+    assert await _rotate(registered, d1, d3, T0 + 12) == "reused"
+    assert family.family_id not in await _live_ids(registered, T0 + 12)
+
+
+async def test_grace_needs_unused_successor(registered: Store) -> None:
+    family, d0, _ = await _start(registered)
+    d1, d2, d3 = _digest(), _digest(), _digest()
+    assert await _rotate(registered, d0, d1, T0 + 10) == "rotated"
+    assert await _rotate(registered, d1, d2, T0 + 11) == "rotated"
+
+    # d0 again within the window, but its successor d1 has been used: theft.
+    assert await _rotate(registered, d0, d3, T0 + 12) == "reused"
+    assert family.family_id not in await _live_ids(registered, T0 + 12)
+
+
+async def test_reuse_outside_grace_kills_family_and_revokes_its_access_tokens(
+    registered: Store,
+) -> None:
+    kill_at = T0 + 100
+    family, d0, a0 = await _start(registered, access=_access(exp=kill_at + 500))
+    bystander, b0, b_access = await _start(registered, _family(now=T0 + 1))
+    expiring = Minter(exp=kill_at - 1)  # expired by the time of the reuse
+    lasting = Minter(exp=kill_at + 500)
+    d1, d2, d3 = _digest(), _digest(), _digest()
+    assert await _rotate(registered, d0, d1, T0 + 10, mint=expiring) == "rotated"
+    assert await _rotate(registered, d1, d2, T0 + 20, mint=lasting) == "rotated"
+    assert await registered.revoked_token_hashes(kill_at) == []
+
+    outcome = await registered.rotate_refresh(
+        d0, d3, client_id="sensor-1", now=kill_at, grace=GRACE, idle_timeout=IDLE, mint=Minter()
+    )
+
+    assert outcome.status == "reused"
+    assert outcome.family is not None and outcome.family.family_id == family.family_id
+    assert await _live_ids(registered, kill_at) == {bystander.family_id}
+    revoked = set(await registered.revoked_token_hashes(kill_at))
+    assert revoked == {a0.token_hash, lasting.issued[0].token_hash}
+    assert expiring.issued[0].token_hash not in revoked
+    assert b_access.token_hash not in revoked
+    # No token of the family works any more, not even the newest one; the bystander does.
+    assert await _rotate(registered, d2, _digest(), kill_at + 1) == "dead"
+    assert await _rotate(registered, d3, _digest(), kill_at + 1) == "unknown"
+    assert await _rotate(registered, b0, _digest(), kill_at + 1) == "rotated"
+    # The TRL forgets revoked tokens once they expire.
+    assert await registered.revoked_token_hashes(kill_at + 500) == []
+
+
+async def test_unknown_digest_and_other_client(registered: Store) -> None:
+    _, d0, _ = await _start(registered)
+    mint = Minter()
+
+    assert await _rotate(registered, _digest(), _digest(), T0 + 1, mint=mint) == "unknown"
+    assert (
+        await _rotate(registered, d0, _digest(), T0 + 2, client_id="sensor-2", mint=mint)
+        == "unknown"
+    )
+    assert mint.issued == []
+    # Neither attempt spent anything: the owner's token rotates normally (not "grace").
+    assert await _rotate(registered, d0, _digest(), T0 + 3) == "rotated"
+
+
+async def test_idle_timeout_expires_family(registered: Store) -> None:
+    idle = 100
+    _, fresh, _ = await _start(registered)
+    stale_family, stale, _ = await _start(registered)
+    mint = Minter()
+
+    assert await _rotate(registered, fresh, _digest(), T0 + idle - 1, idle_timeout=idle) == (
+        "rotated"
+    )
+    assert (
+        await _rotate(registered, stale, _digest(), T0 + idle, idle_timeout=idle, mint=mint)
+        == "expired"
+    )
+    assert mint.issued == []
+    assert stale_family.family_id not in await _live_ids(registered, T0 + idle)
+
+
+async def test_idle_timeout_counts_from_last_use(registered: Store) -> None:
+    idle = 100
+    _, d0, _ = await _start(registered)
+    d1, d2 = _digest(), _digest()
+    assert await _rotate(registered, d0, d1, T0 + 90, idle_timeout=idle) == "rotated"
+    # 180 s after the start but only 90 s after the last use.
+    assert await _rotate(registered, d1, d2, T0 + 180, idle_timeout=idle) == "rotated"
+    assert await _rotate(registered, d2, _digest(), T0 + 280, idle_timeout=idle) == "expired"
+
+
+async def test_absolute_lifetime_expires_family(registered: Store) -> None:
+    lifetime = 500
+    family, d0, _ = await _start(registered, _family(lifetime=lifetime))
+    d1, d2 = _digest(), _digest()
+    mint = Minter()
+
+    # Regular use does not extend the absolute lifetime.
+    assert await _rotate(registered, d0, d1, T0 + 250) == "rotated"
+    assert await _rotate(registered, d1, d2, T0 + lifetime - 1) == "rotated"
+    assert await _rotate(registered, d2, _digest(), T0 + lifetime, mint=mint) == "expired"
+    assert mint.issued == []
+    assert family.family_id not in await _live_ids(registered, T0 + lifetime)
+
+
+class MintFailed(Exception):
+    pass
+
+
+def _failing_mint(family: RefreshFamily) -> IssuedAccess:
+    raise MintFailed("no")
+
+
+async def test_failing_mint_changes_nothing(registered: Store, backend: Backend) -> None:
+    family, d0, _ = await _start(registered)
+    failed_successor = _digest()
+
+    with pytest.raises(MintFailed):
+        await _rotate(registered, d0, failed_successor, T0 + 10, mint=_failing_mint)
+
+    assert backend.unspent_refresh_tokens(family.family_id) == 1
+    # The failed successor was not stored; last_used_at did not move.
+    assert await _rotate(registered, failed_successor, _digest(), T0 + 11) == "unknown"
+    listed = {f.family_id: f for f in await registered.list_families("sensor-1", T0 + 11)}
+    assert listed[family.family_id].last_used_at == T0
+    # d0 is still live: it rotates (not "grace", which a persisted spend would give).
+    assert await _rotate(registered, d0, _digest(), T0 + 12) == "rotated"
+
+
+async def test_failing_mint_in_grace_keeps_successor_live(registered: Store) -> None:
+    family, d0, _ = await _start(registered)
+    d1 = _digest()
+    assert await _rotate(registered, d0, d1, T0 + 10) == "rotated"
+
+    with pytest.raises(MintFailed):
+        await _rotate(registered, d0, _digest(), T0 + 11, mint=_failing_mint)
+
+    # The grace attempt rolled back: d1 was not spent, so it still rotates.
+    assert await _rotate(registered, d1, _digest(), T0 + 12) == "rotated"
+    assert family.family_id in await _live_ids(registered, T0 + 12)
+
+
+async def test_kill_families_counts_and_revokes(registered: Store) -> None:
+    now = T0 + 50
+    _, d_a, a_a = await _start(registered)
+    _, d_b, a_b = await _start(registered, _family(now=T0 + 1))
+    other, d_other, a_other = await _start(registered, _family("sensor-2", now=T0 + 2))
+    rotated = Minter()
+    d_a1 = _digest()
+    assert await _rotate(registered, d_a, d_a1, T0 + 10, mint=rotated) == "rotated"
+    before = await registered.change_counter()
+
+    assert await registered.kill_families("sensor-1", "revoked by operator", now) == 2
+
+    assert await registered.change_counter() > before
+    assert set(await registered.revoked_token_hashes(now)) == {
+        a_a.token_hash,
+        a_b.token_hash,
+        rotated.issued[0].token_hash,
+    }
+    assert await _live_ids(registered, now) == {other.family_id}
+    assert await _rotate(registered, d_a1, _digest(), now + 1) == "dead"
+    assert await _rotate(registered, d_b, _digest(), now + 1) == "dead"
+    assert await _rotate(registered, d_other, _digest(), now + 1, client_id="sensor-2") == (
+        "rotated"
+    )
+    assert a_other.token_hash not in await registered.revoked_token_hashes(now + 1)
+    # Already dead families are not counted again.
+    assert await registered.kill_families("sensor-1", "again", now + 2) == 0
+    assert await registered.kill_families("no-such-client", "none", now + 2) == 0
+
+
+# -- concurrency: two instances on the same storage (two processes) --------------------------------
+
+
+async def _race(
+    stores: list[Store], digest: bytes, now: int, grace: int, calls: int = 20
+) -> tuple[list[str], list[bytes]]:
+    successors = [_digest() for _ in range(calls)]
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(
+            *(
+                stores[i % len(stores)].rotate_refresh(
+                    digest,
+                    successors[i],
+                    client_id="sensor-1",
+                    now=now,
+                    grace=grace,
+                    idle_timeout=IDLE,
+                    mint=Minter(),
+                )
+                for i in range(calls)
+            )
+        ),
+        timeout=60,
+    )
+    return [o.status for o in outcomes], successors
+
+
+async def test_concurrent_rotation_without_grace_has_one_winner(
+    backend: Backend, registered: Store
+) -> None:
+    stores = [registered, await backend.open_store()]
+    for round_ in range(20):
+        now = T0 + 10 + round_
+        family, d0, _ = await _start(stores[round_ % 2], _family(now=now))
+
+        statuses, _ = await _race(stores, d0, now, grace=0)
+
+        assert statuses.count("rotated") == 1, statuses
+        # Every loser is a reuse (the first one kills the family, the rest find it dead).
+        assert set(statuses) - {"rotated"} <= {"reused", "dead"}, statuses
+        assert "reused" in statuses
+        assert family.family_id not in await _live_ids(stores[1], now)
+        assert backend.unspent_refresh_tokens(family.family_id) == 0
+
+
+async def test_concurrent_rotation_with_grace_leaves_one_live_token(
+    backend: Backend, registered: Store
+) -> None:
+    stores = [registered, await backend.open_store()]
+    family, d0, _ = await _start(registered)
+    now = T0 + 10
+
+    statuses, successors = await _race(stores, d0, now, grace=30)
+
+    assert statuses.count("rotated") == 1, statuses
+    assert statuses.count("grace") == len(statuses) - 1, statuses
+    assert backend.unspent_refresh_tokens(family.family_id) == 1
+    # The one live token is one of the successors and it works; any other one is a reuse.
+    [live] = backend.unspent_digests(family.family_id)
+    assert live in successors
+    assert await _rotate(registered, live, _digest(), now + GRACE + 1, grace=30) == "rotated"
+    spent = next(s for s in successors if s != live)
+    assert await _rotate(registered, spent, _digest(), now + GRACE + 2, grace=30) == "reused"
+    assert family.family_id not in await _live_ids(registered, now + GRACE + 2)
