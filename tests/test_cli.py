@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import queue
 import re
 import shutil
@@ -16,7 +15,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +28,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-COAP_AUTH = shutil.which("coap-auth") or str(Path(sys.executable).parent / "coap-auth")
+from tests.processes import COAP_AUTH, clean_env, free_udp_port, serve_argv
+
 CLI_TIMEOUT = 30  # s, for one short CLI command
 STARTUP_TIMEOUT = 15  # s, until `serve` prints its listening line
 NOTIFY_TIMEOUT = 10  # s, for an Observe notification or a CoAP response
@@ -51,18 +50,13 @@ SECRET_LINE = re.compile(r"^secret: (\S+)$")
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    """The caller's environment without COAP_AUTH_* settings or a master key leaking in."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("COAP_AUTH_")}
-
-
 def run_cli(*args: str | Path, data_dir: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [COAP_AUTH, *map(str, args), "--data-dir", str(data_dir)],
         capture_output=True,
         text=True,
         timeout=CLI_TIMEOUT,
-        env=_env(),
+        env=clean_env(),
         cwd=data_dir.parent,
     )
 
@@ -110,12 +104,6 @@ def write_public_pem(path: Path, key: Any) -> Path:
         )
     )
     return path
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def token_kid(access_token: bytes) -> str:
@@ -415,20 +403,11 @@ def served(registered: tuple[Path, str], tmp_path: Path) -> Iterator[Served]:
     port = free_udp_port()
     stderr_log = (tmp_path / "serve.stderr").open("w")
     process = subprocess.Popen(
-        [
-            COAP_AUTH,
-            "serve",
-            "--data-dir",
-            str(data_dir),
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        serve_argv(data_dir, port),
         stdout=subprocess.PIPE,
         stderr=stderr_log,
         text=True,
-        env=_env(),
+        env=clean_env(),
         cwd=tmp_path,
     )
     handle = Served(process, port, data_dir, secret)

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
-import socket
 import sqlite3
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +28,8 @@ import cbor2
 import pytest
 
 from coap_auth.store import MasterKey
+from tests.processes import COAP_AUTH, clean_env, free_udp_port, serve_argv
 
-COAP_AUTH = Path(sys.executable).parent / "coap-auth"
 DB_FILE = "coap-auth.sqlite3"
 CLI_TIMEOUT = 30  # s, one CLI command
 STARTUP_TIMEOUT = 15  # s, until `serve` prints its listening line
@@ -55,29 +52,17 @@ SECRET_LINE = re.compile(r"^secret: (\S+)$")
 # -- processes ----------------------------------------------------------------------------------
 
 
-def _env(**settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COAP_AUTH_")}
-    env.update(settings)
-    return env
-
-
 def _cli(data_dir: Path, *args: str) -> str:
     result = subprocess.run(
-        [str(COAP_AUTH), *args, "--data-dir", str(data_dir)],
+        [COAP_AUTH, *args, "--data-dir", str(data_dir)],
         capture_output=True,
         text=True,
         timeout=CLI_TIMEOUT,
-        env=_env(),
+        env=clean_env(),
         cwd=data_dir.parent,
     )
     assert result.returncode == 0, (args, result.returncode, result.stderr)
     return result.stdout
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -93,20 +78,13 @@ class ServerProcess:
 @contextlib.asynccontextmanager
 async def serve(data_dir: Path, log: Path) -> AsyncIterator[ServerProcess]:
     """`coap-auth serve` with no grace window, so a reuse is judged at once; killed on exit."""
-    port = _free_udp_port()
+    port = free_udp_port()
     with log.open("ab") as log_file:
         process = await asyncio.create_subprocess_exec(
-            str(COAP_AUTH),
-            "serve",
-            "--data-dir",
-            str(data_dir),
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
+            *serve_argv(data_dir, port),
             stdout=asyncio.subprocess.PIPE,
             stderr=log_file,  # a file, not a pipe nobody reads: INFO logs must never block it
-            env=_env(COAP_AUTH_REFRESH_GRACE="0"),
+            env=clean_env(COAP_AUTH_REFRESH_GRACE="0"),
             cwd=data_dir.parent,
         )
     server = ServerProcess(process, f"coap://127.0.0.1:{port}", log)
