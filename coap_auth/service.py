@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from coap_auth.clock import Clock
 from coap_auth.config import Settings
 from coap_auth.errors import (
@@ -20,6 +22,7 @@ from coap_auth.errors import (
     InvalidGrant,
     InvalidRequest,
     InvalidScope,
+    MalformedToken,
     TokenError,
     UnsupportedGrantType,
     UnsupportedPopKey,
@@ -36,6 +39,7 @@ from coap_auth.store import (
 from coap_auth.tokens import (
     Claims,
     alg_for_key,
+    cose_key_from_public,
     decode_cose,
     encode_cwt,
     encode_jwt,
@@ -49,6 +53,7 @@ from coap_auth.wire import CnfMethod, CoseAlg, GrantType, TokenType
 log = logging.getLogger("coap_auth.service")
 
 CTI_BYTES = 8
+CWT_TAG_PREFIX = b"\xd8\x3d"  # tag 61, shortest encoding
 REFRESH_TOKEN_BYTES = 32
 FAMILY_ID_BYTES = 16
 # A retiring key stays published this long past the longest token lifetime.
@@ -89,6 +94,7 @@ class AuthService:
         self._ring: KeyRing | None = None
         # Compared against when the client id is unknown, so timing does not tell.
         self._dummy_digest = master_key.digest(secrets.token_bytes(32))
+        self._dummy_public_key = ec.generate_private_key(ec.SECP256R1()).public_key()
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -175,6 +181,9 @@ class AuthService:
             wanted = request.scope.split() if request.scope else family_scope
             if not set(wanted) <= set(family_scope):
                 raise InvalidGrant("refresh may not widen the scope")
+            # The operator may have narrowed the client since the grant: follow that.
+            if family.audience not in client.audiences or not set(wanted) <= set(client.scope):
+                raise InvalidGrant("client no longer allowed this audience or scope")
             scope = " ".join(dict.fromkeys(wanted))
             audience = audiences.get(family.audience)
             if audience is None:
@@ -251,18 +260,27 @@ class AuthService:
     async def _authenticate_assertion(self, assertion: bytes, client_id: str | None) -> Client:
         failed = InvalidClient("client authentication failed")
         try:
+            # PROTOCOL.md: the assertion is a tagged CWT, 61(18(...)).
+            if not assertion.startswith(CWT_TAG_PREFIX):
+                raise MalformedToken("client assertion must be a tagged CWT")
             message = decode_cose(assertion)
             claims = decode_claims(message.payload)
         except TokenError:
             raise failed from None
         client = await self.store.get_client(claims.iss)
-        if client is None or client.public_key is None or client.disabled:
-            raise failed
-        public_key = public_key_from_cose(client.public_key)
+        known = client is not None and client.public_key is not None and not client.disabled
+        # An unknown client costs a signature check too, so timing does not tell.
+        public_key = (
+            public_key_from_cose(client.public_key)  # type: ignore[union-attr, arg-type]
+            if known
+            else self._dummy_public_key
+        )
         try:
             verify_sign1(message, public_key, alg_for_key(public_key))
         except TokenError:
             raise failed from None
+        if not known or client is None:
+            raise failed
         now = self.clock.now()
         skew = self.settings.clock_skew
         if (
@@ -270,7 +288,7 @@ class AuthService:
             or (client_id is not None and client_id != claims.iss)
             or claims.aud != self.settings.issuer
             or claims.exp <= now
-            or claims.exp > now + self.settings.assertion_max_lifetime + skew
+            or claims.exp > now + self.settings.assertion_max_lifetime
             or claims.iat > now + skew
             or (claims.nbf is not None and claims.nbf > now + skew)
         ):
@@ -313,8 +331,9 @@ def _pop_key(req_cnf: Mapping[Any, Any] | None) -> Mapping[int, Any] | None:
     cose_key = req_cnf.get(CnfMethod.COSE_KEY) if len(req_cnf) == 1 else None
     if cose_key is None:
         raise UnsupportedPopKey("req_cnf must be {1: COSE_Key}")
-    public_key_from_cose(cose_key)  # validates type, curve and point
-    return {k: v for k, v in cose_key.items()}
+    # Rebuilt from the parsed key: only kty, crv, x (and y) reach the token, whatever else
+    # the client sent.
+    return cose_key_from_public(public_key_from_cose(cose_key))
 
 
 def _access_record(issued: IssuedToken) -> IssuedAccess:

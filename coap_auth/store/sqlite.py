@@ -354,7 +354,8 @@ class SqliteStore:
             if family.killed_at is not None:
                 return RefreshOutcome("dead", family)
             if now >= family.expires_at or now - family.last_used_at >= idle_timeout:
-                _kill(conn, family.family_id, "expired", now)
+                # Expiry is not theft: the family ends, its access tokens live out their time.
+                _kill(conn, family.family_id, "expired", now, revoke_access=False)
                 return RefreshOutcome("expired", family)
             status = "rotated"
             if spent_at is not None:
@@ -449,8 +450,11 @@ def _record_access(conn: sqlite3.Connection, access: IssuedAccess, family_id: by
     )
 
 
-def _kill(conn: sqlite3.Connection, family_id: bytes, reason: str, now: int) -> None:
-    """Kill a family: no refresh token of it works again, its live access tokens are revoked."""
+def _kill(
+    conn: sqlite3.Connection, family_id: bytes, reason: str, now: int, *, revoke_access: bool = True
+) -> None:
+    """Kill a family: no refresh token of it works again; unless told otherwise, its
+    unexpired access tokens are revoked."""
     conn.execute(
         "UPDATE refresh_families SET killed_at = ?, kill_reason = ? WHERE family_id = ?",
         (now, reason, family_id),
@@ -459,6 +463,8 @@ def _kill(conn: sqlite3.Connection, family_id: bytes, reason: str, now: int) -> 
         "UPDATE refresh_tokens SET spent_at = ? WHERE family_id = ? AND spent_at IS NULL",
         (now, family_id),
     )
+    if not revoke_access:
+        return
     revoked = conn.execute(
         "UPDATE access_tokens SET revoked_at = ?"
         " WHERE family_id = ? AND revoked_at IS NULL AND exp > ?",

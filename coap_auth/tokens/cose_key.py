@@ -92,6 +92,9 @@ def public_key_from_cose(cose_key: Any) -> PublicKey:
         raise UnsupportedPopKey("COSE_Key must be a map")
     kty = cose_key.get(CoseKeyParam.KTY)
     crv = cose_key.get(CoseKeyParam.CRV)
+    # Exact ints only: True, 1.0 and friends compare equal to 1 but are not COSE labels.
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (kty, crv)):
+        raise UnsupportedPopKey("COSE_Key kty and crv must be integers")
     x = cose_key.get(CoseKeyParam.X)
     if CoseKeyParam.D in cose_key and kty != CoseKty.SYMMETRIC:
         raise UnsupportedPopKey("COSE_Key must not contain a private key")

@@ -236,3 +236,30 @@ async def test_malformed_refresh_requests(sensor: Coap) -> None:
         assert response.code == CoapCode.BAD_REQUEST and body[AceParam.ERROR] == 1
     response, body = await _refresh(sensor, b"\x00" * 32)
     assert _is_invalid_grant(response, body)
+
+
+async def test_expiry_ends_the_family_without_revoking_its_access_tokens(sensor: Coap) -> None:
+    body = await _grant(sensor)
+    sensor.service.clock.advance(sensor.service.settings.refresh_idle_timeout)
+    response, err = await _refresh(sensor, body[AceParam.REFRESH_TOKEN])
+    assert _is_invalid_grant(response, err)
+    # Make the (long-lived) access token still valid at this time to check it is not revoked.
+    revoked = await sensor.service.store.revoked_token_hashes(0)
+    assert token_hash(body[AceParam.ACCESS_TOKEN]) not in revoked
+
+
+async def test_refresh_follows_an_operator_narrowing_the_client(sensor: Coap) -> None:
+    body = await _grant(sensor)
+    database = sensor.service.settings.data_dir / "coap-auth.sqlite3"
+    with contextlib.closing(sqlite3.connect(database)) as conn, conn:
+        conn.execute("UPDATE clients SET scope = 'temp:write' WHERE client_id = 'sensor-1'")
+    response, err = await _refresh(sensor, body[AceParam.REFRESH_TOKEN])
+    assert _is_invalid_grant(response, err)
+    response, body = await _refresh(
+        sensor, body[AceParam.REFRESH_TOKEN], {AceParam.SCOPE: "temp:write"}
+    )
+    assert response.code == aiocoap.CREATED
+    assert (
+        verify_cwt(body[AceParam.ACCESS_TOKEN], sensor.service.key_ring.lookup).scope
+        == "temp:write"
+    )

@@ -341,3 +341,55 @@ async def test_rejected_requests_change_nothing(sensor: Coap) -> None:
     )
     assert [k.kid for k in before[2]] == [k.kid for k in after[2]]
     assert before[:2] == after[:2] and before[3] == after[3]
+
+
+async def test_pop_key_is_rebuilt_from_the_parsed_key(sensor: Coap) -> None:
+    public = ed25519.Ed25519PrivateKey.generate().public_key()
+    canonical = cose_key_from_public(public)
+    noisy = {**canonical, 3: -7, 99: "x" * 100, 2: b"client-chosen-kid"}
+    response, body = await sensor.post_ace(
+        TOKEN, {**_cred(sensor), AceParam.AUDIENCE: "thermostat", AceParam.REQ_CNF: {1: noisy}}
+    )
+    assert response.code == aiocoap.CREATED
+    assert body[AceParam.CNF] == {1: canonical}
+    claims = verify_cwt(body[AceParam.ACCESS_TOKEN], sensor.service.key_ring.lookup)
+    assert claims.cnf_key == canonical
+
+    raw = cbor2.dumps({**_cred(sensor), AceParam.AUDIENCE: "thermostat"})[1:]
+    cyclic = bytes.fromhex("a4") + raw + cbor2.dumps(AceParam.REQ_CNF) + bytes.fromhex("a101a4")
+    cyclic += cbor2.dumps(1) + cbor2.dumps(1) + cbor2.dumps(-1) + cbor2.dumps(6)
+    cyclic += cbor2.dumps(-2) + cbor2.dumps(canonical[-2]) + cbor2.dumps(99)
+    cyclic += bytes.fromhex("d81c81d81d00")  # 28([29(0)]): a list containing itself
+    response = await sensor.request(aiocoap.POST, TOKEN, cyclic, ContentFormat.ACE_CBOR)
+    assert response.code == aiocoap.CREATED, cbor2.loads(response.payload)
+    assert cbor2.loads(response.payload)[AceParam.CNF] == {1: canonical}
+
+
+@pytest.mark.parametrize("kty", [True, 1.0], ids=["bool", "float"])
+async def test_pop_key_labels_must_be_integers(sensor: Coap, kty: object) -> None:
+    x = cose_key_from_public(ed25519.Ed25519PrivateKey.generate().public_key())[-2]
+    response, body = await sensor.post_ace(
+        TOKEN,
+        {
+            **_cred(sensor),
+            AceParam.AUDIENCE: "thermostat",
+            AceParam.REQ_CNF: {1: {1: kty, -1: 6, -2: x}},
+        },
+    )
+    _ace_error(response, body, CoapCode.BAD_REQUEST, 7)
+
+
+async def test_assertion_must_be_tagged_and_short_lived(sensor: Coap) -> None:
+    device = ec.generate_private_key(ec.SECP256R1())
+    await sensor.add_key_client(
+        "meter-7", ("thermostat",), "temp:read", cose_key_from_public(device.public_key())
+    )
+    now = sensor.service.clock.now()
+    untagged = cbor2.dumps(cbor2.loads(_assertion(device, CoseAlg.ES256, now, cti=b"u")).value)
+    too_long = _assertion(device, CoseAlg.ES256, now, cti=b"l", exp_in=301)
+    for assertion in (untagged, too_long):
+        response, body = await sensor.post_ace(TOKEN, {"client_assertion": assertion})
+        _ace_error(response, body, CoapCode.UNAUTHORIZED, 2)
+    at_limit = _assertion(device, CoseAlg.ES256, now, cti=b"ok", exp_in=300)
+    response, _ = await sensor.post_ace(TOKEN, {"client_assertion": at_limit})
+    assert response.code == aiocoap.CREATED
