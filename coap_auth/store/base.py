@@ -70,7 +70,8 @@ class Store(Protocol):
         rotated: it was live. grace: it was spent less than `grace` s ago and its successor
         was still unused (that successor is spent instead). reused: spent otherwise, so the
         family is killed and its unexpired access tokens revoked. unknown / dead / expired:
-        no such token for this client, family already dead, or idle/absolute expiry.
+        no such token for this client, family already dead, or idle/absolute expiry (which
+        ends the family but leaves its access tokens to expire on their own).
         """
         ...
 
