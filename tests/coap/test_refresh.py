@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sqlite3
 from typing import Any
 
@@ -116,9 +117,7 @@ async def test_grace_does_not_apply_once_the_successor_was_used(sensor: Coap) ->
     assert await sensor.service.store.list_families("sensor-1", sensor.service.clock.now()) == []
 
 
-async def test_concurrent_refreshes_have_one_winner(sensor: Coap, settings: Any) -> None:
-    import dataclasses
-
+async def test_concurrent_refreshes_have_one_winner(sensor: Coap) -> None:
     sensor.service.settings = dataclasses.replace(sensor.service.settings, refresh_grace=0)
     for _ in range(20):
         body = await _grant(sensor)

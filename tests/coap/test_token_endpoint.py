@@ -150,6 +150,16 @@ def _assertion(
     )
 
 
+@pytest.fixture
+async def meter(sensor: Coap) -> ec.EllipticCurvePrivateKey:
+    """The private key of client `meter-7`, registered by its P-256 public key."""
+    device = ec.generate_private_key(ec.SECP256R1())
+    await sensor.add_key_client(
+        "meter-7", ("thermostat",), "temp:read", cose_key_from_public(device.public_key())
+    )
+    return device
+
+
 @pytest.mark.parametrize("alg", [CoseAlg.ES256, CoseAlg.EDDSA], ids=lambda a: a.name)
 async def test_signed_assertion_authenticates_and_replay_is_refused(
     sensor: Coap, alg: CoseAlg
@@ -172,11 +182,10 @@ async def test_signed_assertion_authenticates_and_replay_is_refused(
     _ace_error(response, body, CoapCode.UNAUTHORIZED, 2)
 
 
-async def test_bad_assertions_are_invalid_client(sensor: Coap) -> None:
-    device = ec.generate_private_key(ec.SECP256R1())
-    await sensor.add_key_client(
-        "meter-7", ("thermostat",), "temp:read", cose_key_from_public(device.public_key())
-    )
+async def test_bad_assertions_are_invalid_client(
+    sensor: Coap, meter: ec.EllipticCurvePrivateKey
+) -> None:
+    device = meter
     now = sensor.service.clock.now()
     impostor = ec.generate_private_key(ec.SECP256R1())
     tampered = bytearray(_assertion(device, CoseAlg.ES256, now, cti=b"cti-tamper"))
@@ -379,11 +388,10 @@ async def test_pop_key_labels_must_be_integers(sensor: Coap, kty: object) -> Non
     _ace_error(response, body, CoapCode.BAD_REQUEST, 7)
 
 
-async def test_assertion_must_be_tagged_and_short_lived(sensor: Coap) -> None:
-    device = ec.generate_private_key(ec.SECP256R1())
-    await sensor.add_key_client(
-        "meter-7", ("thermostat",), "temp:read", cose_key_from_public(device.public_key())
-    )
+async def test_assertion_must_be_tagged_and_short_lived(
+    sensor: Coap, meter: ec.EllipticCurvePrivateKey
+) -> None:
+    device = meter
     now = sensor.service.clock.now()
     untagged = cbor2.dumps(cbor2.loads(_assertion(device, CoseAlg.ES256, now, cti=b"u")).value)
     too_long = _assertion(device, CoseAlg.ES256, now, cti=b"l", exp_in=301)
