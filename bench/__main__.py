@@ -1,0 +1,255 @@
+"""`make bench` (`python -m bench`): every measurement of issue 7 in one run, printed as a
+table and written to bench/results.md (the hand-written notes at its end are kept)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import cbor2
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from bench import coap_wire as wire
+from bench import report, tokens_bench
+from bench.breakdown import issue_breakdown
+from bench.fanout import ObserverGroup, measure_fan_out
+from bench.loadgen import (
+    TOKEN_OPTIONS,
+    EndpointPool,
+    PhaseResult,
+    issue_workload,
+    keys_workload,
+    noop_workload,
+    refresh_workload,
+    run_closed_loop,
+    token_request,
+)
+from bench.processes import (
+    DataDir,
+    ServerProcess,
+    cpu_seconds,
+    free_udp_port,
+    machine_busy_seconds,
+    make_data_dir,
+)
+from coap_auth.tokens import cose_key_from_public
+
+HOST = "127.0.0.1"
+CONCURRENCY = (1, 8, 64)
+ROUNDS = 2  # each (workload, concurrency) twice, interleaved with the others
+DURATION = 2.0  # measured seconds per phase
+WARMUP = 0.5
+WORKER_CONCURRENCY = 64
+WORKER_SEQUENCE = (1, 2, 1, 2, 1)
+FAN_OUT = (1000, 5000)  # observers
+# The second rotation follows the first this long after: long enough for a notification whose
+# ACK was lost to be retransmitted once (ACK_TIMEOUT 2 s x up to 1.5), not for a whole
+# retransmission series.
+SETTLE = 5.0
+
+
+async def token_responses(pool: EndpointPool, data: DataDir) -> list[report.ResponseSize]:
+    """One real /token answer of each kind, as the device receives it."""
+    device_key = cose_key_from_public(ec.generate_private_key(ec.SECP256R1()).public_key())
+    kinds = [
+        ("CWT ES256", "thermostat", {}),
+        ("CWT ES256 + cnf", "thermostat", {4: {1: device_key}}),
+        ("JWT ES256", "dashboard", {}),
+        ("JWT ES256 + cnf", "dashboard", {4: {1: device_key}}),
+    ]
+    (endpoint,) = await pool.take(1)
+    sizes = []
+    for name, audience, extra in kinds:
+        payload = token_request(data.client_id, data.secret, audience, extra)
+        response = await endpoint.exchange(wire.POST, TOKEN_OPTIONS, payload)
+        if response.code != wire.CREATED:
+            raise RuntimeError(f"/token answered {wire.code_text(response.code)} for {name}")
+        body = cbor2.loads(response.payload)
+        sizes.append(
+            report.ResponseSize(
+                name,
+                access_token=len(body[1]),
+                payload=len(response.payload),
+                datagram=response.size,
+                blockwise=wire.BLOCK2 in response.options,
+            )
+        )
+    return sizes
+
+
+async def endpoint_throughput(
+    server: ServerProcess, data: DataDir
+) -> dict[tuple[str, int], PhaseResult]:
+    pool = EndpointPool(HOST, server.port)
+    workloads = [
+        noop_workload(data.client_id, data.secret, "thermostat"),
+        issue_workload(data.client_id, data.secret, "thermostat"),
+        refresh_workload(data.client_id, data.secret, "thermostat"),
+    ]
+    results: dict[tuple[str, int], PhaseResult] = {}
+    for concurrency in CONCURRENCY:
+        for _ in range(ROUNDS):
+            for workload in workloads:
+                endpoints = await pool.take(concurrency)
+                phase = await run_closed_loop(
+                    endpoints,
+                    workload,
+                    DURATION,
+                    WARMUP,
+                    lambda: cpu_seconds(server.pid),
+                    machine_busy_seconds,
+                )
+                key = (workload.name, concurrency)
+                if key in results:
+                    results[key].merge(phase)
+                else:
+                    results[key] = phase
+                print(f"  {workload.name:8} c={concurrency:<3} {phase.rate:8.0f} req/s", flush=True)
+    pool.close()
+    return results
+
+
+async def fan_out(data: DataDir, base: Path) -> tuple[list[report.FanOutRun], dict[int, int]]:
+    """For each size, a fresh bench server: register the observers of /keys, read the
+    server's RSS (after a GC) before and after, rotate once from a quiet state and once more
+    SETTLE seconds later."""
+    runs: list[report.FanOutRun] = []
+    memory: dict[int, int] = {}
+    for count in FAN_OUT:
+        log = base / f"fanout-{count}.log"
+        server = await ServerProcess.bench_server(data.path, free_udp_port(), log)
+        group = ObserverGroup(HOST, server.port)
+
+        async def rotate(server: ServerProcess = server) -> tuple[float, float]:
+            answer = await server.command("rotate")
+            return float(answer[1]), float(answer[2])
+
+        try:
+            before = int((await server.command("rss"))[1])
+            await group.grow_to(count)
+            memory[count] = (int((await server.command("rss"))[1]) - before) // count
+            for label in ("quiet", f"{SETTLE:.0f} s later"):
+                result = await measure_fan_out(group, rotate)
+                runs.append(report.FanOutRun(label, result))
+                print(
+                    f"  {count} observers ({label}): last notified {result.last * 1000:.0f} ms "
+                    f"after the rotation ({result.notified} notified, {result.receive_drops} "
+                    "datagrams dropped by full receive buffers)",
+                    flush=True,
+                )
+                await asyncio.sleep(SETTLE)
+        finally:
+            group.close()
+            await server.stop()
+    return runs, memory
+
+
+async def multi_process(base: Path, data: DataDir) -> list[report.WorkerRun]:
+    """`coap-auth serve` workers on one port (SO_REUSEPORT), one store: 1, 2, 1, 2, 1 workers,
+    so that drift on a shared machine lands on both sides."""
+    port = free_udp_port()
+    workers = [await ServerProcess.worker(data.path, port, base / "worker-1.log")]
+    pool = EndpointPool(HOST, port)
+    workloads = [
+        issue_workload(data.client_id, data.secret, "thermostat"),
+        keys_workload(),
+    ]
+    runs = []
+    try:
+        for count in WORKER_SEQUENCE:
+            while len(workers) < count:
+                workers.append(await ServerProcess.worker(data.path, port, base / "worker-2.log"))
+            while len(workers) > count:
+                await workers.pop().stop()
+            await asyncio.sleep(0.5)
+            for workload in workloads:
+                endpoints = await pool.take(WORKER_CONCURRENCY)
+                pids = [w.pid for w in workers]
+                phase = await run_closed_loop(
+                    endpoints,
+                    workload,
+                    DURATION,
+                    WARMUP,
+                    lambda pids=pids: sum(cpu_seconds(p) for p in pids),
+                    machine_busy_seconds,
+                )
+                runs.append(report.WorkerRun(count, phase))
+                print(f"  {count} worker(s) {workload.name:9} {phase.rate:8.0f} req/s", flush=True)
+    finally:
+        pool.close()
+        for worker in workers:
+            await worker.stop()
+    return runs
+
+
+async def run(keep: bool) -> report.Results:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 5,000 observer sockets
+    base = Path(tempfile.mkdtemp(prefix="coap-auth-bench-"))
+    started = time.monotonic()
+    try:
+        print("verification and sizes (in process) ...", flush=True)
+        verification = tokens_bench.verification_rates()
+        sizes = tokens_bench.token_sizes()
+
+        data = make_data_dir(base / "single")
+        print("parts of a token issue (in process) ...", flush=True)
+        breakdown = await issue_breakdown(data, base)
+
+        print("token endpoint vs /noop (bench server) ...", flush=True)
+        server = await ServerProcess.bench_server(data.path, free_udp_port(), base / "server.log")
+        try:
+            pool = EndpointPool(HOST, server.port)
+            responses = await token_responses(pool, data)
+            pool.close()
+            throughput = await endpoint_throughput(server, data)
+        finally:
+            await server.stop()
+
+        print("observe fan-out (a fresh bench server for each size) ...", flush=True)
+        fan_out_runs, memory = await fan_out(data, base)
+
+        print("multi-process (coap-auth serve workers) ...", flush=True)
+        workers_data = make_data_dir(base / "workers")
+        worker_runs = await multi_process(base, workers_data)
+
+        return report.Results(
+            verification=verification,
+            sizes=sizes,
+            responses=responses,
+            throughput=throughput,
+            breakdown=breakdown,
+            fan_out=fan_out_runs,
+            memory_per_observer=memory,
+            workers=worker_runs,
+            wall_seconds=time.monotonic() - started,
+        )
+    finally:
+        if keep:
+            print(f"kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--output", type=Path, default=Path(__file__).parent / "results.md", help="results file"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the data dirs and server logs")
+    args = parser.parse_args()
+    results = asyncio.run(run(args.keep))
+    text = report.render(results)
+    print()
+    print(text)
+    report.write(args.output, text)
+    print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Just enough CoAP (RFC 7252 §3) for the load generator: build requests, take responses apart.
+
+Hand-rolled so that the load generator costs a few microseconds a message, not the
+aiocoap client's few hundred: the server, not the client, must be the bottleneck.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+VERSION = 1
+CON, NON, ACK, RST = 0, 1, 2, 3
+PAYLOAD_MARKER = 0xFF
+
+GET = 1
+POST = 2
+CONTENT = 0x45  # 2.05
+CREATED = 0x41  # 2.01
+
+OBSERVE = 6
+URI_PATH = 11
+CONTENT_FORMAT = 12
+BLOCK2 = 23
+
+TOKEN_LENGTH = 8
+
+
+def _ext(value: int) -> tuple[int, bytes]:
+    """Option delta/length nibble and its extended bytes (RFC 7252 §3.1)."""
+    if value < 13:
+        return value, b""
+    if value < 269:
+        return 13, bytes([value - 13])
+    return 14, (value - 269).to_bytes(2, "big")
+
+
+def _extended(nibble: int, data: bytes, position: int) -> tuple[int, int]:
+    """The value an option nibble stands for, and the position after its extended bytes."""
+    if nibble == 13:
+        return data[position] + 13, position + 1
+    if nibble == 14:
+        return int.from_bytes(data[position : position + 2], "big") + 269, position + 2
+    return nibble, position
+
+
+def _uint(value: int) -> bytes:
+    return value.to_bytes((value.bit_length() + 7) // 8, "big") if value else b""
+
+
+def encode_options(options: list[tuple[int, bytes]]) -> bytes:
+    out = bytearray()
+    previous = 0
+    for number, value in sorted(options, key=lambda option: option[0]):
+        delta, delta_ext = _ext(number - previous)
+        length, length_ext = _ext(len(value))
+        out.append(delta << 4 | length)
+        out += delta_ext + length_ext + value
+        previous = number
+    return bytes(out)
+
+
+def request_options(path: str, content_format: int | None = None, observe: bool = False) -> bytes:
+    options = [(URI_PATH, segment.encode()) for segment in path.strip("/").split("/")]
+    if content_format is not None:
+        options.append((CONTENT_FORMAT, _uint(content_format)))
+    if observe:
+        options.append((OBSERVE, b""))
+    return encode_options(options)
+
+
+def encode(mtype: int, code: int, mid: int, token: bytes, options: bytes, payload: bytes) -> bytes:
+    header = bytes([VERSION << 6 | mtype << 4 | len(token), code]) + mid.to_bytes(2, "big")
+    return header + token + options + (bytes([PAYLOAD_MARKER]) + payload if payload else b"")
+
+
+def empty_ack(mid: int) -> bytes:
+    return bytes([VERSION << 6 | ACK << 4, 0]) + mid.to_bytes(2, "big")
+
+
+@dataclass(slots=True)
+class Response:
+    mtype: int
+    code: int
+    mid: int
+    token: bytes
+    options: dict[int, bytes]
+    payload: bytes
+    size: int
+
+
+def decode(data: bytes) -> Response:
+    """Take a datagram apart; raises ValueError on anything malformed."""
+    if len(data) < 4 or data[0] >> 6 != VERSION:
+        raise ValueError("not CoAP")
+    tkl = data[0] & 0x0F
+    position = 4 + tkl
+    options: dict[int, bytes] = {}
+    number = 0
+    while position < len(data) and data[position] != PAYLOAD_MARKER:
+        delta, length = data[position] >> 4, data[position] & 0x0F
+        delta, position = _extended(delta, data, position + 1)
+        length, position = _extended(length, data, position)
+        number += delta
+        options[number] = data[position : position + length]
+        position += length
+    payload = data[position + 1 :] if position < len(data) else b""
+    return Response(
+        mtype=(data[0] >> 4) & 0x03,
+        code=data[1],
+        mid=int.from_bytes(data[2:4], "big"),
+        token=data[4 : 4 + tkl],
+        options=options,
+        payload=payload,
+        size=len(data),
+    )
+
+
+def code_text(code: int) -> str:
+    return f"{code >> 5}.{code & 0x1F:02d}"

@@ -1,0 +1,96 @@
+"""The server under test: what `coap-auth serve` runs, plus a bench-only `/noop` resource.
+
+Run as `python -m bench.server --data-dir D --port P`. Same settings, logging and `Server` as
+`coap-auth serve`; `/noop` answers a POST like /token does (2.01, a token-sized ACE body)
+without doing anything, so its rate is the CoAP stack's own ceiling in the same process.
+Driven over stdin, one command a line; answers on stdout:
+  rss     -> "rss <bytes>" after a garbage collection
+  rotate  -> force a key rotation and notify observers: "rotated <t0> <t1> <t2>"
+             (time.monotonic() before the rotation, after the store commit, after notifying)
+  quit
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import sys
+import time
+from pathlib import Path
+
+import aiocoap
+import cbor2
+from aiocoap import resource
+
+from coap_auth.cli.runtime import open_service
+from coap_auth.coap.server import Server
+from coap_auth.config import load_settings
+
+# About the size of a real /token answer: a ~150-byte CWT, expires_in, token_type, refresh token.
+NOOP_BODY = cbor2.dumps({1: bytes(150), 2: 3600, 34: 1, 37: bytes(32)})
+
+
+class NoopResource(resource.Resource):
+    """Answers POST with 2.01 and a fixed token-sized body; parses nothing, stores nothing."""
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        return aiocoap.Message(code=aiocoap.CREATED, payload=NOOP_BODY, content_format=19)
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def serve(data_dir: Path, port: int) -> None:
+    # The environment is the one bench/processes.py gives: defaults plus BENCH_SETTINGS.
+    settings = load_settings(flags={"data_dir": data_dir, "bind": "127.0.0.1", "port": port})
+    # As `coap-auth serve` does (coap_auth/cli/__init__.py: cmd_serve).
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    logging.getLogger("coap-server").setLevel(logging.WARNING)
+    service = await open_service(settings, create=True)
+    server = Server(service, settings.bind, settings.port)
+    # Bench only: the product's site never has /noop.
+    server._site.add_resource(["noop"], NoopResource())
+    await server.start()
+    print(f"listening {server.port}", flush=True)
+
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    try:
+        while line := (await reader.readline()).decode().strip():
+            if line == "rss":
+                gc.collect()
+                print(f"rss {rss_bytes()}", flush=True)
+            elif line == "rotate":
+                t0 = time.monotonic()
+                await service.rotate_keys(force=True)
+                t1 = time.monotonic()
+                await server.check_changes()
+                t2 = time.monotonic()
+                print(f"rotated {t0} {t1} {t2}", flush=True)
+            elif line == "quit":
+                break
+    finally:
+        await server.stop()
+        await service.store.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    asyncio.run(serve(args.data_dir, args.port))
+
+
+if __name__ == "__main__":
+    main()
