@@ -1,0 +1,83 @@
+"""coap-auth's device side: get and keep tokens, follow keys and revocations, verify offline.
+
+Imports only the pure parts of coap_auth (wire, errors, tokens) plus aiocoap, cbor2,
+cryptography and PyJWT, so it runs on a Raspberry Pi without the service's storage.
+Everything public is listed in `__all__`; the modules behind it are implementation.
+"""
+
+from device_client.client import RefreshPolicy, TokenClient
+from device_client.clock import Clock, SystemClock
+from device_client.credentials import Credentials, DeviceKey, SecretCredentials
+from device_client.errors import (
+    CoapAuthError,
+    DeviceClientError,
+    InsufficientScope,
+    InvalidClaims,
+    InvalidSignature,
+    MalformedToken,
+    ServiceUnreachable,
+    StateFileError,
+    TokenError,
+    TokenRequestRefused,
+    TokenRevoked,
+)
+from device_client.keyset import KeySet
+from device_client.observe import WatchPolicy
+from device_client.rs import AuthzInfoResource, ResourceServer, require_scope
+from device_client.state import AccessToken, DeviceState, StateFile
+from device_client.trl import (
+    DiffSet,
+    FullSet,
+    RevocationList,
+    TrlDiff,
+    decode_diff_set,
+    decode_full_set,
+)
+from device_client.verify import (
+    KeySource,
+    RevocationSource,
+    TokenVerifier,
+    VerifiedToken,
+)
+from device_client.watch import KeySetWatcher, TrlWatcher
+
+__all__ = [
+    "AccessToken",
+    "AuthzInfoResource",
+    "Clock",
+    "CoapAuthError",
+    "Credentials",
+    "DeviceClientError",
+    "DeviceKey",
+    "DeviceState",
+    "DiffSet",
+    "FullSet",
+    "InsufficientScope",
+    "InvalidClaims",
+    "InvalidSignature",
+    "KeySet",
+    "KeySetWatcher",
+    "KeySource",
+    "MalformedToken",
+    "RefreshPolicy",
+    "ResourceServer",
+    "RevocationList",
+    "RevocationSource",
+    "SecretCredentials",
+    "ServiceUnreachable",
+    "StateFile",
+    "StateFileError",
+    "SystemClock",
+    "TokenClient",
+    "TokenError",
+    "TokenRequestRefused",
+    "TokenRevoked",
+    "TokenVerifier",
+    "TrlDiff",
+    "TrlWatcher",
+    "VerifiedToken",
+    "WatchPolicy",
+    "decode_diff_set",
+    "decode_full_set",
+    "require_scope",
+]

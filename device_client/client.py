@@ -1,0 +1,398 @@
+"""TokenClient: a device's access token, fetched, cached, refreshed ahead of expiry, persisted.
+
+RFC 9200 §5.8 client_credentials grants and refreshes (PROTOCOL.md "Refresh tokens"), with
+exponential back-off and jitter on failure. Tokens and secrets never reach logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import aiocoap
+import cbor2
+
+from coap_auth.tokens import PublicKey, cose_key_from_public
+from coap_auth.wire import AceErrorCode, AceParam, CnfMethod, ContentFormat, GrantType, TokenType
+from device_client._transport import backoff_delay, reliable_within, retry_hint
+from device_client.ace import parse_error, parse_token_response
+from device_client.clock import Clock, SystemClock
+from device_client.credentials import Credentials
+from device_client.errors import ServiceUnreachable, StateFileError, TokenRequestRefused
+from device_client.state import AccessToken, DeviceState, StateFile
+
+log = logging.getLogger("device_client.client")
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshPolicy:
+    """When to refresh and how to back off. Times in seconds."""
+
+    # Refresh once this fraction of the lifetime has passed...
+    refresh_fraction: float = 0.75
+    # ...less up to this fraction of that, drawn at random, so a fleet does not refresh in step.
+    refresh_jitter: float = 0.1
+    # After a failure wait backoff_initial * 2**(n-1), at most backoff_max, with the delay drawn
+    # from [d * (1 - backoff_jitter), d] ("equal jitter" for 0.5).
+    backoff_initial: float = 2.0
+    backoff_max: float = 300.0
+    backoff_jitter: float = 0.5
+    # Real seconds to wait for one /token answer (CoAP retransmissions happen inside it).
+    request_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.refresh_fraction <= 1:
+            raise ValueError("refresh_fraction must be in (0, 1]")
+        if not 0 <= self.refresh_jitter < 1 or not 0 <= self.backoff_jitter <= 1:
+            raise ValueError("jitter must be in [0, 1)")
+        if self.backoff_initial <= 0 or self.backoff_max < self.backoff_initial:
+            raise ValueError("need 0 < backoff_initial <= backoff_max")
+        if self.request_timeout <= 0:
+            raise ValueError("request_timeout must be positive")
+
+    def refresh_delay(self, lifetime: int, rng: random.Random) -> int:
+        ahead = lifetime * self.refresh_fraction * (1 - self.refresh_jitter * rng.random())
+        return max(1, min(lifetime, int(ahead)))
+
+    def backoff_delay(self, failures: int, rng: random.Random) -> float:
+        return backoff_delay(
+            failures,
+            initial=self.backoff_initial,
+            maximum=self.backoff_max,
+            jitter=self.backoff_jitter,
+            rng=rng,
+        )
+
+
+class TokenClient:
+    """Keeps one access token for one audience fresh.
+
+    `await token()` returns a valid token: the cached one until its refresh time, then a
+    refresh (RFC 9200 §5.8.1, rotating the refresh token), or a new grant when there is no
+    refresh token or its family is dead. Every change is saved to the state file first.
+    """
+
+    def __init__(
+        self,
+        context: aiocoap.Context,
+        as_uri: str,
+        credentials: Credentials,
+        *,
+        audience: str | None = None,
+        scope: str | None = None,
+        token_format: str | None = None,
+        issuer: str = "coap-auth",
+        pop_key: PublicKey | None = None,
+        state_file: StateFile | None = None,
+        clock: Clock | None = None,
+        policy: RefreshPolicy | None = None,
+        rng: random.Random | None = None,
+        on_token: Callable[[str, AccessToken], None] | None = None,
+    ) -> None:
+        self._context = context
+        # Told of every new token: ("grant" | "refresh", token). For logs and for uploading
+        # the new token to resource servers.
+        self.on_token = on_token
+        self._clock = clock if clock is not None else SystemClock()
+        self._policy = policy if policy is not None else RefreshPolicy()
+        self._rng = rng if rng is not None else random.Random()
+        self._state_file = state_file
+        self._tuning = reliable_within(self._policy.request_timeout)
+        # RFC 9200 §5.8.1 / RFC 8747 §3.1: req_cnf {1: COSE_Key} asks for a PoP token.
+        self._req_cnf = (
+            {CnfMethod.COSE_KEY: cose_key_from_public(pop_key)} if pop_key is not None else None
+        )
+        state = DeviceState(
+            as_uri=as_uri.rstrip("/"),
+            credentials=credentials,
+            issuer=issuer,
+            audience=audience,
+            scope=scope,
+            token_format=token_format,
+        )
+        saved = state_file.load() if state_file is not None else None
+        if saved is not None and _same_grant(saved, state):
+            # A reboot: resume the cached token and the refresh family.
+            state = replace(
+                state, access_token=saved.access_token, refresh_token=saved.refresh_token
+            )
+            log.info("resumed state of %s from %s", credentials.client_id, state_file)
+        elif saved is not None:
+            log.warning("%s held another grant (client, AS or audience); starting anew", state_file)
+        self._state = state
+        self._lock = asyncio.Lock()
+        self._failures = 0
+        self._retry_at: int | None = None
+        if state_file is not None and saved != state:
+            self._save()
+
+    @classmethod
+    def from_state_file(
+        cls,
+        context: aiocoap.Context,
+        state_file: StateFile,
+        *,
+        clock: Clock | None = None,
+        policy: RefreshPolicy | None = None,
+        rng: random.Random | None = None,
+        on_token: Callable[[str, AccessToken], None] | None = None,
+    ) -> TokenClient:
+        """Resume a provisioned device: AS, credentials and tokens all come from the file."""
+        saved = state_file.load()
+        if saved is None:
+            raise StateFileError(f"no state file at {state_file.path}: provision the device first")
+        return cls(
+            context,
+            saved.as_uri,
+            saved.credentials,
+            audience=saved.audience,
+            scope=saved.scope,
+            token_format=saved.token_format,
+            issuer=saved.issuer,
+            state_file=state_file,
+            clock=clock,
+            policy=policy,
+            rng=rng,
+            on_token=on_token,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<TokenClient {self._state.credentials.client_id} -> {self._state.as_uri}"
+            f" audience={self._state.audience!r}>"
+        )
+
+    # -- what the device asks -----------------------------------------------------------------
+
+    @property
+    def client_id(self) -> str:
+        return self._state.credentials.client_id
+
+    @property
+    def cached(self) -> AccessToken | None:
+        """The token held now, without any I/O (it may be due for refresh, or expired)."""
+        return self._state.access_token
+
+    @property
+    def retry_at(self) -> int | None:
+        """While backing off: the clock time before which no request is sent."""
+        return self._retry_at
+
+    def next_renewal(self) -> int:
+        """When `token()` will next talk to the AS: the refresh time, or the end of back-off."""
+        token = self._state.access_token
+        due = token.refresh_at if token is not None else self._clock.now()
+        return max(due, self._retry_at or due)
+
+    async def token(self) -> AccessToken:
+        """A valid access token, from cache or from the AS.
+
+        Raises ServiceUnreachable (no answer, or backing off) when there is no valid token to
+        fall back on, and TokenRequestRefused when the AS refuses the credentials.
+        """
+        async with self._lock:
+            now = self._clock.now()
+            current = self._state.access_token
+            if current is not None and now < current.refresh_at:
+                return current
+            if self._retry_at is not None and now < self._retry_at:
+                if current is not None and current.valid_at(now):
+                    return current
+                raise ServiceUnreachable(
+                    "backing off after a failed request", retry_at=self._retry_at
+                )
+            try:
+                return await self._renew()
+            except ServiceUnreachable:
+                if current is not None and current.valid_at(self._clock.now()):
+                    # Refreshing ahead of expiry leaves room for exactly this.
+                    log.warning("refresh failed; the current token stays valid, retrying later")
+                    return current
+                raise
+
+    def discard_access_token(self) -> None:
+        """Forget the cached access token (say a resource server refused it); the next
+        `token()` refreshes. The refresh token is kept."""
+        if self._state.access_token is not None:
+            self._state = replace(self._state, access_token=None)
+            self._retry_at = None
+            self._save()
+
+    async def revoke(self) -> None:
+        """Give the grant back (RFC 7009 semantics at `/revoke`): the refresh token's family
+        dies with its access tokens, and the device forgets both. Raises ServiceUnreachable
+        or TokenRequestRefused when the AS did not confirm; the state is then kept."""
+        async with self._lock:
+            token = self._state.refresh_token
+            if token is None and self._state.access_token is not None:
+                token = self._state.access_token.value
+            if token is None:
+                return
+            try:
+                response = await self._post(
+                    "revoke", {AceParam.TOKEN: token, **self._auth_params()}
+                )
+            except (TimeoutError, aiocoap.error.Error):
+                raise ServiceUnreachable(
+                    "revoke: no answer from the AS", retry_at=self._clock.now()
+                ) from None
+            if response.code != aiocoap.CHANGED:
+                ace_code, description = parse_error(response.payload)
+                raise TokenRequestRefused(
+                    f"revoke refused with {response.code}: {description}",
+                    ace_code=ace_code,
+                    coap_code=int(response.code),
+                )
+            self._state = replace(self._state, access_token=None, refresh_token=None)
+            self._save()
+            log.info("grant of %s revoked", self.client_id)
+
+    # -- talking to /token --------------------------------------------------------------------
+
+    async def _renew(self) -> AccessToken:
+        if self._state.refresh_token is not None:
+            try:
+                return await self._request(self._refresh_params(), "refresh")
+            except TokenRequestRefused as refused:
+                if refused.ace_code != AceErrorCode.INVALID_GRANT:
+                    raise
+                # RFC 9700 §4.14: a dead family (reuse detected, revoked, expired) takes its
+                # access tokens with it; only a new grant helps.
+                log.warning("refresh refused (%s); making a new grant", refused.description)
+                self._state = replace(self._state, access_token=None, refresh_token=None)
+                self._save()
+        return await self._request(self._grant_params(), "grant")
+
+    def _auth_params(self) -> dict[Any, Any]:
+        return self._state.credentials.request_params(
+            issuer=self._state.issuer, now=self._clock.now()
+        )
+
+    def _grant_params(self) -> dict[Any, Any]:
+        params = {AceParam.GRANT_TYPE: GrantType.CLIENT_CREDENTIALS, **self._auth_params()}
+        if self._state.audience is not None:
+            params[AceParam.AUDIENCE] = self._state.audience
+        if self._state.scope is not None:
+            params[AceParam.SCOPE] = self._state.scope
+        if self._state.token_format is not None:
+            params["token_format"] = self._state.token_format
+        if self._req_cnf is not None:
+            params[AceParam.REQ_CNF] = self._req_cnf
+        return params
+
+    def _refresh_params(self) -> dict[Any, Any]:
+        # RFC 9200 §5.8.1: the same client authentication as the grant; audience, scope and
+        # key stay those of the family.
+        return {
+            AceParam.GRANT_TYPE: GrantType.REFRESH_TOKEN,
+            AceParam.REFRESH_TOKEN: self._state.refresh_token,
+            **self._auth_params(),
+        }
+
+    async def _post(self, path: str, params: Mapping[Any, Any]) -> aiocoap.Message:
+        message = aiocoap.Message(
+            code=aiocoap.POST,
+            uri=f"{self._state.as_uri}/{path}",
+            payload=cbor2.dumps(dict(params)),
+            content_format=ContentFormat.ACE_CBOR,
+            transport_tuning=self._tuning,
+        )
+        request = self._context.request(message)
+        return await asyncio.wait_for(request.response, self._policy.request_timeout)
+
+    async def _request(self, params: Mapping[Any, Any], kind: str) -> AccessToken:
+        try:
+            response = await self._post("token", params)
+        except (TimeoutError, aiocoap.error.ConRetransmitsExceeded):
+            raise self._failed(f"{kind}: no answer from the AS") from None
+        except aiocoap.error.Error as exc:
+            raise self._failed(f"{kind}: {type(exc).__name__}") from None
+        if response.code == aiocoap.CREATED:
+            return self._accept(response.payload, kind)
+        if response.code.class_ == 5 or response.code == aiocoap.Code.TOO_MANY_REQUESTS:
+            # Busy or failing, not refusing: back off, at least as long as Max-Age says.
+            raise self._failed(f"{kind}: AS answered {response.code}", retry_hint(response))
+        ace_code, description = parse_error(response.payload)
+        refused = TokenRequestRefused(
+            f"{kind} refused with {response.code}: {description}",
+            ace_code=ace_code,
+            coap_code=int(response.code),
+        )
+        if ace_code != AceErrorCode.INVALID_GRANT:
+            # Wrong credentials or configuration will not fix themselves: do not hammer.
+            self._failed(refused.description)
+        raise refused
+
+    def _failed(self, reason: str, hint: int | None = None) -> ServiceUnreachable:
+        self._failures += 1
+        delay = self._policy.backoff_delay(self._failures, self._rng)
+        if hint is not None:
+            delay = max(delay, hint)
+        self._retry_at = self._clock.now() + math.ceil(delay)
+        log.warning(
+            "%s; attempt %d failed, next try in %d s", reason, self._failures, math.ceil(delay)
+        )
+        return ServiceUnreachable(reason, retry_at=self._retry_at)
+
+    def _accept(self, payload: bytes, kind: str) -> AccessToken:
+        default_type = TokenType.POP if self._req_cnf is not None else TokenType.BEARER
+        try:
+            answer = parse_token_response(payload, default_type)
+        except ValueError as exc:
+            raise self._failed(f"{kind}: {exc}") from None
+        now = self._clock.now()
+        token = AccessToken(
+            value=answer.access_token,
+            token_type=answer.token_type,
+            expires_at=now + answer.expires_in,
+            refresh_at=now + self._policy.refresh_delay(answer.expires_in, self._rng),
+            received_at=now,
+            audience=self._state.audience,
+            scope=answer.scope if answer.scope is not None else self._state.scope,
+        )
+        self._state = replace(
+            self._state,
+            access_token=token,
+            # Rotation (PROTOCOL.md): the one sent is spent; keep only the newest.
+            refresh_token=answer.refresh_token,
+        )
+        self._failures = 0
+        self._retry_at = None
+        self._save()
+        log.info(
+            "%s: token %s for %s, expires in %d s, refresh in %d s",
+            kind,
+            token.token_hash[1:5].hex(),
+            self._state.audience or "default audience",
+            answer.expires_in,
+            token.refresh_at - now,
+        )
+        if self.on_token is not None:
+            self.on_token(kind, token)
+        return token
+
+    def _save(self) -> None:
+        if self._state_file is None:
+            return
+        try:
+            self._state_file.save(self._state)
+        except StateFileError as exc:
+            # Keep working: after a reboot the older refresh token still recovers through the
+            # grace window, or a new grant does.
+            log.error("%s", exc.description)
+
+
+def _same_grant(saved: DeviceState, wanted: DeviceState) -> bool:
+    """Whether saved tokens belong to the client, AS and audience asked for now."""
+    return (
+        saved.credentials.client_id == wanted.credentials.client_id
+        and saved.as_uri == wanted.as_uri
+        and saved.audience == wanted.audience
+        and saved.scope == wanted.scope
+        and saved.token_format == wanted.token_format
+    )

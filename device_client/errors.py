@@ -1,0 +1,80 @@
+"""The device side's errors, as branches of coap-auth's one exception tree.
+
+    CoapAuthError                       coap_auth.errors
+    ├── TokenError                      a token did not verify (4.01 at an RS)
+    │   ├── MalformedToken              coap_auth.errors
+    │   ├── InvalidSignature            coap_auth.errors (also: unknown kid)
+    │   ├── InvalidClaims               coap_auth.errors (expired, wrong issuer or audience)
+    │   └── TokenRevoked                its hash is on the TRL (RFC 9770)
+    └── DeviceClientError               base of what only the device side raises
+        ├── TokenRequestRefused         the AS answered /token with an RFC 9200 error
+        ├── ServiceUnreachable          no usable answer from the AS; `retry_at` says when to try
+        ├── InsufficientScope           a valid token whose scope does not cover the request
+        └── StateFileError              the state file cannot be read or written
+
+Messages are one line and never carry a token, a refresh token, a secret or key material.
+"""
+
+from __future__ import annotations
+
+from coap_auth.errors import (
+    CoapAuthError,
+    InvalidClaims,
+    InvalidSignature,
+    MalformedToken,
+    TokenError,
+)
+
+__all__ = [
+    "CoapAuthError",
+    "DeviceClientError",
+    "InsufficientScope",
+    "InvalidClaims",
+    "InvalidSignature",
+    "MalformedToken",
+    "ServiceUnreachable",
+    "StateFileError",
+    "TokenError",
+    "TokenRequestRefused",
+    "TokenRevoked",
+]
+
+
+class TokenRevoked(TokenError):
+    """The token's hash is on the token revocation list (RFC 9770 §4)."""
+
+
+class DeviceClientError(CoapAuthError):
+    """Base of the errors only the device side raises."""
+
+
+class TokenRequestRefused(DeviceClientError):
+    """The AS refused a /token request with an RFC 9200 §5.8.3 error.
+
+    `ace_code` is the error code (wire.AceErrorCode, or None when the body had none) and
+    `coap_code` the CoAP response code, e.g. 4.01 with ace_code 2 for invalid_client.
+    """
+
+    def __init__(self, description: str, *, ace_code: int | None, coap_code: int) -> None:
+        super().__init__(description)
+        self.ace_code = ace_code
+        self.coap_code = coap_code
+
+
+class ServiceUnreachable(DeviceClientError):
+    """No usable answer: timeout, network error, a 5.xx, or still backing off.
+
+    `retry_at` is the clock time before which the client will not try again.
+    """
+
+    def __init__(self, description: str, *, retry_at: int) -> None:
+        super().__init__(description)
+        self.retry_at = retry_at
+
+
+class InsufficientScope(DeviceClientError):
+    """A valid token whose scope does not cover the request (RFC 9200 §5.10.2: 4.03)."""
+
+
+class StateFileError(DeviceClientError):
+    """The state file is unreadable, malformed, or cannot be written."""

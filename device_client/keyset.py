@@ -1,0 +1,91 @@
+"""The AS's verification keys as a device holds them: a COSE_KeySet parsed into a lookup table.
+
+Pure: no I/O. `KeySetWatcher` (watch.py) keeps one current by observing `/keys`. An audience
+with its own HMAC keys gets them out of band (`coap-auth keys export`); they are never at
+/keys, and never shown in repr.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import cbor2
+
+from coap_auth.errors import CoapAuthError
+from coap_auth.tokens import VerificationKey, kid_text
+from coap_auth.wire import CoseAlg, CoseKeyParam, CoseKty
+
+log = logging.getLogger("device_client.keyset")
+
+# A key set of a few keys is ~100 bytes a key; this bounds the work a hostile answer can cause.
+MAX_KEY_SET_BYTES = 16384
+# RFC 9053 §3.1: HMAC keys shorter than the hash output weaken it.
+MIN_SHARED_KEY_BYTES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class KeySet:
+    """Published verification keys by kid; each verifies only with the algorithm of its key."""
+
+    keys: tuple[VerificationKey, ...] = ()
+    # kid -> HMAC 256/64 key (RFC 9053 §3.1), for COSE_Mac0 tokens of a symmetric audience.
+    shared: Mapping[bytes, bytes] = field(default_factory=dict, repr=False, hash=False)
+
+    @classmethod
+    def from_cose_key_set(cls, payload: bytes) -> KeySet:
+        """Parse content format 102 (RFC 9052 §7: COSE_KeySet = [+ COSE_Key]).
+
+        Entries this device cannot use (another key type, no kid) are skipped; anything that
+        is not a CBOR array of maps is a ValueError.
+        """
+        if len(payload) > MAX_KEY_SET_BYTES:
+            raise ValueError("key set too large")
+        try:
+            items = cbor2.loads(payload)
+        except Exception:
+            raise ValueError("key set is not well-formed CBOR") from None
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise ValueError("key set must be a CBOR array of COSE_Key maps")
+        keys: dict[bytes, VerificationKey] = {}
+        shared: dict[bytes, bytes] = {}
+        for item in items:
+            if item.get(CoseKeyParam.KTY) == CoseKty.SYMMETRIC:
+                kid, secret = item.get(CoseKeyParam.KID), item.get(CoseKeyParam.K)
+                if (
+                    item.get(CoseKeyParam.ALG) == CoseAlg.HMAC_256_64
+                    and isinstance(kid, bytes)
+                    and isinstance(secret, bytes)
+                    and len(secret) >= MIN_SHARED_KEY_BYTES
+                ):
+                    shared.setdefault(kid, secret)
+                continue
+            try:
+                key = VerificationKey.from_cose_key(item)
+            except (ValueError, CoapAuthError):
+                log.debug("skipping a key this device cannot use")
+                continue
+            keys.setdefault(key.kid, key)
+        return cls(tuple(keys.values()), shared)
+
+    @property
+    def kids(self) -> frozenset[bytes]:
+        return frozenset(k.kid for k in self.keys)
+
+    def lookup(self, kid: bytes) -> VerificationKey | None:
+        for key in self.keys:
+            if key.kid == kid:
+                return key
+        return None
+
+    def shared_key(self, kid: bytes) -> bytes | None:
+        return self.shared.get(kid)
+
+    async def refetch(self) -> bool:
+        """A fixed set learns nothing new (the KeySource protocol of verify.py)."""
+        return False
+
+    def describe(self) -> str:
+        """The kids in their text form (hex), for logs."""
+        return ", ".join(sorted(kid_text(k) for k in self.kids)) or "no keys"

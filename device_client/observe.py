@@ -1,0 +1,265 @@
+"""The observe loop the watchers share: register (RFC 7641), take notifications, re-register.
+
+It re-registers when a notification is overdue (Max-Age, RFC 7641 §3.3.1) or the observation
+ends, and backs off exponentially with jitter while the AS cannot be reached. Time comes from
+the injected clock; the loop only polls it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+from typing import ClassVar
+
+import aiocoap
+
+from device_client._transport import backoff_delay, reliable_within, retry_hint
+from device_client.clock import Clock, SystemClock
+from device_client.errors import ServiceUnreachable
+
+log = logging.getLogger("device_client.watch")
+
+# RFC 7252 §5.10.5: a response without Max-Age is fresh for 60 s.
+DEFAULT_MAX_AGE = 60
+_ENDED = object()
+
+
+@dataclass(frozen=True, slots=True)
+class WatchPolicy:
+    """Timing of an observer, in seconds."""
+
+    # Real time to wait for one response.
+    request_timeout: float = 10.0
+    # Real time between looks at the clock (for overdue notifications and wake-ups).
+    poll_interval: float = 1.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 120.0
+    backoff_jitter: float = 0.5
+    # Clock time between two fetches of /keys caused by unknown kids.
+    min_refetch_interval: int = 10
+    # Re-register no sooner than this after an answer, whatever its Max-Age (it may be 0
+    # just before a scheduled change, which the AS then notifies anyway).
+    min_freshness: int = 5
+
+    def __post_init__(self) -> None:
+        if min(self.request_timeout, self.poll_interval, self.backoff_initial) <= 0:
+            raise ValueError("timeouts and intervals must be positive")
+        if self.backoff_max < self.backoff_initial or not 0 <= self.backoff_jitter <= 1:
+            raise ValueError("need backoff_initial <= backoff_max and jitter in [0, 1]")
+
+    def backoff_delay(self, failures: int, rng: random.Random) -> float:
+        return backoff_delay(
+            failures,
+            initial=self.backoff_initial,
+            maximum=self.backoff_max,
+            jitter=self.backoff_jitter,
+            rng=rng,
+        )
+
+
+class Failure(Exception):
+    """One attempt failed; the loop backs off (at least `retry_after` s) and tries again."""
+
+    def __init__(self, reason: str, retry_after: int | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class Observer:
+    """The observe/re-register/back-off loop shared by both watchers."""
+
+    path: ClassVar[str]
+
+    def __init__(
+        self,
+        context: aiocoap.Context,
+        as_uri: str,
+        *,
+        clock: Clock | None = None,
+        policy: WatchPolicy | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._context = context
+        self._base = as_uri.rstrip("/")
+        self._clock = clock if clock is not None else SystemClock()
+        self._policy = policy if policy is not None else WatchPolicy()
+        self._tuning = reliable_within(self._policy.request_timeout)
+        self._rng = rng if rng is not None else random.Random()
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._synced = asyncio.Event()
+        self._first_failure: str | None = None
+        self._deadline = 0
+        self._failures = 0
+        self.registrations = 0  # how many times an observation was registered
+        self.retry_at: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._base}/{self.path}>"
+
+    @property
+    def uri(self) -> str:
+        return f"{self._base}/{self.path}"
+
+    @property
+    def synced(self) -> bool:
+        """Whether the watcher holds the AS's state (it may be stale while the AS is away)."""
+        return self._synced.is_set()
+
+    async def start(self, *, wait: bool = True) -> None:
+        """Start observing. With `wait`, return once the first state is in, or raise
+        ServiceUnreachable (and stop) if the first attempt fails."""
+        if self._task is not None:
+            return
+        self._first_failure = None
+        self._task = asyncio.create_task(self._run(), name=f"watch {self.uri}")
+        if not wait:
+            return
+        while not self._synced.is_set() and self._first_failure is None:
+            await asyncio.sleep(min(self._policy.poll_interval, 0.05))
+        if not self._synced.is_set():
+            reason = self._first_failure or "no answer"
+            await self.stop()
+            raise ServiceUnreachable(f"{self.uri}: {reason}", retry_at=self._clock.now())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def __aenter__(self) -> Observer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def reregister(self) -> None:
+        """Drop the current observation and register again now."""
+        self._wake.set()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._observe()
+            except (Failure, Exception) as failure:
+                if not isinstance(failure, Failure):
+                    log.exception("%s: unexpected error", self.uri)
+                self._failures += 1
+                if not self._synced.is_set() and self._first_failure is None:
+                    self._first_failure = str(failure)
+                delay = self._policy.backoff_delay(self._failures, self._rng)
+                if isinstance(failure, Failure) and failure.retry_after is not None:
+                    delay = max(delay, failure.retry_after)
+                self.retry_at = self._clock.now() + max(1, round(delay))
+                log.warning("%s: %s; retrying in %.0f s", self.uri, failure, delay)
+                await self._sleep_until(self.retry_at)
+
+    async def _sleep_until(self, when: int) -> None:
+        while self._clock.now() < when and not self._wake.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._policy.poll_interval)
+
+    async def _observe(self) -> None:
+        self._wake.clear()
+        request = self._context.request(self._observe_message())
+        self.registrations += 1
+        consumer: asyncio.Task[None] | None = None
+        try:
+            first = await self._response(request.response)
+            await self._registered(first)
+            self._synced.set()
+            self._failures = 0
+            self.retry_at = None
+            if first.opt.observe is None:
+                # Not observable (or the AS declined): poll once the answer is stale.
+                await self._sleep_until(self._deadline)
+                return
+            queue: asyncio.Queue[object] = asyncio.Queue()
+            consumer = asyncio.create_task(_consume(request.observation, queue))
+            while True:
+                if self._wake.is_set():
+                    return
+                if self._clock.now() >= self._deadline:
+                    # RFC 7641 §3.3.1: no fresh notification within Max-Age; the AS may have
+                    # restarted and forgotten us.
+                    log.info("%s: notification overdue; re-registering", self.uri)
+                    return
+                try:
+                    item = await asyncio.wait_for(queue.get(), self._policy.poll_interval)
+                except TimeoutError:
+                    continue
+                if item is _ENDED:
+                    raise Failure("observation ended")
+                assert isinstance(item, aiocoap.Message)
+                await self._notified(item)
+        finally:
+            if consumer is not None:
+                consumer.cancel()
+            if not request.observation.cancelled:
+                request.observation.cancel()
+
+    async def _response(self, pending: asyncio.Future[aiocoap.Message]) -> aiocoap.Message:
+        try:
+            return await asyncio.wait_for(pending, self._policy.request_timeout)
+        except (TimeoutError, aiocoap.error.ConRetransmitsExceeded):
+            raise Failure("no answer") from None
+        except aiocoap.error.Error as exc:
+            raise Failure(type(exc).__name__) from None
+
+    async def _get(self, uri: str) -> aiocoap.Message:
+        """A plain GET (no observe)."""
+        message = aiocoap.Message(code=aiocoap.GET, uri=uri, transport_tuning=self._tuning)
+        self._decorate(message)
+        return await self._response(self._context.request(message).response)
+
+    def _fresh_until(self, response: aiocoap.Message) -> None:
+        max_age = response.opt.max_age
+        fresh = DEFAULT_MAX_AGE if max_age is None else max_age
+        self._deadline = self._clock.now() + max(fresh, self._policy.min_freshness)
+
+    # -- what each watcher fills in -----------------------------------------------------------
+
+    def _observe_message(self) -> aiocoap.Message:
+        message = aiocoap.Message(
+            code=aiocoap.GET, uri=self.uri, observe=0, transport_tuning=self._tuning
+        )
+        self._decorate(message)
+        return message
+
+    def _decorate(self, message: aiocoap.Message) -> None:
+        """Add options (Accept, ETag) to a request."""
+
+    async def _registered(self, response: aiocoap.Message) -> None:
+        """Handle the first response of a registration; raise Failure if unusable."""
+        raise NotImplementedError
+
+    async def _notified(self, notification: aiocoap.Message) -> None:
+        raise NotImplementedError
+
+
+async def _consume(
+    observation: aiocoap.protocol.ClientObservation, queue: asyncio.Queue[object]
+) -> None:
+    try:
+        async for notification in observation:
+            queue.put_nowait(notification)
+    except aiocoap.error.Error:
+        pass
+    finally:
+        queue.put_nowait(_ENDED)
+
+
+def expect(response: aiocoap.Message, content_format: int, what: str) -> bytes:
+    if response.code != aiocoap.CONTENT:
+        raise Failure(f"{what} answered {response.code}", retry_hint(response))
+    if response.opt.content_format != content_format:
+        raise Failure(f"{what} answered content format {response.opt.content_format}")
+    return bytes(response.payload)

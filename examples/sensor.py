@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""A temperature sensor that keeps an access token fresh and reports to a thermostat.
+
+The device authenticates with its own P-256 key (no secret on the wire), keeps its token
+fresh ahead of expiry, uploads each new token to the thermostat's /authz-info and PUTs a
+reading to /temperature every few seconds. Everything it must remember (the AS, its key, the
+token and the refresh token) lives in one state file, mode 0600, so a reboot resumes.
+
+Run it on a Raspberry Pi against a remote coap-auth service
+-----------------------------------------------------------
+1. On the Pi (Raspberry Pi OS, Python 3.11+), install the device side: it needs only
+   aiocoap, cbor2, cryptography and PyJWT, no database drivers:
+
+       python3 -m venv ~/coap-auth && ~/coap-auth/bin/pip install ./coap-auth   # a checkout
+       # or: ~/coap-auth/bin/pip install coap_auth-0.1.0-py3-none-any.whl
+
+   Set the clock (NTP: `timedatectl status` shows "System clock synchronized: yes"):
+   tokens carry absolute times.
+
+2. Provision the device once. This creates the device key inside the state file and writes
+   its public key for the operator:
+
+       ~/coap-auth/bin/python examples/sensor.py provision \\
+           --as coap://auth.example.net --client-id sensor-7 --audience thermostat \\
+           --scope temp:write --state ~/.local/state/sensor-7.state --public-key-out sensor-7.pem
+
+   (--issuer must match the service's `issuer` setting; the default is `coap-auth`.)
+
+3. On the service, the operator registers it:
+
+       coap-auth clients add sensor-7 --audience thermostat --scope temp:write \\
+           --public-key sensor-7.pem
+
+4. Run it (as a systemd service, say: `ExecStart=... sensor.py run --state ... --rs ...`,
+   `Restart=always`):
+
+       ~/coap-auth/bin/python examples/sensor.py run \\
+           --state ~/.local/state/sensor-7.state --rs coap://thermostat.local
+
+   UDP 5683 must reach the service and the thermostat. The reading is the Pi's SoC
+   temperature (/sys/class/thermal/thermal_zone0/temp); elsewhere it is simulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+
+import aiocoap
+
+from device_client import (
+    AccessToken,
+    DeviceKey,
+    DeviceState,
+    RefreshPolicy,
+    SecretCredentials,
+    ServiceUnreachable,
+    StateFile,
+    SystemClock,
+    TokenClient,
+    TokenRequestRefused,
+)
+
+CF_CWT = 61  # PROTOCOL.md: application/cwt, the content format of /authz-info
+THERMAL_ZONE = Path("/sys/class/thermal/thermal_zone0/temp")
+
+
+def say(text: str) -> None:
+    print(f"[sensor] {text}", flush=True)
+
+
+def read_temperature() -> float:
+    try:
+        return int(THERMAL_ZONE.read_text()) / 1000
+    except (OSError, ValueError):
+        return round(random.uniform(19.0, 23.0), 1)
+
+
+def provision(args: argparse.Namespace) -> int:
+    state_file = StateFile(args.state)
+    if state_file.exists() and not args.replace:
+        say(f"{args.state} exists; pass --replace to provision again")
+        return 2
+    if args.secret_env:
+        secret = os.environ.get(args.secret_env)
+        if not secret:
+            say(f"environment variable {args.secret_env} is empty")
+            return 2
+        credentials: SecretCredentials | DeviceKey = SecretCredentials(args.client_id, secret)
+    else:
+        credentials = DeviceKey.generate(args.client_id, curve=args.curve)
+    state_file.save(
+        DeviceState(
+            as_uri=args.as_uri,
+            credentials=credentials,
+            issuer=args.issuer,
+            audience=args.audience,
+            scope=args.scope,
+        )
+    )
+    say(f"provisioned {args.client_id} in {args.state}")
+    if isinstance(credentials, DeviceKey):
+        public_pem = credentials.public_pem()
+        if args.public_key_out:
+            Path(args.public_key_out).write_bytes(public_pem)
+            say(f"public key written to {args.public_key_out}")
+        else:
+            sys.stdout.write(public_pem.decode())
+        say(
+            f"register it: coap-auth clients add {args.client_id} --audience {args.audience}"
+            f' --scope "{args.scope}" --public-key <that file>'
+        )
+    return 0
+
+
+async def run(args: argparse.Namespace) -> int:
+    context = await aiocoap.Context.create_client_context()
+    policy = RefreshPolicy(
+        refresh_fraction=args.refresh_fraction, request_timeout=args.request_timeout
+    )
+
+    def announce(kind: str, token: AccessToken) -> None:
+        lifetime = token.expires_at - token.received_at
+        say(
+            f"{kind}: new token {token.token_hash[1:5].hex()} for {token.audience},"
+            f" expires in {lifetime} s, refresh in {token.refresh_at - token.received_at} s"
+        )
+
+    client = TokenClient.from_state_file(
+        context, StateFile(args.state), policy=policy, on_token=announce
+    )
+    clock = SystemClock()
+    uploaded: bytes | None = None
+    sent = 0
+    try:
+        while args.count is None or sent < args.count:
+            try:
+                token = await client.token()
+            except ServiceUnreachable as unreachable:
+                wait = max(1, unreachable.retry_at - clock.now())
+                say(f"no token ({unreachable.description}); retrying in {wait} s")
+                await asyncio.sleep(wait)
+                continue
+            except TokenRequestRefused as refused:
+                say(f"token refused: {refused.description}")
+                await asyncio.sleep(max(1, (client.retry_at or clock.now()) - clock.now()))
+                continue
+            if token.value != uploaded:
+                response = await _send(
+                    context, aiocoap.POST, f"{args.rs}/authz-info", token.value, CF_CWT
+                )
+                th = token.token_hash[1:5].hex()
+                say(f"token {th} uploaded to the thermostat: {response.code}")
+                if response.code != aiocoap.CREATED:
+                    client.discard_access_token()
+                    await asyncio.sleep(args.interval)
+                    continue
+                uploaded = token.value
+            reading = read_temperature()
+            response = await _send(
+                context, aiocoap.PUT, f"{args.rs}/temperature", f"{reading:.1f}".encode()
+            )
+            if response.code == aiocoap.UNAUTHORIZED:
+                # Expired or revoked (RFC 9200 §5.10.2): get another token and upload it.
+                say(f"reading refused with {response.code}: getting a new token")
+                client.discard_access_token()
+                uploaded = None
+                continue
+            say(f"reading {reading:.1f} C sent: {response.code}")
+            sent += 1
+            await asyncio.sleep(args.interval)
+    finally:
+        await context.shutdown()
+    return 0
+
+
+async def _send(
+    context: aiocoap.Context,
+    code: aiocoap.Code,
+    uri: str,
+    payload: bytes,
+    content_format: int | None = None,
+) -> aiocoap.Message:
+    message = aiocoap.Message(code=code, uri=uri, payload=payload)
+    if content_format is not None:
+        message.opt.content_format = content_format
+    try:
+        return await asyncio.wait_for(context.request(message).response, 30)
+    except (TimeoutError, aiocoap.error.Error) as exc:
+        return aiocoap.Message(code=aiocoap.SERVICE_UNAVAILABLE, payload=str(exc).encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    prov = sub.add_parser("provision", help="create the state file (device key or secret)")
+    prov.add_argument("--as", dest="as_uri", required=True, help="e.g. coap://auth.example.net")
+    prov.add_argument("--client-id", required=True)
+    prov.add_argument("--audience", required=True)
+    prov.add_argument("--scope", default="temp:write")
+    prov.add_argument("--issuer", default="coap-auth", help="the service's `issuer` setting")
+    prov.add_argument("--state", required=True, help="state file (created with mode 0600)")
+    prov.add_argument("--curve", choices=["P-256", "Ed25519"], default="P-256")
+    prov.add_argument("--public-key-out", help="write the public key PEM here")
+    prov.add_argument(
+        "--secret-env", help="use a client secret from this environment variable instead of a key"
+    )
+    prov.add_argument("--replace", action="store_true", help="overwrite an existing state file")
+    go = sub.add_parser("run", help="keep a token fresh and report readings")
+    go.add_argument("--state", required=True)
+    go.add_argument("--rs", required=True, help="the thermostat, e.g. coap://thermostat.local")
+    go.add_argument("--interval", type=float, default=10.0, help="seconds between readings")
+    go.add_argument("--count", type=int, help="stop after this many readings")
+    go.add_argument("--refresh-fraction", type=float, default=0.75)
+    go.add_argument("--request-timeout", type=float, default=30.0)
+    go.add_argument("-v", "--verbose", action="store_true", help="show device_client's log")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="[sensor] %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+    if args.command == "provision":
+        return provision(args)
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

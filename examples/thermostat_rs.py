@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""A thermostat: a resource server that verifies access tokens offline and follows the AS.
+
+It serves /authz-info (RFC 9200 §5.10.1: devices POST their token there) and /temperature
+(PUT needs scope temp:write, GET needs temp:read). Tokens are verified on the thermostat
+itself against the AS's keys, which it observes at /keys, so a key rollover needs no
+restart; it observes /revoke/trl as well, and drops a revoked token the moment the AS lists
+it. It never asks the AS about a single token.
+
+Run it on a Raspberry Pi against a remote coap-auth service
+-----------------------------------------------------------
+1. On the Pi (Python 3.11+), install the device side (aiocoap, cbor2, cryptography, PyJWT;
+   no database drivers):
+
+       python3 -m venv ~/coap-auth && ~/coap-auth/bin/pip install ./coap-auth   # a checkout
+
+   and set the clock (NTP): token expiry is checked against it, with --leeway seconds of
+   tolerance.
+
+2. On the service, the operator registers the audience this thermostat answers to:
+
+       coap-auth audiences add thermostat --lifetime 3600
+
+3. Run it (as a systemd service, say, with `Restart=always`):
+
+       ~/coap-auth/bin/python examples/thermostat_rs.py \\
+           --as coap://auth.example.net --audience thermostat --port 5683
+
+   --issuer must match the service's `issuer` setting (default `coap-auth`). The thermostat
+   needs UDP to the service (it observes /keys and /revoke/trl) and devices need UDP to it.
+   Without DTLS or OSCORE a token is a bearer token tied to the sender's address: run it on
+   a network you trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+import aiocoap
+from aiocoap import resource
+
+from device_client import (
+    KeySet,
+    KeySetWatcher,
+    ResourceServer,
+    RevocationList,
+    TokenVerifier,
+    TrlWatcher,
+    VerifiedToken,
+    require_scope,
+)
+
+
+def say(text: str) -> None:
+    print(f"[thermostat] {text}", flush=True)
+
+
+class Temperature(resource.Resource):
+    """The room temperature: sensors PUT readings, anyone with temp:read GETs the last one."""
+
+    def __init__(self, resource_server: ResourceServer) -> None:
+        super().__init__()
+        self.resource_server = resource_server
+        self.reading = b"unknown"
+
+    @require_scope("temp:read")
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        return aiocoap.Message(code=aiocoap.CONTENT, payload=self.reading)
+
+    @require_scope("temp:write")
+    async def render_put(self, request: aiocoap.Message) -> aiocoap.Message:
+        token = self.resource_server.token_for(request)
+        self.reading = request.payload[:16]
+        sender = token.claims.sub if token is not None else "?"
+        say(f"reading {self.reading.decode(errors='replace')} C from {sender}")
+        return aiocoap.Message(code=aiocoap.CHANGED)
+
+
+def _kids(kids: frozenset[bytes]) -> str:
+    return " ".join(sorted(k.hex() for k in kids)) or "-"
+
+
+async def run(args: argparse.Namespace) -> int:
+    client_context = await aiocoap.Context.create_client_context()
+    known: list[frozenset[bytes]] = []
+
+    def keys_changed(key_set: KeySet) -> None:
+        if not known:
+            say(f"keys: {len(key_set.kids)} published keys: {_kids(key_set.kids)}")
+        else:
+            added, removed = key_set.kids - known[-1], known[-1] - key_set.kids
+            say(f"keys: rollover seen: published {_kids(added)}, withdrawn {_kids(removed)}")
+        known.append(key_set.kids)
+
+    resource_server: ResourceServer | None = None
+
+    def trl_changed(revocations: RevocationList, added: frozenset[bytes]) -> None:
+        say(f"revocation list: {len(revocations)} hashes, {len(added)} new")
+        if resource_server is None:
+            return
+        for _, token in resource_server.purge():
+            why = "revoked" if revocations.is_revoked(token.token_hash) else "expired"
+            say(
+                f"revocation seen: dropped the {why} token {token.token_hash[1:5].hex()}"
+                f" of {token.claims.sub}"
+            )
+
+    keys = KeySetWatcher(client_context, args.as_uri, on_change=keys_changed)
+    trl = TrlWatcher(client_context, args.as_uri, on_change=trl_changed)
+    verifier = TokenVerifier(
+        keys, issuer=args.issuer, audience=args.audience, revocations=trl, leeway=args.leeway
+    )
+
+    def accepted(token: VerifiedToken, endpoint: str) -> None:
+        say(
+            f"authz-info: accepted token {token.token_hash[1:5].hex()} of {token.claims.sub}"
+            f" signed by key {token.kid.hex()}, scope {token.claims.scope}"
+        )
+
+    resource_server = ResourceServer(verifier, as_uri=args.as_uri, on_token=accepted)
+    site = resource.Site()
+    site.add_resource(
+        [".well-known", "core"], resource.WKCResource(site.get_resources_as_linkheader)
+    )
+    resource_server.add_to(site)
+    site.add_resource(["temperature"], Temperature(resource_server))
+
+    # Follow the AS in the background: the thermostat serves (and refuses tokens with unknown
+    # keys) even while the AS is unreachable, and catches up when it comes back.
+    await keys.start(wait=False)
+    await trl.start(wait=False)
+    server = await aiocoap.Context.create_server_context(
+        site, bind=(args.bind, args.port), transports=["udp6"]
+    )
+    say(f"ready on coap://{args.bind if ':' not in args.bind else f'[{args.bind}]'}:{args.port}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        say("stopping")
+        await keys.stop()
+        await trl.stop()
+        await server.shutdown()
+        await client_context.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--as", dest="as_uri", required=True, help="e.g. coap://auth.example.net")
+    parser.add_argument("--audience", default="thermostat")
+    parser.add_argument("--issuer", default="coap-auth", help="the service's `issuer` setting")
+    parser.add_argument("--bind", default="::")
+    parser.add_argument("--port", type=int, default=5683)
+    parser.add_argument("--leeway", type=int, default=30, help="clock-skew tolerance (s)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show device_client's log")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="[thermostat] %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+    logging.getLogger("coap-server").setLevel(logging.ERROR)
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""ResourceServer over real UDP: /authz-info (RFC 9200 §5.10.1) and require_scope on a resource,
+with tokens from the running service and a device on its own CoAP endpoint."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiocoap
+import cbor2
+import pytest
+from aiocoap import resource
+
+from coap_auth.clock import SettableClock
+from coap_auth.coap.server import _bound_port
+from coap_auth.wire import AceParam
+from device_client import ResourceServer, TokenVerifier, require_scope
+from tests.conftest import Coap
+from tests.device_client.conftest import ISSUER, fetch_key_set, fetch_trl, issue_token
+
+CF_CWT, CF_ACE, CF_PROBLEM = 61, 19, 257  # PROTOCOL.md, written out on purpose
+
+
+class Temperature(resource.Resource):
+    def __init__(self, resource_server: ResourceServer) -> None:
+        super().__init__()
+        self.resource_server = resource_server
+        self.value = b"21.5"
+
+    @require_scope("temp:read")
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        return aiocoap.Message(code=aiocoap.CONTENT, payload=self.value)
+
+    @require_scope("temp:write")
+    async def render_put(self, request: aiocoap.Message) -> aiocoap.Message:
+        self.value = request.payload
+        return aiocoap.Message(code=aiocoap.CHANGED)
+
+
+@dataclass
+class Thermostat:
+    base: str
+    resource_server: ResourceServer
+    device: aiocoap.Context
+
+    async def send(
+        self, method: aiocoap.Code, path: str, payload: bytes = b"", **options: object
+    ) -> aiocoap.Message:
+        message = aiocoap.Message(code=method, uri=self.base + path, payload=payload, **options)
+        return await self.device.request(message).response
+
+    async def upload(self, token: bytes, content_format: int = CF_CWT) -> aiocoap.Message:
+        return await self.send(aiocoap.POST, "/authz-info", token, content_format=content_format)
+
+
+async def _serve(
+    coap: Coap, clock: SettableClock, audience: str
+) -> tuple[str, ResourceServer, aiocoap.Context]:
+    verifier = TokenVerifier(
+        await fetch_key_set(coap), issuer=ISSUER, audience=audience, clock=clock, leeway=0
+    )
+    resource_server = ResourceServer(verifier, as_uri=coap.base)
+    site = resource.Site()
+    resource_server.add_to(site)
+    site.add_resource(["temp"], Temperature(resource_server))
+    context = await aiocoap.Context.create_server_context(
+        site, bind=("127.0.0.1", 0), transports=["udp6"]
+    )
+    return f"coap://127.0.0.1:{_bound_port(context)}", resource_server, context
+
+
+@pytest.fixture
+async def thermostat(
+    sensor: Coap, clock: SettableClock, device_context: aiocoap.Context
+) -> AsyncIterator[Thermostat]:
+    base, resource_server, context = await _serve(sensor, clock, "thermostat")
+    yield Thermostat(base, resource_server, device_context)
+    await context.shutdown()
+
+
+def _problem(response: aiocoap.Message) -> str:
+    assert response.opt.content_format == CF_PROBLEM
+    body = cbor2.loads(response.payload)
+    return body[-2]
+
+
+async def test_upload_then_scope_guard(
+    thermostat: Thermostat, sensor: Coap, clock: SettableClock
+) -> None:
+    token = await issue_token(sensor, clock, scope="temp:read")
+    response = await thermostat.upload(token)
+    assert response.code == aiocoap.CREATED
+
+    response = await thermostat.send(aiocoap.GET, "/temp")
+    assert response.code == aiocoap.CONTENT and response.payload == b"21.5"
+    response = await thermostat.send(aiocoap.PUT, "/temp", b"19.0")
+    assert response.code == aiocoap.FORBIDDEN  # RFC 9200 §5.10.2: valid token, narrow scope
+    assert "scope" in _problem(response)
+
+    # A new upload from the same endpoint replaces the token.
+    wider = await issue_token(sensor, clock, scope="temp:read temp:write")
+    assert (await thermostat.upload(wider)).code == aiocoap.CREATED
+    response = await thermostat.send(aiocoap.PUT, "/temp", b"19.0")
+    assert response.code == aiocoap.CHANGED
+    assert (await thermostat.send(aiocoap.GET, "/temp")).payload == b"19.0"
+
+
+async def test_no_token_gets_as_request_creation_hints(
+    thermostat: Thermostat, sensor: Coap, clock: SettableClock
+) -> None:
+    await thermostat.upload(await issue_token(sensor, clock))
+    # Another device (its own endpoint) has uploaded nothing.
+    other = await aiocoap.Context.create_client_context()
+    try:
+        request = aiocoap.Message(code=aiocoap.GET, uri=thermostat.base + "/temp")
+        response = await other.request(request).response
+    finally:
+        await other.shutdown()
+    assert response.code == aiocoap.UNAUTHORIZED
+    assert response.opt.content_format == CF_ACE
+    # RFC 9200 §5.3: AS 1, audience 5, scope 9.
+    assert cbor2.loads(response.payload) == {1: sensor.base, 5: "thermostat", 9: "temp:read"}
+
+
+async def test_bad_uploads_are_refused_with_a_reason(
+    thermostat: Thermostat, sensor: Coap, clock: SettableClock
+) -> None:
+    good = await issue_token(sensor, clock)
+    foreign = await issue_token(sensor, clock, audience="dashboard", token_format="cwt")
+    tampered = bytearray(good)
+    tampered[-1] ^= 1
+    cases = {
+        b"\x01\x02\x03": "COSE",
+        foreign: "another audience",
+        bytes(tampered): "signature",
+    }
+    for token, reason in cases.items():
+        response = await thermostat.upload(token)
+        assert response.code == aiocoap.UNAUTHORIZED, reason
+        detail = _problem(response)
+        assert reason in detail, detail
+        assert token.hex() not in response.payload.hex()
+    response = await thermostat.upload(good, content_format=50)
+    assert response.code == aiocoap.UNSUPPORTED_CONTENT_FORMAT
+    response = await thermostat.upload(b"\xd8" * 5000)
+    assert response.code == aiocoap.REQUEST_ENTITY_TOO_LARGE
+    # Nothing was kept for this endpoint.
+    assert (await thermostat.send(aiocoap.GET, "/temp")).code == aiocoap.UNAUTHORIZED
+
+    clock.advance(600)  # the thermostat audience's lifetime: expired (leeway 0)
+    response = await thermostat.upload(good)
+    assert response.code == aiocoap.UNAUTHORIZED and "expired" in _problem(response)
+
+
+async def test_kept_token_expires_and_revocation_drops_it(
+    thermostat: Thermostat, sensor: Coap, clock: SettableClock
+) -> None:
+    token = await issue_token(sensor, clock)
+    assert (await thermostat.upload(token)).code == aiocoap.CREATED
+    clock.advance(599)
+    assert (await thermostat.send(aiocoap.GET, "/temp")).code == aiocoap.CONTENT
+    clock.advance(1)
+    response = await thermostat.send(aiocoap.GET, "/temp")
+    assert response.code == aiocoap.UNAUTHORIZED
+    assert cbor2.loads(response.payload)[5] == "thermostat"
+
+    token = await issue_token(sensor, clock)
+    assert (await thermostat.upload(token)).code == aiocoap.CREATED
+    revoked, _ = await sensor.post_ace(
+        "/revoke",
+        {
+            AceParam.TOKEN: token,
+            AceParam.CLIENT_ID: "sensor-1",
+            AceParam.CLIENT_SECRET: sensor.secrets["sensor-1"],
+        },
+    )
+    assert revoked.code == aiocoap.CHANGED
+    verifier = thermostat.resource_server.verifier
+    verifier.revocations = await fetch_trl(sensor)
+    dropped = thermostat.resource_server.purge()
+    assert [v.claims.sub for _, v in dropped] == ["sensor-1"]
+    assert (await thermostat.send(aiocoap.GET, "/temp")).code == aiocoap.UNAUTHORIZED
+
+
+async def test_jwt_upload(
+    sensor: Coap, clock: SettableClock, device_context: aiocoap.Context
+) -> None:
+    base, resource_server, context = await _serve(sensor, clock, "dashboard")
+    try:
+        dashboard = Thermostat(base, resource_server, device_context)
+        token = await issue_token(sensor, clock, audience="dashboard")
+        assert token.startswith(b"ey")
+        assert (await dashboard.upload(token)).code == aiocoap.CREATED
+        assert (await dashboard.send(aiocoap.GET, "/temp")).code == aiocoap.CONTENT
+    finally:
+        await context.shutdown()
