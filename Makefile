@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= .data
 PORT ?= 5683
 
-.PHONY: run test lint clean
+.PHONY: run test bench lint demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,18 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# Benchmarks (bench/): prints a table and rewrites bench/results.md, keeping its notes.
+# A few minutes; not part of `make test`.
+bench: $(VENV)/.installed
+	$(BIN)/python -m bench
+
+# The service on a temporary data dir, examples/thermostat_rs.py and examples/sensor.py
+# against it: grant, refresh, key rollover and revocation, each step printed.
+demo: $(VENV)/.installed
+	$(BIN)/python examples/demo.py
+
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check coap_auth tests
+	$(BIN)/ruff check coap_auth device_client examples bench tests
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR)

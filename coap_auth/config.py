@@ -22,6 +22,11 @@ DEFAULT_DATA_DIR = Path("coap-auth-data")
 @dataclass(frozen=True, slots=True)
 class Settings:
     data_dir: Path = DEFAULT_DATA_DIR
+    # Where the state lives: "" for the embedded SQLite file in data_dir, or a PostgreSQL URL
+    # (postgresql://user@host/db) shared by several instances.
+    store: str = ""
+    # The PostgreSQL schema (namespace) to keep the tables in.
+    store_schema: str = "public"
     bind: str = "::"
     port: int = 5683
     # The AS identifier: `iss` of every token, `aud` a client assertion must carry.
@@ -41,7 +46,22 @@ class Settings:
     refresh_grace: int = 30
     refresh_idle_timeout: int = 7 * 24 * 3600
     refresh_max_lifetime: int = 30 * 24 * 3600
-    # How often (s) the server looks at the store's change feed.
+    # Signing-key rollover (PROTOCOL.md "Keys and rollover"): scheduled rotation period, how
+    # long a key is published before it signs, and how long past the longest token lifetime
+    # a retired key stays published. All in seconds.
+    key_rotation_period: int = 24 * 3600
+    key_prepublication_lead: int = 3600
+    key_retire_leeway: int = 60
+    # RFC 9770: how many TRL updates a diff query can reach (MAX_N), and the most one diff
+    # response carries (MAX_DIFF_BATCH, <= MAX_N).
+    trl_max_n: int = 32
+    trl_max_diff_batch: int = 32
+    # Rate limits (requests per window of rate_limit_window s; 0 turns one off): every POST
+    # from one source address, and the requests of one authenticated client.
+    rate_limit_window: int = 60
+    rate_limit_per_address: int = 120
+    rate_limit_per_client: int = 30
+    # How often (s) the server looks at the store's change feed and the key schedule.
     change_poll_interval: float = 0.5
     log_level: str = "INFO"
 
@@ -95,6 +115,23 @@ def load_settings(
     settings = dataclasses.replace(Settings(), **values)
     if settings.signing_alg not in ("ES256", "EdDSA"):
         raise OperatorError("signing_alg must be ES256 or EdDSA")
+    for name in ("key_rotation_period", "trl_max_n", "trl_max_diff_batch", "rate_limit_window"):
+        if getattr(settings, name) < 1:
+            raise OperatorError(f"{name} must be at least 1")
+    for name in (
+        "key_prepublication_lead",
+        "key_retire_leeway",
+        "rate_limit_per_address",
+        "rate_limit_per_client",
+    ):
+        if getattr(settings, name) < 0:
+            raise OperatorError(f"{name} must not be negative")
+    if settings.trl_max_diff_batch > settings.trl_max_n:
+        raise OperatorError("trl_max_diff_batch must not exceed trl_max_n (RFC 9770 §6.2.1)")
+    if settings.store and not settings.store.startswith(("postgresql://", "postgres://")):
+        raise OperatorError("store must be empty (SQLite) or a postgresql:// URL")
+    if not settings.store_schema.isidentifier():
+        raise OperatorError("store_schema must be a plain identifier")
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise OperatorError("log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
     return settings

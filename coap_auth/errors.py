@@ -15,7 +15,10 @@
     │   ├── NotAcceptable           4.06
     │   ├── PayloadTooLarge         4.13
     │   ├── UnsupportedContentFormat 4.15
-    │   └── ServiceUnavailable      5.03
+    │   ├── TooManyRequests         4.29 with Max-Age (RFC 8516)
+    │   ├── ServiceUnavailable      5.03 with Max-Age (retry after)
+    │   │   └── StoreUnavailable    the database is unreachable for now
+    │   └── TrlQueryError           4.00 with the RFC 9770 ace-trl-error entry
     ├── TokenError                  a token did not decode or verify (4.01 at an RS)
     │   ├── MalformedToken
     │   ├── InvalidSignature        also: unknown kid, algorithm not allowed
@@ -32,7 +35,17 @@ from typing import ClassVar
 
 import cbor2
 
-from coap_auth.wire import AceErrorCode, AceParam, CoapCode, ContentFormat, ProblemDetail
+from coap_auth.wire import (
+    AceErrorCode,
+    AceParam,
+    CoapCode,
+    ContentFormat,
+    ProblemDetail,
+    TrlErrorId,
+)
+
+# An ace-trl-error without a cursor entry (RFC 9770 §6.3 says when it MUST NOT be present).
+NO_CURSOR = object()
 
 
 class CoapAuthError(Exception):
@@ -45,9 +58,19 @@ class CoapAuthError(Exception):
         super().__init__(description)
         self.description = description
 
-    def render(self) -> tuple[CoapCode, ContentFormat, bytes]:
-        """The CoAP response code, content format and payload for this error."""
-        body = {ProblemDetail.TITLE: self.title, ProblemDetail.DETAIL: self.description}
+    def render(self, *, compact: bool = False) -> tuple[CoapCode, ContentFormat, bytes]:
+        """The CoAP response code, content format and payload for this error.
+
+        `compact` leaves out the human-readable text (RFC 7252 §11.3: an answer to a small
+        unauthenticated request must not be much larger than the request)."""
+        body: dict[int, object] = (
+            {}
+            if compact
+            else {
+                ProblemDetail.TITLE: self.title,
+                ProblemDetail.DETAIL: self.description,
+            }
+        )
         return self.code, ContentFormat.PROBLEM_DETAILS_CBOR, cbor2.dumps(body)
 
 
@@ -56,8 +79,10 @@ class AceError(CoapAuthError):
 
     ace_code: ClassVar[AceErrorCode]
 
-    def render(self) -> tuple[CoapCode, ContentFormat, bytes]:
-        body = {AceParam.ERROR: int(self.ace_code), AceParam.ERROR_DESCRIPTION: self.description}
+    def render(self, *, compact: bool = False) -> tuple[CoapCode, ContentFormat, bytes]:
+        body: dict[int, object] = {AceParam.ERROR: int(self.ace_code)}
+        if not compact:
+            body[AceParam.ERROR_DESCRIPTION] = self.description
         return self.code, ContentFormat.ACE_CBOR, cbor2.dumps(body)
 
 
@@ -118,9 +143,46 @@ class UnsupportedContentFormat(ProblemError):
     title = "Unsupported Content-Format"
 
 
+class TooManyRequests(ProblemError):
+    """A rate limit (per address, per client) was hit: retry after `retry_after` s."""
+
+    code = CoapCode.TOO_MANY_REQUESTS
+    title = "Too Many Requests"
+
+    def __init__(self, description: str, retry_after: int) -> None:
+        super().__init__(description)
+        self.retry_after = max(1, retry_after)
+
+
 class ServiceUnavailable(ProblemError):
     code = CoapCode.SERVICE_UNAVAILABLE
     title = "Service Unavailable"
+    # Seconds a client should wait before retrying: sent as Max-Age (RFC 7252 §5.9.3.4).
+    retry_after: ClassVar[int] = 5
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The store cannot be reached (connection lost, refused); the pool reconnects."""
+
+
+class TrlQueryError(ProblemError):
+    """A bad /revoke/trl query (RFC 9770 §6.3): problem details with `ace-trl-error`."""
+
+    def __init__(self, description: str, error_id: TrlErrorId, cursor: object = NO_CURSOR):
+        super().__init__(description)
+        self.error_id = error_id
+        self.cursor = cursor
+
+    def render(self, *, compact: bool = False) -> tuple[CoapCode, ContentFormat, bytes]:
+        entry: dict[int, object] = {0: int(self.error_id)}
+        if self.cursor is not NO_CURSOR:
+            entry[1] = self.cursor
+        # The ace-trl-error entry is required (RFC 9770 §6.1); only the text is optional.
+        body: dict[int, object] = {ProblemDetail.ACE_TRL_ERROR: entry}
+        if not compact:
+            body[ProblemDetail.TITLE] = self.title
+            body[ProblemDetail.DETAIL] = self.description
+        return self.code, ContentFormat.PROBLEM_DETAILS_CBOR, cbor2.dumps(body)
 
 
 class TokenError(CoapAuthError):

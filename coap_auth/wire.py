@@ -30,6 +30,7 @@ class CoapCode(IntEnum):
     NOT_ACCEPTABLE = 134  # 4.06
     REQUEST_ENTITY_TOO_LARGE = 141  # 4.13
     UNSUPPORTED_CONTENT_FORMAT = 143  # 4.15
+    TOO_MANY_REQUESTS = 157  # 4.29 (RFC 8516)
     INTERNAL_SERVER_ERROR = 160  # 5.00
     SERVICE_UNAVAILABLE = 163  # 5.03
 
@@ -88,10 +89,28 @@ class AceErrorCode(IntEnum):
 
 
 class ProblemDetail(IntEnum):
-    """Concise problem details keys (RFC 9290 §2)."""
+    """Concise problem details keys (RFC 9290 §2; custom key ace-trl-error RFC 9770 §15.3)."""
 
     TITLE = -1
     DETAIL = -2
+    ACE_TRL_ERROR = 1
+
+
+class TrlParam(IntEnum):
+    """TRL response parameters (RFC 9770 §12, Table 1)."""
+
+    FULL_SET = 0
+    DIFF_SET = 1
+    CURSOR = 2
+    MORE = 3
+
+
+class TrlErrorId(IntEnum):
+    """ace-trl-error identifiers (RFC 9770 §13, Table 2); inner map {0: id, 1: cursor}."""
+
+    INVALID_PARAMETER_VALUE = 0
+    INVALID_SET_OF_PARAMETERS = 1
+    OUT_OF_BOUND_CURSOR_VALUE = 2
 
 
 class CwtClaim(IntEnum):

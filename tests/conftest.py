@@ -5,8 +5,10 @@ Nothing the project provides is mocked; time comes from a SettableClock.
 
 from __future__ import annotations
 
+import base64
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,63 @@ from coap_auth.coap.server import Server
 from coap_auth.config import Settings
 from coap_auth.service import AuthService
 from coap_auth.store import Audience, Client, MasterKey, SqliteStore
-from coap_auth.wire import ContentFormat
+from coap_auth.wire import AceParam, ContentFormat
 
 VECTORS = Path(__file__).parent / "vectors"
+
+# Every secret, access token and refresh token the in-process tests handle, and every log
+# record of the whole session: checked against each other when the session ends.
+SEEN_SECRETS: set[bytes] = set()
+MIN_SECRET_LEN = 16  # shorter values (test ids, "x") would match by accident
+
+
+class SessionLog(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.texts: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info:
+            text += logging.Formatter().formatException(record.exc_info)
+        self.texts.append(text)
+
+
+def _forms(value: bytes) -> list[bytes]:
+    return [value, value.hex().encode(), base64.urlsafe_b64encode(value).rstrip(b"=")]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log() -> Iterator[None]:
+    """Issue 8: a scan of every log line of the session for every secret used in it."""
+    handler = SessionLog()
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield
+    root.removeHandler(handler)
+    root.setLevel(previous)
+    logged = "\n".join(handler.texts).encode("utf-8", "replace")
+    assert handler.texts, "the scan saw no log line at all"
+    leaks = [
+        value[:6].hex()
+        for value in SEEN_SECRETS
+        if len(value) >= MIN_SECRET_LEN and any(form in logged for form in _forms(value))
+    ]
+    assert not leaks, f"secrets or tokens in the logs (first bytes): {leaks}"
+
+
+def remember_secrets(body: Any) -> None:
+    """Note the secrets and tokens in a request or response map for the session scan."""
+    if not isinstance(body, dict):
+        return
+    for key in (AceParam.CLIENT_SECRET, AceParam.ACCESS_TOKEN, AceParam.REFRESH_TOKEN):
+        value = body.get(key)
+        if isinstance(value, str):
+            value = value.encode()
+        if isinstance(value, bytes):
+            SEEN_SECRETS.add(value)
 
 
 def load_vectors(name: str) -> list[dict[str, Any]]:
@@ -37,7 +93,16 @@ def clock() -> SettableClock:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path, bind="127.0.0.1", port=0, issuer="coap://as.test")
+    # Rate limits off: tests fire hundreds of requests in one clock second on purpose;
+    # tests/coap/test_limits.py switches them on.
+    return Settings(
+        data_dir=tmp_path,
+        bind="127.0.0.1",
+        port=0,
+        issuer="coap://as.test",
+        rate_limit_per_address=0,
+        rate_limit_per_client=0,
+    )
 
 
 @pytest.fixture
@@ -75,8 +140,10 @@ class Coap:
         return await self.context.request(message).response
 
     async def post_ace(self, path: str, body: Any) -> tuple[aiocoap.Message, Any]:
+        remember_secrets(body)
         response = await self.request(aiocoap.POST, path, cbor2.dumps(body), ContentFormat.ACE_CBOR)
         decoded = cbor2.loads(response.payload) if response.payload else None
+        remember_secrets(decoded)
         return response, decoded
 
     async def add_audience(
@@ -100,6 +167,7 @@ class Coap:
             )
         )
         self.secrets[client_id] = secret
+        SEEN_SECRETS.add(secret.encode())
         return secret
 
     async def add_key_client(

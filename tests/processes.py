@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import socket
 import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 COAP_AUTH = shutil.which("coap-auth") or str(Path(sys.executable).parent / "coap-auth")
+STARTUP_TIMEOUT = 15  # s, until `serve` prints its listening line
 
 
 def clean_env(**settings: str) -> dict[str, str]:
@@ -36,3 +43,59 @@ def serve_argv(data_dir: Path, port: int) -> list[str]:
         "--port",
         str(port),
     ]
+
+
+@dataclass
+class ServerProcess:
+    process: asyncio.subprocess.Process
+    url: str
+    log: Path
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+@contextlib.asynccontextmanager
+async def serve_process(
+    data_dir: Path,
+    log: Path,
+    *,
+    wrap: Sequence[str] = (),
+    preexec_fn: Callable[[], None] | None = None,
+    **settings: str,
+) -> AsyncIterator[ServerProcess]:
+    """`coap-auth serve` on 127.0.0.1 and a free port with these COAP_AUTH_* settings, its
+    stderr in `log`; ready when it prints its listening line; killed on exit. `wrap` is a
+    command prefix (e.g. `unshare ...`)."""
+    port = free_udp_port()
+    with log.open("ab") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            *wrap,
+            *serve_argv(data_dir, port),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log_file,  # a file, not a pipe nobody reads: INFO logs must never block it
+            env=clean_env(**settings),
+            cwd=data_dir.parent,
+            preexec_fn=preexec_fn,
+        )
+    server = ServerProcess(process, f"coap://127.0.0.1:{port}", log)
+    try:
+        await asyncio.wait_for(_listening(process, server), STARTUP_TIMEOUT)
+        yield server
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await asyncio.wait_for(process.wait(), 10)
+
+
+async def _listening(process: asyncio.subprocess.Process, server: ServerProcess) -> None:
+    assert process.stdout is not None
+    while True:
+        line = await process.stdout.readline()
+        if not line:
+            await process.wait()
+            pytest.fail(
+                f"server exited {process.returncode} before listening:\n{server.log_tail()}"
+            )
+        if line.decode().startswith("coap-auth listening on"):
+            return

@@ -7,6 +7,8 @@ coap_auth.wire) so a wrong constant in the code cannot hide behind the same cons
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import queue
 import re
@@ -463,8 +465,15 @@ async def test_serve_issues_tokens_and_follows_cli_key_rotation(served: Served) 
 
         assert await _token_kid(ctx, served) == old_active
 
-        # The operator rotates while the server runs; only the store connects the two.
-        rotated = await asyncio.to_thread(run_cli, "keys", "rotate", data_dir=data_dir)
+        # The next key was published moments ago: rotating now could hand devices a token
+        # whose kid they have not seen, so the CLI refuses and changes nothing...
+        early = await asyncio.to_thread(run_cli, "keys", "rotate", data_dir=data_dir)
+        assert early.returncode == 2 and "lead" in early.stderr, early.stderr
+        assert len(early.stderr.strip().splitlines()) == 1
+        assert await asyncio.to_thread(keys_by_state, data_dir) == before
+        # ...unless forced. The operator rotates while the server runs; only the store
+        # connects the two.
+        rotated = await asyncio.to_thread(run_cli, "keys", "rotate", "--force", data_dir=data_dir)
         assert rotated.returncode == 0, rotated.stderr
         after = await asyncio.to_thread(keys_by_state, data_dir)
         (new_active,), (new_next,) = after["active"], after["next"]
@@ -492,6 +501,21 @@ async def test_serve_issues_tokens_and_follows_cli_key_rotation(served: Served) 
         # The notification is rendered from the reloaded key ring, so the next token
         # must already be signed by the new active key.
         assert await _token_kid(ctx, served) == new_active
+
+        # Compromise: the operator revokes the active key; it vanishes from the set at once
+        # and the (already published) next key signs from now on.
+        revoked = await asyncio.to_thread(run_cli, "keys", "revoke", new_active, data_dir=data_dir)
+        assert revoked.returncode == 0, revoked.stderr
+
+        async def notified_without_revoked() -> set[str]:
+            while True:
+                kids = key_set_kids((await anext(notifications)).payload)
+                if new_active not in kids:
+                    return kids
+
+        kids = await asyncio.wait_for(notified_without_revoked(), NOTIFY_TIMEOUT)
+        assert new_next in kids and old_active in kids
+        assert await _token_kid(ctx, served) == new_next
     finally:
         await ctx.shutdown()
 
@@ -521,3 +545,79 @@ async def test_cli_lists_and_revokes_refresh_families(served: Served) -> None:
 
     bad = run_cli("tokens", "revoke-family", "--client", "ghost", data_dir=served.data_dir)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
+
+
+async def test_cli_revokes_a_token_by_hash_and_trl_observers_hear_it(served: Served) -> None:
+    ctx = await aiocoap.Context.create_client_context()
+    try:
+        response = await _request_token(ctx, served)
+        access_token = cbor2.loads(response.payload)[ACCESS_TOKEN]
+        # RFC 9770 §4, written out: 0x01 || SHA-256(base64url without padding).
+        text = base64.urlsafe_b64encode(access_token).rstrip(b"=")
+        token_hash = b"\x01" + hashlib.sha256(text).digest()
+
+        observe = aiocoap.Message(code=aiocoap.GET, uri=f"{served.base}/revoke/trl", observe=0)
+        request = ctx.request(observe)
+        first = await asyncio.wait_for(request.response, NOTIFY_TIMEOUT)
+        assert first.opt.content_format == 262 and cbor2.loads(first.payload)[0] == []
+        notifications = aiter(request.observation)
+
+        bad = await asyncio.to_thread(
+            run_cli, "tokens", "revoke", "--hash", "01" + "ab" * 32, data_dir=served.data_dir
+        )
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+        out = await asyncio.to_thread(
+            ok, "tokens", "revoke", "--hash", token_hash.hex(), data_dir=served.data_dir
+        )
+        assert out.strip() == f"access token {token_hash.hex()} revoked"
+        update = await asyncio.wait_for(anext(notifications), NOTIFY_TIMEOUT)
+        assert cbor2.loads(update.payload)[0] == [token_hash]
+    finally:
+        await ctx.shutdown()
+    tail = json.loads(ok("audit", "tail", "-n", "1", "--json", data_dir=served.data_dir))
+    assert tail[0]["event"] == "token.revoked" and tail[0]["subject"] == token_hash.hex()
+    assert access_token.hex() not in json.dumps(tail)
+
+
+def test_audience_with_own_symmetric_keys_and_introspection_secret(
+    registered: tuple[Path, str],
+) -> None:
+    data_dir, _ = registered
+    out = ok(
+        "audiences",
+        "add",
+        "valve",
+        "--own-keys",
+        "--key-alg",
+        "HMAC256/64",
+        "--introspect-secret",
+        data_dir=data_dir,
+    )
+    assert "key family valve (HMAC256/64)" in out
+    (secret,) = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("intro")]
+    listed = json.dumps(list_json("audiences", data_dir))
+    assert secret not in listed and '"introspection": "secret"' in listed
+    valve_keys = json.loads(ok("keys", "list", "--family", "valve", "--json", data_dir=data_dir))
+    assert {k["state"] for k in valve_keys} == {"active", "next"}
+    assert {k["alg"] for k in valve_keys} == {"HMAC_256_64"}
+    exported = cbor2.loads(
+        base64.urlsafe_b64decode(ok("keys", "export", "--family", "valve", data_dir=data_dir))
+    )
+    assert {k[2].hex() for k in exported} == {k["kid"] for k in valve_keys}
+    assert all(k[1] == 4 and len(k[-1]) == 32 for k in exported)  # kty Symmetric, 256-bit k
+    # A default-family export is refused: those keys are public at /keys.
+    refused = run_cli("keys", "export", "--family", "default", data_dir=data_dir)
+    assert refused.returncode == 2
+    jwt_hmac = run_cli(
+        "audiences",
+        "add",
+        "x",
+        "--own-keys",
+        "--key-alg",
+        "HMAC256/64",
+        "--token-format",
+        "jwt",
+        data_dir=data_dir,
+    )
+    assert jwt_hmac.returncode == 2
+    assert "x" not in {a["audience_id"] for a in list_json("audiences", data_dir)}

@@ -1,6 +1,6 @@
 """DESIGN.md's dependency direction, checked by walking the import statements of every module.
 
-coap/ -> service.py -> (tokens/, keys.py, store/) -> (wire, errors, clock). Nothing below
+coap/ -> service/ -> (tokens/, keys.py, store/) -> (wire, errors, clock). Nothing below
 coap/ imports aiocoap; tokens/ and keys.py import no storage and read no clock.
 Imports inside functions and under TYPE_CHECKING count too.
 """
@@ -91,8 +91,8 @@ PURE = ("coap_auth/tokens/", "coap_auth/keys.py")
 
 RULES = (
     Rule(
-        "only coap_auth/coap/ and coap_auth/cli.py may import aiocoap",
-        _in_coap_auth_except("coap_auth/coap/", "coap_auth/cli.py"),
+        "only coap_auth/coap/ and coap_auth/cli/ may import aiocoap",
+        _in_coap_auth_except("coap_auth/coap/", "coap_auth/cli/"),
         ("aiocoap",),
     ),
     Rule(
@@ -111,8 +111,8 @@ RULES = (
         "tokens/ and keys.py read no clock: time is passed in", _under(*PURE), ("time", "datetime")
     ),
     Rule(
-        "service.py knows nothing of CoAP or the command line",
-        _under("coap_auth/service.py"),
+        "service/ knows nothing of CoAP or the command line",
+        _under("coap_auth/service/"),
         ("coap_auth.coap", "coap_auth.cli"),
     ),
     Rule(
@@ -154,9 +154,9 @@ def test_scan_finds_the_modules() -> None:
 
     assert len(modules) > 10, paths
     for expected in (
-        "coap_auth/service.py",
+        "coap_auth/service/core.py",
         "coap_auth/keys.py",
-        "coap_auth/cli.py",
+        "coap_auth/cli/__init__.py",
         "coap_auth/tokens/cwt.py",
         "coap_auth/store/sqlite.py",
         "coap_auth/coap/server.py",
@@ -179,7 +179,7 @@ def test_dependency_direction() -> None:
 @pytest.mark.parametrize(
     ("path", "source", "expected"),
     [
-        ("coap_auth/service.py", "import aiocoap\n", "aiocoap"),
+        ("coap_auth/service/core.py", "import aiocoap\n", "aiocoap"),
         ("coap_auth/store/sqlite.py", "from aiocoap import resource\n", "aiocoap.resource"),
         ("coap_auth/tokens/cwt.py", "import time\n", "time"),
         ("coap_auth/tokens/cwt.py", "from datetime import datetime\n", "datetime"),
@@ -192,11 +192,11 @@ def test_dependency_direction() -> None:
         ("coap_auth/tokens/jwt.py", "from ..config import Settings\n", "coap_auth.config"),
         ("coap_auth/tokens/__init__.py", "from .. import service\n", "coap_auth.service"),
         (
-            "coap_auth/service.py",
+            "coap_auth/service/rollover.py",
             "from coap_auth.coap.server import Server\n",
             "coap_auth.coap.server",
         ),
-        ("coap_auth/service.py", "from .cli import main\n", "coap_auth.cli"),
+        ("coap_auth/service/core.py", "from ..cli import main\n", "coap_auth.cli"),
         ("coap_auth/store/base.py", "from ..service import AuthService\n", "coap_auth.service"),
         (
             "coap_auth/store/__init__.py",
@@ -218,10 +218,16 @@ def test_checker_reports_file_and_rule(path: str, source: str, expected: str) ->
     ("path", "source"),
     [
         ("coap_auth/coap/server.py", "import aiocoap\nfrom coap_auth.service import AuthService\n"),
-        ("coap_auth/cli.py", "import aiocoap\nfrom coap_auth.coap.server import Server\n"),
+        (
+            "coap_auth/cli/__init__.py",
+            "import aiocoap\nfrom coap_auth.coap.server import Server\n",
+        ),
         ("coap_auth/tokens/cwt.py", "from .cose import x\nfrom coap_auth.wire import CoseAlg\n"),
         ("coap_auth/keys.py", "from coap_auth.tokens.cose_key import PrivateKey\nimport secrets\n"),
-        ("coap_auth/service.py", "from coap_auth.store import Store\nfrom .keys import KeyRing\n"),
+        (
+            "coap_auth/service/core.py",
+            "from coap_auth.store import Store\nfrom ..keys import KeyRing\n",
+        ),
         ("coap_auth/store/sqlite.py", "from coap_auth.keys import SigningKey\n"),
         ("coap_auth/tokens/claims.py", "import timeit\nimport datetimes\n"),  # prefixes, not names
         ("device_client/client.py", "import aiocoap\nfrom coap_auth.tokens import verify_cwt\n"),
@@ -229,3 +235,58 @@ def test_checker_reports_file_and_rule(path: str, source: str, expected: str) ->
 )
 def test_checker_allows_the_intended_direction(path: str, source: str) -> None:
     assert violations([parse_module(path, source)]) == []
+
+
+# -- device_client: an allowlist, not only a denylist -------------------------------------------
+
+DEVICE_ALLOWED = ("coap_auth.wire", "coap_auth.errors", "coap_auth.tokens")
+
+
+def device_client_violations(modules: Iterable[Module]) -> list[str]:
+    """Every coap_auth name a device_client module imports must be wire, errors or tokens
+    (or the bare package those live in), so a new service module is kept out by default."""
+    return [
+        f"{module.path} imports {name}"
+        for module in modules
+        if module.path.startswith("device_client/")
+        for name in sorted(module.imports)
+        if name.startswith("coap_auth.")
+        and not any(name == a or name.startswith(a + ".") for a in DEVICE_ALLOWED)
+    ]
+
+
+def test_device_client_imports_only_the_pure_parts_of_coap_auth() -> None:
+    modules = [m for m in scan() if m.path.startswith("device_client/")]
+    paths = {m.path for m in modules}
+    for expected in ("device_client/client.py", "device_client/watch.py", "device_client/rs.py"):
+        assert expected in paths
+    assert "coap_auth.tokens" in {n for m in modules for n in m.imports}  # the scan sees them
+    assert device_client_violations(modules) == []
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from coap_auth.service import AuthService\n", "coap_auth.service"),
+        ("from coap_auth.service.core import AuthService\n", "coap_auth.service.core"),
+        ("import coap_auth.keys\n", "coap_auth.keys"),
+        ("from coap_auth import config\n", "coap_auth.config"),
+        ("from coap_auth.cli.registry import x\n", "coap_auth.cli.registry"),
+        ("from coap_auth.coap.server import Server\n", "coap_auth.coap.server"),
+        ("def f():\n    from coap_auth.store.sqlite import SqliteStore\n", "coap_auth.store"),
+        ("from coap_auth.clock import SettableClock\n", "coap_auth.clock"),
+        ("from coap_auth.audit_log import x\n", "coap_auth.audit_log"),  # any new module too
+    ],
+)
+def test_device_client_allowlist_catches(source: str, expected: str) -> None:
+    broken = device_client_violations([parse_module("device_client/watch.py", source)])
+    assert f"device_client/watch.py imports {expected}" in broken, broken
+
+
+def test_device_client_allowlist_allows() -> None:
+    source = (
+        "import aiocoap\nimport cbor2\nfrom coap_auth.wire import AceParam\n"
+        "from coap_auth.errors import TokenError\nfrom coap_auth.tokens.cwt import verify_cwt\n"
+        "from coap_auth import tokens\n"
+    )
+    assert device_client_violations([parse_module("device_client/x.py", source)]) == []

@@ -18,21 +18,18 @@ import contextlib
 import re
 import sqlite3
 import subprocess
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiocoap
 import cbor2
-import pytest
 
 from coap_auth.store import MasterKey
-from tests.processes import COAP_AUTH, clean_env, free_udp_port, serve_argv
+from tests.processes import COAP_AUTH, ServerProcess, clean_env, serve_process
 
 DB_FILE = "coap-auth.sqlite3"
 CLI_TIMEOUT = 30  # s, one CLI command
-STARTUP_TIMEOUT = 15  # s, until `serve` prints its listening line
 REQUEST_TIMEOUT = 5  # s, one CoAP exchange with a live server
 FAMILIES = 8
 STORM_BEFORE_KILL = 0.4  # s of refresh storm before SIGKILL
@@ -65,49 +62,16 @@ def _cli(data_dir: Path, *args: str) -> str:
     return result.stdout
 
 
-@dataclass
-class ServerProcess:
-    process: asyncio.subprocess.Process
-    url: str
-    log: Path
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-
-@contextlib.asynccontextmanager
-async def serve(data_dir: Path, log: Path) -> AsyncIterator[ServerProcess]:
-    """`coap-auth serve` with no grace window, so a reuse is judged at once; killed on exit."""
-    port = free_udp_port()
-    with log.open("ab") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            *serve_argv(data_dir, port),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=log_file,  # a file, not a pipe nobody reads: INFO logs must never block it
-            env=clean_env(COAP_AUTH_REFRESH_GRACE="0"),
-            cwd=data_dir.parent,
-        )
-    server = ServerProcess(process, f"coap://127.0.0.1:{port}", log)
-    try:
-        await asyncio.wait_for(_listening(process, server), STARTUP_TIMEOUT)
-        yield server
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await asyncio.wait_for(process.wait(), 10)
-
-
-async def _listening(process: asyncio.subprocess.Process, server: ServerProcess) -> None:
-    assert process.stdout is not None
-    while True:
-        line = await process.stdout.readline()
-        if not line:
-            await process.wait()
-            pytest.fail(
-                f"server exited {process.returncode} before listening:\n{server.log_tail()}"
-            )
-        if line.decode().startswith("coap-auth listening on"):
-            return
+def serve(data_dir: Path, log: Path) -> contextlib.AbstractAsyncContextManager[ServerProcess]:
+    """`coap-auth serve` with no grace window, so a reuse is judged at once; a storm from one
+    address and one client, on purpose: no rate limits."""
+    return serve_process(
+        data_dir,
+        log,
+        COAP_AUTH_REFRESH_GRACE="0",
+        COAP_AUTH_RATE_LIMIT_PER_ADDRESS="0",
+        COAP_AUTH_RATE_LIMIT_PER_CLIENT="0",
+    )
 
 
 # -- the client -----------------------------------------------------------------------------------

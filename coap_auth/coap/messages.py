@@ -1,4 +1,4 @@
-"""ACE messages on the wire: parse a /token request map, encode the /token response map.
+"""ACE messages on the wire: /token, /revoke and /introspect request and response maps.
 
 Parsing is defensive: wrong content format, oversize, non-CBOR, wrong types. Unknown
 parameters are ignored, as RFC 6749 §3.2 requires of a token endpoint.
@@ -16,11 +16,23 @@ from coap_auth.errors import (
     UnsupportedContentFormat,
     UnsupportedGrantType,
 )
-from coap_auth.service import IssuedToken, TokenRequest
+from coap_auth.service import IssuedToken, TokenRequest, TokenSubmission
 from coap_auth.store import TOKEN_FORMATS
-from coap_auth.wire import CLIENT_ASSERTION, TOKEN_FORMAT, AceParam, ContentFormat, GrantType
+from coap_auth.tokens import Claims
+from coap_auth.wire import (
+    CLIENT_ASSERTION,
+    TOKEN_FORMAT,
+    AceParam,
+    CnfMethod,
+    ContentFormat,
+    CwtClaim,
+    GrantType,
+)
 
 MAX_TEXT = 512
+# Deepest nesting a request may have: the deepest legitimate parameter (req_cnf {1: COSE_Key})
+# is three levels down. Also stops self-referencing values (CBOR tags 28/29).
+MAX_DEPTH = 8
 
 _TEXT_PARAMS = {
     AceParam.CLIENT_ID: "client_id",
@@ -53,12 +65,30 @@ def decode_ace_payload(
     for key in body:
         if isinstance(key, bool) or not isinstance(key, int | str):
             raise InvalidRequest("request parameters must have integer or text keys")
+    if _depth(body) > MAX_DEPTH:
+        raise InvalidRequest(f"request nested deeper than {MAX_DEPTH} levels")
     return body
 
 
-def parse_token_request(body: dict[Any, Any]) -> TokenRequest:
+def _depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """How deep `value` nests, counting no further than limit + 1."""
+    if limit < 0:
+        return 1
+    if isinstance(value, dict):
+        children: Any = [*value.keys(), *value.values()]
+    elif isinstance(value, list | tuple | set | frozenset):
+        children = value
+    elif isinstance(value, cbor2.CBORTag):
+        children = [value.value]
+    else:
+        return 0
+    return 1 + max((_depth(child, limit - 1) for child in children), default=0)
+
+
+def _typed_params(body: dict[Any, Any], text: dict[Any, str]) -> dict[str, Any]:
+    """The text and byte-string parameters of a request, type-checked."""
     values: dict[str, Any] = {}
-    for key, name in _TEXT_PARAMS.items():
+    for key, name in text.items():
         if key in body:
             value = body[key]
             if not isinstance(value, str) or not value or len(value) > MAX_TEXT:
@@ -69,6 +99,11 @@ def parse_token_request(body: dict[Any, Any]) -> TokenRequest:
             if not isinstance(body[key], bytes) or not body[key]:
                 raise InvalidRequest(f"{name} must be a non-empty byte string")
             values[name] = body[key]
+    return values
+
+
+def parse_token_request(body: dict[Any, Any]) -> TokenRequest:
+    values = _typed_params(body, _TEXT_PARAMS)
     if AceParam.REQ_CNF in body:
         if not isinstance(body[AceParam.REQ_CNF], dict):
             raise InvalidRequest("req_cnf must be a map")
@@ -99,4 +134,43 @@ def encode_token_response(issued: IssuedToken) -> bytes:
         body[AceParam.CNF] = issued.cnf
     if issued.refresh_token is not None:
         body[AceParam.REFRESH_TOKEN] = issued.refresh_token
+    return cbor2.dumps(body)
+
+
+_CALLER_PARAMS = {
+    AceParam.CLIENT_ID: "client_id",
+    AceParam.CLIENT_SECRET: "client_secret",
+}
+
+
+def parse_token_submission(body: dict[Any, Any]) -> TokenSubmission:
+    """A /revoke or /introspect request: {11: token} and the caller's credentials."""
+    values = _typed_params(body, _CALLER_PARAMS)
+    values.pop("refresh_token", None)
+    token = body.get(AceParam.TOKEN)
+    # RFC 9200 §5.9.1: the token is a byte string, or the text of a JWT.
+    if isinstance(token, str) and token.isascii():
+        token = token.encode("ascii")
+    if not isinstance(token, bytes) or not token:
+        raise InvalidRequest("token must be a non-empty byte string")
+    return TokenSubmission(token=token, **values)
+
+
+def encode_introspection(claims: Claims | None) -> bytes:
+    """RFC 9200 §5.9.2: {active: true, claims...} or {active: false}."""
+    if claims is None:
+        return cbor2.dumps({AceParam.ACTIVE: False})
+    body: dict[int, Any] = {
+        AceParam.ACTIVE: True,
+        CwtClaim.ISS: claims.iss,
+        CwtClaim.SUB: claims.sub,
+        CwtClaim.AUD: claims.aud,
+        CwtClaim.EXP: claims.exp,
+        CwtClaim.IAT: claims.iat,
+        CwtClaim.CTI: claims.cti,
+    }
+    if claims.scope is not None:
+        body[CwtClaim.SCOPE] = claims.scope
+    if claims.cnf_key is not None:
+        body[CwtClaim.CNF] = {CnfMethod.COSE_KEY: dict(claims.cnf_key)}
     return cbor2.dumps(body)

@@ -1,6 +1,8 @@
-"""The running server: the aiocoap site on UDP only, and the store's change feed.
+"""The running server: the aiocoap site on UDP only, the key schedule and the change feed.
 
 `Server.start()` binds, `Server.stop()` releases everything; the CLI and the tests share it.
+Every tick (the change-poll interval) applies what the key schedule and the TRL expiry say is
+due, then notifies observers of whatever changed in the store, from this process or another.
 """
 
 from __future__ import annotations
@@ -8,25 +10,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import replace
 
 import aiocoap
 from aiocoap import resource
 
 from coap_auth.coap.resources import KeysResource, TokenResource
+from coap_auth.coap.revocation import IntrospectResource, RevokeResource, TrlResource
+from coap_auth.errors import StoreUnavailable
 from coap_auth.service import AuthService
+from coap_auth.service.rate_limit import RateLimiter
+from coap_auth.store import ChangeCounters
 
 log = logging.getLogger("coap_auth.server")
 
 
-def build_site(service: AuthService) -> tuple[resource.Site, KeysResource]:
+def build_site(service: AuthService) -> tuple[resource.Site, KeysResource, TrlResource]:
     site = resource.Site()
     keys = KeysResource(service)
+    trl = TrlResource(service)
     site.add_resource(
         [".well-known", "core"], resource.WKCResource(site.get_resources_as_linkheader)
     )
-    site.add_resource(["token"], TokenResource(service))
+    settings = service.settings
+    # One per-address budget shared by every POST endpoint.
+    address_limits = RateLimiter(
+        service.clock, settings.rate_limit_per_address, settings.rate_limit_window
+    )
+    for path, endpoint in (
+        (["token"], TokenResource(service)),
+        (["introspect"], IntrospectResource(service)),
+        (["revoke"], RevokeResource(service)),
+    ):
+        endpoint.address_limits = address_limits
+        site.add_resource(path, endpoint)
+    site.add_resource(["revoke", "trl"], trl)
     site.add_resource(["keys"], keys)
-    return site, keys
+    return site, keys, trl
 
 
 class Server:
@@ -37,8 +57,13 @@ class Server:
         self.port: int | None = None
         self._context: aiocoap.Context | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self._site, self.keys_resource = build_site(service)
-        self._last_change = 0
+        self._listener: asyncio.Task[None] | None = None
+        # Set by the store's push channel (PostgreSQL NOTIFY): tick now, not at the next poll.
+        self._wake = asyncio.Event()
+        self._failing = False
+        self._site, self.keys_resource, self.trl_resource = build_site(service)
+        self._last_change = ChangeCounters(0, 0)
+        self._tick_lock = asyncio.Lock()
 
     @property
     def url(self) -> str:
@@ -47,42 +72,75 @@ class Server:
 
     async def start(self) -> None:
         await self.service.load_keys()
-        self._last_change = await self.service.store.change_counter()
+        await self.service.revocations.plan_sweep()
+        self._last_change = await self.service.store.change_counters()
         # UDP only: aiocoap would otherwise also open TCP (and TLS) listeners.
         self._context = await aiocoap.Context.create_server_context(
             self._site, bind=(self.bind, self.requested_port), transports=["udp6"]
         )
         self.port = _bound_port(self._context) or self.requested_port
         self._watcher = asyncio.create_task(self._watch_changes(), name="coap-auth-change-feed")
+        self._listener = asyncio.create_task(
+            self.service.store.watch_changes(self._wake.set), name="coap-auth-listen"
+        )
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        for task in (self._watcher, self._listener):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._context is not None:
             await self._context.shutdown()
             self._context = None
 
     async def check_changes(self) -> bool:
-        """Reload keys if the store changed (another process, or the CLI); notify observers."""
-        counter = await self.service.store.change_counter()
-        if counter == self._last_change:
-            return False
-        self._last_change = counter
-        await self.service.load_keys()
-        self.keys_resource.keys_changed()
-        log.info("key set changed; observers notified")
-        return True
+        """Notify observers of what changed in the store (this process, another instance or
+        the CLI): reload keys for /keys, re-read the list for /revoke/trl."""
+        counters = await self.service.store.change_counters()
+        last = self._last_change
+        # Each counter is taken as seen only once its reload worked: a failed reload (the
+        # store busy or unreachable) is retried on the next tick.
+        if counters.keys != last.keys:
+            await self.service.load_keys()
+            self._last_change = replace(self._last_change, keys=counters.keys)
+            self.keys_resource.keys_changed()
+            log.info("key set changed; observers notified")
+        if counters.revocations != last.revocations:
+            await self.service.revocations.plan_sweep()
+            self._last_change = replace(self._last_change, revocations=counters.revocations)
+            self.trl_resource.trl_changed()
+            log.info("revocation list changed; observers notified")
+        return counters != last
+
+    async def tick(self) -> None:
+        """Apply what is due now, then notify observers of every change."""
+        async with self._tick_lock:
+            # Learn first of changes made elsewhere: a revocation there moves the next expiry.
+            await self.check_changes()
+            await self.service.keys.advance()
+            await self.service.revocations.sweep_due(self.service.clock.now())
+            await self.check_changes()
 
     async def _watch_changes(self) -> None:
         interval = self.service.settings.change_poll_interval
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
             try:
-                await self.check_changes()
+                await self.tick()
+            except StoreUnavailable:
+                if not self._failing:
+                    log.error("store unreachable: answering 5.03 until it is back")
+                self._failing = True
+                continue
             except Exception:
-                log.exception("change feed poll failed")
+                log.exception("scheduled work or change feed poll failed")
+                continue
+            if self._failing:
+                log.info("store reachable again")
+                self._failing = False
 
 
 def _bound_port(context: aiocoap.Context) -> int | None:

@@ -1,21 +1,28 @@
 """Persistence: the `Store` protocol, its records, and the embedded SQLite implementation."""
 
+from coap_auth.store.audit import AuditEntry, AuditEvent, ChainReport, verify_chain
 from coap_auth.store.base import Store
 from coap_auth.store.master_key import MasterKey
 from coap_auth.store.records import (
     TOKEN_FORMATS,
     Audience,
+    ChangeCounters,
     Client,
     IssuedAccess,
     RefreshFamily,
     RefreshOutcome,
     TokenFormat,
+    TrlUpdate,
 )
 from coap_auth.store.sqlite import SqliteStore
 
 __all__ = [
     "TOKEN_FORMATS",
+    "AuditEntry",
+    "AuditEvent",
     "Audience",
+    "ChainReport",
+    "ChangeCounters",
     "Client",
     "IssuedAccess",
     "MasterKey",
@@ -24,4 +31,6 @@ __all__ = [
     "SqliteStore",
     "Store",
     "TokenFormat",
+    "TrlUpdate",
+    "verify_chain",
 ]

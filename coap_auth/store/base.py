@@ -6,14 +6,27 @@ SQLite (default) and PostgreSQL implement it and pass one contract test suite.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Literal, Protocol
 
 from coap_auth.keys import SigningKey
-from coap_auth.store.records import Audience, Client, IssuedAccess, RefreshFamily, RefreshOutcome
+from coap_auth.store.audit import AuditEntry, AuditEvent
+from coap_auth.store.records import (
+    Audience,
+    ChangeCounters,
+    Client,
+    IssuedAccess,
+    RefreshFamily,
+    RefreshOutcome,
+    TrlUpdate,
+)
 
 # Called inside the refresh transaction to mint the successor's access token; raising
 # aborts the refresh and changes nothing.
 Mint = Callable[[RefreshFamily], IssuedAccess]
+# Called inside the key transaction with every stored key; returns the keys to insert or
+# update (empty: nothing to do). Raising aborts and changes nothing.
+KeyTransition = Callable[[list[SigningKey]], list[SigningKey]]
+TokenStatus = Literal["live", "revoked"]
 
 
 class Store(Protocol):
@@ -21,7 +34,8 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
-    # Audiences and clients. `add_*` raise OperatorError on a duplicate id.
+    # Audiences and clients. `add_*` raise OperatorError on a duplicate id. Every change
+    # made here and below appends its audit event in the same transaction.
     async def add_audience(self, audience: Audience) -> None: ...
 
     async def get_audience(self, audience_id: str) -> Audience | None: ...
@@ -34,13 +48,18 @@ class Store(Protocol):
 
     async def list_clients(self) -> list[Client]: ...
 
-    async def disable_client(self, client_id: str) -> bool: ...
+    async def disable_client(self, client_id: str, now: int) -> bool: ...
 
-    # Signing keys; private parts are encrypted at rest by the implementation.
+    # Signing keys; secrets are encrypted at rest by the implementation, and gone once a key
+    # has ended (removed or revoked).
     async def load_keys(self) -> list[SigningKey]: ...
 
-    async def save_keys(self, keys: Iterable[SigningKey]) -> None:
-        """Insert or update these keys in one transaction and bump the change counter."""
+    async def update_keys(
+        self, transition: KeyTransition, actor: str, now: int
+    ) -> list[SigningKey]:
+        """Run `transition` on the stored keys and store what it returns, in one transaction
+        that serialises with every other key update (on every instance); audit each created
+        key and state change; bump the keys counter. Returns the changed keys."""
         ...
 
     # Client-assertion replay cache (PROTOCOL.md: a cti seen before, until its exp, is refused).
@@ -79,13 +98,64 @@ class Store(Protocol):
         """Kill every live family of a client, revoking their access tokens; return how many."""
         ...
 
+    async def kill_family_of(
+        self, refresh_digest: bytes, client_id: str, reason: str, now: int
+    ) -> bool:
+        """Kill the live family this refresh token belongs to, if it is this client's."""
+        ...
+
     async def list_families(self, client_id: str | None, now: int) -> list[RefreshFamily]:
         """Live (not killed, not expired) families, of one client or of all."""
         ...
 
-    async def revoked_token_hashes(self, now: int) -> list[bytes]:
-        """Hashes of revoked access tokens that have not expired yet (the TRL's content)."""
+    # Revocation (RFC 9770). Each change of the TRL is one numbered update; revoking bumps the
+    # revocations counter.
+    async def revoke_access(
+        self, token_hash: bytes, client_id: str | None, now: int, actor: str
+    ) -> bool:
+        """Revoke a live access token we issued (to `client_id`, when given); False if
+        there is no such live, unrevoked token."""
         ...
 
-    # Change feed: a counter bumped by every change observers must hear about.
-    async def change_counter(self) -> int: ...
+    async def token_status(self, token_hash: bytes) -> TokenStatus | None:
+        """ "live" or "revoked" for an access token we issued and still keep a record of
+        (records of tokens that expired unrevoked are swept), None otherwise."""
+        ...
+
+    async def is_revoked(self, token_hash: bytes) -> bool:
+        """token_status(...) == "revoked"."""
+        ...
+
+    async def trl(self) -> tuple[list[bytes], int, int]:
+        """One consistent read: the full TRL (revoked hashes not yet delisted) and the seqs
+        of the first and last updates kept (0, 0 when there is none)."""
+        ...
+
+    async def trl_updates(self, first_seq: int, last_seq: int) -> list[TrlUpdate]:
+        """The kept updates with seqs in [first_seq, last_seq], newest first."""
+        ...
+
+    async def sweep_expired(self, now: int, keep_updates: int) -> int:
+        """Delist revoked tokens that have expired (one TRL update), forget expired unrevoked
+        token records, keep the last `keep_updates` TRL updates. Returns how many delisted."""
+        ...
+
+    async def next_trl_expiry(self) -> int | None:
+        """The earliest exp among listed hashes: when the next sweep has work."""
+        ...
+
+    # Audit log: append-only, hash-chained (coap_auth.store.audit).
+    async def append_audit(self, events: Iterable[AuditEvent]) -> None: ...
+
+    async def audit_entries(self, last: int | None = None) -> list[AuditEntry]:
+        """Every entry in order, or the last `last` ones."""
+        ...
+
+    # Change feed: counters bumped by every change observers must hear about.
+    async def change_counters(self) -> ChangeCounters: ...
+
+    async def watch_changes(self, changed: Callable[[], None]) -> None:
+        """Call `changed` whenever another instance may have changed something (PostgreSQL:
+        LISTEN/NOTIFY, reconnecting forever). A store without push (SQLite) returns at once
+        and its readers poll `change_counters`."""
+        ...

@@ -30,6 +30,7 @@ class MasterKey:
             raise OperatorError("master key must be 32 bytes")
         self._aead = AESGCM(hashlib.sha256(b"coap-auth key encryption" + key).digest())
         self._digest_key = hashlib.sha256(b"coap-auth secret digest" + key).digest()
+        self._audit_key = hashlib.sha256(b"coap-auth audit chain" + key).digest()
 
     def __repr__(self) -> str:
         return "MasterKey(<hidden>)"
@@ -66,6 +67,10 @@ class MasterKey:
             return self._aead.decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], context)
         except InvalidTag:
             raise OperatorError("stored key does not decrypt: wrong master key?") from None
+
+    def audit_mac(self, data: bytes) -> bytes:
+        """The MAC of the audit chain, under its own key derived from the master key."""
+        return hmac.new(self._audit_key, data, hashlib.sha256).digest()
 
     def digest(self, secret: bytes) -> bytes:
         """The keyed digest under which a client secret or refresh token is stored."""

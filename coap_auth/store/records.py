@@ -11,10 +11,40 @@ TOKEN_FORMATS: tuple[TokenFormat, ...] = ("cwt", "jwt")
 
 @dataclass(frozen=True, slots=True)
 class Audience:
+    """A resource server tokens are issued for."""
+
     audience_id: str
     token_format: TokenFormat
     lifetime: int
     created_at: int
+    # The signing-key family its tokens are signed with ("default": the shared one), and
+    # the algorithm of its own family ("ES256", "EdDSA" or "HMAC256/64"; None: the default).
+    key_family: str = "default"
+    key_alg: str | None = None
+    # How it authenticates to /introspect: a keyed digest of its secret, or its public key.
+    introspect_secret_digest: bytes | None = field(default=None, repr=False)
+    introspect_public_key: dict[Any, Any] | None = field(default=None, compare=False)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.key_alg == "HMAC256/64"
+
+    def public_view(self) -> dict[str, Any]:
+        if self.introspect_secret_digest is not None:
+            introspection = "secret"
+        elif self.introspect_public_key is not None:
+            introspection = "public-key"
+        else:
+            introspection = None
+        return {
+            "audience_id": self.audience_id,
+            "token_format": self.token_format,
+            "lifetime": self.lifetime,
+            "key_family": self.key_family,
+            "key_alg": self.key_alg,
+            "introspection": introspection,
+            "created_at": self.created_at,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,3 +115,21 @@ RefreshStatus = Literal["rotated", "grace", "reused", "unknown", "dead", "expire
 class RefreshOutcome:
     status: RefreshStatus
     family: RefreshFamily | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrlUpdate:
+    """One change of the token revocation list (RFC 9770 §6.2): hashes removed and added."""
+
+    seq: int
+    at: int
+    removed: tuple[bytes, ...]
+    added: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeCounters:
+    """The change feed: each counter grows with every change its observers must hear of."""
+
+    keys: int
+    revocations: int

@@ -1,16 +1,15 @@
-"""/keys over real UDP: formats, ETag and Max-Age, observe notifications on rotation;
-and /.well-known/core."""
+"""/keys over real UDP: formats, ETag, content negotiation; and /.well-known/core.
+
+Rollover, Max-Age and notifications are in test_rollover.py."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import aiocoap
 import cbor2
 
-from coap_auth.keys import KeyState
-from coap_auth.wire import AceParam, CoapCode, ContentFormat, CoseKeyParam
+from coap_auth.wire import CoapCode, ContentFormat, CoseKeyParam
 from tests.conftest import Coap
 
 
@@ -52,45 +51,6 @@ async def test_unknown_accept_is_4_06(coap: Coap) -> None:
 async def test_post_to_keys_is_4_05(coap: Coap) -> None:
     response = await coap.request(aiocoap.POST, "/keys", b"\xa0", ContentFormat.ACE_CBOR)
     assert response.code == CoapCode.METHOD_NOT_ALLOWED
-
-
-async def test_rotation_notifies_observers_and_new_tokens_use_a_notified_kid(coap: Coap) -> None:
-    await coap.add_audience("thermostat")
-    await coap.add_secret_client("sensor-1", ("thermostat",), "temp:read")
-    request = coap.context.request(
-        aiocoap.Message(code=aiocoap.GET, uri=coap.base + "/keys", observe=0)
-    )
-    first = await request.response
-    assert first.opt.observe is not None
-    notified = {k[CoseKeyParam.KID] for k in cbor2.loads(first.payload)}
-    notifications = request.observation.__aiter__()
-
-    for _ in range(3):
-        old_active = coap.service.key_ring.active.kid
-        await coap.service.rotate_keys()
-        assert await coap.server.check_changes()
-        update = await asyncio.wait_for(notifications.__anext__(), timeout=5)
-        kids = {k[CoseKeyParam.KID] for k in cbor2.loads(update.payload)}
-        ring = coap.service.key_ring
-        # The promoted key had been published before it signed anything.
-        assert ring.active.kid in notified
-        assert old_active in kids  # retiring, still published
-        assert ring.next.kid in kids and ring.active.kid in kids
-        # A plain GET returns the same bytes as the notification.
-        plain = await coap.request(aiocoap.GET, "/keys")
-        assert plain.payload == update.payload and plain.opt.etag == update.opt.etag
-        notified = kids
-
-        response, body = await coap.post_ace(
-            "/token",
-            {AceParam.CLIENT_ID: "sensor-1", AceParam.CLIENT_SECRET: coap.secrets["sensor-1"]},
-        )
-        assert response.code == aiocoap.CREATED
-        protected = cbor2.loads(cbor2.loads(body[AceParam.ACCESS_TOKEN]).value.value[0])
-        assert protected[4] == ring.active.kid and protected[4] in notified
-    states = sorted(k.state for k in coap.service.key_ring.keys)
-    assert states.count(KeyState.RETIRING) == 3 and states.count(KeyState.ACTIVE) == 1
-    request.observation.cancel()
 
 
 async def test_no_change_means_no_notification(coap: Coap) -> None:

@@ -37,7 +37,11 @@ def _ace_error(response: aiocoap.Message, body: Any, code: CoapCode, ace_code: i
     assert response.code == code, (response.code, body)
     assert response.opt.content_format == ContentFormat.ACE_CBOR
     assert body[AceParam.ERROR] == ace_code
-    assert isinstance(body[AceParam.ERROR_DESCRIPTION], str) and body[AceParam.ERROR_DESCRIPTION]
+    # The description is left out when the answer would be over 3x the request (RFC 7252
+    # §11.3; see test_limits.py); when it is there, it says something.
+    description = body.get(AceParam.ERROR_DESCRIPTION)
+    assert description is None or (isinstance(description, str) and description)
+    assert set(body) <= {AceParam.ERROR, AceParam.ERROR_DESCRIPTION}
 
 
 async def test_cwt_issued_over_udp_verifies_with_pycose(sensor: Coap) -> None:
@@ -226,7 +230,7 @@ async def test_wrong_secret_and_unknown_client_look_the_same(sensor: Coap) -> No
 
 
 async def test_disabled_client_is_refused(sensor: Coap) -> None:
-    assert await sensor.service.store.disable_client("sensor-1")
+    assert await sensor.service.store.disable_client("sensor-1", sensor.service.clock.now())
     response, body = await sensor.post_ace(TOKEN, _cred(sensor))
     _ace_error(response, body, CoapCode.UNAUTHORIZED, 2)
 
@@ -337,7 +341,7 @@ async def test_rejected_requests_change_nothing(sensor: Coap) -> None:
         await store.list_clients(),
         await store.list_audiences(),
         await store.load_keys(),
-        await store.change_counter(),
+        await store.change_counters(),
     )
     await sensor.post_ace(TOKEN, {AceParam.CLIENT_ID: "sensor-1", AceParam.CLIENT_SECRET: "bad"})
     await sensor.post_ace(TOKEN, {**_cred(sensor), AceParam.SCOPE: "valve:open"})
@@ -346,7 +350,7 @@ async def test_rejected_requests_change_nothing(sensor: Coap) -> None:
         await store.list_clients(),
         await store.list_audiences(),
         await store.load_keys(),
-        await store.change_counter(),
+        await store.change_counters(),
     )
     assert [k.kid for k in before[2]] == [k.kid for k in after[2]]
     assert before[:2] == after[:2] and before[3] == after[3]
@@ -369,9 +373,10 @@ async def test_pop_key_is_rebuilt_from_the_parsed_key(sensor: Coap) -> None:
     cyclic += cbor2.dumps(1) + cbor2.dumps(1) + cbor2.dumps(-1) + cbor2.dumps(6)
     cyclic += cbor2.dumps(-2) + cbor2.dumps(canonical[-2]) + cbor2.dumps(99)
     cyclic += bytes.fromhex("d81c81d81d00")  # 28([29(0)]): a list containing itself
+    # A self-referencing value is endlessly deep: refused by the depth cap (test_limits.py)
+    # before it could reach the token, whatever member it hides in.
     response = await sensor.request(aiocoap.POST, TOKEN, cyclic, ContentFormat.ACE_CBOR)
-    assert response.code == aiocoap.CREATED, cbor2.loads(response.payload)
-    assert cbor2.loads(response.payload)[AceParam.CNF] == {1: canonical}
+    _ace_error(response, cbor2.loads(response.payload), CoapCode.BAD_REQUEST, 1)
 
 
 @pytest.mark.parametrize("kty", [True, 1.0], ids=["bool", "float"])

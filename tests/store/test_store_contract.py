@@ -8,6 +8,8 @@ SQL) go through the `Backend` fixture, so adding a backend means adding one para
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import secrets
 import sqlite3
 from collections.abc import AsyncIterator
@@ -20,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from coap_auth.errors import OperatorError
-from coap_auth.keys import KeyRing, KeyState, SigningKey
+from coap_auth.keys import KeyRing, KeyState, RotationPolicy, SigningKey
 from coap_auth.store import (
     Audience,
     Client,
@@ -30,10 +32,27 @@ from coap_auth.store import (
     SqliteStore,
     Store,
 )
+from coap_auth.store.audit import AuditEvent, verify_chain
+from coap_auth.store.postgres import PostgresStore
 from coap_auth.store.sqlite import DB_FILE
 from coap_auth.wire import CoseAlg
+from tests import pg
+from tests.pg import PG_DSN
 
 T0 = 1_700_000_000
+POLICY = RotationPolicy(period=86400, lead=0, retire_after=700)
+
+
+async def _save(store: Store, keys: Any) -> list[SigningKey]:
+    """Store these keys as they are (a transition that ignores what is stored)."""
+    return await store.update_keys(lambda _current: list(keys), "operator", T0)
+
+
+async def _listed(store: Store) -> list[bytes]:
+    """The hashes on the TRL now."""
+    return (await store.trl())[0]
+
+
 LIFETIME = 30 * 24 * 3600  # absolute family lifetime used unless a test says otherwise
 IDLE = 7 * 24 * 3600
 GRACE = 30
@@ -51,59 +70,62 @@ class Backend:
     name: str
     tmp_path: Path
     master_key: MasterKey
+    schema: str = ""  # PostgreSQL: the test's own schema
     opened: list[Store] = field(default_factory=list)
 
     async def open_store(self) -> Store:
         if self.name == "sqlite":
             store: Store = SqliteStore.in_data_dir(self.tmp_path, self.master_key)
-        else:  # pragma: no cover - a new backend must be wired in here
-            raise NotImplementedError(self.name)
+        else:
+            assert PG_DSN is not None
+            store = PostgresStore(PG_DSN, self.master_key, schema=self.schema)
         await store.open()
         self.opened.append(store)
         return store
 
-    def unspent_refresh_tokens(self, family_id: bytes) -> int:
-        """Read the backend directly, bypassing the store under test."""
-        if self.name != "sqlite":  # pragma: no cover
-            raise NotImplementedError(self.name)
-        with sqlite3.connect(self.tmp_path / DB_FILE) as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM refresh_tokens WHERE family_id = ? AND spent_at IS NULL",
-                (family_id,),
-            ).fetchone()
-        return int(row[0])
+    async def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        """Read the backend directly, bypassing the store under test ($1-style parameters)."""
+        if self.name == "sqlite":
+            with contextlib.closing(sqlite3.connect(self.tmp_path / DB_FILE)) as conn:
+                return conn.execute(re.sub(r"\$\d+", "?", sql), args).fetchall()
+        return [tuple(r) for r in await pg.fetch(self.schema, sql, *args)]
 
-    def unspent_digests(self, family_id: bytes) -> list[bytes]:
-        if self.name != "sqlite":  # pragma: no cover
-            raise NotImplementedError(self.name)
-        with sqlite3.connect(self.tmp_path / DB_FILE) as conn:
-            rows = conn.execute(
-                "SELECT digest FROM refresh_tokens WHERE family_id = ? AND spent_at IS NULL",
-                (family_id,),
-            ).fetchall()
+    async def unspent_digests(self, family_id: bytes) -> list[bytes]:
+        rows = await self.query(
+            "SELECT digest FROM refresh_tokens WHERE family_id = $1 AND spent_at IS NULL",
+            family_id,
+        )
         return [r[0] for r in rows]
 
-    def raw_files(self) -> dict[str, bytes]:
-        """Every file the backend keeps its data in, as bytes (SQLite: the db and its WAL)."""
-        if self.name != "sqlite":  # pragma: no cover
-            raise NotImplementedError(self.name)
-        files = {}
-        for suffix in ("", "-wal", "-journal"):
-            path = self.tmp_path / (DB_FILE + suffix)
-            if path.exists():
-                files[path.name] = path.read_bytes()
-        return files
+    async def unspent_refresh_tokens(self, family_id: bytes) -> int:
+        return len(await self.unspent_digests(family_id))
+
+    async def raw_files(self) -> dict[str, bytes]:
+        """Everything the backend keeps its key data in, as bytes (SQLite: the db and its
+        WAL; PostgreSQL: the signing_keys rows as the server stores them)."""
+        if self.name == "sqlite":
+            files = {}
+            for suffix in ("", "-wal", "-journal"):
+                path = self.tmp_path / (DB_FILE + suffix)
+                if path.exists():
+                    files[path.name] = path.read_bytes()
+            return files
+        rows = await self.query("SELECT kid, alg, state, private_key FROM signing_keys")
+        return {"signing_keys": b"".join(v for r in rows for v in r if isinstance(v, bytes))}
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pg.needs_postgres)])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     master_key = MasterKey.load(tmp_path, create=True)
-    backend = Backend(request.param, tmp_path, master_key)
+    schema = await pg.create_schema() if request.param == "postgres" else ""
+    backend = Backend(request.param, tmp_path, master_key, schema)
     try:
         yield backend
     finally:
         for store in backend.opened:
             await store.close()
+        if schema:
+            await pg.drop_schema(schema)
 
 
 @pytest.fixture
@@ -294,8 +316,8 @@ async def test_client_with_unknown_audience_raises_and_changes_nothing(
 
 
 async def test_disable_client(registered: Store) -> None:
-    assert await registered.disable_client("sensor-1") is True
-    assert await registered.disable_client("no-such-client") is False
+    assert await registered.disable_client("sensor-1", T0) is True
+    assert await registered.disable_client("no-such-client", T0) is False
 
     sensor_1 = await registered.get_client("sensor-1")
     sensor_2 = await registered.get_client("sensor-2")
@@ -330,7 +352,7 @@ def _by_kid(keys: list[SigningKey]) -> dict[bytes, SigningKey]:
 async def test_keys_roundtrip_and_update(store: Store, alg: CoseAlg) -> None:
     ring = KeyRing.initial(alg, T0)
     assert await store.load_keys() == []
-    await store.save_keys(ring.keys)
+    await _save(store, ring.keys)
 
     loaded = _by_kid(await store.load_keys())
     assert set(loaded) == {k.kid for k in ring.keys}
@@ -340,8 +362,8 @@ async def test_keys_roundtrip_and_update(store: Store, alg: CoseAlg) -> None:
         assert _public_bytes(got) == _public_bytes(key)
         assert _raw_private(got) == _raw_private(key)
 
-    rotated, changed = ring.rotate(T0 + 100, 700)
-    await store.save_keys(changed)
+    rotated, changed = ring.rotate(T0 + 100, POLICY)
+    await _save(store, changed)
     loaded = _by_kid(await store.load_keys())
     assert len(loaded) == 3
     for key in rotated.keys:
@@ -358,7 +380,7 @@ async def test_keys_roundtrip_and_update(store: Store, alg: CoseAlg) -> None:
 async def test_private_keys_not_stored_in_plaintext(backend: Backend, alg: CoseAlg) -> None:
     store = await backend.open_store()
     ring = KeyRing.initial(alg, T0)
-    await store.save_keys(ring.keys)
+    await _save(store, ring.keys)
     secrets_on_disk = [_raw_private(k) for k in ring.keys]
     secrets_on_disk += [
         k.private_key.private_bytes(
@@ -369,7 +391,7 @@ async def test_private_keys_not_stored_in_plaintext(backend: Backend, alg: CoseA
         for k in ring.keys
     ]
 
-    files = backend.raw_files()  # while open: the WAL holds the fresh pages
+    files = await backend.raw_files()  # while open: the WAL holds the fresh pages
     assert files, "backend keeps no files?"
     # The check must be able to see key material at all: public keys are stored in clear
     # nowhere, but the kid is, so the files really are the ones holding the key rows.
@@ -380,28 +402,29 @@ async def test_private_keys_not_stored_in_plaintext(backend: Backend, alg: CoseA
 
     await store.close()
     backend.opened.remove(store)
-    for name, data in backend.raw_files().items():  # after the checkpoint on close
+    for name, data in (await backend.raw_files()).items():  # after the checkpoint on close
         for secret in secrets_on_disk:
             assert secret not in data, f"private key material in plaintext in {name}"
 
 
-async def test_change_counter_increases_on_save_keys(store: Store) -> None:
+async def test_change_counter_increases_on_key_updates(store: Store) -> None:
     ring = KeyRing.initial(CoseAlg.ES256, T0)
-    before = await store.change_counter()
-    await store.save_keys(ring.keys)
-    after_first = await store.change_counter()
-    assert after_first > before
+    before = await store.change_counters()
+    await _save(store, ring.keys)
+    after_first = await store.change_counters()
+    assert after_first.keys > before.keys
+    assert after_first.revocations == before.revocations
 
-    _, changed = ring.rotate(T0 + 10, 700)
-    await store.save_keys(changed)
-    assert await store.change_counter() > after_first
+    _, changed = ring.rotate(T0 + 10, POLICY)
+    await _save(store, changed)
+    assert (await store.change_counters()).keys > after_first.keys
 
 
 async def test_change_counter_seen_by_another_instance(backend: Backend, store: Store) -> None:
     other = await backend.open_store()
-    before = await other.change_counter()
-    await store.save_keys(KeyRing.initial(CoseAlg.ES256, T0).keys)
-    assert await other.change_counter() > before
+    before = await other.change_counters()
+    await _save(store, KeyRing.initial(CoseAlg.ES256, T0).keys)
+    assert (await other.change_counters()).keys > before.keys
 
 
 # -- client-assertion replay cache ----------------------------------------------------------------
@@ -482,7 +505,7 @@ async def test_grace_replaces_successor_which_is_then_reused(registered: Store) 
     assert family.family_id not in await _live_ids(registered, T0 + 20 + GRACE + 1)
     assert await _rotate(registered, d2, d4, T0 + 20 + GRACE + 2) == "dead"
     # The access token minted under grace belongs to the family and was revoked with it.
-    assert mint.issued[0].token_hash in await registered.revoked_token_hashes(T0 + 60)
+    assert mint.issued[0].token_hash in await _listed(registered)
 
 
 async def test_replaced_successor_is_reuse_even_inside_grace(registered: Store) -> None:
@@ -518,7 +541,7 @@ async def test_reuse_outside_grace_kills_family_and_revokes_its_access_tokens(
     d1, d2, d3 = _digest(), _digest(), _digest()
     assert await _rotate(registered, d0, d1, T0 + 10, mint=expiring) == "rotated"
     assert await _rotate(registered, d1, d2, T0 + 20, mint=lasting) == "rotated"
-    assert await registered.revoked_token_hashes(kill_at) == []
+    assert await _listed(registered) == []
 
     outcome = await registered.rotate_refresh(
         d0, d3, client_id="sensor-1", now=kill_at, grace=GRACE, idle_timeout=IDLE, mint=Minter()
@@ -527,7 +550,7 @@ async def test_reuse_outside_grace_kills_family_and_revokes_its_access_tokens(
     assert outcome.status == "reused"
     assert outcome.family is not None and outcome.family.family_id == family.family_id
     assert await _live_ids(registered, kill_at) == {bystander.family_id}
-    revoked = set(await registered.revoked_token_hashes(kill_at))
+    revoked = set(await _listed(registered))
     assert revoked == {a0.token_hash, lasting.issued[0].token_hash}
     assert expiring.issued[0].token_hash not in revoked
     assert b_access.token_hash not in revoked
@@ -535,8 +558,12 @@ async def test_reuse_outside_grace_kills_family_and_revokes_its_access_tokens(
     assert await _rotate(registered, d2, _digest(), kill_at + 1) == "dead"
     assert await _rotate(registered, d3, _digest(), kill_at + 1) == "unknown"
     assert await _rotate(registered, b0, _digest(), kill_at + 1) == "rotated"
-    # The TRL forgets revoked tokens once they expire.
-    assert await registered.revoked_token_hashes(kill_at + 500) == []
+    # The TRL forgets revoked tokens once they expire: one update removing both.
+    assert await registered.sweep_expired(kill_at + 500, keep_updates=32) == 2
+    assert await _listed(registered) == []
+    _, first, last = await registered.trl()
+    newest = (await registered.trl_updates(last, last))[0]
+    assert set(newest.removed) == revoked and newest.added == ()
 
 
 async def test_unknown_digest_and_other_client(registered: Store) -> None:
@@ -609,7 +636,7 @@ async def test_failing_mint_changes_nothing(registered: Store, backend: Backend)
     with pytest.raises(MintFailed):
         await _rotate(registered, d0, failed_successor, T0 + 10, mint=_failing_mint)
 
-    assert backend.unspent_refresh_tokens(family.family_id) == 1
+    assert await backend.unspent_refresh_tokens(family.family_id) == 1
     # The failed successor was not stored; last_used_at did not move.
     assert await _rotate(registered, failed_successor, _digest(), T0 + 11) == "unknown"
     listed = {f.family_id: f for f in await registered.list_families("sensor-1", T0 + 11)}
@@ -639,12 +666,12 @@ async def test_kill_families_counts_and_revokes(registered: Store) -> None:
     rotated = Minter()
     d_a1 = _digest()
     assert await _rotate(registered, d_a, d_a1, T0 + 10, mint=rotated) == "rotated"
-    before = await registered.change_counter()
+    before = await registered.change_counters()
 
     assert await registered.kill_families("sensor-1", "revoked by operator", now) == 2
 
-    assert await registered.change_counter() > before
-    assert set(await registered.revoked_token_hashes(now)) == {
+    assert (await registered.change_counters()).revocations > before.revocations
+    assert set(await _listed(registered)) == {
         a_a.token_hash,
         a_b.token_hash,
         rotated.issued[0].token_hash,
@@ -655,7 +682,7 @@ async def test_kill_families_counts_and_revokes(registered: Store) -> None:
     assert await _rotate(registered, d_other, _digest(), now + 1, client_id="sensor-2") == (
         "rotated"
     )
-    assert a_other.token_hash not in await registered.revoked_token_hashes(now + 1)
+    assert a_other.token_hash not in await _listed(registered)
     # Already dead families are not counted again.
     assert await registered.kill_families("sensor-1", "again", now + 2) == 0
     assert await registered.kill_families("no-such-client", "none", now + 2) == 0
@@ -703,7 +730,7 @@ async def test_concurrent_rotation_without_grace_has_one_winner(
         assert set(statuses) - {"rotated"} <= {"reused", "dead"}, statuses
         assert "reused" in statuses
         assert family.family_id not in await _live_ids(stores[1], now)
-        assert backend.unspent_refresh_tokens(family.family_id) == 0
+        assert await backend.unspent_refresh_tokens(family.family_id) == 0
 
 
 async def test_concurrent_rotation_with_grace_leaves_one_live_token(
@@ -717,11 +744,147 @@ async def test_concurrent_rotation_with_grace_leaves_one_live_token(
 
     assert statuses.count("rotated") == 1, statuses
     assert statuses.count("grace") == len(statuses) - 1, statuses
-    assert backend.unspent_refresh_tokens(family.family_id) == 1
+    assert await backend.unspent_refresh_tokens(family.family_id) == 1
     # The one live token is one of the successors and it works; any other one is a reuse.
-    [live] = backend.unspent_digests(family.family_id)
+    [live] = await backend.unspent_digests(family.family_id)
     assert live in successors
     assert await _rotate(registered, live, _digest(), now + GRACE + 1, grace=30) == "rotated"
     spent = next(s for s in successors if s != live)
     assert await _rotate(registered, spent, _digest(), now + GRACE + 2, grace=30) == "reused"
     assert family.family_id not in await _live_ids(registered, now + GRACE + 2)
+
+
+# -- audit chain, key updates and the TRL across instances ----------------------------------------
+
+
+async def test_audit_chain_stays_whole_under_concurrent_appends(
+    backend: Backend, registered: Store
+) -> None:
+    other = await backend.open_store()
+    events = [AuditEvent(T0 + n, "operator", "test.event", f"subject-{n}") for n in range(20)]
+    await asyncio.gather(
+        *((registered if n % 2 else other).append_audit([event]) for n, event in enumerate(events))
+    )
+    entries = await registered.audit_entries()
+    assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
+    assert {e.event.subject for e in entries} >= {e.subject for e in events}
+    report = verify_chain(backend.master_key.audit_mac, entries)
+    assert report.ok and report.entries == len(entries)
+    assert [e.seq for e in await other.audit_entries(last=3)] == [e.seq for e in entries[-3:]]
+
+
+async def test_concurrent_key_updates_on_two_instances_apply_once(backend: Backend) -> None:
+    """Two instances both find a rotation due: the store serialises the transitions, and the
+    second sees the first's result (nothing left to do)."""
+    stores = [await backend.open_store(), await backend.open_store()]
+    await _save(stores[0], KeyRing.initial(CoseAlg.ES256, T0).keys)
+
+    def rotate_if_due(current: list[SigningKey]) -> list[SigningKey]:
+        ring = KeyRing(tuple(current))
+        if ring.active.activated_at != T0:  # already rotated by the other instance
+            return []
+        return ring.rotate(T0 + 10, POLICY)[1]
+
+    results = await asyncio.gather(
+        *(store.update_keys(rotate_if_due, "scheduler", T0 + 10) for store in stores)
+    )
+    assert sorted(len(r) for r in results) == [0, 3]
+    states = sorted(k.state.value for k in await stores[1].load_keys())
+    assert states == ["active", "next", "retiring"]
+
+
+async def test_trl_updates_are_numbered_without_gaps_across_instances(
+    backend: Backend, registered: Store
+) -> None:
+    other = await backend.open_store()
+    started = [await _start(registered) for _ in range(10)]
+    results = await asyncio.gather(
+        *(
+            (registered if n % 2 else other).revoke_access(access.token_hash, None, T0 + 1, "x")
+            for n, (_, _, access) in enumerate(started)
+        )
+    )
+    assert all(results)
+    hashes, first, last = await other.trl()
+    assert (first, last) == (1, 10) and len(hashes) == 10
+    updates = await registered.trl_updates(1, 10)
+    assert [u.seq for u in updates] == list(range(10, 0, -1))
+    assert {h for u in updates for h in u.added} == set(hashes)
+    # A second revocation of the same token changes nothing.
+    assert not await other.revoke_access(started[0][2].token_hash, None, T0 + 2, "x")
+    assert (await registered.trl())[2] == 10
+
+
+async def test_revoke_access_respects_the_owner(registered: Store) -> None:
+    _, _, mine = await _start(registered, _family("sensor-2"), _access("sensor-2"))
+    assert not await registered.revoke_access(mine.token_hash, "sensor-1", T0, "client sensor-1")
+    assert await registered.token_status(mine.token_hash) == "live"
+    assert await registered.revoke_access(mine.token_hash, "sensor-2", T0, "client sensor-2")
+    assert await registered.token_status(mine.token_hash) == "revoked"
+    assert await registered.token_status(b"\x01" + bytes(32)) is None
+
+
+# -- migration (SQLite only) --------------------------------------------------------------------
+
+
+async def test_a_version_1_database_is_migrated_and_keeps_its_data(tmp_path: Path) -> None:
+    """A data directory made by coap-auth 0.1 opens with today's store, its keys and
+    registrations intact, and gains the new tables."""
+    master_key = MasterKey(b"\x05" * 32)
+    ring = KeyRing.initial(CoseAlg.ES256, T0)
+    path = tmp_path / DB_FILE
+    schema = (Path(__file__).parent.parent / "vectors" / "sqlite_schema_v1.sql").read_text()
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.executescript(schema)
+        conn.execute("INSERT INTO audiences VALUES ('thermostat', 'cwt', 600, ?)", (T0,))
+        for key in ring.keys:
+            der = key.private_key.private_bytes(
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            conn.execute(
+                "INSERT INTO signing_keys VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                (
+                    key.kid,
+                    int(key.alg),
+                    key.state.value,
+                    master_key.encrypt(der, key.kid),
+                    key.created_at,
+                    key.activated_at,
+                ),
+            )
+        conn.execute("UPDATE change_feed SET counter = 7")
+        # A family killed for reuse under version 1: its access token is revoked.
+        conn.execute(
+            "INSERT INTO refresh_families VALUES (?, 'sensor-1', 'thermostat', 'temp:read',"
+            " NULL, ?, ?, ?, ?, 'refresh token reused')",
+            (b"fam", T0, T0, T0 + LIFETIME, T0 + 5),
+        )
+        conn.execute(
+            "INSERT INTO access_tokens VALUES (?, ?, 'sensor-1', ?, ?)",
+            (b"\x01" + bytes(32), b"fam", T0 + 600, T0 + 5),
+        )
+
+    store = SqliteStore(path, master_key)
+    await store.open()
+    try:
+        loaded = {k.kid: k for k in await store.load_keys()}
+        assert loaded == {k.kid: k for k in ring.keys}  # family "default", no end dates
+        assert _raw_private(loaded[ring.active.kid]) == _raw_private(ring.active)
+        (audience,) = await store.list_audiences()
+        assert audience.key_family == "default" and audience.introspect_secret_digest is None
+        assert (await store.change_counters()).keys == 7
+        assert await store.audit_entries() == []
+        # Diff readers see what version 1 revoked as one update, and its expiry later.
+        assert await store.trl() == ([b"\x01" + bytes(32)], 1, 1)
+        (update,) = await store.trl_updates(1, 1)
+        assert update.added == (b"\x01" + bytes(32),) and update.removed == ()
+        assert (await store.change_counters()).revocations == 1
+        assert await store.sweep_expired(T0 + 600, keep_updates=32) == 1
+        await _save(store, ring.rotate(T0 + 10, POLICY)[1])  # the new columns take writes
+        assert len(await store.audit_entries()) == 3
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2

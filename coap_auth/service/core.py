@@ -1,4 +1,4 @@
-"""The use cases of the authorization server: authenticate clients, issue tokens, rotate keys.
+"""The use cases of the authorization server: issue, refresh, revoke, introspect, rotate.
 
 Async and transport-free: the CoAP layer parses requests into these dataclasses and renders
 what comes back. The clock is injected; nothing here sleeps.
@@ -6,58 +6,59 @@ what comes back. The clock is injected; nothing here sleeps.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from coap_auth.clock import Clock
 from coap_auth.config import Settings
 from coap_auth.errors import (
-    InvalidClient,
     InvalidGrant,
     InvalidRequest,
     InvalidScope,
-    MalformedToken,
     TokenError,
     UnsupportedGrantType,
     UnsupportedPopKey,
 )
 from coap_auth.keys import KeyRing, SigningKey
+from coap_auth.service.client_auth import Authenticator, Credentials
+from coap_auth.service.rate_limit import RateLimiter
+from coap_auth.service.revocation import RevocationList, TrlQuery
+from coap_auth.service.rollover import KeyRollover
 from coap_auth.store import (
     Audience,
+    ChainReport,
     Client,
     IssuedAccess,
     MasterKey,
     RefreshFamily,
     Store,
+    verify_chain,
 )
 from coap_auth.tokens import (
     Claims,
-    alg_for_key,
     cose_key_from_public,
     decode_cose,
     encode_cwt,
     encode_jwt,
+    encode_maced_cwt,
     public_key_from_cose,
     token_hash,
+    verify_cwt,
+    verify_jwt,
+    verify_maced_cwt,
 )
-from coap_auth.tokens.cose import verify_sign1
-from coap_auth.tokens.cwt import decode_claims
-from coap_auth.wire import CnfMethod, CoseAlg, GrantType, TokenType
+from coap_auth.wire import CnfMethod, CoseTag, GrantType, TokenType
 
 log = logging.getLogger("coap_auth.service")
 
 CTI_BYTES = 8
-CWT_TAG_PREFIX = b"\xd8\x3d"  # tag 61, shortest encoding
 REFRESH_TOKEN_BYTES = 32
 FAMILY_ID_BYTES = 16
-# A retiring key stays published this long past the longest token lifetime.
-ROTATION_LEEWAY = 60
+# Replay-cache names of resource servers, apart from client ids.
+RS_NAMESPACE = "rs:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,47 +86,53 @@ class IssuedToken:
     refresh_token: bytes | None = field(default=None, repr=False)
 
 
+@dataclass(frozen=True, slots=True)
+class TokenSubmission:
+    """A /revoke or /introspect request: a token and the caller's credentials."""
+
+    token: bytes = field(repr=False)
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+    client_assertion: bytes | None = field(default=None, repr=False)
+
+
 class AuthService:
     def __init__(self, store: Store, master_key: MasterKey, settings: Settings, clock: Clock):
         self.store = store
         self.settings = settings
         self.clock = clock
         self._master_key = master_key
-        self._ring: KeyRing | None = None
-        # Compared against when the client id is unknown, so timing does not tell.
-        self._dummy_digest = master_key.digest(secrets.token_bytes(32))
-        self._dummy_public_key = ec.generate_private_key(ec.SECP256R1()).public_key()
+        self.keys = KeyRollover(store, settings, clock)
+        self.revocations = RevocationList(store, settings.trl_max_n, settings.trl_max_diff_batch)
+        self._auth = Authenticator(store, master_key, settings, clock)
+        self.client_limits = RateLimiter(
+            clock, settings.rate_limit_per_client, settings.rate_limit_window
+        )
 
     # -- keys ---------------------------------------------------------------------------------
 
     @property
     def key_ring(self) -> KeyRing:
-        if self._ring is None:
-            raise RuntimeError("keys not loaded: call load_keys() first")
-        return self._ring
+        """The default family's ring."""
+        return self.keys.ring()
 
     async def load_keys(self) -> KeyRing:
-        """Read the key ring from the store, creating the first keys on an empty store."""
-        keys = await self.store.load_keys()
-        if not keys:
-            alg = CoseAlg.EDDSA if self.settings.signing_alg == "EdDSA" else CoseAlg.ES256
-            ring = KeyRing.initial(alg, self.clock.now())
-            await self.store.save_keys(ring.keys)
-            keys = list(ring.keys)
-        self._ring = KeyRing(tuple(keys))
-        return self._ring
+        """Read every key family, creating the first keys on an empty store."""
+        await self.keys.load()
+        return self.keys.ring()
 
-    async def rotate_keys(self) -> list[SigningKey]:
+    async def rotate_keys(
+        self, family: str = "default", *, force: bool = False
+    ) -> list[SigningKey]:
         """Rotate now: next becomes active, active retires, a new next key is published."""
-        ring = await self.load_keys()
-        max_lifetime = max(
-            [a.lifetime for a in await self.store.list_audiences()] + [self.settings.token_lifetime]
-        )
-        ring, changed = ring.rotate(self.clock.now(), max_lifetime + ROTATION_LEEWAY)
-        await self.store.save_keys(changed)
-        self._ring = ring
-        log.info("keys rotated: active kid %s", ring.active.kid.hex())
-        return changed
+        return await self.keys.rotate(family, force=force)
+
+    async def revoke_key(self, kid: bytes) -> list[SigningKey]:
+        return await self.keys.revoke(kid)
+
+    async def verify_audit(self) -> ChainReport:
+        """Walk the audit log's hash chain under the master key."""
+        return verify_chain(self._master_key.audit_mac, await self.store.audit_entries())
 
     # -- /token -------------------------------------------------------------------------------
 
@@ -135,8 +142,11 @@ class AuthService:
             return await self.refresh(request)
         if request.grant_type != GrantType.CLIENT_CREDENTIALS:
             raise UnsupportedGrantType("grant type not supported")
-        client = await self.authenticate(request)
+        client = await self.authenticate(
+            request.client_id, request.client_secret, request.client_assertion
+        )
         audience = await self._audience_for(client, request.audience)
+        await self.keys.ensure_families([audience])
         scope, narrowed = self._grant_scope(client, request.scope)
         cnf = _pop_key(request.req_cnf)
         issued = self._mint(client.client_id, audience, scope, cnf, request.token_format)
@@ -164,10 +174,13 @@ class AuthService:
         """RFC 9200 §5.8.1 / RFC 9700 §4.14: rotate a refresh token, catching reuse."""
         if request.refresh_token is None:
             raise InvalidRequest("refresh_token required")
-        client = await self.authenticate(request)
+        client = await self.authenticate(
+            request.client_id, request.client_secret, request.client_assertion
+        )
         cnf = _pop_key(request.req_cnf)
         # mint() runs inside the store's transaction and cannot await: look audiences up first.
         audiences = {a.audience_id: a for a in await self.store.list_audiences()}
+        await self.keys.ensure_families(list(audiences.values()))
         issued: list[IssuedToken] = []
 
         def mint(family: RefreshFamily) -> IssuedAccess:
@@ -228,75 +241,125 @@ class AuthService:
             scope=scope,
             cnf_key=cnf,
         )
-        key = self.key_ring.active
-        encode = encode_jwt if (token_format or audience.token_format) == "jwt" else encode_cwt
+        key = self.keys.ring(audience.key_family).active
+        if isinstance(key.private_key, bytes):
+            if token_format == "jwt":
+                raise InvalidRequest("this audience takes only MACed CWTs")
+            access_token = encode_maced_cwt(claims, key.private_key, key.kid)
+        else:
+            assert key.private_key is not None, "an active key has its private part"
+            jwt = (token_format or audience.token_format) == "jwt"
+            encode = encode_jwt if jwt else encode_cwt
+            access_token = encode(claims, key.private_key, key.alg, key.kid)
         return IssuedToken(
-            access_token=encode(claims, key.private_key, key.alg, key.kid),
+            access_token=access_token,
             expires_in=audience.lifetime,
             token_type=TokenType.POP if cnf is not None else TokenType.BEARER,
             claims=claims,
             cnf={CnfMethod.COSE_KEY: dict(cnf)} if cnf is not None else None,
         )
 
-    async def authenticate(self, request: TokenRequest) -> Client:
-        """Client authentication by signed assertion or by shared secret.
-
-        Every failure is the same invalid_client: no answer tells whether a client id exists.
-        """
-        if request.client_assertion is not None:
-            return await self._authenticate_assertion(request.client_assertion, request.client_id)
-        if request.client_id is None or request.client_secret is None:
-            raise InvalidClient("client authentication required")
-        client = await self.store.get_client(request.client_id)
-        expected = client.secret_digest if client and client.secret_digest else self._dummy_digest
-        presented = self._master_key.digest(request.client_secret.encode("utf-8"))
-        if not hmac.compare_digest(presented, expected) or client is None or client.disabled:
-            raise InvalidClient("client authentication failed")
+    async def authenticate(
+        self, client_id: str | None, secret: str | None, assertion: bytes | None
+    ) -> Client:
+        """A device, by signed assertion or by shared secret (PROTOCOL.md), within its rate
+        limit (counted only once authenticated, so nobody can use up another's)."""
+        client = await self._auth.authenticate(
+            self._client_credentials, client_id, secret, assertion
+        )
+        self.client_limits.hit(client.client_id, "client")
         return client
 
     def secret_digest(self, secret: str) -> bytes:
-        return self._master_key.digest(secret.encode("utf-8"))
+        return self._auth.secret_digest(secret)
 
-    async def _authenticate_assertion(self, assertion: bytes, client_id: str | None) -> Client:
-        failed = InvalidClient("client authentication failed")
-        try:
-            # PROTOCOL.md: the assertion is a tagged CWT, 61(18(...)).
-            if not assertion.startswith(CWT_TAG_PREFIX):
-                raise MalformedToken("client assertion must be a tagged CWT")
-            message = decode_cose(assertion)
-            claims = decode_claims(message.payload)
-        except TokenError:
-            raise failed from None
-        client = await self.store.get_client(claims.iss)
-        known = client is not None and client.public_key is not None and not client.disabled
-        # An unknown client costs a signature check too, so timing does not tell.
-        public_key = (
-            public_key_from_cose(client.public_key)  # type: ignore[union-attr, arg-type]
-            if known
-            else self._dummy_public_key
+    # -- /revoke ------------------------------------------------------------------------------
+
+    async def revoke(self, request: TokenSubmission) -> None:
+        """RFC 7009 semantics: a client revokes its own access token (by hash) or refresh
+        token (its family dies). An unknown or foreign token changes nothing and the answer
+        is the same, so it says nothing about the token."""
+        client = await self.authenticate(
+            request.client_id, request.client_secret, request.client_assertion
         )
-        try:
-            verify_sign1(message, public_key, alg_for_key(public_key))
-        except TokenError:
-            raise failed from None
-        if not known or client is None:
-            raise failed
         now = self.clock.now()
-        skew = self.settings.clock_skew
-        if (
-            claims.sub != claims.iss
-            or (client_id is not None and client_id != claims.iss)
-            or claims.aud != self.settings.issuer
-            or claims.exp <= now
-            or claims.exp > now + self.settings.assertion_max_lifetime
-            or claims.iat > now + skew
-            or (claims.nbf is not None and claims.nbf > now + skew)
+        actor = f"client {client.client_id}"
+        if await self.store.revoke_access(token_hash(request.token), client.client_id, now, actor):
+            log.info("access token revoked by %s", client.client_id)
+            return
+        digest = self._master_key.digest(request.token)
+        if await self.store.kill_family_of(digest, client.client_id, "revoked by client", now):
+            log.info("refresh family revoked by %s", client.client_id)
+
+    async def revoke_token_hash(self, hash_value: bytes) -> bool:
+        """An operator revokes any live access token by its hash."""
+        return await self.store.revoke_access(hash_value, None, self.clock.now(), "operator")
+
+    async def trl(self, query: TrlQuery) -> dict[int, Any]:
+        return await self.revocations.answer(query)
+
+    # -- /introspect --------------------------------------------------------------------------
+
+    async def introspect(self, request: TokenSubmission) -> Claims | None:
+        """RFC 9200 §5.9 for a registered resource server: the claims of a token that is
+        active for it, or None (answered {active: false}) for anything else."""
+        audience = await self._auth.authenticate(
+            self._audience_credentials,
+            request.client_id,
+            request.client_secret,
+            request.client_assertion,
+            replay_namespace=RS_NAMESPACE,
+        )
+        # Only a token of this audience's own key family can be for it: a resource server that
+        # holds an HMAC family's key cannot mint tokens another audience would accept.
+        claims = self._verified_claims(request.token, audience.key_family)
+        if claims is None:
+            return None
+        try:
+            claims.validate(
+                now=self.clock.now(), issuer=self.settings.issuer, audience=audience.audience_id
+            )
+        except TokenError:
+            return None
+        # And only a token we issued and have not revoked (our record of it, by hash).
+        if await self.store.token_status(token_hash(request.token)) != "live":
+            return None
+        return claims
+
+    def _verified_claims(self, token: bytes, family: str) -> Claims | None:
+        """Claims of a token signed (or MACed) by a published key of `family`, else None."""
+        try:
+            if token[:1] == b"e":  # a JWS compact serialisation starts with base64url "ey"
+                return verify_jwt(token, self.keys.lookup_in(family))
+            message = decode_cose(token)
+            if message.tag == CoseTag.MAC0:
+                kid = message.kid
+                key = self.keys.mac_key(kid, family) if isinstance(kid, bytes) else None
+                return None if key is None else verify_maced_cwt(token, key)
+            return verify_cwt(token, self.keys.lookup_in(family))
+        except TokenError:
+            return None
+
+    async def _client_credentials(self, client_id: str) -> Credentials[Client] | None:
+        client = await self.store.get_client(client_id)
+        if client is None:
+            return None
+        return Credentials(
+            client, client.client_id, client.secret_digest, client.public_key, client.disabled
+        )
+
+    async def _audience_credentials(self, audience_id: str) -> Credentials[Audience] | None:
+        audience = await self.store.get_audience(audience_id)
+        if audience is None or (
+            audience.introspect_secret_digest is None and audience.introspect_public_key is None
         ):
-            raise failed
-        # Only a verified assertion reaches the replay cache, so forgeries cannot fill it.
-        if not await self.store.remember_assertion(client.client_id, claims.cti, claims.exp, now):
-            raise InvalidClient("client assertion replayed")
-        return client
+            return None
+        return Credentials(
+            audience,
+            audience.audience_id,
+            audience.introspect_secret_digest,
+            audience.introspect_public_key,
+        )
 
     async def _audience_for(self, client: Client, requested: str | None) -> Audience:
         if requested is None:

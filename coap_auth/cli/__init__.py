@@ -1,0 +1,127 @@
+"""The `coap-auth` command: init and serve here; audiences/clients, keys/audit, tokens beside.
+
+Every subcommand accepts --data-dir and --config; bad input exits 2 with one line on stderr
+and changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from coap_auth.cli import keys, registry, tokens
+from coap_auth.cli.runtime import open_service
+from coap_auth.config import Settings, load_settings
+from coap_auth.errors import CoapAuthError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "command_fn"):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        flags = {
+            name: getattr(args, name, None)
+            for name in ("data_dir", "store", "bind", "port", "signing_alg")
+        }
+        settings = load_settings(args.config, flags=flags)
+        return asyncio.run(args.command_fn(args, settings))
+    except CoapAuthError as error:
+        print(f"coap-auth: error: {error.description}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the data directory: missing, read-only, full
+        print(f"coap-auth: error: {error.strerror or error}: {error.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- init and serve ---------------------------------------------------------------------------
+
+
+async def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    """Create the data directory, the master key, the store's schema (or migrate it) and the
+    first keys; on an initialised store, change nothing but a pending schema migration."""
+    where = settings.data_dir if not settings.store else f"{settings.data_dir} and the database"
+    service = await open_service(settings, create=True)
+    try:
+        active = service.key_ring.active
+        created = "default" in service.keys.created_families
+    finally:
+        await service.store.close()
+    if not created:
+        print(f"{where} already initialised; nothing changed")
+    else:
+        kid = active.kid.hex()
+        print(f"initialised {where}: active key {kid} ({active.alg.name})")
+    return 0
+
+
+async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from coap_auth.coap.server import Server
+
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    logging.getLogger("coap-server").setLevel(logging.WARNING)
+    service = await open_service(settings, create=True)
+    server = Server(service, settings.bind, settings.port)
+    try:
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        print(f"coap-auth listening on {server.url}", flush=True)
+        await stop.wait()
+        print("coap-auth stopping", flush=True)
+    finally:
+        await server.stop()
+        await service.store.close()
+    return 0
+
+
+# -- argument parsing -------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", type=Path, help="data directory (default ./coap-auth-data)")
+    common.add_argument("--config", type=Path, help="TOML settings file")
+    common.add_argument(
+        "--store",
+        metavar="URL",
+        help="postgresql://... to share state between instances (default: SQLite in data dir)",
+    )
+
+    listing = argparse.ArgumentParser(add_help=False)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+
+    parser = argparse.ArgumentParser(prog="coap-auth", description=__doc__)
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    init = sub.add_parser("init", parents=[common], help="create the data directory and keys")
+    init.add_argument("--signing-alg", choices=["ES256", "EdDSA"])
+    init.set_defaults(command_fn=cmd_init)
+
+    serve = sub.add_parser("serve", parents=[common], help="run the CoAP service")
+    serve.add_argument("--bind", help="address to bind (default ::)")
+    serve.add_argument("--port", type=int, help="UDP port (default 5683)")
+    serve.add_argument("--signing-alg", choices=["ES256", "EdDSA"])
+    serve.set_defaults(command_fn=cmd_serve)
+
+    for module in (registry, keys, tokens):
+        module.add_parsers(sub, common, listing)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

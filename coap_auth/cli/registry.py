@@ -1,0 +1,187 @@
+"""`coap-auth audiences ...` and `coap-auth clients ...`: who tokens are for and who gets them."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from coap_auth.cli.runtime import print_rows, with_service
+from coap_auth.errors import OperatorError
+from coap_auth.keys import DEFAULT_FAMILY
+from coap_auth.service import AuthService
+from coap_auth.store import TOKEN_FORMATS, Audience, Client
+from coap_auth.tokens import cose_key_from_public
+
+SECRET_BYTES = 24  # 192 bits, printed as base64url text
+KEY_ALGS = ("ES256", "EdDSA", "HMAC256/64")
+
+
+def read_public_key(path: Path) -> dict[int, Any]:
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+        return cose_key_from_public(key)  # type: ignore[arg-type]
+    except OSError:
+        raise OperatorError(f"cannot read public key file {path}") from None
+    except (ValueError, TypeError, AttributeError):
+        raise OperatorError(f"{path} is not a PEM P-256 or Ed25519 public key") from None
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(SECRET_BYTES)
+
+
+# -- audiences --------------------------------------------------------------------------------
+
+
+@with_service
+async def cmd_audiences_add(args: argparse.Namespace, service: AuthService) -> int:
+    lifetime = args.lifetime if args.lifetime is not None else service.settings.token_lifetime
+    if lifetime <= 0:
+        raise OperatorError("--lifetime must be a positive number of seconds")
+    key_alg = args.key_alg
+    if key_alg is not None and not args.own_keys:
+        raise OperatorError("--key-alg needs --own-keys")
+    if key_alg == "HMAC256/64" and args.token_format == "jwt":
+        raise OperatorError("an HMAC256/64 audience takes MACed CWTs, not JWTs")
+    secret = new_secret() if args.introspect_secret else None
+    public_key = (
+        None if args.introspect_public_key is None else read_public_key(args.introspect_public_key)
+    )
+    audience = Audience(
+        args.id,
+        args.token_format,
+        lifetime,
+        service.clock.now(),
+        key_family=args.id if args.own_keys else DEFAULT_FAMILY,
+        key_alg=key_alg or (service.settings.signing_alg if args.own_keys else None),
+        introspect_secret_digest=None if secret is None else service.secret_digest(secret),
+        introspect_public_key=public_key,
+    )
+    await service.store.add_audience(audience)
+    await service.load_keys()  # creates the audience's own key family
+    print(f"audience {audience.audience_id} added ({audience.token_format}, {lifetime} s tokens)")
+    if args.own_keys:
+        print(f"key family {audience.key_family} ({audience.key_alg})")
+    if secret is not None:
+        # Printed once; only a keyed digest is stored.
+        print(f"introspection secret: {secret}")
+    return 0
+
+
+@with_service
+async def cmd_audiences_list(args: argparse.Namespace, service: AuthService) -> int:
+    rows = [a.public_view() for a in await service.store.list_audiences()]
+    columns = ["audience_id", "token_format", "lifetime", "key_family", "introspection"]
+    print_rows(rows, args.json, columns)
+    return 0
+
+
+# -- clients ----------------------------------------------------------------------------------
+
+
+@with_service
+async def cmd_clients_add(args: argparse.Namespace, service: AuthService) -> int:
+    scope = tuple(dict.fromkeys(args.scope.split()))
+    if not scope:
+        raise OperatorError("--scope must name at least one scope")
+    secret = None
+    public_key = None
+    if args.public_key is not None:
+        public_key = read_public_key(args.public_key)
+    else:
+        secret = new_secret()
+    client = Client(
+        client_id=args.id,
+        audiences=tuple(dict.fromkeys(args.audience)),
+        scope=scope,
+        created_at=service.clock.now(),
+        secret_digest=service.secret_digest(secret) if secret is not None else None,
+        public_key=public_key,
+    )
+    await service.store.add_client(client)
+    print(f"client {client.client_id} added")
+    if secret is not None:
+        # Printed once; only a keyed digest is stored.
+        print(f"secret: {secret}")
+    return 0
+
+
+@with_service
+async def cmd_clients_list(args: argparse.Namespace, service: AuthService) -> int:
+    rows = [c.public_view() for c in await service.store.list_clients()]
+    print_rows(rows, args.json, ["client_id", "audiences", "scope", "auth", "disabled"])
+    return 0
+
+
+@with_service
+async def cmd_clients_disable(args: argparse.Namespace, service: AuthService) -> int:
+    if not await service.store.disable_client(args.id, service.clock.now()):
+        raise OperatorError(f"no enabled client {args.id!r}")
+    print(f"client {args.id} disabled")
+    return 0
+
+
+def add_parsers(
+    sub: Any, common: argparse.ArgumentParser, listing: argparse.ArgumentParser
+) -> None:
+    audiences = sub.add_parser("audiences", help="resource servers tokens are issued for")
+    aud_sub = audiences.add_subparsers(metavar="ACTION", required=True)
+    add = aud_sub.add_parser("add", parents=[common], help="register an audience")
+    add.add_argument("id")
+    add.add_argument("--token-format", choices=TOKEN_FORMATS, default="cwt")
+    add.add_argument("--lifetime", type=int, help="access-token lifetime in seconds")
+    add.add_argument(
+        "--own-keys",
+        action="store_true",
+        help="sign its tokens with a key family of its own (a compromise stays inside it)",
+    )
+    add.add_argument(
+        "--key-alg",
+        choices=KEY_ALGS,
+        help="algorithm of its own family; HMAC256/64 keys are never published",
+    )
+    rs_auth = add.add_mutually_exclusive_group()
+    rs_auth.add_argument(
+        "--introspect-secret",
+        action="store_true",
+        help="let it call /introspect with a generated secret (printed once)",
+    )
+    rs_auth.add_argument(
+        "--introspect-public-key",
+        type=Path,
+        metavar="PEM",
+        help="let it call /introspect with assertions signed by this P-256 or Ed25519 key",
+    )
+    add.set_defaults(command_fn=cmd_audiences_add)
+    lst = aud_sub.add_parser("list", parents=[common, listing], help="list audiences")
+    lst.set_defaults(command_fn=cmd_audiences_list)
+
+    clients = sub.add_parser("clients", help="devices that request tokens")
+    cl_sub = clients.add_subparsers(metavar="ACTION", required=True)
+    add = cl_sub.add_parser("add", parents=[common], help="register a client")
+    add.add_argument("id")
+    add.add_argument(
+        "--audience",
+        action="append",
+        required=True,
+        help="audience the client may get tokens for (repeatable)",
+    )
+    add.add_argument("--scope", required=True, help='space-separated scopes, e.g. "temp:read"')
+    auth = add.add_mutually_exclusive_group(required=True)
+    auth.add_argument("--secret", action="store_true", help="generate a secret (printed once)")
+    auth.add_argument(
+        "--public-key",
+        type=Path,
+        metavar="PEM",
+        help="the device's P-256 or Ed25519 public key, for signed assertions",
+    )
+    add.set_defaults(command_fn=cmd_clients_add)
+    lst = cl_sub.add_parser("list", parents=[common, listing], help="list clients")
+    lst.set_defaults(command_fn=cmd_clients_list)
+    dis = cl_sub.add_parser("disable", parents=[common], help="refuse a client from now on")
+    dis.add_argument("id")
+    dis.set_defaults(command_fn=cmd_clients_disable)

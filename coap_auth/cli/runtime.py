@@ -1,0 +1,78 @@
+"""What every subcommand shares: opening the service on the data directory, printing rows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from coap_auth.clock import SystemClock
+from coap_auth.config import Settings
+from coap_auth.errors import OperatorError
+from coap_auth.service import AuthService
+from coap_auth.store import MasterKey, SqliteStore, Store
+from coap_auth.store.sqlite import DB_FILE
+
+Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
+
+
+def _store(settings: Settings, master_key: MasterKey) -> Store:
+    if not settings.store:
+        return SqliteStore.in_data_dir(settings.data_dir, master_key)
+    try:
+        from coap_auth.store.postgres import PostgresStore
+    except ImportError:
+        raise OperatorError(
+            "the PostgreSQL store needs asyncpg: pip install 'coap-auth[postgres]'"
+        ) from None
+    return PostgresStore(settings.store, master_key, schema=settings.store_schema)
+
+
+async def open_service(settings: Settings, *, create: bool = False) -> AuthService:
+    """The service on the configured store. The data directory holds the SQLite file (when
+    that is the store) and the master key (unless COAP_AUTH_MASTER_KEY gives it)."""
+    data_dir = settings.data_dir
+    initialised = (data_dir / DB_FILE).exists() if not settings.store else data_dir.exists()
+    if not initialised:
+        if not create:
+            raise OperatorError(f"{data_dir} is not initialised: run `coap-auth init` first")
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    master_key = MasterKey.load(data_dir, create=create)
+    store = _store(settings, master_key)
+    await store.open()
+    service = AuthService(store, master_key, settings, SystemClock())
+    try:
+        await service.load_keys()
+    except BaseException:
+        await store.close()
+        raise
+    return service
+
+
+def with_service(fn: Callable[[argparse.Namespace, AuthService], Awaitable[int]]) -> Command:
+    async def run(args: argparse.Namespace, settings: Settings) -> int:
+        service = await open_service(settings)
+        try:
+            return await fn(args, service)
+        finally:
+            await service.store.close()
+
+    return run
+
+
+def when(timestamp: int | None) -> str:
+    if timestamp is None:
+        return "-"
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def print_rows(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())

@@ -1,0 +1,146 @@
+"""What every resource of the service shares: one place for the method check, the request
+size cap (including block-wise uploads), the per-address rate limit, error rendering, the
+amplification bound, and the one log line per request.
+
+Resources implement `render_<method>` and raise `CoapAuthError`; anything else is a server
+fault, logged once with a request id and answered 5.00 with no internals.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import secrets
+import time
+from typing import Any, ClassVar
+
+import aiocoap
+
+from coap_auth.coap.messages import decode_ace_payload
+from coap_auth.errors import CoapAuthError, MethodNotAllowed, PayloadTooLarge
+from coap_auth.service import AuthService
+from coap_auth.service.rate_limit import RateLimiter
+from coap_auth.wire import ContentFormat
+
+log = logging.getLogger("coap_auth.access")
+
+# RFC 7252 §11.3: a response to an unauthenticated request is at most this many times larger.
+AMPLIFICATION_FACTOR = 3
+
+# Who the request says it comes from (a client or resource-server id, never a secret), set by
+# a resource once it has parsed the body, for the request's log line.
+caller: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="-")
+
+
+class Endpoint:
+    """Mixin for the service's aiocoap resources (before the aiocoap base class)."""
+
+    path: ClassVar[str]
+    service: AuthService
+    # POST endpoints count toward the per-address rate limit.
+    rate_limited: ClassVar[bool] = False
+    address_limits: RateLimiter | None = None
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        # RFC 7959 §2.9.3: refuse a block-wise upload as soon as it passes the size cap, before
+        # aiocoap assembles it in memory; Size1 tells the client the limit.
+        block1 = pipe.request.opt.block1
+        max_payload = self.service.settings.max_payload
+        if block1 is not None and (block1.block_number + 1) * block1.size > max_payload:
+            error = PayloadTooLarge(f"request payload larger than {max_payload} bytes")
+            response = self._answer(pipe.request, error, time.monotonic())
+            response.opt.size1 = max_payload
+            pipe.add_response(response, is_last=True)
+            return
+        await super().render_to_pipe(pipe)  # type: ignore[misc]
+
+    async def render(self, request: aiocoap.Message) -> aiocoap.Message:
+        started = time.monotonic()
+        caller.set("-")
+        method = str(request.code).lower()
+        handler = getattr(self, f"render_{method}", None)
+        try:
+            if handler is None:
+                raise MethodNotAllowed(f"{request.code} not allowed on {self.path}")
+            if self.rate_limited and self.address_limits is not None:
+                self.address_limits.hit(_address(request), "address")
+            response = await handler(request)
+        except CoapAuthError as error:
+            return self._answer(request, error, started)
+        except Exception:
+            request_id = secrets.token_hex(4)
+            log.exception("request %s to %s failed", request_id, self.path)
+            self._log(request, "5.00", f"server fault {request_id}", started)
+            return aiocoap.Message(code=aiocoap.Code.INTERNAL_SERVER_ERROR)
+        self._log(request, str(response.code).split()[0], "ok", started)
+        return response
+
+    def _answer(
+        self, request: aiocoap.Message, error: CoapAuthError, started: float
+    ) -> aiocoap.Message:
+        response = error_message(error)
+        if _size(response, request) > AMPLIFICATION_FACTOR * _size(request, request):
+            response = error_message(error, compact=True)
+        self._log(request, str(response.code).split()[0], error.description, started)
+        return response
+
+    def _log(self, request: aiocoap.Message, code: str, outcome: str, started: float) -> None:
+        # One line per request: never a payload, so never a secret or a token. Observable
+        # GETs are re-rendered for every notification: those lines are DEBUG.
+        level = logging.DEBUG if request.code == aiocoap.GET else logging.INFO
+        log.log(
+            level,
+            "%s %s from=%s caller=%s -> %s %s (%.1f ms)",
+            request.code,
+            self.path,
+            _address(request),
+            caller.get(),
+            code,
+            outcome,
+            (time.monotonic() - started) * 1000,
+        )
+
+
+class AceEndpoint(Endpoint):
+    """An endpoint taking application/ace+cbor POSTs (/token, /revoke, /introspect)."""
+
+    rate_limited = True
+
+    def __init__(self, service: AuthService) -> None:
+        super().__init__()
+        self.service = service
+
+    def get_link_description(self) -> dict[str, str]:
+        description: dict[str, str] = super().get_link_description()  # type: ignore[misc]
+        return {**description, "ct": str(int(ContentFormat.ACE_CBOR))}
+
+    def ace_body(self, request: aiocoap.Message) -> dict[Any, Any]:
+        return decode_ace_payload(
+            request.payload, request.opt.content_format, self.service.settings.max_payload
+        )
+
+
+def error_message(error: CoapAuthError, *, compact: bool = False) -> aiocoap.Message:
+    code, content_format, payload = error.render(compact=compact)
+    message = aiocoap.Message(
+        code=aiocoap.Code(code), payload=payload, content_format=content_format
+    )
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        message.opt.max_age = retry_after
+    return message
+
+
+def _address(request: aiocoap.Message) -> str:
+    """The source IP address (an IPv4 peer of the IPv6 socket without its ::ffff: prefix)."""
+    sockaddr = getattr(request.remote, "sockaddr", None)
+    if not sockaddr:
+        return "-"
+    return str(sockaddr[0]).removeprefix("::ffff:")
+
+
+def _size(message: aiocoap.Message, request: aiocoap.Message) -> int:
+    """The datagram size of a message carrying the request's message token (RFC 7252 §3:
+    4-byte header, token, options, payload marker and payload)."""
+    payload = len(message.payload)
+    return 4 + len(request.token) + len(message.opt.encode()) + (payload + 1 if payload else 0)

@@ -1,0 +1,122 @@
+"""Caller authentication for /token, /revoke and /introspect: signed assertion or secret.
+
+Devices authenticate as clients; resource servers authenticate to /introspect as their
+audience, with the same two methods. Every failure is the same invalid_client, and an unknown
+id costs the same work as a known one, so no answer tells whether an id exists.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from coap_auth.clock import Clock
+from coap_auth.config import Settings
+from coap_auth.errors import InvalidClient, MalformedToken, TokenError
+from coap_auth.store import MasterKey, Store
+from coap_auth.tokens import alg_for_key, decode_cose, public_key_from_cose
+from coap_auth.tokens.cose import verify_sign1
+from coap_auth.tokens.cwt import decode_claims
+
+CWT_TAG_PREFIX = b"\xd8\x3d"  # tag 61, shortest encoding
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials(Generic[R]):
+    """What a caller may authenticate with, and the record it stands for."""
+
+    record: R
+    principal: str
+    secret_digest: bytes | None = field(repr=False)
+    public_key: dict[Any, Any] | None
+    disabled: bool = False
+
+
+Lookup = Callable[[str], Awaitable[Credentials[R] | None]]
+
+
+class Authenticator:
+    def __init__(
+        self, store: Store, master_key: MasterKey, settings: Settings, clock: Clock
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self._master_key = master_key
+        # Compared against when the id is unknown, so timing does not tell.
+        self._dummy_digest = master_key.digest(secrets.token_bytes(32))
+        self._dummy_public_key = ec.generate_private_key(ec.SECP256R1()).public_key()
+
+    def secret_digest(self, secret: str) -> bytes:
+        return self._master_key.digest(secret.encode("utf-8"))
+
+    async def authenticate(
+        self,
+        lookup: Lookup[R],
+        caller_id: str | None,
+        secret: str | None,
+        assertion: bytes | None,
+        *,
+        replay_namespace: str = "",
+    ) -> R:
+        if assertion is not None:
+            return await self._by_assertion(lookup, assertion, caller_id, replay_namespace)
+        if caller_id is None or secret is None:
+            raise InvalidClient("client authentication required")
+        found = await lookup(caller_id)
+        expected = found.secret_digest if found and found.secret_digest else self._dummy_digest
+        presented = self.secret_digest(secret)
+        if not hmac.compare_digest(presented, expected) or found is None or found.disabled:
+            raise InvalidClient("client authentication failed")
+        return found.record
+
+    async def _by_assertion(
+        self, lookup: Lookup[R], assertion: bytes, caller_id: str | None, namespace: str
+    ) -> R:
+        failed = InvalidClient("client authentication failed")
+        try:
+            # PROTOCOL.md: the assertion is a tagged CWT, 61(18(...)).
+            if not assertion.startswith(CWT_TAG_PREFIX):
+                raise MalformedToken("client assertion must be a tagged CWT")
+            message = decode_cose(assertion)
+            claims = decode_claims(message.payload)
+        except TokenError:
+            raise failed from None
+        found = await lookup(claims.iss)
+        usable = found is not None and found.public_key is not None and not found.disabled
+        # An unknown caller costs a signature check too, so timing does not tell.
+        public_key = (
+            public_key_from_cose(found.public_key)  # type: ignore[union-attr, arg-type]
+            if usable
+            else self._dummy_public_key
+        )
+        try:
+            verify_sign1(message, public_key, alg_for_key(public_key))
+        except TokenError:
+            raise failed from None
+        if not usable or found is None:
+            raise failed
+        now = self.clock.now()
+        skew = self.settings.clock_skew
+        if (
+            claims.sub != claims.iss
+            or (caller_id is not None and caller_id != claims.iss)
+            or claims.aud != self.settings.issuer
+            or claims.exp <= now
+            or claims.exp > now + self.settings.assertion_max_lifetime
+            or claims.iat > now + skew
+            or (claims.nbf is not None and claims.nbf > now + skew)
+        ):
+            raise failed
+        # Only a verified assertion reaches the replay cache, so forgeries cannot fill it.
+        replay_key = namespace + found.principal
+        if not await self.store.remember_assertion(replay_key, claims.cti, claims.exp, now):
+            raise InvalidClient("client assertion replayed")
+        return found.record

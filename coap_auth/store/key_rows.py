@@ -1,0 +1,77 @@
+"""Signing keys as stored rows: the secret sealed under the master key (AES-256-GCM, the kid
+as associated data), or NULL once the key has ended. Shared by the SQL stores."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from coap_auth.keys import KeyState, SigningKey
+from coap_auth.store.master_key import MasterKey
+from coap_auth.wire import CoseAlg
+
+
+def key_to_row(master_key: MasterKey, key: SigningKey) -> tuple[Any, ...]:
+    return (
+        key.kid,
+        int(key.alg),
+        key.state.value,
+        None if key.private_key is None else _seal(master_key, key),
+        key.created_at,
+        key.activated_at,
+        key.retire_until,
+        key.family,
+        key.retired_at,
+        key.ended_at,
+    )
+
+
+def _seal(master_key: MasterKey, key: SigningKey) -> bytes:
+    secret = key.private_key
+    if isinstance(secret, bytes):
+        plain = secret
+    else:
+        assert secret is not None
+        plain = secret.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    return master_key.encrypt(plain, key.kid)
+
+
+def key_from_row(master_key: MasterKey, row: Sequence[Any]) -> SigningKey:
+    (
+        kid,
+        alg,
+        state,
+        sealed,
+        created_at,
+        activated_at,
+        retire_until,
+        family,
+        retired_at,
+        ended_at,
+    ) = row
+    alg = CoseAlg(alg)
+    secret: Any = None
+    if sealed is not None:
+        plain = master_key.decrypt(sealed, kid)
+        if alg == CoseAlg.HMAC_256_64:
+            secret = plain
+        else:
+            secret = serialization.load_der_private_key(plain, password=None)
+    return SigningKey(
+        kid=kid,
+        alg=alg,
+        state=KeyState(state),
+        private_key=secret,
+        created_at=created_at,
+        family=family,
+        activated_at=activated_at,
+        retired_at=retired_at,
+        retire_until=retire_until,
+        ended_at=ended_at,
+    )

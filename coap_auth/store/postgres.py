@@ -1,0 +1,161 @@
+"""The shared store for several instances: PostgreSQL through asyncpg.
+
+Same behaviour as the SQLite store (one contract suite runs against both). Concurrency comes
+from row locks (a refresh token's family is locked for the whole refresh) and from
+transaction-scoped advisory locks for the key set, the audit chain and the TRL sequence; the
+change feed is NOTIFY on commit, heard by every instance's LISTEN connection. Plumbing is in
+postgres_base, refresh families and the TRL in postgres_tokens.
+"""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+import cbor2
+
+from coap_auth.errors import OperatorError
+from coap_auth.keys import SigningKey
+from coap_auth.store.audit import AuditEvent, key_events
+from coap_auth.store.base import KeyTransition
+from coap_auth.store.key_rows import key_from_row, key_to_row
+from coap_auth.store.postgres_base import Conn
+from coap_auth.store.postgres_tokens import PostgresTokenTables
+from coap_auth.store.records import Audience, Client
+from coap_auth.store.rows import audience_from_row, audience_to_row, client_from_row
+
+
+class PostgresStore(PostgresTokenTables):
+    # -- audiences and clients -------------------------------------------------------------
+
+    async def add_audience(self, audience: Audience) -> None:
+        async def add(conn: Conn) -> None:
+            try:
+                await conn.execute(
+                    "INSERT INTO audiences VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    *audience_to_row(audience),
+                )
+            except asyncpg.UniqueViolationError:
+                raise OperatorError(f"audience {audience.audience_id!r} already exists") from None
+            # Servers reload keys and rotation policies: a new family, a new longest lifetime.
+            await self._notify(conn, "keys")
+            details = {"token_format": audience.token_format, "key_family": audience.key_family}
+            event = AuditEvent(
+                audience.created_at, "operator", "audience.added", audience.audience_id, details
+            )
+            await self._audit(conn, [event])
+
+        await self._in_tx(add)
+
+    async def get_audience(self, audience_id: str) -> Audience | None:
+        rows = await self._read("SELECT * FROM audiences WHERE audience_id = $1", audience_id)
+        return audience_from_row(rows[0]) if rows else None
+
+    async def list_audiences(self) -> list[Audience]:
+        return [
+            audience_from_row(r)
+            for r in await self._read("SELECT * FROM audiences ORDER BY audience_id")
+        ]
+
+    async def add_client(self, client: Client) -> None:
+        public_key = None if client.public_key is None else cbor2.dumps(client.public_key)
+
+        async def add(conn: Conn) -> None:
+            known = {r[0] for r in await conn.fetch("SELECT audience_id FROM audiences")}
+            missing = [a for a in client.audiences if a not in known]
+            if missing:
+                raise OperatorError(f"unknown audience {missing[0]!r}")
+            try:
+                await conn.execute(
+                    "INSERT INTO clients VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    client.client_id,
+                    json.dumps(list(client.audiences)),
+                    " ".join(client.scope),
+                    client.secret_digest,
+                    public_key,
+                    client.disabled,
+                    client.created_at,
+                )
+            except asyncpg.UniqueViolationError:
+                raise OperatorError(f"client {client.client_id!r} already exists") from None
+            details = {
+                "audiences": list(client.audiences),
+                "scope": " ".join(client.scope),
+                "auth": client.public_view()["auth"],
+            }
+            event = AuditEvent(
+                client.created_at, "operator", "client.added", client.client_id, details
+            )
+            await self._audit(conn, [event])
+
+        await self._in_tx(add)
+
+    async def get_client(self, client_id: str) -> Client | None:
+        rows = await self._read("SELECT * FROM clients WHERE client_id = $1", client_id)
+        return client_from_row(rows[0]) if rows else None
+
+    async def list_clients(self) -> list[Client]:
+        return [
+            client_from_row(r) for r in await self._read("SELECT * FROM clients ORDER BY client_id")
+        ]
+
+    async def disable_client(self, client_id: str, now: int) -> bool:
+        async def disable(conn: Conn) -> bool:
+            status = await conn.execute(
+                "UPDATE clients SET disabled = TRUE WHERE client_id = $1 AND NOT disabled",
+                client_id,
+            )
+            if status == "UPDATE 1":
+                await self._audit(conn, [AuditEvent(now, "operator", "client.disabled", client_id)])
+                return True
+            return False
+
+        return await self._in_tx(disable)
+
+    # -- signing keys ----------------------------------------------------------------------
+
+    async def load_keys(self) -> list[SigningKey]:
+        async with self._connection() as conn:
+            return await self._load_keys(conn)
+
+    async def _load_keys(self, conn: Conn) -> list[SigningKey]:
+        rows = await conn.fetch("SELECT * FROM signing_keys ORDER BY created_at, kid")
+        return [key_from_row(self._master_key, r) for r in rows]
+
+    async def update_keys(
+        self, transition: KeyTransition, actor: str, now: int
+    ) -> list[SigningKey]:
+        async def update(conn: Conn) -> list[SigningKey]:
+            await self._lock(conn, self._lock_keys)
+            current = await self._load_keys(conn)
+            changed = transition(current)
+            if not changed:
+                return []
+            await conn.executemany(
+                "INSERT INTO signing_keys VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                " ON CONFLICT (kid) DO UPDATE SET state = excluded.state,"
+                " private_key = excluded.private_key, activated_at = excluded.activated_at,"
+                " retire_until = excluded.retire_until, retired_at = excluded.retired_at,"
+                " ended_at = excluded.ended_at",
+                [key_to_row(self._master_key, k) for k in changed],
+            )
+            await self._audit(conn, key_events({k.kid: k for k in current}, changed, actor, now))
+            await self._notify(conn, "keys")
+            return changed
+
+        return await self._in_tx(update)
+
+    # -- replay cache ------------------------------------------------------------------------
+
+    async def remember_assertion(self, client_id: str, cti: bytes, exp: int, now: int) -> bool:
+        async def remember(conn: Conn) -> bool:
+            await conn.execute("DELETE FROM assertion_replay WHERE exp < $1", now)
+            status = await conn.execute(
+                "INSERT INTO assertion_replay VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                client_id,
+                cti,
+                exp,
+            )
+            return bool(status == "INSERT 0 1")
+
+        return await self._in_tx(remember)

@@ -1,0 +1,339 @@
+"""PostgreSQL tables of issued tokens: refresh families (row locks serialise every change
+of a family) and the revocation list (updates numbered under an advisory lock)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cbor2
+
+from coap_auth.store.audit import AuditEvent
+from coap_auth.store.base import Mint, TokenStatus
+from coap_auth.store.postgres_base import Conn, PostgresBase
+from coap_auth.store.records import IssuedAccess, RefreshFamily, RefreshOutcome, TrlUpdate
+from coap_auth.store.rows import family_from_row, trl_update_from_row
+
+
+class PostgresTokenTables(PostgresBase):
+    # -- refresh families ------------------------------------------------------------------
+
+    async def start_family(
+        self, family: RefreshFamily, refresh_digest: bytes, access: IssuedAccess
+    ) -> None:
+        cnf = None if family.cnf is None else cbor2.dumps(family.cnf)
+
+        async def start(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO refresh_families VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, NULL)",
+                family.family_id,
+                family.client_id,
+                family.audience,
+                family.scope,
+                cnf,
+                family.created_at,
+                family.last_used_at,
+                family.expires_at,
+            )
+            await conn.execute(
+                "INSERT INTO refresh_tokens VALUES ($1, $2, $3, NULL, NULL)",
+                refresh_digest,
+                family.family_id,
+                family.created_at,
+            )
+            await _record_access(conn, access, family.family_id)
+
+        await self._in_tx(start)
+
+    async def rotate_refresh(
+        self,
+        refresh_digest: bytes,
+        successor_digest: bytes,
+        *,
+        client_id: str,
+        now: int,
+        grace: int,
+        idle_timeout: int,
+        mint: Mint,
+    ) -> RefreshOutcome:
+        async def rotate(conn: Conn) -> RefreshOutcome:
+            # The family row is locked first, then the token: every path that changes a
+            # family (refresh, kill) takes its row lock, so racers queue here.
+            family_id = await conn.fetchval(
+                "SELECT family_id FROM refresh_tokens WHERE digest = $1", refresh_digest
+            )
+            if family_id is None:
+                return RefreshOutcome("unknown")
+            family = family_from_row(
+                await conn.fetchrow(
+                    "SELECT * FROM refresh_families WHERE family_id = $1 FOR UPDATE", family_id
+                )
+            )
+            token = await conn.fetchrow(
+                "SELECT spent_at, successor FROM refresh_tokens WHERE digest = $1 FOR UPDATE",
+                refresh_digest,
+            )
+            spent_at, successor = token[0], token[1]
+            if family.client_id != client_id:
+                return RefreshOutcome("unknown")
+            if family.killed_at is not None:
+                return RefreshOutcome("dead", family)
+            if now >= family.expires_at or now - family.last_used_at >= idle_timeout:
+                # Expiry is not theft: the family ends, its access tokens live out their time.
+                await self._kill(conn, family, "expired", now, "service", revoke_access=False)
+                return RefreshOutcome("expired", family)
+            status = "rotated"
+            if spent_at is not None:
+                successor_unused = successor is not None and await conn.fetchval(
+                    "SELECT 1 FROM refresh_tokens WHERE digest = $1 AND spent_at IS NULL",
+                    successor,
+                )
+                if now - spent_at >= grace or not successor_unused:
+                    # RFC 9700 §4.14.2: reuse of a spent refresh token means theft.
+                    await self._kill(conn, family, "refresh token reused", now, "service")
+                    return RefreshOutcome("reused", family)
+                # A device whose response was lost: its successor is replaced, not kept live.
+                await conn.execute(
+                    "UPDATE refresh_tokens SET spent_at = $1 WHERE digest = $2", now, successor
+                )
+                status = "grace"
+            access = mint(family)
+            await conn.execute(
+                "UPDATE refresh_tokens SET spent_at = COALESCE(spent_at, $1), successor = $2"
+                " WHERE digest = $3",
+                now,
+                successor_digest,
+                refresh_digest,
+            )
+            await conn.execute(
+                "INSERT INTO refresh_tokens VALUES ($1, $2, $3, NULL, NULL)",
+                successor_digest,
+                family.family_id,
+                now,
+            )
+            await conn.execute(
+                "UPDATE refresh_families SET last_used_at = $1 WHERE family_id = $2",
+                now,
+                family.family_id,
+            )
+            await _record_access(conn, access, family.family_id)
+            return RefreshOutcome(status, family)  # type: ignore[arg-type]
+
+        # A kill inside the transaction must survive the outcome being "reused": it commits.
+        return await self._in_tx(rotate)
+
+    async def kill_families(self, client_id: str, reason: str, now: int) -> int:
+        async def kill(conn: Conn) -> int:
+            rows = await conn.fetch(
+                "SELECT * FROM refresh_families WHERE client_id = $1 AND killed_at IS NULL"
+                " AND expires_at > $2 ORDER BY family_id FOR UPDATE",
+                client_id,
+                now,
+            )
+            for row in rows:
+                await self._kill(conn, family_from_row(row), reason, now, "operator")
+            return len(rows)
+
+        return await self._in_tx(kill)
+
+    async def kill_family_of(
+        self, refresh_digest: bytes, client_id: str, reason: str, now: int
+    ) -> bool:
+        async def kill(conn: Conn) -> bool:
+            row = await conn.fetchrow(
+                "SELECT f.* FROM refresh_tokens t JOIN refresh_families f USING (family_id)"
+                " WHERE t.digest = $1 AND f.client_id = $2 AND f.killed_at IS NULL"
+                " FOR UPDATE OF f",
+                refresh_digest,
+                client_id,
+            )
+            if row is None:
+                return False
+            await self._kill(conn, family_from_row(row), reason, now, "service")
+            return True
+
+        return await self._in_tx(kill)
+
+    async def list_families(self, client_id: str | None, now: int) -> list[RefreshFamily]:
+        if client_id is None:
+            rows = await self._read(
+                "SELECT * FROM refresh_families WHERE killed_at IS NULL AND expires_at > $1"
+                " ORDER BY created_at, family_id",
+                now,
+            )
+        else:
+            rows = await self._read(
+                "SELECT * FROM refresh_families WHERE killed_at IS NULL AND expires_at > $1"
+                " AND client_id = $2 ORDER BY created_at, family_id",
+                now,
+                client_id,
+            )
+        return [family_from_row(r) for r in rows]
+
+    async def _kill(
+        self,
+        conn: Conn,
+        family: RefreshFamily,
+        reason: str,
+        now: int,
+        actor: str,
+        *,
+        revoke_access: bool = True,
+    ) -> None:
+        await conn.execute(
+            "UPDATE refresh_families SET killed_at = $1, kill_reason = $2 WHERE family_id = $3",
+            now,
+            reason,
+            family.family_id,
+        )
+        await conn.execute(
+            "UPDATE refresh_tokens SET spent_at = $1 WHERE family_id = $2 AND spent_at IS NULL",
+            now,
+            family.family_id,
+        )
+        details: dict[str, Any] = {"client_id": family.client_id, "reason": reason}
+        if revoke_access:
+            hashes = [
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT token_hash FROM access_tokens WHERE family_id = $1"
+                    " AND revoked_at IS NULL AND exp > $2 ORDER BY token_hash",
+                    family.family_id,
+                    now,
+                )
+            ]
+            await self._revoke(conn, hashes, now)
+            details["revoked_access_tokens"] = len(hashes)
+        event = AuditEvent(now, actor, "family.killed", family.family_id.hex(), details)
+        await self._audit(conn, [event])
+
+    # -- revocation (RFC 9770 TRL) -------------------------------------------------------------
+
+    async def revoke_access(
+        self, token_hash: bytes, client_id: str | None, now: int, actor: str
+    ) -> bool:
+        async def revoke(conn: Conn) -> bool:
+            owner = await conn.fetchval(
+                "SELECT client_id FROM access_tokens WHERE token_hash = $1"
+                " AND revoked_at IS NULL AND exp > $2 FOR UPDATE",
+                token_hash,
+                now,
+            )
+            if owner is None or (client_id is not None and owner != client_id):
+                return False
+            await self._revoke(conn, [token_hash], now)
+            event = AuditEvent(now, actor, "token.revoked", token_hash.hex(), {"client_id": owner})
+            await self._audit(conn, [event])
+            return True
+
+        return await self._in_tx(revoke)
+
+    async def token_status(self, token_hash: bytes) -> TokenStatus | None:
+        rows = await self._read(
+            "SELECT revoked_at FROM access_tokens WHERE token_hash = $1", token_hash
+        )
+        if not rows:
+            return None
+        return "live" if rows[0][0] is None else "revoked"
+
+    async def is_revoked(self, token_hash: bytes) -> bool:
+        return await self.token_status(token_hash) == "revoked"
+
+    async def trl(self) -> tuple[list[bytes], int, int]:
+        async def read(conn: Conn) -> tuple[list[bytes], int, int]:
+            hashes = [
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT token_hash FROM access_tokens"
+                    " WHERE revoked_at IS NOT NULL AND delisted_at IS NULL"
+                    " ORDER BY revoked_at, token_hash"
+                )
+            ]
+            first, last = await conn.fetchrow(
+                "SELECT COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM trl_updates"
+            )
+            return hashes, int(first), int(last)
+
+        # One snapshot for both reads.
+        async with (
+            self._connection() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            return await read(conn)
+
+    async def trl_updates(self, first_seq: int, last_seq: int) -> list[TrlUpdate]:
+        rows = await self._read(
+            "SELECT * FROM trl_updates WHERE seq BETWEEN $1 AND $2 ORDER BY seq DESC",
+            first_seq,
+            last_seq,
+        )
+        return [trl_update_from_row(r) for r in rows]
+
+    async def sweep_expired(self, now: int, keep_updates: int) -> int:
+        async def sweep(conn: Conn) -> int:
+            # Records of tokens that expired unrevoked are not needed for anything. Deleted
+            # before the TRL lock is taken, so this transaction holds no row lock a
+            # revocation (which takes the TRL lock after its row lock) could be waiting on.
+            await conn.execute(
+                "DELETE FROM access_tokens WHERE revoked_at IS NULL AND exp <= $1", now
+            )
+            await self._lock(conn, self._lock_trl)
+            expired = [
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT token_hash FROM access_tokens WHERE revoked_at IS NOT NULL"
+                    " AND delisted_at IS NULL AND exp <= $1 ORDER BY revoked_at, token_hash",
+                    now,
+                )
+            ]
+            if expired:
+                await conn.execute(
+                    "UPDATE access_tokens SET delisted_at = $1 WHERE token_hash = ANY($2)",
+                    now,
+                    expired,
+                )
+                await self._trl_update(conn, now, removed=expired, added=[])
+            await conn.execute(
+                "DELETE FROM trl_updates WHERE seq <= (SELECT MAX(seq) FROM trl_updates) - $1",
+                keep_updates,
+            )
+            return len(expired)
+
+        return await self._in_tx(sweep)
+
+    async def next_trl_expiry(self) -> int | None:
+        rows = await self._read(
+            "SELECT MIN(exp) FROM access_tokens WHERE revoked_at IS NOT NULL"
+            " AND delisted_at IS NULL"
+        )
+        return rows[0][0]
+
+    async def _revoke(self, conn: Conn, hashes: list[bytes], now: int) -> None:
+        if not hashes:
+            return
+        await conn.execute(
+            "UPDATE access_tokens SET revoked_at = $1 WHERE token_hash = ANY($2)", now, hashes
+        )
+        await self._trl_update(conn, now, removed=[], added=hashes)
+
+    async def _trl_update(
+        self, conn: Conn, now: int, *, removed: list[bytes], added: list[bytes]
+    ) -> None:
+        # Numbered under a lock, so updates become visible in the order of their numbers.
+        await self._lock(conn, self._lock_trl)
+        await conn.execute(
+            "INSERT INTO trl_updates SELECT COALESCE(MAX(seq), 0) + 1, $1, $2, $3 FROM trl_updates",
+            now,
+            cbor2.dumps(removed),
+            cbor2.dumps(added),
+        )
+        await self._notify(conn, "revocations")
+
+
+async def _record_access(conn: Conn, access: IssuedAccess, family_id: bytes) -> None:
+    await conn.execute(
+        "INSERT INTO access_tokens (token_hash, family_id, client_id, exp) VALUES ($1, $2, $3, $4)",
+        access.token_hash,
+        family_id,
+        access.client_id,
+        access.exp,
+    )

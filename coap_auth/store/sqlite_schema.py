@@ -1,0 +1,178 @@
+"""The SQLite schema and its migrations.
+
+`PRAGMA user_version` numbers the schema; `migrate` brings any older file up to date in one
+transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import cbor2
+
+SCHEMA_VERSION = 2
+
+SCHEMA = """
+CREATE TABLE audiences (
+    audience_id TEXT PRIMARY KEY,
+    token_format TEXT NOT NULL CHECK (token_format IN ('cwt', 'jwt')),
+    lifetime INTEGER NOT NULL CHECK (lifetime > 0),
+    created_at INTEGER NOT NULL,
+    key_family TEXT NOT NULL DEFAULT 'default',
+    key_alg TEXT,
+    introspect_secret_digest BLOB,
+    introspect_public_key BLOB
+);
+CREATE TABLE clients (
+    client_id TEXT PRIMARY KEY,
+    audiences TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    secret_digest BLOB,
+    public_key BLOB,
+    disabled INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    CHECK ((secret_digest IS NULL) <> (public_key IS NULL))
+);
+CREATE TABLE signing_keys (
+    kid BLOB PRIMARY KEY,
+    alg INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    private_key BLOB,
+    created_at INTEGER NOT NULL,
+    activated_at INTEGER,
+    retire_until INTEGER,
+    family TEXT NOT NULL DEFAULT 'default',
+    retired_at INTEGER,
+    ended_at INTEGER
+);
+CREATE TABLE assertion_replay (
+    client_id TEXT NOT NULL,
+    cti BLOB NOT NULL,
+    exp INTEGER NOT NULL,
+    PRIMARY KEY (client_id, cti)
+);
+CREATE TABLE refresh_families (
+    family_id BLOB PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    audience TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    cnf BLOB,
+    created_at INTEGER NOT NULL,
+    last_used_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    killed_at INTEGER,
+    kill_reason TEXT
+);
+CREATE INDEX refresh_families_client ON refresh_families (client_id);
+CREATE TABLE refresh_tokens (
+    digest BLOB PRIMARY KEY,
+    family_id BLOB NOT NULL REFERENCES refresh_families (family_id),
+    issued_at INTEGER NOT NULL,
+    spent_at INTEGER,
+    successor BLOB
+);
+CREATE INDEX refresh_tokens_family ON refresh_tokens (family_id);
+CREATE TABLE access_tokens (
+    token_hash BLOB PRIMARY KEY,
+    family_id BLOB REFERENCES refresh_families (family_id),
+    client_id TEXT NOT NULL,
+    exp INTEGER NOT NULL,
+    revoked_at INTEGER,
+    delisted_at INTEGER
+);
+CREATE INDEX access_tokens_family ON access_tokens (family_id);
+CREATE INDEX access_tokens_exp ON access_tokens (exp);
+CREATE TABLE change_feed (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    counter INTEGER NOT NULL,
+    revocations INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO change_feed (id, counter) VALUES (1, 0);
+CREATE TABLE trl_updates (
+    seq INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL,
+    removed BLOB NOT NULL,
+    added BLOB NOT NULL
+);
+CREATE TABLE audit_log (
+    seq INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    event TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    details TEXT NOT NULL,
+    mac BLOB NOT NULL
+);
+"""
+
+# Version 1 (the first release) to 2: key families, ended keys without secrets, resource-server
+# credentials, the TRL's history and delisting, the audit log, a revocation counter.
+_FROM_1 = """
+ALTER TABLE audiences ADD COLUMN key_family TEXT NOT NULL DEFAULT 'default';
+ALTER TABLE audiences ADD COLUMN key_alg TEXT;
+ALTER TABLE audiences ADD COLUMN introspect_secret_digest BLOB;
+ALTER TABLE audiences ADD COLUMN introspect_public_key BLOB;
+CREATE TABLE signing_keys_v2 (
+    kid BLOB PRIMARY KEY, alg INTEGER NOT NULL, state TEXT NOT NULL, private_key BLOB,
+    created_at INTEGER NOT NULL, activated_at INTEGER, retire_until INTEGER,
+    family TEXT NOT NULL DEFAULT 'default', retired_at INTEGER, ended_at INTEGER
+);
+INSERT INTO signing_keys_v2 (kid, alg, state, private_key, created_at, activated_at, retire_until)
+    SELECT kid, alg, state, private_key, created_at, activated_at, retire_until FROM signing_keys;
+DROP TABLE signing_keys;
+ALTER TABLE signing_keys_v2 RENAME TO signing_keys;
+ALTER TABLE access_tokens ADD COLUMN delisted_at INTEGER;
+CREATE INDEX access_tokens_exp ON access_tokens (exp);
+ALTER TABLE change_feed ADD COLUMN revocations INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE trl_updates (
+    seq INTEGER PRIMARY KEY, at INTEGER NOT NULL, removed BLOB NOT NULL, added BLOB NOT NULL
+);
+CREATE TABLE audit_log (
+    seq INTEGER PRIMARY KEY, at INTEGER NOT NULL, actor TEXT NOT NULL, event TEXT NOT NULL,
+    subject TEXT NOT NULL, details TEXT NOT NULL, mac BLOB NOT NULL
+);
+"""
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Create the schema in an empty file, or bring an older one up to `SCHEMA_VERSION`."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        has_tables = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'signing_keys'"
+        ).fetchone()
+        if not has_tables:
+            _script(conn, SCHEMA)
+        elif version < 2:
+            _script(conn, _FROM_1)
+            _seed_trl_history(conn)
+        elif version > SCHEMA_VERSION:
+            raise RuntimeError(f"database schema {version} is newer than this coap-auth")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _seed_trl_history(conn: sqlite3.Connection) -> None:
+    """Version 1 revoked tokens but kept no TRL history: record what is listed as one update,
+    so diff readers see it added (and later removed when it expires)."""
+    rows = conn.execute(
+        "SELECT token_hash, revoked_at FROM access_tokens WHERE revoked_at IS NOT NULL"
+        " ORDER BY revoked_at, token_hash"
+    ).fetchall()
+    if rows:
+        conn.execute(
+            "INSERT INTO trl_updates (seq, at, removed, added) VALUES (1, ?, ?, ?)",
+            (max(r[1] for r in rows), cbor2.dumps([]), cbor2.dumps([r[0] for r in rows])),
+        )
+        conn.execute("UPDATE change_feed SET revocations = revocations + 1 WHERE id = 1")
+
+
+def _script(conn: sqlite3.Connection, script: str) -> None:
+    # executescript() would commit the open transaction; run statement by statement instead.
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)

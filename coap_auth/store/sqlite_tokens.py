@@ -1,0 +1,306 @@
+"""SQLite tables of issued tokens: refresh families (rotation, reuse, kills) and the
+revocation list (RFC 9770 updates, delisting on expiry)."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import cbor2
+
+from coap_auth.store.audit import AuditEvent
+from coap_auth.store.base import Mint, TokenStatus
+from coap_auth.store.records import IssuedAccess, RefreshFamily, RefreshOutcome, TrlUpdate
+from coap_auth.store.rows import family_from_row, trl_update_from_row
+from coap_auth.store.sqlite_base import SqliteBase
+
+
+class TokenTables(SqliteBase):
+    # -- refresh families ------------------------------------------------------------------
+
+    async def start_family(
+        self, family: RefreshFamily, refresh_digest: bytes, access: IssuedAccess
+    ) -> None:
+        cnf = None if family.cnf is None else cbor2.dumps(family.cnf)
+
+        def start(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO refresh_families VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+                (
+                    family.family_id,
+                    family.client_id,
+                    family.audience,
+                    family.scope,
+                    cnf,
+                    family.created_at,
+                    family.last_used_at,
+                    family.expires_at,
+                ),
+            )
+            conn.execute(
+                "INSERT INTO refresh_tokens VALUES (?, ?, ?, NULL, NULL)",
+                (refresh_digest, family.family_id, family.created_at),
+            )
+            _record_access(conn, access, family.family_id)
+
+        await self._in_tx(start)
+
+    async def rotate_refresh(
+        self,
+        refresh_digest: bytes,
+        successor_digest: bytes,
+        *,
+        client_id: str,
+        now: int,
+        grace: int,
+        idle_timeout: int,
+        mint: Mint,
+    ) -> RefreshOutcome:
+        def rotate(conn: sqlite3.Connection) -> RefreshOutcome:
+            row = conn.execute(
+                "SELECT t.spent_at, t.successor, f.* FROM refresh_tokens t"
+                " JOIN refresh_families f USING (family_id) WHERE t.digest = ?",
+                (refresh_digest,),
+            ).fetchone()
+            if row is None:
+                return RefreshOutcome("unknown")
+            spent_at, successor, family = row[0], row[1], family_from_row(row[2:])
+            if family.client_id != client_id:
+                return RefreshOutcome("unknown")
+            if family.killed_at is not None:
+                return RefreshOutcome("dead", family)
+            if now >= family.expires_at or now - family.last_used_at >= idle_timeout:
+                # Expiry is not theft: the family ends, its access tokens live out their time.
+                self._kill(conn, family, "expired", now, "service", revoke_access=False)
+                return RefreshOutcome("expired", family)
+            status = "rotated"
+            if spent_at is not None:
+                successor_unused = (
+                    successor is not None
+                    and conn.execute(
+                        "SELECT 1 FROM refresh_tokens WHERE digest = ? AND spent_at IS NULL",
+                        (successor,),
+                    ).fetchone()
+                )
+                if now - spent_at >= grace or not successor_unused:
+                    # RFC 9700 §4.14.2: reuse of a spent refresh token means theft.
+                    self._kill(conn, family, "refresh token reused", now, "service")
+                    return RefreshOutcome("reused", family)
+                # A device whose response was lost: its successor is replaced, not kept live.
+                conn.execute(
+                    "UPDATE refresh_tokens SET spent_at = ? WHERE digest = ?", (now, successor)
+                )
+                status = "grace"
+            access = mint(family)
+            conn.execute(
+                "UPDATE refresh_tokens SET spent_at = COALESCE(spent_at, ?), successor = ?"
+                " WHERE digest = ?",
+                (now, successor_digest, refresh_digest),
+            )
+            conn.execute(
+                "INSERT INTO refresh_tokens VALUES (?, ?, ?, NULL, NULL)",
+                (successor_digest, family.family_id, now),
+            )
+            conn.execute(
+                "UPDATE refresh_families SET last_used_at = ? WHERE family_id = ?",
+                (now, family.family_id),
+            )
+            _record_access(conn, access, family.family_id)
+            return RefreshOutcome(status, family)  # type: ignore[arg-type]
+
+        return await self._in_tx(rotate)
+
+    async def kill_families(self, client_id: str, reason: str, now: int) -> int:
+        def kill(conn: sqlite3.Connection) -> int:
+            families = [
+                family_from_row(r)
+                for r in conn.execute(
+                    "SELECT * FROM refresh_families"
+                    " WHERE client_id = ? AND killed_at IS NULL AND expires_at > ?",
+                    (client_id, now),
+                )
+            ]
+            for family in families:
+                self._kill(conn, family, reason, now, "operator")
+            return len(families)
+
+        return await self._in_tx(kill)
+
+    async def kill_family_of(
+        self, refresh_digest: bytes, client_id: str, reason: str, now: int
+    ) -> bool:
+        def kill(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT f.* FROM refresh_tokens t JOIN refresh_families f USING (family_id)"
+                " WHERE t.digest = ? AND f.client_id = ? AND f.killed_at IS NULL",
+                (refresh_digest, client_id),
+            ).fetchone()
+            if row is None:
+                return False
+            self._kill(conn, family_from_row(row), reason, now, "service")
+            return True
+
+        return await self._in_tx(kill)
+
+    async def list_families(self, client_id: str | None, now: int) -> list[RefreshFamily]:
+        query = (
+            "SELECT * FROM refresh_families WHERE killed_at IS NULL AND expires_at > ?"
+            + (" AND client_id = ?" if client_id is not None else "")
+            + " ORDER BY created_at, family_id"
+        )
+        args = (now,) if client_id is None else (now, client_id)
+        return [family_from_row(r) for r in await self._read(query, args)]
+
+    def _kill(
+        self,
+        conn: sqlite3.Connection,
+        family: RefreshFamily,
+        reason: str,
+        now: int,
+        actor: str,
+        *,
+        revoke_access: bool = True,
+    ) -> None:
+        """Kill a family: no refresh token of it works again; unless told otherwise, its
+        unexpired access tokens are revoked, all in one TRL update."""
+        conn.execute(
+            "UPDATE refresh_families SET killed_at = ?, kill_reason = ? WHERE family_id = ?",
+            (now, reason, family.family_id),
+        )
+        conn.execute(
+            "UPDATE refresh_tokens SET spent_at = ? WHERE family_id = ? AND spent_at IS NULL",
+            (now, family.family_id),
+        )
+        details: dict[str, Any] = {"client_id": family.client_id, "reason": reason}
+        if revoke_access:
+            hashes = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT token_hash FROM access_tokens"
+                    " WHERE family_id = ? AND revoked_at IS NULL AND exp > ?"
+                    " ORDER BY token_hash",
+                    (family.family_id, now),
+                )
+            ]
+            _revoke(conn, hashes, now)
+            details["revoked_access_tokens"] = len(hashes)
+        self._audit(
+            conn, [AuditEvent(now, actor, "family.killed", family.family_id.hex(), details)]
+        )
+
+    # -- revocation (RFC 9770 TRL) -------------------------------------------------------------
+
+    async def revoke_access(
+        self, token_hash: bytes, client_id: str | None, now: int, actor: str
+    ) -> bool:
+        def revoke(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT client_id FROM access_tokens"
+                " WHERE token_hash = ? AND revoked_at IS NULL AND exp > ?",
+                (token_hash, now),
+            ).fetchone()
+            if row is None or (client_id is not None and row[0] != client_id):
+                return False
+            _revoke(conn, [token_hash], now)
+            self._audit(
+                conn,
+                [AuditEvent(now, actor, "token.revoked", token_hash.hex(), {"client_id": row[0]})],
+            )
+            return True
+
+        return await self._in_tx(revoke)
+
+    async def token_status(self, token_hash: bytes) -> TokenStatus | None:
+        rows = await self._read(
+            "SELECT revoked_at FROM access_tokens WHERE token_hash = ?", (token_hash,)
+        )
+        if not rows:
+            return None
+        return "live" if rows[0][0] is None else "revoked"
+
+    async def is_revoked(self, token_hash: bytes) -> bool:
+        return await self.token_status(token_hash) == "revoked"
+
+    async def trl(self) -> tuple[list[bytes], int, int]:
+        def read(conn: sqlite3.Connection) -> tuple[list[bytes], int, int]:
+            hashes = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT token_hash FROM access_tokens"
+                    " WHERE revoked_at IS NOT NULL AND delisted_at IS NULL"
+                    " ORDER BY revoked_at, token_hash"
+                )
+            ]
+            first, last = conn.execute(
+                "SELECT COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM trl_updates"
+            ).fetchone()
+            return hashes, int(first), int(last)
+
+        return await self._run(self._tx, read, "BEGIN DEFERRED")
+
+    async def trl_updates(self, first_seq: int, last_seq: int) -> list[TrlUpdate]:
+        rows = await self._read(
+            "SELECT * FROM trl_updates WHERE seq BETWEEN ? AND ? ORDER BY seq DESC",
+            (first_seq, last_seq),
+        )
+        return [trl_update_from_row(r) for r in rows]
+
+    async def sweep_expired(self, now: int, keep_updates: int) -> int:
+        def sweep(conn: sqlite3.Connection) -> int:
+            expired = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT token_hash FROM access_tokens WHERE revoked_at IS NOT NULL"
+                    " AND delisted_at IS NULL AND exp <= ? ORDER BY revoked_at, token_hash",
+                    (now,),
+                )
+            ]
+            if expired:
+                conn.executemany(
+                    "UPDATE access_tokens SET delisted_at = ? WHERE token_hash = ?",
+                    [(now, h) for h in expired],
+                )
+                _trl_update(conn, now, removed=expired, added=[])
+            # Records of tokens that expired unrevoked are no longer needed for anything.
+            conn.execute("DELETE FROM access_tokens WHERE revoked_at IS NULL AND exp <= ?", (now,))
+            conn.execute(
+                "DELETE FROM trl_updates WHERE seq <= (SELECT MAX(seq) FROM trl_updates) - ?",
+                (keep_updates,),
+            )
+            return len(expired)
+
+        return await self._in_tx(sweep)
+
+    async def next_trl_expiry(self) -> int | None:
+        rows = await self._read(
+            "SELECT MIN(exp) FROM access_tokens"
+            " WHERE revoked_at IS NOT NULL AND delisted_at IS NULL"
+        )
+        return rows[0][0]
+
+
+def _record_access(conn: sqlite3.Connection, access: IssuedAccess, family_id: bytes) -> None:
+    conn.execute(
+        "INSERT INTO access_tokens (token_hash, family_id, client_id, exp) VALUES (?, ?, ?, ?)",
+        (access.token_hash, family_id, access.client_id, access.exp),
+    )
+
+
+def _revoke(conn: sqlite3.Connection, hashes: list[bytes], now: int) -> None:
+    """Revoke these (live, unrevoked) access tokens: one TRL update holding them all."""
+    if not hashes:
+        return
+    conn.executemany(
+        "UPDATE access_tokens SET revoked_at = ? WHERE token_hash = ?", [(now, h) for h in hashes]
+    )
+    _trl_update(conn, now, removed=[], added=hashes)
+
+
+def _trl_update(
+    conn: sqlite3.Connection, now: int, *, removed: list[bytes], added: list[bytes]
+) -> None:
+    conn.execute(
+        "INSERT INTO trl_updates (at, removed, added) VALUES (?, ?, ?)",
+        (now, cbor2.dumps(removed), cbor2.dumps(added)),
+    )
+    conn.execute("UPDATE change_feed SET revocations = revocations + 1 WHERE id = 1")

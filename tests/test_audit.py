@@ -1,0 +1,145 @@
+"""The audit log through the real CLI: every key and admin action is recorded, and
+`coap-auth audit verify` catches an edited, removed, reordered or forged entry.
+
+Tampering is done the way an attacker with the database file would: with sqlite3, directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from coap_auth.store import MasterKey
+from coap_auth.store.audit import GENESIS, entry_mac
+from coap_auth.store.rows import audit_entry_from_row
+from tests.test_cli import add_secret_client, keys_by_state, ok, run_cli
+
+DB = "coap-auth.sqlite3"
+
+
+SECRETS: list[str] = []
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir with a history: keys created, an audience, a client, a forced rotation,
+    a key revocation, a disabled client."""
+    data_dir = tmp_path_factory.mktemp("audited") / "data"
+    ok("init", data_dir=data_dir)
+    ok("audiences", "add", "thermostat", "--lifetime", "600", data_dir=data_dir)
+    SECRETS.append(add_secret_client(data_dir))
+    ok("keys", "rotate", "--force", data_dir=data_dir)
+    (next_kid,) = keys_by_state(data_dir)["next"]
+    ok("keys", "revoke", next_kid, data_dir=data_dir)
+    ok("clients", "disable", "sensor-1", data_dir=data_dir)
+    return data_dir
+
+
+def tail(data_dir: Path) -> list[dict]:
+    return json.loads(ok("audit", "tail", "-n", "100", "--json", data_dir=data_dir))
+
+
+def test_every_key_and_admin_action_is_recorded_in_order(audited: Path) -> None:
+    events = [(e["actor"], e["event"]) for e in tail(audited)]
+    assert events == [
+        ("service", "key.created"),  # init: the active key...
+        ("service", "key.created"),  # ...and its published successor
+        ("operator", "audience.added"),
+        ("operator", "client.added"),
+        ("operator", "key.retired"),
+        ("operator", "key.activated"),
+        ("operator", "key.created"),
+        ("operator", "key.revoked"),
+        ("operator", "key.created"),  # a fresh next key replaces the revoked one
+        ("operator", "client.disabled"),
+    ]
+    out = ok("audit", "verify", data_dir=audited)
+    assert out.startswith("audit log intact: 10 entries; head ")
+    # No secret reaches the log: the client's entry says how it authenticates, nothing more.
+    logged = json.dumps(tail(audited))
+    assert SECRETS and all(secret not in logged for secret in SECRETS)
+    assert "digest" not in logged
+    short = ok("audit", "tail", "-n", "2", data_dir=audited).splitlines()
+    assert len(short) == 2 and "client.disabled" in short[-1]
+
+
+def _edit(sql: str, *args: object) -> Callable[[sqlite3.Connection], None]:
+    return lambda conn: conn.execute(sql, args)
+
+
+def _swap(conn: sqlite3.Connection) -> None:
+    rows = {r[0]: r[1:] for r in conn.execute("SELECT * FROM audit_log WHERE seq IN (3, 4)")}
+    for seq, other in ((3, 4), (4, 3)):
+        conn.execute(
+            "UPDATE audit_log SET at = ?, actor = ?, event = ?, subject = ?, details = ?, mac = ?"
+            " WHERE seq = ?",
+            (*rows[other], seq),
+        )
+
+
+def _forge(conn: sqlite3.Connection) -> None:
+    last = conn.execute("SELECT * FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+    conn.execute(
+        "INSERT INTO audit_log VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (last[0] + 1, last[1], "operator", "client.added", "mallory", "{}", bytes(32)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("tamper", "broken_at"),
+    [
+        pytest.param(
+            _edit("UPDATE audit_log SET subject = 'someone-else' WHERE seq = 4"), 4, id="edit"
+        ),
+        pytest.param(
+            _edit("UPDATE audit_log SET details = '{}' WHERE seq = 8"), 8, id="edit-details"
+        ),
+        pytest.param(_edit("UPDATE audit_log SET at = at + 1 WHERE seq = 1"), 1, id="edit-time"),
+        pytest.param(_edit("DELETE FROM audit_log WHERE seq = 5"), 6, id="delete"),
+        pytest.param(_swap, 3, id="swap"),
+        pytest.param(_edit("UPDATE audit_log SET seq = 99 WHERE seq = 2"), 3, id="renumber"),
+        pytest.param(_forge, 11, id="append-forged"),
+    ],
+)
+def test_audit_verify_detects_tampering(
+    audited: Path,
+    tmp_path: Path,
+    tamper: Callable[[sqlite3.Connection], None],
+    broken_at: int,
+) -> None:
+    data_dir = tmp_path / "data"
+    shutil.copytree(audited, data_dir)
+    with contextlib.closing(sqlite3.connect(data_dir / DB)) as conn, conn:
+        tamper(conn)
+
+    result = run_cli("audit", "verify", data_dir=data_dir)
+
+    assert result.returncode == 2, result.stdout
+    assert f"audit log broken at entry {broken_at}" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_chain_is_keyed_by_the_master_key(audited: Path, tmp_path: Path) -> None:
+    """Someone with the database but not the master key edits an entry and re-chains every
+    MAC after it with a key of their own: verify still fails, at the edited entry."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(audited, data_dir)
+    forger = MasterKey(b"\x07" * 32)
+    with contextlib.closing(sqlite3.connect(data_dir / DB)) as conn, conn:
+        conn.execute("UPDATE audit_log SET subject = 'mallory' WHERE seq = 4")
+        previous = GENESIS
+        for row in conn.execute("SELECT * FROM audit_log ORDER BY seq").fetchall():
+            entry = audit_entry_from_row(row)
+            previous = entry_mac(forger.audit_mac, previous, entry.seq, entry.event)
+            conn.execute("UPDATE audit_log SET mac = ? WHERE seq = ?", (previous, entry.seq))
+
+    result = run_cli("audit", "verify", data_dir=data_dir)
+
+    assert result.returncode == 2
+    assert "audit log broken at entry 1: MAC does not match" in result.stderr

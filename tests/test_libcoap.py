@@ -1,0 +1,102 @@
+"""Cross-check with a CoAP implementation nobody here wrote: libcoap's `coap-client-notls`.
+
+A token request, a /keys read (also block-wise, with libcoap choosing the block size), an
+Observe of /keys through a rotation, and a TRL read. Skipped, with the reason, where libcoap's
+client is not installed (`.ci/run` installs Debian's libcoap3-bin when it can).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+from pathlib import Path
+from typing import Any
+
+import aiocoap
+import cbor2
+import pytest
+
+from coap_auth.store import Audience
+from coap_auth.tokens import verify_cwt
+from tests.conftest import Coap
+
+COAP_CLIENT = shutil.which("coap-client-notls") or shutil.which("coap-client")
+pytestmark = pytest.mark.skipif(
+    COAP_CLIENT is None, reason="libcoap's coap-client-notls is not installed (libcoap3-bin)"
+)
+TIMEOUT = 20
+
+
+async def coap_client(*args: str) -> bytes:
+    """What libcoap printed: the payload of a 2.xx answer (it adds a newline after each)."""
+    return (await coap_client_output(*args))[0]
+
+
+async def coap_client_output(*args: str) -> tuple[bytes, bytes]:
+    assert COAP_CLIENT is not None
+    process = await asyncio.create_subprocess_exec(
+        COAP_CLIENT,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), TIMEOUT)
+    assert process.returncode == 0, stderr.decode(errors="replace")
+    return stdout, stderr
+
+
+def cbor_items(data: bytes) -> list[Any]:
+    """The CBOR items libcoap printed one after another (one per notification), skipping
+    the newline it may print between them."""
+    stream, items = io.BytesIO(data), []
+    while stream.tell() < len(data):
+        if data[stream.tell()] == 0x0A:  # a newline, not an item: a key set is an array
+            stream.seek(1, io.SEEK_CUR)
+            continue
+        items.append(cbor2.CBORDecoder(stream).decode())
+    return items
+
+
+async def test_libcoap_gets_a_token_that_verifies(sensor: Coap, tmp_path: Path) -> None:
+    body = tmp_path / "request.cbor"
+    body.write_bytes(cbor2.dumps({24: "sensor-1", 25: sensor.secrets["sensor-1"], 5: "thermostat"}))
+    out = await coap_client("-m", "post", "-t", "19", "-f", str(body), f"{sensor.base}/token")
+    answer = cbor2.loads(out.removesuffix(b"\n"))
+    claims = verify_cwt(answer[1], sensor.service.key_ring.lookup)
+    assert claims.sub == "sensor-1" and claims.aud == "thermostat"
+    assert answer[2] == 600 and answer[34] == 1 and len(answer[37]) == 32
+
+
+async def test_libcoap_reads_keys_whole_and_block_wise(coap: Coap) -> None:
+    for n in range(6):  # a set over 1024 bytes
+        audience = Audience(f"rs-{n}", "cwt", 600, coap.service.clock.now(), key_family=f"rs-{n}")
+        await coap.service.store.add_audience(audience)
+    await coap.server.tick()
+    ours = (await coap.request(aiocoap.GET, "/keys")).payload
+    assert len(ours) > 1024
+    whole = await coap_client("-m", "get", f"{coap.base}/keys")
+    in_blocks = await coap_client("-m", "get", "-b", "64", f"{coap.base}/keys")
+    assert whole.removesuffix(b"\n") == ours and in_blocks.removesuffix(b"\n") == ours
+
+
+async def test_libcoap_observes_a_rotation(coap: Coap) -> None:
+    before = (await coap.request(aiocoap.GET, "/keys")).payload
+    observer = asyncio.create_task(coap_client("-s", "3", f"{coap.base}/keys"))
+    await asyncio.sleep(1)  # registered (wall time: libcoap is another process)
+    await coap.service.rotate_keys(force=True)
+    await coap.server.tick()
+    after = (await coap.request(aiocoap.GET, "/keys")).payload
+
+    sets = cbor_items(await observer)
+
+    assert cbor2.loads(before) == sets[0]
+    assert sets[-1] == cbor2.loads(after) and len(sets) >= 2
+
+
+async def test_libcoap_reads_the_trl_with_a_diff_query(sensor: Coap) -> None:
+    out = await coap_client("-m", "get", f"{sensor.base}/revoke/trl?diff=2")
+    assert cbor2.loads(out.removesuffix(b"\n")) == {1: [], 2: None, 3: False}
+    # libcoap prints an error's code and payload on stderr (non-printable bytes as dots).
+    _, error = await coap_client_output("-m", "get", f"{sensor.base}/revoke/trl?cursor=1")
+    assert error.startswith(b"4.00") and b"cursor requires diff" in error
