@@ -60,7 +60,8 @@ def no_secret_in_any_log() -> Iterator[None]:
     root.removeHandler(handler)
     root.setLevel(previous)
     logged = "\n".join(handler.texts).encode("utf-8", "replace")
-    assert handler.texts, "the scan saw no log line at all"
+    # Not vacuous: where in-process tests handled secrets, their server logged something.
+    assert handler.texts or not SEEN_SECRETS, "the scan saw no log line at all"
     leaks = [
         value[:6].hex()
         for value in SEEN_SECRETS
