@@ -5,8 +5,11 @@ Tests that need PostgreSQL are skipped, with the reason, when the variable is un
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -45,3 +48,21 @@ async def fetch(schema: str, query: str, *args: object) -> list[asyncpg.Record]:
         return list(await conn.fetch(query, *args))
     finally:
         await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def own_role(schema: str) -> AsyncIterator[tuple[str, str]]:
+    """A login role owning nothing but what it creates in `schema`; yields (role, dsn)."""
+    assert PG_DSN is not None
+    role = f"r_{secrets.token_hex(5)}"
+    admin = await asyncpg.connect(PG_DSN)
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN")
+        await admin.execute(f"GRANT ALL ON SCHEMA {schema} TO {role}")
+        parts = urlsplit(PG_DSN)
+        netloc = f"{role}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        yield role, urlunsplit(parts._replace(netloc=netloc))
+    finally:
+        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()

@@ -9,14 +9,12 @@ instance that loses its database answers 5.03 with Max-Age and recovers on its o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiocoap
 import asyncpg
@@ -194,28 +192,10 @@ async def test_rotation_and_revocation_on_a_reach_observers_of_b(pair: Any) -> N
 # -- connection loss ----------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def own_role(schema: str) -> AsyncIterator[tuple[str, str]]:
-    """A login role owning nothing but what it creates in `schema`; yields (role, dsn)."""
-    assert pg.PG_DSN is not None
-    role = f"r_{secrets.token_hex(5)}"
-    admin = await asyncpg.connect(pg.PG_DSN)
-    try:
-        await admin.execute(f"CREATE ROLE {role} LOGIN")
-        await admin.execute(f"GRANT ALL ON SCHEMA {schema} TO {role}")
-        parts = urlsplit(pg.PG_DSN)
-        netloc = f"{role}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        yield role, urlunsplit(parts._replace(netloc=netloc))
-    finally:
-        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await admin.execute(f"DROP ROLE IF EXISTS {role}")
-        await admin.close()
-
-
 async def test_lost_database_answers_5_03_with_max_age_and_recovers(
     schema: str, tmp_path: Path
 ) -> None:
-    async with own_role(schema) as (role, dsn):
+    async with pg.own_role(schema) as (role, dsn):
         master_key, clock = MasterKey(secrets.token_bytes(32)), SettableClock()
         instance = await start_instance(dsn, schema, master_key, clock, tmp_path)
         store = instance.service.store

@@ -220,7 +220,8 @@ class AuthService:
             raise InvalidGrant("refresh token reused: its family is revoked")
         if outcome.status not in ("rotated", "grace"):
             raise InvalidGrant("refresh token invalid or expired")
-        return replace(issued[0], refresh_token=successor)
+        # The store may have rerun the transaction: the last token minted is the stored one.
+        return replace(issued[-1], refresh_token=successor)
 
     def _mint(
         self,

@@ -21,10 +21,13 @@ from coap_auth.store.records import (
 )
 
 # Called inside the refresh transaction to mint the successor's access token; raising
-# aborts the refresh and changes nothing.
+# aborts the refresh and changes nothing. A store may rerun a transaction that lost a race
+# (PostgreSQL: a deadlock or serialization failure), calling this again: only the last
+# call's token is stored.
 Mint = Callable[[RefreshFamily], IssuedAccess]
 # Called inside the key transaction with every stored key; returns the keys to insert or
-# update (empty: nothing to do). Raising aborts and changes nothing.
+# update (empty: nothing to do). Raising aborts and changes nothing. Like `Mint`, it may be
+# called again if the transaction is rerun; only the last call's result is stored.
 KeyTransition = Callable[[list[SigningKey]], list[SigningKey]]
 TokenStatus = Literal["live", "revoked"]
 
@@ -95,7 +98,8 @@ class Store(Protocol):
         ...
 
     async def kill_families(self, client_id: str, reason: str, now: int) -> int:
-        """Kill every live family of a client, revoking their access tokens; return how many."""
+        """Kill every live family of a client, revoking their access tokens in one TRL
+        update; return how many families."""
         ...
 
     async def kill_family_of(

@@ -2,9 +2,10 @@
 
 Same behaviour as the SQLite store (one contract suite runs against both). Concurrency comes
 from row locks (a refresh token's family is locked for the whole refresh) and from
-transaction-scoped advisory locks for the key set, the audit chain and the TRL sequence; the
-change feed is NOTIFY on commit, heard by every instance's LISTEN connection. Plumbing is in
-postgres_base, refresh families and the TRL in postgres_tokens.
+transaction-scoped advisory locks for the key set, the audit chain and the TRL sequence, always
+taken in the order postgres_base's docstring writes down; the change feed is NOTIFY on commit,
+heard by every instance's LISTEN connection. Plumbing is in postgres_base, refresh families and
+the TRL in postgres_tokens.
 """
 
 from __future__ import annotations
@@ -139,8 +140,9 @@ class PostgresStore(PostgresTokenTables):
                 " ended_at = excluded.ended_at",
                 [key_to_row(self._master_key, k) for k in changed],
             )
-            await self._audit(conn, key_events({k.kid: k for k in current}, changed, actor, now))
+            # Lock order (postgres_base): the change_feed row before the audit lock.
             await self._notify(conn, "keys")
+            await self._audit(conn, key_events({k.kid: k for k in current}, changed, actor, now))
             return changed
 
         return await self._in_tx(update)

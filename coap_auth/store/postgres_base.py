@@ -1,8 +1,21 @@
 """The PostgreSQL store's plumbing: the pool, transactions, advisory locks, NOTIFY, the audit
 chain and the LISTEN side of the change feed. The tables are handled by the classes built on it.
 
-A lost database raises `StoreUnavailable` (5.03 with Max-Age on the wire) until the pool
-reconnects.
+Lock order. Every transaction takes the locks it needs in this order, and never an earlier
+one once it holds a later one, so two transactions cannot wait on each other:
+
+1. row locks of the rows it changes (audiences, clients, refresh_families by family_id, then
+   refresh_tokens, then access_tokens; several rows of one table in key order, taken with
+   `ORDER BY ... FOR UPDATE`);
+2. the key-set advisory lock (`update_keys`) or the TRL advisory lock (revocations, sweeps).
+   Rows changed only under one of them come after it: signing_keys under the key-set lock,
+   and the rows a sweep delists, already revoked and committed, which nothing else locks;
+3. the change_feed row (`_notify`);
+4. the audit advisory lock (`_audit`), always last.
+
+A transaction that still loses a race (deadlock_detected, serialization_failure) is retried
+whole a few times. A lost or read-only database raises `StoreUnavailable` (5.03 with Max-Age
+on the wire) until the pool reconnects or the primary is back.
 """
 
 from __future__ import annotations
@@ -11,6 +24,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
@@ -30,6 +44,10 @@ Conn = Any  # an asyncpg connection
 CONNECT_TIMEOUT = 5.0  # s, to get a connection from the pool (or open one)
 COMMAND_TIMEOUT = 10.0  # s, for one statement
 RECONNECT_DELAY = 1.0  # s, between attempts of the LISTEN connection
+CLOSE_TIMEOUT = 10.0  # s, for the pool to close gracefully before its connections are cut
+LISTEN_CLOSE_TIMEOUT = 2.0  # s, for the LISTEN connection to close gracefully
+TX_ATTEMPTS = 3  # a transaction rolled back by a deadlock or serialization failure is rerun
+TX_RETRY_DELAY = 0.02  # s, the most a retry waits (randomised, so racers spread out)
 
 # What a lost or refused database connection looks like from asyncpg.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -40,6 +58,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InvalidAuthorizationSpecificationError,
     asyncpg.exceptions.InsufficientResourcesError,
+    # A session the server ended (failover, restart, pg_terminate_backend) can surface as
+    # "cannot switch to state N; another operation is in progress" (asyncpg issue 1069).
+    asyncpg.exceptions.InternalClientError,
 )
 
 
@@ -52,6 +73,7 @@ class PostgresBase:
         self._master_key = master_key
         self._audit_mac = master_key.audit_mac
         self._pool: asyncpg.Pool | None = None
+        self._read_only = False  # a write was refused as read-only, and none has worked since
         self._channel = f"coap_auth_{schema}"
         digest = hashlib.sha256(f"coap-auth {schema}".encode()).digest()
         base = int.from_bytes(digest[:6], "big") << 4
@@ -77,29 +99,64 @@ class PostgresBase:
             )
             async with self._pool.acquire() as conn:
                 await migrate(conn, self._lock_schema)
-        except CONNECTION_ERRORS:
-            if self._pool is not None:
-                await self._pool.close()
-                self._pool = None
+        except (*CONNECTION_ERRORS, asyncpg.exceptions.ReadOnlySQLTransactionError) as exc:
+            await self.close()
+            if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
+                raise OperatorError("the PostgreSQL store is read-only (a standby?)") from None
             raise OperatorError("cannot connect to the PostgreSQL store") from None
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        """Close the pool; connections still in use after CLOSE_TIMEOUT are cut, so a stop
+        never hangs on a stuck query."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
+        except Exception as exc:
+            # pool.close() terminates the pool when it fails or is cancelled; make sure.
+            log.warning("PostgreSQL pool did not close cleanly (%s); closed it", _describe(exc))
+            pool.terminate()
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Conn]:
         assert self._pool is not None, "store not open"
         try:
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
-                yield conn
+                try:
+                    yield conn
+                except asyncpg.exceptions.InternalClientError:
+                    # Left in that state, the connection would go back to the pool, and
+                    # pool.close() would wait on it forever: drop it.
+                    conn.terminate()
+                    raise
         except CONNECTION_ERRORS:
             raise StoreUnavailable("the database is unreachable; retry shortly") from None
+        except asyncpg.exceptions.ReadOnlySQLTransactionError:
+            # A standby, or a primary being demoted: writes come back after the failover.
+            if not self._read_only:
+                log.warning("the PostgreSQL store refuses writes (read-only); answering 5.03")
+            self._read_only = True
+            raise StoreUnavailable("the database is read-only for now; retry shortly") from None
 
     async def _in_tx(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
-        async with self._connection() as conn, conn.transaction():
-            return await fn(conn)
+        """Run fn in one transaction. A deadlock or serialization failure rolls it back as a
+        whole, so it is rerun (fn may run more than once; only a committed run counts)."""
+        for attempt in range(1, TX_ATTEMPTS + 1):
+            try:
+                async with self._connection() as conn, conn.transaction():
+                    result = await fn(conn)
+                self._read_only = False
+                return result
+            except asyncpg.exceptions.TransactionRollbackError as exc:
+                if attempt == TX_ATTEMPTS:
+                    log.warning(
+                        "transaction rolled back %d times (%s); giving up", attempt, _describe(exc)
+                    )
+                    raise StoreUnavailable("the store is busy; retry shortly") from None
+                log.info("transaction rolled back (%s); retrying", _describe(exc))
+                await asyncio.sleep(random.uniform(0, TX_RETRY_DELAY) * attempt)
+        raise AssertionError("unreachable")
 
     async def _read(self, query: str, *args: Any) -> list[Any]:
         async with self._connection() as conn:
@@ -109,6 +166,8 @@ class PostgresBase:
         await conn.execute("SELECT pg_advisory_xact_lock($1)", key)
 
     async def _notify(self, conn: Conn, what: str) -> None:
+        """Bump a change counter (locks the change_feed row: after any advisory lock but the
+        audit lock, see the module docstring) and NOTIFY on commit."""
         column = "counter" if what == "keys" else "revocations"
         await conn.execute(f"UPDATE change_feed SET {column} = {column} + 1 WHERE id = 1")
         await conn.execute("SELECT pg_notify($1, $2)", self._channel, what)  # sent on commit
@@ -119,6 +178,7 @@ class PostgresBase:
         events = list(events)
         if not events:
             return
+        # The last lock a transaction takes: nothing else is locked while holding it.
         await self._lock(conn, self._lock_audit)
         last = await conn.fetchrow("SELECT seq, mac FROM audit_log ORDER BY seq DESC LIMIT 1")
         seq, previous = (last[0], last[1]) if last else (0, GENESIS)
@@ -162,7 +222,9 @@ class PostgresBase:
         return ChangeCounters(int(rows[0][0]), int(rows[0][1]))
 
     async def watch_changes(self, changed: Callable[[], None]) -> None:
-        """LISTEN for every instance's NOTIFY and call `changed`; reconnects forever."""
+        """LISTEN for every instance's NOTIFY and call `changed`; reconnects forever, until
+        cancelled."""
+        reported: str | None = None  # the failure last logged: a repeat of it is not logged again
         while True:
             conn = None
             try:
@@ -174,12 +236,30 @@ class PostgresBase:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await conn.add_listener(self._channel, lambda *_args: changed())
+                reported = None
                 changed()  # anything missed while not listening is picked up now
                 await lost.wait()
                 log.warning("change feed connection lost; reconnecting")
+            except asyncio.CancelledError:
+                if conn is not None:
+                    conn.terminate()  # stop now: a goodbye could wait on a stuck server
+                raise
             except CONNECTION_ERRORS:
                 pass
-            finally:
-                if conn is not None and not conn.is_closed():
-                    await conn.close()
+            except Exception as exc:
+                # Not a lost connection (a refused LISTEN, a failing callback, a bug): keep
+                # the feed alive, and say so. The message may quote the DSN: name the class only.
+                if _describe(exc) != reported:
+                    reported = _describe(exc)
+                    log.error("change feed failed (%s); reconnecting", reported)
+            if conn is not None and not conn.is_closed():
+                with contextlib.suppress(Exception):  # close() cuts the connection on failure
+                    await conn.close(timeout=LISTEN_CLOSE_TIMEOUT)
             await asyncio.sleep(RECONNECT_DELAY)
+
+
+def _describe(exc: BaseException) -> str:
+    """An error for the log: its class and SQLSTATE, never its text (which may quote a
+    statement's parameters or the DSN)."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    return f"{type(exc).__name__}, SQLSTATE {sqlstate}" if sqlstate else type(exc).__name__

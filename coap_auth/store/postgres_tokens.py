@@ -1,8 +1,12 @@
 """PostgreSQL tables of issued tokens: refresh families (row locks serialise every change
-of a family) and the revocation list (updates numbered under an advisory lock)."""
+of a family) and the revocation list (updates numbered under an advisory lock).
+
+Locks follow the order in postgres_base: family rows, refresh-token rows, access-token rows
+(in token_hash order), the TRL lock, the change_feed row, the audit lock."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import cbor2
@@ -79,7 +83,7 @@ class PostgresTokenTables(PostgresBase):
                 return RefreshOutcome("dead", family)
             if now >= family.expires_at or now - family.last_used_at >= idle_timeout:
                 # Expiry is not theft: the family ends, its access tokens live out their time.
-                await self._kill(conn, family, "expired", now, "service", revoke_access=False)
+                await self._kill(conn, [family], "expired", now, "service", revoke_access=False)
                 return RefreshOutcome("expired", family)
             status = "rotated"
             if spent_at is not None:
@@ -89,7 +93,7 @@ class PostgresTokenTables(PostgresBase):
                 )
                 if now - spent_at >= grace or not successor_unused:
                     # RFC 9700 §4.14.2: reuse of a spent refresh token means theft.
-                    await self._kill(conn, family, "refresh token reused", now, "service")
+                    await self._kill(conn, [family], "refresh token reused", now, "service")
                     return RefreshOutcome("reused", family)
                 # A device whose response was lost: its successor is replaced, not kept live.
                 await conn.execute(
@@ -129,8 +133,9 @@ class PostgresTokenTables(PostgresBase):
                 client_id,
                 now,
             )
-            for row in rows:
-                await self._kill(conn, family_from_row(row), reason, now, "operator")
+            # All of them in one go: one TRL update, and every access row locked before the
+            # TRL lock (killing them one by one deadlocks with a concurrent revoke_access).
+            await self._kill(conn, [family_from_row(r) for r in rows], reason, now, "operator")
             return len(rows)
 
         return await self._in_tx(kill)
@@ -148,7 +153,7 @@ class PostgresTokenTables(PostgresBase):
             )
             if row is None:
                 return False
-            await self._kill(conn, family_from_row(row), reason, now, "service")
+            await self._kill(conn, [family_from_row(row)], reason, now, "service")
             return True
 
         return await self._in_tx(kill)
@@ -172,39 +177,50 @@ class PostgresTokenTables(PostgresBase):
     async def _kill(
         self,
         conn: Conn,
-        family: RefreshFamily,
+        families: list[RefreshFamily],
         reason: str,
         now: int,
         actor: str,
         *,
         revoke_access: bool = True,
     ) -> None:
+        """Kill these families, whose rows the caller has locked: no refresh token of them
+        works again; unless told otherwise, their unexpired access tokens are revoked, all
+        in one TRL update."""
+        if not families:
+            return
+        family_ids = [f.family_id for f in families]
         await conn.execute(
-            "UPDATE refresh_families SET killed_at = $1, kill_reason = $2 WHERE family_id = $3",
+            "UPDATE refresh_families SET killed_at = $1, kill_reason = $2"
+            " WHERE family_id = ANY($3)",
             now,
             reason,
-            family.family_id,
+            family_ids,
         )
         await conn.execute(
-            "UPDATE refresh_tokens SET spent_at = $1 WHERE family_id = $2 AND spent_at IS NULL",
+            "UPDATE refresh_tokens SET spent_at = $1"
+            " WHERE family_id = ANY($2) AND spent_at IS NULL",
             now,
-            family.family_id,
+            family_ids,
         )
-        details: dict[str, Any] = {"client_id": family.client_id, "reason": reason}
+        revoked: Counter[bytes] = Counter()
         if revoke_access:
-            hashes = [
-                r[0]
-                for r in await conn.fetch(
-                    "SELECT token_hash FROM access_tokens WHERE family_id = $1"
-                    " AND revoked_at IS NULL AND exp > $2 ORDER BY token_hash",
-                    family.family_id,
-                    now,
-                )
-            ]
-            await self._revoke(conn, hashes, now)
-            details["revoked_access_tokens"] = len(hashes)
-        event = AuditEvent(now, actor, "family.killed", family.family_id.hex(), details)
-        await self._audit(conn, [event])
+            # Every access row first, in token_hash order, then the TRL lock (in _revoke).
+            rows = await conn.fetch(
+                "SELECT token_hash, family_id FROM access_tokens WHERE family_id = ANY($1)"
+                " AND revoked_at IS NULL AND exp > $2 ORDER BY token_hash FOR UPDATE",
+                family_ids,
+                now,
+            )
+            family_of = {r[0]: r[1] for r in rows}
+            revoked.update(family_of[h] for h in await self._revoke(conn, list(family_of), now))
+        events = []
+        for family in families:
+            details: dict[str, Any] = {"client_id": family.client_id, "reason": reason}
+            if revoke_access:
+                details["revoked_access_tokens"] = revoked[family.family_id]
+            events.append(AuditEvent(now, actor, "family.killed", family.family_id.hex(), details))
+        await self._audit(conn, events)
 
     # -- revocation (RFC 9770 TRL) -------------------------------------------------------------
 
@@ -220,7 +236,8 @@ class PostgresTokenTables(PostgresBase):
             )
             if owner is None or (client_id is not None and owner != client_id):
                 return False
-            await self._revoke(conn, [token_hash], now)
+            if not await self._revoke(conn, [token_hash], now):
+                return False
             event = AuditEvent(now, actor, "token.revoked", token_hash.hex(), {"client_id": owner})
             await self._audit(conn, [event])
             return True
@@ -270,11 +287,14 @@ class PostgresTokenTables(PostgresBase):
 
     async def sweep_expired(self, now: int, keep_updates: int) -> int:
         async def sweep(conn: Conn) -> int:
-            # Records of tokens that expired unrevoked are not needed for anything. Deleted
-            # before the TRL lock is taken, so this transaction holds no row lock a
-            # revocation (which takes the TRL lock after its row lock) could be waiting on.
+            # Records of tokens that expired unrevoked are not needed for anything. Their rows
+            # are locked like every other path's access rows: in token_hash order, before the
+            # TRL lock.
             await conn.execute(
-                "DELETE FROM access_tokens WHERE revoked_at IS NULL AND exp <= $1", now
+                "DELETE FROM access_tokens WHERE token_hash IN (SELECT token_hash"
+                " FROM access_tokens WHERE revoked_at IS NULL AND exp <= $1"
+                " ORDER BY token_hash FOR UPDATE) AND revoked_at IS NULL",
+                now,
             )
             await self._lock(conn, self._lock_trl)
             expired = [
@@ -307,13 +327,21 @@ class PostgresTokenTables(PostgresBase):
         )
         return rows[0][0]
 
-    async def _revoke(self, conn: Conn, hashes: list[bytes], now: int) -> None:
+    async def _revoke(self, conn: Conn, hashes: list[bytes], now: int) -> list[bytes]:
+        """Revoke those of these access tokens not revoked yet, in one TRL update; returns
+        them. The caller has locked their rows (in token_hash order, if several)."""
         if not hashes:
-            return
-        await conn.execute(
-            "UPDATE access_tokens SET revoked_at = $1 WHERE token_hash = ANY($2)", now, hashes
+            return []
+        rows = await conn.fetch(
+            "UPDATE access_tokens SET revoked_at = $1"
+            " WHERE token_hash = ANY($2) AND revoked_at IS NULL RETURNING token_hash",
+            now,
+            hashes,
         )
-        await self._trl_update(conn, now, removed=[], added=hashes)
+        revoked = sorted(r[0] for r in rows)
+        if revoked:
+            await self._trl_update(conn, now, removed=[], added=revoked)
+        return revoked
 
     async def _trl_update(
         self, conn: Conn, now: int, *, removed: list[bytes], added: list[bytes]

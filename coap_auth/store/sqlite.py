@@ -151,8 +151,8 @@ class SqliteStore(TokenTables):
                 " ended_at = excluded.ended_at",
                 [key_to_row(self._master_key, k) for k in changed],
             )
-            self._audit(conn, key_events({k.kid: k for k in current}, changed, actor, now))
             conn.execute("UPDATE change_feed SET counter = counter + 1 WHERE id = 1")
+            self._audit(conn, key_events({k.kid: k for k in current}, changed, actor, now))
             return changed
 
         return await self._in_tx(update)

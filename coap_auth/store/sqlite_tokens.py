@@ -4,6 +4,7 @@ revocation list (RFC 9770 updates, delisting on expiry)."""
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter
 from typing import Any
 
 import cbor2
@@ -71,7 +72,7 @@ class TokenTables(SqliteBase):
                 return RefreshOutcome("dead", family)
             if now >= family.expires_at or now - family.last_used_at >= idle_timeout:
                 # Expiry is not theft: the family ends, its access tokens live out their time.
-                self._kill(conn, family, "expired", now, "service", revoke_access=False)
+                self._kill(conn, [family], "expired", now, "service", revoke_access=False)
                 return RefreshOutcome("expired", family)
             status = "rotated"
             if spent_at is not None:
@@ -84,7 +85,7 @@ class TokenTables(SqliteBase):
                 )
                 if now - spent_at >= grace or not successor_unused:
                     # RFC 9700 §4.14.2: reuse of a spent refresh token means theft.
-                    self._kill(conn, family, "refresh token reused", now, "service")
+                    self._kill(conn, [family], "refresh token reused", now, "service")
                     return RefreshOutcome("reused", family)
                 # A device whose response was lost: its successor is replaced, not kept live.
                 conn.execute(
@@ -116,12 +117,12 @@ class TokenTables(SqliteBase):
                 family_from_row(r)
                 for r in conn.execute(
                     "SELECT * FROM refresh_families"
-                    " WHERE client_id = ? AND killed_at IS NULL AND expires_at > ?",
+                    " WHERE client_id = ? AND killed_at IS NULL AND expires_at > ?"
+                    " ORDER BY family_id",
                     (client_id, now),
                 )
             ]
-            for family in families:
-                self._kill(conn, family, reason, now, "operator")
+            self._kill(conn, families, reason, now, "operator")  # one TRL update for all
             return len(families)
 
         return await self._in_tx(kill)
@@ -137,7 +138,7 @@ class TokenTables(SqliteBase):
             ).fetchone()
             if row is None:
                 return False
-            self._kill(conn, family_from_row(row), reason, now, "service")
+            self._kill(conn, [family_from_row(row)], reason, now, "service")
             return True
 
         return await self._in_tx(kill)
@@ -154,39 +155,47 @@ class TokenTables(SqliteBase):
     def _kill(
         self,
         conn: sqlite3.Connection,
-        family: RefreshFamily,
+        families: list[RefreshFamily],
         reason: str,
         now: int,
         actor: str,
         *,
         revoke_access: bool = True,
     ) -> None:
-        """Kill a family: no refresh token of it works again; unless told otherwise, its
-        unexpired access tokens are revoked, all in one TRL update."""
-        conn.execute(
+        """Kill these families: no refresh token of them works again; unless told otherwise,
+        their unexpired access tokens are revoked, all in one TRL update."""
+        if not families:
+            return
+        family_ids = [f.family_id for f in families]
+        conn.executemany(
             "UPDATE refresh_families SET killed_at = ?, kill_reason = ? WHERE family_id = ?",
-            (now, reason, family.family_id),
+            [(now, reason, family_id) for family_id in family_ids],
         )
-        conn.execute(
+        conn.executemany(
             "UPDATE refresh_tokens SET spent_at = ? WHERE family_id = ? AND spent_at IS NULL",
-            (now, family.family_id),
+            [(now, family_id) for family_id in family_ids],
         )
-        details: dict[str, Any] = {"client_id": family.client_id, "reason": reason}
+        revoked: Counter[bytes] = Counter()
         if revoke_access:
-            hashes = [
-                r[0]
+            # The writer lock is held (BEGIN IMMEDIATE): what is selected here is what is
+            # revoked. (No UPDATE ... RETURNING: it needs SQLite 3.35, newer than some hosts.)
+            family_of = {
+                r[0]: r[1]
+                for family_id in family_ids
                 for r in conn.execute(
-                    "SELECT token_hash FROM access_tokens"
-                    " WHERE family_id = ? AND revoked_at IS NULL AND exp > ?"
-                    " ORDER BY token_hash",
-                    (family.family_id, now),
+                    "SELECT token_hash, family_id FROM access_tokens"
+                    " WHERE family_id = ? AND revoked_at IS NULL AND exp > ?",
+                    (family_id, now),
                 )
-            ]
-            _revoke(conn, hashes, now)
-            details["revoked_access_tokens"] = len(hashes)
-        self._audit(
-            conn, [AuditEvent(now, actor, "family.killed", family.family_id.hex(), details)]
-        )
+            }
+            revoked.update(family_of[h] for h in _revoke(conn, list(family_of), now))
+        events = []
+        for family in families:
+            details: dict[str, Any] = {"client_id": family.client_id, "reason": reason}
+            if revoke_access:
+                details["revoked_access_tokens"] = revoked[family.family_id]
+            events.append(AuditEvent(now, actor, "family.killed", family.family_id.hex(), details))
+        self._audit(conn, events)
 
     # -- revocation (RFC 9770 TRL) -------------------------------------------------------------
 
@@ -201,7 +210,8 @@ class TokenTables(SqliteBase):
             ).fetchone()
             if row is None or (client_id is not None and row[0] != client_id):
                 return False
-            _revoke(conn, [token_hash], now)
+            if not _revoke(conn, [token_hash], now):
+                return False
             self._audit(
                 conn,
                 [AuditEvent(now, actor, "token.revoked", token_hash.hex(), {"client_id": row[0]})],
@@ -286,14 +296,19 @@ def _record_access(conn: sqlite3.Connection, access: IssuedAccess, family_id: by
     )
 
 
-def _revoke(conn: sqlite3.Connection, hashes: list[bytes], now: int) -> None:
-    """Revoke these (live, unrevoked) access tokens: one TRL update holding them all."""
-    if not hashes:
-        return
-    conn.executemany(
-        "UPDATE access_tokens SET revoked_at = ? WHERE token_hash = ?", [(now, h) for h in hashes]
+def _revoke(conn: sqlite3.Connection, hashes: list[bytes], now: int) -> list[bytes]:
+    """Revoke those of these access tokens not revoked yet, in one TRL update; returns them."""
+    revoked = sorted(
+        h
+        for h in hashes
+        if conn.execute(
+            "UPDATE access_tokens SET revoked_at = ? WHERE token_hash = ? AND revoked_at IS NULL",
+            (now, h),
+        ).rowcount
     )
-    _trl_update(conn, now, removed=[], added=hashes)
+    if revoked:
+        _trl_update(conn, now, removed=[], added=revoked)
+    return revoked
 
 
 def _trl_update(

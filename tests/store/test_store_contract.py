@@ -1,19 +1,16 @@
 """The `Store` contract: what every implementation (SQLite today, PostgreSQL later) must do.
 
 Tests talk to the `Store` protocol only. Backend-specific checks (plaintext on disk, direct
-SQL) go through the `Backend` fixture, so adding a backend means adding one param and one
-`Backend` implementation. Time is always passed as `now`; nothing sleeps.
+SQL) go through the `Backend` fixture (conftest.py), so adding a backend means adding one
+param and one `Backend` implementation. Time is always passed as `now`; nothing sleeps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +30,9 @@ from coap_auth.store import (
     Store,
 )
 from coap_auth.store.audit import AuditEvent, verify_chain
-from coap_auth.store.postgres import PostgresStore
 from coap_auth.store.sqlite import DB_FILE
 from coap_auth.wire import CoseAlg
-from tests import pg
-from tests.pg import PG_DSN
+from tests.store.conftest import Backend
 
 T0 = 1_700_000_000
 POLICY = RotationPolicy(period=86400, lead=0, retire_after=700)
@@ -57,75 +52,6 @@ LIFETIME = 30 * 24 * 3600  # absolute family lifetime used unless a test says ot
 IDLE = 7 * 24 * 3600
 GRACE = 30
 ACCESS_LIFETIME = 600
-
-
-# -- backends -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Backend:
-    """One storage location; `open_store` gives another independent instance on it (another
-    process, as far as the store can tell)."""
-
-    name: str
-    tmp_path: Path
-    master_key: MasterKey
-    schema: str = ""  # PostgreSQL: the test's own schema
-    opened: list[Store] = field(default_factory=list)
-
-    async def open_store(self) -> Store:
-        if self.name == "sqlite":
-            store: Store = SqliteStore.in_data_dir(self.tmp_path, self.master_key)
-        else:
-            assert PG_DSN is not None
-            store = PostgresStore(PG_DSN, self.master_key, schema=self.schema)
-        await store.open()
-        self.opened.append(store)
-        return store
-
-    async def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        """Read the backend directly, bypassing the store under test ($1-style parameters)."""
-        if self.name == "sqlite":
-            with contextlib.closing(sqlite3.connect(self.tmp_path / DB_FILE)) as conn:
-                return conn.execute(re.sub(r"\$\d+", "?", sql), args).fetchall()
-        return [tuple(r) for r in await pg.fetch(self.schema, sql, *args)]
-
-    async def unspent_digests(self, family_id: bytes) -> list[bytes]:
-        rows = await self.query(
-            "SELECT digest FROM refresh_tokens WHERE family_id = $1 AND spent_at IS NULL",
-            family_id,
-        )
-        return [r[0] for r in rows]
-
-    async def unspent_refresh_tokens(self, family_id: bytes) -> int:
-        return len(await self.unspent_digests(family_id))
-
-    async def raw_files(self) -> dict[str, bytes]:
-        """Everything the backend keeps its key data in, as bytes (SQLite: the db and its
-        WAL; PostgreSQL: the signing_keys rows as the server stores them)."""
-        if self.name == "sqlite":
-            files = {}
-            for suffix in ("", "-wal", "-journal"):
-                path = self.tmp_path / (DB_FILE + suffix)
-                if path.exists():
-                    files[path.name] = path.read_bytes()
-            return files
-        rows = await self.query("SELECT kid, alg, state, private_key FROM signing_keys")
-        return {"signing_keys": b"".join(v for r in rows for v in r if isinstance(v, bytes))}
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pg.needs_postgres)])
-async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    master_key = MasterKey.load(tmp_path, create=True)
-    schema = await pg.create_schema() if request.param == "postgres" else ""
-    backend = Backend(request.param, tmp_path, master_key, schema)
-    try:
-        yield backend
-    finally:
-        for store in backend.opened:
-            await store.close()
-        if schema:
-            await pg.drop_schema(schema)
 
 
 @pytest.fixture
