@@ -13,6 +13,7 @@
     │   ├── BadRequest              4.00
     │   ├── MethodNotAllowed        4.05
     │   ├── NotAcceptable           4.06
+    │   ├── RequestEntityIncomplete 4.08 (RFC 7959: a block that continues no upload held)
     │   ├── PayloadTooLarge         4.13
     │   ├── UnsupportedContentFormat 4.15
     │   ├── TooManyRequests         4.29 with Max-Age (RFC 8516)
@@ -133,9 +134,19 @@ class NotAcceptable(ProblemError):
     title = "Not Acceptable"
 
 
+class RequestEntityIncomplete(ProblemError):
+    code = CoapCode.REQUEST_ENTITY_INCOMPLETE
+    title = "Request Entity Incomplete"
+
+
 class PayloadTooLarge(ProblemError):
     code = CoapCode.REQUEST_ENTITY_TOO_LARGE
     title = "Request Entity Too Large"
+
+    def __init__(self, description: str, size1: int | None = None) -> None:
+        super().__init__(description)
+        # RFC 7252 §5.9.2.9: the largest request body the server takes, sent as Size1.
+        self.size1 = size1
 
 
 class UnsupportedContentFormat(ProblemError):

@@ -1,6 +1,6 @@
 """What every resource of the service shares: one place for the method check, the request
-size cap (including block-wise uploads), the per-address rate limit, error rendering, the
-amplification bound, and the one log line per request.
+size cap, block-wise uploads (coap/blockwise.py), the per-address rate limit, error rendering,
+the amplification bound, and the one log line per request.
 
 Resources implement `render_<method>` and raise `CoapAuthError`; anything else is a server
 fault, logged once with a request id and answered 5.00 with no internals.
@@ -16,10 +16,12 @@ from typing import Any, ClassVar
 
 import aiocoap
 
+from coap_auth.coap.blockwise import BlockwiseUploads
 from coap_auth.coap.messages import decode_ace_payload
-from coap_auth.errors import CoapAuthError, MethodNotAllowed, PayloadTooLarge
+from coap_auth.errors import CoapAuthError, MethodNotAllowed
 from coap_auth.service import AuthService
-from coap_auth.service.rate_limit import RateLimiter
+from coap_auth.service.rate_limit import RateLimiter, address_key
+from coap_auth.text import loggable
 from coap_auth.wire import ContentFormat
 
 log = logging.getLogger("coap_auth.access")
@@ -28,7 +30,8 @@ log = logging.getLogger("coap_auth.access")
 AMPLIFICATION_FACTOR = 3
 
 # Who the request says it comes from (a client or resource-server id, never a secret), set by
-# a resource once it has parsed the body, for the request's log line.
+# a resource once it has parsed the body, for the request's log line (escaped there: it is
+# the request's own text).
 caller: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="-")
 
 
@@ -40,19 +43,48 @@ class Endpoint:
     # POST endpoints count toward the per-address rate limit.
     rate_limited: ClassVar[bool] = False
     address_limits: RateLimiter | None = None
+    # Block-wise uploads of the whole site (build_site sets it on every resource); without
+    # it, aiocoap's own spool would assemble them.
+    uploads: BlockwiseUploads | None = None
 
     async def render_to_pipe(self, pipe: Any) -> None:
-        # RFC 7959 §2.9.3: refuse a block-wise upload as soon as it passes the size cap, before
-        # aiocoap assembles it in memory; Size1 tells the client the limit.
-        block1 = pipe.request.opt.block1
-        max_payload = self.service.settings.max_payload
-        if block1 is not None and (block1.block_number + 1) * block1.size > max_payload:
-            error = PayloadTooLarge(f"request payload larger than {max_payload} bytes")
-            response = self._answer(pipe.request, error, time.monotonic())
-            response.opt.size1 = max_payload
-            pipe.add_response(response, is_last=True)
+        request = pipe.request
+        started = time.monotonic()
+        block1 = request.opt.block1
+        if block1 is not None and self.uploads is not None:
+            await self._render_block(pipe, self.uploads)
             return
+        if self.rate_limited and self.address_limits is not None:
+            try:
+                self.address_limits.hit(address_key(_address(request)), "address")
+            except CoapAuthError as error:
+                pipe.add_response(self._answer(request, error, started), is_last=True)
+                return
         await super().render_to_pipe(pipe)  # type: ignore[misc]
+
+    async def _render_block(self, pipe: Any, uploads: BlockwiseUploads) -> None:
+        """One Block1 fragment (RFC 7959 §2.5): counted toward the per-address limit, held
+        until the last block, answered 2.31 Continue meanwhile; the last one renders the
+        assembled request."""
+        request = pipe.request
+        started = time.monotonic()
+        caller.set("-")
+        # RFC 7959 §2.5: one upload per sender endpoint and resource (path and query).
+        key = (request.remote.blockwise_key, self.path, request.opt.uri_query)
+        try:
+            assembled = uploads.feed(request, _address(request), key)
+        except CoapAuthError as error:
+            pipe.add_response(self._answer(request, error, started), is_last=True)
+            return
+        if assembled is None:
+            response = aiocoap.Message(code=aiocoap.CONTINUE)
+        else:
+            # As aiocoap does: a large answer goes out block-wise (Block2) from its cache.
+            block2 = self._block2  # type: ignore[attr-defined]
+            response = await block2.extract_or_insert(assembled, lambda: self.render(assembled))
+        # RFC 7959 §2.3: the answer to a block echoes its Block1 option.
+        response.opt.block1 = request.opt.block1
+        pipe.add_response(response, is_last=True)
 
     async def render(self, request: aiocoap.Message) -> aiocoap.Message:
         started = time.monotonic()
@@ -62,8 +94,6 @@ class Endpoint:
         try:
             if handler is None:
                 raise MethodNotAllowed(f"{request.code} not allowed on {self.path}")
-            if self.rate_limited and self.address_limits is not None:
-                self.address_limits.hit(_address(request), "address")
             response = await handler(request)
         except CoapAuthError as error:
             return self._answer(request, error, started)
@@ -88,15 +118,17 @@ class Endpoint:
         # One line per request: never a payload, so never a secret or a token. Observable
         # GETs are re-rendered for every notification: those lines are DEBUG.
         level = logging.DEBUG if request.code == aiocoap.GET else logging.INFO
+        # Whatever the request chose (its caller id, and anything an error description
+        # quotes) is escaped: a newline or control character cannot forge another line.
         log.log(
             level,
             "%s %s from=%s caller=%s -> %s %s (%.1f ms)",
             request.code,
             self.path,
-            _address(request),
-            caller.get(),
+            loggable(_address(request)),
+            loggable(caller.get()),
             code,
-            outcome,
+            loggable(outcome),
             (time.monotonic() - started) * 1000,
         )
 
@@ -128,6 +160,9 @@ def error_message(error: CoapAuthError, *, compact: bool = False) -> aiocoap.Mes
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
         message.opt.max_age = retry_after
+    size1 = getattr(error, "size1", None)
+    if size1 is not None:
+        message.opt.size1 = size1
     return message
 
 

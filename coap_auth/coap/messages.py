@@ -18,6 +18,7 @@ from coap_auth.errors import (
 )
 from coap_auth.service import IssuedToken, TokenRequest, TokenSubmission
 from coap_auth.store import TOKEN_FORMATS
+from coap_auth.text import has_control_character
 from coap_auth.tokens import Claims
 from coap_auth.wire import (
     CLIENT_ASSERTION,
@@ -93,6 +94,10 @@ def _typed_params(body: dict[Any, Any], text: dict[Any, str]) -> dict[str, Any]:
             value = body[key]
             if not isinstance(value, str) or not value or len(value) > MAX_TEXT:
                 raise InvalidRequest(f"{name} must be a non-empty text string")
+            # A control character has no place in an id, a scope or a secret: refused here,
+            # it never reaches the store (PostgreSQL fails on NUL) or a log line.
+            if has_control_character(value):
+                raise InvalidRequest(f"{name} must not contain control characters")
             values[name] = value
     for key, name in _BYTES_PARAMS.items():
         if key in body:

@@ -7,6 +7,8 @@ body and logs the request.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from typing import Any
 
 import aiocoap
 from aiocoap import resource
@@ -94,4 +96,21 @@ class KeysResource(Endpoint, resource.ObservableResource):
         response.opt.etag = etag
         # PROTOCOL.md: a cached copy never outlives the next scheduled change of the set.
         response.opt.max_age = self.service.keys.keys_max_age()
+        return response
+
+
+class WellKnownCore(Endpoint, resource.WKCResource):
+    """RFC 6690 /.well-known/core, behind the same guard as every other resource (block-wise
+    uploads, the log line)."""
+
+    path = "/.well-known/core"
+
+    def __init__(self, service: AuthService, links: Callable[[], Any]) -> None:
+        super().__init__(links)
+        self.service = service
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        response: aiocoap.Message = await super().render_get(request)
+        if response.code is None:  # aiocoap's Resource.render would default it
+            response.code = aiocoap.Code.CONTENT
         return response

@@ -15,7 +15,9 @@ from dataclasses import replace
 import aiocoap
 from aiocoap import resource
 
-from coap_auth.coap.resources import KeysResource, TokenResource
+from coap_auth.coap.blockwise import BlockwiseUploads
+from coap_auth.coap.endpoint import Endpoint
+from coap_auth.coap.resources import KeysResource, TokenResource, WellKnownCore
 from coap_auth.coap.revocation import IntrospectResource, RevokeResource, TrlResource
 from coap_auth.errors import StoreUnavailable
 from coap_auth.service import AuthService
@@ -25,27 +27,26 @@ from coap_auth.store import ChangeCounters
 log = logging.getLogger("coap_auth.server")
 
 
-def build_site(service: AuthService) -> tuple[resource.Site, KeysResource, TrlResource]:
+def build_site(
+    service: AuthService, address_limits: RateLimiter, uploads: BlockwiseUploads
+) -> tuple[resource.Site, KeysResource, TrlResource]:
+    """The resources; `address_limits` is the one per-address budget shared by every POST
+    endpoint and every block-wise fragment, `uploads` the one spool of block-wise uploads."""
     site = resource.Site()
     keys = KeysResource(service)
     trl = TrlResource(service)
-    site.add_resource(
-        [".well-known", "core"], resource.WKCResource(site.get_resources_as_linkheader)
-    )
-    settings = service.settings
-    # One per-address budget shared by every POST endpoint.
-    address_limits = RateLimiter(
-        service.clock, settings.rate_limit_per_address, settings.rate_limit_window
-    )
-    for path, endpoint in (
+    endpoints: list[tuple[list[str], Endpoint]] = [
+        ([".well-known", "core"], WellKnownCore(service, site.get_resources_as_linkheader)),
         (["token"], TokenResource(service)),
         (["introspect"], IntrospectResource(service)),
         (["revoke"], RevokeResource(service)),
-    ):
+        (["revoke", "trl"], trl),
+        (["keys"], keys),
+    ]
+    for path, endpoint in endpoints:
         endpoint.address_limits = address_limits
+        endpoint.uploads = uploads
         site.add_resource(path, endpoint)
-    site.add_resource(["revoke", "trl"], trl)
-    site.add_resource(["keys"], keys)
     return site, keys, trl
 
 
@@ -61,7 +62,14 @@ class Server:
         # Set by the store's push channel (PostgreSQL NOTIFY): tick now, not at the next poll.
         self._wake = asyncio.Event()
         self._failing = False
-        self._site, self.keys_resource, self.trl_resource = build_site(service)
+        settings = service.settings
+        self.address_limits = RateLimiter(
+            service.clock, settings.rate_limit_per_address, settings.rate_limit_window
+        )
+        self.uploads = BlockwiseUploads(service.clock, settings.max_payload, self.address_limits)
+        self._site, self.keys_resource, self.trl_resource = build_site(
+            service, self.address_limits, self.uploads
+        )
         self._last_change = ChangeCounters(0, 0)
         self._tick_lock = asyncio.Lock()
 

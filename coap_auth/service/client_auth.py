@@ -19,6 +19,7 @@ from coap_auth.clock import Clock
 from coap_auth.config import Settings
 from coap_auth.errors import InvalidClient, MalformedToken, TokenError
 from coap_auth.store import MasterKey, Store
+from coap_auth.text import has_control_character
 from coap_auth.tokens import alg_for_key, decode_cose, public_key_from_cose
 from coap_auth.tokens.cose import verify_sign1
 from coap_auth.tokens.cwt import decode_claims
@@ -89,6 +90,10 @@ class Authenticator:
             claims = decode_claims(message.payload)
         except TokenError:
             raise failed from None
+        # Refused like any malformed assertion, before the store sees the id (PostgreSQL fails
+        # on NUL) and before any lookup, so the answer says nothing about who exists.
+        if has_control_character(claims.iss) or has_control_character(claims.sub):
+            raise failed
         found = await lookup(claims.iss)
         usable = found is not None and found.public_key is not None and not found.disabled
         # An unknown caller costs a signature check too, so timing does not tell.

@@ -23,7 +23,7 @@ from coap_auth.config import Settings
 from coap_auth.service import AuthService
 from coap_auth.store import MasterKey, SqliteStore
 from coap_auth.wire import AceParam, CoapCode, ContentFormat
-from tests.conftest import Coap
+from tests.conftest import Coap, remember_secrets
 
 RECV_TIMEOUT = 5
 
@@ -209,3 +209,165 @@ async def test_one_log_line_per_request_with_caller_and_outcome(
         logging.INFO,
         logging.DEBUG,
     ]
+
+
+# -- block-wise uploads (RFC 7959 Block1) -----------------------------------------------------
+
+BLOCK_SZX = 4  # 256-byte blocks
+
+
+def block(
+    number: int,
+    more: bool,
+    payload: bytes | None = None,
+    *,
+    path: str = "token",
+    query: tuple[str, ...] = (),
+    szx: int = BLOCK_SZX,
+) -> aiocoap.Message:
+    """One Block1 fragment of a POST; a fragment with more to come is a whole block."""
+    size = 2 ** (szx + 4)
+    message = aiocoap.Message(
+        code=aiocoap.POST, uri_path=tuple(path.split("/")), payload=payload or b"\x00" * size
+    )
+    message.opt.content_format = ContentFormat.ACE_CBOR
+    message.opt.block1 = aiocoap.optiontypes.BlockOption.BlockwiseTuple(number, more, szx)
+    if query:
+        message.opt.uri_query = query
+    return message
+
+
+def source(address: str = "127.0.0.1") -> socket.socket:
+    """A UDP socket sending from `address` (any 127/8 address is local on Linux)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((address, 0))
+    return sock
+
+
+async def send(
+    port: int, message: aiocoap.Message, sock: socket.socket, mid: list[int]
+) -> aiocoap.Message:
+    mid[0] += 1
+    _, _, response = await asyncio.to_thread(raw_exchange, port, message, mid[0], sock)
+    return response
+
+
+async def test_block_wise_token_request_completes(sensor: Coap) -> None:
+    """A real request in 16-byte blocks: 2.31 Continue for each block but the last, whose
+    answer is the token response and echoes its Block1 option (RFC 7959 §2.3)."""
+    body = {**cred(sensor, "sensor-1"), AceParam.AUDIENCE: "thermostat"}
+    remember_secrets(body)
+    payload = cbor2.dumps(body)
+    chunks = [payload[i : i + 16] for i in range(0, len(payload), 16)]
+    mid = [0x3000]
+    with source() as sock:
+        for number, chunk in enumerate(chunks):
+            last = number == len(chunks) - 1
+            response = await send(
+                sensor.server.port, block(number, not last, chunk, szx=0), sock, mid
+            )
+            if not last:
+                assert response.code == aiocoap.CONTINUE
+                assert response.opt.block1.block_number == number
+    assert response.code == aiocoap.CREATED, response.payload
+    assert response.opt.block1.block_number == len(chunks) - 1
+    remember_secrets(cbor2.loads(response.payload))
+    assert len(sensor.server.uploads) == 0  # nothing held once it is done
+
+
+@pytest.mark.parametrize("path", ["token", "keys", ".well-known/core"])
+async def test_block1_flood_from_one_address_is_rate_limited_and_bounded(
+    limited: Coap, path: str
+) -> None:
+    """Every fragment, to any resource, counts toward the per-address limit (7 here); and
+    however many uploads one address starts, at most MAX_UPLOADS_PER_ADDRESS are held."""
+    clock = limited.service.clock
+    clock.set(clock.now() - clock.now() % 60)
+    uploads = limited.server.uploads
+    cap = uploads.max_per_address
+    answers = []
+    mid = [0x4000]
+    with source() as sock:
+        for number in range(20):  # each a new upload: another resource URI (query)
+            message = block(0, True, path=path, query=(f"n={number}",))
+            answers.append(await send(limited.server.port, message, sock, mid))
+            assert len(uploads) <= cap
+        codes = [a.code for a in answers]
+        assert codes[:cap] == [aiocoap.CONTINUE] * cap
+        # RFC 7959 §2.5: 4.13 when the server lacks the resources to hold another upload.
+        assert codes[cap:7] == [CoapCode.REQUEST_ENTITY_TOO_LARGE] * (7 - cap)
+        assert all(a.opt.size1 == 2048 for a in answers[cap:7])
+        # RFC 8516: past the per-address limit, 4.29 with Max-Age until the window ends.
+        assert codes[7:] == [CoapCode.TOO_MANY_REQUESTS] * 13
+        assert all(a.opt.max_age == 60 for a in answers[7:])
+        assert len(uploads) == cap and uploads.from_address("127.0.0.1") == cap
+        # The fragments used up the budget every POST of this address shares.
+        response, _ = await limited.post_ace("/token", cred(limited, "sensor-1"))
+        assert response.code == CoapCode.TOO_MANY_REQUESTS
+        # Unfinished uploads are dropped once their lifetime has passed (RFC 7959 §2.5).
+        clock.advance(uploads.lifetime + 60)
+        response = await send(limited.server.port, block(0, True, path=path), sock, mid)
+        assert response.code == aiocoap.CONTINUE
+        assert len(uploads) == 1
+
+
+async def test_uploads_in_flight_are_capped_in_all(sensor: Coap) -> None:
+    """Past max_uploads, the least recently continued upload gives way: memory stays bounded
+    whatever the number of senders, and an upload that keeps moving survives."""
+    uploads = sensor.server.uploads
+    uploads.max_uploads = 3
+    port = sensor.server.port
+    mid = [0x5000]
+    socks = [source(f"127.0.0.{n}") for n in range(2, 9)]
+    try:
+        moving, *others = socks
+        assert (await send(port, block(0, True), moving, mid)).code == aiocoap.CONTINUE
+        for number, sock in enumerate(others):
+            assert (await send(port, block(0, True), sock, mid)).code == aiocoap.CONTINUE
+            # The oldest of the others is the least recently continued; `moving` goes on.
+            response = await send(port, block(number + 1, True), moving, mid)
+            assert response.code == aiocoap.CONTINUE, number
+            assert len(uploads) <= 3
+        assert len(uploads) == 3
+        # Pushed out: RFC 7959 §2.9.2, 4.08 Request Entity Incomplete.
+        response = await send(port, block(1, True), others[0], mid)
+        assert response.code == CoapCode.REQUEST_ENTITY_INCOMPLETE
+        response = await send(port, block(1, True), others[-1], mid)
+        assert response.code == aiocoap.CONTINUE
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+async def test_many_source_addresses_cannot_reset_a_limited_address(limited: Coap) -> None:
+    """Issue: a full table once cleared every counter, so a flood from many addresses gave a
+    limited address its budget back. Now a full table refuses newcomers instead."""
+    clock = limited.service.clock
+    clock.set(clock.now() - clock.now() % 60)
+    limited.server.address_limits.max_keys = 4
+    port = limited.server.port
+    mid = [0x6000]
+    probe = {AceParam.CLIENT_ID: "nobody"}
+
+    def post() -> aiocoap.Message:
+        message = aiocoap.Message(
+            code=aiocoap.POST, uri_path=("token",), payload=cbor2.dumps(probe)
+        )
+        message.opt.content_format = ContentFormat.ACE_CBOR
+        return message
+
+    with source("127.0.0.1") as victim:
+        for _ in range(7):
+            response = await send(port, post(), victim, mid)
+            assert response.code == CoapCode.UNAUTHORIZED
+        assert (await send(port, post(), victim, mid)).code == CoapCode.TOO_MANY_REQUESTS
+        refused = 0
+        for n in range(2, 12):  # ten more addresses than the table holds
+            with source(f"127.0.0.{n}") as other:
+                response = await send(port, post(), other, mid)
+                refused += response.code == CoapCode.TOO_MANY_REQUESTS
+        assert refused == 10 - 3  # three found room; the rest were refused, not the victim's count
+        assert len(limited.server.address_limits) == 4
+        assert (await send(port, post(), victim, mid)).code == CoapCode.TOO_MANY_REQUESTS
+        clock.advance(60)  # a new window: the finished counters make room again
+        assert (await send(port, post(), victim, mid)).code == CoapCode.UNAUTHORIZED
