@@ -313,6 +313,15 @@ def _duplicate_id(tmp_path: Path) -> list[str]:
     return _add_args("--secret", client_id="sensor-1")
 
 
+def _control_character_id(tmp_path: Path) -> list[str]:
+    # The service refuses control characters on the wire: such a client could never log in.
+    return _add_args("--secret", client_id="sensor\nforged")
+
+
+def _control_character_scope(tmp_path: Path) -> list[str]:
+    return ["sensor-x", "--audience", "thermostat", "--scope", "temp:read\x01", "--secret"]
+
+
 @pytest.mark.parametrize(
     "make_args",
     [
@@ -322,6 +331,8 @@ def _duplicate_id(tmp_path: Path) -> list[str]:
         pytest.param(_private_pem, id="private-key-pem"),
         pytest.param(_unknown_audience, id="unknown-audience"),
         pytest.param(_duplicate_id, id="duplicate-id"),
+        pytest.param(_control_character_id, id="control-character-id"),
+        pytest.param(_control_character_scope, id="control-character-scope"),
         pytest.param(_curve_key(ec.SECP384R1(), "p384.pem"), id="p384-key"),
         pytest.param(_curve_key(ec.SECP256K1(), "k1.pem"), id="secp256k1-key"),
     ],

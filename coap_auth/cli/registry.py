@@ -14,6 +14,7 @@ from coap_auth.errors import OperatorError
 from coap_auth.keys import DEFAULT_FAMILY
 from coap_auth.service import AuthService
 from coap_auth.store import TOKEN_FORMATS, Audience, Client
+from coap_auth.text import has_control_character
 from coap_auth.tokens import cose_key_from_public
 
 SECRET_BYTES = 24  # 192 bits, printed as base64url text
@@ -28,6 +29,14 @@ def read_public_key(path: Path) -> dict[int, Any]:
         raise OperatorError(f"cannot read public key file {path}") from None
     except (ValueError, TypeError, AttributeError):
         raise OperatorError(f"{path} is not a PEM P-256 or Ed25519 public key") from None
+
+
+def wire_text(value: str, what: str) -> str:
+    """An id or scope as devices will send it: the service refuses control characters on the
+    wire, so one registered with them could never be used."""
+    if not value or has_control_character(value):
+        raise OperatorError(f"{what} must be non-empty text without control characters")
+    return value
 
 
 def new_secret() -> str:
@@ -52,7 +61,7 @@ async def cmd_audiences_add(args: argparse.Namespace, service: AuthService) -> i
         None if args.introspect_public_key is None else read_public_key(args.introspect_public_key)
     )
     audience = Audience(
-        args.id,
+        wire_text(args.id, "the audience id"),
         args.token_format,
         lifetime,
         service.clock.now(),
@@ -85,7 +94,7 @@ async def cmd_audiences_list(args: argparse.Namespace, service: AuthService) -> 
 
 @with_service
 async def cmd_clients_add(args: argparse.Namespace, service: AuthService) -> int:
-    scope = tuple(dict.fromkeys(args.scope.split()))
+    scope = tuple(dict.fromkeys(wire_text(s, "a scope") for s in args.scope.split()))
     if not scope:
         raise OperatorError("--scope must name at least one scope")
     secret = None
@@ -95,8 +104,8 @@ async def cmd_clients_add(args: argparse.Namespace, service: AuthService) -> int
     else:
         secret = new_secret()
     client = Client(
-        client_id=args.id,
-        audiences=tuple(dict.fromkeys(args.audience)),
+        client_id=wire_text(args.id, "the client id"),
+        audiences=tuple(dict.fromkeys(wire_text(a, "an audience") for a in args.audience)),
         scope=scope,
         created_at=service.clock.now(),
         secret_digest=service.secret_digest(secret) if secret is not None else None,
