@@ -25,6 +25,11 @@ log = logging.getLogger("coap_auth.store")
 _PROBE_BYTES = 256 * 1024
 
 
+# SQLite primary result codes that describe the store's condition, not a bug: BUSY, LOCKED,
+# NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL (https://sqlite.org/rescode.html).
+_STORE_CONDITIONS = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
+
+
 class SqliteBase:
     def __init__(self, path: Path, master_key: MasterKey) -> None:
         self._path = path
@@ -41,6 +46,9 @@ class SqliteBase:
             return await loop.run_in_executor(self._executor, fn, *args)
         except sqlite3.OperationalError as exc:
             # Disk full, I/O error, locked past the busy timeout: the store, not the request.
+            # Anything else (a bad statement, a missing table) is our fault: a 5.00, logged.
+            if exc.sqlite_errorcode & 0xFF not in _STORE_CONDITIONS:
+                raise
             log.error("store operation failed: %s", exc)
             raise StoreUnavailable("the store cannot write now; retry shortly") from None
 
