@@ -4,6 +4,7 @@ followed by Observe, a server restart that loses the observation, and the unknow
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
 
 import aiocoap
 import cbor2
@@ -11,7 +12,6 @@ import pytest
 
 from coap_auth.clock import SettableClock
 from coap_auth.coap.server import Server
-from coap_auth.config import Settings
 from coap_auth.service import AuthService
 from device_client import (
     InvalidSignature,
@@ -46,14 +46,14 @@ async def _rotate(server: Server) -> frozenset[bytes]:
     return _published(server.service)
 
 
-async def test_three_rotations_and_a_restart(
+@pytest.fixture
+async def device(
     sensor: Coap,
-    restarts: Restarts,
     device_context: aiocoap.Context,
     secret_credentials: SecretCredentials,
-    settings: Settings,
     clock: SettableClock,
-) -> None:
+) -> AsyncIterator[tuple[KeySetWatcher, TokenVerifier, TokenClient]]:
+    """A resource server's watcher and verifier, and a device's token client, on one AS."""
     watcher = KeySetWatcher(device_context, sensor.base, clock=clock, policy=FAST_WATCH)
     await watcher.start()
     try:
@@ -68,97 +68,90 @@ async def test_three_rotations_and_a_restart(
             policy=FAST_REFRESH,
             rng=random.Random(3),
         )
-        token = await client.token()
-        await verifier.verify(token.value)
-        kids = [_kid(token.value)]
-
-        for _ in range(3):
-            published = await _rotate(sensor.server)
-            await _sees(watcher, published)
-            clock.advance(token.refresh_at - clock.now())
-            previous, token = token, await client.token()
-            assert _kid(token.value) == sensor.service.key_ring.active.kid
-            assert (await verifier.verify(token.value)).claims.sub == "sensor-1"
-            # The token signed before the rotation still verifies: its key is retiring.
-            await verifier.verify(previous.value)
-            kids.append(_kid(token.value))
-        assert len(set(kids)) == 4
-        assert watcher.fetches == 0  # every change came by notification
-
-        # The AS restarts and forgets its observers.
-        server = await restarts.restart()
-        registrations = watcher.registrations
-        clock.advance(token.refresh_at - clock.now())
-        token = await client.token()  # the refresh family survived the restart
-        await verifier.verify(token.value)
-        assert len(await server.service.store.list_families("sensor-1", clock.now())) == 1
-
-        # Max-Age (at most 3600 s) passes without a notification: the watcher re-registers
-        # (RFC 7641 §3.3.1) and hears the next rotations again.
-        clock.advance(3600)
-        await eventually(lambda: watcher.registrations > registrations, "re-registration")
-        for _ in range(2):
-            published = await _rotate(server)
-            await _sees(watcher, published)
-        token = await client.token()
-        assert _kid(token.value) == server.service.key_ring.active.kid
-        assert (await verifier.verify(token.value)).claims.sub == "sensor-1"
-        assert watcher.fetches == 0
+        yield watcher, verifier, client
     finally:
         await watcher.stop()
+
+
+async def test_three_rotations_and_a_restart(
+    sensor: Coap,
+    restarts: Restarts,
+    device: tuple[KeySetWatcher, TokenVerifier, TokenClient],
+    clock: SettableClock,
+) -> None:
+    watcher, verifier, client = device
+    token = await client.token()
+    await verifier.verify(token.value)
+    kids = [_kid(token.value)]
+
+    for _ in range(3):
+        published = await _rotate(sensor.server)
+        await _sees(watcher, published)
+        clock.advance(token.refresh_at - clock.now())
+        previous, token = token, await client.token()
+        assert _kid(token.value) == sensor.service.key_ring.active.kid
+        assert (await verifier.verify(token.value)).claims.sub == "sensor-1"
+        # The token signed before the rotation still verifies: its key is retiring.
+        await verifier.verify(previous.value)
+        kids.append(_kid(token.value))
+    assert len(set(kids)) == 4
+    assert watcher.fetches == 0  # every change came by notification
+
+    # The AS restarts and forgets its observers.
+    server = await restarts.restart()
+    registrations = watcher.registrations
+    clock.advance(token.refresh_at - clock.now())
+    token = await client.token()  # the refresh family survived the restart
+    await verifier.verify(token.value)
+    assert len(await server.service.store.list_families("sensor-1", clock.now())) == 1
+
+    # Max-Age (at most 3600 s) passes without a notification: the watcher re-registers
+    # (RFC 7641 §3.3.1) and hears the next rotations again.
+    clock.advance(3600)
+    await eventually(lambda: watcher.registrations > registrations, "re-registration")
+    for _ in range(2):
+        published = await _rotate(server)
+        await _sees(watcher, published)
+    token = await client.token()
+    assert _kid(token.value) == server.service.key_ring.active.kid
+    assert (await verifier.verify(token.value)).claims.sub == "sensor-1"
+    assert watcher.fetches == 0
 
 
 async def test_unknown_kid_is_fetched_once_rate_limited_then_rejected(
-    sensor: Coap,
     restarts: Restarts,
-    device_context: aiocoap.Context,
-    secret_credentials: SecretCredentials,
-    settings: Settings,
+    device: tuple[KeySetWatcher, TokenVerifier, TokenClient],
     clock: SettableClock,
 ) -> None:
-    watcher = KeySetWatcher(device_context, sensor.base, clock=clock, policy=FAST_WATCH)
-    await watcher.start()
-    try:
-        verifier = TokenVerifier(watcher, issuer=ISSUER, audience="thermostat", clock=clock)
-        client = TokenClient(
-            device_context,
-            sensor.base,
-            secret_credentials,
-            audience="thermostat",
-            issuer=ISSUER,
-            clock=clock,
-            policy=FAST_REFRESH,
-        )
-        # A restart loses the observation; two rotations later the active kid is one the
-        # watcher has never been told about.
-        server = await restarts.restart()
-        registrations = watcher.registrations
-        await _rotate(server)
-        published = await _rotate(server)
-        token = await client.token()
-        assert _kid(token.value) not in watcher.key_set.kids
+    watcher, verifier, client = device
+    # A restart loses the observation; two rotations later the active kid is one the
+    # watcher has never been told about.
+    server = await restarts.restart()
+    registrations = watcher.registrations
+    await _rotate(server)
+    published = await _rotate(server)
+    token = await client.token()
+    assert _kid(token.value) not in watcher.key_set.kids
 
-        with pytest.raises(InvalidSignature):
-            verifier.verify_offline(token.value)  # no I/O: unknown kid
-        assert watcher.fetches == 0
+    with pytest.raises(InvalidSignature):
+        verifier.verify_offline(token.value)  # no I/O: unknown kid
+    assert watcher.fetches == 0
 
-        verified = await verifier.verify(token.value)  # one fetch, then accepted
-        assert verified.claims.sub == "sensor-1"
-        assert watcher.fetches == 1
-        assert watcher.key_set.kids == published
-        # The fetch showed a change the observation never brought: re-registered.
-        await eventually(lambda: watcher.registrations > registrations, "re-registration")
+    verified = await verifier.verify(token.value)  # one fetch, then accepted
+    assert verified.claims.sub == "sensor-1"
+    assert watcher.fetches == 1
+    assert watcher.key_set.kids == published
+    # The fetch showed a change the observation never brought: re-registered.
+    await eventually(lambda: watcher.registrations > registrations, "re-registration")
 
-        # A token under a kid nobody published: one fetch per 10 s at most.
-        forged = token.value.replace(_kid(token.value), b"\x00" * 8)
-        clock.advance(10)
-        for _ in range(3):
-            with pytest.raises(InvalidSignature, match="unknown key id"):
-                await verifier.verify(forged)
-        assert watcher.fetches == 2
-        clock.advance(10)
-        with pytest.raises(InvalidSignature):
+    # A token under a kid nobody published: one fetch per 10 s at most.
+    forged = token.value.replace(_kid(token.value), b"\x00" * 8)
+    clock.advance(10)
+    for _ in range(3):
+        with pytest.raises(InvalidSignature, match="unknown key id"):
             await verifier.verify(forged)
-        assert watcher.fetches == 3
-    finally:
-        await watcher.stop()
+    assert watcher.fetches == 2
+    clock.advance(10)
+    with pytest.raises(InvalidSignature):
+        await verifier.verify(forged)
+    assert watcher.fetches == 3
