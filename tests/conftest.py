@@ -23,6 +23,7 @@ from coap_auth.config import Settings
 from coap_auth.service import AuthService
 from coap_auth.store import Audience, Client, MasterKey, SqliteStore
 from coap_auth.wire import AceParam, ContentFormat
+from tests import pg
 
 VECTORS = Path(__file__).parent / "vectors"
 
@@ -204,3 +205,11 @@ async def sensor(coap: Coap) -> Coap:
     await coap.add_audience("dashboard", "jwt", 900)
     await coap.add_secret_client("sensor-1", ("thermostat", "dashboard"), "temp:read temp:write")
     return coap
+
+
+@pytest.fixture
+async def schema() -> AsyncIterator[str]:
+    """A fresh PostgreSQL schema for the test (tests that use it are marked needs_postgres)."""
+    name = await pg.create_schema()
+    yield name
+    await pg.drop_schema(name)

@@ -60,13 +60,6 @@ async def start_instance(
 
 
 @pytest.fixture
-async def schema() -> AsyncIterator[str]:
-    name = await pg.create_schema()
-    yield name
-    await pg.drop_schema(name)
-
-
-@pytest.fixture
 async def pair(schema: str, tmp_path: Path) -> AsyncIterator[tuple[Instance, Instance, Any]]:
     """Instances A and B (B polls only every 30 s) and an aiocoap client context."""
     assert pg.PG_DSN is not None

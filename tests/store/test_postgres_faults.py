@@ -22,13 +22,6 @@ T0 = 1_700_000_000
 
 
 @pytest.fixture
-async def schema() -> AsyncIterator[str]:
-    name = await pg.create_schema()
-    yield name
-    await pg.drop_schema(name)
-
-
-@pytest.fixture
 async def store(schema: str, tmp_path: Path) -> AsyncIterator[PostgresStore]:
     assert pg.PG_DSN is not None
     store = PostgresStore(pg.PG_DSN, MasterKey.load(tmp_path, create=True), schema=schema)
