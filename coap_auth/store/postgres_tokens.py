@@ -7,7 +7,6 @@ Locks follow the order in postgres_base: family rows, refresh-token rows, access
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
 import cbor2
 
@@ -15,7 +14,7 @@ from coap_auth.store.audit import AuditEvent
 from coap_auth.store.base import Mint, TokenStatus
 from coap_auth.store.postgres_base import Conn, PostgresBase
 from coap_auth.store.records import IssuedAccess, RefreshFamily, RefreshOutcome, TrlUpdate
-from coap_auth.store.rows import family_from_row, trl_update_from_row
+from coap_auth.store.rows import family_from_row, family_kill_events, trl_update_from_row
 
 
 class PostgresTokenTables(PostgresBase):
@@ -214,13 +213,8 @@ class PostgresTokenTables(PostgresBase):
             )
             family_of = {r[0]: r[1] for r in rows}
             revoked.update(family_of[h] for h in await self._revoke(conn, list(family_of), now))
-        events = []
-        for family in families:
-            details: dict[str, Any] = {"client_id": family.client_id, "reason": reason}
-            if revoke_access:
-                details["revoked_access_tokens"] = revoked[family.family_id]
-            events.append(AuditEvent(now, actor, "family.killed", family.family_id.hex(), details))
-        await self._audit(conn, events)
+        counts = revoked if revoke_access else None
+        await self._audit(conn, family_kill_events(families, counts, reason, actor, now))
 
     # -- revocation (RFC 9770 TRL) -------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import cbor2
@@ -101,3 +102,21 @@ def trl_update_from_row(row: Row) -> TrlUpdate:
 def audit_entry_from_row(row: Row) -> AuditEntry:
     seq, at, actor, event, subject, details, mac = row
     return AuditEntry(seq, AuditEvent(at, actor, event, subject, json.loads(details)), mac)
+
+
+def family_kill_events(
+    families: Iterable[RefreshFamily],
+    revoked: Counter[bytes] | None,
+    reason: str,
+    actor: str,
+    now: int,
+) -> list[AuditEvent]:
+    """One audit event per killed family; `revoked` counts its access tokens put on the TRL
+    (None when the kill revoked none)."""
+    events = []
+    for family in families:
+        details: dict[str, Any] = {"client_id": family.client_id, "reason": reason}
+        if revoked is not None:
+            details["revoked_access_tokens"] = revoked[family.family_id]
+        events.append(AuditEvent(now, actor, "family.killed", family.family_id.hex(), details))
+    return events

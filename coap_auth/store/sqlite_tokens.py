@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import sqlite3
 from collections import Counter
-from typing import Any
 
 import cbor2
 
 from coap_auth.store.audit import AuditEvent
 from coap_auth.store.base import Mint, TokenStatus
 from coap_auth.store.records import IssuedAccess, RefreshFamily, RefreshOutcome, TrlUpdate
-from coap_auth.store.rows import family_from_row, trl_update_from_row
+from coap_auth.store.rows import family_from_row, family_kill_events, trl_update_from_row
 from coap_auth.store.sqlite_base import SqliteBase
 
 
@@ -189,13 +188,8 @@ class TokenTables(SqliteBase):
                 )
             }
             revoked.update(family_of[h] for h in _revoke(conn, list(family_of), now))
-        events = []
-        for family in families:
-            details: dict[str, Any] = {"client_id": family.client_id, "reason": reason}
-            if revoke_access:
-                details["revoked_access_tokens"] = revoked[family.family_id]
-            events.append(AuditEvent(now, actor, "family.killed", family.family_id.hex(), details))
-        self._audit(conn, events)
+        counts = revoked if revoke_access else None
+        self._audit(conn, family_kill_events(families, counts, reason, actor, now))
 
     # -- revocation (RFC 9770 TRL) -------------------------------------------------------------
 
