@@ -1,10 +1,11 @@
 """Property-based fuzzing of every endpoint over real UDP (issue 8).
 
-A real server runs in a thread of its own; hypothesis builds CoAP requests (methods, paths,
-content formats, options, query strings, payloads from random bytes to well-typed ACE maps
-with wrong types, deep and indefinite-length CBOR, tags in odd places, truncated tokens) and
-sends them as datagrams. For every one: an answer comes, it is never 5.xx, no exception
-reaches the log, and a refused request leaves the store exactly as it was.
+A real server runs in a thread of its own, on SQLite and (when available) PostgreSQL;
+hypothesis builds CoAP requests (methods, paths, content formats, options, query strings,
+payloads from random bytes to well-typed ACE maps with wrong types, deep and indefinite-length
+CBOR, tags in odd places, truncated tokens) and sends them as datagrams. For every one: an
+answer comes, it is never 5.xx, no exception reaches the log, and a refused request leaves the
+store exactly as it was.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from coap_auth.clock import SettableClock
 from coap_auth.coap.server import Server
 from coap_auth.config import Settings
 from coap_auth.service import AuthService
-from coap_auth.store import Audience, Client, MasterKey, SqliteStore
+from coap_auth.store import Audience, Client, MasterKey, SqliteStore, Store
+from coap_auth.store.postgres import PostgresStore
 from coap_auth.wire import AceParam
+from tests import pg
 
 T = TypeVar("T")
 RECV_TIMEOUT = 5
@@ -41,7 +44,9 @@ PATHS = ("revoke", "introspect", "token", "revoke/trl", "keys", ".well-known/cor
 class ServerThread:
     """A coap-auth server on its own event loop in a daemon thread."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, backend: str) -> None:
+        self.backend = backend
+        self.schema = ""
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -61,7 +66,13 @@ class ServerThread:
             rate_limit_per_client=0,
         )
         master_key = MasterKey.load(self.data_dir, create=True)
-        self.store = SqliteStore.in_data_dir(self.data_dir, master_key)
+        self.store: Store
+        if self.backend == "postgres":
+            assert pg.PG_DSN is not None
+            self.schema = await pg.create_schema()
+            self.store = PostgresStore(pg.PG_DSN, master_key, schema=self.schema)
+        else:
+            self.store = SqliteStore.in_data_dir(self.data_dir, master_key)
         await self.store.open()
         self.service = AuthService(self.store, master_key, settings, SettableClock())
         self.server = Server(self.service, "127.0.0.1", 0)
@@ -100,6 +111,8 @@ class ServerThread:
     async def stop(self) -> None:
         await self.server.stop()
         await self.store.close()
+        if self.schema:
+            await pg.drop_schema(self.schema)
 
 
 class LogTrap(logging.Handler):
@@ -111,9 +124,13 @@ class LogTrap(logging.Handler):
         self.records.append(record.getMessage())
 
 
-@pytest.fixture(scope="module")
-def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    server = ServerThread(tmp_path_factory.mktemp("fuzz"))
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgres", marks=pg.needs_postgres)]
+)
+def fuzzed(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerThread]:
+    server = ServerThread(tmp_path_factory.mktemp("fuzz"), request.param)
     server.call(server.start())
     # A real token and a real refresh token to mutate.
     body = {AceParam.CLIENT_ID: "sensor-1", AceParam.CLIENT_SECRET: SECRET, 5: "thermostat"}
