@@ -22,7 +22,12 @@ from coap_auth.service.rate_limit import RateLimiter, address_key
 UPLOAD_LIFETIME = 93
 # A device has one upload at a time per resource (RFC 7959 §2.5); a few leave room for NAT.
 MAX_UPLOADS_PER_ADDRESS = 4
-# With max_payload 2048 this holds at most 2 MiB of partial bodies.
+# The options of a held upload's first block, encoded: ample for a path, a query and a
+# content format. Without a cap, thousands of empty options (each a Python object once
+# decoded) would make one held upload cost a megabyte.
+MAX_UPLOAD_OPTIONS = 256
+# With max_payload 2048, at most 1024 x (2048 + 256) bytes of request, about 2.3 MiB (plus
+# the objects that hold them).
 MAX_UPLOADS = 1024
 
 
@@ -92,6 +97,8 @@ class BlockwiseUploads:
                 return request  # all of it in one block: nothing to hold
             if len(request.payload) != block1.size:
                 raise BadRequest("a block that is not the last must be of the Block1 size")
+            if len(request.opt.encode()) > MAX_UPLOAD_OPTIONS:
+                raise BadRequest("too many options for a block-wise upload")
             self._make_room(address)
             self._uploads[key] = _Upload(address, now, request)
             self._per_address[address] = self._per_address.get(address, 0) + 1
