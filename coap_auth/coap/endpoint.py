@@ -21,7 +21,7 @@ from coap_auth.coap.messages import decode_ace_payload
 from coap_auth.errors import CoapAuthError, MethodNotAllowed
 from coap_auth.service import AuthService
 from coap_auth.service.rate_limit import RateLimiter, address_key
-from coap_auth.text import loggable
+from coap_auth.text import log_field, loggable
 from coap_auth.wire import ContentFormat
 
 log = logging.getLogger("coap_auth.access")
@@ -126,7 +126,7 @@ class Endpoint:
             request.code,
             self.path,
             loggable(_address(request)),
-            loggable(caller.get()),
+            log_field(caller.get()),
             code,
             loggable(outcome),
             (time.monotonic() - started) * 1000,

@@ -8,6 +8,7 @@ assertion, decided before a lookup, so the answer says nothing about who exists.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -185,5 +186,21 @@ async def test_request_text_in_the_access_log_is_escaped(
     assert response.code == aiocoap.CREATED
     lines = [r.getMessage() for r in caplog.records if r.name == "coap_auth.access"]
     assert len(lines) == 1
-    assert "caller=dev\\u2028ice caller=admin -> 2.01 ok -> 2.01 ok" in lines[0]
+    assert 'caller="dev\\u2028ice caller=admin -> 2.01 ok" -> 2.01 ok' in lines[0]
     assert "\u2028" not in lines[0]
+
+
+async def test_an_unauthenticated_caller_cannot_forge_fields_of_its_log_line(
+    sensor: Coap, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="coap_auth.access")
+    client_id = 'x from=10.9.8.7 caller=sensor-1 -> 2.01 ok (0.1 ms) "#'
+    body = {AceParam.CLIENT_ID: client_id, AceParam.CLIENT_SECRET: "not-the-secret-0123456789"}
+    response, _ = await sensor.post_ace("/token", body)
+    assert response.code == aiocoap.UNAUTHORIZED
+    lines = [r.getMessage() for r in caplog.records if r.name == "coap_auth.access"]
+    assert len(lines) == 1
+    assert lines[0].startswith("POST /token from=127.0.0.1 caller=")
+    assert 'caller="x from=10.9.8.7 caller=sensor-1 -> 2.01 ok (0.1 ms) \\"#" -> 4.01' in lines[0]
+    # Only the quoted value holds a second "from=": outside the quotes there is one field each.
+    assert lines[0].replace(json.dumps(client_id), "<caller>").count("from=") == 1
