@@ -47,7 +47,8 @@ class SqliteBase:
         except sqlite3.OperationalError as exc:
             # Disk full, I/O error, locked past the busy timeout: the store, not the request.
             # Anything else (a bad statement, a missing table) is our fault: a 5.00, logged.
-            if exc.sqlite_errorcode & 0xFF not in _STORE_CONDITIONS:
+            # (sqlite3's own errors, e.g. undecodable text, carry no SQLite code: faults.)
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _STORE_CONDITIONS:
                 raise
             log.error("store operation failed: %s", exc)
             raise StoreUnavailable("the store cannot write now; retry shortly") from None

@@ -7,12 +7,21 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
 from coap_auth.errors import OperatorError, StoreUnavailable
-from coap_auth.store import Audience, MasterKey, postgres_base
+from coap_auth.store import (
+    Audience,
+    Client,
+    IssuedAccess,
+    MasterKey,
+    RefreshFamily,
+    postgres_base,
+    postgres_tokens,
+)
 from coap_auth.store.postgres import PostgresStore
 from tests import pg
 
@@ -128,3 +137,47 @@ async def test_close_does_not_wait_for_a_stuck_query(
         await blocker.rollback()
     finally:
         await admin.close()
+
+
+async def test_a_rolled_back_refresh_is_rerun_and_only_the_committed_token_counts(
+    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deadlock rolls the whole refresh back and it runs again: `mint` runs twice, and only
+    the token of the committed run is recorded (the service answers with that one)."""
+    await store.add_audience(Audience("thermostat", "cwt", 600, T0))
+    await store.add_client(Client("c", ("thermostat",), ("s",), T0, secret_digest=b"x" * 32))
+    family = RefreshFamily(secrets.token_bytes(16), "c", "thermostat", "s", T0, T0, T0 + 9999)
+    refresh_digest = secrets.token_bytes(32)
+    first = IssuedAccess(secrets.token_bytes(33), "c", T0 + 600)
+    await store.start_family(family, refresh_digest, first)
+
+    record_access = postgres_tokens._record_access
+    calls = 0
+
+    async def deadlocks_once(conn: Any, access: IssuedAccess, family_id: bytes) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise asyncpg.exceptions.DeadlockDetectedError("injected")
+        await record_access(conn, access, family_id)
+
+    monkeypatch.setattr(postgres_tokens, "_record_access", deadlocks_once)
+    minted: list[IssuedAccess] = []
+
+    def mint(_family: RefreshFamily) -> IssuedAccess:
+        minted.append(IssuedAccess(secrets.token_bytes(33), "c", T0 + 700))
+        return minted[-1]
+
+    outcome = await store.rotate_refresh(
+        refresh_digest,
+        secrets.token_bytes(32),
+        client_id="c",
+        now=T0 + 5,
+        grace=30,
+        idle_timeout=9999,
+        mint=mint,
+    )
+    assert outcome.status == "rotated"
+    assert len(minted) == 2
+    assert await store.token_status(minted[-1].token_hash) == "live"
+    assert await store.token_status(minted[0].token_hash) is None
