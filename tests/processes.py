@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +18,8 @@ import pytest
 
 COAP_AUTH = shutil.which("coap-auth") or str(Path(sys.executable).parent / "coap-auth")
 STARTUP_TIMEOUT = 15  # s, until `serve` prints its listening line
+CLI_TIMEOUT = 30  # s, for one short CLI command
+SECRET_LINE = re.compile(r"^secret: (\S+)$")
 
 
 def clean_env(**settings: str) -> dict[str, str]:
@@ -24,6 +28,51 @@ def clean_env(**settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COAP_AUTH_")}
     env.update(settings)
     return env
+
+
+def run_cli(*args: str | Path, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """One `coap-auth` command on `data_dir`, with a clean environment."""
+    return subprocess.run(
+        [COAP_AUTH, *map(str, args), "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        env=clean_env(),
+        cwd=data_dir.parent,
+    )
+
+
+def cli_ok(*args: str | Path, data_dir: Path) -> str:
+    """A command that must succeed; its stdout."""
+    result = run_cli(*args, data_dir=data_dir)
+    assert result.returncode == 0, (args, result.returncode, result.stderr)
+    return result.stdout
+
+
+def add_secret_client(data_dir: Path, client_id: str = "sensor-1") -> str:
+    """`clients add` with a generated secret for audience `thermostat`; the printed secret."""
+    stdout = cli_ok(
+        "clients",
+        "add",
+        client_id,
+        "--audience",
+        "thermostat",
+        "--scope",
+        "temp:read",
+        "--secret",
+        data_dir=data_dir,
+    )
+    secrets = [m.group(1) for m in map(SECRET_LINE.match, stdout.splitlines()) if m]
+    assert len(secrets) == 1, stdout
+    return secrets[0]
+
+
+def provision(data_dir: Path, *audience_options: str) -> str:
+    """init, audience `thermostat` (with these options) and secret client `sensor-1`, all by
+    the CLI; the client's secret."""
+    cli_ok("init", data_dir=data_dir)
+    cli_ok("audiences", "add", "thermostat", *audience_options, data_dir=data_dir)
+    return add_secret_client(data_dir)
 
 
 def free_udp_port() -> int:

@@ -30,9 +30,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from tests.processes import COAP_AUTH, clean_env, free_udp_port, serve_argv
+from tests.processes import (
+    SECRET_LINE,
+    add_secret_client,
+    clean_env,
+    cli_ok,
+    free_udp_port,
+    provision,
+    run_cli,
+    serve_argv,
+)
 
-CLI_TIMEOUT = 30  # s, for one short CLI command
 STARTUP_TIMEOUT = 15  # s, until `serve` prints its listening line
 NOTIFY_TIMEOUT = 10  # s, for an Observe notification or a CoAP response
 EXIT_TIMEOUT = 10  # s, for `serve` to exit after SIGTERM
@@ -46,31 +54,12 @@ HDR_ALG, HDR_KID = 1, 4
 COSE_KEY_KID = 2
 ES256 = -7
 
-SECRET_LINE = re.compile(r"^secret: (\S+)$")
-
 
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def run_cli(*args: str | Path, data_dir: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [COAP_AUTH, *map(str, args), "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-        env=clean_env(),
-        cwd=data_dir.parent,
-    )
-
-
-def ok(*args: str | Path, data_dir: Path) -> str:
-    result = run_cli(*args, data_dir=data_dir)
-    assert result.returncode == 0, (args, result.returncode, result.stderr)
-    return result.stdout
-
-
 def list_json(what: str, data_dir: Path) -> list[dict[str, Any]]:
-    rows = json.loads(ok(what, "list", "--json", data_dir=data_dir))
+    rows = json.loads(cli_ok(what, "list", "--json", data_dir=data_dir))
     assert isinstance(rows, list)
     return rows
 
@@ -80,23 +69,6 @@ def keys_by_state(data_dir: Path) -> dict[str, list[str]]:
     for row in list_json("keys", data_dir):
         states.setdefault(row["state"], []).append(row["kid"])
     return states
-
-
-def add_secret_client(data_dir: Path, client_id: str = "sensor-1") -> str:
-    stdout = ok(
-        "clients",
-        "add",
-        client_id,
-        "--audience",
-        "thermostat",
-        "--scope",
-        "temp:read",
-        "--secret",
-        data_dir=data_dir,
-    )
-    secrets = [m.group(1) for m in map(SECRET_LINE.match, stdout.splitlines()) if m]
-    assert len(secrets) == 1, stdout
-    return secrets[0]
 
 
 def write_public_pem(path: Path, key: Any) -> Path:
@@ -137,18 +109,7 @@ def data_dir(tmp_path: Path) -> Path:
 def registered_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """Built once per module by the CLI: init, audience `thermostat`, secret client `sensor-1`."""
     data_dir = tmp_path_factory.mktemp("template") / "data"
-    ok("init", data_dir=data_dir)
-    ok(
-        "audiences",
-        "add",
-        "thermostat",
-        "--token-format",
-        "cwt",
-        "--lifetime",
-        "600",
-        data_dir=data_dir,
-    )
-    return data_dir, add_secret_client(data_dir)
+    return data_dir, provision(data_dir, "--token-format", "cwt", "--lifetime", "600")
 
 
 @pytest.fixture
@@ -164,7 +125,7 @@ def registered(registered_template: tuple[Path, str], data_dir: Path) -> tuple[P
 
 def test_init_creates_private_data_dir_and_prints_active_kid(data_dir: Path) -> None:
     assert not data_dir.exists()
-    stdout = ok("init", data_dir=data_dir)
+    stdout = cli_ok("init", data_dir=data_dir)
 
     master_key = data_dir / "master.key"
     assert stat.S_IMODE(master_key.stat().st_mode) == 0o600
@@ -177,11 +138,11 @@ def test_init_creates_private_data_dir_and_prints_active_kid(data_dir: Path) -> 
 
 
 def test_init_again_changes_nothing(data_dir: Path) -> None:
-    ok("init", data_dir=data_dir)
+    cli_ok("init", data_dir=data_dir)
     keys_before = list_json("keys", data_dir)
     master_key_before = (data_dir / "master.key").read_bytes()
 
-    stdout = ok("init", data_dir=data_dir)
+    stdout = cli_ok("init", data_dir=data_dir)
 
     assert "already initialised" in stdout
     assert list_json("keys", data_dir) == keys_before
@@ -199,13 +160,13 @@ def test_secret_client_is_printed_once_and_never_listed(registered: tuple[Path, 
     assert add_secret_client(data_dir, "sensor-2") != secret
 
     listings = {
-        what: ok(what, "list", "--json", data_dir=data_dir)
+        what: cli_ok(what, "list", "--json", data_dir=data_dir)
         for what in ("clients", "audiences", "keys")
     }
     for what, text in listings.items():
         json.loads(text)
         assert secret not in text, f"`{what} list` shows the secret"
-    assert secret not in ok("clients", "list", data_dir=data_dir)
+    assert secret not in cli_ok("clients", "list", data_dir=data_dir)
 
     audiences = list_json("audiences", data_dir)
     assert [(a["audience_id"], a["token_format"], a["lifetime"]) for a in audiences] == [
@@ -222,7 +183,7 @@ def test_disable_client(registered: tuple[Path, str]) -> None:
     data_dir, _ = registered
     add_secret_client(data_dir, "sensor-2")
 
-    ok("clients", "disable", "sensor-1", data_dir=data_dir)
+    cli_ok("clients", "disable", "sensor-1", data_dir=data_dir)
 
     disabled = {c["client_id"]: c["disabled"] for c in list_json("clients", data_dir)}
     assert disabled == {"sensor-1": True, "sensor-2": False}
@@ -248,7 +209,7 @@ def test_public_key_client(registered: tuple[Path, str], tmp_path: Path, make_ke
     data_dir, _ = registered
     pem = write_public_pem(tmp_path / "device.pem", make_key())
 
-    stdout = ok(
+    stdout = cli_ok(
         "clients",
         "add",
         "sensor-pk",
@@ -545,14 +506,14 @@ async def test_cli_lists_and_revokes_refresh_families(served: Served) -> None:
     finally:
         await ctx.shutdown()
     families = json.loads(
-        ok("tokens", "families", "--client", "sensor-1", "--json", data_dir=served.data_dir)
+        cli_ok("tokens", "families", "--client", "sensor-1", "--json", data_dir=served.data_dir)
     )
     assert len(families) == 2 and {f["client_id"] for f in families} == {"sensor-1"}
     assert refresh_token.hex() not in json.dumps(families)
 
-    out = ok("tokens", "revoke-family", "--client", "sensor-1", data_dir=served.data_dir)
+    out = cli_ok("tokens", "revoke-family", "--client", "sensor-1", data_dir=served.data_dir)
     assert out.startswith("2 refresh families of sensor-1 revoked")
-    assert json.loads(ok("tokens", "families", "--json", data_dir=served.data_dir)) == []
+    assert json.loads(cli_ok("tokens", "families", "--json", data_dir=served.data_dir)) == []
 
     bad = run_cli("tokens", "revoke-family", "--client", "ghost", data_dir=served.data_dir)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
@@ -578,14 +539,14 @@ async def test_cli_revokes_a_token_by_hash_and_trl_observers_hear_it(served: Ser
         )
         assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
         out = await asyncio.to_thread(
-            ok, "tokens", "revoke", "--hash", token_hash.hex(), data_dir=served.data_dir
+            cli_ok, "tokens", "revoke", "--hash", token_hash.hex(), data_dir=served.data_dir
         )
         assert out.strip() == f"access token {token_hash.hex()} revoked"
         update = await asyncio.wait_for(anext(notifications), NOTIFY_TIMEOUT)
         assert cbor2.loads(update.payload)[0] == [token_hash]
     finally:
         await ctx.shutdown()
-    tail = json.loads(ok("audit", "tail", "-n", "1", "--json", data_dir=served.data_dir))
+    tail = json.loads(cli_ok("audit", "tail", "-n", "1", "--json", data_dir=served.data_dir))
     assert tail[0]["event"] == "token.revoked" and tail[0]["subject"] == token_hash.hex()
     assert access_token.hex() not in json.dumps(tail)
 
@@ -594,7 +555,7 @@ def test_audience_with_own_symmetric_keys_and_introspection_secret(
     registered: tuple[Path, str],
 ) -> None:
     data_dir, _ = registered
-    out = ok(
+    out = cli_ok(
         "audiences",
         "add",
         "valve",
@@ -608,11 +569,13 @@ def test_audience_with_own_symmetric_keys_and_introspection_secret(
     (secret,) = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("intro")]
     listed = json.dumps(list_json("audiences", data_dir))
     assert secret not in listed and '"introspection": "secret"' in listed
-    valve_keys = json.loads(ok("keys", "list", "--family", "valve", "--json", data_dir=data_dir))
+    valve_keys = json.loads(
+        cli_ok("keys", "list", "--family", "valve", "--json", data_dir=data_dir)
+    )
     assert {k["state"] for k in valve_keys} == {"active", "next"}
     assert {k["alg"] for k in valve_keys} == {"HMAC_256_64"}
     exported = cbor2.loads(
-        base64.urlsafe_b64decode(ok("keys", "export", "--family", "valve", data_dir=data_dir))
+        base64.urlsafe_b64decode(cli_ok("keys", "export", "--family", "valve", data_dir=data_dir))
     )
     assert {k[2].hex() for k in exported} == {k["kid"] for k in valve_keys}
     assert all(k[1] == 4 and len(k[-1]) == 32 for k in exported)  # kty Symmetric, 256-bit k

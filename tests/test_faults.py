@@ -21,41 +21,24 @@ import cbor2
 import pytest
 
 from coap_auth.tokens import VerificationKey, verify_cwt
-from tests.processes import COAP_AUTH, clean_env, serve_argv, serve_process
+from tests.processes import (
+    CLI_TIMEOUT,
+    COAP_AUTH,
+    clean_env,
+    provision,
+    run_cli,
+    serve_argv,
+    serve_process,
+)
 
-CLI_TIMEOUT = 30
 REQUEST_TIMEOUT = 5
 STORM = 1.5  # s of grants and rotations before the kill
 CF_ACE_CBOR, CLIENT_ID, CLIENT_SECRET, ACCESS_TOKEN = 19, 24, 25, 1
 
 
-def cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [COAP_AUTH, *args, "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-        env=clean_env(),
-    )
-
-
 def registered(tmp_path: Path) -> tuple[Path, str]:
     data_dir = tmp_path / "data"
-    assert cli(data_dir, "init").returncode == 0
-    assert cli(data_dir, "audiences", "add", "thermostat").returncode == 0
-    added = cli(
-        data_dir,
-        "clients",
-        "add",
-        "sensor-1",
-        "--audience",
-        "thermostat",
-        "--scope",
-        "temp:read",
-        "--secret",
-    )
-    (secret,) = [line[8:] for line in added.stdout.splitlines() if line.startswith("secret: ")]
-    return data_dir, secret
+    return data_dir, provision(data_dir)
 
 
 async def grant(context: aiocoap.Context, url: str, secret: str) -> aiocoap.Message:
@@ -119,9 +102,9 @@ async def test_sigkill_during_issuance_and_rotation_leaves_the_store_intact(
 
         # Restart on the same data directory.
         async with serve_process(data_dir, tmp_path / "again.log", **env) as server:
-            verified = cli(data_dir, "audit", "verify")
+            verified = run_cli("audit", "verify", data_dir=data_dir)
             assert verified.returncode == 0, verified.stderr
-            keys = json.loads(cli(data_dir, "keys", "list", "--json").stdout)
+            keys = json.loads(run_cli("keys", "list", "--json", data_dir=data_dir).stdout)
             states = [k["state"] for k in keys]
             assert states.count("active") == 1 and states.count("next") == 1
             # Tokens issued before the kill verify against what /keys publishes now, unless
@@ -136,7 +119,7 @@ async def test_sigkill_during_issuance_and_rotation_leaves_the_store_intact(
             for answer in issued[-5:]:
                 verify_cwt(cbor2.loads(answer.payload)[ACCESS_TOKEN], keyset.get)
             # Every grant answered 2.01 before the kill started a family that is still there.
-            families = json.loads(cli(data_dir, "tokens", "families", "--json").stdout)
+            families = json.loads(run_cli("tokens", "families", "--json", data_dir=data_dir).stdout)
             assert len(families) >= len(issued)
     finally:
         await context.shutdown()

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import sqlite3
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +24,9 @@ import aiocoap
 import cbor2
 
 from coap_auth.store import MasterKey
-from tests.processes import COAP_AUTH, ServerProcess, clean_env, serve_process
+from tests.processes import ServerProcess, provision, serve_process
 
 DB_FILE = "coap-auth.sqlite3"
-CLI_TIMEOUT = 30  # s, one CLI command
 REQUEST_TIMEOUT = 5  # s, one CoAP exchange with a live server
 FAMILIES = 8
 STORM_BEFORE_KILL = 0.4  # s of refresh storm before SIGKILL
@@ -43,23 +40,9 @@ AUDIENCE, CLIENT_ID, CLIENT_SECRET = 5, 24, 25
 ERROR, GRANT_TYPE, REFRESH_TOKEN = 30, 33, 37
 GRANT_REFRESH = 3
 INVALID_GRANT = 3
-SECRET_LINE = re.compile(r"^secret: (\S+)$")
 
 
 # -- processes ----------------------------------------------------------------------------------
-
-
-def _cli(data_dir: Path, *args: str) -> str:
-    result = subprocess.run(
-        [COAP_AUTH, *args, "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-        env=clean_env(),
-        cwd=data_dir.parent,
-    )
-    assert result.returncode == 0, (args, result.returncode, result.stderr)
-    return result.stdout
 
 
 def serve(data_dir: Path, log: Path) -> contextlib.AbstractAsyncContextManager[ServerProcess]:
@@ -181,20 +164,7 @@ class Db:
 async def test_refresh_storm_killed_mid_flight_stays_consistent(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     log = tmp_path / "server.log"
-    _cli(data_dir, "init")
-    _cli(data_dir, "audiences", "add", "thermostat", "--lifetime", "600")
-    stdout = _cli(
-        data_dir,
-        "clients",
-        "add",
-        "sensor-1",
-        "--audience",
-        "thermostat",
-        "--scope",
-        "temp:read",
-        "--secret",
-    )
-    [secret] = [m.group(1) for m in map(SECRET_LINE.match, stdout.splitlines()) if m]
+    secret = provision(data_dir, "--lifetime", "600")
     client_id = "sensor-1"
 
     # -- storm, then SIGKILL --------------------------------------------------------------------
