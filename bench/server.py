@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import logging
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import aiocoap
 import cbor2
 from aiocoap import resource
 
-from coap_auth.cli.runtime import open_service
+from coap_auth.cli.runtime import configure_logging, open_service
 from coap_auth.coap.server import Server
 from coap_auth.config import load_settings
 
@@ -50,11 +49,7 @@ async def serve(data_dir: Path, port: int) -> None:
     # The environment is the one bench/processes.py gives: defaults plus BENCH_SETTINGS.
     settings = load_settings(flags={"data_dir": data_dir, "bind": "127.0.0.1", "port": port})
     # As `coap-auth serve` does (coap_auth/cli/__init__.py: cmd_serve).
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    logging.getLogger("coap-server").setLevel(logging.WARNING)
+    configure_logging(settings)
     service = await open_service(settings, create=True)
     server = Server(service, settings.bind, settings.port)
     # Bench only: the product's site never has /noop.

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from coap_auth.cli import keys, registry, tokens
-from coap_auth.cli.runtime import open_service
+from coap_auth.cli.runtime import configure_logging, open_service
 from coap_auth.config import Settings, load_settings
 from coap_auth.errors import CoapAuthError
 
@@ -67,11 +66,7 @@ async def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from coap_auth.coap.server import Server
 
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    logging.getLogger("coap-server").setLevel(logging.WARNING)
+    configure_logging(settings)
     service = await open_service(settings, create=True)
     server = Server(service, settings.bind, settings.port)
     try:

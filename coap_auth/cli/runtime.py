@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +29,16 @@ def _store(settings: Settings, master_key: MasterKey) -> Store:
             "the PostgreSQL store needs asyncpg: pip install 'coap-auth[postgres]'"
         ) from None
     return PostgresStore(settings.store, master_key, schema=settings.store_schema)
+
+
+def configure_logging(settings: Settings) -> None:
+    """The server's logging: one line per record at the configured level; aiocoap's own
+    per-request chatter only from WARNING (our access log has one line per request)."""
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    logging.getLogger("coap-server").setLevel(logging.WARNING)
 
 
 async def open_service(settings: Settings, *, create: bool = False) -> AuthService:
