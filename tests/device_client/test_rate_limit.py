@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import replace
 
 import aiocoap
 import pytest
@@ -17,17 +17,9 @@ PER_CLIENT = 3
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(settings: Settings) -> Settings:
     """tests/conftest.py's settings with the per-client limit on (3 requests a minute)."""
-    return Settings(
-        data_dir=tmp_path,
-        bind="127.0.0.1",
-        port=0,
-        issuer=ISSUER,
-        rate_limit_per_address=0,
-        rate_limit_per_client=PER_CLIENT,
-        rate_limit_window=60,
-    )
+    return replace(settings, rate_limit_per_client=PER_CLIENT, rate_limit_window=60)
 
 
 async def test_rate_limited_device_waits_as_long_as_max_age_says(
