@@ -18,7 +18,8 @@ import pytest
 from coap_auth.store import MasterKey
 from coap_auth.store.audit import GENESIS, entry_mac
 from coap_auth.store.rows import audit_entry_from_row
-from tests.test_cli import add_secret_client, keys_by_state, ok, run_cli
+from tests.processes import add_secret_client, cli_ok, run_cli
+from tests.test_cli import keys_by_state
 
 DB = "coap-auth.sqlite3"
 
@@ -31,18 +32,18 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data dir with a history: keys created, an audience, a client, a forced rotation,
     a key revocation, a disabled client."""
     data_dir = tmp_path_factory.mktemp("audited") / "data"
-    ok("init", data_dir=data_dir)
-    ok("audiences", "add", "thermostat", "--lifetime", "600", data_dir=data_dir)
+    cli_ok("init", data_dir=data_dir)
+    cli_ok("audiences", "add", "thermostat", "--lifetime", "600", data_dir=data_dir)
     SECRETS.append(add_secret_client(data_dir))
-    ok("keys", "rotate", "--force", data_dir=data_dir)
+    cli_ok("keys", "rotate", "--force", data_dir=data_dir)
     (next_kid,) = keys_by_state(data_dir)["next"]
-    ok("keys", "revoke", next_kid, data_dir=data_dir)
-    ok("clients", "disable", "sensor-1", data_dir=data_dir)
+    cli_ok("keys", "revoke", next_kid, data_dir=data_dir)
+    cli_ok("clients", "disable", "sensor-1", data_dir=data_dir)
     return data_dir
 
 
 def tail(data_dir: Path) -> list[dict]:
-    return json.loads(ok("audit", "tail", "-n", "100", "--json", data_dir=data_dir))
+    return json.loads(cli_ok("audit", "tail", "-n", "100", "--json", data_dir=data_dir))
 
 
 def test_every_key_and_admin_action_is_recorded_in_order(audited: Path) -> None:
@@ -59,13 +60,13 @@ def test_every_key_and_admin_action_is_recorded_in_order(audited: Path) -> None:
         ("operator", "key.created"),  # a fresh next key replaces the revoked one
         ("operator", "client.disabled"),
     ]
-    out = ok("audit", "verify", data_dir=audited)
+    out = cli_ok("audit", "verify", data_dir=audited)
     assert out.startswith("audit log intact: 10 entries; head ")
     # No secret reaches the log: the client's entry says how it authenticates, nothing more.
     logged = json.dumps(tail(audited))
     assert SECRETS and all(secret not in logged for secret in SECRETS)
     assert "digest" not in logged
-    short = ok("audit", "tail", "-n", "2", data_dir=audited).splitlines()
+    short = cli_ok("audit", "tail", "-n", "2", data_dir=audited).splitlines()
     assert len(short) == 2 and "client.disabled" in short[-1]
 
 
