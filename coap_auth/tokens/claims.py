@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from coap_auth.errors import InvalidClaims, MalformedToken
-from coap_auth.tokens.cose_key import b64url, b64url_decode, cose_key_to_jwk
+from coap_auth.errors import InvalidClaims, MalformedToken, UnsupportedPopKey
+from coap_auth.tokens.cose_key import b64url, b64url_decode, cose_key_to_jwk, jwk_to_cose_key
 from coap_auth.wire import CnfMethod, CwtClaim
 
 
@@ -32,20 +32,21 @@ class Claims:
         return frozenset(self.scope.split()) if self.scope else frozenset()
 
     def to_cwt_map(self) -> dict[int, Any]:
+        """The claims map, in key order (encode it with `deterministic.dumps` all the same)."""
         out: dict[int, Any] = {
             CwtClaim.ISS: self.iss,
             CwtClaim.SUB: self.sub,
             CwtClaim.AUD: self.aud,
             CwtClaim.EXP: self.exp,
-            CwtClaim.IAT: self.iat,
-            CwtClaim.CTI: self.cti,
         }
         if self.nbf is not None:
             out[CwtClaim.NBF] = self.nbf
-        if self.scope is not None:
-            out[CwtClaim.SCOPE] = self.scope
+        out[CwtClaim.IAT] = self.iat
+        out[CwtClaim.CTI] = self.cti
         if self.cnf_key is not None:
             out[CwtClaim.CNF] = {CnfMethod.COSE_KEY: dict(self.cnf_key)}
+        if self.scope is not None:
+            out[CwtClaim.SCOPE] = self.scope
         return out
 
     def to_jwt_dict(self) -> dict[str, Any]:
@@ -74,7 +75,12 @@ class Claims:
         cnf = claims.get(CwtClaim.CNF)
         cnf_key = None
         if cnf is not None:
-            if not isinstance(cnf, dict) or not isinstance(cnf.get(CnfMethod.COSE_KEY), dict):
+            # RFC 8747 §3.1: one confirmation method; we issue only COSE_Key.
+            if not (
+                isinstance(cnf, dict)
+                and len(cnf) == 1
+                and isinstance(cnf.get(CnfMethod.COSE_KEY), dict)
+            ):
                 raise MalformedToken("cnf claim must hold a COSE_Key")
             cnf_key = cnf[CnfMethod.COSE_KEY]
         scope = claims.get(CwtClaim.SCOPE)
@@ -101,7 +107,7 @@ class Claims:
             raise MalformedToken("jti claim must be a string")
         try:
             cti = b64url_decode(jti)
-        except ValueError:
+        except MalformedToken:
             raise MalformedToken("jti claim is not base64url") from None
         scope = claims.get("scope")
         if scope is not None and not isinstance(scope, str):
@@ -115,6 +121,7 @@ class Claims:
             cti=cti,
             scope=scope,
             nbf=None if claims.get("nbf") is None else _date(claims["nbf"], "nbf"),
+            cnf_key=_jwt_cnf_key(claims.get("cnf")),
         )
 
     def validate(
@@ -134,6 +141,18 @@ class Claims:
             raise InvalidClaims("token from another issuer")
         if audience is not None and self.aud != audience:
             raise InvalidClaims("token for another audience")
+
+
+def _jwt_cnf_key(cnf: Any) -> dict[int, Any] | None:
+    """RFC 7800 §3.2: cnf {"jwk": JWK} back to the COSE_Key a CWT's cnf holds (RFC 8747)."""
+    if cnf is None:
+        return None
+    if not (isinstance(cnf, dict) and len(cnf) == 1 and "jwk" in cnf):
+        raise MalformedToken("cnf claim must hold a JWK")
+    try:
+        return jwk_to_cose_key(cnf["jwk"])
+    except UnsupportedPopKey:
+        raise MalformedToken("cnf claim must hold a public P-256 or Ed25519 JWK") from None
 
 
 def _text(claims: Mapping[Any, Any], key: Any, name: str) -> str:

@@ -16,17 +16,20 @@ import cbor2
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.hazmat.primitives.asymmetric.utils import (
-    decode_dss_signature,
-    encode_dss_signature,
-)
 
 from coap_auth.errors import InvalidSignature, MalformedToken
+from coap_auth.tokens import deterministic, es256
 from coap_auth.tokens.cose_key import PrivateKey, PublicKey
 from coap_auth.wire import CoseAlg, CoseHeader, CoseTag
 
-_ES256_HALF = 32
 _MAC_64_LEN = 8
+
+# RFC 9052 §3.1, Table 3: crit. (Not in wire.CoseHeader yet; the verifier must know it.)
+CRIT = 2
+# The header parameters this verifier processes, the only ones a `crit` may name: alg (the
+# key's registered algorithm must equal it) and kid (names the key). Everything else in a
+# protected header is signed but ignored, so a token that makes it critical is refused.
+PROCESSED_LABELS = frozenset({CoseHeader.ALG, CoseHeader.KID})
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +38,8 @@ class CoseMessage:
 
     tag: CoseTag
     protected_bytes: bytes
-    protected: Mapping[int, Any]
-    unprotected: Mapping[int, Any]
+    protected: Mapping[Any, Any]
+    unprotected: Mapping[Any, Any]
     payload: bytes
     tag_or_signature: bytes
 
@@ -54,7 +57,7 @@ def _protected_header(alg: CoseAlg, kid: bytes | None) -> bytes:
     header: dict[int, Any] = {CoseHeader.ALG: alg}
     if kid is not None:
         header[CoseHeader.KID] = kid
-    return cbor2.dumps(header)
+    return deterministic.dumps(header)
 
 
 def _sig_structure(context: str, protected: bytes, payload: bytes) -> bytes:
@@ -65,12 +68,13 @@ def _sig_structure(context: str, protected: bytes, payload: bytes) -> bytes:
 def sign1(
     payload: bytes, private_key: PrivateKey, alg: CoseAlg, kid: bytes | None
 ) -> cbor2.CBORTag:
-    """COSE_Sign1 as a CBOR tag 18 object: [protected, {}, payload, signature]."""
+    """COSE_Sign1 as a CBOR tag 18 object: [protected, {}, payload, signature].
+
+    ES256 signatures are low-s (PROTOCOL.md), so the token has one byte form."""
     protected = _protected_header(alg, kid)
     to_sign = _sig_structure("Signature1", protected, payload)
     if alg == CoseAlg.ES256 and isinstance(private_key, ec.EllipticCurvePrivateKey):
-        r, s = decode_dss_signature(private_key.sign(to_sign, ec.ECDSA(hashes.SHA256())))
-        signature = r.to_bytes(_ES256_HALF, "big") + s.to_bytes(_ES256_HALF, "big")
+        signature = es256.sign(private_key, to_sign)
     elif alg == CoseAlg.EDDSA and isinstance(private_key, ed25519.Ed25519PrivateKey):
         signature = private_key.sign(to_sign)
     else:
@@ -86,8 +90,14 @@ def mac0(payload: bytes, key: bytes, kid: bytes | None) -> cbor2.CBORTag:
 
 
 def decode(item: Any) -> CoseMessage:
-    """Take apart a tag 17 or 18 object (already CBOR-decoded) without verifying it."""
+    """Take apart a tag 17 or 18 object (already CBOR-decoded) without verifying it.
+
+    Checks the structure, that the protected header is a map in deterministic encoding, and
+    `crit` (RFC 9052 §3.1): a non-empty array of labels present in the protected header, each
+    one this verifier processes (PROCESSED_LABELS). The byte form of the whole token is the
+    CWT layer's to check (`cwt.decode_cose`); use that for tokens."""
     if not isinstance(item, cbor2.CBORTag) or item.tag not in (CoseTag.SIGN1, CoseTag.MAC0):
+        # COSE_Encrypt0 (16) has its place in PROTOCOL.md but no decoder here yet.
         raise MalformedToken("not a COSE_Sign1 or COSE_Mac0 object")
     parts = item.value
     if not isinstance(parts, list) or len(parts) != 4:
@@ -101,23 +111,27 @@ def decode(item: Any) -> CoseMessage:
     ):
         raise MalformedToken("COSE structure has members of the wrong type")
     protected = _decode_header(protected_bytes)
+    if not all(_is_label(label) for label in unprotected):
+        raise MalformedToken("COSE header labels must be integers or text strings")
+    _check_crit(protected, unprotected)
     return CoseMessage(CoseTag(item.tag), protected_bytes, protected, unprotected, payload, last)
 
 
 def verify_sign1(message: CoseMessage, public_key: PublicKey, alg: CoseAlg) -> None:
-    """Check a COSE_Sign1 signature with the algorithm the key is registered for."""
+    """Check a COSE_Sign1 signature with the algorithm the key is registered for.
+
+    ES256 signatures must be low-s: the high-s twin of a valid signature is refused."""
     if message.tag != CoseTag.SIGN1 or message.alg != alg:
         raise InvalidSignature("algorithm not allowed for this key")
     signed = _sig_structure("Signature1", message.protected_bytes, message.payload)
     signature = message.tag_or_signature
     try:
         if alg == CoseAlg.ES256 and isinstance(public_key, ec.EllipticCurvePublicKey):
-            if len(signature) != 2 * _ES256_HALF:
-                raise InvalidSignature("ES256 signature must be 64 bytes")
-            r = int.from_bytes(signature[:_ES256_HALF], "big")
-            s = int.from_bytes(signature[_ES256_HALF:], "big")
-            public_key.verify(encode_dss_signature(r, s), signed, ec.ECDSA(hashes.SHA256()))
+            if not es256.is_canonical(signature):
+                raise InvalidSignature("ES256 signature must be 64 bytes with a low s")
+            public_key.verify(es256.to_der(signature), signed, ec.ECDSA(hashes.SHA256()))
         elif alg == CoseAlg.EDDSA and isinstance(public_key, ed25519.Ed25519PublicKey):
+            # OpenSSL refuses S >= L (RFC 8032 §5.1.7), so EdDSA has one form already.
             public_key.verify(signature, signed)
         else:
             raise InvalidSignature("algorithm not allowed for this key")
@@ -138,14 +152,35 @@ def _hmac_256_64(key: bytes, data: bytes) -> bytes:
     return hmac.new(key, data, sha256).digest()[:_MAC_64_LEN]
 
 
-def _decode_header(protected_bytes: bytes) -> Mapping[int, Any]:
+def _decode_header(protected_bytes: bytes) -> Mapping[Any, Any]:
     # RFC 9052 §3: an empty protected header is the zero-length byte string.
     if not protected_bytes:
         return {}
-    try:
-        header = cbor2.loads(protected_bytes)
-    except Exception:
-        raise MalformedToken("protected header is not CBOR") from None
-    if not isinstance(header, dict):
-        raise MalformedToken("protected header must be a map")
+    header = deterministic.loads(protected_bytes, "protected header")
+    if not isinstance(header, dict) or not header:
+        raise MalformedToken("protected header must be a non-empty map")
+    if not all(_is_label(label) for label in header):
+        raise MalformedToken("COSE header labels must be integers or text strings")
     return header
+
+
+def _check_crit(protected: Mapping[Any, Any], unprotected: Mapping[Any, Any]) -> None:
+    """RFC 9052 §3.1: crit is protected, a non-empty array, and names protected labels; a
+    label it names that we do not process makes the message one we must refuse."""
+    if CRIT in unprotected:
+        raise MalformedToken("crit must be in the protected header")
+    if CRIT not in protected:
+        return
+    crit = protected[CRIT]
+    if not isinstance(crit, list) or not crit:
+        raise MalformedToken("crit must be a non-empty array")
+    for label in crit:
+        if not _is_label(label) or label not in protected:
+            raise MalformedToken("crit names a label absent from the protected header")
+        if label not in PROCESSED_LABELS:
+            raise MalformedToken("crit names a header parameter this verifier does not process")
+
+
+def _is_label(label: Any) -> bool:
+    # RFC 9052 §1.4: label = int / tstr. (bool is an int to Python, not to CBOR.)
+    return isinstance(label, str) or (isinstance(label, int) and not isinstance(label, bool))

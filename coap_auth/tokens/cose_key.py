@@ -7,13 +7,14 @@ with (never the algorithm a token claims), and the public key.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from coap_auth.errors import UnsupportedPopKey
+from coap_auth.errors import MalformedToken, UnsupportedPopKey
 from coap_auth.wire import CoseAlg, CoseCurve, CoseKeyOp, CoseKeyParam, CoseKty
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
@@ -22,6 +23,11 @@ PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 JWS_ALG = {CoseAlg.ES256: "ES256", CoseAlg.EDDSA: "EdDSA"}
 _P256_COORD = 32
 _ED25519_LEN = 32
+# RFC 7515 §2 / RFC 4648 §5: the base64url alphabet, no padding, no whitespace.
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+# The members of the JWKs `cose_key_to_jwk` writes, and all `jwk_to_cose_key` reads.
+_EC_JWK = frozenset({"kty", "crv", "x", "y"})
+_OKP_JWK = frozenset({"kty", "crv", "x"})
 
 
 def b64url(data: bytes) -> str:
@@ -29,7 +35,16 @@ def b64url(data: bytes) -> str:
 
 
 def b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Unpadded base64url in its one form: `b64url(result) == text`, else MalformedToken.
+
+    Python's decoder skips characters outside the alphabet and ignores the unused low bits
+    of the last character, so several texts would decode to one value; we take one text."""
+    if not isinstance(text, str) or not _B64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise MalformedToken("not unpadded base64url")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64url(data) != text:
+        raise MalformedToken("base64url with non-zero unused bits")
+    return data
 
 
 def kid_text(kid: bytes) -> str:
@@ -142,6 +157,42 @@ def cose_key_to_jwk(cose_key: Mapping[int, Any]) -> dict[str, Any]:
     return jwk_from_public(public_key_from_cose(cose_key))
 
 
+def jwk_to_cose_key(jwk: Any) -> dict[int, Any]:
+    """The inverse of `cose_key_to_jwk`: the COSE_Key of a public EC P-256 or OKP Ed25519 JWK.
+
+    Strict: exactly the members `cose_key_to_jwk` writes (no `d`, no extras), coordinates in
+    canonical base64url of the right length, a point on the curve. Raises UnsupportedPopKey.
+    """
+    if not isinstance(jwk, Mapping):
+        raise UnsupportedPopKey("JWK must be an object")
+    members = frozenset(jwk)
+    kty, crv = jwk.get("kty"), jwk.get("crv")
+    if kty == "EC" and crv == "P-256" and members == _EC_JWK:
+        cose_key = {
+            CoseKeyParam.KTY: CoseKty.EC2,
+            CoseKeyParam.CRV: CoseCurve.P256,
+            CoseKeyParam.X: _jwk_bytes(jwk["x"]),
+            CoseKeyParam.Y: _jwk_bytes(jwk["y"]),
+        }
+    elif kty == "OKP" and crv == "Ed25519" and members == _OKP_JWK:
+        cose_key = {
+            CoseKeyParam.KTY: CoseKty.OKP,
+            CoseKeyParam.CRV: CoseCurve.ED25519,
+            CoseKeyParam.X: _jwk_bytes(jwk["x"]),
+        }
+    else:
+        raise UnsupportedPopKey("JWK must be a public EC P-256 or OKP Ed25519 key, nothing more")
+    # Through the public key: checks lengths and the point, and gives the one COSE_Key form.
+    return cose_key_from_public(public_key_from_cose(cose_key))
+
+
+def _jwk_bytes(value: Any) -> bytes:
+    try:
+        return b64url_decode(value)
+    except MalformedToken:
+        raise UnsupportedPopKey("JWK coordinates must be unpadded base64url") from None
+
+
 @dataclass(frozen=True, slots=True)
 class VerificationKey:
     """A published public key: the kid it is found by and the only algorithm it verifies."""
@@ -171,7 +222,7 @@ class VerificationKey:
         return cls(kid=kid, alg=alg, public_key=public_key)
 
 
-def _is_coord(value: Any) -> bool:
+def _is_coord(value: Any) -> TypeGuard[bytes]:
     return isinstance(value, bytes) and len(value) == _P256_COORD
 
 

@@ -6,11 +6,12 @@ Signature checking (`verify_cwt`) is separate from claim validation (`Claims.val
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import cbor2
 
 from coap_auth.errors import InvalidSignature, MalformedToken
-from coap_auth.tokens import cose
+from coap_auth.tokens import cose, deterministic, es256
 from coap_auth.tokens.claims import Claims
 from coap_auth.tokens.cose_key import PrivateKey, VerificationKey
 from coap_auth.wire import CoseAlg, CoseTag
@@ -19,63 +20,101 @@ KeyLookup = Callable[[bytes], VerificationKey | None]
 
 # Generous for any token we issue (~200-300 bytes) and small enough to bound work.
 MAX_TOKEN_BYTES = 8192
+# Tag 61 in its shortest head (RFC 8949 §3: 61 > 23 takes one extra byte).
+_CWT_TAG = b"\xd8\x3d"
+_ARRAY_OF_FOUR, _EMPTY_MAP = b"\x84", b"\xa0"
+_MAJOR_BYTES, _MAJOR_TAG = 2, 6
 
 
 def encode_cwt(claims: Claims, private_key: PrivateKey, alg: CoseAlg, kid: bytes) -> bytes:
     """A signed CWT: tag 61 around COSE_Sign1, protected {1: alg, 4: kid}, unprotected {}."""
-    payload = cbor2.dumps(claims.to_cwt_map())
+    payload = deterministic.dumps(claims.to_cwt_map())
     return cbor2.dumps(cbor2.CBORTag(CoseTag.CWT, cose.sign1(payload, private_key, alg, kid)))
 
 
 def encode_maced_cwt(claims: Claims, key: bytes, kid: bytes) -> bytes:
     """A MACed CWT (HMAC 256/64) for an audience that shares a symmetric key."""
-    payload = cbor2.dumps(claims.to_cwt_map())
+    payload = deterministic.dumps(claims.to_cwt_map())
     return cbor2.dumps(cbor2.CBORTag(CoseTag.CWT, cose.mac0(payload, key, kid)))
 
 
 def decode_cose(token: bytes) -> cose.CoseMessage:
-    """Parse a CWT into its COSE message without verifying anything.
+    """Parse a CWT into its COSE message, verifying nothing but its form.
 
-    The CWT tag 61 is optional on input (RFC 8392 §6: it may be omitted when the context
-    says the data is a CWT); we always emit it.
+    PROTOCOL.md "Canonical tokens": one byte form per token, so its RFC 9770 hash is unique.
+    Refused (MalformedToken), before any key is looked up: a missing or long tag 61 (RFC 8392
+    §6 lets a context omit it; ours does not), any head not in its shortest form, an
+    unprotected header other than the empty map, a protected header or claims not in core
+    deterministic encoding (RFC 8949 §4.2.1), a `crit` naming what we do not process, a
+    high-s ES256 signature, trailing bytes.
     """
-    if not isinstance(token, bytes) or len(token) > MAX_TOKEN_BYTES:
-        raise MalformedToken("token too large or not bytes")
-    try:
-        item = cbor2.loads(token)
-    except Exception:
-        raise MalformedToken("token is not well-formed CBOR") from None
-    if isinstance(item, cbor2.CBORTag) and item.tag == CoseTag.CWT:
-        item = item.value
-    return cose.decode(item)
+    return _decode(token)[0]
 
 
 def peek_kid(token: bytes) -> bytes | None:
+    """The kid of a CWT in its canonical form (for routing before verification)."""
     kid = decode_cose(token).kid
     return kid if isinstance(kid, bytes) else None
 
 
 def verify_cwt(token: bytes, lookup: KeyLookup) -> Claims:
     """Verify a signed CWT against the key its kid names; return its (unvalidated) claims."""
-    message = decode_cose(token)
+    message, claims = _decode(token)
     kid = message.kid
     key = lookup(kid) if isinstance(kid, bytes) else None
     if key is None:
         raise InvalidSignature("unknown key id")
     cose.verify_sign1(message, key.public_key, key.alg)
-    return decode_claims(message.payload)
+    return Claims.from_cwt_map(claims)
 
 
 def verify_maced_cwt(token: bytes, key: bytes) -> Claims:
-    message = decode_cose(token)
+    message, claims = _decode(token)
     cose.verify_mac0(message, key)
-    return decode_claims(message.payload)
+    return Claims.from_cwt_map(claims)
 
 
 def decode_claims(payload: bytes) -> Claims:
     """The claims of a COSE payload, type-checked but neither verified nor validated."""
+    return Claims.from_cwt_map(deterministic.loads(payload, "CWT claims"))
+
+
+def _decode(token: bytes) -> tuple[cose.CoseMessage, Any]:
+    """The COSE message of a canonical CWT and its decoded claims map (see `decode_cose`)."""
+    if not isinstance(token, bytes) or len(token) > MAX_TOKEN_BYTES:
+        raise MalformedToken("token too large or not bytes")
+    if not token.startswith(_CWT_TAG):
+        raise MalformedToken("not a CWT: tag 61 around a COSE_Sign1 or COSE_Mac0")
     try:
-        decoded = cbor2.loads(payload)
+        item = cbor2.loads(token)
     except Exception:
-        raise MalformedToken("CWT payload is not CBOR") from None
-    return Claims.from_cwt_map(decoded)
+        raise MalformedToken("token is not well-formed CBOR") from None
+    message = cose.decode(item.value)
+    if message.unprotected:
+        raise MalformedToken("CWT unprotected header must be the empty map")
+    claims = deterministic.loads(message.payload, "CWT claims")
+    # Every head (tags, array, byte strings) in its shortest form, nothing after the end: the
+    # parts put back together give the token again, byte for byte.
+    if _canonical_bytes(message) != token:
+        raise MalformedToken("CWT is not in its canonical encoding")
+    if message.alg == CoseAlg.ES256 and not es256.is_canonical(message.tag_or_signature):
+        raise MalformedToken("ES256 signature must be 64 bytes with a low s")
+    return message, claims
+
+
+def _canonical_bytes(message: cose.CoseMessage) -> bytes:
+    """61(tag([protected, {}, payload, signature])) with every head shortest (RFC 8949 §4.2.1)."""
+    return b"".join(
+        (
+            _CWT_TAG,
+            deterministic.head(_MAJOR_TAG, message.tag),
+            _ARRAY_OF_FOUR,
+            deterministic.head(_MAJOR_BYTES, len(message.protected_bytes)),
+            message.protected_bytes,
+            _EMPTY_MAP,
+            deterministic.head(_MAJOR_BYTES, len(message.payload)),
+            message.payload,
+            deterministic.head(_MAJOR_BYTES, len(message.tag_or_signature)),
+            message.tag_or_signature,
+        )
+    )

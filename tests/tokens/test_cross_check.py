@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import cbor2
 import pytest
@@ -13,9 +14,10 @@ from pycose.keys import CoseKey
 from pycose.messages import CoseMessage, Sign1Message
 
 from coap_auth.errors import InvalidSignature, MalformedToken
-from coap_auth.keys import KeyRing, jwks
+from coap_auth.keys import KeyRing, SigningKey, jwks
 from coap_auth.tokens import (
     Claims,
+    VerificationKey,
     cose_key_from_public,
     encode_cwt,
     encode_jwt,
@@ -24,6 +26,7 @@ from coap_auth.tokens import (
     verify_jwt,
 )
 from coap_auth.wire import CoseAlg, CoseHeader, CoseTag
+from tests.tokens.variants import b64url_lenient, is_low_s, signature_twin
 
 NOW = 1_700_000_000
 ALGS = [CoseAlg.ES256, CoseAlg.EDDSA]
@@ -66,12 +69,11 @@ def test_our_cwt_verifies_with_pycose(alg: CoseAlg) -> None:
     assert cbor2.loads(message.payload) == _claims().to_cwt_map()
 
 
-@pytest.mark.parametrize("alg", ALGS, ids=lambda a: a.name)
-def test_pycose_signed_cwt_verifies_with_ours(alg: CoseAlg) -> None:
-    key = KeyRing.initial(alg, NOW).active
+def _pycose_signed(key: SigningKey) -> bytes:
+    """A COSE_Sign1 (tag 18, no CWT tag) that pycose signs with our key."""
     private = key.private_key
     cose_key = cose_key_from_public(private.public_key())
-    if alg == CoseAlg.ES256:
+    if key.alg == CoseAlg.ES256:
         cose_key[-4] = private.private_numbers().private_value.to_bytes(32, "big")
     else:
         from cryptography.hazmat.primitives import serialization
@@ -82,15 +84,72 @@ def test_pycose_signed_cwt_verifies_with_ours(alg: CoseAlg) -> None:
             serialization.NoEncryption(),
         )
     message = Sign1Message(
-        phdr={CoseHeader.ALG: int(alg), CoseHeader.KID: key.kid},
+        phdr={CoseHeader.ALG: int(key.alg), CoseHeader.KID: key.kid},
         payload=cbor2.dumps(_claims().to_cwt_map()),
     )
     message.key = CoseKey.from_dict(cose_key)
-    token = message.encode()  # tag 18, no CWT tag: accepted as RFC 8392 §6 allows
-    assert (
-        verify_cwt(token, lambda kid: key.verification_key() if kid == key.kid else None)
-        == _claims()
+    return message.encode()
+
+
+def _with_signature(sign1: bytes, signature: bytes) -> bytes:
+    item = cbor2.loads(sign1)
+    return cbor2.dumps(
+        cbor2.CBORTag(CoseTag.CWT, cbor2.CBORTag(item.tag, [*item.value[:3], signature]))
     )
+
+
+@pytest.mark.parametrize("alg", ALGS, ids=lambda a: a.name)
+def test_pycose_signed_cwt_verifies_with_ours(alg: CoseAlg) -> None:
+    """pycose's COSE_Sign1, put in tag 61 (PROTOCOL.md), ES256 in its low-s form."""
+    key = KeyRing.initial(alg, NOW).active
+    sign1 = _pycose_signed(key)
+    signature = cbor2.loads(sign1).value[3]
+    if alg == CoseAlg.ES256:
+        signature = signature if is_low_s(signature) else signature_twin(signature)
+    token = _with_signature(sign1, signature)
+    assert verify_cwt(token, key_lookup(key)) == _claims()
+    # RFC 8392 §6 lets a context leave tag 61 out; PROTOCOL.md's context does not.
+    with pytest.raises(MalformedToken, match="tag 61"):
+        verify_cwt(token[2:], key_lookup(key))
+
+
+def test_high_s_twin_is_valid_ecdsa_that_we_refuse() -> None:
+    """pycose verifies both signatures of the pair; ours takes only the low-s one, so the
+    refusal is our rule (one form per token), not a broken signature."""
+    key = KeyRing.initial(CoseAlg.ES256, NOW).active
+    sign1 = _pycose_signed(key)
+    signature = cbor2.loads(sign1).value[3]
+    low = signature if is_low_s(signature) else signature_twin(signature)
+    for twin in (low, signature_twin(low)):
+        message = CoseMessage.decode(_with_signature(sign1, twin)[2:])
+        message.key = _pycose_key(key.private_key.public_key())
+        assert message.verify_signature()
+    assert verify_cwt(_with_signature(sign1, low), key_lookup(key)) == _claims()
+    with pytest.raises(MalformedToken, match="low s"):
+        verify_cwt(_with_signature(sign1, signature_twin(low)), key_lookup(key))
+
+
+def key_lookup(key: SigningKey) -> Callable[[bytes], VerificationKey | None]:
+    return lambda kid: key.verification_key() if kid == key.kid else None
+
+
+@pytest.mark.parametrize("alg", ALGS, ids=lambda a: a.name)
+def test_independent_libraries_verify_our_low_s_tokens(alg: CoseAlg) -> None:
+    """Normalising s keeps every signature valid for pycose (CWT) and joserfc (JWT)."""
+    ring = KeyRing.initial(alg, NOW)
+    key = ring.active
+    key_set = KeySet.import_key_set(json.loads(jwks(ring.published)))
+    jose_alg = "ES256" if alg == CoseAlg.ES256 else "EdDSA"
+    for _ in range(20):
+        cwt = encode_cwt(_claims(), key.private_key, key.alg, key.kid)
+        message = CoseMessage.decode(cbor2.dumps(cbor2.loads(cwt).value))
+        message.key = _pycose_key(key.private_key.public_key())
+        assert message.verify_signature()
+        jwt = encode_jwt(_claims(), key.private_key, key.alg, key.kid)
+        jose_jwt.decode(jwt.decode("ascii"), key_set, algorithms=[jose_alg])
+        if alg == CoseAlg.ES256:
+            assert is_low_s(message.signature)
+            assert is_low_s(b64url_lenient(jwt.decode().rpartition(".")[2]))
 
 
 def test_algorithm_in_token_must_match_the_key() -> None:

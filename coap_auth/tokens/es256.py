@@ -1,0 +1,61 @@
+"""ES256 signatures in their one accepted form: raw r || s (RFC 9053 §2.1, RFC 7518 §3.4), low-s.
+
+(r, s) and (r, n - s) both verify, so a verifier that took either would give one token two
+byte forms and two RFC 9770 hashes; we sign and accept only s <= n/2 (as Bitcoin's BIP 62).
+"""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+# The order n of the P-256 group (SEC 2 §2.4.2, FIPS 186-4 D.1.2.3).
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+HALF_ORDER = P256_ORDER // 2
+COORD_LEN = 32
+SIGNATURE_LEN = 2 * COORD_LEN
+
+
+def sign(private_key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
+    """A raw, low-s ES256 signature of `data`."""
+    r, s = decode_dss_signature(private_key.sign(data, ec.ECDSA(hashes.SHA256())))
+    return _raw(r, min(s, P256_ORDER - s))
+
+
+def low_s(signature: bytes) -> bytes:
+    """The low-s twin of a raw signature (itself when already low-s). For signatures another
+    library made, e.g. PyJWT's. ValueError when it is not 64 bytes or s is out of range."""
+    if len(signature) != SIGNATURE_LEN:
+        raise ValueError("ES256 signature must be 64 bytes")
+    r, s = _split(signature)
+    if not 0 < s < P256_ORDER:
+        raise ValueError("ES256 signature s out of range")
+    return _raw(r, min(s, P256_ORDER - s))
+
+
+def is_canonical(signature: bytes) -> bool:
+    """64 bytes, 0 < r < n and 0 < s <= n/2: the only ES256 form we accept."""
+    if len(signature) != SIGNATURE_LEN:
+        return False
+    r, s = _split(signature)
+    return 0 < r < P256_ORDER and 0 < s <= HALF_ORDER
+
+
+def to_der(signature: bytes) -> bytes:
+    """The DER form `cryptography` verifies (the caller has checked the length)."""
+    return encode_dss_signature(*_split(signature))
+
+
+def _split(signature: bytes) -> tuple[int, int]:
+    return (
+        int.from_bytes(signature[:COORD_LEN], "big"),
+        int.from_bytes(signature[COORD_LEN:], "big"),
+    )
+
+
+def _raw(r: int, s: int) -> bytes:
+    return r.to_bytes(COORD_LEN, "big") + s.to_bytes(COORD_LEN, "big")
