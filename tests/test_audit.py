@@ -1,5 +1,6 @@
 """The audit log through the real CLI: every key and admin action is recorded, and
-`coap-auth audit verify` catches an edited, removed, reordered or forged entry.
+`coap-auth audit verify` catches an edited, removed, reordered or forged entry, entries cut
+from the end (or all of them), and a removed or forged head.
 
 Tampering is done the way an attacker with the database file would: with sqlite3, directly.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from coap_auth.store import MasterKey
-from coap_auth.store.audit import GENESIS, entry_mac
+from coap_auth.store.audit import GENESIS, entry_mac, sealed_head
 from coap_auth.store.rows import audit_entry_from_row
 from tests.processes import add_secret_client, cli_ok, run_cli
 from tests.test_cli import keys_by_state
@@ -106,6 +107,9 @@ def _forge(conn: sqlite3.Connection) -> None:
         pytest.param(_swap, 3, id="swap"),
         pytest.param(_edit("UPDATE audit_log SET seq = 99 WHERE seq = 2"), 3, id="renumber"),
         pytest.param(_forge, 11, id="append-forged"),
+        pytest.param(_edit("DELETE FROM audit_log WHERE seq > 7"), 8, id="truncate"),
+        pytest.param(_edit("DELETE FROM audit_log WHERE seq = 10"), 10, id="drop-newest"),
+        pytest.param(_edit("DELETE FROM audit_log"), 1, id="delete-all"),
     ],
 )
 def test_audit_verify_detects_tampering(
@@ -144,3 +148,91 @@ def test_the_chain_is_keyed_by_the_master_key(audited: Path, tmp_path: Path) -> 
 
     assert result.returncode == 2
     assert "audit log broken at entry 1: MAC does not match" in result.stderr
+
+
+def _tampered_copy(audited: Path, tmp_path: Path, *statements: str) -> Path:
+    data_dir = tmp_path / "data"
+    shutil.copytree(audited, data_dir)
+    with contextlib.closing(sqlite3.connect(data_dir / DB)) as conn, conn:
+        for statement in statements:
+            conn.execute(statement)
+    return data_dir
+
+
+def _verify_fails(data_dir: Path) -> str:
+    result = run_cli("audit", "verify", data_dir=data_dir)
+    assert result.returncode == 2, result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr
+
+
+def test_removed_entries_are_reported_with_what_the_head_records(
+    audited: Path, tmp_path: Path
+) -> None:
+    data_dir = _tampered_copy(audited, tmp_path, "DELETE FROM audit_log WHERE seq > 7")
+    assert "entries 8-10 removed; the head records 10" in _verify_fails(data_dir)
+
+
+def test_deleting_every_entry_is_reported(audited: Path, tmp_path: Path) -> None:
+    data_dir = _tampered_copy(audited, tmp_path, "DELETE FROM audit_log")
+    assert "audit log broken at entry 1: all 10 entries removed" in _verify_fails(data_dir)
+
+
+def test_entries_appended_after_a_cut_leave_the_gap_visible(audited: Path, tmp_path: Path) -> None:
+    """New entries continue from the head, not from what is left of the log: a later action
+    does not paper over the entries removed before it."""
+    data_dir = _tampered_copy(audited, tmp_path, "DELETE FROM audit_log WHERE seq > 7")
+    cli_ok("keys", "rotate", "--force", data_dir=data_dir)
+    assert "audit log broken at entry 11: expected entry 8" in _verify_fails(data_dir)
+
+
+@pytest.mark.parametrize(
+    ("statements", "message"),
+    [
+        pytest.param(
+            ["DELETE FROM audit_head"], "audit log broken: its head is missing", id="head-deleted"
+        ),
+        pytest.param(
+            ["DELETE FROM audit_log", "DELETE FROM audit_head"],
+            "audit log broken: its head is missing",
+            id="log-and-head-deleted",
+        ),
+        pytest.param(
+            ["UPDATE audit_head SET seq = 7"],
+            "audit log broken: its head does not verify",
+            id="head-edited",
+        ),
+    ],
+)
+def test_a_missing_or_edited_head_is_reported(
+    audited: Path, tmp_path: Path, statements: list[str], message: str
+) -> None:
+    data_dir = _tampered_copy(audited, tmp_path, *statements)
+    assert message in _verify_fails(data_dir)
+
+
+def test_an_empty_log_with_a_genuine_empty_head_is_still_reported(
+    audited: Path, tmp_path: Path
+) -> None:
+    """Every entry deleted and the head put back to a genuine copy of the one a new store
+    starts with: a store that holds keys and registrations cannot have an empty log."""
+    data_dir = _tampered_copy(audited, tmp_path, "DELETE FROM audit_log")
+    master_key = MasterKey((data_dir / "master.key").read_bytes())
+    genesis = sealed_head(master_key.audit_mac, 0, GENESIS)
+    with contextlib.closing(sqlite3.connect(data_dir / DB)) as conn, conn:
+        conn.execute("UPDATE audit_head SET seq = 0, last_mac = ?, mac = ?", (GENESIS, genesis.mac))
+    assert (
+        "audit log broken at entry 1: the log is empty, but the store holds keys"
+        in _verify_fails(data_dir)
+    )
+
+
+def test_a_head_put_back_behind_the_log_is_reported(audited: Path, tmp_path: Path) -> None:
+    """A genuine older head (as a copy of the database would hold) with the log left whole."""
+    data_dir = _tampered_copy(audited, tmp_path)
+    master_key = MasterKey((data_dir / "master.key").read_bytes())
+    with contextlib.closing(sqlite3.connect(data_dir / DB)) as conn, conn:
+        (mac_5,) = conn.execute("SELECT mac FROM audit_log WHERE seq = 5").fetchone()
+        older = sealed_head(master_key.audit_mac, 5, mac_5)
+        conn.execute("UPDATE audit_head SET seq = 5, last_mac = ?, mac = ?", (mac_5, older.mac))
+    assert "audit log broken at entry 6: the log runs past its head (5)" in _verify_fails(data_dir)

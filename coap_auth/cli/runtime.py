@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import os
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,6 +16,7 @@ from coap_auth.config import Settings
 from coap_auth.errors import OperatorError
 from coap_auth.service import AuthService
 from coap_auth.store import MasterKey, SqliteStore, Store
+from coap_auth.store.master_key import make_private
 from coap_auth.store.sqlite import DB_FILE
 
 Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
@@ -41,18 +44,31 @@ def configure_logging(settings: Settings) -> None:
     logging.getLogger("coap-server").setLevel(logging.WARNING)
 
 
+@contextlib.contextmanager
+def _private_umask() -> Iterator[None]:
+    """Whatever is created meanwhile (data directory, master key, database and its side
+    files) is readable by us alone, whatever the caller's umask."""
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
 async def open_service(settings: Settings, *, create: bool = False) -> AuthService:
     """The service on the configured store. The data directory holds the SQLite file (when
-    that is the store) and the master key (unless COAP_AUTH_MASTER_KEY gives it)."""
+    that is the store) and the master key (unless COAP_AUTH_MASTER_KEY gives it); on every
+    start it is made 0700 and what it holds 0600, also when an older version left it open."""
     data_dir = settings.data_dir
     initialised = (data_dir / DB_FILE).exists() if not settings.store else data_dir.exists()
-    if not initialised:
-        if not create:
-            raise OperatorError(f"{data_dir} is not initialised: run `coap-auth init` first")
+    if not initialised and not create:
+        raise OperatorError(f"{data_dir} is not initialised: run `coap-auth init` first")
+    with _private_umask():
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    master_key = MasterKey.load(data_dir, create=create)
-    store = _store(settings, master_key)
-    await store.open()
+        make_private(data_dir, 0o700)
+        master_key = MasterKey.load(data_dir, create=create)
+        store = _store(settings, master_key)
+        await store.open()
     service = AuthService(store, master_key, settings, SystemClock())
     try:
         await service.load_keys()

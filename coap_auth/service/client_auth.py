@@ -2,7 +2,9 @@
 
 Devices authenticate as clients; resource servers authenticate to /introspect as their
 audience, with the same two methods. Every failure is the same invalid_client, and an unknown
-id costs the same work as a known one, so no answer tells whether an id exists.
+id costs the same work as a known one (a keyed digest and a constant-time compare; a COSE_Key
+parsed and a signature checked with the algorithm the assertion names), so neither the answer
+nor its timing tells whether an id exists.
 """
 
 from __future__ import annotations
@@ -13,16 +15,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from coap_auth.clock import Clock
 from coap_auth.config import Settings
-from coap_auth.errors import InvalidClient, MalformedToken, TokenError
+from coap_auth.errors import InvalidClient, MalformedToken, TokenError, UnsupportedPopKey
 from coap_auth.store import MasterKey, Store
 from coap_auth.text import has_control_character
-from coap_auth.tokens import alg_for_key, decode_cose, public_key_from_cose
+from coap_auth.tokens import alg_for_key, cose_key_from_public, decode_cose, public_key_from_cose
 from coap_auth.tokens.cose import verify_sign1
 from coap_auth.tokens.cwt import decode_claims
+from coap_auth.wire import CoseAlg
 
 CWT_TAG_PREFIX = b"\xd8\x3d"  # tag 61, shortest encoding
 
@@ -51,9 +54,16 @@ class Authenticator:
         self.settings = settings
         self.clock = clock
         self._master_key = master_key
-        # Compared against when the id is unknown, so timing does not tell.
+        # Stand-ins for an unknown id (or one that cannot use this method), so timing does not
+        # tell: a digest to compare with, and a COSE_Key per assertion algorithm to parse and
+        # verify with, as a registered caller's would be.
         self._dummy_digest = master_key.digest(secrets.token_bytes(32))
-        self._dummy_public_key = ec.generate_private_key(ec.SECP256R1()).public_key()
+        self._dummy_keys: dict[int, dict[int, Any]] = {
+            CoseAlg.ES256: cose_key_from_public(
+                ec.generate_private_key(ec.SECP256R1()).public_key()
+            ),
+            CoseAlg.EDDSA: cose_key_from_public(ed25519.Ed25519PrivateKey.generate().public_key()),
+        }
 
     def secret_digest(self, secret: str) -> bytes:
         return self._master_key.digest(secret.encode("utf-8"))
@@ -96,15 +106,15 @@ class Authenticator:
             raise failed
         found = await lookup(claims.iss)
         usable = found is not None and found.public_key is not None and not found.disabled
-        # An unknown caller costs a signature check too, so timing does not tell.
-        public_key = (
-            public_key_from_cose(found.public_key)  # type: ignore[union-attr, arg-type]
-            if usable
-            else self._dummy_public_key
+        # An unknown caller costs a key parse and a signature check too, with the algorithm the
+        # assertion names (an unknown algorithm fails the check at once either way).
+        cose_key = (
+            found.public_key if usable and found is not None else self._dummy_key(message.alg)
         )
         try:
+            public_key = public_key_from_cose(cose_key)
             verify_sign1(message, public_key, alg_for_key(public_key))
-        except TokenError:
+        except (TokenError, UnsupportedPopKey):
             raise failed from None
         if not usable or found is None:
             raise failed
@@ -125,3 +135,9 @@ class Authenticator:
         if not await self.store.remember_assertion(replay_key, claims.cti, claims.exp, now):
             raise InvalidClient("client assertion replayed")
         return found.record
+
+    def _dummy_key(self, alg: Any) -> dict[int, Any]:
+        """The stand-in key for the algorithm an assertion names (a header value may be any
+        CBOR item: only an int can name one)."""
+        named = alg if isinstance(alg, int) and not isinstance(alg, bool) else CoseAlg.ES256
+        return self._dummy_keys.get(named, self._dummy_keys[CoseAlg.ES256])

@@ -29,13 +29,13 @@ from coap_auth.service.revocation import RevocationList, TrlQuery
 from coap_auth.service.rollover import KeyRollover
 from coap_auth.store import (
     Audience,
-    ChainReport,
+    AuditReport,
     Client,
     IssuedAccess,
     MasterKey,
     RefreshFamily,
     Store,
-    verify_chain,
+    verify_log,
 )
 from coap_auth.tokens import (
     Claims,
@@ -130,9 +130,11 @@ class AuthService:
     async def revoke_key(self, kid: bytes) -> list[SigningKey]:
         return await self.keys.revoke(kid)
 
-    async def verify_audit(self) -> ChainReport:
-        """Walk the audit log's hash chain under the master key."""
-        return verify_chain(self._master_key.audit_mac, await self.store.audit_entries())
+    async def verify_audit(self) -> AuditReport:
+        """Walk the audit log's hash chain under the master key to the head it must end at,
+        and check every client and audience row's MAC."""
+        chain = verify_log(self._master_key.audit_mac, await self.store.audit_snapshot())
+        return AuditReport(chain, await self.store.registry_report())
 
     # -- /token -------------------------------------------------------------------------------
 

@@ -1,6 +1,14 @@
 """Persistence: the `Store` protocol, its records, and the embedded SQLite implementation."""
 
-from coap_auth.store.audit import AuditEntry, AuditEvent, ChainReport, verify_chain
+from coap_auth.store.audit import (
+    AuditEntry,
+    AuditEvent,
+    AuditReport,
+    AuditSnapshot,
+    ChainReport,
+    verify_chain,
+    verify_log,
+)
 from coap_auth.store.base import Store
 from coap_auth.store.master_key import MasterKey
 from coap_auth.store.records import (
@@ -14,12 +22,15 @@ from coap_auth.store.records import (
     TokenFormat,
     TrlUpdate,
 )
+from coap_auth.store.registry_mac import RegistryFault, RegistryReport
 from coap_auth.store.sqlite import SqliteStore
 
 __all__ = [
     "TOKEN_FORMATS",
     "AuditEntry",
     "AuditEvent",
+    "AuditReport",
+    "AuditSnapshot",
     "Audience",
     "ChainReport",
     "ChangeCounters",
@@ -28,9 +39,12 @@ __all__ = [
     "MasterKey",
     "RefreshFamily",
     "RefreshOutcome",
+    "RegistryFault",
+    "RegistryReport",
     "SqliteStore",
     "Store",
     "TokenFormat",
     "TrlUpdate",
     "verify_chain",
+    "verify_log",
 ]

@@ -1,10 +1,12 @@
-"""The audit log's shape and its hash chain, shared by every Store implementation.
+"""The audit log's shape, its hash chain and its head, shared by every Store implementation.
 
 Each entry's MAC covers its own fields and the previous entry's MAC, keyed by a key derived
-from the master key (kept outside the database): editing, reordering or removing any entry but
-the newest breaks the chain, and someone with only the database cannot forge a new one.
-Removing the newest entries leaves a shorter valid chain: only a head recorded elsewhere (as
-`audit verify` prints it) shows that.
+from the master key (kept outside the database): editing, reordering or removing any entry
+breaks the chain, and someone with only the database cannot forge a new one. The head (the
+newest seq and MAC, MACed too) is rewritten in the same transaction as every append, so
+removing the newest entries, or all of them, leaves a chain that stops short of its head.
+What the database alone cannot show is a head and log both put back to an older copy of
+themselves: compare the head `audit verify` prints with one recorded elsewhere.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from typing import Any
 import cbor2
 
 from coap_auth.keys import SigningKey
+from coap_auth.store.registry_mac import RegistryReport
 
 GENESIS = bytes(32)
+HEAD_DOMAIN = "coap-auth audit head v1"
 
 # The state a key moved into, as the event name that records it.
 _KEY_EVENTS = {
@@ -65,10 +69,54 @@ class AuditEntry:
 class ChainReport:
     ok: bool
     entries: int
-    # The first entry that does not verify, and why.
+    # The first entry that does not verify (None: the fault is the head's), and why.
     broken_at: int | None = None
     reason: str | None = None
     head_mac: bytes = GENESIS
+
+    def describe(self) -> str:
+        if self.ok:
+            return f"audit log intact: {self.entries} entries; head {self.head_mac.hex()}"
+        if self.broken_at is None:
+            return f"audit log broken: {self.reason}"
+        return (
+            f"audit log broken at entry {self.broken_at}: {self.reason}"
+            f" ({self.entries} entries verified before it)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditHead:
+    """Where the chain ends, as the last append left it: its seq and MAC, and the head's MAC."""
+
+    seq: int
+    last_mac: bytes
+    mac: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSnapshot:
+    """One consistent read of everything `audit verify` checks in the log."""
+
+    entries: tuple[AuditEntry, ...]
+    head: AuditHead | None  # None: the head row is gone
+    holds_data: bool  # the store holds a signing key, a client or an audience
+
+
+@dataclass(frozen=True, slots=True)
+class AuditReport:
+    """What `audit verify` found: the chain and its head, and the registry rows' MACs."""
+
+    chain: ChainReport
+    registry: RegistryReport
+
+    @property
+    def ok(self) -> bool:
+        return self.chain.ok and self.registry.ok
+
+    def problems(self) -> list[str]:
+        found = [] if self.chain.ok else [self.chain.describe()]
+        return found + [fault.describe() for fault in self.registry.faults]
 
 
 Mac = Callable[[bytes], bytes]
@@ -85,10 +133,100 @@ def verify_chain(mac: Mac, entries: Iterable[AuditEntry]) -> ChainReport:
     for expected_seq, entry in enumerate(entries, start=1):
         if entry.seq != expected_seq:
             return ChainReport(False, count, entry.seq, f"expected entry {expected_seq}", previous)
-        if not hmac.compare_digest(entry_mac(mac, previous, entry.seq, entry.event), entry.mac):
+        if not isinstance(entry.mac, bytes) or not hmac.compare_digest(
+            entry_mac(mac, previous, entry.seq, entry.event), entry.mac
+        ):
             return ChainReport(False, count, entry.seq, "MAC does not match", previous)
         previous, count = entry.mac, count + 1
     return ChainReport(True, count, head_mac=previous)
+
+
+def head_mac(mac: Mac, seq: int, last_mac: bytes) -> bytes:
+    return mac(cbor2.dumps([HEAD_DOMAIN, seq, last_mac], canonical=True))
+
+
+def sealed_head(mac: Mac, seq: int, last_mac: bytes) -> AuditHead:
+    return AuditHead(seq, last_mac, head_mac(mac, seq, last_mac))
+
+
+def head_verifies(mac: Mac, head: AuditHead | None) -> bool:
+    # Checked before any other use of its fields: a forged row may hold any types.
+    return (
+        head is not None
+        and isinstance(head.seq, int)
+        and isinstance(head.last_mac, bytes)
+        and isinstance(head.mac, bytes)
+        and hmac.compare_digest(head_mac(mac, head.seq, head.last_mac), head.mac)
+    )
+
+
+def append_plan(
+    mac: Mac,
+    head: AuditHead | None,
+    newest: tuple[int, bytes] | None,
+    events: Iterable[AuditEvent],
+) -> tuple[list[AuditEntry], AuditHead | None]:
+    """The entries that record `events`, and the head to store after them (None: leave the
+    stored head as it is).
+
+    They continue from the head when it verifies and the log does not run past it, so entries
+    removed from the end stay missing (a gap `audit verify` reports) instead of being papered
+    over. A head that is missing, forged or behind the log is left alone for `audit verify` to
+    report, and the entries continue from the newest one.
+    """
+    newest_seq, newest_mac = newest or (0, GENESIS)
+    if head is not None and head_verifies(mac, head) and head.seq >= newest_seq:
+        seq, previous, moves = head.seq, head.last_mac, True
+    else:
+        seq, previous, moves = newest_seq, newest_mac, False
+    entries = []
+    for event in events:
+        seq += 1
+        previous = entry_mac(mac, previous, seq, event)
+        entries.append(AuditEntry(seq, event, previous))
+    return entries, (sealed_head(mac, seq, previous) if moves and entries else None)
+
+
+def migration_plan(
+    mac: Mac, newest: tuple[int, bytes] | None, from_version: int, to_version: int, now: int
+) -> tuple[list[AuditEntry], AuditHead]:
+    """A schema migration that brings in the head: the head starts at the newest entry, and
+    the migration is recorded as the next one (so a store that kept no log before has one)."""
+    seq, last_mac = newest or (0, GENESIS)
+    event = AuditEvent(
+        now, "service", "store.migrated", "schema", {"from": from_version, "to": to_version}
+    )
+    entries, head = append_plan(mac, sealed_head(mac, seq, last_mac), newest, [event])
+    assert head is not None, "a head that was just sealed verifies"
+    return entries, head
+
+
+def verify_log(mac: Mac, snapshot: AuditSnapshot) -> ChainReport:
+    """The chain from its genesis, and that it ends where its head says: a missing or forged
+    head, entries removed from the end (or all of them), or an empty log in a store that holds
+    data are all reported."""
+    chain = verify_chain(mac, snapshot.entries)
+    if not chain.ok:
+        return chain
+    count, head = chain.entries, snapshot.head
+
+    def broken(at: int | None, reason: str) -> ChainReport:
+        return ChainReport(False, count, at, reason, chain.head_mac)
+
+    if head is None:
+        return broken(None, "its head is missing (deleted outside coap-auth?)")
+    if not head_verifies(mac, head):
+        return broken(None, "its head does not verify (changed outside coap-auth?)")
+    if head.seq > count:
+        removed = f"all {head.seq} entries" if count == 0 else f"entries {count + 1}-{head.seq}"
+        return broken(count + 1, f"{removed} removed; the head records {head.seq}")
+    if head.seq < count:
+        return broken(head.seq + 1, f"the log runs past its head ({head.seq}): head put back?")
+    if not hmac.compare_digest(head.last_mac, chain.head_mac):
+        return broken(count, "the newest entry is not the one the head records")
+    if count == 0 and snapshot.holds_data:
+        return broken(1, "the log is empty, but the store holds keys or registrations")
+    return chain
 
 
 def key_events(

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from typing import Literal, Protocol
 
 from coap_auth.keys import SigningKey
-from coap_auth.store.audit import AuditEntry, AuditEvent
+from coap_auth.store.audit import AuditEntry, AuditEvent, AuditSnapshot
 from coap_auth.store.records import (
     Audience,
     ChangeCounters,
@@ -19,6 +19,7 @@ from coap_auth.store.records import (
     RefreshOutcome,
     TrlUpdate,
 )
+from coap_auth.store.registry_mac import RegistryReport
 
 # Called inside the refresh transaction to mint the successor's access token; raising
 # aborts the refresh and changes nothing. A store may rerun a transaction that lost a race
@@ -38,7 +39,9 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     # Audiences and clients. `add_*` raise OperatorError on a duplicate id. Every change
-    # made here and below appends its audit event in the same transaction.
+    # made here and below appends its audit event in the same transaction. Each row is MACed
+    # under the master key (coap_auth.store.registry_mac) when written; one whose MAC does
+    # not verify is never returned (get_* answer None, list_* leave it out) and is logged.
     async def add_audience(self, audience: Audience) -> None: ...
 
     async def get_audience(self, audience_id: str) -> Audience | None: ...
@@ -52,6 +55,10 @@ class Store(Protocol):
     async def list_clients(self) -> list[Client]: ...
 
     async def disable_client(self, client_id: str, now: int) -> bool: ...
+
+    async def registry_report(self) -> RegistryReport:
+        """Every client and audience row checked against its MAC, in one consistent read."""
+        ...
 
     # Signing keys; secrets are encrypted at rest by the implementation, and gone once a key
     # has ended (removed or revoked).
@@ -153,6 +160,10 @@ class Store(Protocol):
 
     async def audit_entries(self, last: int | None = None) -> list[AuditEntry]:
         """Every entry in order, or the last `last` ones."""
+        ...
+
+    async def audit_snapshot(self) -> AuditSnapshot:
+        """In one consistent read: every entry, the head, and whether the store holds data."""
         ...
 
     # Change feed: counters bumped by every change observers must hear about.

@@ -1,7 +1,8 @@
-"""The master key, kept outside the database: encrypts private keys at rest, keys secret digests.
+"""The master key, kept outside the database: seals private keys, keys secret digests and MACs
+the audit chain and the registry rows, each under a key of its own derived from it.
 
 Taken from COAP_AUTH_MASTER_KEY (base64url, 32 bytes) or `master.key` in the data directory,
-generated with mode 0600 when absent.
+generated with mode 0600 when absent (and put back to 0600 when found otherwise).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class MasterKey:
         self._aead = AESGCM(hashlib.sha256(b"coap-auth key encryption" + key).digest())
         self._digest_key = hashlib.sha256(b"coap-auth secret digest" + key).digest()
         self._audit_key = hashlib.sha256(b"coap-auth audit chain" + key).digest()
+        self._registry_key = hashlib.sha256(b"coap-auth registry rows" + key).digest()
 
     def __repr__(self) -> str:
         return "MasterKey(<hidden>)"
@@ -46,6 +48,7 @@ class MasterKey:
                 raise OperatorError(f"{ENV_VAR} is not base64url of 32 bytes") from None
         path = data_dir / FILE_NAME
         if path.exists():
+            make_private(path, 0o600)
             return cls(path.read_bytes())
         if not create:
             raise OperatorError(f"no master key: set {ENV_VAR} or run `coap-auth init`")
@@ -72,6 +75,24 @@ class MasterKey:
         """The MAC of the audit chain, under its own key derived from the master key."""
         return hmac.new(self._audit_key, data, hashlib.sha256).digest()
 
+    def registry_mac(self, data: bytes) -> bytes:
+        """The MAC of a client or audience row (coap_auth.store.registry_mac), under its own
+        key derived from the master key."""
+        return hmac.new(self._registry_key, data, hashlib.sha256).digest()
+
     def digest(self, secret: bytes) -> bytes:
         """The keyed digest under which a client secret or refresh token is stored."""
         return hmac.new(self._digest_key, secret, hashlib.sha256).digest()
+
+
+def make_private(path: Path, mode: int) -> None:
+    """Give a file or directory of ours `mode` (0600, 0700) unless it has it already, so a
+    correct file on a read-only disk is left alone and only a wrong one fails."""
+    if path.stat().st_mode & 0o7777 == mode:
+        return
+    try:
+        path.chmod(mode)
+    except OSError as exc:
+        raise OperatorError(
+            f"cannot restrict {path} to mode {mode:04o} ({exc.strerror or exc})"
+        ) from None

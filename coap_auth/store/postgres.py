@@ -10,10 +10,9 @@ the TRL in postgres_tokens.
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 
 import asyncpg
-import cbor2
 
 from coap_auth.errors import OperatorError
 from coap_auth.keys import SigningKey
@@ -23,18 +22,33 @@ from coap_auth.store.key_rows import key_from_row, key_to_row
 from coap_auth.store.postgres_base import Conn
 from coap_auth.store.postgres_tokens import PostgresTokenTables
 from coap_auth.store.records import Audience, Client
-from coap_auth.store.rows import audience_from_row, audience_to_row, client_from_row
+from coap_auth.store.registry_mac import AUDIENCES, CLIENTS, RegistryReport
+from coap_auth.store.rows import (
+    AUDIENCE_SELECT,
+    CLIENT_SELECT,
+    audience_to_row,
+    client_to_row,
+    registry_report,
+    sealed_row,
+    trusted_audience,
+    trusted_audiences,
+    trusted_client,
+    trusted_clients,
+)
 
 
 class PostgresStore(PostgresTokenTables):
     # -- audiences and clients -------------------------------------------------------------
 
     async def add_audience(self, audience: Audience) -> None:
+        row = sealed_row(self._registry_mac, AUDIENCES, audience_to_row(audience))
+
         async def add(conn: Conn) -> None:
             try:
                 await conn.execute(
-                    "INSERT INTO audiences VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                    *audience_to_row(audience),
+                    f"INSERT INTO audiences ({AUDIENCE_SELECT})"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    *row,
                 )
             except asyncpg.UniqueViolationError:
                 raise OperatorError(f"audience {audience.audience_id!r} already exists") from None
@@ -49,17 +63,17 @@ class PostgresStore(PostgresTokenTables):
         await self._in_tx(add)
 
     async def get_audience(self, audience_id: str) -> Audience | None:
-        rows = await self._read("SELECT * FROM audiences WHERE audience_id = $1", audience_id)
-        return audience_from_row(rows[0]) if rows else None
+        rows = await self._read(
+            f"SELECT {AUDIENCE_SELECT} FROM audiences WHERE audience_id = $1", audience_id
+        )
+        return trusted_audience(self._registry_mac, rows, self._stand_in_audience)
 
     async def list_audiences(self) -> list[Audience]:
-        return [
-            audience_from_row(r)
-            for r in await self._read("SELECT * FROM audiences ORDER BY audience_id")
-        ]
+        rows = await self._read(f"SELECT {AUDIENCE_SELECT} FROM audiences ORDER BY audience_id")
+        return trusted_audiences(self._registry_mac, rows)
 
     async def add_client(self, client: Client) -> None:
-        public_key = None if client.public_key is None else cbor2.dumps(client.public_key)
+        row = sealed_row(self._registry_mac, CLIENTS, client_to_row(client))
 
         async def add(conn: Conn) -> None:
             known = {r[0] for r in await conn.fetch("SELECT audience_id FROM audiences")}
@@ -68,14 +82,9 @@ class PostgresStore(PostgresTokenTables):
                 raise OperatorError(f"unknown audience {missing[0]!r}")
             try:
                 await conn.execute(
-                    "INSERT INTO clients VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    client.client_id,
-                    json.dumps(list(client.audiences)),
-                    " ".join(client.scope),
-                    client.secret_digest,
-                    public_key,
-                    client.disabled,
-                    client.created_at,
+                    f"INSERT INTO clients ({CLIENT_SELECT})"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    *row,
                 )
             except asyncpg.UniqueViolationError:
                 raise OperatorError(f"client {client.client_id!r} already exists") from None
@@ -92,26 +101,44 @@ class PostgresStore(PostgresTokenTables):
         await self._in_tx(add)
 
     async def get_client(self, client_id: str) -> Client | None:
-        rows = await self._read("SELECT * FROM clients WHERE client_id = $1", client_id)
-        return client_from_row(rows[0]) if rows else None
+        rows = await self._read(
+            f"SELECT {CLIENT_SELECT} FROM clients WHERE client_id = $1", client_id
+        )
+        return trusted_client(self._registry_mac, rows, self._stand_in_client)
 
     async def list_clients(self) -> list[Client]:
-        return [
-            client_from_row(r) for r in await self._read("SELECT * FROM clients ORDER BY client_id")
-        ]
+        rows = await self._read(f"SELECT {CLIENT_SELECT} FROM clients ORDER BY client_id")
+        return trusted_clients(self._registry_mac, rows)
 
     async def disable_client(self, client_id: str, now: int) -> bool:
         async def disable(conn: Conn) -> bool:
-            status = await conn.execute(
-                "UPDATE clients SET disabled = TRUE WHERE client_id = $1 AND NOT disabled",
+            rows = await conn.fetch(
+                f"SELECT {CLIENT_SELECT} FROM clients WHERE client_id = $1 FOR UPDATE", client_id
+            )
+            # A row that does not verify is not re-sealed: that would launder the change.
+            found = trusted_clients(self._registry_mac, rows)
+            if not found or found[0].disabled:
+                return False
+            disabled = replace(found[0], disabled=True)
+            row = sealed_row(self._registry_mac, CLIENTS, client_to_row(disabled))
+            await conn.execute(
+                "UPDATE clients SET disabled = TRUE, mac = $1 WHERE client_id = $2",
+                row[-1],
                 client_id,
             )
-            if status == "UPDATE 1":
-                await self._audit(conn, [AuditEvent(now, "operator", "client.disabled", client_id)])
-                return True
-            return False
+            await self._audit(conn, [AuditEvent(now, "operator", "client.disabled", client_id)])
+            return True
 
         return await self._in_tx(disable)
+
+    async def registry_report(self) -> RegistryReport:
+        async with (
+            self._connection() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            clients = await conn.fetch(f"SELECT {CLIENT_SELECT} FROM clients")
+            audiences = await conn.fetch(f"SELECT {AUDIENCE_SELECT} FROM audiences")
+        return registry_report(self._registry_mac, clients, audiences)
 
     # -- signing keys ----------------------------------------------------------------------
 

@@ -25,17 +25,23 @@ import contextlib
 import hashlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import asyncpg
 
 from coap_auth.errors import OperatorError, StoreUnavailable
-from coap_auth.store.audit import GENESIS, AuditEntry, AuditEvent, entry_mac
+from coap_auth.store.audit import AuditEntry, AuditEvent, AuditHead, AuditSnapshot, append_plan
 from coap_auth.store.master_key import MasterKey
 from coap_auth.store.postgres_schema import migrate
 from coap_auth.store.records import ChangeCounters
-from coap_auth.store.rows import audit_entry_from_row
+from coap_auth.store.rows import (
+    AUDIT_COLUMNS,
+    audit_entry_from_row,
+    audit_entry_to_row,
+    stand_in_rows,
+)
 
 log = logging.getLogger("coap_auth.store")
 
@@ -72,6 +78,8 @@ class PostgresBase:
         self._schema = schema
         self._master_key = master_key
         self._audit_mac = master_key.audit_mac
+        self._registry_mac = master_key.registry_mac
+        self._stand_in_client, self._stand_in_audience = stand_in_rows(self._registry_mac)
         self._pool: asyncpg.Pool | None = None
         self._read_only = False  # a write was refused as read-only, and none has worked since
         self._channel = f"coap_auth_{schema}"
@@ -98,7 +106,7 @@ class PostgresBase:
                 server_settings={"search_path": self._schema},
             )
             async with self._pool.acquire() as conn:
-                await migrate(conn, self._lock_schema)
+                await migrate(conn, self._lock_schema, self._master_key, int(time.time()))
         except (*CONNECTION_ERRORS, asyncpg.exceptions.ReadOnlySQLTransactionError) as exc:
             await self.close()
             if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
@@ -175,25 +183,30 @@ class PostgresBase:
     # -- audit log --------------------------------------------------------------------------
 
     async def _audit(self, conn: Conn, events: Iterable[AuditEvent]) -> None:
+        """Append to the chain and move its head, in the caller's transaction."""
         events = list(events)
         if not events:
             return
-        # The last lock a transaction takes: nothing else is locked while holding it.
+        # The last lock a transaction takes: nothing else is locked while holding it (the
+        # head row is only ever written under it).
         await self._lock(conn, self._lock_audit)
-        last = await conn.fetchrow("SELECT seq, mac FROM audit_log ORDER BY seq DESC LIMIT 1")
-        seq, previous = (last[0], last[1]) if last else (0, GENESIS)
-        for event in events:
-            seq += 1
-            previous = entry_mac(self._audit_mac, previous, seq, event)
+        newest = await conn.fetchrow("SELECT seq, mac FROM audit_log ORDER BY seq DESC LIMIT 1")
+        entries, head = append_plan(
+            self._audit_mac,
+            await _read_head(conn),
+            None if newest is None else (newest[0], newest[1]),
+            events,
+        )
+        await conn.executemany(
+            f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            [audit_entry_to_row(entry) for entry in entries],
+        )
+        if head is not None:
             await conn.execute(
-                "INSERT INTO audit_log VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                seq,
-                event.at,
-                event.actor,
-                event.event,
-                event.subject,
-                event.details_json(),
-                previous,
+                "UPDATE audit_head SET seq = $1, last_mac = $2, mac = $3 WHERE id = 1",
+                head.seq,
+                head.last_mac,
+                head.mac,
             )
 
     async def append_audit(self, events: Iterable[AuditEvent]) -> None:
@@ -214,6 +227,20 @@ class PostgresBase:
                 last,
             )
         return [audit_entry_from_row(r) for r in rows]
+
+    async def audit_snapshot(self) -> AuditSnapshot:
+        async with (
+            self._connection() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            rows = await conn.fetch(f"SELECT {AUDIT_COLUMNS} FROM audit_log ORDER BY seq")
+            holds_data = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM signing_keys) OR EXISTS (SELECT 1 FROM clients)"
+                " OR EXISTS (SELECT 1 FROM audiences)"
+            )
+            head = await _read_head(conn)
+        entries = tuple(audit_entry_from_row(r) for r in rows)
+        return AuditSnapshot(entries, head, bool(holds_data))
 
     # -- change feed -------------------------------------------------------------------------
 
@@ -256,6 +283,11 @@ class PostgresBase:
                 with contextlib.suppress(Exception):  # close() cuts the connection on failure
                     await conn.close(timeout=LISTEN_CLOSE_TIMEOUT)
             await asyncio.sleep(RECONNECT_DELAY)
+
+
+async def _read_head(conn: Conn) -> AuditHead | None:
+    row = await conn.fetchrow("SELECT seq, last_mac, mac FROM audit_head WHERE id = 1")
+    return None if row is None else AuditHead(row[0], row[1], row[2])
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,13 +1,25 @@
-"""The PostgreSQL schema (same tables and column order as SQLite) and its creation.
+"""The PostgreSQL schema (same tables and column order as SQLite), its creation and migration.
 
-`migrate` runs under an advisory lock, so several instances starting at once create it once.
+`migrate` runs under an advisory lock, so several instances starting at once create (or
+migrate) it once; migrating seals the registry rows and the audit head under the master key.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-SCHEMA_VERSION = 2
+from coap_auth.store.audit import GENESIS, migration_plan, sealed_head
+from coap_auth.store.master_key import MasterKey
+from coap_auth.store.registry_mac import AUDIENCES, CLIENTS, row_mac
+from coap_auth.store.rows import (
+    AUDIENCE_SELECT,
+    AUDIT_COLUMNS,
+    CLIENT_SELECT,
+    audit_entry_to_row,
+    row_values,
+)
+
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -19,7 +31,8 @@ CREATE TABLE IF NOT EXISTS audiences (
     key_family TEXT NOT NULL DEFAULT 'default',
     key_alg TEXT,
     introspect_secret_digest BYTEA,
-    introspect_public_key BYTEA
+    introspect_public_key BYTEA,
+    mac BYTEA
 );
 CREATE TABLE IF NOT EXISTS clients (
     client_id TEXT PRIMARY KEY,
@@ -29,6 +42,7 @@ CREATE TABLE IF NOT EXISTS clients (
     public_key BYTEA,
     disabled BOOLEAN NOT NULL DEFAULT FALSE,
     created_at BIGINT NOT NULL,
+    mac BYTEA,
     CHECK ((secret_digest IS NULL) <> (public_key IS NULL))
 );
 CREATE TABLE IF NOT EXISTS signing_keys (
@@ -101,16 +115,72 @@ CREATE TABLE IF NOT EXISTS audit_log (
     details TEXT NOT NULL,
     mac BYTEA NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audit_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq BIGINT NOT NULL,
+    last_mac BYTEA NOT NULL,
+    mac BYTEA NOT NULL
+);
+"""
+
+# Version 2 to 3: registry rows and the audit head are MACed (issue 13). The tables of version
+# 2 gain the MAC column (new ones have it already); `_seal` fills it for the existing rows.
+_FROM_2 = """
+ALTER TABLE audiences ADD COLUMN IF NOT EXISTS mac BYTEA;
+ALTER TABLE clients ADD COLUMN IF NOT EXISTS mac BYTEA;
 """
 
 
-async def migrate(conn: Any, lock_key: int) -> None:
-    """Create the schema if absent; refuse a newer one. `conn` is an asyncpg connection."""
+async def migrate(conn: Any, lock_key: int, master_key: MasterKey, now: int) -> None:
+    """Create the schema if absent, or bring version 2 up to date; refuse a newer one. `conn`
+    is an asyncpg connection; `now` dates the audit entry that records a migration."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key)
         await conn.execute(SCHEMA)
         version = await conn.fetchval("SELECT max(version) FROM schema_version")
         if version is None:
+            head = sealed_head(master_key.audit_mac, 0, GENESIS)
+            await conn.execute(
+                "INSERT INTO audit_head VALUES (1, $1, $2, $3)", 0, GENESIS, head.mac
+            )
             await conn.execute("INSERT INTO schema_version VALUES ($1)", SCHEMA_VERSION)
         elif version > SCHEMA_VERSION:
             raise RuntimeError(f"database schema {version} is newer than this coap-auth")
+        elif version < SCHEMA_VERSION:
+            # Only now: ALTER TABLE locks the table against every other instance's reads.
+            await conn.execute(_FROM_2)
+            await _seal(conn, master_key, version, now)
+            await conn.execute("UPDATE schema_version SET version = $1", SCHEMA_VERSION)
+
+
+async def _seal(conn: Any, master_key: MasterKey, version: int, now: int) -> None:
+    """Give every registry row written before MACs existed its MAC (trusted: the migration
+    runs with the master key, on the operator's data); start the head at the newest audit
+    entry and record the migration as the next one."""
+    mac = master_key.registry_mac
+    for table, select, key in (
+        (CLIENTS, CLIENT_SELECT, "client_id"),
+        (AUDIENCES, AUDIENCE_SELECT, "audience_id"),
+    ):
+        for row in await conn.fetch(f"SELECT {select} FROM {table}"):
+            values = row_values(table, row)
+            await conn.execute(
+                f"UPDATE {table} SET mac = $1 WHERE {key} = $2",
+                row_mac(mac, table, values),
+                values[0],
+            )
+    newest = await conn.fetchrow("SELECT seq, mac FROM audit_log ORDER BY seq DESC LIMIT 1")
+    entries, head = migration_plan(
+        master_key.audit_mac,
+        None if newest is None else (newest[0], newest[1]),
+        version,
+        SCHEMA_VERSION,
+        now,
+    )
+    await conn.executemany(
+        f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        [audit_entry_to_row(entry) for entry in entries],
+    )
+    await conn.execute(
+        "INSERT INTO audit_head VALUES (1, $1, $2, $3)", head.seq, head.last_mac, head.mac
+    )

@@ -1,18 +1,54 @@
-"""Row <-> record conversion shared by the SQL stores (same column order in both schemas)."""
+"""Row <-> record conversion shared by the SQL stores (same column order in both schemas), and
+the check of every registry row's MAC as it is read (coap_auth.store.registry_mac)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import cbor2
 
 from coap_auth.store.audit import AuditEntry, AuditEvent
 from coap_auth.store.records import Audience, Client, RefreshFamily, TrlUpdate
+from coap_auth.store.registry_mac import (
+    AUDIENCES,
+    CLIENTS,
+    Mac,
+    RegistryReport,
+    row_fault,
+    row_mac,
+)
 
 Row = Sequence[Any]
+log = logging.getLogger("coap_auth.store")
+
+
+# Registry columns in schema order (the MAC column, `mac`, comes after them). Queries name
+# them, so a migrated table (MAC added last) and a new one read alike.
+AUDIENCE_COLUMNS = (
+    "audience_id",
+    "token_format",
+    "lifetime",
+    "created_at",
+    "key_family",
+    "key_alg",
+    "introspect_secret_digest",
+    "introspect_public_key",
+)
+CLIENT_COLUMNS = (
+    "client_id",
+    "audiences",
+    "scope",
+    "secret_digest",
+    "public_key",
+    "disabled",
+    "created_at",
+)
+AUDIENCE_SELECT = ", ".join((*AUDIENCE_COLUMNS, "mac"))
+CLIENT_SELECT = ", ".join((*CLIENT_COLUMNS, "mac"))
 
 
 def audience_from_row(row: Row) -> Audience:
@@ -67,6 +103,98 @@ def client_from_row(row: Row) -> Client:
     )
 
 
+def client_to_row(client: Client) -> tuple[Any, ...]:
+    return (
+        client.client_id,
+        json.dumps(list(client.audiences)),
+        " ".join(client.scope),
+        client.secret_digest,
+        None if client.public_key is None else cbor2.dumps(client.public_key),
+        client.disabled,
+        client.created_at,
+    )
+
+
+def sealed_row(mac: Mac, table: str, values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The row to insert: its columns and their MAC (registry_mac)."""
+    return (*values, row_mac(mac, table, values))
+
+
+def row_values(table: str, row: Row) -> tuple[Any, ...]:
+    """A registry row as read, MAC column apart, in the types its MAC is computed over
+    (SQLite keeps `disabled` as 0/1)."""
+    values = tuple(row)[:-1]
+    if table == CLIENTS:
+        disabled = CLIENT_COLUMNS.index("disabled")
+        values = (*values[:disabled], bool(values[disabled]), *values[disabled + 1 :])
+    return values
+
+
+def _checked(mac: Mac, table: str, rows: Iterable[Row]) -> Iterator[tuple[Any, ...]]:
+    """The rows whose MAC verifies; each other one is logged (one line, naming its id) and
+    left out, exactly as if it were not there."""
+    for row in rows:
+        values = row_values(table, row)
+        fault = row_fault(mac, table, values, tuple(row)[-1])
+        if fault is None:
+            yield values
+        else:
+            log.error("refused the %s", fault.describe())
+
+
+def trusted_clients(mac: Mac, rows: Iterable[Row]) -> list[Client]:
+    """Clients from rows of CLIENT_SELECT, without any whose MAC does not verify."""
+    return [client_from_row(values) for values in _checked(mac, CLIENTS, rows)]
+
+
+def trusted_audiences(mac: Mac, rows: Iterable[Row]) -> list[Audience]:
+    """Audiences from rows of AUDIENCE_SELECT, without any whose MAC does not verify."""
+    return [audience_from_row(values) for values in _checked(mac, AUDIENCES, rows)]
+
+
+def stand_in_rows(mac: Mac) -> tuple[Row, Row]:
+    """A sealed client row and audience row of typical size (a P-256 key, a digest), checked
+    and decoded when a lookup by id finds nothing (`trusted_client`, `trusted_audience`)."""
+    client = Client(
+        "stand-in",
+        ("stand-in",),
+        ("stand-in",),
+        0,
+        public_key={1: 2, -1: 1, -2: bytes(32), -3: bytes(32)},
+    )
+    audience = Audience("stand-in", "cwt", 1, 0, introspect_secret_digest=bytes(32))
+    return (
+        sealed_row(mac, CLIENTS, client_to_row(client)),
+        sealed_row(mac, AUDIENCES, audience_to_row(audience)),
+    )
+
+
+def trusted_client(mac: Mac, rows: Sequence[Row], stand_in: Row) -> Client | None:
+    """The client a lookup by id found, if its MAC verifies. A miss checks and decodes the
+    stand-in row instead, so it costs what a hit does: timing does not tell who exists."""
+    found = trusted_clients(mac, rows or [stand_in])
+    return found[0] if rows and found else None
+
+
+def trusted_audience(mac: Mac, rows: Sequence[Row], stand_in: Row) -> Audience | None:
+    """As `trusted_client`, for an audience (which authenticates to /introspect)."""
+    found = trusted_audiences(mac, rows or [stand_in])
+    return found[0] if rows and found else None
+
+
+def registry_report(
+    mac: Mac, client_rows: Sequence[Row], audience_rows: Sequence[Row]
+) -> RegistryReport:
+    """Every registry row checked (rows of CLIENT_SELECT and AUDIENCE_SELECT)."""
+    faults = [
+        fault
+        for table, rows in ((CLIENTS, client_rows), (AUDIENCES, audience_rows))
+        for row in rows
+        if (fault := row_fault(mac, table, row_values(table, row), tuple(row)[-1])) is not None
+    ]
+    return RegistryReport(len(client_rows), len(audience_rows), tuple(faults))
+
+
 def family_from_row(row: Row) -> RefreshFamily:
     (
         family_id,
@@ -97,6 +225,22 @@ def family_from_row(row: Row) -> RefreshFamily:
 def trl_update_from_row(row: Row) -> TrlUpdate:
     seq, at, removed, added = row
     return TrlUpdate(seq, at, tuple(cbor2.loads(removed)), tuple(cbor2.loads(added)))
+
+
+AUDIT_COLUMNS = "seq, at, actor, event, subject, details, mac"
+
+
+def audit_entry_to_row(entry: AuditEntry) -> tuple[Any, ...]:
+    event = entry.event
+    return (
+        entry.seq,
+        event.at,
+        event.actor,
+        event.event,
+        event.subject,
+        event.details_json(),
+        entry.mac,
+    )
 
 
 def audit_entry_from_row(row: Row) -> AuditEntry:

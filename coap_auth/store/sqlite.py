@@ -6,11 +6,9 @@ Plumbing and the audit chain are in sqlite_base, refresh families and the TRL in
 
 from __future__ import annotations
 
-import json
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
-
-import cbor2
 
 from coap_auth.errors import OperatorError
 from coap_auth.keys import SigningKey
@@ -19,7 +17,19 @@ from coap_auth.store.base import KeyTransition
 from coap_auth.store.key_rows import key_from_row, key_to_row
 from coap_auth.store.master_key import MasterKey
 from coap_auth.store.records import Audience, Client
-from coap_auth.store.rows import audience_from_row, audience_to_row, client_from_row
+from coap_auth.store.registry_mac import AUDIENCES, CLIENTS, RegistryReport
+from coap_auth.store.rows import (
+    AUDIENCE_SELECT,
+    CLIENT_SELECT,
+    audience_to_row,
+    client_to_row,
+    registry_report,
+    sealed_row,
+    trusted_audience,
+    trusted_audiences,
+    trusted_client,
+    trusted_clients,
+)
 from coap_auth.store.sqlite_tokens import TokenTables
 
 DB_FILE = "coap-auth.sqlite3"
@@ -33,11 +43,13 @@ class SqliteStore(TokenTables):
     # -- audiences and clients -------------------------------------------------------------
 
     async def add_audience(self, audience: Audience) -> None:
+        row = sealed_row(self._registry_mac, AUDIENCES, audience_to_row(audience))
+
         def add(conn: sqlite3.Connection) -> None:
             try:
                 conn.execute(
-                    "INSERT INTO audiences VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    audience_to_row(audience),
+                    f"INSERT INTO audiences ({AUDIENCE_SELECT}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
                 )
             except sqlite3.IntegrityError:
                 raise OperatorError(f"audience {audience.audience_id!r} already exists") from None
@@ -60,15 +72,17 @@ class SqliteStore(TokenTables):
         await self._in_tx(add)
 
     async def get_audience(self, audience_id: str) -> Audience | None:
-        rows = await self._read("SELECT * FROM audiences WHERE audience_id = ?", (audience_id,))
-        return audience_from_row(rows[0]) if rows else None
+        rows = await self._read(
+            f"SELECT {AUDIENCE_SELECT} FROM audiences WHERE audience_id = ?", (audience_id,)
+        )
+        return trusted_audience(self._registry_mac, rows, self._stand_in_audience)
 
     async def list_audiences(self) -> list[Audience]:
-        rows = await self._read("SELECT * FROM audiences ORDER BY audience_id")
-        return [audience_from_row(r) for r in rows]
+        rows = await self._read(f"SELECT {AUDIENCE_SELECT} FROM audiences ORDER BY audience_id")
+        return trusted_audiences(self._registry_mac, rows)
 
     async def add_client(self, client: Client) -> None:
-        public_key = None if client.public_key is None else cbor2.dumps(client.public_key)
+        row = sealed_row(self._registry_mac, CLIENTS, client_to_row(client))
 
         def add(conn: sqlite3.Connection) -> None:
             known = {r[0] for r in conn.execute("SELECT audience_id FROM audiences")}
@@ -77,16 +91,7 @@ class SqliteStore(TokenTables):
                 raise OperatorError(f"unknown audience {missing[0]!r}")
             try:
                 conn.execute(
-                    "INSERT INTO clients VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        client.client_id,
-                        json.dumps(list(client.audiences)),
-                        " ".join(client.scope),
-                        client.secret_digest,
-                        public_key,
-                        int(client.disabled),
-                        client.created_at,
-                    ),
+                    f"INSERT INTO clients ({CLIENT_SELECT}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row
                 )
             except sqlite3.IntegrityError:
                 raise OperatorError(f"client {client.client_id!r} already exists") from None
@@ -107,24 +112,41 @@ class SqliteStore(TokenTables):
         await self._in_tx(add)
 
     async def get_client(self, client_id: str) -> Client | None:
-        rows = await self._read("SELECT * FROM clients WHERE client_id = ?", (client_id,))
-        return client_from_row(rows[0]) if rows else None
+        rows = await self._read(
+            f"SELECT {CLIENT_SELECT} FROM clients WHERE client_id = ?", (client_id,)
+        )
+        return trusted_client(self._registry_mac, rows, self._stand_in_client)
 
     async def list_clients(self) -> list[Client]:
-        rows = await self._read("SELECT * FROM clients ORDER BY client_id")
-        return [client_from_row(r) for r in rows]
+        rows = await self._read(f"SELECT {CLIENT_SELECT} FROM clients ORDER BY client_id")
+        return trusted_clients(self._registry_mac, rows)
 
     async def disable_client(self, client_id: str, now: int) -> bool:
         def disable(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                "UPDATE clients SET disabled = 1 WHERE client_id = ? AND disabled = 0",
-                (client_id,),
+            rows = conn.execute(
+                f"SELECT {CLIENT_SELECT} FROM clients WHERE client_id = ?", (client_id,)
+            ).fetchall()
+            # A row that does not verify is not re-sealed: that would launder the change.
+            found = trusted_clients(self._registry_mac, rows)
+            if not found or found[0].disabled:
+                return False
+            disabled = replace(found[0], disabled=True)
+            row = sealed_row(self._registry_mac, CLIENTS, client_to_row(disabled))
+            conn.execute(
+                "UPDATE clients SET disabled = 1, mac = ? WHERE client_id = ?", (row[-1], client_id)
             )
-            if cur.rowcount == 1:
-                self._audit(conn, [AuditEvent(now, "operator", "client.disabled", client_id)])
-            return cur.rowcount == 1
+            self._audit(conn, [AuditEvent(now, "operator", "client.disabled", client_id)])
+            return True
 
         return await self._in_tx(disable)
+
+    async def registry_report(self) -> RegistryReport:
+        def read(conn: sqlite3.Connection) -> RegistryReport:
+            clients = conn.execute(f"SELECT {CLIENT_SELECT} FROM clients").fetchall()
+            audiences = conn.execute(f"SELECT {AUDIENCE_SELECT} FROM audiences").fetchall()
+            return registry_report(self._registry_mac, clients, audiences)
+
+        return await self._run(self._tx, read, "BEGIN DEFERRED")
 
     # -- signing keys ----------------------------------------------------------------------
 
@@ -155,7 +177,11 @@ class SqliteStore(TokenTables):
             self._audit(conn, key_events({k.kid: k for k in current}, changed, actor, now))
             return changed
 
-        return await self._in_tx(update)
+        changed = await self._in_tx(update)
+        if any(key.private_key is None for key in changed):
+            # A key ended and its sealed private part was dropped: drop its older copies too.
+            await self._run(self._drop_old_frames)
+        return changed
 
     # -- replay cache ------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""The SQLite store's plumbing: one connection on one thread, transactions, the audit chain
-and the change feed. The tables themselves are handled by the classes built on it."""
+"""The SQLite store's plumbing: one connection on one thread, transactions, file modes, the
+audit chain and the change feed. The tables themselves are handled by the classes built on it."""
 
 from __future__ import annotations
 
@@ -7,16 +7,22 @@ import asyncio
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from coap_auth.errors import OperatorError, StoreUnavailable
-from coap_auth.store.audit import AuditEntry, AuditEvent, entry_mac
-from coap_auth.store.master_key import MasterKey
+from coap_auth.store.audit import AuditEntry, AuditEvent, AuditHead, AuditSnapshot, append_plan
+from coap_auth.store.master_key import MasterKey, make_private
 from coap_auth.store.records import ChangeCounters
-from coap_auth.store.rows import audit_entry_from_row
+from coap_auth.store.rows import (
+    AUDIT_COLUMNS,
+    audit_entry_from_row,
+    audit_entry_to_row,
+    stand_in_rows,
+)
 from coap_auth.store.sqlite_schema import migrate
 
 T = TypeVar("T")
@@ -28,6 +34,8 @@ _PROBE_BYTES = 256 * 1024
 # SQLite primary result codes that describe the store's condition, not a bug: BUSY, LOCKED,
 # NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL (https://sqlite.org/rescode.html).
 _STORE_CONDITIONS = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
+# What SQLite keeps beside the database file; like it, readable by us alone.
+_SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
 class SqliteBase:
@@ -35,6 +43,8 @@ class SqliteBase:
         self._path = path
         self._master_key = master_key
         self._audit_mac = master_key.audit_mac
+        self._registry_mac = master_key.registry_mac
+        self._stand_in_client, self._stand_in_audience = stand_in_rows(self._registry_mac)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coap-auth-sqlite")
         self._conn: sqlite3.Connection | None = None
 
@@ -55,21 +65,54 @@ class SqliteBase:
 
     def _connect(self) -> None:
         try:
+            # Created (or put back to) 0600 before SQLite opens it: the -wal and -shm it
+            # creates take the database file's mode.
+            os.close(os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600))
+            make_private(self._path, 0o600)
             conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             # Durable commits: a 2.01 is only sent for what survives a power cut.
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.execute("PRAGMA foreign_keys=ON")
-            migrate(conn)
+            # Deleted and overwritten content (a sealed private key once its key has ended)
+            # is zeroed in the pages, not left in free space.
+            conn.execute("PRAGMA secure_delete=ON")
+            migrate(conn, self._master_key, int(time.time()))
             self._conn = conn
             self._probe_writes()
+            self._make_files_private()
         except (sqlite3.Error, OSError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise OperatorError(
                 f"cannot write the store in {self._path.parent} ({reason}):"
                 " is the disk full or the directory read-only?"
             ) from None
+
+    def _make_files_private(self) -> None:
+        """The database and its side files are 0600 on every start, also when an older
+        version (or a restored backup) left them readable by others."""
+        for path in (self._path, *(self._path.with_name(self._path.name + s) for s in _SIDE_FILES)):
+            try:
+                make_private(path, 0o600)
+            except FileNotFoundError:
+                pass  # a side file that does not exist (now)
+
+    def _drop_old_frames(self) -> None:
+        """Checkpoint the WAL into the database and truncate it: after a key's private part
+        is dropped, no older frame still holds it (secure_delete has zeroed its old cell in
+        the pages). A reader that holds the WAL makes this wait (busy_timeout), then give up
+        until the next such change."""
+        conn = self._conn
+        assert conn is not None, "store not open"
+        try:
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            busy, reason = 1, str(exc)
+        else:
+            reason = "a reader holds the write-ahead log"
+        if busy:
+            log.warning("the write-ahead log was not truncated after a key ended (%s)", reason)
 
     def _probe_writes(self) -> None:
         """Fail at start, not at the first request: write and sync some room in the data
@@ -119,15 +162,20 @@ class SqliteBase:
     # -- audit log --------------------------------------------------------------------------
 
     def _audit(self, conn: sqlite3.Connection, events: Iterable[AuditEvent]) -> None:
-        for event in events:
-            last = conn.execute(
-                "SELECT seq, mac FROM audit_log ORDER BY seq DESC LIMIT 1"
-            ).fetchone()
-            seq, previous = (last[0] + 1, last[1]) if last else (1, bytes(32))
-            mac = entry_mac(self._audit_mac, previous, seq, event)
+        """Append to the chain and move its head, in the caller's transaction."""
+        events = list(events)
+        if not events:
+            return
+        newest = conn.execute("SELECT seq, mac FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+        entries, head = append_plan(self._audit_mac, _read_head(conn), newest, events)
+        conn.executemany(
+            f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [audit_entry_to_row(entry) for entry in entries],
+        )
+        if head is not None:
             conn.execute(
-                "INSERT INTO audit_log VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (seq, event.at, event.actor, event.event, event.subject, event.details_json(), mac),
+                "UPDATE audit_head SET seq = ?, last_mac = ?, mac = ? WHERE id = 1",
+                (head.seq, head.last_mac, head.mac),
             )
 
     async def append_audit(self, events: Iterable[AuditEvent]) -> None:
@@ -144,6 +192,18 @@ class SqliteBase:
             )
         return [audit_entry_from_row(r) for r in rows]
 
+    async def audit_snapshot(self) -> AuditSnapshot:
+        def read(conn: sqlite3.Connection) -> AuditSnapshot:
+            rows = conn.execute(f"SELECT {AUDIT_COLUMNS} FROM audit_log ORDER BY seq").fetchall()
+            holds_data = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM signing_keys) OR EXISTS (SELECT 1 FROM clients)"
+                " OR EXISTS (SELECT 1 FROM audiences)"
+            ).fetchone()[0]
+            entries = tuple(audit_entry_from_row(r) for r in rows)
+            return AuditSnapshot(entries, _read_head(conn), bool(holds_data))
+
+        return await self._run(self._tx, read, "BEGIN DEFERRED")
+
     # -- change feed -------------------------------------------------------------------------
 
     async def watch_changes(self, changed: Callable[[], None]) -> None:
@@ -153,3 +213,8 @@ class SqliteBase:
     async def change_counters(self) -> ChangeCounters:
         rows = await self._read("SELECT counter, revocations FROM change_feed WHERE id = 1")
         return ChangeCounters(int(rows[0][0]), int(rows[0][1]))
+
+
+def _read_head(conn: sqlite3.Connection) -> AuditHead | None:
+    row = conn.execute("SELECT seq, last_mac, mac FROM audit_head WHERE id = 1").fetchone()
+    return None if row is None else AuditHead(*row)

@@ -1,7 +1,7 @@
 """The SQLite schema and its migrations.
 
 `PRAGMA user_version` numbers the schema; `migrate` brings any older file up to date in one
-transaction.
+transaction, sealing the registry rows and the audit head under the master key as it goes.
 """
 
 from __future__ import annotations
@@ -10,7 +10,18 @@ import sqlite3
 
 import cbor2
 
-SCHEMA_VERSION = 2
+from coap_auth.store.audit import GENESIS, migration_plan, sealed_head
+from coap_auth.store.master_key import MasterKey
+from coap_auth.store.registry_mac import AUDIENCES, CLIENTS, row_mac
+from coap_auth.store.rows import (
+    AUDIENCE_SELECT,
+    AUDIT_COLUMNS,
+    CLIENT_SELECT,
+    audit_entry_to_row,
+    row_values,
+)
+
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE audiences (
@@ -21,7 +32,8 @@ CREATE TABLE audiences (
     key_family TEXT NOT NULL DEFAULT 'default',
     key_alg TEXT,
     introspect_secret_digest BLOB,
-    introspect_public_key BLOB
+    introspect_public_key BLOB,
+    mac BLOB
 );
 CREATE TABLE clients (
     client_id TEXT PRIMARY KEY,
@@ -31,6 +43,7 @@ CREATE TABLE clients (
     public_key BLOB,
     disabled INTEGER NOT NULL DEFAULT 0,
     created_at INTEGER NOT NULL,
+    mac BLOB,
     CHECK ((secret_digest IS NULL) <> (public_key IS NULL))
 );
 CREATE TABLE signing_keys (
@@ -103,6 +116,12 @@ CREATE TABLE audit_log (
     details TEXT NOT NULL,
     mac BLOB NOT NULL
 );
+CREATE TABLE audit_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    last_mac BLOB NOT NULL,
+    mac BLOB NOT NULL
+);
 """
 
 # Version 1 (the first release) to 2: key families, ended keys without secrets, resource-server
@@ -134,8 +153,21 @@ CREATE TABLE audit_log (
 """
 
 
-def migrate(conn: sqlite3.Connection) -> None:
-    """Create the schema in an empty file, or bring an older one up to `SCHEMA_VERSION`."""
+# Version 2 to 3: registry rows and the audit log's head are MACed (issue 13). Existing rows get
+# their MACs in the same transaction (`_seal_registry`); from then on a NULL MAC is refused.
+_FROM_2 = """
+ALTER TABLE audiences ADD COLUMN mac BLOB;
+ALTER TABLE clients ADD COLUMN mac BLOB;
+CREATE TABLE audit_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, last_mac BLOB NOT NULL,
+    mac BLOB NOT NULL
+);
+"""
+
+
+def migrate(conn: sqlite3.Connection, master_key: MasterKey, now: int) -> None:
+    """Create the schema in an empty file, or bring an older one up to `SCHEMA_VERSION`
+    (`now` dates the audit entry that records a migration)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -144,11 +176,18 @@ def migrate(conn: sqlite3.Connection) -> None:
         ).fetchone()
         if not has_tables:
             _script(conn, SCHEMA)
-        elif version < 2:
-            _script(conn, _FROM_1)
-            _seed_trl_history(conn)
+            head = sealed_head(master_key.audit_mac, 0, GENESIS)
+            conn.execute("INSERT INTO audit_head VALUES (1, ?, ?, ?)", (0, GENESIS, head.mac))
         elif version > SCHEMA_VERSION:
             raise RuntimeError(f"database schema {version} is newer than this coap-auth")
+        elif version < SCHEMA_VERSION:
+            if version < 2:
+                _script(conn, _FROM_1)
+                _seed_trl_history(conn)
+            _script(conn, _FROM_2)
+            _seal_registry(conn, master_key)
+            # Version 1 left user_version unset (0).
+            _seal_audit_head(conn, master_key, max(version, 1), now)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -169,6 +208,34 @@ def _seed_trl_history(conn: sqlite3.Connection) -> None:
             (max(r[1] for r in rows), cbor2.dumps([]), cbor2.dumps([r[0] for r in rows])),
         )
         conn.execute("UPDATE change_feed SET revocations = revocations + 1 WHERE id = 1")
+
+
+def _seal_registry(conn: sqlite3.Connection, master_key: MasterKey) -> None:
+    """Give every registry row written before MACs existed its MAC (trusted: the migration
+    runs with the master key, on the operator's data)."""
+    mac = master_key.registry_mac
+    for table, select, key in (
+        (CLIENTS, CLIENT_SELECT, "client_id"),
+        (AUDIENCES, AUDIENCE_SELECT, "audience_id"),
+    ):
+        for row in conn.execute(f"SELECT {select} FROM {table}").fetchall():
+            values = row_values(table, row)
+            conn.execute(
+                f"UPDATE {table} SET mac = ? WHERE {key} = ?",
+                (row_mac(mac, table, values), values[0]),
+            )
+
+
+def _seal_audit_head(
+    conn: sqlite3.Connection, master_key: MasterKey, version: int, now: int
+) -> None:
+    newest = conn.execute("SELECT seq, mac FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+    entries, head = migration_plan(master_key.audit_mac, newest, version, SCHEMA_VERSION, now)
+    conn.executemany(
+        f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [audit_entry_to_row(entry) for entry in entries],
+    )
+    conn.execute("INSERT INTO audit_head VALUES (1, ?, ?, ?)", (head.seq, head.last_mac, head.mac))
 
 
 def _script(conn: sqlite3.Connection, script: str) -> None:

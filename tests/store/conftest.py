@@ -50,6 +50,15 @@ class Backend:
                 return conn.execute(re.sub(r"\$\d+", "?", sql), args).fetchall()
         return [tuple(r) for r in await pg.fetch(self.schema, sql, *args)]
 
+    async def execute(self, sql: str, *args: Any) -> None:
+        """Write the backend directly, as someone with the database but not the master key
+        would ($1-style parameters); committed at once."""
+        if self.name == "sqlite":
+            with contextlib.closing(sqlite3.connect(self.tmp_path / DB_FILE)) as conn, conn:
+                conn.execute(re.sub(r"\$\d+", "?", sql), args)
+            return
+        await pg.fetch(self.schema, sql, *args)  # autocommit: the write is committed
+
     async def unspent_digests(self, family_id: bytes) -> list[bytes]:
         rows = await self.query(
             "SELECT digest FROM refresh_tokens WHERE family_id = $1 AND spent_at IS NULL",

@@ -17,7 +17,7 @@ import pytest
 
 from coap_auth.keys import KeyRing, RotationPolicy, SigningKey, rings_by_family
 from coap_auth.store import Audience, Client, IssuedAccess, RefreshFamily, Store
-from coap_auth.store.audit import Mac, verify_chain
+from coap_auth.store.audit import Mac, verify_chain, verify_log
 from coap_auth.wire import CoseAlg
 from tests.store.conftest import Backend
 
@@ -118,6 +118,7 @@ async def _one_round(stores: list[Store], audit_mac: Mac, round_: int) -> None:
     entries = await other.audit_entries()
     report = verify_chain(audit_mac, entries)
     assert report.ok and report.entries == len(entries), report
+    assert verify_log(audit_mac, await other.audit_snapshot()) == report
     new = entries[entries_before:]
     assert Counter(e.event.event for e in new) == {
         "key.retired": ROTATIONS,

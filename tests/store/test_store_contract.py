@@ -29,8 +29,10 @@ from coap_auth.store import (
     SqliteStore,
     Store,
 )
-from coap_auth.store.audit import AuditEvent, verify_chain
+from coap_auth.store.audit import AuditEvent, verify_chain, verify_log
+from coap_auth.store.registry_mac import RegistryReport
 from coap_auth.store.sqlite import DB_FILE
+from coap_auth.store.sqlite_schema import SCHEMA_VERSION
 from coap_auth.wire import CoseAlg
 from tests.store.conftest import Backend
 
@@ -697,6 +699,8 @@ async def test_audit_chain_stays_whole_under_concurrent_appends(
     report = verify_chain(backend.master_key.audit_mac, entries)
     assert report.ok and report.entries == len(entries)
     assert [e.seq for e in await other.audit_entries(last=3)] == [e.seq for e in entries[-3:]]
+    # And the head moved with every append: the chain ends where it says.
+    assert verify_log(backend.master_key.audit_mac, await other.audit_snapshot()) == report
 
 
 async def test_concurrent_key_updates_on_two_instances_apply_once(backend: Backend) -> None:
@@ -763,6 +767,11 @@ async def test_a_version_1_database_is_migrated_and_keeps_its_data(tmp_path: Pat
     with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.executescript(schema)
         conn.execute("INSERT INTO audiences VALUES ('thermostat', 'cwt', 600, ?)", (T0,))
+        conn.execute(
+            "INSERT INTO clients VALUES ('sensor-1', '[\"thermostat\"]', 'temp:read', ?, NULL,"
+            " 1, ?)",
+            (b"d" * 32, T0),
+        )
         for key in ring.keys:
             der = key.private_key.private_bytes(
                 serialization.Encoding.DER,
@@ -801,7 +810,18 @@ async def test_a_version_1_database_is_migrated_and_keeps_its_data(tmp_path: Pat
         (audience,) = await store.list_audiences()
         assert audience.key_family == "default" and audience.introspect_secret_digest is None
         assert (await store.change_counters()).keys == 7
-        assert await store.audit_entries() == []
+        # Its rows got their MACs in the migration: they are used, and verify.
+        assert await store.get_client("sensor-1") == Client(
+            "sensor-1", ("thermostat",), ("temp:read",), T0, b"d" * 32, None, True
+        )
+        assert (await store.registry_report()) == RegistryReport(1, 1)
+        # Version 1 kept no audit log: the migration starts it, and it verifies to its head.
+        (migrated,) = await store.audit_entries()
+        assert (migrated.event.event, migrated.event.details) == (
+            "store.migrated",
+            {"from": 1, "to": SCHEMA_VERSION},
+        )
+        assert verify_log(master_key.audit_mac, await store.audit_snapshot()).ok
         # Diff readers see what version 1 revoked as one update, and its expiry later.
         assert await store.trl() == ([b"\x01" + bytes(32)], 1, 1)
         (update,) = await store.trl_updates(1, 1)
@@ -809,8 +829,9 @@ async def test_a_version_1_database_is_migrated_and_keeps_its_data(tmp_path: Pat
         assert (await store.change_counters()).revocations == 1
         assert await store.sweep_expired(T0 + 600, keep_updates=32) == 1
         await _save(store, ring.rotate(T0 + 10, POLICY)[1])  # the new columns take writes
-        assert len(await store.audit_entries()) == 3
+        assert len(await store.audit_entries()) == 1 + 3
+        assert verify_log(master_key.audit_mac, await store.audit_snapshot()).ok
     finally:
         await store.close()
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
