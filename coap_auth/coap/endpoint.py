@@ -108,29 +108,10 @@ class Endpoint:
     def _answer(
         self, request: aiocoap.Message, error: CoapAuthError, started: float
     ) -> aiocoap.Message:
-        response = error_message(error)
-        if _size(response, request) > AMPLIFICATION_FACTOR * _size(request, request):
-            response = error_message(error, compact=True)
-        self._log(request, str(response.code).split()[0], error.description, started)
-        return response
+        return answer_error(request, error, self.path, started)
 
     def _log(self, request: aiocoap.Message, code: str, outcome: str, started: float) -> None:
-        # One line per request: never a payload, so never a secret or a token. Observable
-        # GETs are re-rendered for every notification: those lines are DEBUG.
-        level = logging.DEBUG if request.code == aiocoap.GET else logging.INFO
-        # Whatever the request chose (its caller id, and anything an error description
-        # quotes) is escaped: a newline or control character cannot forge another line.
-        log.log(
-            level,
-            "%s %s from=%s caller=%s -> %s %s (%.1f ms)",
-            request.code,
-            self.path,
-            loggable(_address(request)),
-            log_field(caller.get()),
-            code,
-            loggable(outcome),
-            (time.monotonic() - started) * 1000,
-        )
+        log_request(request, self.path, code, outcome, started)
 
 
 class AceEndpoint(Endpoint):
@@ -150,6 +131,38 @@ class AceEndpoint(Endpoint):
         return decode_ace_payload(
             request.payload, request.opt.content_format, self.service.settings.max_payload
         )
+
+
+def answer_error(
+    request: aiocoap.Message, error: CoapAuthError, path: str, started: float
+) -> aiocoap.Message:
+    """The response for `error`, within the amplification bound, and its log line."""
+    response = error_message(error)
+    if _size(response, request) > AMPLIFICATION_FACTOR * _size(request, request):
+        response = error_message(error, compact=True)
+    log_request(request, path, str(response.code).split()[0], error.description, started)
+    return response
+
+
+def log_request(
+    request: aiocoap.Message, path: str, code: str, outcome: str, started: float
+) -> None:
+    """The one line per request: never a payload, so never a secret or a token."""
+    # Observable GETs are re-rendered for every notification: those lines are DEBUG.
+    level = logging.DEBUG if request.code == aiocoap.GET else logging.INFO
+    # Whatever the request chose (its caller id, and anything an error description
+    # quotes) is escaped: a newline or control character cannot forge another line.
+    log.log(
+        level,
+        "%s %s from=%s caller=%s -> %s %s (%.1f ms)",
+        request.code,
+        loggable(path),
+        loggable(_address(request)),
+        log_field(caller.get()),
+        code,
+        loggable(outcome),
+        (time.monotonic() - started) * 1000,
+    )
 
 
 def error_message(error: CoapAuthError, *, compact: bool = False) -> aiocoap.Message:

@@ -13,26 +13,27 @@ import logging
 from dataclasses import replace
 
 import aiocoap
-from aiocoap import resource
 
 from coap_auth.coap.blockwise import BlockwiseUploads
 from coap_auth.coap.endpoint import Endpoint
+from coap_auth.coap.options import OptionCheckingSite
 from coap_auth.coap.resources import KeysResource, TokenResource, WellKnownCore
 from coap_auth.coap.revocation import IntrospectResource, RevokeResource, TrlResource
 from coap_auth.errors import StoreUnavailable
 from coap_auth.service import AuthService
 from coap_auth.service.rate_limit import RateLimiter
 from coap_auth.store import ChangeCounters
+from device_client._aiocoap_fixes import create_server_context
 
 log = logging.getLogger("coap_auth.server")
 
 
 def build_site(
     service: AuthService, address_limits: RateLimiter, uploads: BlockwiseUploads
-) -> tuple[resource.Site, KeysResource, TrlResource]:
+) -> tuple[OptionCheckingSite, KeysResource, TrlResource]:
     """The resources; `address_limits` is the one per-address budget shared by every POST
     endpoint and every block-wise fragment, `uploads` the one spool of block-wise uploads."""
-    site = resource.Site()
+    site = OptionCheckingSite()
     keys = KeysResource(service)
     trl = TrlResource(service)
     endpoints: list[tuple[list[str], Endpoint]] = [
@@ -82,9 +83,10 @@ class Server:
         await self.service.load_keys()
         await self.service.revocations.plan_sweep()
         self._last_change = await self.service.store.change_counters()
-        # UDP only: aiocoap would otherwise also open TCP (and TLS) listeners.
-        self._context = await aiocoap.Context.create_server_context(
-            self._site, bind=(self.bind, self.requested_port), transports=["udp6"]
+        # UDP only (aiocoap would otherwise also open TCP and TLS listeners), on the transport
+        # that reports an ICMP error to the peer it is about, not to whoever is sent to next.
+        self._context = await create_server_context(
+            self._site, (self.bind, self.requested_port), clock=self.service.clock
         )
         self.port = _bound_port(self._context) or self.requested_port
         self._watcher = asyncio.create_task(self._watch_changes(), name="coap-auth-change-feed")

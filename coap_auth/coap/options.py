@@ -1,0 +1,61 @@
+"""The CoAP options the AS processes, and the site that answers 4.02 Bad Option to a request
+carrying a critical option it does not (RFC 7252 §5.4.1): aiocoap has no such check.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiocoap
+from aiocoap import resource
+from aiocoap.numbers import OptionNumber
+
+from coap_auth.coap.endpoint import answer_error, caller
+from coap_auth.errors import ProblemError
+
+# RFC 7252 §5.4.6: an odd option number is critical. These are the critical options the AS
+# acts on. Uri-Path-Abbrev is resolved by aiocoap's Site; OSCORE (9) and EDHOC (21) are
+# processed, and removed, by aiocoap's OSCORE site wrapper before a site sees the request, so
+# here they mean a protected request the AS cannot process: refused like any other.
+PROCESSED_CRITICAL_OPTIONS = frozenset(
+    {
+        OptionNumber.URI_HOST,
+        OptionNumber.URI_PORT,
+        OptionNumber.URI_PATH,
+        OptionNumber.URI_PATH_ABBREV,
+        OptionNumber.URI_QUERY,
+        OptionNumber.ACCEPT,
+        OptionNumber.BLOCK2,
+        OptionNumber.BLOCK1,
+    }
+)
+
+
+class BadOption(ProblemError):
+    """4.02: a critical option the AS does not process (RFC 7252 §5.4.1)."""
+
+    # coap_auth.wire.CoapCode has no member for 4.02 yet.
+    code = aiocoap.Code.BAD_OPTION  # type: ignore[assignment]
+    title = "Bad Option"
+
+
+def unprocessed_critical_options(request: aiocoap.Message) -> list[int]:
+    numbers = {int(option.number) for option in request.opt.option_list()}
+    return sorted(n for n in numbers if n & 1 and n not in PROCESSED_CRITICAL_OPTIONS)
+
+
+class OptionCheckingSite(resource.Site):
+    """aiocoap's Site, refusing what RFC 7252 §5.4.1 says to refuse before any resource."""
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        request = pipe.request
+        unprocessed = unprocessed_critical_options(request)
+        if not unprocessed:
+            await super().render_to_pipe(pipe)
+            return
+        started = time.monotonic()
+        caller.set("-")
+        error = BadOption(f"critical option {' '.join(map(str, unprocessed))} not processed")
+        path = "/" + "/".join(request.opt.uri_path)
+        pipe.add_response(answer_error(request, error, path, started), is_last=True)

@@ -1,0 +1,234 @@
+"""aiocoap 0.4.17's UDP transport (`transports/udp6.py`), fixed where a stranger can hurt us:
+an ICMP error reaches only the peer it is about, and a bad datagram costs one log line.
+
+Shared by the AS (coap_auth.coap.server) and devices: device_client may import nothing of
+coap_auth but wire, errors and tokens, and nothing in coap_auth outside coap/ may import
+aiocoap (DESIGN.md), so the one copy both sides can reach lives here.
+
+The flaw. With IPV6_RECVERR/IP_RECVERR on (aiocoap sets both), Linux queues each ICMP error
+on the socket's error queue, addressed, and *also* leaves it pending on the socket; the next
+sendmsg() to any peer then fails with it (ECONNREFUSED) and sends nothing. aiocoap's transport
+(util/asyncio/recvmsg.py `sendmsg`, udp6.py `send` and `error_received`) reports that failure
+as an error of the peer being sent to: that peer's requests fail and its observation is
+cancelled, inside the pipe event that was sending, which then dies with a TypeError
+(pipe.py `_add_event`). A stranger who registers Observe from sockets it then closes makes the
+AS drop an honest observer's notification and observation; the same happens to a device's
+requests and observations whenever a send to the AS follows one to a peer that is gone.
+
+The fix. A failed send is retried at once (the failure consumed the pending error); only an
+error that every attempt reports, and that a send can report about its own destination (no
+route, prohibited, too large), is that peer's, and it is reported after the send has returned.
+Every other ICMP error reaches its peer through the error queue (aiocoap's
+`datagram_errqueue_received`, which reads the address the error is about).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import aiocoap
+from aiocoap.message import Direction
+from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
+
+from device_client.clock import Clock, SystemClock
+
+# What a send can report about its own datagram: no route, a route or firewall prohibiting
+# it, too large, an address the socket cannot use. ECONNREFUSED is not among them: for an
+# unconnected socket it is always the pending error of an earlier datagram.
+ERRORS_ABOUT_THIS_DATAGRAM = frozenset(
+    {
+        errno.ENETUNREACH,
+        errno.EHOSTUNREACH,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EMSGSIZE,
+        errno.EINVAL,
+        errno.EADDRNOTAVAIL,
+        errno.EAFNOSUPPORT,
+    }
+)
+# The datagram is lost locally (buffers full), as it could be on the wire: nobody's fault.
+LOCAL_LOSS = frozenset({errno.EAGAIN, errno.ENOBUFS})
+SEND_ATTEMPTS = 3
+# One log line per kind of dropped datagram per this many seconds.
+DROP_LOG_INTERVAL = 60
+
+
+@dataclass(slots=True)
+class _Window:
+    start: int
+    suppressed: int = 0
+
+
+class DropLog:
+    """One warning per kind of dropped datagram per `interval` seconds; the ones in between
+    are counted and the count goes into the next line of that kind. The line names the kind
+    and the sender's address, never the datagram's content (it may carry a secret)."""
+
+    def __init__(
+        self, log: logging.Logger, clock: Clock, interval: int = DROP_LOG_INTERVAL
+    ) -> None:
+        self.log = log
+        self.clock = clock
+        self.interval = interval
+        # Kinds are a fixed set of phrases (plus exception class names): bounded.
+        self._windows: dict[str, _Window] = {}
+
+    def dropped(self, kind: str, address: Any) -> None:
+        now = self.clock.now()
+        window = self._windows.get(kind)
+        if window is not None and window.start <= now < window.start + self.interval:
+            window.suppressed += 1
+            return
+        earlier = window.suppressed if window is not None else 0
+        self._windows[kind] = _Window(now)
+        more = f"; {earlier} more dropped since the last such line" if earlier else ""
+        self.log.warning("dropped a datagram from %s: %s%s", _host(address), kind, more)
+
+
+class UDP6(MessageInterfaceUDP6):
+    """aiocoap's udp6 message interface with errors attributed to the right peer and bad
+    datagrams dropped quietly (see the module docstring)."""
+
+    def __init__(self, ctx: Any, log: logging.Logger, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(ctx, log, loop)
+        self.drops = DropLog(log, SystemClock())
+
+    def send(self, message: aiocoap.Message) -> None:
+        remote = message.remote
+        ancdata = []
+        if remote.pktinfo is not None:
+            ancdata.append((socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, remote.pktinfo))
+        data = message.encode()
+        sock = self.transport.get_extra_info("socket")
+        failures: list[OSError] = []
+        for _ in range(SEND_ATTEMPTS):
+            try:
+                sock.sendmsg((data,), ancdata, 0, remote.sockaddr)
+                return
+            except OSError as exc:
+                failures.append(exc)
+                if exc.errno in LOCAL_LOSS:
+                    break
+        # Each failed attempt consumed one pending error. Only an error every attempt
+        # reports, and that a send can report about its own destination, is this peer's.
+        first = failures[0].errno
+        if (
+            len(failures) == SEND_ATTEMPTS
+            and first in ERRORS_ABOUT_THIS_DATAGRAM
+            and all(f.errno == first for f in failures)
+        ):
+            # Not from inside send(): that runs within the event of the pipe being answered,
+            # which aiocoap cannot end reentrantly (its pipe.py TypeError).
+            self.loop.call_soon(self._report, failures[-1], remote)
+        else:
+            self.log.debug("datagram to %s not sent: %s", _host(remote.sockaddr), failures[-1])
+
+    def _report(self, exc: OSError, remote: UDP6EndpointAddress) -> None:
+        ctx = getattr(self, "_ctx", None)  # gone once the interface is shut down
+        if ctx is not None:
+            ctx.dispatch_error(exc, remote)
+
+    def error_received(self, exc: Exception) -> None:
+        # Only receive-side socket errors come here (send() handles its own): the pending
+        # error an ICMP message left behind. It names no peer; the error queue delivers the
+        # same error with its address, so nothing is dispatched from here.
+        self.log.debug("socket error without an address (the error queue has it): %s", exc)
+
+    def datagram_msg_received(
+        self, data: bytes, ancdata: list[Any], flags: int, address: Any
+    ) -> None:
+        pktinfo = next(
+            (
+                value
+                for level, kind, value in ancdata
+                if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO
+            ),
+            None,
+        )
+        remote = UDP6EndpointAddress(address, self, pktinfo=pktinfo)
+        try:
+            message = aiocoap.Message.decode(data, remote)
+        except Exception as exc:  # untrusted bytes: whatever fails to decode is dropped
+            self.drops.dropped(_decode_failure(exc), address)
+            return
+        if not _code_fits_type(message):
+            # aiocoap would log a warning per datagram for these.
+            self.drops.dropped("code and type do not fit", address)
+            return
+        message.direction = Direction.INCOMING
+        try:
+            self._ctx.dispatch_message(message)
+        except Exception as exc:
+            # A datagram aiocoap fails on: the class of failure, never a traceback per datagram.
+            self.drops.dropped(f"aiocoap failed on it ({type(exc).__name__})", address)
+
+
+def _decode_failure(exc: Exception) -> str:
+    if isinstance(exc, aiocoap.error.UnparsableMessage):
+        return "not a CoAP message"
+    if isinstance(exc, UnicodeDecodeError):
+        return "a string option that is not UTF-8"
+    return f"an undecodable option ({type(exc).__name__})"
+
+
+def _code_fits_type(message: aiocoap.Message) -> bool:
+    """What aiocoap's message layer accepts (RFC 7252 §4.2-4.3): an empty message as CON
+    (ping), ACK or RST; a request as CON or NON; a response as CON, NON or ACK."""
+    code, mtype = message.code, message.mtype
+    if code == aiocoap.EMPTY:
+        return mtype in (aiocoap.CON, aiocoap.ACK, aiocoap.RST)
+    if code.is_request():
+        return mtype in (aiocoap.CON, aiocoap.NON)
+    if code.is_response():
+        return mtype in (aiocoap.CON, aiocoap.NON, aiocoap.ACK)
+    return False
+
+
+def _host(sockaddr: Any) -> str:
+    """The IP address of a socket address (an IPv4 peer without its ::ffff: prefix)."""
+    return str(sockaddr[0]).removeprefix("::ffff:")
+
+
+async def create_server_context(
+    site: Any, bind: tuple[str, int], *, clock: Clock | None = None
+) -> aiocoap.Context:
+    """What `aiocoap.Context.create_server_context(site, bind, transports=["udp6"])` makes,
+    on the fixed transport. `clock` times the drop log (default: the system clock)."""
+    loop = asyncio.get_running_loop()
+    context = aiocoap.Context(loop=loop, serversite=site, loggername="coap-server")
+
+    async def interface(message_manager: Any) -> UDP6:
+        created: UDP6 = await UDP6.create_server_transport_endpoint(
+            message_manager, log=context.log, loop=loop, bind=bind, multicast=[]
+        )
+        if clock is not None:
+            created.drops.clock = clock
+        return created
+
+    # aiocoap's own constructors build their transports with this method too.
+    await context._append_tokenmanaged_messagemanaged_transport(interface)
+    return context
+
+
+async def create_client_context(*, clock: Clock | None = None) -> aiocoap.Context:
+    """What `aiocoap.Context.create_client_context(transports=["udp6"])` makes (coap:// on
+    a random port), on the fixed transport."""
+    loop = asyncio.get_running_loop()
+    context = aiocoap.Context(loop=loop, serversite=None, loggername="coap")
+
+    async def interface(message_manager: Any) -> UDP6:
+        created: UDP6 = await UDP6.create_client_transport_endpoint(
+            message_manager, log=context.log, loop=loop
+        )
+        if clock is not None:
+            created.drops.clock = clock
+        return created
+
+    await context._append_tokenmanaged_messagemanaged_transport(interface)
+    return context
