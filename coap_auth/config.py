@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from coap_auth.errors import OperatorError
+from coap_auth.wire import MAX_TOKEN_LIFETIME
 
 ENV_PREFIX = "COAP_AUTH_"
 DEFAULT_DATA_DIR = Path("coap-auth-data")
@@ -126,6 +127,8 @@ def load_settings(
     ):
         if getattr(settings, name) < 0:
             raise OperatorError(f"{name} must not be negative")
+    if not 1 <= settings.token_lifetime <= MAX_TOKEN_LIFETIME:
+        raise OperatorError(f"token_lifetime must be 1 to {MAX_TOKEN_LIFETIME} seconds")
     if settings.trl_max_diff_batch > settings.trl_max_n:
         raise OperatorError("trl_max_diff_batch must not exceed trl_max_n (RFC 9770 §6.2.1)")
     if settings.store and not settings.store.startswith(("postgresql://", "postgres://")):

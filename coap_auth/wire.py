@@ -56,6 +56,10 @@ class AceParam(IntEnum):
     REFRESH_TOKEN = 37
 
 
+# The longest access-token lifetime (s) the AS issues; verifiers refuse a token whose exp - iat
+# is longer (device_client's default `max_lifetime`), so a stolen key cannot mint one for years.
+MAX_TOKEN_LIFETIME = 24 * 3600
+
 # RFC 9200 allows unregistered parameters under text keys; these are ours (PROTOCOL.md).
 CLIENT_ASSERTION = "client_assertion"
 TOKEN_FORMAT = "token_format"

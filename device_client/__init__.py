@@ -5,6 +5,7 @@ cryptography and PyJWT, so it runs on a Raspberry Pi without the service's stora
 Everything public is listed in `__all__`; the modules behind it are implementation.
 """
 
+from device_client._aiocoap_fixes import create_client_context, create_server_context
 from device_client.client import RefreshPolicy, TokenClient
 from device_client.clock import Clock, SystemClock
 from device_client.credentials import Credentials, DeviceKey, SecretCredentials
@@ -16,6 +17,7 @@ from device_client.errors import (
     InvalidSignature,
     MalformedToken,
     ServiceUnreachable,
+    StaleState,
     StateFileError,
     TokenError,
     TokenRequestRefused,
@@ -65,6 +67,7 @@ __all__ = [
     "RevocationSource",
     "SecretCredentials",
     "ServiceUnreachable",
+    "StaleState",
     "StateFile",
     "StateFileError",
     "SystemClock",
@@ -77,6 +80,8 @@ __all__ = [
     "TrlWatcher",
     "VerifiedToken",
     "WatchPolicy",
+    "create_client_context",
+    "create_server_context",
     "decode_diff_set",
     "decode_full_set",
     "require_scope",

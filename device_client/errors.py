@@ -6,6 +6,8 @@
     │   ├── InvalidSignature            coap_auth.errors (also: unknown kid)
     │   ├── InvalidClaims               coap_auth.errors (expired, wrong issuer or audience)
     │   └── TokenRevoked                its hash is on the TRL (RFC 9770)
+    ├── ServiceUnavailable              coap_auth.errors (5.03 with Max-Age)
+    │   └── StaleState                  an RS's keys or TRL are older than its bound
     └── DeviceClientError               base of what only the device side raises
         ├── TokenRequestRefused         the AS answered /token with an RFC 9200 error
         ├── ServiceUnreachable          no usable answer from the AS; `retry_at` says when to try
@@ -22,6 +24,7 @@ from coap_auth.errors import (
     InvalidClaims,
     InvalidSignature,
     MalformedToken,
+    ServiceUnavailable,
     TokenError,
 )
 
@@ -33,6 +36,7 @@ __all__ = [
     "InvalidSignature",
     "MalformedToken",
     "ServiceUnreachable",
+    "StaleState",
     "StateFileError",
     "TokenError",
     "TokenRequestRefused",
@@ -42,6 +46,12 @@ __all__ = [
 
 class TokenRevoked(TokenError):
     """The token's hash is on the token revocation list (RFC 9770 §4)."""
+
+
+class StaleState(ServiceUnavailable):
+    """The verifier's key set or revocation list was last confirmed by the AS longer ago than
+    its staleness bound: every token is refused (5.03 with Max-Age) until it is current again,
+    since a token revoked meanwhile could not be told from a good one."""
 
 
 class DeviceClientError(CoapAuthError):

@@ -1,8 +1,10 @@
 """The observe loop the watchers share: register (RFC 7641), take notifications, re-register.
 
 It re-registers when a notification is overdue (Max-Age, RFC 7641 §3.3.1) or the observation
-ends, and backs off exponentially with jitter while the AS cannot be reached. Time comes from
-the injected clock; the loop only polls it.
+ends, polls behind Observe (a plain GET every `check_interval`, so an observation the AS lost
+without a word is noticed), and backs off exponentially with jitter while the AS cannot be
+reached. `confirmed_at` tells a verifier how current the state is. Time comes from the injected
+clock; the loop only polls it.
 """
 
 from __future__ import annotations
@@ -36,8 +38,13 @@ class WatchPolicy:
     # Real time between looks at the clock (for overdue notifications and wake-ups).
     poll_interval: float = 1.0
     backoff_initial: float = 1.0
-    backoff_max: float = 120.0
+    # Short on purpose: a resource server refuses tokens once its state is older than its
+    # staleness bound, so once the AS is back it must hear of it within seconds.
+    backoff_max: float = 15.0
     backoff_jitter: float = 0.5
+    # Clock time between the plain GETs made while observing: a safety net behind Observe
+    # (a lost observation, a dropped notification) that also confirms the state is current.
+    check_interval: int = 30
     # Clock time between two fetches of /keys caused by unknown kids.
     min_refetch_interval: int = 10
     # Re-register no sooner than this after an answer, whatever its Max-Age (it may be 0
@@ -47,6 +54,8 @@ class WatchPolicy:
     def __post_init__(self) -> None:
         if min(self.request_timeout, self.poll_interval, self.backoff_initial) <= 0:
             raise ValueError("timeouts and intervals must be positive")
+        if self.check_interval <= 0:
+            raise ValueError("check_interval must be positive")
         if self.backoff_max < self.backoff_initial or not 0 <= self.backoff_jitter <= 1:
             raise ValueError("need backoff_initial <= backoff_max and jitter in [0, 1]")
 
@@ -93,7 +102,10 @@ class Observer:
         self._synced = asyncio.Event()
         self._first_failure: str | None = None
         self._deadline = 0
+        self._next_check = 0
         self._failures = 0
+        self._confirmed_at: int | None = None
+        self._ended_in_a_row = 0
         self.registrations = 0  # how many times an observation was registered
         self.retry_at: int | None = None
 
@@ -108,6 +120,13 @@ class Observer:
     def synced(self) -> bool:
         """Whether the watcher holds the AS's state (it may be stale while the AS is away)."""
         return self._synced.is_set()
+
+    @property
+    def confirmed_at(self) -> int | None:
+        """Clock time of the last answer or notification from the AS that this watcher's
+        state was current; None before the first. A verifier refuses tokens once this is
+        older than its staleness bound (fail closed)."""
+        return self._confirmed_at
 
     async def start(self, *, wait: bool = True) -> None:
         """Start observing. With `wait`, return once the first state is in, or raise
@@ -127,10 +146,15 @@ class Observer:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        # Cancel until it ends: Python 3.11's asyncio.wait_for loses a cancellation that
+        # arrives as its inner future completes (gh-86296), and the loop would run on.
+        while not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=0.5)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("%s: stopped after an error: %r", self.uri, task.exception())
 
     async def __aenter__(self) -> Observer:
         await self.start()
@@ -175,6 +199,7 @@ class Observer:
         try:
             first = await self._response(request.response)
             await self._registered(first)
+            self._next_check = self._clock.now() + self._policy.check_interval
             self._synced.set()
             self._failures = 0
             self.retry_at = None
@@ -187,18 +212,33 @@ class Observer:
             while True:
                 if self._wake.is_set():
                     return
-                if self._clock.now() >= self._deadline:
+                now = self._clock.now()
+                if now >= self._deadline:
                     # RFC 7641 §3.3.1: no fresh notification within Max-Age; the AS may have
                     # restarted and forgotten us.
                     log.info("%s: notification overdue; re-registering", self.uri)
                     return
+                if now >= self._next_check:
+                    self._next_check = now + self._policy.check_interval
+                    if await self._check():
+                        # The state changed without a notification: the observation is lost.
+                        log.info("%s: change seen by polling; re-registering", self.uri)
+                        return
                 try:
                     item = await asyncio.wait_for(queue.get(), self._policy.poll_interval)
                 except TimeoutError:
                     continue
                 if item is _ENDED:
-                    raise Failure("observation ended")
+                    # Re-register at once: an observation the AS ended (or that an error
+                    # ended) leaves us blind, and a back-off would keep us blind. Twice in a
+                    # row with no notification between is a failure, and backs off.
+                    self._ended_in_a_row += 1
+                    if self._ended_in_a_row > 1:
+                        raise Failure("observation ended")
+                    log.info("%s: observation ended; re-registering", self.uri)
+                    return
                 assert isinstance(item, aiocoap.Message)
+                self._ended_in_a_row = 0
                 await self._notified(item)
         finally:
             if consumer is not None:
@@ -221,9 +261,12 @@ class Observer:
         return await self._response(self._context.request(message).response)
 
     def _fresh_until(self, response: aiocoap.Message) -> None:
+        """Note an answer of the AS that confirms (or replaces) our state."""
+        now = self._clock.now()
         max_age = response.opt.max_age
         fresh = DEFAULT_MAX_AGE if max_age is None else max_age
-        self._deadline = self._clock.now() + max(fresh, self._policy.min_freshness)
+        self._deadline = now + max(fresh, self._policy.min_freshness)
+        self._confirmed_at = now
 
     # -- what each watcher fills in -----------------------------------------------------------
 
@@ -242,6 +285,11 @@ class Observer:
         raise NotImplementedError
 
     async def _notified(self, notification: aiocoap.Message) -> None:
+        raise NotImplementedError
+
+    async def _check(self) -> bool:
+        """The poll behind Observe: fetch the state with a plain GET and take it; True if it
+        had changed without a notification. Raise Failure if the AS does not answer."""
         raise NotImplementedError
 
 

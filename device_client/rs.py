@@ -1,7 +1,9 @@
 """A resource server's side of ACE on aiocoap: `/authz-info` (RFC 9200 §5.10.1) and a scope guard.
 
 Clients POST their token to /authz-info; the RS verifies it offline and keeps it for the
-endpoint that sent it. `require_scope(...)` guards a resource's render methods with that token.
+endpoint that sent it. `require_scope(...)` guards a resource's render methods with that token,
+re-checked on every use (expiry, TRL, its key still published, the verifier's staleness bound).
+The table is bounded per subject, so one client cannot push out another's tokens.
 Without DTLS or OSCORE the endpoint is only a UDP address: the token is a bearer token.
 """
 
@@ -16,7 +18,13 @@ import aiocoap
 import cbor2
 from aiocoap import resource
 
-from coap_auth.errors import CoapAuthError, PayloadTooLarge, TokenError, UnsupportedContentFormat
+from coap_auth.errors import (
+    CoapAuthError,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    TokenError,
+    UnsupportedContentFormat,
+)
 from coap_auth.wire import ContentFormat, ProblemDetail
 from device_client.errors import InsufficientScope
 from device_client.verify import TokenVerifier, VerifiedToken
@@ -38,7 +46,13 @@ def endpoint_of(request: aiocoap.Message) -> str:
 
 
 class ResourceServer:
-    """Tokens uploaded to /authz-info, verified and kept per client endpoint."""
+    """Tokens uploaded to /authz-info, verified and kept per client endpoint.
+
+    At most `max_tokens` in all and `max_tokens_per_subject` per subject (the token's `sub`,
+    the client it was issued to): a subject over its share loses its own oldest upload, and a
+    full table makes room by dropping the oldest token of the subject holding the most. One
+    client uploading its token from many ports cannot evict anyone else's.
+    """
 
     def __init__(
         self,
@@ -46,13 +60,18 @@ class ResourceServer:
         *,
         as_uri: str | None = None,
         max_tokens: int = 64,
+        max_tokens_per_subject: int = 4,
         on_token: Callable[[VerifiedToken, str], None] | None = None,
     ) -> None:
+        if not 1 <= max_tokens_per_subject <= max_tokens:
+            raise ValueError("need 1 <= max_tokens_per_subject <= max_tokens")
         self.verifier = verifier
         # Named in 4.01 answers so a client knows where to get a token (RFC 9200 §5.3).
         self.as_uri = as_uri
         self.max_tokens = max_tokens
+        self.max_tokens_per_subject = max_tokens_per_subject
         self.on_token = on_token
+        # endpoint -> token, oldest upload first.
         self._tokens: dict[str, VerifiedToken] = {}
 
     def add_to(self, site: resource.Site) -> None:
@@ -65,13 +84,25 @@ class ResourceServer:
         verified = await self.verifier.verify(token)
         self._tokens.pop(endpoint, None)
         self._tokens[endpoint] = verified
+        subject = verified.claims.sub
+        mine = [e for e, t in self._tokens.items() if t.claims.sub == subject]
+        for oldest in mine[: max(0, len(mine) - self.max_tokens_per_subject)]:
+            del self._tokens[oldest]
         if len(self._tokens) > self.max_tokens:
             self.purge()
             while len(self._tokens) > self.max_tokens:
-                self._tokens.pop(next(iter(self._tokens)))  # the oldest upload
+                self._evict_from_largest_subject()
         if self.on_token is not None:
             self.on_token(verified, endpoint)
         return verified
+
+    def _evict_from_largest_subject(self) -> None:
+        """Drop the oldest token of the subject holding the most (the oldest such on a tie)."""
+        held: dict[str, list[str]] = {}
+        for endpoint, token in self._tokens.items():
+            held.setdefault(token.claims.sub, []).append(endpoint)
+        largest = max(held.values(), key=len)
+        del self._tokens[largest[0]]
 
     def token_for(self, request_or_endpoint: aiocoap.Message | str) -> VerifiedToken | None:
         """The token kept for the endpoint of a request (no validity check)."""
@@ -83,11 +114,14 @@ class ResourceServer:
         return self._tokens.get(endpoint)
 
     def purge(self) -> list[tuple[str, VerifiedToken]]:
-        """Drop expired and revoked tokens (say after a TRL change); return what was dropped."""
+        """Drop expired and revoked tokens and those of withdrawn keys (say after a TRL or key
+        set change); return what was dropped. While the verifier is stale nothing is dropped."""
         dropped = []
         for endpoint, verified in list(self._tokens.items()):
             try:
                 self.verifier.still_valid(verified)
+            except ServiceUnavailable:
+                return dropped
             except TokenError:
                 dropped.append((endpoint, self._tokens.pop(endpoint)))
         return dropped
@@ -101,6 +135,9 @@ class ResourceServer:
             return self._unauthorized("no access token from this client", scopes)
         try:
             self.verifier.still_valid(verified)
+        except ServiceUnavailable as error:
+            # Stale keys or TRL: refuse for now, keep the token for when we are current.
+            return _render_error(error)
         except TokenError as error:
             del self._tokens[endpoint]
             return self._unauthorized(error.description, scopes)
@@ -133,7 +170,12 @@ def _problem(code: aiocoap.Code, error: CoapAuthError) -> aiocoap.Message:
 
 def _render_error(error: CoapAuthError) -> aiocoap.Message:
     code, content_format, payload = error.render()
-    return aiocoap.Message(code=aiocoap.Code(code), payload=payload, content_format=content_format)
+    message = aiocoap.Message(
+        code=aiocoap.Code(code), payload=payload, content_format=content_format
+    )
+    if isinstance(error, ServiceUnavailable):
+        message.opt.max_age = error.retry_after  # RFC 7252 §5.9.3.4: when to try again
+    return message
 
 
 class AuthzInfoResource(resource.Resource):

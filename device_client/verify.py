@@ -1,16 +1,19 @@
 """Offline verification of access tokens on a resource server: CWT (RFC 8392) and JWT (RFC 9068).
 
-Signature against a published key (the algorithm that key is registered for, never the one
-the token names), then iss, aud, exp/nbf with a leeway, then the TRL, then the scope.
+First whether the verifier's own view is current (key set and TRL confirmed by the AS within
+the staleness bound: fail closed), then the token's one canonical form and its signature
+against a published key (the algorithm that key is registered for, never the one the token
+names), then iss, aud, exp/nbf with a leeway and exp - iat within the maximum lifetime, then
+the TRL, then the scope. A kept token is re-checked on every use, its key included.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
-from coap_auth.errors import InvalidSignature, MalformedToken
+from coap_auth.errors import InvalidClaims, InvalidSignature, MalformedToken
 from coap_auth.tokens import (
     Claims,
     VerificationKey,
@@ -20,12 +23,25 @@ from coap_auth.tokens import (
     verify_jwt,
     verify_maced_cwt,
 )
-from coap_auth.wire import CoseTag
+from coap_auth.wire import MAX_TOKEN_LIFETIME, CoseTag
 from device_client.clock import Clock, SystemClock
-from device_client.errors import InsufficientScope, TokenRevoked
+from device_client.errors import InsufficientScope, StaleState, TokenRevoked
 
 # A JWS compact serialization starts with the base64url of '{"' (RFC 7515 §7.1): "ey".
 _JWT_PREFIX = b"ey"
+
+# The longest access-token lifetime the AS issues (`audiences add --lifetime` refuses more):
+# a token claiming a longer one was not made by the AS, whatever key signed it.
+DEFAULT_MAX_LIFETIME = MAX_TOKEN_LIFETIME
+# How old (s) the AS's last confirmation of the key set and the TRL may be before every token
+# is refused. Watchers confirm every `WatchPolicy.check_interval` (30 s) while the AS answers,
+# so 120 s rides out three lost polls; it is also the longest a token revoked during an
+# outage can still be used here.
+DEFAULT_MAX_STALENESS = 120
+
+
+# `confirmed_at` of a source that does not follow the AS (a fixed KeySet or RevocationList).
+_FIXED = object()
 
 
 class KeySource(Protocol):
@@ -53,6 +69,9 @@ class VerifiedToken:
     format: Literal["cwt", "jwt"]
     # The published key it verified with.
     kid: bytes
+    # That key itself (a VerificationKey, or the HMAC key of a MACed token): every later use
+    # checks the key set still holds it under this kid.
+    key: Any = field(default=None, repr=False, compare=False)
 
     @property
     def scopes(self) -> frozenset[str]:
@@ -74,6 +93,11 @@ class TokenVerifier:
     """Verifies tokens for one audience from one issuer, offline.
 
     `leeway` (s) absorbs clock skew between the AS and this device for exp and nbf.
+    `max_lifetime` (s) bounds exp - iat: a longer-lived token is refused (InvalidClaims).
+    `max_staleness` (s): when `keys` or `revocations` is a watcher (it has `confirmed_at`)
+    whose last confirmation by the AS is older than this, every verification raises
+    StaleState (5.03) until it is current again; None turns the check off (not advised).
+    A fixed `KeySet` or `RevocationList` is taken as current.
     """
 
     def __init__(
@@ -86,15 +110,21 @@ class TokenVerifier:
         clock: Clock | None = None,
         leeway: int = 30,
         shared_keys: Mapping[bytes, bytes] | None = None,
+        max_lifetime: int = DEFAULT_MAX_LIFETIME,
+        max_staleness: int | None = DEFAULT_MAX_STALENESS,
     ) -> None:
         if leeway < 0:
             raise ValueError("leeway must not be negative")
+        if max_lifetime <= 0 or (max_staleness is not None and max_staleness <= 0):
+            raise ValueError("max_lifetime and max_staleness must be positive")
         self.keys = keys
         self.issuer = issuer
         self.audience = audience
         self.revocations = revocations
         self.clock = clock if clock is not None else SystemClock()
         self.leeway = leeway
+        self.max_lifetime = max_lifetime
+        self.max_staleness = max_staleness
         # kid -> HMAC key, for an audience with its own symmetric keys (KeySet.shared).
         self._shared_keys = dict(shared_keys or {})
 
@@ -102,7 +132,10 @@ class TokenVerifier:
         self, token: bytes, *, scope: str | Iterable[str] | None = None
     ) -> VerifiedToken:
         """Verify; when the kid is unknown, fetch the key set once (rate-limited by the key
-        source) before rejecting: the key may have been published a moment ago."""
+        source) before rejecting: the key may have been published a moment ago.
+
+        Raises a TokenError (MalformedToken, InvalidSignature, InvalidClaims, TokenRevoked),
+        InsufficientScope, or StaleState."""
         missed: list[bytes] = []
         try:
             return self._verify(token, scope, missed)
@@ -115,7 +148,8 @@ class TokenVerifier:
         self, token: bytes, *, scope: str | Iterable[str] | None = None
     ) -> VerifiedToken:
         """Verify with the keys and revocations at hand, no I/O. Raises a TokenError
-        (MalformedToken, InvalidSignature, InvalidClaims, TokenRevoked) or InsufficientScope."""
+        (MalformedToken, InvalidSignature, InvalidClaims, TokenRevoked), InsufficientScope
+        or StaleState."""
         return self._verify(token, scope, [])
 
     def _verify(
@@ -123,12 +157,17 @@ class TokenVerifier:
     ) -> VerifiedToken:
         if not isinstance(token, bytes) or not token:
             raise MalformedToken("token must be a non-empty byte string")
+        now = self.clock.now()
+        self._check_current(now)
 
-        used: list[bytes] = []
+        used: list[tuple[bytes, Any]] = []
 
         def lookup(kid: bytes) -> VerificationKey | None:
             key = self.keys.lookup(kid)
-            (used if key is not None else missed).append(kid)
+            if key is None:
+                missed.append(kid)
+            else:
+                used.append((kid, key))
             return key
 
         is_jwt = token.startswith(_JWT_PREFIX)
@@ -138,32 +177,59 @@ class TokenVerifier:
             claims = self._verify_maced(token, used)
         else:
             claims = verify_cwt(token, lookup)
-        claims.validate(
-            now=self.clock.now(), issuer=self.issuer, audience=self.audience, leeway=self.leeway
-        )
-        # RFC 9770 §4: the hash of the access_token bytes, exactly as the AS hashed them.
+        self._validate(claims, now)
+        # RFC 9770 §4: the hash of the access_token bytes, exactly as the AS hashed them (the
+        # token codecs accept only the one canonical form, so this hash names this token).
         th = token_hash(token)
         if self.revocations is not None and self.revocations.is_revoked(th):
             raise TokenRevoked("token revoked")
         if not scope_set(scope) <= claims.scopes:
             raise InsufficientScope("token scope does not cover the request")
-        return VerifiedToken(claims, th, "jwt" if is_jwt else "cwt", used[-1])
+        kid, key = used[-1]
+        return VerifiedToken(claims, th, "jwt" if is_jwt else "cwt", kid, key)
 
-    def _verify_maced(self, token: bytes, used: list[bytes]) -> Claims:
+    def _verify_maced(self, token: bytes, used: list[tuple[bytes, Any]]) -> Claims:
         # PROTOCOL.md: 61(17(...)), COSE_Mac0 with HMAC 256/64, for a symmetric audience.
         kid = decode_cose(token).kid
         key = self._shared_keys.get(kid) if isinstance(kid, bytes) else None
         if key is None:
             raise InvalidSignature("unknown key id")
         claims = verify_maced_cwt(token, key)
-        used.append(kid)
+        used.append((kid, key))
         return claims
 
+    def _validate(self, claims: Claims, now: int) -> None:
+        claims.validate(now=now, issuer=self.issuer, audience=self.audience, leeway=self.leeway)
+        if claims.exp - claims.iat > self.max_lifetime:
+            # A stolen key could sign a token for years; the AS never issues one that long.
+            raise InvalidClaims("token lifetime longer than this verifier accepts")
+
+    def _check_current(self, now: int) -> None:
+        """Fail closed: refuse everything while keys or TRL are not confirmed recently."""
+        if self.max_staleness is None:
+            return
+        for what, source in (("key set", self.keys), ("revocation list", self.revocations)):
+            confirmed_at = getattr(source, "confirmed_at", _FIXED)
+            if confirmed_at is _FIXED:
+                continue
+            if confirmed_at is None or now - confirmed_at > self.max_staleness:
+                raise StaleState(f"{what} not confirmed by the AS recently; try again later")
+
     def still_valid(self, verified: VerifiedToken) -> None:
-        """Re-check what can change after verification, without the signature: time and the
-        TRL. For tokens an RS keeps between requests (RFC 9200 §5.10.3)."""
-        verified.claims.validate(
-            now=self.clock.now(), issuer=self.issuer, audience=self.audience, leeway=self.leeway
-        )
+        """Re-check what can change after verification, without the signature: the staleness
+        bound, time, the TRL, and that the key it verified with is still published under its
+        kid (a withdrawn key takes its tokens with it). For tokens an RS keeps between
+        requests (RFC 9200 §5.10.3). Raises StaleState or a TokenError."""
+        now = self.clock.now()
+        self._check_current(now)
+        self._validate(verified.claims, now)
+        if not self._still_published(verified):
+            raise InvalidSignature("signing key withdrawn")
         if self.revocations is not None and self.revocations.is_revoked(verified.token_hash):
             raise TokenRevoked("token revoked")
+
+    def _still_published(self, verified: VerifiedToken) -> bool:
+        if isinstance(verified.key, bytes):
+            return self._shared_keys.get(verified.kid) == verified.key
+        current = self.keys.lookup(verified.kid)
+        return current is not None and (verified.key is None or current == verified.key)

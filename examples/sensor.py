@@ -64,6 +64,7 @@ from device_client import (
     SystemClock,
     TokenClient,
     TokenRequestRefused,
+    create_client_context,
 )
 
 CF_CWT = 61  # PROTOCOL.md: application/cwt, the content format of /authz-info
@@ -119,7 +120,7 @@ def provision(args: argparse.Namespace) -> int:
 
 
 async def run(args: argparse.Namespace) -> int:
-    context = await aiocoap.Context.create_client_context()
+    context = await create_client_context()
     policy = RefreshPolicy(
         refresh_fraction=args.refresh_fraction, request_timeout=args.request_timeout
     )

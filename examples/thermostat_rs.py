@@ -51,8 +51,11 @@ from device_client import (
     TokenVerifier,
     TrlWatcher,
     VerifiedToken,
+    create_client_context,
+    create_server_context,
     require_scope,
 )
+from device_client.verify import DEFAULT_MAX_LIFETIME, DEFAULT_MAX_STALENESS
 
 
 def say(text: str) -> None:
@@ -85,8 +88,9 @@ def _kids(kids: frozenset[bytes]) -> str:
 
 
 async def run(args: argparse.Namespace) -> int:
-    client_context = await aiocoap.Context.create_client_context()
+    client_context = await create_client_context()
     known: list[frozenset[bytes]] = []
+    resource_server: ResourceServer | None = None
 
     def keys_changed(key_set: KeySet) -> None:
         if not known:
@@ -95,8 +99,9 @@ async def run(args: argparse.Namespace) -> int:
             added, removed = key_set.kids - known[-1], known[-1] - key_set.kids
             say(f"keys: rollover seen: published {_kids(added)}, withdrawn {_kids(removed)}")
         known.append(key_set.kids)
-
-    resource_server: ResourceServer | None = None
+        if resource_server is not None:
+            for _, token in resource_server.purge():
+                say(f"key withdrawn: dropped the token {token.token_hash[1:5].hex()}")
 
     def trl_changed(revocations: RevocationList, added: frozenset[bytes]) -> None:
         say(f"revocation list: {len(revocations)} hashes, {len(added)} new")
@@ -112,7 +117,13 @@ async def run(args: argparse.Namespace) -> int:
     keys = KeySetWatcher(client_context, args.as_uri, on_change=keys_changed)
     trl = TrlWatcher(client_context, args.as_uri, on_change=trl_changed)
     verifier = TokenVerifier(
-        keys, issuer=args.issuer, audience=args.audience, revocations=trl, leeway=args.leeway
+        keys,
+        issuer=args.issuer,
+        audience=args.audience,
+        revocations=trl,
+        leeway=args.leeway,
+        max_lifetime=args.max_lifetime,
+        max_staleness=args.max_staleness,
     )
 
     def accepted(token: VerifiedToken, endpoint: str) -> None:
@@ -133,9 +144,7 @@ async def run(args: argparse.Namespace) -> int:
     # keys) even while the AS is unreachable, and catches up when it comes back.
     await keys.start(wait=False)
     await trl.start(wait=False)
-    server = await aiocoap.Context.create_server_context(
-        site, bind=(args.bind, args.port), transports=["udp6"]
-    )
+    server = await create_server_context(site, bind=(args.bind, args.port))
     say(f"ready on coap://{args.bind if ':' not in args.bind else f'[{args.bind}]'}:{args.port}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -160,6 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bind", default="::")
     parser.add_argument("--port", type=int, default=5683)
     parser.add_argument("--leeway", type=int, default=30, help="clock-skew tolerance (s)")
+    parser.add_argument(
+        "--max-staleness",
+        type=int,
+        default=DEFAULT_MAX_STALENESS,
+        help="refuse every token when keys or TRL were last confirmed longer ago (s)",
+    )
+    parser.add_argument(
+        "--max-lifetime",
+        type=int,
+        default=DEFAULT_MAX_LIFETIME,
+        help="refuse tokens whose exp - iat is longer (s); the AS issues at most 24 h",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show device_client's log")
     args = parser.parse_args(argv)
     logging.basicConfig(

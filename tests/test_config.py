@@ -160,3 +160,11 @@ def test_signing_alg_must_be_es256_or_eddsa(tmp_path: Path, source: str) -> None
 @pytest.mark.parametrize("alg", ["ES256", "EdDSA"])
 def test_signing_alg_accepted(alg: str) -> None:
     assert load_settings(env={"COAP_AUTH_SIGNING_ALG": alg}).signing_alg == alg
+
+
+@pytest.mark.parametrize("lifetime", ["0", "86401"])
+def test_token_lifetime_is_at_most_the_verifiers_maximum(lifetime: str) -> None:
+    # Resource servers refuse tokens living longer than 24 h (device_client's max_lifetime).
+    with pytest.raises(OperatorError, match="token_lifetime"):
+        load_settings(env={"COAP_AUTH_TOKEN_LIFETIME": lifetime})
+    assert load_settings(env={"COAP_AUTH_TOKEN_LIFETIME": "86400"}).token_lifetime == 86400

@@ -16,6 +16,7 @@ from coap_auth.service import AuthService
 from coap_auth.store import TOKEN_FORMATS, Audience, Client
 from coap_auth.text import has_control_character
 from coap_auth.tokens import cose_key_from_public
+from coap_auth.wire import MAX_TOKEN_LIFETIME
 
 SECRET_BYTES = 24  # 192 bits, printed as base64url text
 KEY_ALGS = ("ES256", "EdDSA", "HMAC256/64")
@@ -49,8 +50,9 @@ def new_secret() -> str:
 @with_service
 async def cmd_audiences_add(args: argparse.Namespace, service: AuthService) -> int:
     lifetime = args.lifetime if args.lifetime is not None else service.settings.token_lifetime
-    if lifetime <= 0:
-        raise OperatorError("--lifetime must be a positive number of seconds")
+    if not 1 <= lifetime <= MAX_TOKEN_LIFETIME:
+        # Resource servers refuse longer-lived tokens (device_client's max_lifetime).
+        raise OperatorError(f"--lifetime must be 1 to {MAX_TOKEN_LIFETIME} seconds")
     key_alg = args.key_alg
     if key_alg is not None and not args.own_keys:
         raise OperatorError("--key-alg needs --own-keys")

@@ -50,7 +50,7 @@ from coap_auth.tokens import (
     verify_jwt,
     verify_maced_cwt,
 )
-from coap_auth.wire import CnfMethod, CoseTag, GrantType, TokenType
+from coap_auth.wire import MAX_TOKEN_LIFETIME, CnfMethod, CoseTag, GrantType, TokenType
 
 log = logging.getLogger("coap_auth.service")
 
@@ -234,11 +234,13 @@ class AuthService:
         token_format: str | None,
     ) -> IssuedToken:
         now = self.clock.now()
+        # An audience registered before the cap may say more; verifiers refuse longer tokens.
+        lifetime = min(audience.lifetime, MAX_TOKEN_LIFETIME)
         claims = Claims(
             iss=self.settings.issuer,
             sub=client_id,
             aud=audience.audience_id,
-            exp=now + audience.lifetime,
+            exp=now + lifetime,
             iat=now,
             cti=secrets.token_bytes(CTI_BYTES),
             scope=scope,
@@ -256,7 +258,7 @@ class AuthService:
             access_token = encode(claims, key.private_key, key.alg, key.kid)
         return IssuedToken(
             access_token=access_token,
-            expires_in=audience.lifetime,
+            expires_in=lifetime,
             token_type=TokenType.POP if cnf is not None else TokenType.BEARER,
             claims=claims,
             cnf={CnfMethod.COSE_KEY: dict(cnf)} if cnf is not None else None,

@@ -74,6 +74,14 @@ async def eventually(condition: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.01)
 
 
+async def confirmed(clock: SettableClock, *watchers: Any) -> None:
+    """Wait until each watcher has heard from the AS at the clock's present time: after a jump
+    of the clock a verifier is stale (fail closed) until its watchers have polled the AS."""
+    await eventually(
+        lambda: all(w.confirmed_at == clock.now() for w in watchers), "watchers current"
+    )
+
+
 async def eventually_async(condition: Callable[[], Awaitable[bool]], what: str) -> None:
     deadline = asyncio.get_running_loop().time() + DELIVERY_TIMEOUT
     while not await condition():

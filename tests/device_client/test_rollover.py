@@ -21,7 +21,14 @@ from device_client import (
     TokenVerifier,
 )
 from tests.conftest import Coap
-from tests.device_client.conftest import FAST_REFRESH, FAST_WATCH, ISSUER, Restarts, eventually
+from tests.device_client.conftest import (
+    FAST_REFRESH,
+    FAST_WATCH,
+    ISSUER,
+    Restarts,
+    confirmed,
+    eventually,
+)
 
 
 def _kid(token: bytes) -> bytes:
@@ -88,6 +95,7 @@ async def test_three_rotations_and_a_restart(
         published = await _rotate(sensor.server)
         await _sees(watcher, published)
         clock.advance(token.refresh_at - clock.now())
+        await confirmed(clock, watcher)
         previous, token = token, await client.token()
         assert _kid(token.value) == sensor.service.key_ring.active.kid
         assert (await verifier.verify(token.value)).claims.sub == "sensor-1"
@@ -101,6 +109,7 @@ async def test_three_rotations_and_a_restart(
     server = await restarts.restart()
     registrations = watcher.registrations
     clock.advance(token.refresh_at - clock.now())
+    await confirmed(clock, watcher)
     token = await client.token()  # the refresh family survived the restart
     await verifier.verify(token.value)
     assert len(await server.service.store.list_families("sensor-1", clock.now())) == 1
@@ -113,6 +122,7 @@ async def test_three_rotations_and_a_restart(
         published = await _rotate(server)
         await _sees(watcher, published)
     token = await client.token()
+    await confirmed(clock, watcher)
     assert _kid(token.value) == server.service.key_ring.active.kid
     assert (await verifier.verify(token.value)).claims.sub == "sensor-1"
     assert watcher.fetches == 0
