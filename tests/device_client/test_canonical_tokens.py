@@ -19,13 +19,13 @@ from aiocoap import resource
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from coap_auth.clock import SettableClock
-from coap_auth.coap.server import _bound_port
 from coap_auth.store import Audience
 from coap_auth.tokens import cose_key_from_public
 from coap_auth.wire import AceParam
 from device_client import ResourceServer, TokenVerifier, require_scope
 from tests.conftest import Coap
 from tests.device_client.conftest import ISSUER, fetch_key_set, fetch_trl
+from tests.device_client.rs_site import serve
 from tests.tokens.variants import cwt_variants, jwt_variants
 
 CF_CWT, CF_PROBLEM = 61, 257  # PROTOCOL.md, written out on purpose
@@ -85,14 +85,8 @@ async def doors(
         for audience in ("door-cwt", "door-jwt"):
             verifier = TokenVerifier(keys, issuer=ISSUER, audience=audience, clock=clock, leeway=0)
             resource_server = ResourceServer(verifier, as_uri=sensor.base)
-            site = resource.Site()
-            resource_server.add_to(site)
-            site.add_resource(["door"], Door(resource_server))
-            context = await aiocoap.Context.create_server_context(
-                site, bind=("127.0.0.1", 0), transports=["udp6"]
-            )
+            base, _, context = await serve(resource_server, {"door": Door(resource_server)})
             contexts.append(context)
-            base = f"coap://127.0.0.1:{_bound_port(context)}"
             servers[audience] = DoorServer(audience, base, resource_server, device_context)
         yield servers
     finally:

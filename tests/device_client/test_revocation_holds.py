@@ -17,10 +17,8 @@ from dataclasses import dataclass, replace
 
 import aiocoap
 import pytest
-from aiocoap import resource
 
 from coap_auth.clock import SettableClock
-from coap_auth.coap.server import _bound_port
 from coap_auth.tokens import decode_cose, encode_cwt, token_hash, verify_cwt
 from device_client import (
     DeviceKey,
@@ -29,7 +27,6 @@ from device_client import (
     TokenClient,
     TokenVerifier,
     TrlWatcher,
-    require_scope,
 )
 from tests.conftest import Coap
 from tests.device_client.conftest import (
@@ -41,44 +38,18 @@ from tests.device_client.conftest import (
     eventually,
     issue_token,
 )
+from tests.device_client.rs_site import CF_CWT, Temperature, Thermostat, serve
 
-CF_CWT = 61  # PROTOCOL.md, written out on purpose
 BOUND = 120  # the verifier's staleness bound in these tests (the default)
 
 
-class Temperature(resource.Resource):
-    def __init__(self, resource_server: ResourceServer) -> None:
-        super().__init__()
-        self.resource_server = resource_server
-
-    @require_scope("temp:read")
-    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
-        return aiocoap.Message(code=aiocoap.CONTENT, payload=b"21.5")
-
-    @require_scope("temp:write")
-    async def render_put(self, request: aiocoap.Message) -> aiocoap.Message:
-        return aiocoap.Message(code=aiocoap.CHANGED)
-
-
 @dataclass
-class FollowingRs:
-    """An RS whose verifier follows the AS, and a device that talks to it."""
+class FollowingRs(Thermostat):
+    """A thermostat whose verifier follows the AS: its watchers of /keys and /revoke/trl."""
 
-    base: str
     port: int
-    resource_server: ResourceServer
     keys: KeySetWatcher
     trl: TrlWatcher
-    device: aiocoap.Context
-
-    async def send(
-        self, method: aiocoap.Code, path: str, payload: bytes = b"", **options: object
-    ) -> aiocoap.Message:
-        message = aiocoap.Message(code=method, uri=self.base + path, payload=payload, **options)
-        return await self.device.request(message).response
-
-    async def upload(self, token: bytes) -> aiocoap.Message:
-        return await self.send(aiocoap.POST, "/authz-info", token, content_format=CF_CWT)
 
 
 @pytest.fixture
@@ -95,17 +66,9 @@ async def rs(
     )
     assert verifier.max_staleness == BOUND
     resource_server = ResourceServer(verifier, as_uri=sensor.base)
-    site = resource.Site()
-    resource_server.add_to(site)
-    site.add_resource(["temp"], Temperature(resource_server))
-    server = await aiocoap.Context.create_server_context(
-        site, bind=("127.0.0.1", 0), transports=["udp6"]
-    )
-    port = _bound_port(server)
+    base, port, server = await serve(resource_server, {"temp": Temperature(resource_server)})
     try:
-        yield FollowingRs(
-            f"coap://127.0.0.1:{port}", port, resource_server, keys, trl, device_context
-        )
+        yield FollowingRs(base, resource_server, device_context, port, keys, trl)
     finally:
         await keys.stop()
         await trl.stop()

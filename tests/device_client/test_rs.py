@@ -4,53 +4,19 @@ with tokens from the running service and a device on its own CoAP endpoint."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import aiocoap
 import cbor2
 import pytest
-from aiocoap import resource
 
 from coap_auth.clock import SettableClock
-from coap_auth.coap.server import _bound_port
 from coap_auth.wire import AceParam
-from device_client import ResourceServer, TokenVerifier, require_scope
+from device_client import ResourceServer, TokenVerifier
 from tests.conftest import Coap
 from tests.device_client.conftest import ISSUER, fetch_key_set, fetch_trl, issue_token
+from tests.device_client.rs_site import Temperature, Thermostat, serve
 
-CF_CWT, CF_ACE, CF_PROBLEM = 61, 19, 257  # PROTOCOL.md, written out on purpose
-
-
-class Temperature(resource.Resource):
-    def __init__(self, resource_server: ResourceServer) -> None:
-        super().__init__()
-        self.resource_server = resource_server
-        self.value = b"21.5"
-
-    @require_scope("temp:read")
-    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
-        return aiocoap.Message(code=aiocoap.CONTENT, payload=self.value)
-
-    @require_scope("temp:write")
-    async def render_put(self, request: aiocoap.Message) -> aiocoap.Message:
-        self.value = request.payload
-        return aiocoap.Message(code=aiocoap.CHANGED)
-
-
-@dataclass
-class Thermostat:
-    base: str
-    resource_server: ResourceServer
-    device: aiocoap.Context
-
-    async def send(
-        self, method: aiocoap.Code, path: str, payload: bytes = b"", **options: object
-    ) -> aiocoap.Message:
-        message = aiocoap.Message(code=method, uri=self.base + path, payload=payload, **options)
-        return await self.device.request(message).response
-
-    async def upload(self, token: bytes, content_format: int = CF_CWT) -> aiocoap.Message:
-        return await self.send(aiocoap.POST, "/authz-info", token, content_format=content_format)
+CF_ACE, CF_PROBLEM = 19, 257  # PROTOCOL.md, written out on purpose
 
 
 async def _serve(
@@ -60,13 +26,8 @@ async def _serve(
         await fetch_key_set(coap), issuer=ISSUER, audience=audience, clock=clock, leeway=0
     )
     resource_server = ResourceServer(verifier, as_uri=coap.base)
-    site = resource.Site()
-    resource_server.add_to(site)
-    site.add_resource(["temp"], Temperature(resource_server))
-    context = await aiocoap.Context.create_server_context(
-        site, bind=("127.0.0.1", 0), transports=["udp6"]
-    )
-    return f"coap://127.0.0.1:{_bound_port(context)}", resource_server, context
+    base, _, context = await serve(resource_server, {"temp": Temperature(resource_server)})
+    return base, resource_server, context
 
 
 @pytest.fixture
