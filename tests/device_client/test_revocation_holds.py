@@ -240,3 +240,25 @@ async def _issue_as(coap: Coap, clock: SettableClock, client_id: str) -> bytes:
     )
     assert response.code == aiocoap.CREATED, body
     return body[1]
+
+
+async def test_a_lost_observation_is_found_by_the_poll_behind_observe(
+    sensor: Coap, rs: FollowingRs, restarts: Restarts, clock: SettableClock
+) -> None:
+    """The AS restarts and forgets its observers without a word; a key is then revoked. No
+    notification comes, but the watcher's poll (every check_interval, 30 s) sees the change,
+    takes it and re-registers, long before the key set's Max-Age (up to an hour) would."""
+    token = await issue_token(sensor, clock)
+    assert (await rs.upload(token)).code == aiocoap.CREATED
+    server = await restarts.restart()
+    registrations = rs.keys.registrations
+    kid = decode_cose(token).kid
+    await server.service.revoke_key(kid)
+    await server.check_changes()
+    await asyncio.sleep(0.2)  # a notification, had there been an observation, would be in
+    assert kid in rs.keys.key_set.kids  # nobody told the RS
+
+    clock.advance(30)
+    await eventually(lambda: kid not in rs.keys.key_set.kids, "the poll saw the key leave")
+    await eventually(lambda: rs.keys.registrations > registrations, "re-registration")
+    assert (await rs.send(aiocoap.GET, "/temp")).code == aiocoap.UNAUTHORIZED
