@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= .data
 PORT ?= 5683
 
-.PHONY: run test bench lint demo clean
+.PHONY: run test bench bench-timing lint demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(VENV)/.installed-test
 # A few minutes; not part of `make test`.
 bench: $(VENV)/.installed
 	$(BIN)/python -m bench
+
+# Known vs unknown client ids: the median time /token takes to refuse each (about a minute).
+bench-timing: $(VENV)/.installed
+	$(BIN)/python -m bench.auth_timing
 
 # The service on a temporary data dir, examples/thermostat_rs.py and examples/sensor.py
 # against it: grant, refresh, key rollover and revocation, each step printed.
