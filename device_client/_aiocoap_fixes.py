@@ -19,7 +19,16 @@ The fix. A failed send is retried at once (the failure consumed the pending erro
 error that every attempt reports, and that a send can report about its own destination (no
 route, prohibited, too large), is that peer's, and it is reported after the send has returned.
 Every other ICMP error reaches its peer through the error queue (aiocoap's
-`datagram_errqueue_received`, which reads the address the error is about).
+`datagram_errqueue_received`, which reads the address the error is about) on a client context.
+A server context ignores ICMP errors altogether: they are unauthenticated, and anyone who can
+send ICMP to the AS could otherwise name an honest observer in a forged "port unreachable" and
+have its observation dropped without a word (found by an outsider test: three forged datagrams
+delayed a key withdrawal at a resource server from 1 s to 30 s). A gone observer is still
+dropped when a confirmable notification goes unacknowledged or is answered with RST
+(RFC 7641 §4.5).
+
+Servers made here also refuse a request with a critical option they do not process with 4.02
+Bad Option (RFC 7252 §5.4.1), which aiocoap's Site does not do.
 """
 
 from __future__ import annotations
@@ -32,9 +41,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiocoap
+import cbor2
 from aiocoap.message import Direction
+from aiocoap.numbers import OptionNumber
 from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
+from coap_auth.wire import ContentFormat, ProblemDetail
 from device_client.clock import Clock, SystemClock
 
 # What a send can report about its own datagram: no route, a route or firewall prohibiting
@@ -57,6 +69,52 @@ LOCAL_LOSS = frozenset({errno.EAGAIN, errno.ENOBUFS})
 SEND_ATTEMPTS = 3
 # One log line per kind of dropped datagram per this many seconds.
 DROP_LOG_INTERVAL = 60
+# RFC 7252 §5.4.6: an odd option number is critical. These are the critical options aiocoap's
+# Site and our resources act on (Uri-Path-Abbrev is resolved by the Site); any other one in a
+# request is refused with 4.02.
+PROCESSED_CRITICAL_OPTIONS = frozenset(
+    {
+        OptionNumber.URI_HOST,
+        OptionNumber.URI_PORT,
+        OptionNumber.URI_PATH,
+        OptionNumber.URI_PATH_ABBREV,
+        OptionNumber.URI_QUERY,
+        OptionNumber.ACCEPT,
+        OptionNumber.BLOCK2,
+        OptionNumber.BLOCK1,
+    }
+)
+
+
+def unprocessed_critical_options(request: aiocoap.Message) -> list[int]:
+    """The critical option numbers of `request` that nothing here processes, sorted."""
+    numbers = {int(option.number) for option in request.opt.option_list()}
+    return sorted(n for n in numbers if n & 1 and n not in PROCESSED_CRITICAL_OPTIONS)
+
+
+class CriticalOptionGuard:
+    """A server site in front of another: 4.02 Bad Option (RFC 9290 problem details) for a
+    request with an unprocessed critical option, everything else to the site behind it."""
+
+    def __init__(self, site: Any) -> None:
+        self.site = site
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        unprocessed = unprocessed_critical_options(pipe.request)
+        if not unprocessed:
+            await self.site.render_to_pipe(pipe)
+            return
+        detail = f"critical option {' '.join(map(str, unprocessed))} not processed"
+        body = {ProblemDetail.TITLE: "Bad Option", ProblemDetail.DETAIL: detail}
+        answer = aiocoap.Message(
+            code=aiocoap.BAD_OPTION,
+            payload=cbor2.dumps(body),
+            content_format=ContentFormat.PROBLEM_DETAILS_CBOR,
+        )
+        pipe.add_response(answer, is_last=True)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.site, name)
 
 
 @dataclass(slots=True)
@@ -98,6 +156,17 @@ class UDP6(MessageInterfaceUDP6):
     def __init__(self, ctx: Any, log: logging.Logger, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(ctx, log, loop)
         self.drops = DropLog(log, SystemClock())
+        # Whether ICMP errors from the error queue end the exchanges with the peer they name
+        # (a client's requests); a server ignores them (see the module docstring).
+        self.trust_icmp = True
+
+    def datagram_errqueue_received(
+        self, data: bytes, ancdata: list[Any], flags: int, address: Any
+    ) -> None:
+        if not self.trust_icmp:
+            self.log.debug("ICMP error about %s ignored (unauthenticated)", _host(address))
+            return
+        super().datagram_errqueue_received(data, ancdata, flags, address)
 
     def send(self, message: aiocoap.Message) -> None:
         remote = message.remote
@@ -196,17 +265,25 @@ def _host(sockaddr: Any) -> str:
 
 
 async def create_server_context(
-    site: Any, bind: tuple[str, int], *, clock: Clock | None = None
+    site: Any,
+    bind: tuple[str, int],
+    *,
+    clock: Clock | None = None,
+    check_options: bool = True,
 ) -> aiocoap.Context:
     """What `aiocoap.Context.create_server_context(site, bind, transports=["udp6"])` makes,
-    on the fixed transport. `clock` times the drop log (default: the system clock)."""
+    on the fixed transport, ignoring ICMP errors, and (with `check_options`) answering 4.02 to
+    unprocessed critical options. `clock` times the drop log (default: the system clock).
+    Raises OSError when the address cannot be bound."""
     loop = asyncio.get_running_loop()
-    context = aiocoap.Context(loop=loop, serversite=site, loggername="coap-server")
+    serversite = CriticalOptionGuard(site) if check_options else site
+    context = aiocoap.Context(loop=loop, serversite=serversite, loggername="coap-server")
 
     async def interface(message_manager: Any) -> UDP6:
         created: UDP6 = await UDP6.create_server_transport_endpoint(
             message_manager, log=context.log, loop=loop, bind=bind, multicast=[]
         )
+        created.trust_icmp = False
         if clock is not None:
             created.drops.clock = clock
         return created

@@ -122,6 +122,11 @@ class Observer:
         return self._synced.is_set()
 
     @property
+    def check_interval(self) -> int:
+        """Clock seconds between the polls behind Observe (WatchPolicy.check_interval)."""
+        return self._policy.check_interval
+
+    @property
     def confirmed_at(self) -> int | None:
         """Clock time of the last answer or notification from the AS that this watcher's
         state was current; None before the first. A verifier refuses tokens once this is

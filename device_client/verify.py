@@ -97,7 +97,9 @@ class TokenVerifier:
     `max_staleness` (s): when `keys` or `revocations` is a watcher (it has `confirmed_at`)
     whose last confirmation by the AS is older than this, every verification raises
     StaleState (5.03) until it is current again; None turns the check off (not advised).
-    A fixed `KeySet` or `RevocationList` is taken as current.
+    A fixed `KeySet` or `RevocationList` is taken as current. Raises ValueError for a
+    negative leeway, a non-positive bound, or a max_staleness not longer than a watcher's
+    check_interval.
     """
 
     def __init__(
@@ -117,6 +119,11 @@ class TokenVerifier:
             raise ValueError("leeway must not be negative")
         if max_lifetime <= 0 or (max_staleness is not None and max_staleness <= 0):
             raise ValueError("max_lifetime and max_staleness must be positive")
+        polls = [getattr(s, "check_interval", 0) for s in (keys, revocations)]
+        if max_staleness is not None and max_staleness <= max(polls):
+            # A healthy watcher confirms once per check_interval: a shorter bound would
+            # refuse every token between two polls while the AS is fine.
+            raise ValueError("max_staleness must be longer than the watchers' check_interval")
         self.keys = keys
         self.issuer = issuer
         self.audience = audience

@@ -51,6 +51,7 @@ from device_client import (
     TokenVerifier,
     TrlWatcher,
     VerifiedToken,
+    WatchPolicy,
     create_client_context,
     create_server_context,
     require_scope,
@@ -189,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stdout,
     )
     logging.getLogger("coap-server").setLevel(logging.ERROR)
+    # aiocoap's client side logs a line per stray datagram (a RST, an unmatched response)
+    # that anyone can send to the watchers' port: keep its warnings only.
+    logging.getLogger("coap").setLevel(logging.WARNING)
+    if args.max_staleness <= WatchPolicy().check_interval:
+        parser.error(f"--max-staleness must be above {WatchPolicy().check_interval} s")
     return asyncio.run(run(args))
 
 

@@ -9,27 +9,10 @@ from typing import Any
 
 import aiocoap
 from aiocoap import resource
-from aiocoap.numbers import OptionNumber
 
 from coap_auth.coap.endpoint import answer_error, caller
 from coap_auth.errors import ProblemError
-
-# RFC 7252 §5.4.6: an odd option number is critical. These are the critical options the AS
-# acts on. Uri-Path-Abbrev is resolved by aiocoap's Site; OSCORE (9) and EDHOC (21) are
-# processed, and removed, by aiocoap's OSCORE site wrapper before a site sees the request, so
-# here they mean a protected request the AS cannot process: refused like any other.
-PROCESSED_CRITICAL_OPTIONS = frozenset(
-    {
-        OptionNumber.URI_HOST,
-        OptionNumber.URI_PORT,
-        OptionNumber.URI_PATH,
-        OptionNumber.URI_PATH_ABBREV,
-        OptionNumber.URI_QUERY,
-        OptionNumber.ACCEPT,
-        OptionNumber.BLOCK2,
-        OptionNumber.BLOCK1,
-    }
-)
+from device_client._aiocoap_fixes import unprocessed_critical_options
 
 
 class BadOption(ProblemError):
@@ -38,11 +21,6 @@ class BadOption(ProblemError):
     # coap_auth.wire.CoapCode has no member for 4.02 yet.
     code = aiocoap.Code.BAD_OPTION  # type: ignore[assignment]
     title = "Bad Option"
-
-
-def unprocessed_critical_options(request: aiocoap.Message) -> list[int]:
-    numbers = {int(option.number) for option in request.opt.option_list()}
-    return sorted(n for n in numbers if n & 1 and n not in PROCESSED_CRITICAL_OPTIONS)
 
 
 class OptionCheckingSite(resource.Site):

@@ -86,7 +86,10 @@ class Server:
         # UDP only (aiocoap would otherwise also open TCP and TLS listeners), on the transport
         # that reports an ICMP error to the peer it is about, not to whoever is sent to next.
         self._context = await create_server_context(
-            self._site, (self.bind, self.requested_port), clock=self.service.clock
+            self._site,
+            (self.bind, self.requested_port),
+            clock=self.service.clock,
+            check_options=False,  # the site checks them itself, with an access-log line
         )
         self.port = _bound_port(self._context) or self.requested_port
         self._watcher = asyncio.create_task(self._watch_changes(), name="coap-auth-change-feed")

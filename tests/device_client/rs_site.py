@@ -9,7 +9,7 @@ import aiocoap
 from aiocoap import resource
 
 from coap_auth.coap.server import _bound_port
-from device_client import ResourceServer, require_scope
+from device_client import ResourceServer, create_server_context, require_scope
 
 CF_CWT = 61  # PROTOCOL.md, written out on purpose
 
@@ -58,8 +58,8 @@ async def serve(
     resource_server.add_to(site)
     for path, item in resources.items():
         site.add_resource([path], item)
-    context = await aiocoap.Context.create_server_context(
-        site, bind=("127.0.0.1", 0), transports=["udp6"]
-    )
+    # As examples/thermostat_rs.py does: the fixed UDP transport, 4.02 for unknown critical
+    # options.
+    context = await create_server_context(site, ("127.0.0.1", 0))
     port = _bound_port(context)
     return f"coap://127.0.0.1:{port}", port, context

@@ -262,3 +262,12 @@ async def test_a_lost_observation_is_found_by_the_poll_behind_observe(
     await eventually(lambda: kid not in rs.keys.key_set.kids, "the poll saw the key leave")
     await eventually(lambda: rs.keys.registrations > registrations, "re-registration")
     assert (await rs.send(aiocoap.GET, "/temp")).code == aiocoap.UNAUTHORIZED
+
+
+async def test_a_staleness_bound_below_the_poll_interval_is_refused(rs: FollowingRs) -> None:
+    # It would refuse every token between two polls of a healthy AS (outsider test: an RS
+    # run with --max-staleness 10 answered 5.03 while the AS was up).
+    with pytest.raises(ValueError, match="check_interval"):
+        TokenVerifier(
+            rs.keys, issuer=ISSUER, audience="thermostat", revocations=rs.trl, max_staleness=30
+        )

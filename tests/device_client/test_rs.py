@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import aiocoap
 import cbor2
 import pytest
+from aiocoap.optiontypes import OpaqueOption
 
 from coap_auth.clock import SettableClock
 from coap_auth.wire import AceParam
@@ -155,3 +156,19 @@ async def test_jwt_upload(
         assert (await dashboard.send(aiocoap.GET, "/temp")).code == aiocoap.CONTENT
     finally:
         await context.shutdown()
+
+
+@pytest.mark.parametrize("number", [9, 65001])
+async def test_an_unknown_critical_option_gets_bad_option_and_changes_nothing(
+    thermostat: Thermostat, sensor: Coap, clock: SettableClock, number: int
+) -> None:
+    """RFC 7252 §5.4.1, at the resource server too (found by the outsider test of issue 13:
+    a PUT with option 65001 was applied)."""
+    assert (await thermostat.upload(await issue_token(sensor, clock))).code == aiocoap.CREATED
+    request = aiocoap.Message(code=aiocoap.PUT, uri=thermostat.base + "/temp", payload=b"99")
+    request.opt.add_option(OpaqueOption(number, b"\x01"))
+    answer = await thermostat.device.request(request).response
+    assert answer.code == aiocoap.BAD_OPTION
+    assert answer.opt.content_format == CF_PROBLEM
+    reading = await thermostat.send(aiocoap.GET, "/temp")
+    assert reading.code == aiocoap.CONTENT and reading.payload != b"99"
