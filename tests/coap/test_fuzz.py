@@ -158,7 +158,15 @@ def exchange(port: int, message: aiocoap.Message) -> aiocoap.Message:
         sock.sendto(message.encode(), ("127.0.0.1", port))
         while True:
             answer = aiocoap.Message.decode(sock.recv(65536))
-            if answer.mid == mid:
+            if answer.code == aiocoap.EMPTY:
+                # An empty ACK (RFC 7252 §5.2.2): the answer follows as a separate response,
+                # when the server took longer than aiocoap's empty-ACK delay (a loaded machine).
+                continue
+            if answer.token == message.token and (answer.mid == mid or answer.mtype != aiocoap.ACK):
+                if answer.mtype == aiocoap.CON:
+                    ack = aiocoap.Message(mtype=aiocoap.ACK, code=aiocoap.EMPTY)
+                    ack.mid = answer.mid
+                    sock.sendto(ack.encode(), ("127.0.0.1", port))
                 return answer
 
 
