@@ -17,6 +17,7 @@ from coap_auth.tokens import Claims, alg_for_key, cose_key_from_public
 from coap_auth.tokens.cose import sign1
 from coap_auth.wire import AceParam, CoapCode, CoseAlg
 from tests.conftest import Coap
+from tests.tokens.variants import is_low_s, signature_twin
 
 INVALID_CLIENT = {AceParam.ERROR: 2, AceParam.ERROR_DESCRIPTION: "client authentication failed"}
 
@@ -45,9 +46,9 @@ def trace(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
         calls.append(("parse", alg_for_key(key)))
         return key
 
-    def traced_verify(message: Any, public_key: Any, alg: CoseAlg) -> None:
+    def traced_verify(message: Any, public_key: Any, alg: CoseAlg, **options: Any) -> None:
         calls.append(("verify", (message.alg, alg_for_key(public_key), alg)))
-        verify(message, public_key, alg)
+        verify(message, public_key, alg, **options)
 
     monkeypatch.setattr(client_auth, "public_key_from_cose", traced_parse)
     monkeypatch.setattr(client_auth, "verify_sign1", traced_verify)
@@ -75,3 +76,20 @@ async def test_an_unknown_id_costs_and_answers_what_a_bad_signature_does(
 
     assert answers[0] == answers[1]
     assert traces[0] == traces[1] == [("parse", alg), ("verify", (alg, alg, alg))]
+
+
+async def test_a_high_s_es256_assertion_still_authenticates(sensor: Coap) -> None:
+    """Assertions are single-use by their cti, so their signature's form does not matter:
+    devices built before issue 13 sign high-s about half the time, and keep working."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    await sensor.add_key_client(
+        "meter-9", ("thermostat",), "temp:read", cose_key_from_public(key.public_key())
+    )
+    now = sensor.service.clock.now()
+    tagged = cbor2.loads(_assertion(key, CoseAlg.ES256, "meter-9", now, b"high-s-1"))
+    parts = tagged.value.value
+    if is_low_s(parts[3]):
+        parts[3] = signature_twin(parts[3])
+    assert not is_low_s(parts[3])
+    response, body = await sensor.post_ace("/token", {"client_assertion": cbor2.dumps(tagged)})
+    assert response.code == CoapCode.CREATED, body

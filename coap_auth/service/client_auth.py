@@ -96,7 +96,7 @@ class Authenticator:
             # PROTOCOL.md: the assertion is a tagged CWT, 61(18(...)).
             if not assertion.startswith(CWT_TAG_PREFIX):
                 raise MalformedToken("client assertion must be a tagged CWT")
-            message = decode_cose(assertion)
+            message = decode_cose(assertion, low_s=False)
             claims = decode_claims(message.payload)
         except TokenError:
             raise failed from None
@@ -113,7 +113,7 @@ class Authenticator:
         )
         try:
             public_key = public_key_from_cose(cose_key)
-            verify_sign1(message, public_key, alg_for_key(public_key))
+            verify_sign1(message, public_key, alg_for_key(public_key), low_s=False)
         except (TokenError, UnsupportedPopKey):
             raise failed from None
         if not usable or found is None:

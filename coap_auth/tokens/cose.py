@@ -117,17 +117,21 @@ def decode(item: Any) -> CoseMessage:
     return CoseMessage(CoseTag(item.tag), protected_bytes, protected, unprotected, payload, last)
 
 
-def verify_sign1(message: CoseMessage, public_key: PublicKey, alg: CoseAlg) -> None:
+def verify_sign1(
+    message: CoseMessage, public_key: PublicKey, alg: CoseAlg, *, low_s: bool = True
+) -> None:
     """Check a COSE_Sign1 signature with the algorithm the key is registered for.
 
-    ES256 signatures must be low-s: the high-s twin of a valid signature is refused."""
+    ES256 signatures must be low-s: the high-s twin of a valid signature is refused, unless
+    `low_s` is False (client assertions: single-use by their cti, so their form is no hash's
+    business, and devices before issue 13 signed high-s half the time)."""
     if message.tag != CoseTag.SIGN1 or message.alg != alg:
         raise InvalidSignature("algorithm not allowed for this key")
     signed = _sig_structure("Signature1", message.protected_bytes, message.payload)
     signature = message.tag_or_signature
     try:
         if alg == CoseAlg.ES256 and isinstance(public_key, ec.EllipticCurvePublicKey):
-            if not es256.is_canonical(signature):
+            if not (es256.is_canonical(signature) or (not low_s and len(signature) == 64)):
                 raise InvalidSignature("ES256 signature must be 64 bytes with a low s")
             public_key.verify(es256.to_der(signature), signed, ec.ECDSA(hashes.SHA256()))
         elif alg == CoseAlg.EDDSA and isinstance(public_key, ed25519.Ed25519PublicKey):

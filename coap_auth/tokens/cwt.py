@@ -38,7 +38,7 @@ def encode_maced_cwt(claims: Claims, key: bytes, kid: bytes) -> bytes:
     return cbor2.dumps(cbor2.CBORTag(CoseTag.CWT, cose.mac0(payload, key, kid)))
 
 
-def decode_cose(token: bytes) -> cose.CoseMessage:
+def decode_cose(token: bytes, *, low_s: bool = True) -> cose.CoseMessage:
     """Parse a CWT into its COSE message, verifying nothing but its form.
 
     PROTOCOL.md "Canonical tokens": one byte form per token, so its RFC 9770 hash is unique.
@@ -46,9 +46,10 @@ def decode_cose(token: bytes) -> cose.CoseMessage:
     §6 lets a context omit it; ours does not), any head not in its shortest form, an
     unprotected header other than the empty map, a protected header or claims not in core
     deterministic encoding (RFC 8949 §4.2.1), a `crit` naming what we do not process, a
-    high-s ES256 signature, trailing bytes.
+    high-s ES256 signature (unless `low_s` is False: for client assertions, which the cti
+    replay cache makes single-use whatever their form), trailing bytes.
     """
-    return _decode(token)[0]
+    return _decode(token, low_s=low_s)[0]
 
 
 def peek_kid(token: bytes) -> bytes | None:
@@ -79,7 +80,7 @@ def decode_claims(payload: bytes) -> Claims:
     return Claims.from_cwt_map(deterministic.loads(payload, "CWT claims"))
 
 
-def _decode(token: bytes) -> tuple[cose.CoseMessage, Any]:
+def _decode(token: bytes, *, low_s: bool = True) -> tuple[cose.CoseMessage, Any]:
     """The COSE message of a canonical CWT and its decoded claims map (see `decode_cose`)."""
     if not isinstance(token, bytes) or len(token) > MAX_TOKEN_BYTES:
         raise MalformedToken("token too large or not bytes")
@@ -97,7 +98,7 @@ def _decode(token: bytes) -> tuple[cose.CoseMessage, Any]:
     # parts put back together give the token again, byte for byte.
     if _canonical_bytes(message) != token:
         raise MalformedToken("CWT is not in its canonical encoding")
-    if message.alg == CoseAlg.ES256 and not es256.is_canonical(message.tag_or_signature):
+    if low_s and message.alg == CoseAlg.ES256 and not es256.is_canonical(message.tag_or_signature):
         raise MalformedToken("ES256 signature must be 64 bytes with a low s")
     return message, claims
 
