@@ -206,7 +206,9 @@ class Observer:
             await self._registered(first)
             self._next_check = self._clock.now() + self._policy.check_interval
             self._synced.set()
-            self._failures = 0
+            if self._ended_in_a_row == 0:
+                # Observations that keep ending at once do not reset the back-off.
+                self._failures = 0
             self.retry_at = None
             if first.opt.observe is None:
                 # Not observable (or the AS declined): poll once the answer is stale.
@@ -229,6 +231,7 @@ class Observer:
                         # The state changed without a notification: the observation is lost.
                         log.info("%s: change seen by polling; re-registering", self.uri)
                         return
+                    self._ended_in_a_row = 0
                 try:
                     item = await asyncio.wait_for(queue.get(), self._policy.poll_interval)
                 except TimeoutError:
@@ -248,6 +251,7 @@ class Observer:
         finally:
             if consumer is not None:
                 consumer.cancel()
+                await asyncio.wait({consumer})
             if not request.observation.cancelled:
                 request.observation.cancel()
 
@@ -266,12 +270,15 @@ class Observer:
         return await self._response(self._context.request(message).response)
 
     def _fresh_until(self, response: aiocoap.Message) -> None:
-        """Note an answer of the AS that confirms (or replaces) our state."""
+        """Note when an answer of the AS goes stale (its Max-Age)."""
         now = self._clock.now()
         max_age = response.opt.max_age
         fresh = DEFAULT_MAX_AGE if max_age is None else max_age
         self._deadline = now + max(fresh, self._policy.min_freshness)
-        self._confirmed_at = now
+
+    def _confirm(self) -> None:
+        """The state held is now the AS's (applied in full, or confirmed unchanged)."""
+        self._confirmed_at = self._clock.now()
 
     # -- what each watcher fills in -----------------------------------------------------------
 

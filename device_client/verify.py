@@ -26,6 +26,8 @@ from coap_auth.tokens import (
 from coap_auth.wire import MAX_TOKEN_LIFETIME, CoseTag
 from device_client.clock import Clock, SystemClock
 from device_client.errors import InsufficientScope, StaleState, TokenRevoked
+from device_client.keyset import KeySet
+from device_client.trl import RevocationList
 
 # A JWS compact serialization starts with the base64url of '{"' (RFC 7515 §7.1): "ey".
 _JWT_PREFIX = b"ey"
@@ -41,10 +43,6 @@ DEFAULT_MAX_LIFETIME = MAX_TOKEN_LIFETIME
 # so 120 s rides out three lost polls; it is also the longest a token revoked during an
 # outage can still be used here.
 DEFAULT_MAX_STALENESS = 120
-
-
-# `confirmed_at` of a source that does not follow the AS (a fixed KeySet or RevocationList).
-_FIXED = object()
 
 
 class KeySource(Protocol):
@@ -74,7 +72,7 @@ class VerifiedToken:
     kid: bytes
     # That key itself (a VerificationKey, or the HMAC key of a MACed token): every later use
     # checks the key set still holds it under this kid.
-    key: Any = field(default=None, repr=False, compare=False)
+    key: VerificationKey | bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def scopes(self) -> frozenset[str]:
@@ -97,10 +95,11 @@ class TokenVerifier:
 
     `leeway` (s) absorbs clock skew between the AS and this device for exp and nbf.
     `max_lifetime` (s) bounds exp - iat: a longer-lived token is refused (InvalidClaims).
-    `max_staleness` (s): when `keys` or `revocations` is a watcher (it has `confirmed_at`)
-    whose last confirmation by the AS is older than this, every verification raises
-    StaleState (5.03) until it is current again; None turns the check off (not advised).
-    A fixed `KeySet` or `RevocationList` is taken as current. Raises ValueError for a
+    `max_staleness` (s): when the last confirmation by the AS of `keys` or `revocations`
+    (their `confirmed_at`, as the watchers keep it) is older than this, or missing, every
+    verification raises StaleState (5.03) until it is current again; None turns the check
+    off (not advised). A fixed `KeySet` or `RevocationList` is taken as current; any other
+    source without `confirmed_at` counts as never confirmed (fail closed). Raises ValueError for a
     negative leeway, a non-positive bound, or a max_staleness not longer than a watcher's
     check_interval.
     """
@@ -210,6 +209,9 @@ class TokenVerifier:
 
     def _validate(self, claims: Claims, now: int) -> None:
         claims.validate(now=now, issuer=self.issuer, audience=self.audience, leeway=self.leeway)
+        if claims.iat > now + self.leeway:
+            # Else exp - iat could be short while exp is years away.
+            raise InvalidClaims("token issued in the future")
         if claims.exp - claims.iat > self.max_lifetime:
             # A stolen key could sign a token for years; the AS never issues one that long.
             raise InvalidClaims("token lifetime longer than this verifier accepts")
@@ -219,9 +221,9 @@ class TokenVerifier:
         if self.max_staleness is None:
             return
         for what, source in (("key set", self.keys), ("revocation list", self.revocations)):
-            confirmed_at = getattr(source, "confirmed_at", _FIXED)
-            if confirmed_at is _FIXED:
-                continue
+            if source is None or isinstance(source, KeySet | RevocationList):
+                continue  # fixed by the caller, taken as current
+            confirmed_at = getattr(source, "confirmed_at", None)
             if confirmed_at is None or now - confirmed_at > self.max_staleness:
                 raise StaleState(f"{what} not confirmed by the AS recently; try again later")
 

@@ -98,8 +98,13 @@ class KeySetWatcher(Observer):
 
     def _apply(self, response: aiocoap.Message) -> bool:
         """Take a 2.05 (new set) or 2.03 (ours is current); True if the kids changed."""
-        if response.code == aiocoap.VALID and self._synced.is_set():
+        if (
+            response.code == aiocoap.VALID
+            and self._synced.is_set()
+            and response.opt.etag == self._etag
+        ):
             self._fresh_until(response)
+            self._confirm()
             return False
         payload = expect(response, ContentFormat.COSE_KEY_SET, "/keys")
         try:
@@ -110,6 +115,7 @@ class KeySetWatcher(Observer):
         self._fresh_until(response)
         changed = key_set.kids != self.key_set.kids
         self.key_set = key_set
+        self._confirm()
         if changed:
             log.info("%s: key set now %s", self.uri, key_set.describe())
             if self.on_change is not None:
@@ -165,6 +171,7 @@ class TrlWatcher(Observer):
             applied = self.revocations.apply(diff_set)
             if applied is not None:
                 self._replace(applied)
+            self._confirm()
             return
         await self._take(diff_set)
 
@@ -183,6 +190,8 @@ class TrlWatcher(Observer):
             self._replace(applied)
         if applied is None or diff_set.more:
             await self._catch_up(diff_set)
+        # Only now is the list the AS's: a diff answer alone, with its catch-up lost, is not.
+        self._confirm()
 
     async def _catch_up(self, latest: DiffSet) -> None:
         """RFC 9770 §9.2.3: ask for the updates after our cursor, page by page; a full

@@ -24,9 +24,11 @@ from device_client import (
     DeviceKey,
     KeySetWatcher,
     ResourceServer,
+    StaleState,
     TokenClient,
     TokenVerifier,
     TrlWatcher,
+    WatchPolicy,
 )
 from tests.conftest import Coap
 from tests.device_client.conftest import (
@@ -36,8 +38,10 @@ from tests.device_client.conftest import (
     Restarts,
     confirmed,
     eventually,
+    fetch_key_set,
     issue_token,
 )
+from tests.device_client.lossy_proxy import LossyProxy
 from tests.device_client.rs_site import CF_CWT, Temperature, Thermostat, serve
 
 BOUND = 120  # the verifier's staleness bound in these tests (the default)
@@ -220,7 +224,9 @@ async def test_a_full_table_makes_room_from_the_largest_subject(
         async def refetch(self) -> bool:
             return False
 
-    verifier = TokenVerifier(Keys(), issuer=ISSUER, audience="thermostat", clock=clock)
+    verifier = TokenVerifier(
+        Keys(), issuer=ISSUER, audience="thermostat", clock=clock, max_staleness=None
+    )
     table = ResourceServer(verifier, max_tokens=3, max_tokens_per_subject=2)
     sensor_token = await issue_token(sensor, clock)
     await sensor.add_secret_client("sensor-2", ("thermostat",), "temp:read")
@@ -271,3 +277,62 @@ async def test_a_staleness_bound_below_the_poll_interval_is_refused(rs: Followin
         TokenVerifier(
             rs.keys, issuer=ISSUER, audience="thermostat", revocations=rs.trl, max_staleness=30
         )
+
+
+async def test_a_trl_watcher_is_not_current_until_its_list_is(
+    sensor: Coap, device_context: aiocoap.Context, clock: SettableClock
+) -> None:
+    """Review finding: a diff answer whose full query is lost must not count as confirmed,
+    or losing only the full queries would keep an RS accepting revoked tokens for ever."""
+    proxy = await LossyProxy(("127.0.0.1", sensor.server.port)).start()
+    lost = proxy.lose(lambda d: d.path == "/revoke/trl" and not d.query, limit=1)
+    quick = WatchPolicy(request_timeout=0.5, poll_interval=0.02, backoff_initial=1)
+    trl = TrlWatcher(device_context, proxy.uri, clock=clock, policy=quick)
+    verifier = TokenVerifier(
+        await fetch_key_set(sensor),
+        issuer=ISSUER,
+        audience="thermostat",
+        revocations=trl,
+        clock=clock,
+    )
+    try:
+        await trl.start(wait=False)
+        await eventually(lambda: lost.dropped == 1, "the full query's answer lost")
+        await eventually(lambda: trl.retry_at is not None, "the watcher backs off")
+        assert trl.confirmed_at is None
+        with pytest.raises(StaleState):
+            await verifier.verify(await issue_token(sensor, clock))
+        clock.advance(2)  # the retry goes through
+        await eventually(lambda: trl.confirmed_at == clock.now(), "the list confirmed")
+        await verifier.verify(await issue_token(sensor, clock))
+    finally:
+        await trl.stop()
+        proxy.close()
+
+
+async def test_a_token_issued_in_the_future_is_refused(
+    sensor: Coap, rs: FollowingRs, clock: SettableClock
+) -> None:
+    """Review finding: exp - iat of an hour, both ten years ahead, passed the lifetime bound."""
+    active = sensor.service.key_ring.active
+    genuine = verify_cwt(await issue_token(sensor, clock), sensor.service.key_ring.lookup)
+    later = clock.now() + 10 * 365 * 24 * 3600
+    forged = replace(genuine, iat=later, exp=later + 3600, cti=b"forged-3")
+    answer = await rs.upload(encode_cwt(forged, active.private_key, active.alg, active.kid))
+    assert answer.code == aiocoap.UNAUTHORIZED
+    assert b"future" in answer.payload
+
+
+async def test_a_source_that_cannot_say_how_current_it_is_fails_closed(
+    sensor: Coap, clock: SettableClock
+) -> None:
+    class Keys:  # a home-made key source, without confirmed_at
+        def lookup(self, kid: bytes):  # noqa: ANN201 - the KeySource protocol
+            return sensor.service.key_ring.lookup(kid)
+
+        async def refetch(self) -> bool:
+            return False
+
+    verifier = TokenVerifier(Keys(), issuer=ISSUER, audience="thermostat", clock=clock)
+    with pytest.raises(StaleState):
+        await verifier.verify(await issue_token(sensor, clock))
