@@ -5,7 +5,7 @@ cryptography and PyJWT, so it runs on a Raspberry Pi without the service's stora
 Everything public is listed in `__all__`; the modules behind it are implementation.
 """
 
-from device_client._aiocoap_fixes import create_client_context, create_server_context
+from coap_auth.udp import create_client_context, create_server_context
 from device_client.client import RefreshPolicy, TokenClient
 from device_client.clock import Clock, SystemClock
 from device_client.credentials import Credentials, DeviceKey, SecretCredentials

@@ -91,9 +91,26 @@ PURE = ("coap_auth/tokens/", "coap_auth/keys.py")
 
 RULES = (
     Rule(
-        "only coap_auth/coap/ and coap_auth/cli/ may import aiocoap",
-        _in_coap_auth_except("coap_auth/coap/", "coap_auth/cli/"),
+        "only coap_auth/coap/, coap_auth/cli/ and coap_auth/udp.py may import aiocoap",
+        _in_coap_auth_except("coap_auth/coap/", "coap_auth/cli/", "coap_auth/udp.py"),
         ("aiocoap",),
+    ),
+    Rule(
+        "coap_auth never imports device_client (the device side builds on it, not the reverse)",
+        _under("coap_auth/"),
+        ("device_client",),
+    ),
+    Rule(
+        "udp.py, shared with devices, imports no store, service, keys, settings or CLI",
+        _under("coap_auth/udp.py"),
+        (
+            "coap_auth.store",
+            "coap_auth.service",
+            "coap_auth.coap",
+            "coap_auth.config",
+            "coap_auth.cli",
+            "coap_auth.keys",
+        ),
     ),
     Rule(
         "tokens/ and keys.py are pure: no storage, service, transport, clock or settings",
@@ -121,7 +138,7 @@ RULES = (
         ("coap_auth.service", "coap_auth.coap", "coap_auth.cli"),
     ),
     Rule(
-        "device_client/ imports only coap_auth.wire, coap_auth.errors and coap_auth.tokens",
+        "device_client/ imports only coap_auth.wire, errors, tokens and udp",
         _under("device_client/"),
         (
             "coap_auth.store",
@@ -239,7 +256,7 @@ def test_checker_allows_the_intended_direction(path: str, source: str) -> None:
 
 # -- device_client: an allowlist, not only a denylist -------------------------------------------
 
-DEVICE_ALLOWED = ("coap_auth.wire", "coap_auth.errors", "coap_auth.tokens")
+DEVICE_ALLOWED = ("coap_auth.wire", "coap_auth.errors", "coap_auth.tokens", "coap_auth.udp")
 
 
 def device_client_violations(modules: Iterable[Module]) -> list[str]:

@@ -12,7 +12,7 @@ from aiocoap import resource
 
 from coap_auth.coap.endpoint import answer_error, caller
 from coap_auth.errors import ProblemError
-from device_client._aiocoap_fixes import unprocessed_critical_options
+from coap_auth.udp import unprocessed_critical_options
 
 
 class BadOption(ProblemError):

@@ -23,7 +23,7 @@ from coap_auth.errors import StoreUnavailable
 from coap_auth.service import AuthService
 from coap_auth.service.rate_limit import RateLimiter
 from coap_auth.store import ChangeCounters
-from device_client._aiocoap_fixes import create_server_context
+from coap_auth.udp import create_server_context
 
 log = logging.getLogger("coap_auth.server")
 

@@ -19,8 +19,8 @@ import aiocoap
 import pytest
 
 from coap_auth.coap.server import _bound_port
+from coap_auth.udp import create_client_context
 from device_client import KeySetWatcher, WatchPolicy
-from device_client._aiocoap_fixes import create_client_context
 from tests.conftest import Coap
 
 DEAD_OBSERVERS = 20

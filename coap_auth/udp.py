@@ -1,9 +1,9 @@
 """aiocoap 0.4.17's UDP transport (`transports/udp6.py`), fixed where a stranger can hurt us:
 an ICMP error reaches only the peer it is about, and a bad datagram costs one log line.
 
-Shared by the AS (coap_auth.coap.server) and devices: device_client may import nothing of
-coap_auth but wire, errors and tokens, and nothing in coap_auth outside coap/ may import
-aiocoap (DESIGN.md), so the one copy both sides can reach lives here.
+Shared by the AS (coap_auth.coap) and devices (device_client, which re-exports the two context
+constructors): like the secure-channel code DESIGN.md places under coap_auth/, it is used on
+both sides, imports aiocoap, and imports no store, service or CLI.
 
 The flaw. With IPV6_RECVERR/IP_RECVERR on (aiocoap sets both), Linux queues each ICMP error
 on the socket's error queue, addressed, and *also* leaves it pending on the socket; the next
@@ -46,8 +46,8 @@ from aiocoap.message import Direction
 from aiocoap.numbers import OptionNumber
 from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
+from coap_auth.clock import Clock, SystemClock
 from coap_auth.wire import ContentFormat, ProblemDetail
-from device_client.clock import Clock, SystemClock
 
 # What a send can report about its own datagram: no route, a route or firewall prohibiting
 # it, too large, an address the socket cannot use. ECONNREFUSED is not among them: for an
