@@ -11,6 +11,7 @@
     │   └── UnsupportedPopKey       4.00, error 7
     ├── ProblemError                RFC 9290 body {-1: title, -2: detail}, format 257
     │   ├── BadRequest              4.00
+    │   ├── BadOption               4.02 (a critical option not processed, RFC 7252 §5.4.1)
     │   ├── MethodNotAllowed        4.05
     │   ├── NotAcceptable           4.06
     │   ├── RequestEntityIncomplete 4.08 (RFC 7959: a block that continues no upload held)
@@ -122,6 +123,13 @@ class ProblemError(CoapAuthError):
 
 class BadRequest(ProblemError):
     pass
+
+
+class BadOption(ProblemError):
+    """4.02: a request with a critical option nothing here processes (RFC 7252 §5.4.1)."""
+
+    code = CoapCode.BAD_OPTION
+    title = "Bad Option"
 
 
 class MethodNotAllowed(ProblemError):

@@ -41,13 +41,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiocoap
-import cbor2
 from aiocoap.message import Direction
 from aiocoap.numbers import OptionNumber
 from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
 from coap_auth.clock import Clock, SystemClock
-from coap_auth.wire import ContentFormat, ProblemDetail
+from coap_auth.errors import BadOption
 
 # What a send can report about its own datagram: no route, a route or firewall prohibiting
 # it, too large, an address the socket cannot use. ECONNREFUSED is not among them: for an
@@ -104,12 +103,10 @@ class CriticalOptionGuard:
         if not unprocessed:
             await self.site.render_to_pipe(pipe)
             return
-        detail = f"critical option {' '.join(map(str, unprocessed))} not processed"
-        body = {ProblemDetail.TITLE: "Bad Option", ProblemDetail.DETAIL: detail}
+        error = BadOption(f"critical option {' '.join(map(str, unprocessed))} not processed")
+        code, content_format, payload = error.render()
         answer = aiocoap.Message(
-            code=aiocoap.BAD_OPTION,
-            payload=cbor2.dumps(body),
-            content_format=ContentFormat.PROBLEM_DETAILS_CBOR,
+            code=aiocoap.Code(code), payload=payload, content_format=content_format
         )
         pipe.add_response(answer, is_last=True)
 

@@ -25,6 +25,7 @@ class CoapCode(IntEnum):
     VALID = 67  # 2.03
     BAD_REQUEST = 128  # 4.00
     UNAUTHORIZED = 129  # 4.01
+    BAD_OPTION = 130  # 4.02 (RFC 7252 §5.4.1: a critical option not processed)
     NOT_FOUND = 132  # 4.04
     METHOD_NOT_ALLOWED = 133  # 4.05
     NOT_ACCEPTABLE = 134  # 4.06

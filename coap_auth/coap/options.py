@@ -7,20 +7,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import aiocoap
 from aiocoap import resource
 
 from coap_auth.coap.endpoint import answer_error, caller
-from coap_auth.errors import ProblemError
+from coap_auth.errors import BadOption
 from coap_auth.udp import unprocessed_critical_options
-
-
-class BadOption(ProblemError):
-    """4.02: a critical option the AS does not process (RFC 7252 §5.4.1)."""
-
-    # coap_auth.wire.CoapCode has no member for 4.02 yet.
-    code = aiocoap.Code.BAD_OPTION  # type: ignore[assignment]
-    title = "Bad Option"
 
 
 class OptionCheckingSite(resource.Site):
