@@ -18,6 +18,7 @@ import pytest
 
 from coap_auth.store import MasterKey
 from coap_auth.store.audit import GENESIS, entry_mac, sealed_head
+from coap_auth.store.registry_mac import EMPTY_REGISTRY
 from coap_auth.store.rows import audit_entry_from_row
 from tests.processes import add_secret_client, cli_ok, run_cli
 from tests.test_cli import keys_by_state
@@ -218,9 +219,12 @@ def test_an_empty_log_with_a_genuine_empty_head_is_still_reported(
     starts with: a store that holds keys and registrations cannot have an empty log."""
     data_dir = _tampered_copy(audited, tmp_path, "DELETE FROM audit_log")
     master_key = MasterKey((data_dir / "master.key").read_bytes())
-    genesis = sealed_head(master_key.audit_mac, 0, GENESIS)
+    genesis = sealed_head(master_key.audit_mac, 0, GENESIS, EMPTY_REGISTRY)
     with contextlib.closing(sqlite3.connect(data_dir / DB)) as conn, conn:
-        conn.execute("UPDATE audit_head SET seq = 0, last_mac = ?, mac = ?", (GENESIS, genesis.mac))
+        conn.execute(
+            "UPDATE audit_head SET seq = 0, last_mac = ?, mac = ?, registry = ?",
+            (GENESIS, genesis.mac, EMPTY_REGISTRY),
+        )
     assert (
         "audit log broken at entry 1: the log is empty, but the store holds keys"
         in _verify_fails(data_dir)
@@ -233,6 +237,7 @@ def test_a_head_put_back_behind_the_log_is_reported(audited: Path, tmp_path: Pat
     master_key = MasterKey((data_dir / "master.key").read_bytes())
     with contextlib.closing(sqlite3.connect(data_dir / DB)) as conn, conn:
         (mac_5,) = conn.execute("SELECT mac FROM audit_log WHERE seq = 5").fetchone()
-        older = sealed_head(master_key.audit_mac, 5, mac_5)
+        (registry,) = conn.execute("SELECT registry FROM audit_head").fetchone()
+        older = sealed_head(master_key.audit_mac, 5, mac_5, registry)
         conn.execute("UPDATE audit_head SET seq = 5, last_mac = ?, mac = ?", (mac_5, older.mac))
     assert "audit log broken at entry 6: the log runs past its head (5)" in _verify_fails(data_dir)

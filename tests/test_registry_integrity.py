@@ -5,7 +5,9 @@ file or PostgreSQL schema) but not the master key.
 A rogue public-key client inserted in the clients table, and a registered client whose public
 key is replaced, are refused with 4.01 invalid_client, exactly like an unknown client; an
 audience whose row was edited behaves as unknown; `coap-auth audit verify` names every such row
-and exits 2. Untouched rows keep working.
+and exits 2. Untouched rows keep working. A database put back to a schema before the seals is
+refused at start, not sealed again; an older sealed row put back (a disable undone) or a row
+deleted is reported by `audit verify` (the audit head's registry digest).
 """
 
 from __future__ import annotations
@@ -32,7 +34,15 @@ from coap_auth.tokens import Claims, cose_key_from_public
 from coap_auth.tokens.cose import sign1
 from coap_auth.wire import CoseAlg
 from tests import pg
-from tests.processes import CLI_TIMEOUT, COAP_AUTH, SECRET_LINE, clean_env, serve_process
+from tests.processes import (
+    CLI_TIMEOUT,
+    COAP_AUTH,
+    SECRET_LINE,
+    clean_env,
+    free_udp_port,
+    serve_argv,
+    serve_process,
+)
 
 REQUEST_TIMEOUT = 5
 ISSUER = "coap-auth"  # the default issuer: `aud` of a client assertion
@@ -42,6 +52,12 @@ ACCESS_TOKEN, EXPIRES_IN, AUDIENCE, TOKEN, ACTIVE = 1, 2, 5, 11, 10
 CLIENT_ID, CLIENT_SECRET, ERROR, ERROR_DESCRIPTION = 24, 25, 30, 31
 INVALID_CLIENT_BODY = {ERROR: 2, ERROR_DESCRIPTION: "client authentication failed"}
 UNAUTHORIZED, BAD_REQUEST = aiocoap.UNAUTHORIZED, aiocoap.BAD_REQUEST
+REGISTRY_MISMATCH = "the client and audience rows are not the ones its head records"
+DOWNGRADE = (
+    "database claims schema v2 but this data directory has sealed it before (downgrade?);"
+    " if you restored an older backup on purpose, remove the sealed-schema.* file in the"
+    " data directory"
+)
 
 
 @dataclass
@@ -219,7 +235,9 @@ async def test_rogue_and_edited_clients_are_refused_and_reported(
     assert result.returncode == 2, result.stdout
     # One line per problem (the refusals the store logged on the way come before them).
     problems = [line for line in result.stderr.splitlines() if line.startswith("coap-auth: error:")]
-    assert len(problems) == 2, problems
+    # The rogue row also changes the registry the audit head records.
+    assert len(problems) == 3, problems
+    assert any(REGISTRY_MISMATCH in line for line in problems)
     assert any("client 'mallory': it has no MAC" in line for line in problems)
     assert any("client 'meter-7': its MAC does not match" in line for line in problems)
     # The listing shows only what is trusted.
@@ -266,3 +284,96 @@ def test_audit_verify_on_an_untouched_store_reports_the_registry(registered: Reg
     stdout = registered.deployment.cli_ok("audit", "verify")
     assert stdout.startswith("audit log intact: ")
     assert "registry intact: 2 clients, 2 audiences" in stdout
+
+
+# -- downgrade and replay --------------------------------------------------------------------
+
+
+async def _downgrade_with_a_rogue_client(deployment: Deployment, attacker_key: bytes) -> None:
+    """What someone with the database alone does to have the next start seal a forged row: the
+    schema put back to version 2 (no MACs, no audit head), and a rogue client added."""
+    if deployment.store == "sqlite":
+        await deployment.tamper("DROP TABLE audit_head")
+        await deployment.tamper("ALTER TABLE clients DROP COLUMN mac")
+        await deployment.tamper("ALTER TABLE audiences DROP COLUMN mac")
+        await deployment.tamper("PRAGMA user_version = 2")
+    else:
+        await deployment.tamper("UPDATE schema_version SET version = 2")
+        await deployment.tamper("DELETE FROM audit_head")
+    await deployment.tamper(
+        "INSERT INTO clients (client_id, audiences, scope, secret_digest, public_key,"
+        " disabled, created_at) SELECT 'mallory', audiences, scope, NULL, $1, disabled,"
+        " created_at FROM clients WHERE client_id = 'meter-7'",
+        attacker_key,
+    )
+
+
+async def test_a_downgraded_database_is_refused_not_sealed(
+    registered: Registered, tmp_path: Path
+) -> None:
+    deployment, attacker = registered.deployment, registered.attacker
+    attacker_key = cbor2.dumps(cose_key_from_public(attacker.public_key()))
+    await _downgrade_with_a_rogue_client(deployment, attacker_key)
+
+    served = subprocess.run(
+        serve_argv(deployment.data_dir, free_udp_port()),
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        env=clean_env(**deployment.env),
+        cwd=deployment.data_dir.parent,
+    )
+    assert served.returncode == 2, served.stderr
+    assert served.stderr.strip().splitlines()[-1] == f"coap-auth: error: {DOWNGRADE}"
+    for command in (("clients", "list"), ("audit", "verify")):
+        result = deployment.cli(*command)
+        assert result.returncode == 2, (command, result.stdout)
+        assert result.stderr.strip() == f"coap-auth: error: {DOWNGRADE}", command
+
+    # Nothing was sealed: the rogue row has no MAC, the schema still claims version 2.
+    if deployment.store == "sqlite":
+        with contextlib.closing(sqlite3.connect(deployment.data_dir / "coap-auth.sqlite3")) as c:
+            assert c.execute("PRAGMA user_version").fetchone()[0] == 2
+    else:
+        rows = await pg.fetch(
+            deployment.schema, "SELECT mac FROM clients WHERE client_id = 'mallory'"
+        )
+        assert rows[0][0] is None
+        assert await pg.fetch(deployment.schema, "SELECT * FROM audit_head") == []
+
+
+async def _client_row(deployment: Deployment, client_id: str) -> tuple[Any, ...]:
+    if deployment.store == "sqlite":
+        with contextlib.closing(sqlite3.connect(deployment.data_dir / "coap-auth.sqlite3")) as c:
+            row = c.execute(
+                "SELECT disabled, mac FROM clients WHERE client_id = ?", (client_id,)
+            ).fetchone()
+        return tuple(row)
+    rows = await pg.fetch(
+        deployment.schema, "SELECT disabled, mac FROM clients WHERE client_id = $1", client_id
+    )
+    return tuple(rows[0])
+
+
+@pytest.mark.parametrize("undo", ["disable-undone", "row-deleted"])
+async def test_an_older_sealed_row_put_back_is_reported(registered: Registered, undo: str) -> None:
+    """Every row still carries a MAC that verifies: only the audit head's registry digest shows
+    that the registry is not the one coap-auth last wrote."""
+    deployment = registered.deployment
+    enabled, sealed = await _client_row(deployment, "sensor-1")
+    deployment.cli_ok("clients", "disable", "sensor-1")
+    assert deployment.cli_ok("audit", "verify").startswith("audit log intact: ")
+    if undo == "disable-undone":
+        await deployment.tamper(
+            "UPDATE clients SET disabled = $1, mac = $2 WHERE client_id = 'sensor-1'",
+            enabled,
+            sealed,
+        )
+        assert "sensor-1" in deployment.cli_ok("clients", "list")  # the row verifies
+    else:
+        await deployment.tamper("DELETE FROM clients WHERE client_id = 'meter-7'")
+
+    result = deployment.cli("audit", "verify")
+    assert result.returncode == 2, result.stdout
+    problems = [line for line in result.stderr.splitlines() if line.startswith("coap-auth: error:")]
+    assert len(problems) == 1 and REGISTRY_MISMATCH in problems[0], problems

@@ -5,6 +5,9 @@ from the master key (kept outside the database): editing, reordering or removing
 breaks the chain, and someone with only the database cannot forge a new one. The head (the
 newest seq and MAC, MACed too) is rewritten in the same transaction as every append, so
 removing the newest entries, or all of them, leaves a chain that stops short of its head.
+The head also records a digest of the registry (`registry_mac.registry_digest`), rewritten
+with every registry write, so an older sealed copy of a client or audience row put back (a
+disabled client enabled again, an old key), or a row deleted, no longer matches it.
 What the database alone cannot show is a head and log both put back to an older copy of
 themselves: compare the head `audit verify` prints with one recorded elsewhere.
 """
@@ -23,7 +26,9 @@ from coap_auth.keys import SigningKey
 from coap_auth.store.registry_mac import RegistryReport
 
 GENESIS = bytes(32)
-HEAD_DOMAIN = "coap-auth audit head v1"
+# v1 (schema 3) covered seq and last_mac; v2 (schema 4) covers the registry digest too.
+LEGACY_HEAD_DOMAIN = "coap-auth audit head v1"
+HEAD_DOMAIN = "coap-auth audit head v2"
 
 # The state a key moved into, as the event name that records it.
 _KEY_EVENTS = {
@@ -87,10 +92,12 @@ class ChainReport:
 
 @dataclass(frozen=True, slots=True)
 class AuditHead:
-    """Where the chain ends, as the last append left it: its seq and MAC, and the head's MAC."""
+    """Where the chain ends, as the last append left it: its seq and MAC, the registry digest
+    the last registry write left, and the head's MAC over them."""
 
     seq: int
     last_mac: bytes
+    registry: bytes
     mac: bytes
 
 
@@ -101,6 +108,7 @@ class AuditSnapshot:
     entries: tuple[AuditEntry, ...]
     head: AuditHead | None  # None: the head row is gone
     holds_data: bool  # the store holds a signing key, a client or an audience
+    registry: bytes  # the digest of the registry rows as read (`registry_digest`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,12 +149,12 @@ def verify_chain(mac: Mac, entries: Iterable[AuditEntry]) -> ChainReport:
     return ChainReport(True, count, head_mac=previous)
 
 
-def head_mac(mac: Mac, seq: int, last_mac: bytes) -> bytes:
-    return mac(cbor2.dumps([HEAD_DOMAIN, seq, last_mac], canonical=True))
+def head_mac(mac: Mac, seq: int, last_mac: bytes, registry: bytes) -> bytes:
+    return mac(cbor2.dumps([HEAD_DOMAIN, seq, last_mac, registry], canonical=True))
 
 
-def sealed_head(mac: Mac, seq: int, last_mac: bytes) -> AuditHead:
-    return AuditHead(seq, last_mac, head_mac(mac, seq, last_mac))
+def sealed_head(mac: Mac, seq: int, last_mac: bytes, registry: bytes) -> AuditHead:
+    return AuditHead(seq, last_mac, registry, head_mac(mac, seq, last_mac, registry))
 
 
 def head_verifies(mac: Mac, head: AuditHead | None) -> bool:
@@ -155,8 +163,21 @@ def head_verifies(mac: Mac, head: AuditHead | None) -> bool:
         head is not None
         and isinstance(head.seq, int)
         and isinstance(head.last_mac, bytes)
+        and isinstance(head.registry, bytes)
         and isinstance(head.mac, bytes)
-        and hmac.compare_digest(head_mac(mac, head.seq, head.last_mac), head.mac)
+        and hmac.compare_digest(head_mac(mac, head.seq, head.last_mac, head.registry), head.mac)
+    )
+
+
+def legacy_head_verifies(mac: Mac, seq: Any, last_mac: Any, stored: Any) -> bool:
+    """A head as schema 3 sealed it (no registry digest); read only by the migration to 4."""
+    return (
+        isinstance(seq, int)
+        and isinstance(last_mac, bytes)
+        and isinstance(stored, bytes)
+        and hmac.compare_digest(
+            mac(cbor2.dumps([LEGACY_HEAD_DOMAIN, seq, last_mac], canonical=True)), stored
+        )
     )
 
 
@@ -165,9 +186,11 @@ def append_plan(
     head: AuditHead | None,
     newest: tuple[int, bytes] | None,
     events: Iterable[AuditEvent],
+    registry: bytes | None = None,
 ) -> tuple[list[AuditEntry], AuditHead | None]:
     """The entries that record `events`, and the head to store after them (None: leave the
-    stored head as it is).
+    stored head as it is). `registry` is the registry digest after a registry write that the
+    events record (None: no registry write, the head keeps its digest).
 
     They continue from the head when it verifies and the log does not run past it, so entries
     removed from the end stay missing (a gap `audit verify` reports) instead of being papered
@@ -177,28 +200,55 @@ def append_plan(
     newest_seq, newest_mac = newest or (0, GENESIS)
     if head is not None and head_verifies(mac, head) and head.seq >= newest_seq:
         seq, previous, moves = head.seq, head.last_mac, True
+        kept = head.registry
     else:
-        seq, previous, moves = newest_seq, newest_mac, False
+        seq, previous, moves, kept = newest_seq, newest_mac, False, GENESIS
     entries = []
     for event in events:
         seq += 1
         previous = entry_mac(mac, previous, seq, event)
         entries.append(AuditEntry(seq, event, previous))
-    return entries, (sealed_head(mac, seq, previous) if moves and entries else None)
+    if not (moves and entries):
+        return entries, None
+    return entries, sealed_head(mac, seq, previous, kept if registry is None else registry)
 
 
 def migration_plan(
-    mac: Mac, newest: tuple[int, bytes] | None, from_version: int, to_version: int, now: int
+    mac: Mac,
+    newest: tuple[int, bytes] | None,
+    from_version: int,
+    to_version: int,
+    now: int,
+    registry: bytes,
 ) -> tuple[list[AuditEntry], AuditHead]:
     """A schema migration that brings in the head: the head starts at the newest entry, and
-    the migration is recorded as the next one (so a store that kept no log before has one)."""
+    the migration is recorded as the next one (so a store that kept no log before has one).
+    `registry` is the digest of the registry rows as the migration sealed them."""
     seq, last_mac = newest or (0, GENESIS)
     event = AuditEvent(
         now, "service", "store.migrated", "schema", {"from": from_version, "to": to_version}
     )
-    entries, head = append_plan(mac, sealed_head(mac, seq, last_mac), newest, [event])
+    start = sealed_head(mac, seq, last_mac, registry)
+    entries, head = append_plan(mac, start, newest, [event], registry)
     assert head is not None, "a head that was just sealed verifies"
     return entries, head
+
+
+def reseal_plan(
+    mac: Mac,
+    legacy: tuple[Any, Any, Any] | None,
+    newest: tuple[int, bytes] | None,
+    now: int,
+    registry: bytes,
+) -> tuple[list[AuditEntry], AuditHead | None]:
+    """The migration from schema 3 to 4: the head (`legacy`: seq, last_mac, MAC as schema 3
+    sealed it) gains the registry digest, and the migration is recorded. A head that does not
+    verify is not re-sealed (that would launder it): it stays for `audit verify` to report."""
+    event = AuditEvent(now, "service", "store.migrated", "schema", {"from": 3, "to": 4})
+    head = None
+    if legacy is not None and legacy_head_verifies(mac, *legacy):
+        head = sealed_head(mac, legacy[0], legacy[1], registry)
+    return append_plan(mac, head, newest, [event], registry)
 
 
 def verify_log(mac: Mac, snapshot: AuditSnapshot) -> ChainReport:
@@ -226,6 +276,12 @@ def verify_log(mac: Mac, snapshot: AuditSnapshot) -> ChainReport:
         return broken(count, "the newest entry is not the one the head records")
     if count == 0 and snapshot.holds_data:
         return broken(1, "the log is empty, but the store holds keys or registrations")
+    if not hmac.compare_digest(head.registry, snapshot.registry):
+        return broken(
+            None,
+            "the client and audience rows are not the ones its head records"
+            " (a row put back to an older copy, or removed, outside coap-auth?)",
+        )
     return chain
 
 

@@ -26,9 +26,12 @@ _NONCE_BYTES = 12
 
 
 class MasterKey:
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, home: Path | None = None) -> None:
         if len(key) != KEY_BYTES:
             raise OperatorError("master key must be 32 bytes")
+        # The data directory it was loaded for: what the stores remember there outside the
+        # database (coap_auth.store.seal_marker). None: a key given without one (tests).
+        self.home = home
         self._aead = AESGCM(hashlib.sha256(b"coap-auth key encryption" + key).digest())
         self._digest_key = hashlib.sha256(b"coap-auth secret digest" + key).digest()
         self._audit_key = hashlib.sha256(b"coap-auth audit chain" + key).digest()
@@ -43,13 +46,14 @@ class MasterKey:
         from_env = os.environ.get(ENV_VAR)
         if from_env:
             try:
-                return cls(base64.urlsafe_b64decode(from_env + "=" * (-len(from_env) % 4)))
+                raw = base64.urlsafe_b64decode(from_env + "=" * (-len(from_env) % 4))
+                return cls(raw, data_dir)
             except ValueError:
                 raise OperatorError(f"{ENV_VAR} is not base64url of 32 bytes") from None
         path = data_dir / FILE_NAME
         if path.exists():
             make_private(path, 0o600)
-            return cls(path.read_bytes())
+            return cls(path.read_bytes(), data_dir)
         if not create:
             raise OperatorError(f"no master key: set {ENV_VAR} or run `coap-auth init`")
         key = secrets.token_bytes(KEY_BYTES)
@@ -58,7 +62,7 @@ class MasterKey:
             out.write(key)
             out.flush()
             os.fsync(out.fileno())
-        return cls(key)
+        return cls(key, data_dir)
 
     def encrypt(self, plaintext: bytes, context: bytes) -> bytes:
         """AES-256-GCM; `context` (e.g. the kid) is bound as associated data."""

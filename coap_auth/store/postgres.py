@@ -58,7 +58,7 @@ class PostgresStore(PostgresTokenTables):
             event = AuditEvent(
                 audience.created_at, "operator", "audience.added", audience.audience_id, details
             )
-            await self._audit(conn, [event])
+            await self._audit(conn, [event], registry=True)
 
         await self._in_tx(add)
 
@@ -96,7 +96,7 @@ class PostgresStore(PostgresTokenTables):
             event = AuditEvent(
                 client.created_at, "operator", "client.added", client.client_id, details
             )
-            await self._audit(conn, [event])
+            await self._audit(conn, [event], registry=True)
 
         await self._in_tx(add)
 
@@ -126,7 +126,8 @@ class PostgresStore(PostgresTokenTables):
                 row[-1],
                 client_id,
             )
-            await self._audit(conn, [AuditEvent(now, "operator", "client.disabled", client_id)])
+            event = AuditEvent(now, "operator", "client.disabled", client_id)
+            await self._audit(conn, [event], registry=True)
             return True
 
         return await self._in_tx(disable)

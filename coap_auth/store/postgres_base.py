@@ -34,7 +34,7 @@ import asyncpg
 from coap_auth.errors import OperatorError, StoreUnavailable
 from coap_auth.store.audit import AuditEntry, AuditEvent, AuditHead, AuditSnapshot, append_plan
 from coap_auth.store.master_key import MasterKey
-from coap_auth.store.postgres_schema import migrate
+from coap_auth.store.postgres_schema import SCHEMA_VERSION, migrate, registry_digest_of
 from coap_auth.store.records import ChangeCounters
 from coap_auth.store.rows import (
     AUDIT_COLUMNS,
@@ -42,6 +42,7 @@ from coap_auth.store.rows import (
     audit_entry_to_row,
     stand_in_rows,
 )
+from coap_auth.store.seal_marker import marker_path, read_marker, write_marker
 
 log = logging.getLogger("coap_auth.store")
 
@@ -81,6 +82,9 @@ class PostgresBase:
         self._registry_mac = master_key.registry_mac
         self._stand_in_client, self._stand_in_audience = stand_in_rows(self._registry_mac)
         self._pool: asyncpg.Pool | None = None
+        # This instance's own marker, next to its master key: outside the shared database.
+        home = master_key.home
+        self._marker = None if home is None else marker_path(home, f"postgres-{schema}")
         self._read_only = False  # a write was refused as read-only, and none has worked since
         self._channel = f"coap_auth_{schema}"
         digest = hashlib.sha256(f"coap-auth {schema}".encode()).digest()
@@ -105,13 +109,20 @@ class PostgresBase:
                 command_timeout=COMMAND_TIMEOUT,
                 server_settings={"search_path": self._schema},
             )
+            sealed_before = read_marker(self._marker)
             async with self._pool.acquire() as conn:
-                await migrate(conn, self._lock_schema, self._master_key, int(time.time()))
+                await migrate(
+                    conn, self._lock_schema, self._master_key, int(time.time()), sealed_before
+                )
+            write_marker(self._marker, SCHEMA_VERSION)
         except (*CONNECTION_ERRORS, asyncpg.exceptions.ReadOnlySQLTransactionError) as exc:
             await self.close()
             if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
                 raise OperatorError("the PostgreSQL store is read-only (a standby?)") from None
             raise OperatorError("cannot connect to the PostgreSQL store") from None
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         """Close the pool; connections still in use after CLOSE_TIMEOUT are cut, so a stop
@@ -182,8 +193,11 @@ class PostgresBase:
 
     # -- audit log --------------------------------------------------------------------------
 
-    async def _audit(self, conn: Conn, events: Iterable[AuditEvent]) -> None:
-        """Append to the chain and move its head, in the caller's transaction."""
+    async def _audit(
+        self, conn: Conn, events: Iterable[AuditEvent], *, registry: bool = False
+    ) -> None:
+        """Append to the chain and move its head, in the caller's transaction; `registry`:
+        the transaction wrote a client or audience row, the head records the new digest."""
         events = list(events)
         if not events:
             return
@@ -191,11 +205,15 @@ class PostgresBase:
         # head row is only ever written under it).
         await self._lock(conn, self._lock_audit)
         newest = await conn.fetchrow("SELECT seq, mac FROM audit_log ORDER BY seq DESC LIMIT 1")
+        # Read under the audit lock: every other registry write has committed or waits, so
+        # (read committed) the digest sees them all, and this transaction's own row.
+        digest = await registry_digest_of(conn) if registry else None
         entries, head = append_plan(
             self._audit_mac,
             await _read_head(conn),
             None if newest is None else (newest[0], newest[1]),
             events,
+            digest,
         )
         await conn.executemany(
             f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -203,10 +221,12 @@ class PostgresBase:
         )
         if head is not None:
             await conn.execute(
-                "UPDATE audit_head SET seq = $1, last_mac = $2, mac = $3 WHERE id = 1",
+                "UPDATE audit_head SET seq = $1, last_mac = $2, mac = $3, registry = $4"
+                " WHERE id = 1",
                 head.seq,
                 head.last_mac,
                 head.mac,
+                head.registry,
             )
 
     async def append_audit(self, events: Iterable[AuditEvent]) -> None:
@@ -239,8 +259,9 @@ class PostgresBase:
                 " OR EXISTS (SELECT 1 FROM audiences)"
             )
             head = await _read_head(conn)
+            registry = await registry_digest_of(conn)
         entries = tuple(audit_entry_from_row(r) for r in rows)
-        return AuditSnapshot(entries, head, bool(holds_data))
+        return AuditSnapshot(entries, head, bool(holds_data), registry)
 
     # -- change feed -------------------------------------------------------------------------
 
@@ -286,8 +307,8 @@ class PostgresBase:
 
 
 async def _read_head(conn: Conn) -> AuditHead | None:
-    row = await conn.fetchrow("SELECT seq, last_mac, mac FROM audit_head WHERE id = 1")
-    return None if row is None else AuditHead(row[0], row[1], row[2])
+    row = await conn.fetchrow("SELECT seq, last_mac, registry, mac FROM audit_head WHERE id = 1")
+    return None if row is None else AuditHead(row[0], row[1], row[2], row[3])
 
 
 def _describe(exc: BaseException) -> str:

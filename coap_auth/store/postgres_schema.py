@@ -1,25 +1,35 @@
 """The PostgreSQL schema (same tables and column order as SQLite), its creation and migration.
 
 `migrate` runs under an advisory lock, so several instances starting at once create (or
-migrate) it once; migrating seals the registry rows and the audit head under the master key.
+migrate) it once; migrating seals the registry rows and the audit head under the master key
+(unless this instance's data directory says it was sealed before: a downgrade, see seal_marker).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from coap_auth.store.audit import GENESIS, migration_plan, sealed_head
+from coap_auth.errors import OperatorError
+from coap_auth.store.audit import GENESIS, AuditHead, migration_plan, reseal_plan, sealed_head
 from coap_auth.store.master_key import MasterKey
-from coap_auth.store.registry_mac import AUDIENCES, CLIENTS, row_mac
+from coap_auth.store.registry_mac import (
+    AUDIENCES,
+    CLIENTS,
+    EMPTY_REGISTRY,
+    registry_digest,
+    row_mac,
+)
 from coap_auth.store.rows import (
     AUDIENCE_SELECT,
     AUDIT_COLUMNS,
     CLIENT_SELECT,
+    REGISTRY_IDS,
     audit_entry_to_row,
     row_values,
 )
+from coap_auth.store.seal_marker import refusal
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -119,7 +129,8 @@ CREATE TABLE IF NOT EXISTS audit_head (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     seq BIGINT NOT NULL,
     last_mac BYTEA NOT NULL,
-    mac BYTEA NOT NULL
+    mac BYTEA NOT NULL,
+    registry BYTEA
 );
 """
 
@@ -130,27 +141,83 @@ ALTER TABLE audiences ADD COLUMN IF NOT EXISTS mac BYTEA;
 ALTER TABLE clients ADD COLUMN IF NOT EXISTS mac BYTEA;
 """
 
+# Version 3 to 4: the audit head records a digest of the registry rows (`registry_digest`).
+_FROM_3 = """
+ALTER TABLE audit_head ADD COLUMN IF NOT EXISTS registry BYTEA;
+"""
 
-async def migrate(conn: Any, lock_key: int, master_key: MasterKey, now: int) -> None:
-    """Create the schema if absent, or bring version 2 up to date; refuse a newer one. `conn`
-    is an asyncpg connection; `now` dates the audit entry that records a migration."""
+
+async def migrate(
+    conn: Any, lock_key: int, master_key: MasterKey, now: int, sealed_before: int | None
+) -> None:
+    """Create the schema if absent, or bring version 2 or 3 up to date; refuse a newer one.
+    `conn` is an asyncpg connection; `now` dates the audit entry that records a migration;
+    `sealed_before` is the version this instance's marker records: an older database (or one
+    that lost its version but holds data) is refused, not sealed again."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key)
         await conn.execute(SCHEMA)
         version = await conn.fetchval("SELECT max(version) FROM schema_version")
         if version is None:
-            head = sealed_head(master_key.audit_mac, 0, GENESIS)
-            await conn.execute(
-                "INSERT INTO audit_head VALUES (1, $1, $2, $3)", 0, GENESIS, head.mac
+            holds_data = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM signing_keys) OR EXISTS (SELECT 1 FROM clients)"
+                " OR EXISTS (SELECT 1 FROM audiences)"
             )
+            problem = refusal(0, sealed_before) if holds_data else None
+            if problem:
+                raise OperatorError(problem)
+            head = sealed_head(master_key.audit_mac, 0, GENESIS, EMPTY_REGISTRY)
+            await _write_head(conn, head, insert=True)
             await conn.execute("INSERT INTO schema_version VALUES ($1)", SCHEMA_VERSION)
         elif version > SCHEMA_VERSION:
             raise RuntimeError(f"database schema {version} is newer than this coap-auth")
         elif version < SCHEMA_VERSION:
+            problem = refusal(version, sealed_before)
+            if problem:
+                raise OperatorError(problem)
             # Only now: ALTER TABLE locks the table against every other instance's reads.
-            await conn.execute(_FROM_2)
-            await _seal(conn, master_key, version, now)
+            if version < 3:
+                await conn.execute(_FROM_2)
+                await _seal(conn, master_key, version, now)
+            else:
+                await conn.execute(_FROM_3)
+                await _reseal(conn, master_key, now)
             await conn.execute("UPDATE schema_version SET version = $1", SCHEMA_VERSION)
+
+
+async def registry_digest_of(conn: Any) -> bytes:
+    """The registry digest of the rows as the connection sees them (in its transaction)."""
+    return registry_digest(tuple(r) for r in await conn.fetch(REGISTRY_IDS))
+
+
+async def _write_head(conn: Any, head: AuditHead, *, insert: bool) -> None:
+    if insert:
+        query = (
+            "INSERT INTO audit_head (id, seq, last_mac, mac, registry) VALUES (1, $1, $2, $3, $4)"
+        )
+    else:
+        query = (
+            "UPDATE audit_head SET seq = $1, last_mac = $2, mac = $3, registry = $4 WHERE id = 1"
+        )
+    await conn.execute(query, head.seq, head.last_mac, head.mac, head.registry)
+
+
+async def _reseal(conn: Any, master_key: MasterKey, now: int) -> None:
+    newest = await conn.fetchrow("SELECT seq, mac FROM audit_log ORDER BY seq DESC LIMIT 1")
+    legacy = await conn.fetchrow("SELECT seq, last_mac, mac FROM audit_head WHERE id = 1")
+    entries, head = reseal_plan(
+        master_key.audit_mac,
+        None if legacy is None else (legacy[0], legacy[1], legacy[2]),
+        None if newest is None else (newest[0], newest[1]),
+        now,
+        await registry_digest_of(conn),
+    )
+    await conn.executemany(
+        f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        [audit_entry_to_row(entry) for entry in entries],
+    )
+    if head is not None:
+        await _write_head(conn, head, insert=False)
 
 
 async def _seal(conn: Any, master_key: MasterKey, version: int, now: int) -> None:
@@ -176,11 +243,10 @@ async def _seal(conn: Any, master_key: MasterKey, version: int, now: int) -> Non
         version,
         SCHEMA_VERSION,
         now,
+        await registry_digest_of(conn),
     )
     await conn.executemany(
         f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         [audit_entry_to_row(entry) for entry in entries],
     )
-    await conn.execute(
-        "INSERT INTO audit_head VALUES (1, $1, $2, $3)", head.seq, head.last_mac, head.mac
-    )
+    await _write_head(conn, head, insert=True)

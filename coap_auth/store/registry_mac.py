@@ -7,8 +7,9 @@ it with `row_fault` on every read; a row whose MAC is missing or wrong is never 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ import cbor2
 
 # Domain separation: a registry MAC can never stand for any other MAC under this key.
 DOMAIN = "coap-auth registry row v1"
+DIGEST_DOMAIN = "coap-auth registry digest v1"
 CLIENTS = "clients"
 AUDIENCES = "audiences"
 _KINDS = {CLIENTS: "client", AUDIENCES: "audience"}
@@ -29,6 +31,18 @@ def row_mac(mac: Mac, table: str, values: Sequence[Any]) -> bytes:
     schema order]]. Each column is one CBOR item (text, bytes, int, bool, null), so no two
     different rows share an encoding, and a row cannot pass for one of another table."""
     return mac(cbor2.dumps([DOMAIN, table, list(values)], canonical=True))
+
+
+def registry_digest(rows: Iterable[tuple[str, Any, Any]]) -> bytes:
+    """What the audit head records of the whole registry: a hash over every (table, row id,
+    row MAC), sorted. A row MAC alone cannot tell an older sealed copy of its row (enabled
+    again, its old key) from the current one, nor show a row deleted; the head, MACed and
+    rewritten with every registry write, can."""
+    items = sorted([table, str(row_id), stored] for table, row_id, stored in rows)
+    return hashlib.sha256(cbor2.dumps([DIGEST_DOMAIN, items], canonical=True)).digest()
+
+
+EMPTY_REGISTRY = registry_digest([])
 
 
 @dataclass(frozen=True, slots=True)

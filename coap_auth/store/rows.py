@@ -49,6 +49,11 @@ CLIENT_COLUMNS = (
 )
 AUDIENCE_SELECT = ", ".join((*AUDIENCE_COLUMNS, "mac"))
 CLIENT_SELECT = ", ".join((*CLIENT_COLUMNS, "mac"))
+# Every registry row's table, id and MAC: what the audit head's registry digest covers.
+REGISTRY_IDS = (
+    "SELECT 'clients', client_id, mac FROM clients"
+    " UNION ALL SELECT 'audiences', audience_id, mac FROM audiences"
+)
 
 
 def audience_from_row(row: Row) -> Audience:

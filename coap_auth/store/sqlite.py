@@ -67,6 +67,7 @@ class SqliteStore(TokenTables):
                         details,
                     )
                 ],
+                registry=True,
             )
 
         await self._in_tx(add)
@@ -107,6 +108,7 @@ class SqliteStore(TokenTables):
                         client.created_at, "operator", "client.added", client.client_id, details
                     )
                 ],
+                registry=True,
             )
 
         await self._in_tx(add)
@@ -135,7 +137,8 @@ class SqliteStore(TokenTables):
             conn.execute(
                 "UPDATE clients SET disabled = 1, mac = ? WHERE client_id = ?", (row[-1], client_id)
             )
-            self._audit(conn, [AuditEvent(now, "operator", "client.disabled", client_id)])
+            event = AuditEvent(now, "operator", "client.disabled", client_id)
+            self._audit(conn, [event], registry=True)
             return True
 
         return await self._in_tx(disable)

@@ -23,7 +23,8 @@ from coap_auth.store.rows import (
     audit_entry_to_row,
     stand_in_rows,
 )
-from coap_auth.store.sqlite_schema import migrate
+from coap_auth.store.seal_marker import marker_path, read_marker, write_marker
+from coap_auth.store.sqlite_schema import SCHEMA_VERSION, migrate, registry_digest_of
 
 T = TypeVar("T")
 log = logging.getLogger("coap_auth.store")
@@ -47,6 +48,9 @@ class SqliteBase:
         self._stand_in_client, self._stand_in_audience = stand_in_rows(self._registry_mac)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coap-auth-sqlite")
         self._conn: sqlite3.Connection | None = None
+        # Next to the master key (its data directory), outside the database.
+        home = master_key.home
+        self._marker = None if home is None else marker_path(home, "sqlite")
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -78,7 +82,12 @@ class SqliteBase:
             # Deleted and overwritten content (a sealed private key once its key has ended)
             # is zeroed in the pages, not left in free space.
             conn.execute("PRAGMA secure_delete=ON")
-            migrate(conn, self._master_key, int(time.time()))
+            try:
+                migrate(conn, self._master_key, int(time.time()), read_marker(self._marker))
+                write_marker(self._marker, SCHEMA_VERSION)
+            except BaseException:
+                conn.close()
+                raise
             self._conn = conn
             self._probe_writes()
             self._make_files_private()
@@ -161,21 +170,25 @@ class SqliteBase:
 
     # -- audit log --------------------------------------------------------------------------
 
-    def _audit(self, conn: sqlite3.Connection, events: Iterable[AuditEvent]) -> None:
-        """Append to the chain and move its head, in the caller's transaction."""
+    def _audit(
+        self, conn: sqlite3.Connection, events: Iterable[AuditEvent], *, registry: bool = False
+    ) -> None:
+        """Append to the chain and move its head, in the caller's transaction; `registry`:
+        the transaction wrote a client or audience row, the head records the new digest."""
         events = list(events)
         if not events:
             return
         newest = conn.execute("SELECT seq, mac FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
-        entries, head = append_plan(self._audit_mac, _read_head(conn), newest, events)
+        digest = registry_digest_of(conn) if registry else None
+        entries, head = append_plan(self._audit_mac, _read_head(conn), newest, events, digest)
         conn.executemany(
             f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [audit_entry_to_row(entry) for entry in entries],
         )
         if head is not None:
             conn.execute(
-                "UPDATE audit_head SET seq = ?, last_mac = ?, mac = ? WHERE id = 1",
-                (head.seq, head.last_mac, head.mac),
+                "UPDATE audit_head SET seq = ?, last_mac = ?, mac = ?, registry = ? WHERE id = 1",
+                (head.seq, head.last_mac, head.mac, head.registry),
             )
 
     async def append_audit(self, events: Iterable[AuditEvent]) -> None:
@@ -200,7 +213,9 @@ class SqliteBase:
                 " OR EXISTS (SELECT 1 FROM audiences)"
             ).fetchone()[0]
             entries = tuple(audit_entry_from_row(r) for r in rows)
-            return AuditSnapshot(entries, _read_head(conn), bool(holds_data))
+            return AuditSnapshot(
+                entries, _read_head(conn), bool(holds_data), registry_digest_of(conn)
+            )
 
         return await self._run(self._tx, read, "BEGIN DEFERRED")
 
@@ -216,5 +231,7 @@ class SqliteBase:
 
 
 def _read_head(conn: sqlite3.Connection) -> AuditHead | None:
-    row = conn.execute("SELECT seq, last_mac, mac FROM audit_head WHERE id = 1").fetchone()
+    row = conn.execute(
+        "SELECT seq, last_mac, registry, mac FROM audit_head WHERE id = 1"
+    ).fetchone()
     return None if row is None else AuditHead(*row)

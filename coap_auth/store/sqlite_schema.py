@@ -1,7 +1,8 @@
 """The SQLite schema and its migrations.
 
 `PRAGMA user_version` numbers the schema; `migrate` brings any older file up to date in one
-transaction, sealing the registry rows and the audit head under the master key as it goes.
+transaction, sealing the registry rows and the audit head under the master key as it goes
+(unless the data directory says it was sealed before: a downgrade, see seal_marker).
 """
 
 from __future__ import annotations
@@ -10,18 +11,34 @@ import sqlite3
 
 import cbor2
 
-from coap_auth.store.audit import GENESIS, migration_plan, sealed_head
+from coap_auth.errors import OperatorError
+from coap_auth.store.audit import (
+    GENESIS,
+    AuditEntry,
+    AuditHead,
+    migration_plan,
+    reseal_plan,
+    sealed_head,
+)
 from coap_auth.store.master_key import MasterKey
-from coap_auth.store.registry_mac import AUDIENCES, CLIENTS, row_mac
+from coap_auth.store.registry_mac import (
+    AUDIENCES,
+    CLIENTS,
+    EMPTY_REGISTRY,
+    registry_digest,
+    row_mac,
+)
 from coap_auth.store.rows import (
     AUDIENCE_SELECT,
     AUDIT_COLUMNS,
     CLIENT_SELECT,
+    REGISTRY_IDS,
     audit_entry_to_row,
     row_values,
 )
+from coap_auth.store.seal_marker import refusal
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE audiences (
@@ -120,7 +137,8 @@ CREATE TABLE audit_head (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     seq INTEGER NOT NULL,
     last_mac BLOB NOT NULL,
-    mac BLOB NOT NULL
+    mac BLOB NOT NULL,
+    registry BLOB
 );
 """
 
@@ -160,14 +178,23 @@ ALTER TABLE audiences ADD COLUMN mac BLOB;
 ALTER TABLE clients ADD COLUMN mac BLOB;
 CREATE TABLE audit_head (
     id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, last_mac BLOB NOT NULL,
-    mac BLOB NOT NULL
+    mac BLOB NOT NULL, registry BLOB
 );
 """
 
+# Version 3 to 4: the audit head records a digest of the registry rows (`registry_digest`), so
+# an older sealed copy of a row put back, or a row deleted, shows.
+_FROM_3 = """
+ALTER TABLE audit_head ADD COLUMN registry BLOB
+"""
 
-def migrate(conn: sqlite3.Connection, master_key: MasterKey, now: int) -> None:
+
+def migrate(
+    conn: sqlite3.Connection, master_key: MasterKey, now: int, sealed_before: int | None
+) -> None:
     """Create the schema in an empty file, or bring an older one up to `SCHEMA_VERSION`
-    (`now` dates the audit entry that records a migration)."""
+    (`now` dates the audit entry that records a migration). `sealed_before` is the version
+    the data directory's marker records: an older database is refused, not sealed again."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -176,18 +203,25 @@ def migrate(conn: sqlite3.Connection, master_key: MasterKey, now: int) -> None:
         ).fetchone()
         if not has_tables:
             _script(conn, SCHEMA)
-            head = sealed_head(master_key.audit_mac, 0, GENESIS)
-            conn.execute("INSERT INTO audit_head VALUES (1, ?, ?, ?)", (0, GENESIS, head.mac))
+            head = sealed_head(master_key.audit_mac, 0, GENESIS, EMPTY_REGISTRY)
+            _write_head(conn, head, insert=True)
         elif version > SCHEMA_VERSION:
             raise RuntimeError(f"database schema {version} is newer than this coap-auth")
         elif version < SCHEMA_VERSION:
-            if version < 2:
-                _script(conn, _FROM_1)
-                _seed_trl_history(conn)
-            _script(conn, _FROM_2)
-            _seal_registry(conn, master_key)
             # Version 1 left user_version unset (0).
-            _seal_audit_head(conn, master_key, max(version, 1), now)
+            problem = refusal(max(version, 1), sealed_before)
+            if problem:
+                raise OperatorError(problem)
+            if version < 3:
+                if version < 2:
+                    _script(conn, _FROM_1)
+                    _seed_trl_history(conn)
+                _script(conn, _FROM_2)
+                _seal_registry(conn, master_key)
+                _seal_audit_head(conn, master_key, max(version, 1), now)
+            else:
+                _script(conn, _FROM_3)
+                _reseal_audit_head(conn, master_key, now)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -226,16 +260,50 @@ def _seal_registry(conn: sqlite3.Connection, master_key: MasterKey) -> None:
             )
 
 
+def registry_digest_of(conn: sqlite3.Connection) -> bytes:
+    """The registry digest of the rows as the connection sees them (in its transaction)."""
+    return registry_digest(conn.execute(REGISTRY_IDS).fetchall())
+
+
 def _seal_audit_head(
     conn: sqlite3.Connection, master_key: MasterKey, version: int, now: int
 ) -> None:
     newest = conn.execute("SELECT seq, mac FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
-    entries, head = migration_plan(master_key.audit_mac, newest, version, SCHEMA_VERSION, now)
+    entries, head = migration_plan(
+        master_key.audit_mac, newest, version, SCHEMA_VERSION, now, registry_digest_of(conn)
+    )
+    _insert_entries(conn, entries)
+    _write_head(conn, head, insert=True)
+
+
+def _reseal_audit_head(conn: sqlite3.Connection, master_key: MasterKey, now: int) -> None:
+    newest = conn.execute("SELECT seq, mac FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+    legacy = conn.execute("SELECT seq, last_mac, mac FROM audit_head WHERE id = 1").fetchone()
+    entries, head = reseal_plan(master_key.audit_mac, legacy, newest, now, registry_digest_of(conn))
+    _insert_entries(conn, entries)
+    if head is not None:
+        _write_head(conn, head, insert=False)
+
+
+def _insert_entries(conn: sqlite3.Connection, entries: list[AuditEntry]) -> None:
     conn.executemany(
         f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
         [audit_entry_to_row(entry) for entry in entries],
     )
-    conn.execute("INSERT INTO audit_head VALUES (1, ?, ?, ?)", (head.seq, head.last_mac, head.mac))
+
+
+def _write_head(conn: sqlite3.Connection, head: AuditHead, *, insert: bool) -> None:
+    values = (head.seq, head.last_mac, head.mac, head.registry)
+    if insert:
+        conn.execute(
+            "INSERT INTO audit_head (id, seq, last_mac, mac, registry) VALUES (1, ?, ?, ?, ?)",
+            values,
+        )
+    else:
+        conn.execute(
+            "UPDATE audit_head SET seq = ?, last_mac = ?, mac = ?, registry = ? WHERE id = 1",
+            values,
+        )
 
 
 def _script(conn: sqlite3.Connection, script: str) -> None:
