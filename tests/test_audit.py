@@ -14,11 +14,13 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+import cbor2
 import pytest
 
 from coap_auth.store import MasterKey
-from coap_auth.store.audit import GENESIS, entry_mac, sealed_head
+from coap_auth.store.audit import GENESIS, AuditEntry, AuditEvent, entry_mac, sealed_head
 from coap_auth.store.registry_mac import EMPTY_REGISTRY
+from coap_auth.store.revocation_audit import AccessRow, RevocationRows, revocation_report
 from coap_auth.store.rows import audit_entry_from_row
 from tests.processes import add_secret_client, cli_ok, run_cli
 from tests.test_cli import keys_by_state
@@ -241,3 +243,85 @@ def test_a_head_put_back_behind_the_log_is_reported(audited: Path, tmp_path: Pat
         older = sealed_head(master_key.audit_mac, 5, mac_5, registry)
         conn.execute("UPDATE audit_head SET seq = 5, last_mac = ?, mac = ?", (mac_5, older.mac))
     assert "audit log broken at entry 6: the log runs past its head (5)" in _verify_fails(data_dir)
+
+
+# -- revocations against the log (pure: coap_auth.store.revocation_audit) --------------------
+
+NOW = 1_000
+TH, OTHER, FAMILY = b"\x01" + bytes(range(32)), b"\x01" + bytes(32), bytes(range(16))
+
+
+def _entry(seq: int, event: str, subject: bytes, **details: object) -> AuditEntry:
+    return AuditEntry(seq, AuditEvent(NOW - 100, "service", event, subject.hex(), details), b"")
+
+
+def _access(th: bytes, exp: int = NOW + 500, revoked: int | None = NOW - 100, **kw: object):
+    row = {"family_id": FAMILY, "exp": exp, "revoked_at": revoked, "delisted_at": None, **kw}
+    return AccessRow(th, **row)  # type: ignore[arg-type]
+
+
+REVOKED = _entry(1, "token.revoked", TH, client_id="sensor-1", exp=NOW + 500)
+
+
+@pytest.mark.parametrize(
+    ("entries", "rows", "fault"),
+    [
+        ([REVOKED], RevocationRows((_access(TH, revoked=None),)), "not revoked in access_tokens"),
+        ([REVOKED], RevocationRows((_access(TH, delisted_at=NOW),)), "delisted from the TRL"),
+        ([REVOKED], RevocationRows(), "its record is gone"),
+        (
+            [REVOKED],
+            RevocationRows((_access(TH),), removals=((7, cbor2.dumps([TH])),)),
+            "TRL update 7 removes it",
+        ),
+        # The exp in the log wins over an exp moved back in the row.
+        ([REVOKED], RevocationRows((_access(TH, exp=1, revoked=None),)), "not revoked"),
+        # An entry from before exps were recorded: the row's exp.
+        (
+            [_entry(1, "token.revoked", TH, client_id="sensor-1")],
+            RevocationRows((_access(TH, revoked=None),)),
+            "not revoked",
+        ),
+        # A kill that recorded its tokens, and an older one that recorded only a count.
+        (
+            [_entry(1, "family.killed", FAMILY, access_tokens={TH.hex(): NOW + 500})],
+            RevocationRows((_access(TH, revoked=None, family_id=None),), ((FAMILY, NOW),)),
+            "not revoked",
+        ),
+        (
+            [_entry(1, "family.killed", FAMILY, revoked_access_tokens=1)],
+            RevocationRows((_access(TH, revoked=None),), ((FAMILY, NOW),)),
+            "not revoked",
+        ),
+        (
+            [_entry(1, "family.killed", FAMILY, reason="expired")],
+            RevocationRows(families=((FAMILY, None),)),
+            "alive again",
+        ),
+        ([_entry(1, "family.killed", FAMILY)], RevocationRows(), "its record is gone"),
+        ([], RevocationRows(removals=((3, b"\xff"),)), "TRL update 3 does not decode"),
+    ],
+)
+def test_revocations_undone_are_reported(
+    entries: list[AuditEntry], rows: RevocationRows, fault: str
+) -> None:
+    report = revocation_report(entries, rows, NOW)
+    assert not report.ok
+    (problem,) = report.problems
+    assert fault in problem
+    assert TH.hex() not in problem  # a prefix names it
+    if "access token" in problem:
+        assert f"access token {TH.hex()[:16]}... revoked by audit entry 1" in problem
+
+
+def test_revocations_that_hold_or_expired_are_not_reported() -> None:
+    expired = _entry(2, "token.revoked", OTHER, client_id="sensor-1", exp=NOW)
+    kill = _entry(3, "family.killed", FAMILY, reason="expired")  # its tokens live on
+    rows = RevocationRows(
+        (_access(TH), _access(OTHER, exp=NOW, delisted_at=NOW), _access(b"\x01x", revoked=None)),
+        ((FAMILY, NOW - 100),),
+        ((4, cbor2.dumps([OTHER])),),  # the sweep delisted the expired one
+    )
+    report = revocation_report([REVOKED, expired, kill], rows, NOW)
+    assert report.ok, report.problems
+    assert (report.tokens, report.families) == (1, 1)

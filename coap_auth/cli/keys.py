@@ -95,8 +95,8 @@ async def cmd_keys_export(args: argparse.Namespace, service: AuthService) -> int
 
 @with_service
 async def cmd_audit_verify(args: argparse.Namespace, service: AuthService) -> int:
-    """The chain from its genesis to its head, and every registry row's MAC: each problem is
-    one line on stderr, and the exit status 2."""
+    """The chain from its genesis to its head, every registry row's MAC, and the revocations
+    the log records: each problem is one line on stderr, and the exit status 2."""
     report = await service.verify_audit()
     if not report.ok:
         for problem in report.problems():
@@ -104,6 +104,7 @@ async def cmd_audit_verify(args: argparse.Namespace, service: AuthService) -> in
         return 2
     print(report.chain.describe())
     print(report.registry.describe())
+    print(report.revocation.describe())
     return 0
 
 

@@ -37,6 +37,7 @@ from coap_auth.store import (
     Store,
     verify_log,
 )
+from coap_auth.store.revocation_audit import revocation_report
 from coap_auth.tokens import (
     Claims,
     cose_key_from_public,
@@ -132,9 +133,14 @@ class AuthService:
 
     async def verify_audit(self) -> AuditReport:
         """Walk the audit log's hash chain under the master key to the head it must end at,
-        and check every client and audience row's MAC."""
-        chain = verify_log(self._master_key.audit_mac, await self.store.audit_snapshot())
-        return AuditReport(chain, await self.store.registry_report())
+        and check every client and audience row's MAC, and that every revocation the verified
+        entries record still holds."""
+        snapshot = await self.store.audit_snapshot()
+        chain = verify_log(self._master_key.audit_mac, snapshot)
+        # Only entries whose MACs verified are evidence; a broken chain is reported anyway.
+        verified = snapshot.entries[: chain.entries]
+        revocation = revocation_report(verified, snapshot.revocation, self.clock.now())
+        return AuditReport(chain, await self.store.registry_report(), revocation)
 
     # -- /token -------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ import cbor2
 
 from coap_auth.keys import SigningKey
 from coap_auth.store.registry_mac import RegistryReport
+from coap_auth.store.revocation_audit import RevocationReport, RevocationRows
 
 GENESIS = bytes(32)
 # v1 (schema 3) covered seq and last_mac; v2 (schema 4) covers the registry digest too.
@@ -109,22 +110,27 @@ class AuditSnapshot:
     head: AuditHead | None  # None: the head row is gone
     holds_data: bool  # the store holds a signing key, a client or an audience
     registry: bytes  # the digest of the registry rows as read (`registry_digest`)
+    # The revocation state in the same read, to cross-check against the entries.
+    revocation: RevocationRows = RevocationRows()
 
 
 @dataclass(frozen=True, slots=True)
 class AuditReport:
-    """What `audit verify` found: the chain and its head, and the registry rows' MACs."""
+    """What `audit verify` found: the chain and its head, the registry rows' MACs, and the
+    revocations the log records that the token tables no longer show."""
 
     chain: ChainReport
     registry: RegistryReport
+    revocation: RevocationReport = RevocationReport(0, 0)
 
     @property
     def ok(self) -> bool:
-        return self.chain.ok and self.registry.ok
+        return self.chain.ok and self.registry.ok and self.revocation.ok
 
     def problems(self) -> list[str]:
         found = [] if self.chain.ok else [self.chain.describe()]
-        return found + [fault.describe() for fault in self.registry.faults]
+        found += [fault.describe() for fault in self.registry.faults]
+        return found + list(self.revocation.problems)
 
 
 Mac = Callable[[bytes], bytes]

@@ -37,9 +37,13 @@ from coap_auth.store.master_key import MasterKey
 from coap_auth.store.postgres_schema import SCHEMA_VERSION, migrate, registry_digest_of
 from coap_auth.store.records import ChangeCounters
 from coap_auth.store.rows import (
+    ACCESS_STATE_QUERY,
     AUDIT_COLUMNS,
+    FAMILY_STATE_QUERY,
+    REMOVALS_QUERY,
     audit_entry_from_row,
     audit_entry_to_row,
+    revocation_rows,
     stand_in_rows,
 )
 from coap_auth.store.seal_marker import marker_path, read_marker, write_marker
@@ -260,8 +264,13 @@ class PostgresBase:
             )
             head = await _read_head(conn)
             registry = await registry_digest_of(conn)
+            revocation = revocation_rows(
+                await conn.fetch(ACCESS_STATE_QUERY),
+                await conn.fetch(FAMILY_STATE_QUERY),
+                await conn.fetch(REMOVALS_QUERY),
+            )
         entries = tuple(audit_entry_from_row(r) for r in rows)
-        return AuditSnapshot(entries, head, bool(holds_data), registry)
+        return AuditSnapshot(entries, head, bool(holds_data), registry, revocation)
 
     # -- change feed -------------------------------------------------------------------------
 

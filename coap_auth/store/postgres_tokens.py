@@ -6,8 +6,6 @@ Locks follow the order in postgres_base: family rows, refresh-token rows, access
 
 from __future__ import annotations
 
-from collections import Counter
-
 import cbor2
 
 from coap_auth.store.audit import AuditEvent
@@ -202,19 +200,21 @@ class PostgresTokenTables(PostgresBase):
             now,
             family_ids,
         )
-        revoked: Counter[bytes] = Counter()
+        revoked: dict[bytes, dict[bytes, int]] = {family_id: {} for family_id in family_ids}
         if revoke_access:
             # Every access row first, in token_hash order, then the TRL lock (in _revoke).
             rows = await conn.fetch(
-                "SELECT token_hash, family_id FROM access_tokens WHERE family_id = ANY($1)"
+                "SELECT token_hash, family_id, exp FROM access_tokens WHERE family_id = ANY($1)"
                 " AND revoked_at IS NULL AND exp > $2 ORDER BY token_hash FOR UPDATE",
                 family_ids,
                 now,
             )
-            family_of = {r[0]: r[1] for r in rows}
-            revoked.update(family_of[h] for h in await self._revoke(conn, list(family_of), now))
-        counts = revoked if revoke_access else None
-        await self._audit(conn, family_kill_events(families, counts, reason, actor, now))
+            selected = {r[0]: (r[1], r[2]) for r in rows}
+            for h in await self._revoke(conn, list(selected), now):
+                family_id, exp = selected[h]
+                revoked[family_id][h] = exp
+        tokens = revoked if revoke_access else None
+        await self._audit(conn, family_kill_events(families, tokens, reason, actor, now))
 
     # -- revocation (RFC 9770 TRL) -------------------------------------------------------------
 
@@ -222,17 +222,19 @@ class PostgresTokenTables(PostgresBase):
         self, token_hash: bytes, client_id: str | None, now: int, actor: str
     ) -> bool:
         async def revoke(conn: Conn) -> bool:
-            owner = await conn.fetchval(
-                "SELECT client_id FROM access_tokens WHERE token_hash = $1"
+            row = await conn.fetchrow(
+                "SELECT client_id, exp FROM access_tokens WHERE token_hash = $1"
                 " AND revoked_at IS NULL AND exp > $2 FOR UPDATE",
                 token_hash,
                 now,
             )
-            if owner is None or (client_id is not None and owner != client_id):
+            if row is None or (client_id is not None and row[0] != client_id):
                 return False
             if not await self._revoke(conn, [token_hash], now):
                 return False
-            event = AuditEvent(now, actor, "token.revoked", token_hash.hex(), {"client_id": owner})
+            # The exp lets `audit verify` tell a token delisted early from one that expired.
+            details = {"client_id": row[0], "exp": row[1]}
+            event = AuditEvent(now, actor, "token.revoked", token_hash.hex(), details)
             await self._audit(conn, [event])
             return True
 

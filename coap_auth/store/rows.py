@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import cbor2
@@ -21,6 +20,7 @@ from coap_auth.store.registry_mac import (
     row_fault,
     row_mac,
 )
+from coap_auth.store.revocation_audit import AccessRow, RevocationRows
 
 Row = Sequence[Any]
 log = logging.getLogger("coap_auth.store")
@@ -255,17 +255,40 @@ def audit_entry_from_row(row: Row) -> AuditEntry:
 
 def family_kill_events(
     families: Iterable[RefreshFamily],
-    revoked: Counter[bytes] | None,
+    revoked: Mapping[bytes, Mapping[bytes, int]] | None,
     reason: str,
     actor: str,
     now: int,
 ) -> list[AuditEvent]:
-    """One audit event per killed family; `revoked` counts its access tokens put on the TRL
-    (None when the kill revoked none)."""
+    """One audit event per killed family; `revoked` maps its id to the access tokens the kill
+    put on the TRL, hash to exp (None when the kill revoked none). The hashes and exps are
+    recorded so `audit verify` can tell if one is taken off the list early."""
     events = []
     for family in families:
         details: dict[str, Any] = {"client_id": family.client_id, "reason": reason}
         if revoked is not None:
-            details["revoked_access_tokens"] = revoked[family.family_id]
+            tokens = revoked.get(family.family_id, {})
+            details["revoked_access_tokens"] = len(tokens)
+            details["access_tokens"] = {h.hex(): exp for h, exp in sorted(tokens.items())}
         events.append(AuditEvent(now, actor, "family.killed", family.family_id.hex(), details))
     return events
+
+
+# The revocation state `audit verify` compares with the log (`revocation_audit`), read in the
+# audit snapshot's transaction.
+ACCESS_STATE_QUERY = (
+    "SELECT token_hash, family_id, exp, revoked_at, delisted_at FROM access_tokens"
+    " ORDER BY token_hash"
+)
+FAMILY_STATE_QUERY = "SELECT family_id, killed_at FROM refresh_families ORDER BY family_id"
+REMOVALS_QUERY = "SELECT seq, removed FROM trl_updates ORDER BY seq"
+
+
+def revocation_rows(
+    access: Iterable[Row], families: Iterable[Row], removals: Iterable[Row]
+) -> RevocationRows:
+    return RevocationRows(
+        tuple(AccessRow(*r) for r in access),
+        tuple((r[0], r[1]) for r in families),
+        tuple((r[0], r[1]) for r in removals),
+    )

@@ -18,9 +18,13 @@ from coap_auth.store.audit import AuditEntry, AuditEvent, AuditHead, AuditSnapsh
 from coap_auth.store.master_key import MasterKey, make_private
 from coap_auth.store.records import ChangeCounters
 from coap_auth.store.rows import (
+    ACCESS_STATE_QUERY,
     AUDIT_COLUMNS,
+    FAMILY_STATE_QUERY,
+    REMOVALS_QUERY,
     audit_entry_from_row,
     audit_entry_to_row,
+    revocation_rows,
     stand_in_rows,
 )
 from coap_auth.store.seal_marker import marker_path, read_marker, write_marker
@@ -213,8 +217,13 @@ class SqliteBase:
                 " OR EXISTS (SELECT 1 FROM audiences)"
             ).fetchone()[0]
             entries = tuple(audit_entry_from_row(r) for r in rows)
+            revocation = revocation_rows(
+                conn.execute(ACCESS_STATE_QUERY),
+                conn.execute(FAMILY_STATE_QUERY),
+                conn.execute(REMOVALS_QUERY),
+            )
             return AuditSnapshot(
-                entries, _read_head(conn), bool(holds_data), registry_digest_of(conn)
+                entries, _read_head(conn), bool(holds_data), registry_digest_of(conn), revocation
             )
 
         return await self._run(self._tx, read, "BEGIN DEFERRED")

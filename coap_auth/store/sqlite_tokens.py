@@ -4,7 +4,6 @@ revocation list (RFC 9770 updates, delisting on expiry)."""
 from __future__ import annotations
 
 import sqlite3
-from collections import Counter
 
 import cbor2
 
@@ -174,22 +173,24 @@ class TokenTables(SqliteBase):
             "UPDATE refresh_tokens SET spent_at = ? WHERE family_id = ? AND spent_at IS NULL",
             [(now, family_id) for family_id in family_ids],
         )
-        revoked: Counter[bytes] = Counter()
+        revoked: dict[bytes, dict[bytes, int]] = {family_id: {} for family_id in family_ids}
         if revoke_access:
             # The writer lock is held (BEGIN IMMEDIATE): what is selected here is what is
             # revoked. (No UPDATE ... RETURNING: it needs SQLite 3.35, newer than some hosts.)
-            family_of = {
-                r[0]: r[1]
+            selected = {
+                r[0]: (r[1], r[2])
                 for family_id in family_ids
                 for r in conn.execute(
-                    "SELECT token_hash, family_id FROM access_tokens"
+                    "SELECT token_hash, family_id, exp FROM access_tokens"
                     " WHERE family_id = ? AND revoked_at IS NULL AND exp > ?",
                     (family_id, now),
                 )
             }
-            revoked.update(family_of[h] for h in _revoke(conn, list(family_of), now))
-        counts = revoked if revoke_access else None
-        self._audit(conn, family_kill_events(families, counts, reason, actor, now))
+            for h in _revoke(conn, list(selected), now):
+                family_id, exp = selected[h]
+                revoked[family_id][h] = exp
+        tokens = revoked if revoke_access else None
+        self._audit(conn, family_kill_events(families, tokens, reason, actor, now))
 
     # -- revocation (RFC 9770 TRL) -------------------------------------------------------------
 
@@ -198,7 +199,7 @@ class TokenTables(SqliteBase):
     ) -> bool:
         def revoke(conn: sqlite3.Connection) -> bool:
             row = conn.execute(
-                "SELECT client_id FROM access_tokens"
+                "SELECT client_id, exp FROM access_tokens"
                 " WHERE token_hash = ? AND revoked_at IS NULL AND exp > ?",
                 (token_hash, now),
             ).fetchone()
@@ -206,10 +207,9 @@ class TokenTables(SqliteBase):
                 return False
             if not _revoke(conn, [token_hash], now):
                 return False
-            self._audit(
-                conn,
-                [AuditEvent(now, actor, "token.revoked", token_hash.hex(), {"client_id": row[0]})],
-            )
+            # The exp lets `audit verify` tell a token delisted early from one that expired.
+            details = {"client_id": row[0], "exp": row[1]}
+            self._audit(conn, [AuditEvent(now, actor, "token.revoked", token_hash.hex(), details)])
             return True
 
         return await self._in_tx(revoke)
