@@ -28,7 +28,8 @@ dropped when a confirmable notification goes unacknowledged or is answered with 
 (RFC 7641 §4.5).
 
 Servers made here also refuse a request with a critical option they do not process with 4.02
-Bad Option (RFC 7252 §5.4.1), which aiocoap's Site does not do.
+Bad Option (RFC 7252 §5.4.1), which aiocoap's Site does not do. `error_message` is how both sides
+render one of our errors as a CoAP response.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from aiocoap.numbers import OptionNumber
 from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
 from coap_auth.clock import Clock, SystemClock
-from coap_auth.errors import BadOption
+from coap_auth.errors import BadOption, CoapAuthError
 
 # What a send can report about its own datagram: no route, a route or firewall prohibiting
 # it, too large, an address the socket cannot use. ECONNREFUSED is not among them: for an
@@ -85,10 +86,29 @@ PROCESSED_CRITICAL_OPTIONS = frozenset(
 )
 
 
-def unprocessed_critical_options(request: aiocoap.Message) -> list[int]:
-    """The critical option numbers of `request` that nothing here processes, sorted."""
+def bad_option(request: aiocoap.Message) -> BadOption | None:
+    """The 4.02 error for a request with critical options nothing here processes, or None."""
     numbers = {int(option.number) for option in request.opt.option_list()}
-    return sorted(n for n in numbers if n & 1 and n not in PROCESSED_CRITICAL_OPTIONS)
+    unprocessed = sorted(n for n in numbers if n & 1 and n not in PROCESSED_CRITICAL_OPTIONS)
+    if not unprocessed:
+        return None
+    return BadOption(f"critical option {' '.join(map(str, unprocessed))} not processed")
+
+
+def error_message(error: CoapAuthError, *, compact: bool = False) -> aiocoap.Message:
+    """`error` as a CoAP response: its code and body, Max-Age when it says when to retry
+    (RFC 7252 §5.9.3.4, RFC 8516), Size1 when it names the size accepted (RFC 7959 §4)."""
+    code, content_format, payload = error.render(compact=compact)
+    message = aiocoap.Message(
+        code=aiocoap.Code(code), payload=payload, content_format=content_format
+    )
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        message.opt.max_age = retry_after
+    size1 = getattr(error, "size1", None)
+    if size1 is not None:
+        message.opt.size1 = size1
+    return message
 
 
 class CriticalOptionGuard:
@@ -99,16 +119,11 @@ class CriticalOptionGuard:
         self.site = site
 
     async def render_to_pipe(self, pipe: Any) -> None:
-        unprocessed = unprocessed_critical_options(pipe.request)
-        if not unprocessed:
+        error = bad_option(pipe.request)
+        if error is None:
             await self.site.render_to_pipe(pipe)
             return
-        error = BadOption(f"critical option {' '.join(map(str, unprocessed))} not processed")
-        code, content_format, payload = error.render()
-        answer = aiocoap.Message(
-            code=aiocoap.Code(code), payload=payload, content_format=content_format
-        )
-        pipe.add_response(answer, is_last=True)
+        pipe.add_response(error_message(error), is_last=True)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.site, name)

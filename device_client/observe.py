@@ -271,10 +271,9 @@ class Observer:
 
     def _fresh_until(self, response: aiocoap.Message) -> None:
         """Note when an answer of the AS goes stale (its Max-Age)."""
-        now = self._clock.now()
         max_age = response.opt.max_age
         fresh = DEFAULT_MAX_AGE if max_age is None else max_age
-        self._deadline = now + max(fresh, self._policy.min_freshness)
+        self._deadline = self._clock.now() + max(fresh, self._policy.min_freshness)
 
     def _confirm(self) -> None:
         """The state held is now the AS's (applied in full, or confirmed unchanged)."""

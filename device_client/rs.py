@@ -25,6 +25,7 @@ from coap_auth.errors import (
     TokenError,
     UnsupportedContentFormat,
 )
+from coap_auth.udp import error_message
 from coap_auth.wire import ContentFormat, ProblemDetail
 from device_client.errors import InsufficientScope
 from device_client.verify import TokenVerifier, VerifiedToken
@@ -137,7 +138,7 @@ class ResourceServer:
             self.verifier.still_valid(verified)
         except ServiceUnavailable as error:
             # Stale keys or TRL: refuse for now, keep the token for when we are current.
-            return _render_error(error)
+            return error_message(error)
         except TokenError as error:
             del self._tokens[endpoint]
             return self._unauthorized(error.description, scopes)
@@ -168,16 +169,6 @@ def _problem(code: aiocoap.Code, error: CoapAuthError) -> aiocoap.Message:
     )
 
 
-def _render_error(error: CoapAuthError) -> aiocoap.Message:
-    code, content_format, payload = error.render()
-    message = aiocoap.Message(
-        code=aiocoap.Code(code), payload=payload, content_format=content_format
-    )
-    if isinstance(error, ServiceUnavailable):
-        message.opt.max_age = error.retry_after  # RFC 7252 §5.9.3.4: when to try again
-    return message
-
-
 class AuthzInfoResource(resource.Resource):
     """RFC 9200 §5.10.1: POST a CWT (content format 61) or a JWT; 2.01, or 4.01 with a reason."""
 
@@ -199,7 +190,7 @@ class AuthzInfoResource(resource.Resource):
         except CoapAuthError as error:
             # TokenError renders 4.01 with the reason; never the token itself.
             log.info("authz-info: refused a token: %s", error.description)
-            return _render_error(error)
+            return error_message(error)
         log.info(
             "authz-info: token of %s accepted (scope %s)",
             verified.claims.sub,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from coap_auth.errors import InvalidClaims, InvalidSignature, MalformedToken
 from coap_auth.tokens import (
@@ -31,6 +31,9 @@ from device_client.trl import RevocationList
 
 # A JWS compact serialization starts with the base64url of '{"' (RFC 7515 §7.1): "ey".
 _JWT_PREFIX = b"ey"
+# A kid and the key it named when the token verified (a VerificationKey, or an HMAC key).
+_KeyUsed = tuple[bytes, VerificationKey | bytes]
+
 # The canonical head of a MACed CWT, 61(17(...)): tags are in their shortest form, so a peek at
 # three bytes routes it (the codec checks the whole form; anything else fails there).
 _MACED_CWT_PREFIX = bytes([0xD8, CoseTag.CWT, 0xC0 | CoseTag.MAC0])
@@ -169,7 +172,7 @@ class TokenVerifier:
         now = self.clock.now()
         self._check_current(now)
 
-        used: list[tuple[bytes, Any]] = []
+        used: list[_KeyUsed] = []
 
         def lookup(kid: bytes) -> VerificationKey | None:
             key = self.keys.lookup(kid)
@@ -197,7 +200,7 @@ class TokenVerifier:
         kid, key = used[-1]
         return VerifiedToken(claims, th, "jwt" if is_jwt else "cwt", kid, key)
 
-    def _verify_maced(self, token: bytes, used: list[tuple[bytes, Any]]) -> Claims:
+    def _verify_maced(self, token: bytes, used: list[_KeyUsed]) -> Claims:
         # PROTOCOL.md: 61(17(...)), COSE_Mac0 with HMAC 256/64, for a symmetric audience.
         kid = decode_cose(token).kid
         key = self._shared_keys.get(kid) if isinstance(kid, bytes) else None

@@ -22,6 +22,7 @@ from coap_auth.errors import CoapAuthError, MethodNotAllowed
 from coap_auth.service import AuthService
 from coap_auth.service.rate_limit import RateLimiter, address_key
 from coap_auth.text import log_field, loggable
+from coap_auth.udp import error_message
 from coap_auth.wire import ContentFormat
 
 log = logging.getLogger("coap_auth.access")
@@ -163,20 +164,6 @@ def log_request(
         loggable(outcome),
         (time.monotonic() - started) * 1000,
     )
-
-
-def error_message(error: CoapAuthError, *, compact: bool = False) -> aiocoap.Message:
-    code, content_format, payload = error.render(compact=compact)
-    message = aiocoap.Message(
-        code=aiocoap.Code(code), payload=payload, content_format=content_format
-    )
-    retry_after = getattr(error, "retry_after", None)
-    if retry_after is not None:
-        message.opt.max_age = retry_after
-    size1 = getattr(error, "size1", None)
-    if size1 is not None:
-        message.opt.size1 = size1
-    return message
 
 
 def _address(request: aiocoap.Message) -> str:

@@ -10,8 +10,7 @@ from typing import Any
 from aiocoap import resource
 
 from coap_auth.coap.endpoint import answer_error, caller
-from coap_auth.errors import BadOption
-from coap_auth.udp import unprocessed_critical_options
+from coap_auth.udp import bad_option
 
 
 class OptionCheckingSite(resource.Site):
@@ -19,12 +18,11 @@ class OptionCheckingSite(resource.Site):
 
     async def render_to_pipe(self, pipe: Any) -> None:
         request = pipe.request
-        unprocessed = unprocessed_critical_options(request)
-        if not unprocessed:
+        error = bad_option(request)
+        if error is None:
             await super().render_to_pipe(pipe)
             return
         started = time.monotonic()
         caller.set("-")
-        error = BadOption(f"critical option {' '.join(map(str, unprocessed))} not processed")
         path = "/" + "/".join(request.opt.uri_path)
         pipe.add_response(answer_error(request, error, path, started), is_last=True)
