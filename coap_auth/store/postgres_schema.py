@@ -13,19 +13,15 @@ from coap_auth.errors import OperatorError
 from coap_auth.store.audit import GENESIS, AuditHead, migration_plan, reseal_plan, sealed_head
 from coap_auth.store.master_key import MasterKey
 from coap_auth.store.registry_mac import (
-    AUDIENCES,
-    CLIENTS,
     EMPTY_REGISTRY,
     registry_digest,
-    row_mac,
 )
 from coap_auth.store.rows import (
-    AUDIENCE_SELECT,
     AUDIT_COLUMNS,
-    CLIENT_SELECT,
     REGISTRY_IDS,
+    REGISTRY_TABLES,
     audit_entry_to_row,
-    row_values,
+    seals,
 )
 from coap_auth.store.seal_marker import refusal
 
@@ -224,18 +220,12 @@ async def _seal(conn: Any, master_key: MasterKey, version: int, now: int) -> Non
     """Give every registry row written before MACs existed its MAC (trusted: the migration
     runs with the master key, on the operator's data); start the head at the newest audit
     entry and record the migration as the next one."""
-    mac = master_key.registry_mac
-    for table, select, key in (
-        (CLIENTS, CLIENT_SELECT, "client_id"),
-        (AUDIENCES, AUDIENCE_SELECT, "audience_id"),
-    ):
-        for row in await conn.fetch(f"SELECT {select} FROM {table}"):
-            values = row_values(table, row)
-            await conn.execute(
-                f"UPDATE {table} SET mac = $1 WHERE {key} = $2",
-                row_mac(mac, table, values),
-                values[0],
-            )
+    for table, select, key in REGISTRY_TABLES:
+        rows = await conn.fetch(f"SELECT {select} FROM {table}")
+        await conn.executemany(
+            f"UPDATE {table} SET mac = $1 WHERE {key} = $2",
+            seals(master_key.registry_mac, table, rows),
+        )
     newest = await conn.fetchrow("SELECT seq, mac FROM audit_log ORDER BY seq DESC LIMIT 1")
     entries, head = migration_plan(
         master_key.audit_mac,

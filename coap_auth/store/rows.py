@@ -135,6 +135,23 @@ def row_values(table: str, row: Row) -> tuple[Any, ...]:
     return values
 
 
+# Each registry table, the columns its MAC covers (and the MAC), and its key column: what a
+# migration seals, in both stores.
+REGISTRY_TABLES = (
+    (CLIENTS, CLIENT_SELECT, "client_id"),
+    (AUDIENCES, AUDIENCE_SELECT, "audience_id"),
+)
+
+
+def seals(mac: Mac, table: str, rows: Iterable[Row]) -> list[tuple[bytes, Any]]:
+    """(MAC, id) of each row as read: what sealing the rows written before MACs sets."""
+    sealed = []
+    for row in rows:
+        values = row_values(table, row)
+        sealed.append((row_mac(mac, table, values), values[0]))
+    return sealed
+
+
 def _checked(mac: Mac, table: str, rows: Iterable[Row]) -> Iterator[tuple[Any, ...]]:
     """The rows whose MAC verifies; each other one is logged (one line, naming its id) and
     left out, exactly as if it were not there."""

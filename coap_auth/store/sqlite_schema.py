@@ -22,19 +22,15 @@ from coap_auth.store.audit import (
 )
 from coap_auth.store.master_key import MasterKey
 from coap_auth.store.registry_mac import (
-    AUDIENCES,
-    CLIENTS,
     EMPTY_REGISTRY,
     registry_digest,
-    row_mac,
 )
 from coap_auth.store.rows import (
-    AUDIENCE_SELECT,
     AUDIT_COLUMNS,
-    CLIENT_SELECT,
     REGISTRY_IDS,
+    REGISTRY_TABLES,
     audit_entry_to_row,
-    row_values,
+    seals,
 )
 from coap_auth.store.seal_marker import refusal
 
@@ -247,17 +243,12 @@ def _seed_trl_history(conn: sqlite3.Connection) -> None:
 def _seal_registry(conn: sqlite3.Connection, master_key: MasterKey) -> None:
     """Give every registry row written before MACs existed its MAC (trusted: the migration
     runs with the master key, on the operator's data)."""
-    mac = master_key.registry_mac
-    for table, select, key in (
-        (CLIENTS, CLIENT_SELECT, "client_id"),
-        (AUDIENCES, AUDIENCE_SELECT, "audience_id"),
-    ):
-        for row in conn.execute(f"SELECT {select} FROM {table}").fetchall():
-            values = row_values(table, row)
-            conn.execute(
-                f"UPDATE {table} SET mac = ? WHERE {key} = ?",
-                (row_mac(mac, table, values), values[0]),
-            )
+    for table, select, key in REGISTRY_TABLES:
+        rows = conn.execute(f"SELECT {select} FROM {table}").fetchall()
+        conn.executemany(
+            f"UPDATE {table} SET mac = ? WHERE {key} = ?",
+            seals(master_key.registry_mac, table, rows),
+        )
 
 
 def registry_digest_of(conn: sqlite3.Connection) -> bytes:
