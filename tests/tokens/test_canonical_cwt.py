@@ -29,14 +29,15 @@ from coap_auth.tokens import (
 )
 from coap_auth.wire import CoseAlg
 from tests.tokens.variants import (
+    NOW,
     cwt_parts,
     cwt_variants,
     ed25519_plus_l,
     is_low_s,
+    sample_claims,
     signature_twin,
 )
 
-NOW = 1_700_000_000
 ALGS = [CoseAlg.ES256, CoseAlg.EDDSA]
 MAC_KEY = bytes(range(32))
 MAC_KID = b"mac-kid"
@@ -45,17 +46,7 @@ MAC_KID = b"mac-kid"
 def _claims() -> Claims:
     holder = ec.generate_private_key(ec.SECP256R1()).public_key()
     # nbf, cnf and scope too: their keys (5, 8, 9) came out of order before (issue 13).
-    return Claims(
-        iss="coap://as.test",
-        sub="sensor-1",
-        aud="thermostat",
-        exp=NOW + 600,
-        iat=NOW,
-        cti=b"\x01" * 8,
-        scope="temp:read",
-        nbf=NOW,
-        cnf_key=cose_key_from_public(holder),
-    )
+    return sample_claims(nbf=NOW, cnf=cose_key_from_public(holder))
 
 
 def _recording(key: SigningKey) -> tuple[Callable[[bytes], VerificationKey | None], list[bytes]]:

@@ -23,28 +23,20 @@ from coap_auth.tokens import (
 from coap_auth.tokens.cose_key import b64url, b64url_decode, cose_key_to_jwk, jwk_to_cose_key
 from coap_auth.wire import CoseAlg
 from tests.tokens.variants import (
+    NOW,
     b64url_lenient,
     ed25519_plus_l,
     is_low_s,
     jwt_variants,
+    sample_claims,
     signature_twin,
 )
 
-NOW = 1_700_000_000
 ALGS = [CoseAlg.ES256, CoseAlg.EDDSA]
 
 
 def _claims(cnf: dict[int, Any] | None = None) -> Claims:
-    return Claims(
-        iss="coap://as.test",
-        sub="sensor-1",
-        aud="dashboard",
-        exp=NOW + 600,
-        iat=NOW,
-        cti=b"\x02" * 8,
-        scope="temp:read",
-        cnf_key=cnf,
-    )
+    return sample_claims(aud="dashboard", cti=b"\x02" * 8, cnf=cnf)
 
 
 def _recording(key: SigningKey) -> tuple[Callable[[bytes], VerificationKey | None], list[bytes]]:

@@ -26,23 +26,13 @@ from coap_auth.tokens import (
     verify_jwt,
 )
 from coap_auth.wire import CoseAlg, CoseHeader, CoseTag
-from tests.tokens.variants import b64url_lenient, is_low_s, signature_twin
+from tests.tokens.variants import NOW, b64url_lenient, is_low_s, sample_claims, signature_twin
 
-NOW = 1_700_000_000
 ALGS = [CoseAlg.ES256, CoseAlg.EDDSA]
 
 
 def _claims(cnf: dict | None = None) -> Claims:
-    return Claims(
-        iss="coap://as.test",
-        sub="sensor-1",
-        aud="thermostat",
-        exp=NOW + 600,
-        iat=NOW,
-        cti=b"\x01" * 8,
-        scope="temp:read",
-        cnf_key=cnf,
-    )
+    return sample_claims(cnf=cnf)
 
 
 def _pycose_key(public_key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey) -> CoseKey:

@@ -1,14 +1,18 @@
 """Other byte forms of one signed token (issue 13): what a verifier must refuse.
 
 Each keeps the signature valid, so a lenient verifier accepts it under a new RFC 9770 hash.
-Built here by hand from the token's bytes, independently of coap_auth.tokens.
+Built here by hand from the token's bytes, independently of the codecs of coap_auth.tokens;
+the sample claims the token tests share are here too.
 """
 
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import cbor2
+
+from coap_auth.tokens import Claims
 
 # The order n of the P-256 group (FIPS 186-4 D.1.2.3), written out again on purpose.
 P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
@@ -16,6 +20,30 @@ P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 ED25519_L = 2**252 + 27742317777372353535851937790883648493
 
 CWT_TAG = b"\xd8\x3d"  # tag 61, shortest head
+
+# The issue time of the sample tokens.
+NOW = 1_700_000_000
+
+
+def sample_claims(
+    *,
+    aud: str = "thermostat",
+    cti: bytes = b"\x01" * 8,
+    nbf: int | None = None,
+    cnf: dict[int, Any] | None = None,
+) -> Claims:
+    """The claims of a ten-minute sample token of sensor-1, issued at NOW."""
+    return Claims(
+        iss="coap://as.test",
+        sub="sensor-1",
+        aud=aud,
+        exp=NOW + 600,
+        iat=NOW,
+        cti=cti,
+        scope="temp:read",
+        nbf=nbf,
+        cnf_key=cnf,
+    )
 
 
 def signature_twin(signature: bytes) -> bytes:
