@@ -65,6 +65,19 @@ class Settings:
     # How often (s) the server looks at the store's change feed and the key schedule.
     change_poll_interval: float = 0.5
     log_level: str = "INFO"
+    # Protected channels (PROTOCOL.md): /token, /introspect, /revoke and /revoke/trl refuse
+    # requests that are not OSCORE-protected under an EDHOC-made context. Turn off for labs
+    # only (`serve` warns on every start).
+    require_oscore: bool = True
+    # OSCORE contexts held at once (least recently used go first), and how long (s) an unused
+    # one lives; a device whose context is gone runs EDHOC again.
+    oscore_max_contexts: int = 10_000
+    oscore_idle_timeout: int = 3600
+    # EDHOC handshakes waiting for message_3: at most this many, each for at most this long
+    # (s), and at most edhoc_pending_per_address from one source address.
+    edhoc_max_pending: int = 256
+    edhoc_pending_per_address: int = 8
+    edhoc_handshake_timeout: int = 10
 
 
 _FIELDS = {f.name: f for f in fields(Settings)}
@@ -75,6 +88,15 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if kind in ("Path", Path):
             return Path(value)
+        if kind in ("bool", bool):
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower() if isinstance(value, str) else None
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
         # Text comes from the environment or flags; a TOML number must already be the type.
         if kind in ("int", int):
             if isinstance(value, bool) or not isinstance(value, int | str):
@@ -116,7 +138,17 @@ def load_settings(
     settings = dataclasses.replace(Settings(), **values)
     if settings.signing_alg not in ("ES256", "EdDSA"):
         raise OperatorError("signing_alg must be ES256 or EdDSA")
-    for name in ("key_rotation_period", "trl_max_n", "trl_max_diff_batch", "rate_limit_window"):
+    for name in (
+        "key_rotation_period",
+        "trl_max_n",
+        "trl_max_diff_batch",
+        "rate_limit_window",
+        "oscore_max_contexts",
+        "oscore_idle_timeout",
+        "edhoc_max_pending",
+        "edhoc_pending_per_address",
+        "edhoc_handshake_timeout",
+    ):
         if getattr(settings, name) < 1:
             raise OperatorError(f"{name} must be at least 1")
     for name in (

@@ -11,6 +11,8 @@
     │   └── UnsupportedPopKey       4.00, error 7
     ├── ProblemError                RFC 9290 body {-1: title, -2: detail}, format 257
     │   ├── BadRequest              4.00
+    │   ├── Unauthorized            4.01: no OSCORE context for the kid, a replay
+    │   │   └── ProtectionRequired  the resource takes OSCORE-protected requests only
     │   ├── BadOption               4.02 (a critical option not processed, RFC 7252 §5.4.1)
     │   ├── MethodNotAllowed        4.05
     │   ├── NotAcceptable           4.06
@@ -123,6 +125,21 @@ class ProblemError(CoapAuthError):
 
 class BadRequest(ProblemError):
     pass
+
+
+class Unauthorized(ProblemError):
+    """4.01 outside ACE: an OSCORE request under no context we hold, or a replay
+    (RFC 8613 §8.2)."""
+
+    code = CoapCode.UNAUTHORIZED
+    title = "Unauthorized"
+
+
+class ProtectionRequired(Unauthorized):
+    """4.01: an unprotected request to a resource that requires OSCORE (PROTOCOL.md
+    "Protected channels")."""
+
+    title = "Protection Required"
 
 
 class BadOption(ProblemError):

@@ -306,8 +306,10 @@ async def create_server_context(
 
 
 async def create_client_context(*, clock: Clock | None = None) -> aiocoap.Context:
-    """What `aiocoap.Context.create_client_context(transports=["udp6"])` makes (coap:// on
-    a random port), on the fixed transport."""
+    """What `aiocoap.Context.create_client_context(transports=["oscore", "udp6"])` makes
+    (coap:// on a random port), on the fixed transport. A request whose URI matches an entry
+    of `context.client_credentials` holding an OSCORE context goes out protected under it;
+    without lakers-python (no wheel on 32-bit ARM) there is no OSCORE transport."""
     loop = asyncio.get_running_loop()
     context = aiocoap.Context(loop=loop, serversite=None, loggername="coap")
 
@@ -320,4 +322,11 @@ async def create_client_context(*, clock: Clock | None = None) -> aiocoap.Contex
         return created
 
     await context._append_tokenmanaged_messagemanaged_transport(interface)
+    try:
+        from aiocoap.transports.oscore import TransportOSCORE
+    except ImportError:  # lakers-python missing: plain CoAP only
+        return context
+    # First, so that it claims the requests it has a context for; it sends them on through
+    # the same context, where the UDP transport takes them.
+    context.request_interfaces.insert(0, TransportOSCORE(context, context))
     return context

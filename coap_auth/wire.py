@@ -15,6 +15,8 @@ class ContentFormat(IntEnum):
     COSE_KEY_SET = 102  # RFC 9052 §11.2
     PROBLEM_DETAILS_CBOR = 257  # RFC 9290 §6.3
     ACE_TRL_CBOR = 262  # RFC 9770 §13
+    EDHOC_CBOR_SEQ = 64  # RFC 9528 §10.9: message_2, message_4 and error messages
+    CID_EDHOC_CBOR_SEQ = 65  # RFC 9528 §10.9: requests, a connection identifier first
 
 
 class CoapCode(IntEnum):

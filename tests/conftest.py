@@ -96,7 +96,8 @@ def clock() -> SettableClock:
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     # Rate limits off: tests fire hundreds of requests in one clock second on purpose;
-    # tests/coap/test_limits.py switches them on.
+    # tests/coap/test_limits.py switches them on. Plain CoAP on (lab mode): these tests are
+    # about the endpoints' own behaviour; tests/secure/ runs with the default, OSCORE required.
     return Settings(
         data_dir=tmp_path,
         bind="127.0.0.1",
@@ -104,6 +105,7 @@ def settings(tmp_path: Path) -> Settings:
         issuer="coap://as.test",
         rate_limit_per_address=0,
         rate_limit_per_client=0,
+        require_oscore=False,
     )
 
 

@@ -123,7 +123,8 @@ async def serve_process(
             *serve_argv(data_dir, port),
             stdout=asyncio.subprocess.PIPE,
             stderr=log_file,  # a file, not a pipe nobody reads: INFO logs must never block it
-            env=clean_env(**settings),
+            # Plain CoAP (lab mode) unless a test asks for the default.
+            env=clean_env(**{"COAP_AUTH_REQUIRE_OSCORE": "false", **settings}),
             cwd=data_dir.parent,
             preexec_fn=preexec_fn,
         )

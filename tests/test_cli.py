@@ -381,7 +381,8 @@ def served(registered: tuple[Path, str], tmp_path: Path) -> Iterator[Served]:
         stdout=subprocess.PIPE,
         stderr=stderr_log,
         text=True,
-        env=clean_env(),
+        # The v1 secret client, on plain CoAP (lab mode); tests/secure/ covers the default.
+        env=clean_env(COAP_AUTH_REQUIRE_OSCORE="false"),
         cwd=tmp_path,
     )
     handle = Served(process, port, data_dir, secret)

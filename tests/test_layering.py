@@ -91,9 +91,32 @@ PURE = ("coap_auth/tokens/", "coap_auth/keys.py")
 
 RULES = (
     Rule(
-        "only coap_auth/coap/, coap_auth/cli/ and coap_auth/udp.py may import aiocoap",
-        _in_coap_auth_except("coap_auth/coap/", "coap_auth/cli/", "coap_auth/udp.py"),
+        "only coap_auth/coap/, coap_auth/cli/, coap_auth/udp.py and the transport half of "
+        "coap_auth/secure/ may import aiocoap",
+        lambda m: (
+            _in_coap_auth_except(
+                "coap_auth/coap/", "coap_auth/cli/", "coap_auth/udp.py", "coap_auth/secure/"
+            )(m)
+            or _under("coap_auth/secure/credentials.py", "coap_auth/secure/__init__.py")(m)
+        ),
         ("aiocoap",),
+    ),
+    Rule(
+        "secure/, shared with devices, imports no store, service, keys, settings or CLI",
+        _under("coap_auth/secure/"),
+        (
+            "coap_auth.store",
+            "coap_auth.service",
+            "coap_auth.coap",
+            "coap_auth.config",
+            "coap_auth.cli",
+            "coap_auth.keys",
+        ),
+    ),
+    Rule(
+        "service/ uses only the pure credentials of secure/, never its transport half",
+        _under("coap_auth/service/"),
+        ("coap_auth.secure.contexts", "coap_auth.secure.edhoc", "coap_auth.secure.site"),
     ),
     Rule(
         "coap_auth never imports device_client (the device side builds on it, not the reverse)",
@@ -138,7 +161,7 @@ RULES = (
         ("coap_auth.service", "coap_auth.coap", "coap_auth.cli"),
     ),
     Rule(
-        "device_client/ imports only coap_auth.wire, errors, tokens and udp",
+        "device_client/ imports only coap_auth.wire, errors, tokens, udp and secure",
         _under("device_client/"),
         (
             "coap_auth.store",
@@ -256,12 +279,19 @@ def test_checker_allows_the_intended_direction(path: str, source: str) -> None:
 
 # -- device_client: an allowlist, not only a denylist -------------------------------------------
 
-DEVICE_ALLOWED = ("coap_auth.wire", "coap_auth.errors", "coap_auth.tokens", "coap_auth.udp")
+DEVICE_ALLOWED = (
+    "coap_auth.wire",
+    "coap_auth.errors",
+    "coap_auth.tokens",
+    "coap_auth.udp",
+    "coap_auth.secure",
+)
 
 
 def device_client_violations(modules: Iterable[Module]) -> list[str]:
-    """Every coap_auth name a device_client module imports must be wire, errors or tokens
-    (or the bare package those live in), so a new service module is kept out by default."""
+    """Every coap_auth name a device_client module imports must be wire, errors, tokens, udp
+    or secure (or the bare package those live in), so a new service module is kept out by
+    default."""
     return [
         f"{module.path} imports {name}"
         for module in modules

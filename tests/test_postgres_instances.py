@@ -50,7 +50,13 @@ class Instance:
 async def start_instance(
     dsn: str, schema: str, master_key: MasterKey, clock: SettableClock, tmp_path: Path, **kw: Any
 ) -> Instance:
-    settings = Settings(data_dir=tmp_path, bind="127.0.0.1", port=0, issuer="coap://as.test", **kw)
+    settings = Settings(
+        data_dir=tmp_path,
+        bind="127.0.0.1",
+        port=0,
+        issuer="coap://as.test",
+        **{"require_oscore": False, **kw},
+    )
     store = PostgresStore(dsn, master_key, schema=schema)
     await store.open()
     service = AuthService(store, master_key, settings, clock)

@@ -169,6 +169,7 @@ async def fleet(tmp_path: Path) -> AsyncIterator[tuple[Server, LossyRelay, list[
         rate_limit_per_address=0,
         rate_limit_per_client=0,
         change_poll_interval=3600,  # the test ticks the server itself, at each round
+        require_oscore=False,  # the v1 device_client load, on plain CoAP (lab mode)
     )
     master_key = MasterKey.load(tmp_path, create=True)
     store = SqliteStore.in_data_dir(tmp_path, master_key)

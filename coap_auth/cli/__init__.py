@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import logging
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
 
 from coap_auth.cli import keys, registry, tokens
 from coap_auth.cli.runtime import configure_logging, open_service
@@ -69,6 +73,12 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings)
     service = await open_service(settings, create=True)
     server = Server(service, settings.bind, settings.port)
+    if not settings.require_oscore:
+        logging.getLogger("coap_auth").warning(
+            "require_oscore is off: /token, /introspect, /revoke and /revoke/trl accept plain "
+            "CoAP, so secrets and tokens cross the network readable by anyone on the path "
+            "(for labs only)"
+        )
     try:
         await server.start()
         stop = asyncio.Event()
@@ -81,6 +91,34 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await server.stop()
         await service.store.close()
+    return 0
+
+
+async def cmd_edhoc_credential(args: argparse.Namespace, settings: Settings) -> int:
+    """The AS's EDHOC credential, for provisioning devices (PROTOCOL.md "Protected
+    channels"): a device needs it to authenticate the AS in EDHOC."""
+    service = await open_service(settings)
+    try:
+        credential = service.edhoc_identity.credential
+    finally:
+        await service.store.close()
+    shown = {
+        "subject": credential.subject,
+        "method": 3,
+        "cipher_suite": 2,
+        "kid": credential.kid.hex(),
+        "ccs": credential.ccs.hex(),
+        "public_key_pem": credential.public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode("ascii"),
+    }
+    if args.json:
+        print(json.dumps(shown, indent=2))
+        return 0
+    print(f"EDHOC credential of {credential.subject} (method 3, cipher suite 2, P-256)")
+    print(f"kid: {shown['kid']}")
+    print(f"ccs: {shown['ccs']}")
+    print(shown["public_key_pem"], end="")
     return 0
 
 
@@ -112,6 +150,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="UDP port (default 5683)")
     serve.add_argument("--signing-alg", choices=["ES256", "EdDSA"])
     serve.set_defaults(command_fn=cmd_serve)
+
+    credential = sub.add_parser(
+        "edhoc-credential",
+        parents=[common, listing],
+        help="show the AS's EDHOC credential (CCS) for provisioning devices",
+    )
+    credential.set_defaults(command_fn=cmd_edhoc_credential)
 
     for module in (registry, keys, tokens):
         module.add_parsers(sub, common, listing)

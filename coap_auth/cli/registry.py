@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import secrets
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from coap_auth.cli.runtime import print_rows, with_service
 from coap_auth.errors import OperatorError
 from coap_auth.keys import DEFAULT_FAMILY
 from coap_auth.service import AuthService
-from coap_auth.store import TOKEN_FORMATS, Audience, Client
+from coap_auth.store import TOKEN_FORMATS, Audience, AuditEvent, Client
 from coap_auth.text import has_control_character
 from coap_auth.tokens import cose_key_from_public
 from coap_auth.wire import MAX_TOKEN_LIFETIME
@@ -136,6 +137,45 @@ async def cmd_clients_disable(args: argparse.Namespace, service: AuthService) ->
     return 0
 
 
+@with_service
+async def cmd_clients_oscore(args: argparse.Namespace, service: AuthService) -> int:
+    """Provision (or with --remove, withdraw) an OSCORE context for a registered client that
+    cannot run EDHOC (coap_auth.secure.provisioned). Prints the device's side once, as JSON or
+    as a libcoap `coap-client -E` configuration file."""
+    from coap_auth.secure import provisioned
+
+    data_dir = service.settings.data_dir
+    now = service.clock.now()
+    if args.remove:
+        if not provisioned.remove(data_dir, args.id):
+            raise OperatorError(f"no OSCORE context provisioned for {args.id!r}")
+        await service.store.append_audit(
+            [AuditEvent(now, "operator", "client.oscore_removed", args.id)]
+        )
+        print(f"OSCORE context of client {args.id} removed")
+        return 0
+    client = await service.store.get_client(args.id)
+    if client is None or client.disabled:
+        raise OperatorError(f"no enabled client {args.id!r}")
+    device = provisioned.provision(data_dir, args.id, taken=set())
+    await service.store.append_audit(
+        [AuditEvent(now, "operator", "client.oscore_provisioned", args.id)]
+    )
+    if args.json:
+        print(json.dumps(device, indent=2))
+        return 0
+    # libcoap's coap-oscore-conf(5) format, the device's side.
+    print(f"# OSCORE context of client {args.id}: shown once; keep it secret")
+    print(f'master_secret,hex,"{device["master_secret"]}"')
+    print(f'master_salt,hex,"{device["master_salt"]}"')
+    print(f'sender_id,hex,"{device["sender_id"]}"')
+    print(f'recipient_id,hex,"{device["recipient_id"]}"')
+    print("replay_window,integer,32")
+    print(f"aead_alg,integer,{device['aead_alg']}")
+    print(f"hkdf_alg,integer,{device['hkdf_alg']}")
+    return 0
+
+
 def add_parsers(
     sub: Any, common: argparse.ArgumentParser, listing: argparse.ArgumentParser
 ) -> None:
@@ -196,3 +236,11 @@ def add_parsers(
     dis = cl_sub.add_parser("disable", parents=[common], help="refuse a client from now on")
     dis.add_argument("id")
     dis.set_defaults(command_fn=cmd_clients_disable)
+    osc = cl_sub.add_parser(
+        "oscore",
+        parents=[common, listing],
+        help="provision an OSCORE context for a client that cannot run EDHOC (printed once)",
+    )
+    osc.add_argument("id")
+    osc.add_argument("--remove", action="store_true", help="withdraw its context instead")
+    osc.set_defaults(command_fn=cmd_clients_oscore)

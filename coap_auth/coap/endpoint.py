@@ -18,7 +18,8 @@ import aiocoap
 
 from coap_auth.coap.blockwise import BlockwiseUploads
 from coap_auth.coap.messages import decode_ace_payload
-from coap_auth.errors import CoapAuthError, MethodNotAllowed
+from coap_auth.coap.protection import peer
+from coap_auth.errors import CoapAuthError, MethodNotAllowed, ProtectionRequired
 from coap_auth.service import AuthService
 from coap_auth.service.rate_limit import RateLimiter, address_key
 from coap_auth.text import log_field, loggable
@@ -43,6 +44,9 @@ class Endpoint:
     service: AuthService
     # POST endpoints count toward the per-address rate limit.
     rate_limited: ClassVar[bool] = False
+    # Answered only over OSCORE while `require_oscore` is on (PROTOCOL.md "Protected
+    # channels"): the endpoints that carry a secret or a token.
+    protected: ClassVar[bool] = False
     address_limits: RateLimiter | None = None
     # Block-wise uploads of the whole site (build_site sets it on every resource); without
     # it, aiocoap's own spool would assemble them.
@@ -51,6 +55,12 @@ class Endpoint:
     async def render_to_pipe(self, pipe: Any) -> None:
         request = pipe.request
         started = time.monotonic()
+        if self.protected and self.service.settings.require_oscore and peer(request) is None:
+            refused = ProtectionRequired(
+                f"{self.path} takes OSCORE-protected requests only: run EDHOC at /.well-known/edhoc"
+            )
+            pipe.add_response(self._answer(request, refused, started), is_last=True)
+            return
         block1 = request.opt.block1
         if block1 is not None and self.uploads is not None:
             await self._render_block(pipe, self.uploads)
@@ -119,6 +129,7 @@ class AceEndpoint(Endpoint):
     """An endpoint taking application/ace+cbor POSTs (/token, /revoke, /introspect)."""
 
     rate_limited = True
+    protected = True
 
     def __init__(self, service: AuthService) -> None:
         super().__init__()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import aiocoap
@@ -15,6 +16,7 @@ from aiocoap import resource
 
 from coap_auth.coap.endpoint import AceEndpoint, Endpoint, caller
 from coap_auth.coap.messages import encode_token_response, parse_token_request
+from coap_auth.coap.protection import peer, peer_id
 from coap_auth.errors import NotAcceptable
 from coap_auth.keys import cose_key_set, jwks
 from coap_auth.service import AuthService
@@ -28,8 +30,8 @@ class TokenResource(AceEndpoint, resource.Resource):
 
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
         body = self.ace_body(request)
-        token_request = parse_token_request(body)
-        caller.set(token_request.client_id or "assertion")
+        token_request = replace(parse_token_request(body), peer=peer(request))
+        caller.set(peer_id(request) or token_request.client_id or "assertion")
         issued = await self.service.issue_token(token_request)
         caller.set(issued.claims.sub)
         return aiocoap.Message(

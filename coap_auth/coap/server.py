@@ -15,11 +15,17 @@ from dataclasses import replace
 import aiocoap
 
 from coap_auth.coap.blockwise import BlockwiseUploads
+from coap_auth.coap.edhoc import EdhocResource
 from coap_auth.coap.endpoint import Endpoint
 from coap_auth.coap.options import OptionCheckingSite
 from coap_auth.coap.resources import KeysResource, TokenResource, WellKnownCore
 from coap_auth.coap.revocation import IntrospectResource, RevokeResource, TrlResource
 from coap_auth.errors import StoreUnavailable
+from coap_auth.secure.contexts import ContextTable
+from coap_auth.secure.edhoc import Responder
+from coap_auth.secure.provisioned import DIRECTORY as PROVISIONED_DIRECTORY
+from coap_auth.secure.provisioned import load_all as load_provisioned
+from coap_auth.secure.site import ProtectedSite
 from coap_auth.service import AuthService
 from coap_auth.service.rate_limit import RateLimiter
 from coap_auth.store import ChangeCounters
@@ -29,15 +35,20 @@ log = logging.getLogger("coap_auth.server")
 
 
 def build_site(
-    service: AuthService, address_limits: RateLimiter, uploads: BlockwiseUploads
+    service: AuthService,
+    address_limits: RateLimiter,
+    uploads: BlockwiseUploads,
+    responder: Responder,
 ) -> tuple[OptionCheckingSite, KeysResource, TrlResource]:
     """The resources; `address_limits` is the one per-address budget shared by every POST
-    endpoint and every block-wise fragment, `uploads` the one spool of block-wise uploads."""
+    endpoint and every block-wise fragment, `uploads` the one spool of block-wise uploads,
+    `responder` the EDHOC responder behind /.well-known/edhoc."""
     site = OptionCheckingSite()
     keys = KeysResource(service)
     trl = TrlResource(service)
     endpoints: list[tuple[list[str], Endpoint]] = [
         ([".well-known", "core"], WellKnownCore(service, site.get_resources_as_linkheader)),
+        ([".well-known", "edhoc"], EdhocResource(service, responder)),
         (["token"], TokenResource(service)),
         (["introspect"], IntrospectResource(service)),
         (["revoke"], RevokeResource(service)),
@@ -68,11 +79,29 @@ class Server:
             service.clock, settings.rate_limit_per_address, settings.rate_limit_window
         )
         self.uploads = BlockwiseUploads(service.clock, settings.max_payload, self.address_limits)
-        self._site, self.keys_resource, self.trl_resource = build_site(
-            service, self.address_limits, self.uploads
+        # The protected channel (PROTOCOL.md "Protected channels"): contexts EDHOC made, in
+        # memory only and bounded; the responder holds unauthenticated handshakes apart.
+        self.contexts = ContextTable(
+            service.clock.now,
+            max_contexts=settings.oscore_max_contexts,
+            idle_timeout=settings.oscore_idle_timeout,
         )
+        self.edhoc = Responder(
+            service.edhoc_identity,
+            self.contexts,
+            service.peer_keys,
+            service.clock.now,
+            max_pending=settings.edhoc_max_pending,
+            per_address=settings.edhoc_pending_per_address,
+            handshake_timeout=settings.edhoc_handshake_timeout,
+        )
+        site, self.keys_resource, self.trl_resource = build_site(
+            service, self.address_limits, self.uploads, self.edhoc
+        )
+        self._site = ProtectedSite(site, self.contexts, service.clock)
         self._last_change = ChangeCounters(0, 0)
         self._tick_lock = asyncio.Lock()
+        self._provisioned_seen: tuple[tuple[str, int], ...] | None = None
 
     @property
     def url(self) -> str:
@@ -83,6 +112,7 @@ class Server:
         await self.service.load_keys()
         await self.service.revocations.plan_sweep()
         self._last_change = await self.service.store.change_counters()
+        self.reload_provisioned()
         # UDP only (aiocoap would otherwise also open TCP and TLS listeners), on the transport
         # that reports an ICMP error to the peer it is about, not to whoever is sent to next.
         self._context = await create_server_context(
@@ -106,6 +136,10 @@ class Server:
         if self._context is not None:
             await self._context.shutdown()
             self._context = None
+        # Provisioned contexts save their sequence numbers and replay windows (RFC 8613
+        # Appendix B.1) and release their locks; EDHOC-made ones are simply forgotten.
+        self.contexts.close()
+        self._provisioned_seen = None
 
     async def check_changes(self) -> bool:
         """Notify observers of what changed in the store (this process, another instance or
@@ -126,8 +160,31 @@ class Server:
             log.info("revocation list changed; observers notified")
         return counters != last
 
+    def reload_provisioned(self) -> None:
+        """(Re)load the operator-provisioned OSCORE contexts when `coap-auth clients oscore`
+        changed them (coap_auth.secure.provisioned)."""
+        root = self.service.settings.data_dir / PROVISIONED_DIRECTORY
+        try:
+            seen = tuple(
+                sorted(
+                    (entry.name, (entry / "settings.json").stat().st_mtime_ns)
+                    for entry in root.iterdir()
+                    if (entry / "settings.json").exists()
+                )
+            )
+        except FileNotFoundError:
+            seen = ()
+        if seen == self._provisioned_seen:
+            return
+        self.contexts.set_provisioned([])  # save and unlock before loading again
+        self.contexts.set_provisioned(load_provisioned(self.service.settings.data_dir))
+        self._provisioned_seen = seen
+        if seen:
+            log.info("%d provisioned OSCORE context(s) loaded", len(self.contexts.provisioned))
+
     async def tick(self) -> None:
         """Apply what is due now, then notify observers of every change."""
+        self.reload_provisioned()
         async with self._tick_lock:
             # Learn first of changes made elsewhere: a revocation there moves the next expiry.
             await self.check_changes()
@@ -159,7 +216,8 @@ class Server:
 def _bound_port(context: aiocoap.Context) -> int | None:
     """The UDP port actually bound (differs from the requested one when that was 0)."""
     for interface in context.request_interfaces:
-        message_interface = getattr(interface.token_interface, "message_interface", None)
+        token_interface = getattr(interface, "token_interface", None)  # not OSCORE's
+        message_interface = getattr(token_interface, "message_interface", None)
         local_port = getattr(message_interface, "_local_port", None)
         if callable(local_port):
             return int(local_port())

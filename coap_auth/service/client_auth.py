@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from coap_auth.clock import Clock
 from coap_auth.config import Settings
 from coap_auth.errors import InvalidClient, MalformedToken, TokenError, UnsupportedPopKey
+from coap_auth.secure.credentials import PeerCredential
 from coap_auth.store import MasterKey, Store
 from coap_auth.text import has_control_character
 from coap_auth.tokens import alg_for_key, cose_key_from_public, decode_cose, public_key_from_cose
@@ -86,6 +87,38 @@ class Authenticator:
         presented = self.secret_digest(secret)
         if not hmac.compare_digest(presented, expected) or found is None or found.disabled:
             raise InvalidClient("client authentication failed")
+        return found.record
+
+    async def authenticate_peer(
+        self,
+        lookup: Lookup[R],
+        peer: PeerCredential,
+        caller_id: str | None,
+        secret: str | None,
+        assertion: bytes | None,
+        *,
+        replay_namespace: str = "",
+    ) -> R:
+        """The caller the protected channel authenticated (EDHOC, then OSCORE): still
+        registered under that id with that very key, and not disabled (checked on every
+        request, so a disabled or re-keyed caller loses its open context too). A client_id,
+        secret or assertion sent as well must name the same caller (RFC 9200 §5.8.1 leaves
+        client authentication to the profile; they are optional here)."""
+        found = await lookup(peer.id)
+        # An operator-provisioned context (no credential) names its peer by id alone.
+        key_matches = peer.credential is None or (
+            found is not None and peer.credential.same_key(found.public_key)
+        )
+        if found is None or found.disabled or not key_matches:
+            raise InvalidClient("client authentication failed")
+        if caller_id is not None and caller_id != peer.id:
+            raise InvalidClient("client_id is not the peer of the protected channel")
+        if secret is not None or assertion is not None:
+            also = await self.authenticate(
+                lookup, caller_id or peer.id, secret, assertion, replay_namespace=replay_namespace
+            )
+            if also != found.record:
+                raise InvalidClient("credentials are not the peer of the protected channel")
         return found.record
 
     async def _by_assertion(

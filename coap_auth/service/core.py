@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from coap_auth.clock import Clock
 from coap_auth.config import Settings
 from coap_auth.errors import (
@@ -23,6 +25,7 @@ from coap_auth.errors import (
     UnsupportedPopKey,
 )
 from coap_auth.keys import KeyRing, SigningKey
+from coap_auth.secure.credentials import EdhocIdentity, PeerCredential, device_credential
 from coap_auth.service.client_auth import Authenticator, Credentials
 from coap_auth.service.rate_limit import RateLimiter
 from coap_auth.service.revocation import RevocationList, TrlQuery
@@ -56,6 +59,8 @@ from coap_auth.wire import MAX_TOKEN_LIFETIME, CnfMethod, CoseTag, GrantType, To
 log = logging.getLogger("coap_auth.service")
 
 CTI_BYTES = 8
+EDHOC_KEY_LABEL = b"edhoc static key P-256"
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 REFRESH_TOKEN_BYTES = 32
 FAMILY_ID_BYTES = 16
 # Replay-cache names of resource servers, apart from client ids.
@@ -73,6 +78,8 @@ class TokenRequest:
     req_cnf: Mapping[Any, Any] | None = None
     refresh_token: bytes | None = field(default=None, repr=False)
     token_format: str | None = None
+    # Who the protected channel (EDHOC + OSCORE) authenticated; None on plain CoAP.
+    peer: PeerCredential | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +102,7 @@ class TokenSubmission:
     client_id: str | None = None
     client_secret: str | None = field(default=None, repr=False)
     client_assertion: bytes | None = field(default=None, repr=False)
+    peer: PeerCredential | None = None
 
 
 class AuthService:
@@ -106,6 +114,7 @@ class AuthService:
         self.keys = KeyRollover(store, settings, clock)
         self.revocations = RevocationList(store, settings.trl_max_n, settings.trl_max_diff_batch)
         self._auth = Authenticator(store, master_key, settings, clock)
+        self._edhoc_identity: EdhocIdentity | None = None
         self.client_limits = RateLimiter(
             clock, settings.rate_limit_per_client, settings.rate_limit_window
         )
@@ -142,6 +151,40 @@ class AuthService:
         revocation = revocation_report(verified, snapshot.revocation, self.clock.now())
         return AuditReport(chain, await self.store.registry_report(), revocation)
 
+    # -- the protected channel ----------------------------------------------------------------
+
+    @property
+    def edhoc_identity(self) -> EdhocIdentity:
+        """The AS's own EDHOC credential: a P-256 key derived from the master key (so every
+        data directory has one, every instance sharing the master key has the same one, and
+        nothing new is stored), in a CCS whose sub is the issuer id."""
+        if self._edhoc_identity is None:
+            scalar = int.from_bytes(self._master_key.derive(EDHOC_KEY_LABEL), "big")
+            private_key = ec.derive_private_key(scalar % (_P256_ORDER - 1) + 1, ec.SECP256R1())
+            self._edhoc_identity = device_credential(self.settings.issuer, private_key)
+        return self._edhoc_identity
+
+    async def peer_keys(self, peer_id: str) -> list[Any]:
+        """The P-256 COSE_Keys registered under an id EDHOC names: the client's (unless
+        disabled) and the audience's (its /introspect key). Whether the id may use a given
+        endpoint is decided per request (authenticate_peer)."""
+        keys: list[Any] = []
+        client = await self.store.get_client(peer_id)
+        if client is not None and not client.disabled and client.public_key is not None:
+            keys.append(client.public_key)
+        audience = await self.store.get_audience(peer_id)
+        if audience is not None and audience.introspect_public_key is not None:
+            keys.append(audience.introspect_public_key)
+        usable = []
+        for key in keys:
+            try:
+                public = public_key_from_cose(key)
+            except UnsupportedPopKey:
+                continue
+            if isinstance(public, ec.EllipticCurvePublicKey):
+                usable.append(public)
+        return usable
+
     # -- /token -------------------------------------------------------------------------------
 
     async def issue_token(self, request: TokenRequest) -> IssuedToken:
@@ -151,7 +194,7 @@ class AuthService:
         if request.grant_type != GrantType.CLIENT_CREDENTIALS:
             raise UnsupportedGrantType("grant type not supported")
         client = await self.authenticate(
-            request.client_id, request.client_secret, request.client_assertion
+            request.client_id, request.client_secret, request.client_assertion, request.peer
         )
         audience = await self._audience_for(client, request.audience)
         await self.keys.ensure_families([audience])
@@ -183,7 +226,7 @@ class AuthService:
         if request.refresh_token is None:
             raise InvalidRequest("refresh_token required")
         client = await self.authenticate(
-            request.client_id, request.client_secret, request.client_assertion
+            request.client_id, request.client_secret, request.client_assertion, request.peer
         )
         cnf = _pop_key(request.req_cnf)
         # mint() runs inside the store's transaction and cannot await: look audiences up first.
@@ -271,13 +314,23 @@ class AuthService:
         )
 
     async def authenticate(
-        self, client_id: str | None, secret: str | None, assertion: bytes | None
+        self,
+        client_id: str | None,
+        secret: str | None,
+        assertion: bytes | None,
+        peer: PeerCredential | None = None,
     ) -> Client:
-        """A device, by signed assertion or by shared secret (PROTOCOL.md), within its rate
-        limit (counted only once authenticated, so nobody can use up another's)."""
-        client = await self._auth.authenticate(
-            self._client_credentials, client_id, secret, assertion
-        )
+        """A device, by the protected channel's peer, or by signed assertion or shared secret
+        (PROTOCOL.md), within its rate limit (counted only once authenticated, so nobody can
+        use up another's)."""
+        if peer is not None:
+            client = await self._auth.authenticate_peer(
+                self._client_credentials, peer, client_id, secret, assertion
+            )
+        else:
+            client = await self._auth.authenticate(
+                self._client_credentials, client_id, secret, assertion
+            )
         self.client_limits.hit(client.client_id, "client")
         return client
 
@@ -291,7 +344,7 @@ class AuthService:
         token (its family dies). An unknown or foreign token changes nothing and the answer
         is the same, so it says nothing about the token."""
         client = await self.authenticate(
-            request.client_id, request.client_secret, request.client_assertion
+            request.client_id, request.client_secret, request.client_assertion, request.peer
         )
         now = self.clock.now()
         actor = f"client {client.client_id}"
@@ -306,21 +359,31 @@ class AuthService:
         """An operator revokes any live access token by its hash."""
         return await self.store.revoke_access(hash_value, None, self.clock.now(), "operator")
 
-    async def trl(self, query: TrlQuery) -> dict[int, Any]:
-        return await self.revocations.answer(query)
+    async def trl(self, query: TrlQuery, requester: str | None) -> dict[int, Any]:
+        return await self.revocations.answer(query, requester)
 
     # -- /introspect --------------------------------------------------------------------------
 
     async def introspect(self, request: TokenSubmission) -> Claims | None:
         """RFC 9200 §5.9 for a registered resource server: the claims of a token that is
         active for it, or None (answered {active: false}) for anything else."""
-        audience = await self._auth.authenticate(
-            self._audience_credentials,
-            request.client_id,
-            request.client_secret,
-            request.client_assertion,
-            replay_namespace=RS_NAMESPACE,
-        )
+        if request.peer is not None:
+            audience = await self._auth.authenticate_peer(
+                self._audience_credentials,
+                request.peer,
+                request.client_id,
+                request.client_secret,
+                request.client_assertion,
+                replay_namespace=RS_NAMESPACE,
+            )
+        else:
+            audience = await self._auth.authenticate(
+                self._audience_credentials,
+                request.client_id,
+                request.client_secret,
+                request.client_assertion,
+                replay_namespace=RS_NAMESPACE,
+            )
         # Only a token of this audience's own key family can be for it: a resource server that
         # holds an HMAC family's key cannot mint tokens another audience would accept.
         claims = self._verified_claims(request.token, audience.key_family)
@@ -411,4 +474,5 @@ def _pop_key(req_cnf: Mapping[Any, Any] | None) -> Mapping[int, Any] | None:
 
 
 def _access_record(issued: IssuedToken) -> IssuedAccess:
-    return IssuedAccess(token_hash(issued.access_token), issued.claims.sub, issued.claims.exp)
+    claims = issued.claims
+    return IssuedAccess(token_hash(issued.access_token), claims.sub, claims.exp, claims.aud)

@@ -1,8 +1,11 @@
 """The token revocation list (RFC 9770): query parsing, full and diff answers, the cursor.
 
-An update is one stored TRL change (hashes removed, hashes added); its RFC 9770 index is its
-sequence number minus one. A diff query reaches the last MAX_N updates; with the Cursor
-extension (§9) a requester pages through them MAX_DIFF_BATCH at a time.
+Each requester has its own update collection (§6.2): the updates that changed the hashes
+pertaining to it (§5), each holding only those, numbered 1, 2, ... in its own sequence; the
+RFC 9770 index of one is its number minus one. A diff query reaches the requester's last MAX_N
+updates; with the Cursor extension (§6.2.1, §9) it pages through them MAX_DIFF_BATCH at a time.
+An unprotected requester (None, lab mode) reads the whole list and every update, as the RFC's
+administrator does.
 """
 
 from __future__ import annotations
@@ -81,19 +84,24 @@ class RevocationList:
         expired = self._next_expiry is not None and self._next_expiry <= now
         if not expired and now - self._last_sweep < SWEEP_EVERY:
             return 0
-        # Twice what a query can reach: an answer reads the list's bounds and then the updates
-        # in two reads, and a prune in between must not take what the bounds promised.
+        # Twice what a query can reach, in each history (the list's and every requester's): a
+        # diff answer reads its bounds and then its updates in two reads, and a prune in
+        # between must not take what the bounds promised.
         removed = await self.store.sweep_expired(now, keep_updates=2 * self.max_n)
         self._last_sweep = now
         await self.plan_sweep()
         return removed
 
-    async def answer(self, query: TrlQuery) -> dict[int, Any]:
-        """The CBOR map of a full or diff query response (RFC 9770 §7, §9)."""
-        hashes, first, last = await self.store.trl()
+    async def answer(self, query: TrlQuery, requester: str | None) -> dict[int, Any]:
+        """The CBOR map of a full or diff query response (RFC 9770 §7, §8, §9) for
+        `requester`, the authenticated peer: only the hashes of tokens issued to it or for it
+        (§5), its own updates and indexes (§6.2). None (an unprotected request, lab mode
+        only) reads the whole list. Two store reads at most."""
+        if query.diff is None:  # §7, §9.1: the cursor is the requester's own last_index
+            hashes, _, last = await self.store.trl(requester)
+            return {TrlParam.FULL_SET: hashes, TrlParam.CURSOR: last - 1 if last else None}
+        first, last = await self.store.trl_bounds(requester)
         last_index = last - 1 if last else None
-        if query.diff is None:
-            return {TrlParam.FULL_SET: hashes, TrlParam.CURSOR: last_index}
         cursor = None
         if query.cursor is not None:
             cursor = _uint(query.cursor)
@@ -103,10 +111,10 @@ class RevocationList:
                     TrlErrorId.INVALID_PARAMETER_VALUE,
                     cursor=last_index,
                 )
-        if last_index is None:  # §9.2.1: no update yet
+        if last_index is None:  # §9.2.1: no update pertaining to the requester yet
             return _diff([], None, more=False)
         num = self.max_n if query.diff == 0 or query.diff > self.max_n else query.diff
-        # Only the last MAX_N updates are in reach, whatever the store still holds.
+        # Only the requester's last MAX_N updates are in reach, whatever the store still holds.
         oldest = max(first, last - self.max_n + 1)
         if cursor is None:  # §9.2.2: the eldest batch of the last U updates
             wanted = min(num, last - oldest + 1)
@@ -127,10 +135,17 @@ class RevocationList:
             more = pending > batch
             if batch == 0:
                 return _diff([], last_index, more=False)
-        updates = await self.store.trl_updates(start, start + batch - 1)
+        updates = await self.store.trl_updates(start, start + batch - 1, requester)
         entries = [[list(u.removed), list(u.added)] for u in updates]
         # The cursor is the index (seq - 1) of the newest update returned.
         return _diff(entries, start + batch - 2, more=more)
+
+    async def changes_since(self, trl_seq: int | None) -> tuple[frozenset[str] | None, int]:
+        """Whose pertaining part of the list changed after the list's update `trl_seq`
+        (RFC 9770 §11: only they are notified), and the list's newest update. None for
+        "everyone" when `trl_seq` is None (nothing known yet)."""
+        requesters, newest = await self.store.trl_changes_since(trl_seq)
+        return (None if trl_seq is None else requesters), newest
 
 
 def _diff(entries: list[list[list[bytes]]], cursor: int | None, *, more: bool) -> dict[int, Any]:

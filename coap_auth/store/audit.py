@@ -246,15 +246,33 @@ def reseal_plan(
     newest: tuple[int, bytes] | None,
     now: int,
     registry: bytes,
+    to_version: int,
 ) -> tuple[list[AuditEntry], AuditHead | None]:
-    """The migration from schema 3 to 4: the head (`legacy`: seq, last_mac, MAC as schema 3
-    sealed it) gains the registry digest, and the migration is recorded. A head that does not
-    verify is not re-sealed (that would launder it): it stays for `audit verify` to report."""
-    event = AuditEvent(now, "service", "store.migrated", "schema", {"from": 3, "to": 4})
+    """The migration from schema 3 (to 4 and on, to `to_version`): the head (`legacy`: seq,
+    last_mac, MAC as schema 3 sealed it) gains the registry digest, and the migration is
+    recorded. A head that does not verify is not re-sealed (that would launder it): it stays
+    for `audit verify` to report."""
+    event = AuditEvent(now, "service", "store.migrated", "schema", {"from": 3, "to": to_version})
     head = None
     if legacy is not None and legacy_head_verifies(mac, *legacy):
         head = sealed_head(mac, legacy[0], legacy[1], registry)
     return append_plan(mac, head, newest, [event], registry)
+
+
+def upgrade_plan(
+    mac: Mac,
+    head: AuditHead | None,
+    newest: tuple[int, bytes] | None,
+    from_version: int,
+    to_version: int,
+    now: int,
+) -> tuple[list[AuditEntry], AuditHead | None]:
+    """A migration from a sealed schema (4 and on) that changes neither the registry nor the
+    head: recorded as the next entry, like any other event (`append_plan`)."""
+    event = AuditEvent(
+        now, "service", "store.migrated", "schema", {"from": from_version, "to": to_version}
+    )
+    return append_plan(mac, head, newest, [event])
 
 
 def verify_log(mac: Mac, snapshot: AuditSnapshot) -> ChainReport:

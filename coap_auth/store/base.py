@@ -137,18 +137,38 @@ class Store(Protocol):
         """token_status(...) == "revoked"."""
         ...
 
-    async def trl(self) -> tuple[list[bytes], int, int]:
-        """One consistent read: the full TRL (revoked hashes not yet delisted) and the seqs
-        of the first and last updates kept (0, 0 when there is none)."""
+    # A requester (RFC 9770 §5) is a registered id: the hashes pertaining to it are those of
+    # tokens issued to it (client_id) or for it (audience). Each requester has its own update
+    # collection (RFC 9770 §6.2): the updates that changed its hashes, numbered 1, 2, ... in
+    # its own sequence. None (an unprotected reader, like the RFC's administrator) reads the
+    # whole list and the history of every update.
+    async def trl(self, requester: str | None = None) -> tuple[list[bytes], int, int]:
+        """One consistent read: the full TRL (revoked hashes not yet delisted), or the part
+        pertaining to `requester`, and the seqs of the first and last updates kept in its
+        history (0, 0 when there is none)."""
         ...
 
-    async def trl_updates(self, first_seq: int, last_seq: int) -> list[TrlUpdate]:
-        """The kept updates with seqs in [first_seq, last_seq], newest first."""
+    async def trl_bounds(self, requester: str | None = None) -> tuple[int, int]:
+        """The seqs of the first and last updates kept in `requester`'s history (or the whole
+        list's), (0, 0) when there is none."""
+        ...
+
+    async def trl_updates(
+        self, first_seq: int, last_seq: int, requester: str | None = None
+    ) -> list[TrlUpdate]:
+        """The kept updates of `requester`'s history (or the whole list's) with seqs in
+        [first_seq, last_seq], newest first."""
+        ...
+
+    async def trl_changes_since(self, trl_seq: int | None) -> tuple[frozenset[str], int]:
+        """In one read: the requesters whose collections gained an update after the whole
+        list's update `trl_seq` (none asked when None), and the seq of the list's newest."""
         ...
 
     async def sweep_expired(self, now: int, keep_updates: int) -> int:
         """Delist revoked tokens that have expired (one TRL update), forget expired unrevoked
-        token records, keep the last `keep_updates` TRL updates. Returns how many delisted."""
+        token records, keep the last `keep_updates` updates of each history (the whole list's
+        and every requester's). Returns how many delisted."""
         ...
 
     async def next_trl_expiry(self) -> int | None:

@@ -36,6 +36,7 @@ class MasterKey:
         self._digest_key = hashlib.sha256(b"coap-auth secret digest" + key).digest()
         self._audit_key = hashlib.sha256(b"coap-auth audit chain" + key).digest()
         self._registry_key = hashlib.sha256(b"coap-auth registry rows" + key).digest()
+        self._derive_key = hashlib.sha256(b"coap-auth derived keys" + key).digest()
 
     def __repr__(self) -> str:
         return "MasterKey(<hidden>)"
@@ -83,6 +84,11 @@ class MasterKey:
         """The MAC of a client or audience row (coap_auth.store.registry_mac), under its own
         key derived from the master key."""
         return hmac.new(self._registry_key, data, hashlib.sha256).digest()
+
+    def derive(self, label: bytes) -> bytes:
+        """32 bytes for a purpose of its own (`label`), from the master key: the same on every
+        instance that shares it, and nothing about the master key or any other label."""
+        return hmac.new(self._derive_key, label, hashlib.sha256).digest()
 
     def digest(self, secret: bytes) -> bytes:
         """The keyed digest under which a client secret or refresh token is stored."""

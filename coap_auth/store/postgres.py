@@ -5,7 +5,8 @@ from row locks (a refresh token's family is locked for the whole refresh) and fr
 transaction-scoped advisory locks for the key set, the audit chain and the TRL sequence, always
 taken in the order postgres_base's docstring writes down; the change feed is NOTIFY on commit,
 heard by every instance's LISTEN connection. Plumbing is in postgres_base, refresh families and
-the TRL in postgres_tokens.
+the TRL in postgres_tokens (its statements in postgres_trl, per-requester histories described in
+trl_history).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ one once it holds a later one, so two transactions cannot wait on each other:
    `ORDER BY ... FOR UPDATE`);
 2. the key-set advisory lock (`update_keys`) or the TRL advisory lock (revocations, sweeps).
    Rows changed only under one of them come after it: signing_keys under the key-set lock,
-   and the rows a sweep delists, already revoked and committed, which nothing else locks;
+   trl_updates and trl_requester_updates under the TRL lock, and the rows a sweep delists,
+   already revoked and committed, which nothing else locks;
 3. the change_feed row (`_notify`);
 4. the audit advisory lock (`_audit`), always last.
 
@@ -32,9 +33,14 @@ from typing import Any, TypeVar
 import asyncpg
 
 from coap_auth.errors import OperatorError, StoreUnavailable
-from coap_auth.store.audit import AuditEntry, AuditEvent, AuditHead, AuditSnapshot, append_plan
+from coap_auth.store.audit import AuditEntry, AuditEvent, AuditSnapshot, append_plan
 from coap_auth.store.master_key import MasterKey
-from coap_auth.store.postgres_schema import SCHEMA_VERSION, migrate, registry_digest_of
+from coap_auth.store.postgres_schema import (
+    SCHEMA_VERSION,
+    migrate,
+    read_head,
+    registry_digest_of,
+)
 from coap_auth.store.records import ChangeCounters
 from coap_auth.store.rows import (
     ACCESS_STATE_QUERY,
@@ -214,7 +220,7 @@ class PostgresBase:
         digest = await registry_digest_of(conn) if registry else None
         entries, head = append_plan(
             self._audit_mac,
-            await _read_head(conn),
+            await read_head(conn),
             None if newest is None else (newest[0], newest[1]),
             events,
             digest,
@@ -262,7 +268,7 @@ class PostgresBase:
                 "SELECT EXISTS (SELECT 1 FROM signing_keys) OR EXISTS (SELECT 1 FROM clients)"
                 " OR EXISTS (SELECT 1 FROM audiences)"
             )
-            head = await _read_head(conn)
+            head = await read_head(conn)
             registry = await registry_digest_of(conn)
             revocation = revocation_rows(
                 await conn.fetch(ACCESS_STATE_QUERY),
@@ -313,11 +319,6 @@ class PostgresBase:
                 with contextlib.suppress(Exception):  # close() cuts the connection on failure
                     await conn.close(timeout=LISTEN_CLOSE_TIMEOUT)
             await asyncio.sleep(RECONNECT_DELAY)
-
-
-async def _read_head(conn: Conn) -> AuditHead | None:
-    row = await conn.fetchrow("SELECT seq, last_mac, registry, mac FROM audit_head WHERE id = 1")
-    return None if row is None else AuditHead(row[0], row[1], row[2], row[3])
 
 
 def _describe(exc: BaseException) -> str:

@@ -10,7 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from coap_auth.errors import OperatorError
-from coap_auth.store.audit import GENESIS, AuditHead, migration_plan, reseal_plan, sealed_head
+from coap_auth.store.audit import (
+    GENESIS,
+    AuditHead,
+    migration_plan,
+    reseal_plan,
+    sealed_head,
+    upgrade_plan,
+)
 from coap_auth.store.master_key import MasterKey
 from coap_auth.store.registry_mac import (
     EMPTY_REGISTRY,
@@ -20,12 +27,14 @@ from coap_auth.store.rows import (
     AUDIT_COLUMNS,
     REGISTRY_IDS,
     REGISTRY_TABLES,
+    TRL_UPDATE_COLUMNS,
     audit_entry_to_row,
     seals,
 )
 from coap_auth.store.seal_marker import refusal
+from coap_auth.store.trl_history import REQUESTER_UPDATE_COLUMNS, attributed_history
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -96,7 +105,8 @@ CREATE TABLE IF NOT EXISTS access_tokens (
     client_id TEXT NOT NULL,
     exp BIGINT NOT NULL,
     revoked_at BIGINT,
-    delisted_at BIGINT
+    delisted_at BIGINT,
+    audience TEXT
 );
 CREATE INDEX IF NOT EXISTS access_tokens_family ON access_tokens (family_id);
 CREATE INDEX IF NOT EXISTS access_tokens_exp ON access_tokens (exp);
@@ -112,6 +122,16 @@ CREATE TABLE IF NOT EXISTS trl_updates (
     removed BYTEA NOT NULL,
     added BYTEA NOT NULL
 );
+CREATE TABLE IF NOT EXISTS trl_requester_updates (
+    requester TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    trl_seq BIGINT NOT NULL,
+    at BIGINT NOT NULL,
+    removed BYTEA NOT NULL,
+    added BYTEA NOT NULL,
+    PRIMARY KEY (requester, seq)
+);
+CREATE INDEX IF NOT EXISTS trl_requester_updates_trl_seq ON trl_requester_updates (trl_seq);
 CREATE TABLE IF NOT EXISTS audit_log (
     seq BIGINT PRIMARY KEY,
     at BIGINT NOT NULL,
@@ -142,11 +162,31 @@ _FROM_3 = """
 ALTER TABLE audit_head ADD COLUMN IF NOT EXISTS registry BYTEA;
 """
 
+# Version 4 to 5: an access token records its audience (RFC 9770 §5: each TRL requester sees
+# only the hashes pertaining to it); a token of a refresh family takes the family's, one
+# without stays NULL (its hash pertains to its client only). `_LISTED_INDEXES` follow, then
+# `_attribute_history` fills each requester's update collection (its table is in SCHEMA).
+_FROM_4 = """
+ALTER TABLE access_tokens ADD COLUMN IF NOT EXISTS audience TEXT;
+UPDATE access_tokens SET audience = (
+    SELECT f.audience FROM refresh_families f WHERE f.family_id = access_tokens.family_id
+) WHERE family_id IS NOT NULL;
+"""
+
+# Listed tokens only, by client and by audience: a requester's full query reads its own rows.
+# Not in SCHEMA: that runs first on every start, also on a version 4 table without `audience`.
+_LISTED_INDEXES = """
+CREATE INDEX IF NOT EXISTS access_tokens_listed_client ON access_tokens (client_id)
+    WHERE revoked_at IS NOT NULL AND delisted_at IS NULL;
+CREATE INDEX IF NOT EXISTS access_tokens_listed_audience ON access_tokens (audience)
+    WHERE revoked_at IS NOT NULL AND delisted_at IS NULL;
+"""
+
 
 async def migrate(
     conn: Any, lock_key: int, master_key: MasterKey, now: int, sealed_before: int | None
 ) -> None:
-    """Create the schema if absent, or bring version 2 or 3 up to date; refuse a newer one.
+    """Create the schema if absent, or bring version 2, 3 or 4 up to date; refuse a newer one.
     `conn` is an asyncpg connection; `now` dates the audit entry that records a migration;
     `sealed_before` is the version this instance's marker records: an older database (or one
     that lost its version but holds data) is refused, not sealed again."""
@@ -164,6 +204,10 @@ async def migrate(
                 raise OperatorError(problem)
             head = sealed_head(master_key.audit_mac, 0, GENESIS, EMPTY_REGISTRY)
             await _write_head(conn, head, insert=True)
+            # A no-op on tables just created; tables that lost their version get the column.
+            await conn.execute(_FROM_4)
+            await conn.execute(_LISTED_INDEXES)
+            await _attribute_history(conn)
             await conn.execute("INSERT INTO schema_version VALUES ($1)", SCHEMA_VERSION)
         elif version > SCHEMA_VERSION:
             raise RuntimeError(f"database schema {version} is newer than this coap-auth")
@@ -175,10 +219,36 @@ async def migrate(
             if version < 3:
                 await conn.execute(_FROM_2)
                 await _seal(conn, master_key, version, now)
-            else:
+            elif version < 4:
                 await conn.execute(_FROM_3)
                 await _reseal(conn, master_key, now)
+            else:
+                await _record_upgrade(conn, master_key, version, now)
+            await conn.execute(_FROM_4)
+            await conn.execute(_LISTED_INDEXES)
+            await _attribute_history(conn)
             await conn.execute("UPDATE schema_version SET version = $1", SCHEMA_VERSION)
+
+
+async def _attribute_history(conn: Any) -> None:
+    """Build each requester's update collection from the TRL updates kept so far, as if it
+    had been kept from the start (RFC 9770 §6.2: its MAX_N most recent pertaining updates
+    must be at hand); every revoked token's record, and so its owners, is still there. Only
+    into an empty table: tables that lost their version may still hold collections."""
+    if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM trl_requester_updates)"):
+        return
+    owners = {
+        r[0]: (r[1], r[2])
+        for r in await conn.fetch(
+            "SELECT token_hash, client_id, audience FROM access_tokens WHERE revoked_at IS NOT NULL"
+        )
+    }
+    updates = await conn.fetch(f"SELECT {TRL_UPDATE_COLUMNS} FROM trl_updates ORDER BY seq")
+    await conn.executemany(
+        f"INSERT INTO trl_requester_updates ({REQUESTER_UPDATE_COLUMNS})"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        attributed_history(updates, owners),
+    )
 
 
 async def registry_digest_of(conn: Any) -> bytes:
@@ -207,6 +277,7 @@ async def _reseal(conn: Any, master_key: MasterKey, now: int) -> None:
         None if newest is None else (newest[0], newest[1]),
         now,
         await registry_digest_of(conn),
+        SCHEMA_VERSION,
     )
     await conn.executemany(
         f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -214,6 +285,29 @@ async def _reseal(conn: Any, master_key: MasterKey, now: int) -> None:
     )
     if head is not None:
         await _write_head(conn, head, insert=False)
+
+
+async def _record_upgrade(conn: Any, master_key: MasterKey, version: int, now: int) -> None:
+    newest = await conn.fetchrow("SELECT seq, mac FROM audit_log ORDER BY seq DESC LIMIT 1")
+    entries, head = upgrade_plan(
+        master_key.audit_mac,
+        await read_head(conn),
+        None if newest is None else (newest[0], newest[1]),
+        version,
+        SCHEMA_VERSION,
+        now,
+    )
+    await conn.executemany(
+        f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        [audit_entry_to_row(entry) for entry in entries],
+    )
+    if head is not None:
+        await _write_head(conn, head, insert=False)
+
+
+async def read_head(conn: Any) -> AuditHead | None:
+    row = await conn.fetchrow("SELECT seq, last_mac, registry, mac FROM audit_head WHERE id = 1")
+    return None if row is None else AuditHead(row[0], row[1], row[2], row[3])
 
 
 async def _seal(conn: Any, master_key: MasterKey, version: int, now: int) -> None:

@@ -1,18 +1,31 @@
 """PostgreSQL tables of issued tokens: refresh families (row locks serialise every change
-of a family) and the revocation list (updates numbered under an advisory lock).
+of a family) and the revocation list (updates numbered under an advisory lock; the statements
+are in postgres_trl).
 
 Locks follow the order in postgres_base: family rows, refresh-token rows, access-token rows
 (in token_hash order), the TRL lock, the change_feed row, the audit lock."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+
 import cbor2
 
 from coap_auth.store.audit import AuditEvent
 from coap_auth.store.base import Mint, TokenStatus
 from coap_auth.store.postgres_base import Conn, PostgresBase
+from coap_auth.store.postgres_trl import (
+    prune,
+    read_bounds,
+    read_changes_since,
+    read_trl,
+    read_updates,
+    record_update,
+)
 from coap_auth.store.records import IssuedAccess, RefreshFamily, RefreshOutcome, TrlUpdate
-from coap_auth.store.rows import family_from_row, family_kill_events, trl_update_from_row
+from coap_auth.store.rows import family_from_row, family_kill_events
+from coap_auth.store.trl_history import Owner
 
 
 class PostgresTokenTables(PostgresBase):
@@ -251,35 +264,32 @@ class PostgresTokenTables(PostgresBase):
     async def is_revoked(self, token_hash: bytes) -> bool:
         return await self.token_status(token_hash) == "revoked"
 
-    async def trl(self) -> tuple[list[bytes], int, int]:
-        async def read(conn: Conn) -> tuple[list[bytes], int, int]:
-            hashes = [
-                r[0]
-                for r in await conn.fetch(
-                    "SELECT token_hash FROM access_tokens"
-                    " WHERE revoked_at IS NOT NULL AND delisted_at IS NULL"
-                    " ORDER BY revoked_at, token_hash"
-                )
-            ]
-            first, last = await conn.fetchrow(
-                "SELECT COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM trl_updates"
-            )
-            return hashes, int(first), int(last)
+    async def trl(self, requester: str | None = None) -> tuple[list[bytes], int, int]:
+        async with self._snapshot() as conn:
+            return await read_trl(conn, requester)
 
-        # One snapshot for both reads.
+    async def trl_bounds(self, requester: str | None = None) -> tuple[int, int]:
+        async with self._connection() as conn:
+            return await read_bounds(conn, requester)
+
+    async def trl_updates(
+        self, first_seq: int, last_seq: int, requester: str | None = None
+    ) -> list[TrlUpdate]:
+        async with self._connection() as conn:
+            return await read_updates(conn, first_seq, last_seq, requester)
+
+    async def trl_changes_since(self, trl_seq: int | None) -> tuple[frozenset[str], int]:
+        async with self._snapshot() as conn:
+            return await read_changes_since(conn, trl_seq)
+
+    @contextlib.asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[Conn]:
+        """A connection in one read-only, repeatable-read transaction: reads that agree."""
         async with (
             self._connection() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
-            return await read(conn)
-
-    async def trl_updates(self, first_seq: int, last_seq: int) -> list[TrlUpdate]:
-        rows = await self._read(
-            "SELECT * FROM trl_updates WHERE seq BETWEEN $1 AND $2 ORDER BY seq DESC",
-            first_seq,
-            last_seq,
-        )
-        return [trl_update_from_row(r) for r in rows]
+            yield conn
 
     async def sweep_expired(self, now: int, keep_updates: int) -> int:
         async def sweep(conn: Conn) -> int:
@@ -293,25 +303,23 @@ class PostgresTokenTables(PostgresBase):
                 now,
             )
             await self._lock(conn, self._lock_trl)
-            expired = [
-                r[0]
+            expired = {
+                r[0]: (r[1], r[2])
                 for r in await conn.fetch(
-                    "SELECT token_hash FROM access_tokens WHERE revoked_at IS NOT NULL"
-                    " AND delisted_at IS NULL AND exp <= $1 ORDER BY revoked_at, token_hash",
+                    "SELECT token_hash, client_id, audience FROM access_tokens"
+                    " WHERE revoked_at IS NOT NULL AND delisted_at IS NULL AND exp <= $1"
+                    " ORDER BY revoked_at, token_hash",
                     now,
                 )
-            ]
+            }
             if expired:
                 await conn.execute(
                     "UPDATE access_tokens SET delisted_at = $1 WHERE token_hash = ANY($2)",
                     now,
-                    expired,
+                    list(expired),
                 )
-                await self._trl_update(conn, now, removed=expired, added=[])
-            await conn.execute(
-                "DELETE FROM trl_updates WHERE seq <= (SELECT MAX(seq) FROM trl_updates) - $1",
-                keep_updates,
-            )
+                await self._trl_update(conn, now, removed=list(expired), added=[], owners=expired)
+            await prune(conn, keep_updates)
             return len(expired)
 
         return await self._in_tx(sweep)
@@ -329,35 +337,39 @@ class PostgresTokenTables(PostgresBase):
         if not hashes:
             return []
         rows = await conn.fetch(
-            "UPDATE access_tokens SET revoked_at = $1"
-            " WHERE token_hash = ANY($2) AND revoked_at IS NULL RETURNING token_hash",
+            "UPDATE access_tokens SET revoked_at = $1 WHERE token_hash = ANY($2)"
+            " AND revoked_at IS NULL RETURNING token_hash, client_id, audience",
             now,
             hashes,
         )
-        revoked = sorted(r[0] for r in rows)
+        owners = {r[0]: (r[1], r[2]) for r in rows}
+        revoked = sorted(owners)
         if revoked:
-            await self._trl_update(conn, now, removed=[], added=revoked)
+            await self._trl_update(conn, now, removed=[], added=revoked, owners=owners)
         return revoked
 
     async def _trl_update(
-        self, conn: Conn, now: int, *, removed: list[bytes], added: list[bytes]
+        self,
+        conn: Conn,
+        now: int,
+        *,
+        removed: list[bytes],
+        added: list[bytes],
+        owners: Mapping[bytes, Owner],
     ) -> None:
         # Numbered under a lock, so updates become visible in the order of their numbers.
         await self._lock(conn, self._lock_trl)
-        await conn.execute(
-            "INSERT INTO trl_updates SELECT COALESCE(MAX(seq), 0) + 1, $1, $2, $3 FROM trl_updates",
-            now,
-            cbor2.dumps(removed),
-            cbor2.dumps(added),
-        )
+        await record_update(conn, now, removed=removed, added=added, owners=owners)
         await self._notify(conn, "revocations")
 
 
 async def _record_access(conn: Conn, access: IssuedAccess, family_id: bytes) -> None:
     await conn.execute(
-        "INSERT INTO access_tokens (token_hash, family_id, client_id, exp) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO access_tokens (token_hash, family_id, client_id, exp, audience)"
+        " VALUES ($1, $2, $3, $4, $5)",
         access.token_hash,
         family_id,
         access.client_id,
         access.exp,
+        access.audience,
     )

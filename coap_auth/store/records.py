@@ -101,11 +101,14 @@ class RefreshFamily:
 
 @dataclass(frozen=True, slots=True)
 class IssuedAccess:
-    """The record of an issued access token: enough to revoke it and to drop it when expired."""
+    """The record of an issued access token: enough to revoke it, to drop it when expired,
+    and to tell whom its TRL entry pertains to (RFC 9770 §5: its client and its audience)."""
 
     token_hash: bytes
     client_id: str
     exp: int
+    # None: recorded before schema 5 outside a refresh family; the hash is its client's only.
+    audience: str | None = None
 
 
 RefreshStatus = Literal["rotated", "grace", "reused", "unknown", "dead", "expired"]
@@ -119,7 +122,10 @@ class RefreshOutcome:
 
 @dataclass(frozen=True, slots=True)
 class TrlUpdate:
-    """One change of the token revocation list (RFC 9770 §6.2): hashes removed and added."""
+    """One change of the token revocation list, hashes removed and added, as one history
+    holds it: the whole list's (every hash), or a requester's update collection (RFC 9770
+    §6.2: only its hashes). `seq` numbers it in that history, from 1; its RFC 9770 index is
+    `seq - 1`."""
 
     seq: int
     at: int

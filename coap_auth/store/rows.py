@@ -244,6 +244,9 @@ def family_from_row(row: Row) -> RefreshFamily:
     )
 
 
+TRL_UPDATE_COLUMNS = "seq, at, removed, added"
+
+
 def trl_update_from_row(row: Row) -> TrlUpdate:
     seq, at, removed, added = row
     return TrlUpdate(seq, at, tuple(cbor2.loads(removed)), tuple(cbor2.loads(added)))

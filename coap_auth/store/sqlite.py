@@ -1,7 +1,8 @@
 """The embedded store: one SQLite file under the data directory, WAL mode, durable commits.
 
 All access runs on one dedicated thread per store; each public method is one transaction.
-Plumbing and the audit chain are in sqlite_base, refresh families and the TRL in sqlite_tokens.
+Plumbing and the audit chain are in sqlite_base, refresh families and the TRL in sqlite_tokens
+(its statements in sqlite_trl, per-requester histories described in trl_history).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from coap_auth.errors import OperatorError, StoreUnavailable
-from coap_auth.store.audit import AuditEntry, AuditEvent, AuditHead, AuditSnapshot, append_plan
+from coap_auth.store.audit import AuditEntry, AuditEvent, AuditSnapshot, append_plan
 from coap_auth.store.master_key import MasterKey, make_private
 from coap_auth.store.records import ChangeCounters
 from coap_auth.store.rows import (
@@ -28,7 +28,12 @@ from coap_auth.store.rows import (
     stand_in_rows,
 )
 from coap_auth.store.seal_marker import marker_path, read_marker, write_marker
-from coap_auth.store.sqlite_schema import SCHEMA_VERSION, migrate, registry_digest_of
+from coap_auth.store.sqlite_schema import (
+    SCHEMA_VERSION,
+    migrate,
+    read_head,
+    registry_digest_of,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("coap_auth.store")
@@ -184,7 +189,7 @@ class SqliteBase:
             return
         newest = conn.execute("SELECT seq, mac FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
         digest = registry_digest_of(conn) if registry else None
-        entries, head = append_plan(self._audit_mac, _read_head(conn), newest, events, digest)
+        entries, head = append_plan(self._audit_mac, read_head(conn), newest, events, digest)
         conn.executemany(
             f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [audit_entry_to_row(entry) for entry in entries],
@@ -223,7 +228,7 @@ class SqliteBase:
                 conn.execute(REMOVALS_QUERY),
             )
             return AuditSnapshot(
-                entries, _read_head(conn), bool(holds_data), registry_digest_of(conn), revocation
+                entries, read_head(conn), bool(holds_data), registry_digest_of(conn), revocation
             )
 
         return await self._run(self._tx, read, "BEGIN DEFERRED")
@@ -237,10 +242,3 @@ class SqliteBase:
     async def change_counters(self) -> ChangeCounters:
         rows = await self._read("SELECT counter, revocations FROM change_feed WHERE id = 1")
         return ChangeCounters(int(rows[0][0]), int(rows[0][1]))
-
-
-def _read_head(conn: sqlite3.Connection) -> AuditHead | None:
-    row = conn.execute(
-        "SELECT seq, last_mac, registry, mac FROM audit_head WHERE id = 1"
-    ).fetchone()
-    return None if row is None else AuditHead(*row)

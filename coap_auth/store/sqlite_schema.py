@@ -19,6 +19,7 @@ from coap_auth.store.audit import (
     migration_plan,
     reseal_plan,
     sealed_head,
+    upgrade_plan,
 )
 from coap_auth.store.master_key import MasterKey
 from coap_auth.store.registry_mac import (
@@ -29,12 +30,14 @@ from coap_auth.store.rows import (
     AUDIT_COLUMNS,
     REGISTRY_IDS,
     REGISTRY_TABLES,
+    TRL_UPDATE_COLUMNS,
     audit_entry_to_row,
     seals,
 )
 from coap_auth.store.seal_marker import refusal
+from coap_auth.store.trl_history import REQUESTER_UPDATE_COLUMNS, attributed_history
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE audiences (
@@ -104,10 +107,15 @@ CREATE TABLE access_tokens (
     client_id TEXT NOT NULL,
     exp INTEGER NOT NULL,
     revoked_at INTEGER,
-    delisted_at INTEGER
+    delisted_at INTEGER,
+    audience TEXT
 );
 CREATE INDEX access_tokens_family ON access_tokens (family_id);
 CREATE INDEX access_tokens_exp ON access_tokens (exp);
+CREATE INDEX access_tokens_listed_client ON access_tokens (client_id)
+    WHERE revoked_at IS NOT NULL AND delisted_at IS NULL;
+CREATE INDEX access_tokens_listed_audience ON access_tokens (audience)
+    WHERE revoked_at IS NOT NULL AND delisted_at IS NULL;
 CREATE TABLE change_feed (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     counter INTEGER NOT NULL,
@@ -120,6 +128,16 @@ CREATE TABLE trl_updates (
     removed BLOB NOT NULL,
     added BLOB NOT NULL
 );
+CREATE TABLE trl_requester_updates (
+    requester TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    trl_seq INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    removed BLOB NOT NULL,
+    added BLOB NOT NULL,
+    PRIMARY KEY (requester, seq)
+);
+CREATE INDEX trl_requester_updates_trl_seq ON trl_requester_updates (trl_seq);
 CREATE TABLE audit_log (
     seq INTEGER PRIMARY KEY,
     at INTEGER NOT NULL,
@@ -184,6 +202,29 @@ _FROM_3 = """
 ALTER TABLE audit_head ADD COLUMN registry BLOB
 """
 
+# Version 4 to 5: an access token records its audience, so each TRL requester sees only the
+# hashes pertaining to it (RFC 9770 §5). A token of a refresh family takes the family's
+# audience; one without stays NULL: its hash pertains to its client only.
+# The partial indexes hold listed tokens only: a requester's full query reads its own rows.
+# Each requester gets its own update collection (RFC 9770 §6.2), filled from the updates
+# kept so far by `_attribute_history`.
+_FROM_4 = """
+ALTER TABLE access_tokens ADD COLUMN audience TEXT;
+UPDATE access_tokens SET audience = (
+    SELECT f.audience FROM refresh_families f WHERE f.family_id = access_tokens.family_id
+) WHERE family_id IS NOT NULL;
+CREATE INDEX access_tokens_listed_client ON access_tokens (client_id)
+    WHERE revoked_at IS NOT NULL AND delisted_at IS NULL;
+CREATE INDEX access_tokens_listed_audience ON access_tokens (audience)
+    WHERE revoked_at IS NOT NULL AND delisted_at IS NULL;
+CREATE TABLE trl_requester_updates (
+    requester TEXT NOT NULL, seq INTEGER NOT NULL, trl_seq INTEGER NOT NULL,
+    at INTEGER NOT NULL, removed BLOB NOT NULL, added BLOB NOT NULL,
+    PRIMARY KEY (requester, seq)
+);
+CREATE INDEX trl_requester_updates_trl_seq ON trl_requester_updates (trl_seq)
+"""
+
 
 def migrate(
     conn: sqlite3.Connection, master_key: MasterKey, now: int, sealed_before: int | None
@@ -215,9 +256,13 @@ def migrate(
                 _script(conn, _FROM_2)
                 _seal_registry(conn, master_key)
                 _seal_audit_head(conn, master_key, max(version, 1), now)
-            else:
+            elif version < 4:
                 _script(conn, _FROM_3)
                 _reseal_audit_head(conn, master_key, now)
+            else:
+                _record_upgrade(conn, master_key, version, now)
+            _script(conn, _FROM_4)
+            _attribute_history(conn)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -238,6 +283,23 @@ def _seed_trl_history(conn: sqlite3.Connection) -> None:
             (max(r[1] for r in rows), cbor2.dumps([]), cbor2.dumps([r[0] for r in rows])),
         )
         conn.execute("UPDATE change_feed SET revocations = revocations + 1 WHERE id = 1")
+
+
+def _attribute_history(conn: sqlite3.Connection) -> None:
+    """Build each requester's update collection from the TRL updates kept so far, as if it
+    had been kept from the start (RFC 9770 §6.2: its MAX_N most recent pertaining updates
+    must be at hand); every revoked token's record, and so its owners, is still there."""
+    owners = {
+        r[0]: (r[1], r[2])
+        for r in conn.execute(
+            "SELECT token_hash, client_id, audience FROM access_tokens WHERE revoked_at IS NOT NULL"
+        )
+    }
+    updates = conn.execute(f"SELECT {TRL_UPDATE_COLUMNS} FROM trl_updates ORDER BY seq")
+    conn.executemany(
+        f"INSERT INTO trl_requester_updates ({REQUESTER_UPDATE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+        attributed_history(updates.fetchall(), owners),
+    )
 
 
 def _seal_registry(conn: sqlite3.Connection, master_key: MasterKey) -> None:
@@ -270,10 +332,31 @@ def _seal_audit_head(
 def _reseal_audit_head(conn: sqlite3.Connection, master_key: MasterKey, now: int) -> None:
     newest = conn.execute("SELECT seq, mac FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
     legacy = conn.execute("SELECT seq, last_mac, mac FROM audit_head WHERE id = 1").fetchone()
-    entries, head = reseal_plan(master_key.audit_mac, legacy, newest, now, registry_digest_of(conn))
+    entries, head = reseal_plan(
+        master_key.audit_mac, legacy, newest, now, registry_digest_of(conn), SCHEMA_VERSION
+    )
     _insert_entries(conn, entries)
     if head is not None:
         _write_head(conn, head, insert=False)
+
+
+def _record_upgrade(
+    conn: sqlite3.Connection, master_key: MasterKey, version: int, now: int
+) -> None:
+    newest = conn.execute("SELECT seq, mac FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+    entries, head = upgrade_plan(
+        master_key.audit_mac, read_head(conn), newest, version, SCHEMA_VERSION, now
+    )
+    _insert_entries(conn, entries)
+    if head is not None:
+        _write_head(conn, head, insert=False)
+
+
+def read_head(conn: sqlite3.Connection) -> AuditHead | None:
+    row = conn.execute(
+        "SELECT seq, last_mac, registry, mac FROM audit_head WHERE id = 1"
+    ).fetchone()
+    return None if row is None else AuditHead(*row)
 
 
 def _insert_entries(conn: sqlite3.Connection, entries: list[AuditEntry]) -> None:

@@ -1,5 +1,5 @@
 """SQLite tables of issued tokens: refresh families (rotation, reuse, kills) and the
-revocation list (RFC 9770 updates, delisting on expiry)."""
+revocation list (RFC 9770; its statements are in sqlite_trl)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,16 @@ import cbor2
 from coap_auth.store.audit import AuditEvent
 from coap_auth.store.base import Mint, TokenStatus
 from coap_auth.store.records import IssuedAccess, RefreshFamily, RefreshOutcome, TrlUpdate
-from coap_auth.store.rows import family_from_row, family_kill_events, trl_update_from_row
+from coap_auth.store.rows import family_from_row, family_kill_events
 from coap_auth.store.sqlite_base import SqliteBase
+from coap_auth.store.sqlite_trl import (
+    read_bounds,
+    read_changes_since,
+    read_trl,
+    read_updates,
+    revoke,
+    sweep,
+)
 
 
 class TokenTables(SqliteBase):
@@ -178,16 +186,17 @@ class TokenTables(SqliteBase):
             # The writer lock is held (BEGIN IMMEDIATE): what is selected here is what is
             # revoked. (No UPDATE ... RETURNING: it needs SQLite 3.35, newer than some hosts.)
             selected = {
-                r[0]: (r[1], r[2])
+                r[0]: r[1:]
                 for family_id in family_ids
                 for r in conn.execute(
-                    "SELECT token_hash, family_id, exp FROM access_tokens"
+                    "SELECT token_hash, family_id, exp, client_id, audience FROM access_tokens"
                     " WHERE family_id = ? AND revoked_at IS NULL AND exp > ?",
                     (family_id, now),
                 )
             }
-            for h in _revoke(conn, list(selected), now):
-                family_id, exp = selected[h]
+            owners = {h: (client, audience) for h, (_, _, client, audience) in selected.items()}
+            for h in revoke(conn, owners, now):
+                family_id, exp, _, _ = selected[h]
                 revoked[family_id][h] = exp
         tokens = revoked if revoke_access else None
         self._audit(conn, family_kill_events(families, tokens, reason, actor, now))
@@ -197,22 +206,22 @@ class TokenTables(SqliteBase):
     async def revoke_access(
         self, token_hash: bytes, client_id: str | None, now: int, actor: str
     ) -> bool:
-        def revoke(conn: sqlite3.Connection) -> bool:
+        def revoke_one(conn: sqlite3.Connection) -> bool:
             row = conn.execute(
-                "SELECT client_id, exp FROM access_tokens"
+                "SELECT client_id, exp, audience FROM access_tokens"
                 " WHERE token_hash = ? AND revoked_at IS NULL AND exp > ?",
                 (token_hash, now),
             ).fetchone()
             if row is None or (client_id is not None and row[0] != client_id):
                 return False
-            if not _revoke(conn, [token_hash], now):
+            if not revoke(conn, {token_hash: (row[0], row[2])}, now):
                 return False
             # The exp lets `audit verify` tell a token delisted early from one that expired.
             details = {"client_id": row[0], "exp": row[1]}
             self._audit(conn, [AuditEvent(now, actor, "token.revoked", token_hash.hex(), details)])
             return True
 
-        return await self._in_tx(revoke)
+        return await self._in_tx(revoke_one)
 
     async def token_status(self, token_hash: bytes) -> TokenStatus | None:
         rows = await self._read(
@@ -225,55 +234,30 @@ class TokenTables(SqliteBase):
     async def is_revoked(self, token_hash: bytes) -> bool:
         return await self.token_status(token_hash) == "revoked"
 
-    async def trl(self) -> tuple[list[bytes], int, int]:
-        def read(conn: sqlite3.Connection) -> tuple[list[bytes], int, int]:
-            hashes = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT token_hash FROM access_tokens"
-                    " WHERE revoked_at IS NOT NULL AND delisted_at IS NULL"
-                    " ORDER BY revoked_at, token_hash"
-                )
-            ]
-            first, last = conn.execute(
-                "SELECT COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM trl_updates"
-            ).fetchone()
-            return hashes, int(first), int(last)
+    async def trl(self, requester: str | None = None) -> tuple[list[bytes], int, int]:
+        return await self._run(self._tx, lambda conn: read_trl(conn, requester), "BEGIN DEFERRED")
 
-        return await self._run(self._tx, read, "BEGIN DEFERRED")
-
-    async def trl_updates(self, first_seq: int, last_seq: int) -> list[TrlUpdate]:
-        rows = await self._read(
-            "SELECT * FROM trl_updates WHERE seq BETWEEN ? AND ? ORDER BY seq DESC",
-            (first_seq, last_seq),
+    async def trl_bounds(self, requester: str | None = None) -> tuple[int, int]:
+        return await self._run(
+            self._tx, lambda conn: read_bounds(conn, requester), "BEGIN DEFERRED"
         )
-        return [trl_update_from_row(r) for r in rows]
+
+    async def trl_updates(
+        self, first_seq: int, last_seq: int, requester: str | None = None
+    ) -> list[TrlUpdate]:
+        return await self._run(
+            self._tx,
+            lambda conn: read_updates(conn, first_seq, last_seq, requester),
+            "BEGIN DEFERRED",
+        )
+
+    async def trl_changes_since(self, trl_seq: int | None) -> tuple[frozenset[str], int]:
+        return await self._run(
+            self._tx, lambda conn: read_changes_since(conn, trl_seq), "BEGIN DEFERRED"
+        )
 
     async def sweep_expired(self, now: int, keep_updates: int) -> int:
-        def sweep(conn: sqlite3.Connection) -> int:
-            expired = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT token_hash FROM access_tokens WHERE revoked_at IS NOT NULL"
-                    " AND delisted_at IS NULL AND exp <= ? ORDER BY revoked_at, token_hash",
-                    (now,),
-                )
-            ]
-            if expired:
-                conn.executemany(
-                    "UPDATE access_tokens SET delisted_at = ? WHERE token_hash = ?",
-                    [(now, h) for h in expired],
-                )
-                _trl_update(conn, now, removed=expired, added=[])
-            # Records of tokens that expired unrevoked are no longer needed for anything.
-            conn.execute("DELETE FROM access_tokens WHERE revoked_at IS NULL AND exp <= ?", (now,))
-            conn.execute(
-                "DELETE FROM trl_updates WHERE seq <= (SELECT MAX(seq) FROM trl_updates) - ?",
-                (keep_updates,),
-            )
-            return len(expired)
-
-        return await self._in_tx(sweep)
+        return await self._in_tx(lambda conn: sweep(conn, now, keep_updates))
 
     async def next_trl_expiry(self) -> int | None:
         rows = await self._read(
@@ -285,31 +269,7 @@ class TokenTables(SqliteBase):
 
 def _record_access(conn: sqlite3.Connection, access: IssuedAccess, family_id: bytes) -> None:
     conn.execute(
-        "INSERT INTO access_tokens (token_hash, family_id, client_id, exp) VALUES (?, ?, ?, ?)",
-        (access.token_hash, family_id, access.client_id, access.exp),
+        "INSERT INTO access_tokens (token_hash, family_id, client_id, exp, audience)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (access.token_hash, family_id, access.client_id, access.exp, access.audience),
     )
-
-
-def _revoke(conn: sqlite3.Connection, hashes: list[bytes], now: int) -> list[bytes]:
-    """Revoke those of these access tokens not revoked yet, in one TRL update; returns them."""
-    revoked = sorted(
-        h
-        for h in hashes
-        if conn.execute(
-            "UPDATE access_tokens SET revoked_at = ? WHERE token_hash = ? AND revoked_at IS NULL",
-            (now, h),
-        ).rowcount
-    )
-    if revoked:
-        _trl_update(conn, now, removed=[], added=revoked)
-    return revoked
-
-
-def _trl_update(
-    conn: sqlite3.Connection, now: int, *, removed: list[bytes], added: list[bytes]
-) -> None:
-    conn.execute(
-        "INSERT INTO trl_updates (at, removed, added) VALUES (?, ?, ?)",
-        (now, cbor2.dumps(removed), cbor2.dumps(added)),
-    )
-    conn.execute("UPDATE change_feed SET revocations = revocations + 1 WHERE id = 1")

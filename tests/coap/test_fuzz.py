@@ -64,6 +64,7 @@ class ServerThread:
             issuer="coap://as.test",
             rate_limit_per_address=0,
             rate_limit_per_client=0,
+            require_oscore=False,
         )
         master_key = MasterKey.load(self.data_dir, create=True)
         self.store: Store

@@ -83,6 +83,19 @@ class Backend:
         return {"signing_keys": b"".join(v for r in rows for v in r if isinstance(v, bytes))}
 
 
+async def back_to_version_4(backend: Backend) -> None:
+    """The database as schema 4 left it: access tokens without their audience, no update
+    collection per requester."""
+    for index in ("access_tokens_listed_client", "access_tokens_listed_audience"):
+        await backend.execute(f"DROP INDEX {index}")
+    await backend.execute("DROP TABLE trl_requester_updates")
+    await backend.execute("ALTER TABLE access_tokens DROP COLUMN audience")
+    if backend.name == "sqlite":
+        await backend.execute("PRAGMA user_version = 4")
+    else:
+        await backend.execute("UPDATE schema_version SET version = 4")
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pg.needs_postgres)])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     master_key = MasterKey.load(tmp_path, create=True)

@@ -15,7 +15,7 @@ from coap_auth.store.postgres import PostgresStore
 from coap_auth.store.seal_marker import marker_path, refusal
 from coap_auth.store.sqlite_schema import SCHEMA_VERSION
 from tests.pg import PG_DSN
-from tests.store.conftest import Backend
+from tests.store.conftest import Backend, back_to_version_4
 
 T0 = 1_700_000_000
 DOWNGRADE = (
@@ -27,7 +27,16 @@ DOWNGRADE = (
 
 @pytest.mark.parametrize(
     ("db_version", "sealed", "refused"),
-    [(2, None, False), (3, None, False), (2, 4, True), (3, 4, True), (4, 4, False), (0, 4, True)],
+    [
+        (2, None, False),
+        (3, None, False),
+        (2, 4, True),
+        (3, 4, True),
+        (4, 4, False),
+        (0, 4, True),
+        (4, 5, True),
+        (5, 5, False),
+    ],
 )
 def test_refusal(db_version: int, sealed: int | None, refused: bool) -> None:
     assert (refusal(db_version, sealed) is not None) == refused
@@ -54,6 +63,7 @@ async def _unmarked_store(backend: Backend) -> Store:
 
 async def _back_to_version_3(backend: Backend) -> None:
     """The database as schema 3 left it: no registry digest, the head under its v1 MAC."""
+    await back_to_version_4(backend)
     (seq, last_mac), *_ = await backend.query("SELECT seq, last_mac FROM audit_head")
     legacy = backend.master_key.audit_mac(
         cbor2.dumps([LEGACY_HEAD_DOMAIN, seq, last_mac], canonical=True)

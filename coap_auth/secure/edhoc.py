@@ -1,0 +1,352 @@
+"""EDHOC (RFC 9528) over CoAP (Appendix A.2), method 3, cipher suite 2, on lakers-python.
+
+`Responder` is the server's side of `/.well-known/edhoc`: message_1 in, message_2 out;
+message_3 in, an authenticated OSCORE context out. `establish` is a device's side.
+
+What a stranger can make the responder hold is bounded: a pending handshake (sent message_2,
+waiting for message_3) lives at most `handshake_timeout` seconds, at most `max_pending` exist,
+and one address holds at most `per_address` of them (its own oldest goes first), so a flood
+of message_1 from one address pushes out only its own; when all are taken, the address holding
+the most loses its oldest. A context joins the table only after
+message_3 authenticated its peer.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+
+from coap_auth.secure.contexts import (
+    MASTER_SALT_BYTES,
+    MASTER_SECRET_BYTES,
+    ContextTable,
+    OscoreContext,
+)
+from coap_auth.secure.credentials import (
+    CredentialError,
+    EdhocCredential,
+    EdhocIdentity,
+    PeerCredential,
+    make_credential,
+    parse_credential,
+)
+from coap_auth.wire import ContentFormat
+
+log = logging.getLogger("coap_auth.edhoc")
+
+METHOD = 3  # static DH keys on both sides
+SUITE = 2  # AES-CCM-16-64-128, SHA-256, 8, P-256, ES256, AES-CCM-16-64-128, SHA-256
+EDHOC_CBOR_SEQ = ContentFormat.EDHOC_CBOR_SEQ
+CID_EDHOC_CBOR_SEQ = ContentFormat.CID_EDHOC_CBOR_SEQ
+MESSAGE_1_PREFIX = b"\xf5"  # CBOR true: "this is message_1" (Appendix A.2.1)
+# RFC 9528 §6: error codes.
+ERR_UNSPECIFIED = 1
+ERR_WRONG_SUITE = 2
+# ID_CRED labels: kid (COSE header 4) and kccs (14).
+ID_CRED_KID = 4
+ID_CRED_KCCS = 14
+_KCCS_PREFIX = bytes([0xA1, ID_CRED_KCCS])  # {14: ...}
+
+# Resolve a registered id to the COSE_Keys registered under it (a client's, an audience's).
+Resolver = Callable[[str], Awaitable[list[Any]]]
+
+
+class EdhocFailure(Exception):
+    """An EDHOC error message for the peer (RFC 9528 §6); `info` is what it says, and what
+    the log line says. Never carries key material."""
+
+    def __init__(self, info: str, code: int = ERR_UNSPECIFIED) -> None:
+        super().__init__(info)
+        self.code = code
+        self.info = info
+
+    def message(self) -> bytes:
+        """The error message: ERR_CODE and ERR_INFO as a CBOR sequence."""
+        detail: Any = SUITE if self.code == ERR_WRONG_SUITE else self.info
+        return cbor2.dumps(self.code) + cbor2.dumps(detail)
+
+
+@dataclass(slots=True)
+class _Pending:
+    responder: Any = field(repr=False)
+    c_i: bytes
+    address: str
+    started: int
+
+
+class Responder:
+    def __init__(
+        self,
+        identity: EdhocIdentity,
+        contexts: ContextTable,
+        resolve: Resolver,
+        now: Callable[[], int],
+        *,
+        max_pending: int = 256,
+        per_address: int = 8,
+        handshake_timeout: int = 10,
+    ) -> None:
+        self.identity = identity
+        self.contexts = contexts
+        self._resolve = resolve
+        self._now = now
+        self.max_pending = max_pending
+        self.per_address = per_address
+        self.handshake_timeout = handshake_timeout
+        self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
+        self._by_address: dict[str, list[bytes]] = {}
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def message_1(self, message_1: bytes, address: str) -> bytes:
+        """Process message_1 (without its `true` prefix); returns message_2.
+        Raises EdhocFailure."""
+        import lakers
+
+        _check_method_and_suite(message_1)
+        responder = lakers.EdhocResponder(
+            r=self.identity.private_scalar, cred_r=self.identity.credential.ccs
+        )
+        try:
+            c_i, ead_1 = responder.process_message_1(message_1)
+        except ValueError:
+            raise EdhocFailure("message_1 malformed") from None
+        if any(item.is_critical() for item in ead_1 or ()):
+            raise EdhocFailure("critical EAD item not supported")
+        now = self._now()
+        self._expire(now)
+        c_r = self.contexts.unused_id(lambda cid: cid in self._pending, avoid=c_i)
+        try:
+            message_2 = responder.prepare_message_2(_by_reference(), c_r, None)
+        except ValueError:
+            raise EdhocFailure("message_1 malformed") from None
+        self._hold(c_r, _Pending(responder, c_i, address, now))
+        return bytes(message_2)
+
+    async def message_3(self, payload: bytes) -> OscoreContext:
+        """Process C_R followed by message_3; returns the new context, already in the table.
+        Raises EdhocFailure (the handshake is over either way: a replayed message_3 finds
+        nothing)."""
+        stream = io.BytesIO(payload)
+        try:
+            c_r = _decode_connection_id(cbor2.CBORDecoder(stream).decode())
+        except (cbor2.CBORDecodeError, ValueError, EOFError):
+            raise EdhocFailure("no connection identifier before message_3") from None
+        message_3 = stream.read()
+        self._expire(self._now())
+        pending = self._take(c_r)
+        if pending is None:
+            raise EdhocFailure("no handshake in progress for this connection identifier")
+        responder = pending.responder
+        try:
+            id_cred_i, ead_3 = responder.parse_message_3(message_3)
+        except ValueError:
+            raise EdhocFailure("message_3 does not verify") from None
+        if any(item.is_critical() for item in ead_3 or ()):
+            raise EdhocFailure("critical EAD item not supported")
+        credential = await self._credential(bytes(id_cred_i))
+        try:
+            responder.verify_message_3(credential.ccs)
+        except ValueError:
+            raise EdhocFailure("message_3 does not verify") from None
+        responder.completed_without_message_4()
+        context = OscoreContext(
+            bytes(responder.edhoc_exporter(0, [], MASTER_SECRET_BYTES)),
+            bytes(responder.edhoc_exporter(1, [], MASTER_SALT_BYTES)),
+            sender_id=pending.c_i,
+            recipient_id=c_r,
+            peer=PeerCredential(credential.subject, credential),
+            now=self._now(),
+        )
+        self.contexts.add(context)
+        return context
+
+    async def _credential(self, id_cred: bytes) -> EdhocCredential:
+        """The registered credential ID_CRED_I names (by kid, or a CCS by value)."""
+        refused = EdhocFailure("credential not accepted")
+        if id_cred.startswith(_KCCS_PREFIX):
+            # By value: the CCS's own bytes, exactly as sent (the MAC covers them).
+            try:
+                offered = parse_credential(id_cred[len(_KCCS_PREFIX) :])
+            except CredentialError:
+                raise refused from None
+            if not any(offered.same_key(key) for key in await self._resolve(offered.subject)):
+                raise refused
+            return offered
+        try:
+            named = cbor2.loads(id_cred)
+        except Exception:
+            raise refused from None
+        if not isinstance(named, dict) or len(named) != 1:
+            raise refused
+        kid = named.get(ID_CRED_KID)
+        if not isinstance(kid, bytes):
+            raise refused
+        try:
+            subject = kid.decode("utf-8")
+        except UnicodeDecodeError:
+            raise refused from None
+        for key in await self._resolve(subject):
+            try:
+                registered = make_credential(subject, key)
+            except CredentialError:
+                continue
+            if registered.kid == kid:
+                return registered
+        raise refused
+
+    def _hold(self, c_r: bytes, pending: _Pending) -> None:
+        mine = self._by_address.setdefault(pending.address, [])
+        while len(mine) >= self.per_address:
+            self._take(mine[0])
+        while len(self._pending) >= self.max_pending:
+            # Fair: the address holding the most handshakes loses its oldest, so a device
+            # with one handshake in flight goes only when every address holds just one.
+            busiest = max(self._by_address.values(), key=len)
+            self._take(busiest[0])
+        self._pending[c_r] = pending
+        self._by_address.setdefault(pending.address, []).append(c_r)
+
+    def _take(self, c_r: bytes) -> _Pending | None:
+        pending = self._pending.pop(c_r, None)
+        if pending is not None:
+            ids = self._by_address[pending.address]
+            ids.remove(c_r)
+            if not ids:
+                del self._by_address[pending.address]
+        return pending
+
+    def _expire(self, now: int) -> None:
+        while self._pending:
+            c_r, oldest = next(iter(self._pending.items()))
+            if now - oldest.started < self.handshake_timeout:
+                break
+            self._take(c_r)
+
+
+def _by_reference() -> Any:
+    import lakers
+
+    return lakers.CredentialTransfer.ByReference
+
+
+def _check_method_and_suite(message_1: bytes) -> None:
+    """RFC 9528 §5.2.3: refuse another method, and a selected suite we do not support with
+    ERR_CODE 2 naming ours (the initiator may retry with it)."""
+    stream = io.BytesIO(message_1)
+    decoder = cbor2.CBORDecoder(stream)
+    try:
+        method = decoder.decode()
+        suites = decoder.decode()
+    except (cbor2.CBORDecodeError, EOFError, ValueError):
+        raise EdhocFailure("message_1 malformed") from None
+    if method != METHOD or isinstance(method, bool):
+        raise EdhocFailure("only method 3 (static DH keys) is supported")
+    offered = suites if isinstance(suites, list) else [suites]
+    if not offered or not all(isinstance(s, int) and not isinstance(s, bool) for s in offered):
+        raise EdhocFailure("message_1 malformed")
+    if offered[-1] != SUITE:
+        raise EdhocFailure("cipher suite not supported", ERR_WRONG_SUITE)
+
+
+def _decode_connection_id(item: Any) -> bytes:
+    """C_X as sent (RFC 9528 §3.3.2): a one-byte id may travel as a CBOR int -24..23."""
+    if isinstance(item, bool):
+        raise ValueError("not a connection identifier")
+    if isinstance(item, int) and -24 <= item <= 23:
+        return cbor2.dumps(item)
+    if isinstance(item, bytes):
+        return item
+    raise ValueError("not a connection identifier")
+
+
+def encode_connection_id(c_x: bytes) -> bytes:
+    """The CBOR form of C_X, as `_decode_connection_id` reads it back."""
+    if len(c_x) == 1 and (c_x[0] <= 0x17 or 0x20 <= c_x[0] <= 0x37):
+        return c_x
+    return cbor2.dumps(c_x)
+
+
+class EdhocRefused(Exception):
+    """The server answered a handshake message with an error (or not at all as EDHOC)."""
+
+    def __init__(self, host: str, detail: str) -> None:
+        super().__init__(f"EDHOC with {host} failed: {detail}")
+        self.host = host
+
+
+async def establish(
+    context: Any,
+    base_uri: str,
+    identity: EdhocIdentity,
+    peer: EdhocCredential,
+) -> OscoreContext:
+    """Run EDHOC as initiator with the server at `base_uri` (coap://host:port) over an
+    aiocoap client context, authenticating it by its provisioned credential `peer`.
+    Returns the OSCORE context; raises EdhocRefused, or aiocoap's network errors."""
+    import secrets
+
+    import aiocoap
+    import lakers
+
+    host = base_uri.split("://", 1)[-1]
+    uri = base_uri.rstrip("/") + "/.well-known/edhoc"
+    initiator = lakers.EdhocInitiator()
+    c_i = secrets.token_bytes(2)
+    message_1 = bytes(initiator.prepare_message_1(c_i=c_i, ead_1=None))
+
+    async def post(payload: bytes) -> bytes:
+        request = aiocoap.Message(
+            code=aiocoap.POST, uri=uri, payload=payload, content_format=CID_EDHOC_CBOR_SEQ
+        )
+        response = await context.request(request).response
+        if response.code != aiocoap.CHANGED:
+            raise EdhocRefused(host, _describe_error(response))
+        return bytes(response.payload)
+
+    message_2 = await post(MESSAGE_1_PREFIX + message_1)
+    try:
+        c_r, id_cred_r, _ead_2 = initiator.parse_message_2(message_2)
+        checked = lakers.credential_check_or_fetch(id_cred_r, peer.ccs)
+        initiator.verify_message_2(identity.private_scalar, identity.credential.ccs, checked)
+        transfer = (
+            lakers.CredentialTransfer.ByReference
+            if identity.credential.by_reference
+            else lakers.CredentialTransfer.ByValue
+        )
+        message_3, _prk_out = initiator.prepare_message_3(transfer, None)
+    except ValueError:
+        raise EdhocRefused(
+            host, "message_2 does not verify against the server's credential"
+        ) from None
+    c_r = bytes(c_r)
+    await post(encode_connection_id(c_r) + bytes(message_3))
+    initiator.completed_without_message_4()
+    return OscoreContext(
+        bytes(initiator.edhoc_exporter(0, [], MASTER_SECRET_BYTES)),
+        bytes(initiator.edhoc_exporter(1, [], MASTER_SALT_BYTES)),
+        sender_id=c_r,
+        recipient_id=c_i,
+        peer=PeerCredential(peer.subject, peer),
+    )
+
+
+def _describe_error(response: Any) -> str:
+    code = str(response.code)
+    if response.opt.content_format == EDHOC_CBOR_SEQ:
+        try:
+            stream = io.BytesIO(bytes(response.payload))
+            decoder = cbor2.CBORDecoder(stream)
+            err_code, err_info = decoder.decode(), decoder.decode()
+            return f"{code}, EDHOC error {err_code}: {str(err_info)[:80]}"
+        except Exception:
+            pass
+    return code

@@ -1,0 +1,264 @@
+"""Unit tests of TrlResource per requester (RFC 9770 §5, §6.2, §9, §11): render_get and
+add_observation called directly with requests that carry a stand-in authenticated peer, as the
+OSCORE layer sets it. Each peer reads its own hashes and its own update collection (indexes,
+cursors, MAX_N reach), and is notified only of changes pertaining to it. (The over-UDP test,
+two devices each seeing only their own entries, needs EDHOC + OSCORE.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import aiocoap
+import cbor2
+import pytest
+from aiocoap.protocol import ServerObservation
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from coap_auth.coap.revocation import MAX_CACHED_ANSWERS, TrlResource
+from coap_auth.errors import StoreUnavailable, TrlQueryError
+from coap_auth.secure.credentials import PeerCredential, make_credential
+from coap_auth.service import AuthService, TokenRequest
+from coap_auth.store import Audience, Client
+from coap_auth.tokens import token_hash
+from coap_auth.wire import TrlErrorId, TrlParam
+from tests.conftest import SEEN_SECRETS
+
+FULL, DIFF, CURSOR, MORE = TrlParam.FULL_SET, TrlParam.DIFF_SET, TrlParam.CURSOR, TrlParam.MORE
+
+
+@dataclass
+class _Remote:
+    """What the OSCORE layer attaches to a request's remote: the authenticated peer."""
+
+    peer: PeerCredential
+
+
+def _get(query: str = "", requester: str | None = None) -> aiocoap.Message:
+    request = aiocoap.Message(code=aiocoap.GET, uri_query=[q for q in query.split("&") if q])
+    if requester is not None:
+        key = ec.generate_private_key(ec.SECP256R1()).public_key()
+        request.remote = _Remote(PeerCredential(requester, make_credential(requester, key)))
+    return request
+
+
+async def _render(trl: TrlResource, query: str = "", requester: str | None = None) -> Any:
+    response = await trl.render_get(_get(query, requester))
+    assert response.code == aiocoap.CONTENT
+    return cbor2.loads(response.payload)
+
+
+async def _issue(service: AuthService, client_id: str, audience: str) -> bytes:
+    issued = await service.issue_token(
+        TokenRequest(client_id=client_id, client_secret=_secret(client_id), audience=audience)
+    )
+    return token_hash(issued.access_token)
+
+
+def _secret(client_id: str) -> str:
+    return f"secret-of-{client_id}-0123456789abcdef"
+
+
+async def _register(service: AuthService) -> None:
+    now = service.clock.now()
+    for audience_id in ("thermostat", "lock"):
+        await service.store.add_audience(Audience(audience_id, "cwt", 600, now))
+    for client_id, audiences in (("sensor-1", ("thermostat",)), ("sensor-2", ("lock",))):
+        SEEN_SECRETS.add(_secret(client_id).encode())
+        await service.store.add_client(
+            Client(
+                client_id,
+                audiences,
+                ("temp:read",),
+                now,
+                secret_digest=service.secret_digest(_secret(client_id)),
+            )
+        )
+
+
+async def test_trl_resource_answers_each_peer_from_its_own_collection(
+    service: AuthService,
+) -> None:
+    await _register(service)
+    mine = await _issue(service, "sensor-1", "thermostat")
+    theirs = await _issue(service, "sensor-2", "lock")
+    for h in (mine, theirs):
+        assert await service.revoke_token_hash(h)
+    trl = TrlResource(service)
+
+    # Full queries: each peer its own hashes, as client or as audience, and its own cursor
+    # (RFC 9770 §9.1: the index of its last update; null while none pertained to it).
+    assert await _render(trl, "", "sensor-1") == {FULL: [mine], CURSOR: 0}
+    assert await _render(trl, "", "thermostat") == {FULL: [mine], CURSOR: 0}
+    assert await _render(trl, "", "sensor-2") == {FULL: [theirs], CURSOR: 0}
+    assert await _render(trl, "", "lock") == {FULL: [theirs], CURSOR: 0}
+    assert await _render(trl, "", "nobody") == {FULL: [], CURSOR: None}
+    # Unprotected (lab mode only): the whole list and the whole history, as before.
+    whole = await _render(trl)
+    assert sorted(whole[FULL]) == sorted([mine, theirs]) and whole[CURSOR] == 1
+
+    # Diff queries: only the updates that changed the peer's hashes; none left empty.
+    assert await _render(trl, "diff=0", "lock") == {DIFF: [[[], [theirs]]], CURSOR: 0, MORE: False}
+    assert (await _render(trl, "diff=0", "sensor-1"))[DIFF] == [[[], [mine]]]
+    assert await _render(trl, "diff=0", "nobody") == {DIFF: [], CURSOR: None, MORE: False}
+    assert (await _render(trl, "diff=0"))[DIFF] == [[[], [theirs]], [[], [mine]]]
+
+    # Cursors are the peer's own indexes: sensor-1 pages through its four updates.
+    more = [await _issue(service, "sensor-1", "thermostat") for _ in range(3)]
+    for h in more:
+        assert await service.revoke_token_hash(h)
+    paged = await _render(trl, "diff=2&cursor=0", "sensor-1")
+    assert paged == {DIFF: [[[], [more[1]]], [[], [more[0]]]], CURSOR: 2, MORE: True}
+    paged = await _render(trl, "diff=2&cursor=2", "sensor-1")
+    assert paged == {DIFF: [[[], [more[2]]]], CURSOR: 3, MORE: False}
+    # The lock's last index is still 0, whatever happened to others' tokens since.
+    assert await _render(trl, "diff=1&cursor=0", "lock") == {DIFF: [], CURSOR: 0, MORE: False}
+    with pytest.raises(TrlQueryError) as raised:
+        await _render(trl, "diff=1&cursor=1", "lock")
+    assert raised.value.error_id == TrlErrorId.OUT_OF_BOUND_CURSOR_VALUE
+    with pytest.raises(TrlQueryError) as raised:
+        await _render(trl, "diff=1&cursor=x", "nobody")
+    assert raised.value.cursor is None  # §6.3: its own last_index, null for an empty one
+
+
+async def test_diff_reach_is_max_n_of_the_peer_own_updates(service: AuthService) -> None:
+    """RFC 9770 §6.2: MAX_N counts each requester's updates. Many revocations of others'
+    tokens push nothing of the lock's out of its reach."""
+    service.revocations.max_n = 3
+    service.revocations.max_diff_batch = 2
+    await _register(service)
+    theirs = await _issue(service, "sensor-2", "lock")
+    assert await service.revoke_token_hash(theirs)
+    mine = [await _issue(service, "sensor-1", "thermostat") for _ in range(5)]
+    for h in mine:
+        assert await service.revoke_token_hash(h)
+    # What the server's sweep keeps: each history's last 2 x MAX_N.
+    await service.store.sweep_expired(service.clock.now(), keep_updates=2 * 3)
+    trl = TrlResource(service)
+
+    assert await _render(trl, "diff=0", "lock") == {DIFF: [[[], [theirs]]], CURSOR: 0, MORE: False}
+    # Sensor-1 reaches its last three, the eldest batch (of two) first.
+    assert await _render(trl, "diff=0", "sensor-1") == {
+        DIFF: [[[], [mine[3]]], [[], [mine[2]]]],
+        CURSOR: 3,
+        MORE: True,
+    }
+    # A cursor older than its reach: its updates after it are gone, ask for a full query.
+    assert await _render(trl, "diff=0&cursor=0", "sensor-1") == {
+        DIFF: [],
+        CURSOR: None,
+        MORE: True,
+    }
+
+
+class _Observation(ServerObservation):
+    """aiocoap's observation, counting its notifications."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.notified = 0
+
+    def trigger(self, response: Any = None, *, is_last: bool = False) -> None:
+        self.notified += 1
+        super().trigger(response, is_last=is_last)
+
+
+async def _observe(trl: TrlResource, requester: str | None) -> _Observation:
+    observation = _Observation()
+    await trl.add_observation(_get("", requester), observation)
+    return observation
+
+
+async def _changed(trl: TrlResource, observers: dict[str | None, _Observation]) -> set[str | None]:
+    """Tell the resource the list changed, as the server does; whom it notified."""
+    for observation in observers.values():
+        observation.notified = 0
+    trl.trl_changed()
+    assert trl._notifying is not None
+    await trl._notifying
+    return {requester for requester, o in observers.items() if o.notified}
+
+
+async def test_an_observer_is_notified_only_of_changes_pertaining_to_it(
+    service: AuthService,
+) -> None:
+    """RFC 9770 §11: notifications go to the observers whose pertaining part of the list
+    changed; an unprotected observer (lab mode) hears of every change."""
+    await _register(service)
+    trl = TrlResource(service)
+    peers = ("sensor-1", "thermostat", "sensor-2", "lock", "nobody", None)
+    observers = {requester: await _observe(trl, requester) for requester in peers}
+    mine = await _issue(service, "sensor-1", "thermostat")
+    theirs = await _issue(service, "sensor-2", "lock")
+
+    # Nothing known yet of what observers were told: the first change notifies everyone.
+    assert await service.revoke_token_hash(mine)
+    assert await _changed(trl, observers) == set(peers)
+
+    assert await service.revoke_token_hash(theirs)
+    assert await _changed(trl, observers) == {"sensor-2", "lock", None}
+    # A change notification with nothing new (another instance's tick) notifies nobody.
+    assert await _changed(trl, observers) == set()
+
+    # Expiry: the sweep's one update concerns both pairs.
+    await service.revocations.plan_sweep()
+    service.clock.advance(3600)
+    assert await service.revocations.sweep_due(service.clock.now()) == 2
+    assert await _changed(trl, observers) == {"sensor-1", "thermostat", "sensor-2", "lock", None}
+
+    # A cancelled observation is forgotten.
+    observers["lock"]._cancellation_callback()
+    assert observers["lock"] not in trl._observers
+
+    # Several changes before the task runs are one round: each observer is notified once.
+    other = await _issue(service, "sensor-1", "thermostat")
+    assert await service.revoke_token_hash(other)
+    trl.trl_changed()
+    assert await _changed(trl, observers) == {"sensor-1", "thermostat", None}
+    assert observers["sensor-1"].notified == 1
+
+
+async def test_trl_resource_caches_per_peer_and_forgets_on_change(service: AuthService) -> None:
+    await _register(service)
+    mine = await _issue(service, "sensor-1", "thermostat")
+    assert await service.revoke_token_hash(mine)
+    trl = TrlResource(service)
+
+    # The first peer's cached answer is never served to the second.
+    assert (await _render(trl, "", "sensor-1"))[FULL] == [mine]
+    assert (await _render(trl, "", "sensor-2"))[FULL] == []
+    assert (await _render(trl, "", "sensor-1"))[FULL] == [mine]
+
+    # A revocation reaches the peer it pertains to at once (the cached answer is dropped).
+    theirs = await _issue(service, "sensor-2", "lock")
+    assert await service.revoke_token_hash(theirs)
+    assert (await _render(trl, "", "sensor-2"))[FULL] == [theirs]
+    assert (await _render(trl, "", "sensor-1"))[FULL] == [mine]
+
+    # Bounded: many peers evict the oldest answers, never grow the cache past its cap.
+    for n in range(MAX_CACHED_ANSWERS + 10):
+        assert (await _render(trl, "", f"peer-{n}"))[FULL] == []
+    assert len(trl._cache) == MAX_CACHED_ANSWERS
+    assert (await _render(trl, "", "sensor-2"))[FULL] == [theirs]
+
+
+async def test_when_the_store_cannot_tell_whom_everyone_is_notified(
+    service: AuthService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missed notification is worse than a needless one: a failed read notifies every
+    observer, and the next round still reads from the last change it knew of."""
+    await _register(service)
+    trl = TrlResource(service)
+    observers = {r: await _observe(trl, r) for r in ("sensor-1", "lock", "nobody")}
+    await _changed(trl, observers)  # the first round learns where the list is
+    mine = await _issue(service, "sensor-1", "thermostat")
+    assert await service.revoke_token_hash(mine)
+
+    async def unavailable(trl_seq: int | None) -> Any:
+        raise StoreUnavailable("the database is unreachable; retry shortly")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(service.revocations, "changes_since", unavailable)
+        assert await _changed(trl, observers) == {"sensor-1", "lock", "nobody"}
+    assert await _changed(trl, observers) == {"sensor-1"}

@@ -1,0 +1,144 @@
+"""Issue 14: EDHOC state is bounded and cannot be locked out (aiocoap 0.4.17's responder was
+locked out by 50 bare message_1 datagrams until restart). Over real UDP."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import aiocoap
+import lakers
+import pytest
+
+from coap_auth.clock import SettableClock
+from coap_auth.config import Settings
+from coap_auth.secure.edhoc import encode_connection_id
+from coap_auth.wire import AceParam
+from tests.secure.conftest import Device, Protected
+from tests.secure.test_bad_input import edhoc_error, edhoc_post, exchange
+
+
+class Handshake:
+    """A device's EDHOC run, one message at a time, so a test can interleave a flood."""
+
+    def __init__(self, device: Device, protected: Protected) -> None:
+        self.device = device
+        self.port = protected.server.port
+        self.as_credential = protected.service.edhoc_identity.credential
+        self.initiator = lakers.EdhocInitiator()
+
+    async def send_message_1(self) -> None:
+        message_1 = self.initiator.prepare_message_1(c_i=b"\x05", ead_1=None)
+        answer = await exchange(self.port, edhoc_post(b"\xf5" + bytes(message_1)))
+        assert answer.code == aiocoap.CHANGED
+        self.c_r, id_cred_r, _ = self.initiator.parse_message_2(answer.payload)
+        checked = lakers.credential_check_or_fetch(id_cred_r, self.as_credential.ccs)
+        identity = self.device.identity
+        self.initiator.verify_message_2(identity.private_scalar, identity.credential.ccs, checked)
+
+    async def send_message_3(self) -> aiocoap.Message:
+        message_3, _ = self.initiator.prepare_message_3(lakers.CredentialTransfer.ByReference, None)
+        payload = encode_connection_id(bytes(self.c_r)) + bytes(message_3)
+        return await exchange(self.port, edhoc_post(payload))
+
+
+async def flood(port: int, count: int, source: str) -> None:
+    """`count` bare message_1 datagrams from `source`, never followed by a message_3."""
+    for _ in range(count):
+        message_1 = lakers.EdhocInitiator().prepare_message_1(c_i=None, ead_1=None)
+        answer = await exchange(port, edhoc_post(b"\xf5" + bytes(message_1)), source=source)
+        assert answer.code == aiocoap.CHANGED
+
+
+async def test_a_message_1_flood_from_one_address_stops_no_one_else(
+    protected: Protected,
+) -> None:
+    port = protected.server.port
+    await flood(port, 100, "127.0.0.3")
+    honest = Handshake(await protected.device("sensor-1"), protected)
+    await honest.send_message_1()
+    await flood(port, 300, "127.0.0.3")
+    # The flood holds no more than its per-address share; the honest handshake is intact.
+    assert (
+        protected.server.edhoc.pending == protected.service.settings.edhoc_pending_per_address + 1
+    )
+    assert (await honest.send_message_3()).code == aiocoap.CHANGED
+    assert len(protected.server.contexts) == 1
+    # And a device that starts after the flood completes as well.
+    later = await protected.device("sensor-2")
+    await later.handshake()
+    response, _ = await later.post_ace("/token", {AceParam.AUDIENCE: "thermostat"})
+    assert response.code == aiocoap.CREATED
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return dataclasses.replace(
+        settings, edhoc_max_pending=16, oscore_max_contexts=3, oscore_idle_timeout=600
+    )
+
+
+async def test_a_flood_from_many_addresses_evicts_the_busiest_first(
+    protected: Protected,
+) -> None:
+    port = protected.server.port
+    honest = Handshake(await protected.device("sensor-1"), protected)
+    await honest.send_message_1()
+    for host in range(10, 20):  # ten addresses, each up to its per-address share
+        await flood(port, 8, f"127.0.0.{host}")
+    assert protected.server.edhoc.pending == 16  # the bound
+    assert (await honest.send_message_3()).code == aiocoap.CHANGED
+
+
+async def test_an_unfinished_handshake_expires(protected: Protected, clock: SettableClock) -> None:
+    honest = Handshake(await protected.device("sensor-1"), protected)
+    await honest.send_message_1()
+    clock.advance(protected.service.settings.edhoc_handshake_timeout)
+    err_code, _ = edhoc_error(await honest.send_message_3())
+    assert err_code == 1
+    assert protected.server.edhoc.pending == 0 and len(protected.server.contexts) == 0
+
+
+async def test_contexts_are_bounded_least_recently_used_first(
+    protected: Protected, clock: SettableClock
+) -> None:
+    devices = [await protected.device(f"sensor-{i}") for i in range(4)]
+    for device in devices[:3]:
+        await device.handshake()
+    # sensor-0 is used again: sensor-1 is now the least recently used.
+    response, _ = await devices[0].post_ace("/token", {AceParam.AUDIENCE: "thermostat"})
+    assert response.code == aiocoap.CREATED
+    await devices[3].handshake()
+    assert len(protected.server.contexts) == 3
+    assert devices[1].oscore is not None
+    assert devices[1].oscore.sender_id not in protected.server.contexts
+    for kept in (devices[0], devices[2], devices[3]):
+        assert kept.oscore is not None and kept.oscore.sender_id in protected.server.contexts
+    # An idle context dies after oscore_idle_timeout.
+    clock.advance(protected.service.settings.oscore_idle_timeout + 1)
+    with pytest.raises(Exception):  # noqa: B017 (the unprotected 4.01 is not OSCORE)
+        await devices[0].post_ace("/token", {AceParam.AUDIENCE: "thermostat"})
+    assert devices[0].oscore.sender_id not in protected.server.contexts
+
+
+async def test_one_peer_holds_a_bounded_number_of_contexts(protected: Protected) -> None:
+    protected.server.contexts.max_contexts = 100
+    device = await protected.device("sensor-1")
+    other = await protected.device("sensor-2")
+    await other.handshake()
+    seen = [(await device.handshake()).sender_id for _ in range(6)]
+    # Its four newest, and the other device's one.
+    assert len(protected.server.contexts) == 5
+    assert [c_r in protected.server.contexts for c_r in seen] == [False] * 2 + [True] * 4
+    assert other.oscore is not None and other.oscore.sender_id in protected.server.contexts
+    assert all(len(c_r) >= 2 for c_r in seen)  # identifiers are not limited to one byte
+
+
+async def test_more_than_48_devices_hold_contexts(protected: Protected) -> None:
+    # aiocoap 0.4.17's own responder stops at 48 (one-byte identifiers).
+    protected.server.contexts.max_contexts = 1000
+    for i in range(60):
+        device = await protected.device(f"device-{i}")
+        await device.handshake()
+    assert len(protected.server.contexts) == 60
+    response, _ = await protected.devices[0].post_ace("/token", {AceParam.AUDIENCE: "thermostat"})
+    assert response.code == aiocoap.CREATED

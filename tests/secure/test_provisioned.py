@@ -1,0 +1,194 @@
+"""Issue 14: OSCORE contexts provisioned by the operator (`coap-auth clients oscore`) for
+devices that cannot run EDHOC, with RFC 8613 Appendix B.1 across restarts: the AS never
+reuses a nonce, and after a crash it recovers its replay window with Echo. Checked with our
+own client and with libcoap's (built with OSCORE: skipped, with the reason, without it)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+from pathlib import Path
+
+import aiocoap
+import cbor2
+import pytest
+
+from coap_auth.coap.server import Server
+from coap_auth.secure.contexts import OscoreContext
+from coap_auth.secure.credentials import PeerCredential
+from coap_auth.secure.provisioned import provision
+from coap_auth.store import Client
+from coap_auth.udp import create_client_context
+from coap_auth.wire import AceParam, ContentFormat
+from tests.processes import cli_ok, serve_process
+from tests.secure.conftest import Protected
+from tests.secure.test_bad_input import exchange
+
+
+def device_side(device: dict[str, object]) -> OscoreContext:
+    """The device's context from what `clients oscore --json` printed."""
+    return OscoreContext(
+        bytes.fromhex(str(device["master_secret"])),
+        bytes.fromhex(str(device["master_salt"])),
+        sender_id=bytes.fromhex(str(device["sender_id"])),
+        recipient_id=bytes.fromhex(str(device["recipient_id"])),
+        peer=PeerCredential("coap-auth", None),
+    )
+
+
+def token_request(base: str) -> aiocoap.Message:
+    return aiocoap.Message(
+        code=aiocoap.POST,
+        uri=f"{base}/token",
+        payload=cbor2.dumps({AceParam.AUDIENCE: "thermostat"}),
+        content_format=ContentFormat.ACE_CBOR,
+    )
+
+
+async def token(context: aiocoap.Context, base: str) -> aiocoap.Message:
+    return await context.request(token_request(base)).response
+
+
+async def provisioned_device(protected: Protected, client_id: str) -> OscoreContext:
+    """A registered client with a provisioned context, loaded by the running server; the
+    device's side of it."""
+    service = protected.service
+    await service.store.add_client(
+        Client(
+            client_id,
+            ("thermostat",),
+            ("temp:read",),
+            service.clock.now(),
+            secret_digest=service.secret_digest("unused-secret-0123456789"),
+        )
+    )
+    device = device_side(provision(service.settings.data_dir, client_id, taken=set()))
+    protected.server.reload_provisioned()
+    return device
+
+
+async def restart(protected: Protected, *, crash: bool) -> None:
+    """Stop the server (cleanly, or as a crash would: nothing saved) and start it again on
+    the same port and data directory."""
+    port = protected.server.port
+    if crash:
+        for context in protected.server.contexts.provisioned.values():
+            context.lockfile.release()  # what the kernel does for a dead process
+            context.lockfile = None  # and nothing is written back
+        protected.server.contexts._provisioned.clear()
+    await protected.server.stop()
+    protected.server = Server(protected.service, "127.0.0.1", port)
+    await protected.server.start()
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["clean stop", "crash"])
+async def test_a_provisioned_device_survives_restarts(protected: Protected, crash: bool) -> None:
+    device = await provisioned_device(protected, "legacy-1")
+    client = await create_client_context()
+    try:
+        client.client_credentials[f"{protected.base}/*"] = device
+        for _ in range(3):
+            assert (await token(client, protected.base)).code == aiocoap.CREATED
+        # A request an eavesdropper keeps, answered once.
+        captured, _ = device.protect(token_request(protected.base))
+        assert (await exchange(protected.server.port, captured.copy())).code == aiocoap.CHANGED
+        (served,) = protected.server.contexts.provisioned.values()
+        used_before = served.sender_sequence_number
+        await restart(protected, crash=crash)
+        (served,) = protected.server.contexts.provisioned.values()
+        # B.1.1: whatever happened, the AS starts past every sequence number it used.
+        assert served.sender_sequence_number >= used_before
+        # B.1.2: after a crash the window is unknown: the first request gets 4.01 + Echo,
+        # which aiocoap's client answers on its own; after a clean stop it was saved.
+        assert served.recipient_replay_window.is_initialized() is not crash
+        sent_before = device.sender_sequence_number
+        assert (await token(client, protected.base)).code == aiocoap.CREATED
+        assert device.sender_sequence_number == sent_before + (2 if crash else 1)
+        # The captured request is a replay, before the restart as after it.
+        replayed = await exchange(protected.server.port, captured.copy())
+        assert replayed.code == aiocoap.UNAUTHORIZED
+    finally:
+        await client.shutdown()
+
+
+async def test_a_disabled_client_loses_its_provisioned_context(protected: Protected) -> None:
+    service = protected.service
+    device = await provisioned_device(protected, "legacy-2")
+    client = await create_client_context()
+    try:
+        client.client_credentials[f"{protected.base}/*"] = device
+        assert (await token(client, protected.base)).code == aiocoap.CREATED
+        await service.store.disable_client("legacy-2", service.clock.now())
+        answer = await token(client, protected.base)
+        assert answer.code == aiocoap.UNAUTHORIZED
+        assert cbor2.loads(answer.payload)[AceParam.ERROR] == 2
+    finally:
+        await client.shutdown()
+
+
+# -- libcoap's client, as a device that has OSCORE but no EDHOC ---------------------------------
+
+LIBCOAP = shutil.which("coap-client-oscore")
+
+
+async def libcoap_token(conf: Path, url: str, out: Path) -> bytes:
+    request = conf.parent / "request.cbor"
+    request.write_bytes(cbor2.dumps({AceParam.AUDIENCE: "thermostat"}))
+    out.unlink(missing_ok=True)
+    assert LIBCOAP is not None
+    process = await asyncio.create_subprocess_exec(
+        LIBCOAP,
+        "-m",
+        "post",
+        "-t",
+        "19",
+        "-f",
+        str(request),
+        "-o",
+        str(out),
+        "-E",
+        f"{conf},{conf.with_suffix('.seq')}",
+        f"{url}/token",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 20)
+    assert out.exists(), stderr.decode(errors="replace")
+    return out.read_bytes()
+
+
+@pytest.mark.skipif(
+    LIBCOAP is None,
+    reason="no OSCORE-enabled libcoap client (coap-client-oscore: see scripts/"
+    "build-libcoap-oscore.sh; Debian's libcoap3-bin has no OSCORE)",
+)
+async def test_libcoap_gets_a_token_over_a_provisioned_context(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    cli_ok("init", data_dir=data_dir)
+    cli_ok("audiences", "add", "thermostat", data_dir=data_dir)
+    cli_ok(
+        "clients",
+        "add",
+        "libcoap-1",
+        "--audience",
+        "thermostat",
+        "--scope",
+        "temp:read",
+        "--secret",
+        data_dir=data_dir,
+    )
+    conf = tmp_path / "libcoap-1.conf"
+    conf.write_text(cli_ok("clients", "oscore", "libcoap-1", data_dir=data_dir))
+    log = tmp_path / "serve.log"
+    out = tmp_path / "answer.cbor"
+    for ending in ("sigterm", "sigkill", None):
+        async with serve_process(data_dir, log, COAP_AUTH_REQUIRE_OSCORE="true") as server:
+            for _ in range(2):
+                answer = cbor2.loads(await libcoap_token(conf, server.url, out))
+                assert AceParam.ACCESS_TOKEN in answer and answer[AceParam.EXPIRES_IN] > 0
+            if ending == "sigterm":
+                server.process.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(server.process.wait(), 10)
+            # "sigkill": serve_process kills it, as a crash would: Echo recovery next time.
+    assert "caller=libcoap-1 -> 2.01" in log.read_text()
