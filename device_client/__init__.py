@@ -1,15 +1,20 @@
 """coap-auth's device side: get and keep tokens, follow keys and revocations, verify offline.
 
-Imports only the pure parts of coap_auth (wire, errors, tokens) plus aiocoap, cbor2,
-cryptography and PyJWT, so it runs on a Raspberry Pi without the service's storage.
-Everything public is listed in `__all__`; the modules behind it are implementation.
+Imports only the pure parts of coap_auth (wire, errors, tokens, secure.credentials) plus
+aiocoap, cbor2, cryptography and PyJWT, so it runs on a Raspberry Pi without the service's
+storage; the protected channel (EDHOC, OSCORE) also needs lakers-python, imported only when a
+channel is made. Everything public is listed in `__all__`; the modules behind it are
+implementation.
 """
 
+from coap_auth.secure.credentials import EdhocCredential
 from coap_auth.udp import create_client_context, create_server_context
 from device_client.client import RefreshPolicy, TokenClient
 from device_client.clock import Clock, SystemClock
 from device_client.credentials import Credentials, DeviceKey, SecretCredentials
 from device_client.errors import (
+    ChannelRefused,
+    ChannelUnavailable,
     CoapAuthError,
     DeviceClientError,
     InsufficientScope,
@@ -26,6 +31,7 @@ from device_client.errors import (
 from device_client.keyset import KeySet
 from device_client.observe import WatchPolicy
 from device_client.rs import AuthzInfoResource, ResourceServer, require_scope
+from device_client.secure_channel import SecureChannel, load_as_credential
 from device_client.state import AccessToken, DeviceState, StateFile
 from device_client.trl import (
     DiffSet,
@@ -46,6 +52,8 @@ from device_client.watch import KeySetWatcher, TrlWatcher
 __all__ = [
     "AccessToken",
     "AuthzInfoResource",
+    "ChannelRefused",
+    "ChannelUnavailable",
     "Clock",
     "CoapAuthError",
     "Credentials",
@@ -53,6 +61,7 @@ __all__ = [
     "DeviceKey",
     "DeviceState",
     "DiffSet",
+    "EdhocCredential",
     "FullSet",
     "InsufficientScope",
     "InvalidClaims",
@@ -66,6 +75,7 @@ __all__ = [
     "RevocationList",
     "RevocationSource",
     "SecretCredentials",
+    "SecureChannel",
     "ServiceUnreachable",
     "StaleState",
     "StateFile",
@@ -84,5 +94,6 @@ __all__ = [
     "create_server_context",
     "decode_diff_set",
     "decode_full_set",
+    "load_as_credential",
     "require_scope",
 ]

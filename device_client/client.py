@@ -1,7 +1,9 @@
 """TokenClient: a device's access token, fetched, cached, refreshed ahead of expiry, persisted.
 
 RFC 9200 §5.8 client_credentials grants and refreshes (PROTOCOL.md "Refresh tokens"), with
-exponential back-off and jitter on failure. Tokens and secrets never reach logs.
+exponential back-off and jitter on failure, over the protected channel when the AS's EDHOC
+credential is given (the channel then authenticates the device: no client authentication in
+the requests). Tokens and secrets never reach logs.
 """
 
 from __future__ import annotations
@@ -17,13 +19,21 @@ from typing import Any
 import aiocoap
 import cbor2
 
+from coap_auth.secure.credentials import EdhocCredential
 from coap_auth.tokens import PublicKey, cose_key_from_public
 from coap_auth.wire import AceErrorCode, AceParam, CnfMethod, ContentFormat, GrantType, TokenType
 from device_client._transport import backoff_delay, reliable_within, retry_hint
 from device_client.ace import parse_error, parse_token_response
 from device_client.clock import Clock, SystemClock
-from device_client.credentials import Credentials
-from device_client.errors import ServiceUnreachable, StateFileError, TokenRequestRefused
+from device_client.credentials import Credentials, DeviceKey
+from device_client.errors import (
+    ChannelRefused,
+    ChannelUnavailable,
+    ServiceUnreachable,
+    StateFileError,
+    TokenRequestRefused,
+)
+from device_client.secure_channel import SecureChannel
 from device_client.state import AccessToken, DeviceState, StateFile
 
 log = logging.getLogger("device_client.client")
@@ -42,7 +52,8 @@ class RefreshPolicy:
     backoff_initial: float = 2.0
     backoff_max: float = 300.0
     backoff_jitter: float = 0.5
-    # Real seconds to wait for one /token answer (CoAP retransmissions happen inside it).
+    # Real seconds to wait for one /token answer (CoAP retransmissions happen inside it); over
+    # the protected channel, also for each EDHOC message.
     request_timeout: float = 30.0
 
     def __post_init__(self) -> None:
@@ -75,6 +86,11 @@ class TokenClient:
     `await token()` returns a valid token: the cached one until its refresh time, then a
     refresh (RFC 9200 §5.8.1, rotating the refresh token), or a new grant when there is no
     refresh token or its family is dead. Every change is saved to the state file first.
+
+    With `as_credential` (the AS's EDHOC credential, `load_as_credential`) and a P-256
+    `DeviceKey`, /token and /revoke go over the protected channel (EDHOC, then OSCORE) and
+    carry no client authentication; without it, plain CoAP with an assertion or a secret
+    (an AS with require_oscore off).
     """
 
     def __init__(
@@ -93,6 +109,7 @@ class TokenClient:
         policy: RefreshPolicy | None = None,
         rng: random.Random | None = None,
         on_token: Callable[[str, AccessToken], None] | None = None,
+        as_credential: EdhocCredential | None = None,
     ) -> None:
         self._context = context
         # Told of every new token: ("grant" | "refresh", token). For logs and for uploading
@@ -103,6 +120,20 @@ class TokenClient:
         self._rng = rng if rng is not None else random.Random()
         self._state_file = state_file
         self._tuning = reliable_within(self._policy.request_timeout)
+        self._channel: SecureChannel | None = None
+        if as_credential is not None:
+            if not isinstance(credentials, DeviceKey):
+                raise ChannelUnavailable(
+                    f"{credentials.client_id}: the protected channel needs a device key"
+                    " (EDHOC authenticates with it), not a client secret"
+                )
+            self._channel = SecureChannel(
+                context,
+                as_uri,
+                credentials,
+                as_credential,
+                timeout=self._policy.request_timeout,
+            )
         # RFC 9200 §5.8.1 / RFC 8747 §3.1: req_cnf {1: COSE_Key} asks for a PoP token.
         self._req_cnf = (
             {CnfMethod.COSE_KEY: cose_key_from_public(pop_key)} if pop_key is not None else None
@@ -114,6 +145,7 @@ class TokenClient:
             audience=audience,
             scope=scope,
             token_format=token_format,
+            as_credential=as_credential,
         )
         saved = state_file.load() if state_file is not None else None
         if saved is not None and _same_grant(saved, state):
@@ -159,11 +191,13 @@ class TokenClient:
             policy=policy,
             rng=rng,
             on_token=on_token,
+            as_credential=saved.as_credential,
         )
 
     def __repr__(self) -> str:
+        over = " over OSCORE" if self._channel is not None else ""
         return (
-            f"<TokenClient {self._state.credentials.client_id} -> {self._state.as_uri}"
+            f"<TokenClient {self._state.credentials.client_id} -> {self._state.as_uri}{over}"
             f" audience={self._state.audience!r}>"
         )
 
@@ -172,6 +206,11 @@ class TokenClient:
     @property
     def client_id(self) -> str:
         return self._state.credentials.client_id
+
+    @property
+    def channel(self) -> SecureChannel | None:
+        """The protected channel to the AS, when the AS's credential was given."""
+        return self._channel
 
     @property
     def cached(self) -> AccessToken | None:
@@ -269,6 +308,8 @@ class TokenClient:
         return await self._request(self._grant_params(), "grant")
 
     def _auth_params(self) -> dict[Any, Any]:
+        if self._channel is not None:
+            return {}  # the OSCORE context says who we are
         return self._state.credentials.request_params(
             issuer=self._state.issuer, now=self._clock.now()
         )
@@ -295,19 +336,30 @@ class TokenClient:
         }
 
     async def _post(self, path: str, params: Mapping[Any, Any]) -> aiocoap.Message:
-        message = aiocoap.Message(
-            code=aiocoap.POST,
-            uri=f"{self._state.as_uri}/{path}",
-            payload=cbor2.dumps(dict(params)),
-            content_format=ContentFormat.ACE_CBOR,
-            transport_tuning=self._tuning,
-        )
-        request = self._context.request(message)
+        payload = cbor2.dumps(dict(params))
+
+        def build() -> aiocoap.Message:
+            return aiocoap.Message(
+                code=aiocoap.POST,
+                uri=f"{self._state.as_uri}/{path}",
+                payload=payload,
+                content_format=ContentFormat.ACE_CBOR,
+                transport_tuning=self._tuning,
+            )
+
+        if self._channel is not None:
+            _, response = await self._channel.request(build, timeout=self._policy.request_timeout)
+            return response
+        request = self._context.request(build())
         return await asyncio.wait_for(request.response, self._policy.request_timeout)
 
     async def _request(self, params: Mapping[Any, Any], kind: str) -> AccessToken:
         try:
             response = await self._post("token", params)
+        except ChannelRefused as refused:
+            # Configuration (an unregistered key, the wrong AS credential): do not hammer.
+            self._failed(refused.description)
+            raise
         except (TimeoutError, aiocoap.error.ConRetransmitsExceeded):
             raise self._failed(f"{kind}: no answer from the AS") from None
         except aiocoap.error.Error as exc:

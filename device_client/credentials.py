@@ -1,7 +1,8 @@
-"""How a device authenticates to /token: a shared secret, or (preferred) its own key.
+"""How a device authenticates to the AS: a shared secret, or (preferred) its own key.
 
 A `DeviceKey` signs a short-lived client assertion (PROTOCOL.md), so no secret crosses the
-network. Neither class shows its secret in repr.
+network; a P-256 one is also the device's EDHOC credential for the protected channel
+(PROTOCOL.md "Protected channels"). Neither class shows its secret in repr.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import cbor2
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from coap_auth.secure.credentials import CredentialError, EdhocIdentity, device_credential
 from coap_auth.tokens import (
     Claims,
     PrivateKey,
@@ -23,6 +25,7 @@ from coap_auth.tokens import (
     encode_cwt,
 )
 from coap_auth.wire import CLIENT_ASSERTION, AceParam
+from device_client.errors import ChannelUnavailable
 
 # PROTOCOL.md: an assertion's exp is at most 300 s ahead; stay well inside it so a device
 # clock a little ahead of the AS does not get refused.
@@ -107,6 +110,19 @@ class DeviceKey:
 
     def request_params(self, *, issuer: str, now: int) -> dict[Any, Any]:
         return {CLIENT_ASSERTION: self.assertion(issuer=issuer, now=now)}
+
+    def edhoc_identity(self) -> EdhocIdentity:
+        """This key as the device's EDHOC credential: a CCS naming `client_id`, built as the
+        AS builds it from the registered public key. Raises ChannelUnavailable for an Ed25519
+        key (cipher suite 2 is P-256) or an id too long for a credential."""
+        if not isinstance(self.private_key, ec.EllipticCurvePrivateKey):
+            raise ChannelUnavailable(
+                f"{self.client_id}: EDHOC (cipher suite 2) needs a P-256 device key, not Ed25519"
+            )
+        try:
+            return device_credential(self.client_id, self.private_key)
+        except CredentialError as exc:
+            raise ChannelUnavailable(f"{self.client_id}: {exc}") from None
 
 
 Credentials = SecretCredentials | DeviceKey

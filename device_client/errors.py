@@ -10,6 +10,10 @@
     │   └── StaleState                  an RS's keys or TRL are older than its bound
     └── DeviceClientError               base of what only the device side raises
         ├── TokenRequestRefused         the AS answered /token with an RFC 9200 error
+        │   └── ChannelRefused          EDHOC with the AS failed, or the AS keeps refusing the
+        │                               OSCORE context it made (names the host)
+        ├── ChannelUnavailable          this device cannot run the protected channel (an Ed25519
+        │                               key, no lakers-python, an unusable AS credential)
         ├── ServiceUnreachable          no usable answer from the AS; `retry_at` says when to try
         ├── InsufficientScope           a valid token whose scope does not cover the request
         └── StateFileError              the state file cannot be read or written
@@ -29,6 +33,8 @@ from coap_auth.errors import (
 )
 
 __all__ = [
+    "ChannelRefused",
+    "ChannelUnavailable",
     "CoapAuthError",
     "DeviceClientError",
     "InsufficientScope",
@@ -69,6 +75,25 @@ class TokenRequestRefused(DeviceClientError):
         super().__init__(description)
         self.ace_code = ace_code
         self.coap_code = coap_code
+
+
+class ChannelRefused(TokenRequestRefused):
+    """The protected channel to the AS at `host` could not be made: the AS refused our EDHOC
+    credential (not registered, or registered with another key), its own did not verify against
+    the provisioned AS credential, or it refused a request under an OSCORE context EDHOC had
+    just made. A configuration problem, like a refused /token request; `ace_code` is None and
+    `coap_code` 0 (the refusal is EDHOC's, not an answer of /token)."""
+
+    def __init__(self, description: str, *, host: str) -> None:
+        super().__init__(description, ace_code=None, coap_code=0)
+        self.host = host
+
+
+class ChannelUnavailable(DeviceClientError):
+    """The protected channel (EDHOC + OSCORE, PROTOCOL.md "Protected channels") cannot run on
+    this device as set up: the device key is Ed25519 (cipher suite 2 needs P-256), the AS
+    credential does not parse, lakers-python is missing (it has no wheel for 32-bit ARM), or
+    the aiocoap context has no OSCORE transport."""
 
 
 class ServiceUnreachable(DeviceClientError):

@@ -4,7 +4,10 @@ It re-registers when a notification is overdue (Max-Age, RFC 7641 §3.3.1) or th
 ends, polls behind Observe (a plain GET every `check_interval`, so an observation the AS lost
 without a word is noticed), and backs off exponentially with jitter while the AS cannot be
 reached. `confirmed_at` tells a verifier how current the state is. Time comes from the injected
-clock; the loop only polls it.
+clock; the loop only polls it. Given a SecureChannel, every request goes out over OSCORE. When
+the AS has forgotten the context (it restarted), the channel runs EDHOC again for whichever
+request meets that first; an observation registered under the old context died with it, so
+the loop then re-registers.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -20,7 +24,8 @@ import aiocoap
 
 from device_client._transport import backoff_delay, reliable_within, retry_hint
 from device_client.clock import Clock, SystemClock
-from device_client.errors import ServiceUnreachable
+from device_client.errors import ChannelRefused, ServiceUnreachable
+from device_client.secure_channel import SecureChannel, abandon
 
 log = logging.getLogger("device_client.watch")
 
@@ -90,8 +95,10 @@ class Observer:
         clock: Clock | None = None,
         policy: WatchPolicy | None = None,
         rng: random.Random | None = None,
+        channel: SecureChannel | None = None,
     ) -> None:
         self._context = context
+        self._channel = channel
         self._base = as_uri.rstrip("/")
         self._clock = clock if clock is not None else SystemClock()
         self._policy = policy if policy is not None else WatchPolicy()
@@ -106,6 +113,8 @@ class Observer:
         self._failures = 0
         self._confirmed_at: int | None = None
         self._ended_in_a_row = 0
+        # The channel's handshake count when the observation was registered.
+        self._registered_under = 0
         self.registrations = 0  # how many times an observation was registered
         self.retry_at: int | None = None
 
@@ -198,11 +207,11 @@ class Observer:
 
     async def _observe(self) -> None:
         self._wake.clear()
-        request = self._context.request(self._observe_message())
         self.registrations += 1
+        request, first = await self._send(self._observe_message)
+        self._registered_under = self._handshakes()
         consumer: asyncio.Task[None] | None = None
         try:
-            first = await self._response(request.response)
             await self._registered(first)
             self._next_check = self._clock.now() + self._policy.check_interval
             self._synced.set()
@@ -231,6 +240,11 @@ class Observer:
                         # The state changed without a notification: the observation is lost.
                         log.info("%s: change seen by polling; re-registering", self.uri)
                         return
+                    if self._handshakes() != self._registered_under:
+                        # The poll met an AS without our OSCORE context: it restarted, and
+                        # our observation went with it.
+                        log.info("%s: new OSCORE context; re-registering", self.uri)
+                        return
                     self._ended_in_a_row = 0
                 try:
                     item = await asyncio.wait_for(queue.get(), self._policy.poll_interval)
@@ -252,8 +266,7 @@ class Observer:
             if consumer is not None:
                 consumer.cancel()
                 await asyncio.wait({consumer})
-            if not request.observation.cancelled:
-                request.observation.cancel()
+            abandon(request)
 
     async def _response(self, pending: asyncio.Future[aiocoap.Message]) -> aiocoap.Message:
         try:
@@ -263,11 +276,39 @@ class Observer:
         except aiocoap.error.Error as exc:
             raise Failure(type(exc).__name__) from None
 
+    def _handshakes(self) -> int:
+        return 0 if self._channel is None else self._channel.handshakes
+
+    async def _send(
+        self, build: Callable[[], aiocoap.Message]
+    ) -> tuple[aiocoap.protocol.Request, aiocoap.Message]:
+        """Send `build()` (over the channel, if any); the request and its first answer."""
+        if self._channel is None:
+            request = self._context.request(build())
+            try:
+                return request, await self._response(request.response)
+            except BaseException:
+                abandon(request)
+                raise
+        try:
+            return await self._channel.request(build, timeout=self._policy.request_timeout)
+        except (TimeoutError, aiocoap.error.ConRetransmitsExceeded):
+            raise Failure("no answer") from None
+        except ChannelRefused as refused:
+            raise Failure(refused.description) from None
+        except aiocoap.error.Error as exc:
+            raise Failure(type(exc).__name__) from None
+
     async def _get(self, uri: str) -> aiocoap.Message:
-        """A plain GET (no observe)."""
-        message = aiocoap.Message(code=aiocoap.GET, uri=uri, transport_tuning=self._tuning)
-        self._decorate(message)
-        return await self._response(self._context.request(message).response)
+        """A GET without observe."""
+
+        def build() -> aiocoap.Message:
+            message = aiocoap.Message(code=aiocoap.GET, uri=uri, transport_tuning=self._tuning)
+            self._decorate(message)
+            return message
+
+        _, response = await self._send(build)
+        return response
 
     def _fresh_until(self, response: aiocoap.Message) -> None:
         """Note when an answer of the AS goes stale (its Max-Age)."""

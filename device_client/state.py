@@ -1,8 +1,10 @@
 """What a device keeps across reboots, in one file written atomically with mode 0600.
 
-The file holds the credentials, the cached access token and the refresh token: it is written
-to a temporary file in the same directory, fsynced and renamed over the old one (POSIX rename
-is atomic), so a crash leaves either the old state or the new one, never half of either.
+The file holds the credentials, the AS's EDHOC credential (for the protected channel), the
+cached access token and the refresh token: it is written to a temporary file in the same
+directory, fsynced and renamed over the old one (POSIX rename is atomic), so a crash leaves
+either the old state or the new one, never half of either. A file written before the protected
+channel existed has no AS credential, and loads as a plain-CoAP device.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coap_auth.secure.credentials import EdhocCredential, parse_credential
 from coap_auth.tokens import token_hash
 from coap_auth.wire import TokenType
 from device_client.credentials import Credentials, DeviceKey, SecretCredentials
@@ -59,7 +62,8 @@ class AccessToken:
 
 @dataclass(frozen=True, slots=True)
 class DeviceState:
-    """Everything a device needs to resume after a reboot."""
+    """Everything a device needs to resume after a reboot. With `as_credential` (the AS's
+    EDHOC credential) the device talks to the AS over the protected channel."""
 
     as_uri: str
     credentials: Credentials
@@ -69,6 +73,7 @@ class DeviceState:
     token_format: str | None = None
     access_token: AccessToken | None = None
     refresh_token: bytes | None = field(default=None, repr=False)
+    as_credential: EdhocCredential | None = None
 
 
 class StateFile:
@@ -184,6 +189,8 @@ def _encode(state: DeviceState) -> dict[str, Any]:
             "scope": token.scope,
         },
         "refresh_token": None if state.refresh_token is None else _b64(state.refresh_token),
+        # The CCS, in hex as `coap-auth edhoc-credential` prints it; absent in older files.
+        "as_credential": None if state.as_credential is None else state.as_credential.ccs.hex(),
     }
 
 
@@ -229,6 +236,12 @@ def _decode(document: Any) -> DeviceState:
             scope=_optional_text(raw_token, "scope"),
         )
     refresh = document.get("refresh_token")
+    raw_credential = document.get("as_credential")
+    if raw_credential is not None and not isinstance(raw_credential, str):
+        raise TypeError("as_credential")
+    as_credential = (
+        None if raw_credential is None else parse_credential(bytes.fromhex(raw_credential))
+    )
     as_uri = document["as_uri"]
     issuer = document["issuer"]
     if not isinstance(as_uri, str) or not isinstance(issuer, str):
@@ -242,4 +255,5 @@ def _decode(document: Any) -> DeviceState:
         token_format=_optional_text(document, "token_format"),
         access_token=token,
         refresh_token=None if refresh is None else _unb64(refresh),
+        as_credential=as_credential,
     )

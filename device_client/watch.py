@@ -2,6 +2,9 @@
 
 Both run the loop of observe.py: Observe (RFC 7641), re-registration when a notification is
 overdue or the observation ends, exponential back-off with jitter while the AS is away.
+`/keys` is public and read over plain CoAP; the AS serves `/revoke/trl` over the protected
+channel, filtered to the hashes pertaining to the requester (RFC 9770 §5): a resource server
+reads it with its own EDHOC identity and sees the tokens issued for its audience.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ from collections.abc import Callable
 
 import aiocoap
 
+from coap_auth.secure.credentials import EdhocCredential, EdhocIdentity
 from coap_auth.tokens import VerificationKey
 from coap_auth.wire import ContentFormat
 from device_client.clock import Clock
+from device_client.credentials import DeviceKey
 from device_client.keyset import KeySet
 from device_client.observe import Failure, Observer, WatchPolicy, expect
+from device_client.secure_channel import SecureChannel
 from device_client.trl import DiffSet, RevocationList, decode_diff_set, decode_full_set
 
 log = logging.getLogger("device_client.watch")
@@ -126,7 +132,13 @@ class KeySetWatcher(Observer):
 class TrlWatcher(Observer):
     """Keeps the token revocation list current (RFC 9770): an observed diff query `?diff=N`
     (§7.2) after one full query (§7.1). Missed updates are fetched from the cursor (§9),
-    or with a full query when the AS cannot serve them. `is_revoked` serves a verifier."""
+    or with a full query when the AS cannot serve them. `is_revoked` serves a verifier.
+
+    With `identity` (the resource server's P-256 key, registered as its audience's
+    introspection key, so its id is the audience id) and `as_credential` (the AS's EDHOC
+    credential), every query goes over the protected channel, as an AS with require_oscore
+    on demands; the list then holds the tokens issued for that audience.
+    """
 
     path = "revoke/trl"
     # Cursor pages fetched in one catch-up before falling back to a full query.
@@ -142,8 +154,18 @@ class TrlWatcher(Observer):
         policy: WatchPolicy | None = None,
         rng: random.Random | None = None,
         on_change: Callable[[RevocationList, frozenset[bytes]], None] | None = None,
+        identity: DeviceKey | EdhocIdentity | None = None,
+        as_credential: EdhocCredential | None = None,
     ) -> None:
-        super().__init__(context, as_uri, clock=clock, policy=policy, rng=rng)
+        if (identity is None) != (as_credential is None):
+            raise ValueError("the protected channel needs both identity and as_credential")
+        policy = policy if policy is not None else WatchPolicy()
+        channel = None
+        if identity is not None and as_credential is not None:
+            channel = SecureChannel(
+                context, as_uri, identity, as_credential, timeout=policy.request_timeout
+            )
+        super().__init__(context, as_uri, clock=clock, policy=policy, rng=rng, channel=channel)
         if diff_window < 1:
             raise ValueError("diff_window must be at least 1")
         self.diff_window = diff_window
@@ -151,6 +173,11 @@ class TrlWatcher(Observer):
         self.on_change = on_change
         self.full_queries = 0
         self.cursor_queries = 0
+
+    @property
+    def channel(self) -> SecureChannel | None:
+        """The protected channel the list is read over, if any."""
+        return self._channel
 
     def is_revoked(self, token_hash: bytes) -> bool:
         return token_hash in self.revocations

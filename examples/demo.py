@@ -4,7 +4,10 @@
 Starts `coap-auth serve` on a temporary data directory (set up with the `coap-auth` CLI as
 an operator would), runs examples/thermostat_rs.py and examples/sensor.py against it, and
 walks through: grant, refresh, key rollover seen by the thermostat, revocation seen by the
-thermostat. Every child's output is shown with its name. Exit status 0 only if every step
+thermostat. The service runs with its defaults, so /token and /revoke/trl answer only over
+the protected channel: the sensor and the thermostat each run EDHOC with it (their keys
+registered, the AS's credential provisioned from `coap-auth edhoc-credential --json`) and
+talk OSCORE. Every child's output is shown with its name. Exit status 0 only if every step
 happened within its time limit.
 """
 
@@ -139,6 +142,8 @@ def run_demo(data_dir: Path) -> None:
     as_uri, rs_uri = f"coap://127.0.0.1:{as_port}", f"coap://127.0.0.1:{rs_port}"
     state = data_dir / "sensor-1.state"
     public_pem = data_dir / "sensor-1.pem"
+    as_credential = data_dir / "as-credential.json"
+    thermostat_key, thermostat_pem = data_dir / "thermostat.key", data_dir / "thermostat.pem"
 
     def cli(*args: str) -> str:
         show(f"$ coap-auth {' '.join(args)}")
@@ -155,39 +160,67 @@ def run_demo(data_dir: Path) -> None:
             raise DemoFailed(f"coap-auth {args[0]} {args[1] if len(args) > 1 else ''} failed")
         return result.stdout
 
-    children: list[Child] = []
-    try:
-        step(0, "an operator sets up the service; the sensor is provisioned with its own key")
-        cli("init")
-        cli("audiences", "add", "thermostat", "--lifetime", str(LIFETIME))
-        show("$ sensor.py provision ...")
-        provision = subprocess.run(
-            [
-                PYTHON,
-                str(HERE / "sensor.py"),
-                "provision",
-                "--as",
-                as_uri,
-                "--client-id",
-                "sensor-1",
-                "--audience",
-                "thermostat",
-                "--scope",
-                "temp:write",
-                "--state",
-                str(state),
-                "--public-key-out",
-                str(public_pem),
-            ],
+    def example(name: str, *args: str) -> None:
+        """Run an example's one-off command (provisioning), showing what it prints."""
+        show(f"$ {name} {args[0]} ...")
+        result = subprocess.run(
+            [PYTHON, str(HERE / name), *args],
             capture_output=True,
             text=True,
             env=env,
             timeout=60,
         )
-        for line in provision.stdout.splitlines():
+        for line in result.stdout.splitlines():
             show(line)
-        if provision.returncode != 0:
-            raise DemoFailed(f"sensor provisioning failed: {provision.stderr.strip()}")
+        if result.returncode != 0:
+            raise DemoFailed(f"{name} {args[0]} failed: {result.stderr.strip()}")
+
+    children: list[Child] = []
+    try:
+        step(
+            0,
+            "an operator sets up the service; the sensor and the thermostat get their own keys"
+            " and the AS's EDHOC credential",
+        )
+        cli("init")
+        # What devices authenticate the AS by in EDHOC; copied to each device.
+        as_credential.write_text(cli("edhoc-credential", "--json"))
+        example(
+            "thermostat_rs.py",
+            "--generate-key",
+            "--key",
+            str(thermostat_key),
+            "--public-key-out",
+            str(thermostat_pem),
+        )
+        # The audience's key: how the thermostat authenticates (EDHOC) to read its TRL.
+        cli(
+            "audiences",
+            "add",
+            "thermostat",
+            "--lifetime",
+            str(LIFETIME),
+            "--introspect-public-key",
+            str(thermostat_pem),
+        )
+        example(
+            "sensor.py",
+            "provision",
+            "--as",
+            as_uri,
+            "--client-id",
+            "sensor-1",
+            "--audience",
+            "thermostat",
+            "--scope",
+            "temp:write",
+            "--state",
+            str(state),
+            "--as-credential",
+            str(as_credential),
+            "--public-key-out",
+            str(public_pem),
+        )
         cli(
             "clients",
             "add",
@@ -226,6 +259,10 @@ def run_demo(data_dir: Path) -> None:
                 "127.0.0.1",
                 "--port",
                 str(rs_port),
+                "--key",
+                str(thermostat_key),
+                "--as-credential",
+                str(as_credential),
             ],
             env,
         )
@@ -234,7 +271,8 @@ def run_demo(data_dir: Path) -> None:
         thermostat.expect(r"keys: \d+ published keys", "first key set")
 
         step(
-            1, "grant: the sensor gets a token with a signed assertion; the thermostat verifies it"
+            1,
+            "grant: the sensor runs EDHOC and gets a token over OSCORE; the thermostat verifies it",
         )
         sensor = Child(
             "sensor",
@@ -289,7 +327,11 @@ def run_demo(data_dir: Path) -> None:
             raise DemoFailed(f"no token signed by the new key {new_kid} reached the thermostat")
         done("rollover", f"token {th} signed by the new key {new_kid} accepted")
 
-        step(4, "revocation: the operator revokes the sensor's tokens; the thermostat drops it")
+        step(
+            4,
+            "revocation: the operator revokes the sensor's tokens; the thermostat, observing its"
+            " revocation list over OSCORE, drops them",
+        )
         at_rs, at_sensor = thermostat.mark(), sensor.mark()
         cli("tokens", "revoke", "--client", "sensor-1")
         match, _ = thermostat.expect(

@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """A temperature sensor that keeps an access token fresh and reports to a thermostat.
 
-The device authenticates with its own P-256 key (no secret on the wire), keeps its token
+The device authenticates with its own P-256 key: it runs EDHOC with the AS (the key is its
+credential, the AS's credential is provisioned) and asks for tokens over the OSCORE context
+that yields, so no secret and no token crosses the network in the clear. It keeps its token
 fresh ahead of expiry, uploads each new token to the thermostat's /authz-info and PUTs a
-reading to /temperature every few seconds. Everything it must remember (the AS, its key, the
-token and the refresh token) lives in one state file, mode 0600, so a reboot resumes.
+reading to /temperature every few seconds. Everything it must remember (the AS and its
+credential, its key, the token and the refresh token) lives in one state file, mode 0600, so
+a reboot resumes; after a reboot of the AS it runs EDHOC again by itself.
 
 Run it on a Raspberry Pi against a remote coap-auth service
 -----------------------------------------------------------
@@ -17,21 +20,30 @@ Run it on a Raspberry Pi against a remote coap-auth service
    Set the clock (NTP: `timedatectl status` shows "System clock synchronized: yes"):
    tokens carry absolute times.
 
-2. Provision the device once. This creates the device key inside the state file and writes
-   its public key for the operator:
+   The protected channel needs lakers-python (EDHOC), which pip installs with the rest on
+   64-bit Raspberry Pi OS (aarch64) but which has no wheel for 32-bit Raspberry Pi OS (armv7):
+   there, provision with --plain, against a service whose `require_oscore` is off.
+
+2. On the service, the operator prints the AS's EDHOC credential; copy it to the Pi:
+
+       coap-auth edhoc-credential --json > as-credential.json
+
+3. Provision the device once. This creates the device key inside the state file, stores the
+   AS's credential with it and writes the device's public key for the operator:
 
        ~/coap-auth/bin/python examples/sensor.py provision \\
            --as coap://auth.example.net --client-id sensor-7 --audience thermostat \\
-           --scope temp:write --state ~/.local/state/sensor-7.state --public-key-out sensor-7.pem
+           --scope temp:write --state ~/.local/state/sensor-7.state \\
+           --as-credential as-credential.json --public-key-out sensor-7.pem
 
    (--issuer must match the service's `issuer` setting; the default is `coap-auth`.)
 
-3. On the service, the operator registers it:
+4. On the service, the operator registers it (its key is also its EDHOC credential):
 
        coap-auth clients add sensor-7 --audience thermostat --scope temp:write \\
            --public-key sensor-7.pem
 
-4. Run it (as a systemd service, say: `ExecStart=... sensor.py run --state ... --rs ...`,
+5. Run it (as a systemd service, say: `ExecStart=... sensor.py run --state ... --rs ...`,
    `Restart=always`):
 
        ~/coap-auth/bin/python examples/sensor.py run \\
@@ -55,6 +67,7 @@ import aiocoap
 
 from device_client import (
     AccessToken,
+    ChannelUnavailable,
     DeviceKey,
     DeviceState,
     RefreshPolicy,
@@ -65,6 +78,7 @@ from device_client import (
     TokenClient,
     TokenRequestRefused,
     create_client_context,
+    load_as_credential,
 )
 
 CF_CWT = 61  # PROTOCOL.md: application/cwt, the content format of /authz-info
@@ -87,7 +101,13 @@ def provision(args: argparse.Namespace) -> int:
     if state_file.exists() and not args.replace:
         say(f"{args.state} exists; pass --replace to provision again")
         return 2
+    if not args.plain and args.as_credential is None:
+        say("--as-credential is needed (or --plain, for a service with require_oscore off)")
+        return 2
     if args.secret_env:
+        if not args.plain:
+            say("a client secret cannot run EDHOC: use --plain with --secret-env")
+            return 2
         secret = os.environ.get(args.secret_env)
         if not secret:
             say(f"environment variable {args.secret_env} is empty")
@@ -95,6 +115,18 @@ def provision(args: argparse.Namespace) -> int:
         credentials: SecretCredentials | DeviceKey = SecretCredentials(args.client_id, secret)
     else:
         credentials = DeviceKey.generate(args.client_id, curve=args.curve)
+    as_credential = None
+    if not args.plain:
+        try:
+            as_credential = load_as_credential(Path(args.as_credential).read_bytes())
+            if isinstance(credentials, DeviceKey):
+                credentials.edhoc_identity()  # an Ed25519 key cannot: say so now
+        except OSError as exc:
+            say(f"cannot read {args.as_credential}: {exc.strerror}")
+            return 2
+        except ChannelUnavailable as exc:
+            say(exc.description)
+            return 2
     state_file.save(
         DeviceState(
             as_uri=args.as_uri,
@@ -102,9 +134,11 @@ def provision(args: argparse.Namespace) -> int:
             issuer=args.issuer,
             audience=args.audience,
             scope=args.scope,
+            as_credential=as_credential,
         )
     )
-    say(f"provisioned {args.client_id} in {args.state}")
+    channel = "plain CoAP" if as_credential is None else f"EDHOC with {as_credential.subject}"
+    say(f"provisioned {args.client_id} in {args.state} ({channel})")
     if isinstance(credentials, DeviceKey):
         public_pem = credentials.public_pem()
         if args.public_key_out:
@@ -132,9 +166,18 @@ async def run(args: argparse.Namespace) -> int:
             f" expires in {lifetime} s, refresh in {token.refresh_at - token.received_at} s"
         )
 
-    client = TokenClient.from_state_file(
-        context, StateFile(args.state), policy=policy, on_token=announce
-    )
+    try:
+        client = TokenClient.from_state_file(
+            context, StateFile(args.state), policy=policy, on_token=announce
+        )
+    except ChannelUnavailable as exc:
+        say(exc.description)
+        await context.shutdown()
+        return 2
+    if client.channel is not None:
+        say(f"protected channel: EDHOC + OSCORE with the AS as {client.client_id}")
+    else:
+        say("plain CoAP to the AS (its require_oscore must be off)")
     clock = SystemClock()
     uploaded: bytes | None = None
     sent = 0
@@ -206,10 +249,22 @@ def main(argv: list[str] | None = None) -> int:
     prov.add_argument("--scope", default="temp:write")
     prov.add_argument("--issuer", default="coap-auth", help="the service's `issuer` setting")
     prov.add_argument("--state", required=True, help="state file (created with mode 0600)")
-    prov.add_argument("--curve", choices=["P-256", "Ed25519"], default="P-256")
+    prov.add_argument(
+        "--as-credential",
+        help="the AS's EDHOC credential: what `coap-auth edhoc-credential --json` printed",
+    )
+    prov.add_argument(
+        "--plain",
+        action="store_true",
+        help="no protected channel: plain CoAP (a service with require_oscore off)",
+    )
+    prov.add_argument(
+        "--curve", choices=["P-256", "Ed25519"], default="P-256", help="Ed25519: --plain only"
+    )
     prov.add_argument("--public-key-out", help="write the public key PEM here")
     prov.add_argument(
-        "--secret-env", help="use a client secret from this environment variable instead of a key"
+        "--secret-env",
+        help="use a client secret from this environment variable instead of a key (--plain)",
     )
     prov.add_argument("--replace", action="store_true", help="overwrite an existing state file")
     go = sub.add_parser("run", help="keep a token fresh and report readings")

@@ -5,7 +5,10 @@ It serves /authz-info (RFC 9200 §5.10.1: devices POST their token there) and /t
 (PUT needs scope temp:write, GET needs temp:read). Tokens are verified on the thermostat
 itself against the AS's keys, which it observes at /keys, so a key rollover needs no
 restart; it observes /revoke/trl as well, and drops a revoked token the moment the AS lists
-it. It never asks the AS about a single token.
+it. It never asks the AS about a single token. The AS serves /revoke/trl only over its
+protected channel, and only the tokens issued for the audience asking: the thermostat runs
+EDHOC with the AS as its audience id, with its own P-256 key (registered as the audience's
+introspection key), and reads the list over OSCORE. /keys is public: plain CoAP.
 
 Run it on a Raspberry Pi against a remote coap-auth service
 -----------------------------------------------------------
@@ -17,19 +20,33 @@ Run it on a Raspberry Pi against a remote coap-auth service
    and set the clock (NTP): token expiry is checked against it, with --leeway seconds of
    tolerance.
 
-2. On the service, the operator registers the audience this thermostat answers to:
+   The protected channel needs lakers-python (EDHOC): pip installs it on 64-bit Raspberry Pi
+   OS (aarch64), but it has no wheel for 32-bit Raspberry Pi OS (armv7). There, run with
+   --plain, against a service whose `require_oscore` is off (the list is then unfiltered).
 
-       coap-auth audiences add thermostat --lifetime 3600
+2. Make the thermostat's key (kept on the Pi, mode 0600) and give its public key to the
+   operator:
 
-3. Run it (as a systemd service, say, with `Restart=always`):
+       ~/coap-auth/bin/python examples/thermostat_rs.py --generate-key \\
+           --key ~/.local/state/thermostat.key --public-key-out thermostat.pem
+
+3. On the service, the operator registers the audience with that key and prints the AS's
+   EDHOC credential; copy it to the Pi:
+
+       coap-auth audiences add thermostat --lifetime 3600 --introspect-public-key thermostat.pem
+       coap-auth edhoc-credential --json > as-credential.json
+
+4. Run it (as a systemd service, say, with `Restart=always`):
 
        ~/coap-auth/bin/python examples/thermostat_rs.py \\
-           --as coap://auth.example.net --audience thermostat --port 5683
+           --as coap://auth.example.net --audience thermostat --port 5683 \\
+           --key ~/.local/state/thermostat.key --as-credential as-credential.json
 
    --issuer must match the service's `issuer` setting (default `coap-auth`). The thermostat
    needs UDP to the service (it observes /keys and /revoke/trl) and devices need UDP to it.
-   Without DTLS or OSCORE a token is a bearer token tied to the sender's address: run it on
-   a network you trust.
+   Devices reach the thermostat over plain CoAP (no OSCORE between device and resource
+   server yet), so a token here is a bearer token tied to the sender's address: run it on a
+   network you trust.
 """
 
 from __future__ import annotations
@@ -37,13 +54,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 
 import aiocoap
 from aiocoap import resource
 
 from device_client import (
+    ChannelUnavailable,
+    DeviceKey,
+    EdhocCredential,
     KeySet,
     KeySetWatcher,
     ResourceServer,
@@ -54,6 +76,7 @@ from device_client import (
     WatchPolicy,
     create_client_context,
     create_server_context,
+    load_as_credential,
     require_scope,
 )
 from device_client.verify import DEFAULT_MAX_LIFETIME, DEFAULT_MAX_STALENESS
@@ -88,7 +111,42 @@ def _kids(kids: frozenset[bytes]) -> str:
     return " ".join(sorted(k.hex() for k in kids)) or "-"
 
 
+def generate_key(args: argparse.Namespace) -> int:
+    """A new P-256 key in --key (mode 0600, never overwritten), its public key for the
+    operator in --public-key-out (or on stdout)."""
+    key = DeviceKey.generate(args.audience)
+    try:
+        fd = os.open(args.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        say(f"{args.key} exists; not overwriting it")
+        return 2
+    with os.fdopen(fd, "wb") as out:
+        out.write(key.private_pem())
+    say(f"key written to {args.key}")
+    if args.public_key_out:
+        Path(args.public_key_out).write_bytes(key.public_pem())
+        say(f"public key written to {args.public_key_out}")
+    else:
+        sys.stdout.write(key.public_pem().decode())
+    say(f"register it: coap-auth audiences add {args.audience} --introspect-public-key <that file>")
+    return 0
+
+
+def protected_channel(args: argparse.Namespace) -> tuple[DeviceKey | None, EdhocCredential | None]:
+    """TrlWatcher's identity and as_credential, from --key and --as-credential (none with
+    --plain). The key's id is the audience id: the AS knows the key under it."""
+    if args.plain:
+        return None, None
+    identity = DeviceKey.from_pem(args.audience, Path(args.key).read_bytes())
+    return identity, load_as_credential(Path(args.as_credential).read_bytes())
+
+
 async def run(args: argparse.Namespace) -> int:
+    try:
+        identity, as_credential = protected_channel(args)
+    except (OSError, ValueError, ChannelUnavailable) as exc:
+        say(f"cannot set up the protected channel: {exc}")
+        return 2
     client_context = await create_client_context()
     known: list[frozenset[bytes]] = []
     resource_server: ResourceServer | None = None
@@ -116,7 +174,22 @@ async def run(args: argparse.Namespace) -> int:
             )
 
     keys = KeySetWatcher(client_context, args.as_uri, on_change=keys_changed)
-    trl = TrlWatcher(client_context, args.as_uri, on_change=trl_changed)
+    try:
+        trl = TrlWatcher(
+            client_context,
+            args.as_uri,
+            on_change=trl_changed,
+            identity=identity,
+            as_credential=as_credential,
+        )
+    except ChannelUnavailable as exc:
+        say(exc.description)
+        await client_context.shutdown()
+        return 2
+    if trl.channel is not None:
+        say(f"revocation list: over EDHOC + OSCORE as {trl.channel.subject}")
+    else:
+        say("revocation list: plain CoAP (the service's require_oscore must be off)")
     verifier = TokenVerifier(
         keys,
         issuer=args.issuer,
@@ -164,8 +237,26 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--as", dest="as_uri", required=True, help="e.g. coap://auth.example.net")
+    parser.add_argument("--as", dest="as_uri", help="e.g. coap://auth.example.net")
     parser.add_argument("--audience", default="thermostat")
+    parser.add_argument(
+        "--key", help="the thermostat's P-256 key (PEM), registered as its introspection key"
+    )
+    parser.add_argument(
+        "--as-credential",
+        help="the AS's EDHOC credential: what `coap-auth edhoc-credential --json` printed",
+    )
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="no protected channel: plain CoAP (a service with require_oscore off)",
+    )
+    parser.add_argument(
+        "--generate-key",
+        action="store_true",
+        help="write a new key to --key and its public key to --public-key-out, then exit",
+    )
+    parser.add_argument("--public-key-out", help="with --generate-key: the public key PEM")
     parser.add_argument("--issuer", default="coap-auth", help="the service's `issuer` setting")
     parser.add_argument("--bind", default="::")
     parser.add_argument("--port", type=int, default=5683)
@@ -193,6 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     # aiocoap's client side logs a line per stray datagram (a RST, an unmatched response)
     # that anyone can send to the watchers' port: keep its warnings only.
     logging.getLogger("coap").setLevel(logging.WARNING)
+    if args.generate_key:
+        if not args.key:
+            parser.error("--generate-key needs --key")
+        return generate_key(args)
+    if not args.as_uri:
+        parser.error("--as is required")
+    if not args.plain and not (args.key and args.as_credential):
+        parser.error("--key and --as-credential are required (or --plain)")
     if args.max_staleness <= WatchPolicy().check_interval:
         parser.error(f"--max-staleness must be above {WatchPolicy().check_interval} s")
     return asyncio.run(run(args))

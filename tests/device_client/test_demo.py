@@ -1,5 +1,6 @@
 """`make demo` runs and shows every step: grant, refresh, key rollover and revocation, each
-seen by the thermostat (the resource server), with the service started by the CLI.
+seen by the thermostat (the resource server), with the service started by the CLI with its
+defaults: the sensor and the thermostat reach it over the protected channel (EDHOC, OSCORE).
 
 The children print concurrently, so the test orders only what must be ordered: the demo's
 own lines, and each child's evidence between the action that caused it and the step's end.
@@ -69,11 +70,16 @@ def test_make_demo_shows_every_step() -> None:
     setup_end = _first(lines, r"^== step 1: grant")
     for pattern in (
         r"^\$ coap-auth init$",
+        r"^\$ coap-auth edhoc-credential --json$",
+        r"^\$ coap-auth audiences add thermostat .* --introspect-public-key ",
         r"^\$ coap-auth clients add sensor-1 .* --public-key ",
+        r"^\[thermostat\] revocation list: over EDHOC \+ OSCORE as thermostat$",
         r"^\[coap-auth\] coap-auth listening on coap://127\.0\.0\.1:\d+$",
         r"^\[thermostat\] keys: 2 published keys: \w{16} \w{16}$",
     ):
         assert _first(lines, pattern) < setup_end, pattern
+
+    _first(lines, r"^\[sensor\] protected channel: EDHOC \+ OSCORE with the AS as sensor-1$")
 
     position = setup_end
     for name, cause, evidence in STEPS:

@@ -31,7 +31,13 @@ def test_every_export_is_defined_where_it_is_documented() -> None:
             continue
         module = member.__module__
         assert module.startswith(
-            ("device_client.", "coap_auth.errors", "coap_auth.udp", "typing")
+            (
+                "device_client.",
+                "coap_auth.errors",
+                "coap_auth.udp",
+                "coap_auth.secure.credentials",
+                "typing",
+            )
         ), (name, module)
         if module.startswith("device_client."):
             assert member.__doc__, f"{name} has no docstring"
@@ -48,13 +54,17 @@ def test_import_needs_only_the_pure_parts_of_coap_auth() -> None:
     )
     loaded = set(result.stdout.split())
     assert "coap_auth.tokens" in loaded  # the probe does see coap_auth modules
-    # udp: the fixed UDP transport both sides use (and the Clock protocol it takes).
+    # udp: the fixed UDP transport both sides use (and the Clock protocol it takes);
+    # secure.credentials: EDHOC credentials, pure (EDHOC itself loads with a channel's first
+    # handshake).
     allowed = {
         "coap_auth",
         "coap_auth.wire",
         "coap_auth.errors",
         "coap_auth.udp",
         "coap_auth.clock",
+        "coap_auth.secure",
+        "coap_auth.secure.credentials",
     }
     unexpected = {m for m in loaded if m not in allowed and not m.startswith("coap_auth.tokens")}
     assert not unexpected, unexpected
