@@ -13,14 +13,16 @@ message_3 authenticated its peer.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import cbor2
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from coap_auth.secure.contexts import (
     MASTER_SALT_BYTES,
@@ -41,6 +43,7 @@ from coap_auth.wire import ContentFormat
 log = logging.getLogger("coap_auth.edhoc")
 
 METHOD = 3  # static DH keys on both sides
+AEAD_TAG_BYTES = 8  # AES-CCM-16-64-128
 SUITE = 2  # AES-CCM-16-64-128, SHA-256, 8, P-256, ES256, AES-CCM-16-64-128, SHA-256
 EDHOC_CBOR_SEQ = ContentFormat.EDHOC_CBOR_SEQ
 CID_EDHOC_CBOR_SEQ = ContentFormat.CID_EDHOC_CBOR_SEQ
@@ -111,23 +114,19 @@ class Responder:
         Raises EdhocFailure."""
         import lakers
 
-        _check_method_and_suite(message_1)
+        _check_message_1(message_1)
         responder = lakers.EdhocResponder(
             r=self.identity.private_scalar, cred_r=self.identity.credential.ccs
         )
-        try:
+        with _lakers_refusal(EdhocFailure("message_1 malformed")):
             c_i, ead_1 = responder.process_message_1(message_1)
-        except ValueError:
-            raise EdhocFailure("message_1 malformed") from None
         if any(item.is_critical() for item in ead_1 or ()):
             raise EdhocFailure("critical EAD item not supported")
         now = self._now()
         self._expire(now)
         c_r = self.contexts.unused_id(lambda cid: cid in self._pending, avoid=c_i)
-        try:
+        with _lakers_refusal(EdhocFailure("message_1 malformed")):
             message_2 = responder.prepare_message_2(_by_reference(), c_r, None)
-        except ValueError:
-            raise EdhocFailure("message_1 malformed") from None
         self._hold(c_r, _Pending(responder, c_i, address, now))
         return bytes(message_2)
 
@@ -146,17 +145,14 @@ class Responder:
         if pending is None:
             raise EdhocFailure("no handshake in progress for this connection identifier")
         responder = pending.responder
-        try:
+        _check_message_3(message_3)
+        with _lakers_refusal(EdhocFailure("message_3 does not verify")):
             id_cred_i, ead_3 = responder.parse_message_3(message_3)
-        except ValueError:
-            raise EdhocFailure("message_3 does not verify") from None
         if any(item.is_critical() for item in ead_3 or ()):
             raise EdhocFailure("critical EAD item not supported")
         credential = await self._credential(bytes(id_cred_i))
-        try:
+        with _lakers_refusal(EdhocFailure("message_3 does not verify")):
             responder.verify_message_3(credential.ccs)
-        except ValueError:
-            raise EdhocFailure("message_3 does not verify") from None
         responder.completed_without_message_4()
         context = OscoreContext(
             bytes(responder.edhoc_exporter(0, [], MASTER_SECRET_BYTES)),
@@ -238,11 +234,26 @@ def _by_reference() -> Any:
     return lakers.CredentialTransfer.ByReference
 
 
-def _check_method_and_suite(message_1: bytes) -> None:
+@contextlib.contextmanager
+def _lakers_refusal(refusal: Exception) -> Iterator[None]:
+    """Turn lakers' refusal of peer input into `refusal`: a ValueError, or a Rust panic
+    (lakers-python 0.6 panics on some malformed input; pyo3's PanicException derives from
+    BaseException and cannot be imported, so it is known by name)."""
+    try:
+        yield
+    except ValueError:
+        raise refusal from None
+    except BaseException as error:
+        if type(error).__name__ != "PanicException":
+            raise
+        raise refusal from None
+
+
+def _check_message_1(message_1: bytes) -> None:
     """RFC 9528 §5.2.3: refuse another method, and a selected suite we do not support with
-    ERR_CODE 2 naming ours (the initiator may retry with it)."""
-    stream = io.BytesIO(message_1)
-    decoder = cbor2.CBORDecoder(stream)
+    ERR_CODE 2 naming ours (the initiator may retry with it); and, before lakers sees it, a
+    G_X that is not the x-coordinate of a P-256 point (lakers 0.6 panics on one)."""
+    decoder = cbor2.CBORDecoder(io.BytesIO(message_1))
     try:
         method = decoder.decode()
         suites = decoder.decode()
@@ -255,6 +266,45 @@ def _check_method_and_suite(message_1: bytes) -> None:
         raise EdhocFailure("message_1 malformed")
     if offered[-1] != SUITE:
         raise EdhocFailure("cipher suite not supported", ERR_WRONG_SUITE)
+    try:
+        g_x = decoder.decode()
+    except (cbor2.CBORDecodeError, EOFError, ValueError):
+        raise EdhocFailure("message_1 malformed") from None
+    if not _is_p256_x(g_x):
+        raise EdhocFailure("message_1 malformed")
+
+
+def _check_message_3(message_3: bytes) -> None:
+    """RFC 9528 §5.4.3: message_3 is one byte string, CIPHERTEXT_3, at least an AEAD tag
+    long (and lakers 0.6 panics on a short or truncated one)."""
+    stream = io.BytesIO(message_3)
+    try:
+        ciphertext = cbor2.CBORDecoder(stream).decode()
+    except (cbor2.CBORDecodeError, EOFError, ValueError):
+        raise EdhocFailure("message_3 malformed") from None
+    if not isinstance(ciphertext, bytes) or len(ciphertext) <= AEAD_TAG_BYTES or stream.read():
+        raise EdhocFailure("message_3 malformed")
+
+
+def _check_message_2(message_2: bytes) -> bool:
+    """Whether message_2 is one byte string starting with a P-256 G_Y (RFC 9528 §5.3.1);
+    lakers 0.6 panics on an off-curve G_Y."""
+    stream = io.BytesIO(message_2)
+    try:
+        body = cbor2.CBORDecoder(stream).decode()
+    except (cbor2.CBORDecodeError, EOFError, ValueError):
+        return False
+    return isinstance(body, bytes) and not stream.read() and _is_p256_x(body[:32])
+
+
+def _is_p256_x(value: Any) -> bool:
+    if not isinstance(value, bytes) or len(value) != 32:
+        return False
+    try:
+        ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x02" + value)
+    except ValueError:
+        return False
+    return True
 
 
 def _decode_connection_id(item: Any) -> bytes:
@@ -313,7 +363,10 @@ async def establish(
         return bytes(response.payload)
 
     message_2 = await post(MESSAGE_1_PREFIX + message_1)
-    try:
+    refused = EdhocRefused(host, "message_2 does not verify against the server's credential")
+    if not _check_message_2(message_2):
+        raise refused
+    with _lakers_refusal(refused):
         c_r, id_cred_r, _ead_2 = initiator.parse_message_2(message_2)
         checked = lakers.credential_check_or_fetch(id_cred_r, peer.ccs)
         initiator.verify_message_2(identity.private_scalar, identity.credential.ccs, checked)
@@ -323,10 +376,6 @@ async def establish(
             else lakers.CredentialTransfer.ByValue
         )
         message_3, _prk_out = initiator.prepare_message_3(transfer, None)
-    except ValueError:
-        raise EdhocRefused(
-            host, "message_2 does not verify against the server's credential"
-        ) from None
     c_r = bytes(c_r)
     await post(encode_connection_id(c_r) + bytes(message_3))
     initiator.completed_without_message_4()

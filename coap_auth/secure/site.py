@@ -100,6 +100,13 @@ class ProtectedSite(interfaces.Resource):  # type: ignore[misc]
             self._refuse(pipe, BadRequest("decryption failed"))
             return
 
+        if not inner.code.is_request():
+            # An authenticated peer's own mistake (no method inside): refused, unrendered, in
+            # a protected answer, since the request decrypted (RFC 8613 §8.2 ends there).
+            refusal = error_message(BadRequest("the protected message is not a request"))
+            answer, _ = context.context_for_response().protect(refusal, seqno)
+            pipe.add_response(answer, is_last=True)
+            return
         inner.remote = ProtectedRemote(context, request.remote)
         context = context.context_for_response()
         inner_pipe = aiocoap.pipe.IterablePipe(inner)
