@@ -37,6 +37,12 @@ from bench.processes import (
     machine_busy_seconds,
     make_data_dir,
 )
+from bench.protected_channel import (
+    Devices,
+    measure_handshakes,
+    oscore_issue_workload,
+    register_devices,
+)
 from coap_auth.tokens import cose_key_from_public
 
 HOST = "127.0.0.1"
@@ -51,6 +57,7 @@ FAN_OUT = (1000, 5000)  # observers
 # ACK was lost to be retransmitted once (ACK_TIMEOUT 2 s x up to 1.5), not for a whole
 # retransmission series.
 SETTLE = 5.0
+HANDSHAKE_RUNS = 200  # EDHOC + first /token, with each initiator
 
 
 async def token_responses(pool: EndpointPool, data: DataDir) -> list[report.ResponseSize]:
@@ -83,12 +90,13 @@ async def token_responses(pool: EndpointPool, data: DataDir) -> list[report.Resp
 
 
 async def endpoint_throughput(
-    server: ServerProcess, data: DataDir
+    server: ServerProcess, data: DataDir, devices: Devices
 ) -> dict[tuple[str, int], PhaseResult]:
     pool = EndpointPool(HOST, server.port)
     workloads = [
         noop_workload(data.client_id, data.secret, "thermostat"),
         issue_workload(data.client_id, data.secret, "thermostat"),
+        oscore_issue_workload(devices),
         refresh_workload(data.client_id, data.secret, "thermostat"),
     ]
     results: dict[tuple[str, int], PhaseResult] = {}
@@ -109,7 +117,8 @@ async def endpoint_throughput(
                     results[key].merge(phase)
                 else:
                     results[key] = phase
-                print(f"  {workload.name:8} c={concurrency:<3} {phase.rate:8.0f} req/s", flush=True)
+                rate = f"{phase.rate:8.0f} req/s"
+                print(f"  {workload.name:12} c={concurrency:<3} {rate}", flush=True)
     pool.close()
     return results
 
@@ -198,16 +207,28 @@ async def run(keep: bool) -> report.Results:
         sizes = tokens_bench.token_sizes()
 
         data = make_data_dir(base / "single")
+        # One EDHOC-authenticated device per concurrent OSCORE worker.
+        devices = await register_devices(data, max(CONCURRENCY))
         print("parts of a token issue (in process) ...", flush=True)
         breakdown = await issue_breakdown(data, base)
 
-        print("token endpoint vs /noop (bench server) ...", flush=True)
+        print("token endpoint vs /noop, plain and over OSCORE (bench server) ...", flush=True)
         server = await ServerProcess.bench_server(data.path, free_udp_port(), base / "server.log")
         try:
             pool = EndpointPool(HOST, server.port)
             responses = await token_responses(pool, data)
+            handshakes = await measure_handshakes(
+                pool, devices, HANDSHAKE_RUNS, lambda: cpu_seconds(server.pid)
+            )
+            for times in handshakes.runs:
+                print(
+                    f"  EDHOC + first /token, {times.initiator}: median "
+                    f"{times.percentile(0.5) * 1000:.1f} ms, p99 "
+                    f"{times.percentile(0.99) * 1000:.1f} ms",
+                    flush=True,
+                )
             pool.close()
-            throughput = await endpoint_throughput(server, data)
+            throughput = await endpoint_throughput(server, data, devices)
         finally:
             await server.stop()
 
@@ -223,6 +244,7 @@ async def run(keep: bool) -> report.Results:
             sizes=sizes,
             responses=responses,
             throughput=throughput,
+            handshakes=handshakes,
             breakdown=breakdown,
             fan_out=fan_out_runs,
             memory_per_observer=memory,

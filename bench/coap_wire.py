@@ -14,10 +14,12 @@ PAYLOAD_MARKER = 0xFF
 
 GET = 1
 POST = 2
-CONTENT = 0x45  # 2.05
 CREATED = 0x41  # 2.01
+CHANGED = 0x44  # 2.04
+CONTENT = 0x45  # 2.05
 
 OBSERVE = 6
+OSCORE = 9
 URI_PATH = 11
 CONTENT_FORMAT = 12
 BLOCK2 = 23
@@ -86,6 +88,7 @@ class Response:
     options: dict[int, bytes]
     payload: bytes
     size: int
+    data: bytes  # the whole datagram (an OSCORE response is unprotected from it)
 
 
 def decode(data: bytes) -> Response:
@@ -112,6 +115,7 @@ def decode(data: bytes) -> Response:
         options=options,
         payload=payload,
         size=len(data),
+        data=data,
     )
 
 

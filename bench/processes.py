@@ -4,6 +4,7 @@ server (`python -m bench.server`) and plain `coap-auth serve` workers; CPU and U
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -19,8 +20,14 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # The load comes from one address and one client id: the per-address and per-client rate
-# limits would measure the limiter, not the endpoint. Everything else is the default.
-BENCH_SETTINGS = {"COAP_AUTH_RATE_LIMIT_PER_ADDRESS": "0", "COAP_AUTH_RATE_LIMIT_PER_CLIENT": "0"}
+# limits would measure the limiter, not the endpoint. Plain CoAP is accepted next to OSCORE
+# (lab mode), so that plain and protected /token run side by side on one server.
+# Everything else is the default.
+BENCH_SETTINGS = {
+    "COAP_AUTH_RATE_LIMIT_PER_ADDRESS": "0",
+    "COAP_AUTH_RATE_LIMIT_PER_CLIENT": "0",
+    "COAP_AUTH_REQUIRE_OSCORE": "false",
+}
 
 
 def clean_env() -> dict[str, str]:
@@ -130,7 +137,8 @@ class ServerProcess:
         assert process.stdout is not None
         line = await asyncio.wait_for(process.stdout.readline(), 30)
         if not line.decode().startswith(ready):
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):  # it may have exited already
+                process.kill()
             raise RuntimeError(f"server did not start: {line!r}; see {log}")
         return cls(process, port)
 

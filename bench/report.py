@@ -17,6 +17,7 @@ from pathlib import Path
 from bench.breakdown import Part
 from bench.fanout import FanOut
 from bench.loadgen import PhaseResult
+from bench.protected_channel import HandshakeResult
 from bench.tokens_bench import SizeRow, VerificationRow
 
 NOTES_HEADING = "## Notes"
@@ -52,6 +53,7 @@ class Results:
     sizes: list[SizeRow]
     responses: list[ResponseSize]
     throughput: dict[tuple[str, int], PhaseResult]
+    handshakes: HandshakeResult
     breakdown: list[Part]
     fan_out: list[FanOutRun]
     memory_per_observer: dict[int, int]  # observers -> bytes of server RSS per observer
@@ -111,15 +113,17 @@ def render(r: Results) -> str:
         "request bytes as `/token`, answers 2.01 with a token-sized body, does nothing. The "
         "server runs exactly what `coap-auth serve` runs (settings, INFO logging to a file, "
         "SQLite `synchronous=FULL`; rate limits off, as the load comes from one address and one "
-        "client). Refresh sends `{33: 3, 37: rt, 24, 25}` along each worker's own refresh "
-        f"family. Each row: {next(iter(r.throughput.values())).duration:.0f} s measured, in "
-        "windows interleaved no-op, issue, refresh at each concurrency, after a 0.5 s warm-up "
-        "each."
+        "client; plain CoAP accepted next to OSCORE). Issue sends `{24, 25, 5}` (client id, "
+        "secret, audience); *OSCORE issue* sends `{5: audience}` protected under a context of "
+        "its own EDHOC run (next section); refresh sends `{33: 3, 37: rt, 24, 25}` along each "
+        f"worker's own refresh family. Each row: "
+        f"{next(iter(r.throughput.values())).duration:.0f} s measured, in windows interleaved "
+        "no-op, issue, OSCORE issue, refresh at each concurrency, after a 0.5 s warm-up each."
     )
     add("")
     rows = []
     ratios: dict[str, list[tuple[int, float]]] = {"issue": [], "refresh": []}
-    order = {"no-op": 0, "issue": 1, "refresh": 2}
+    order = {"no-op": 0, "issue": 1, "OSCORE issue": 2, "refresh": 3}
     by_concurrency = sorted(r.throughput.items(), key=lambda item: (item[0][1], order[item[0][0]]))
     for (name, concurrency), phase in by_concurrency:
         noop = r.throughput[("no-op", concurrency)]
@@ -163,6 +167,9 @@ def render(r: Results) -> str:
         measured = " / ".join(f"c{c} {x:.2f}" for c, x in ratios[name])
         met = all(x >= minimum for _, x in ratios[name])
         targets.append([f"token {name} >= {minimum} x no-op", measured, _verdict(met)])
+
+    # -- protected channel ------------------------------------------------------------------
+    out += _protected_channel(r, targets)
 
     # -- 3: verification --------------------------------------------------------------------
     add("## Device-side verification vs raw `cryptography`")
@@ -398,6 +405,108 @@ def render(r: Results) -> str:
     summary = ["## Targets", ""] + _table(["target", "measured", "verdict"], targets) + [""]
     title_end = 6  # after the title, the machine line and the generator line
     return "\n".join(out[:title_end] + summary + out[title_end:]).rstrip() + "\n"
+
+
+HANDSHAKE_TARGET = 0.010  # s, EDHOC + first /token, median
+OSCORE_TARGET = 0.7  # OSCORE issue rate x plain issue rate
+
+
+def _protected_channel(r: Results, targets: list[list[str]]) -> list[str]:
+    """EDHOC + first token latency, OSCORE vs plain issue rate; adds its target rows."""
+    h = r.handshakes
+    out = ["## Protected channel: EDHOC + OSCORE", ""]
+    out.append(
+        "Same bench server as above. *EDHOC + first /token*: one device at a time runs EDHOC "
+        "(method 3, suite 2, credentials by reference, a fresh ephemeral key and C_I each "
+        "run) at `/.well-known/edhoc`, then sends its first `/token` (`{5: audience}`) "
+        "protected under the new context; wall time from preparing message_1 to the "
+        f"unprotected 2.01. {h.count // len(h.runs)} runs per initiator after 10 warm-up runs, "
+        "the two initiators alternating; the static keys are those of the 64 registered "
+        "devices (`device-0` ...) in turn, each registered beforehand with its own P-256 key. "
+        "*bench*: lakers-python driving the load generator's raw sockets; *device*: "
+        "`coap_auth.secure.edhoc.establish` on an aiocoap client context, then aiocoap's "
+        "OSCORE transport (what a device on coap_auth's initiator does). *server CPU*: the "
+        "server process's CPU over all runs of both, per run."
+    )
+    out.append("")
+    rows = [
+        [
+            t.initiator,
+            str(len(t.total)),
+            _ms(t.percentile(0.5)),
+            _ms(t.percentile(0.99)),
+            _ms(t.percentile(0.5, "edhoc")),
+            _ms(t.percentile(0.99, "edhoc")),
+        ]
+        for t in h.runs
+    ]
+    out += _table(
+        ["initiator", "runs", "p50 ms", "p99 ms", "EDHOC alone p50 ms", "EDHOC alone p99 ms"],
+        rows,
+    )
+    out.append("")
+    out.append(
+        f"Server CPU per EDHOC + first /token: {h.server_cpu / h.count * 1000:.2f} ms; the "
+        f"bench process (both initiators): {h.client_cpu / h.count * 1000:.2f} ms."
+    )
+    out.append("")
+    out.append(
+        "/token over OSCORE vs plain, from the table above: each OSCORE worker is its own "
+        "registered device with its own context (EDHOC before its window, not timed; at most "
+        "4 handshakes at once, as the server holds 8 unfinished ones per address), one "
+        "request outstanding, so sequence numbers stay in order; the load generator protects "
+        "requests and unprotects answers with the context's `protect()`/`unprotect()`."
+    )
+    out.append("")
+    rows = []
+    ratios = []
+    for concurrency in sorted({c for _, c in r.throughput}):
+        plain = r.throughput.get(("issue", concurrency))
+        oscore = r.throughput.get(("OSCORE issue", concurrency))
+        if plain is None or oscore is None:
+            continue
+        ratio = oscore.rate / plain.rate if plain.rate else float("nan")
+        ratios.append((concurrency, ratio))
+        rows.append(
+            [
+                str(concurrency),
+                f"{plain.rate:,.0f}",
+                f"{oscore.rate:,.0f}",
+                f"{ratio:.2f}",
+                f"{_cpu_per_request(plain):.2f}",
+                f"{_cpu_per_request(oscore):.2f}",
+                _ms(oscore.percentile(0.5)),
+                _ms(oscore.percentile(0.99)),
+                str(oscore.errors),
+            ]
+        )
+    out += _table(
+        ["conc.", "plain req/s", "OSCORE req/s", "OSCORE x plain", "plain server CPU ms/req",
+         "OSCORE server CPU ms/req", "OSCORE p50 ms", "OSCORE p99 ms", "OSCORE errors"],
+        rows,
+    )  # fmt: skip
+    out.append("")
+    device, bench = h.of("device"), h.of("bench")
+    targets.append(
+        [
+            f"EDHOC + first /token < {HANDSHAKE_TARGET * 1000:.0f} ms (median)",
+            f"device {_ms(device.percentile(0.5))} ms (p99 {_ms(device.percentile(0.99))}), "
+            f"bench {_ms(bench.percentile(0.5))} ms (p99 {_ms(bench.percentile(0.99))})",
+            _verdict(device.percentile(0.5) < HANDSHAKE_TARGET),
+        ]
+    )
+    targets.append(
+        [
+            f"/token over OSCORE >= {OSCORE_TARGET} x plain",
+            " / ".join(f"c{c} {x:.2f}" for c, x in ratios),
+            _verdict(bool(ratios) and all(x >= OSCORE_TARGET for _, x in ratios)),
+        ]
+    )
+    return out
+
+
+def _cpu_per_request(phase: PhaseResult) -> float:
+    return phase.server_cpu / phase.ok * 1000 if phase.ok else float("nan")
 
 
 def write(path: Path, generated: str) -> None:

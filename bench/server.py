@@ -52,8 +52,9 @@ async def serve(data_dir: Path, port: int) -> None:
     configure_logging(settings)
     service = await open_service(settings, create=True)
     server = Server(service, settings.bind, settings.port)
-    # Bench only: the product's site never has /noop.
-    server._site.add_resource(["noop"], NoopResource())
+    # Bench only: the product's site never has /noop. It goes on the site inside the OSCORE
+    # wrapper, where /token is, so that a plain /noop takes the same path as a plain /token.
+    server._site._inner_site.add_resource(["noop"], NoopResource())
     await server.start()
     print(f"listening {server.port}", flush=True)
 
