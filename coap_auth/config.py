@@ -81,6 +81,8 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in fields(Settings)}
+# The longest issuer id whose EDHOC credential (coap_auth.secure.credentials) still fits.
+MAX_ISSUER_BYTES = 60
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -167,6 +169,9 @@ def load_settings(
         raise OperatorError("store must be empty (SQLite) or a postgresql:// URL")
     if not settings.store_schema.isidentifier():
         raise OperatorError("store_schema must be a plain identifier")
+    if len(settings.issuer.encode("utf-8")) > MAX_ISSUER_BYTES:
+        # It is the subject of the AS's EDHOC credential, which lakers caps in size.
+        raise OperatorError(f"issuer must be at most {MAX_ISSUER_BYTES} bytes")
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise OperatorError("log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
     return settings

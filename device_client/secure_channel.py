@@ -5,9 +5,12 @@
 resource server's). It runs EDHOC when it holds none, one handshake at a time, and sends each
 request it is given protected under that context. The AS keeps contexts in memory only: after
 it restarts, or evicts an idle context, it answers a protected request unprotected (4.01,
-Max-Age 0). The channel then runs EDHOC again and sends the request once more; the AS never
-processed the refused one, so nothing happens twice. `load_as_credential` reads the AS's
-credential as `coap-auth edhoc-credential --json` prints it.
+Max-Age 0). The channel then runs EDHOC again and sends the request once more; the AS did not
+process the refused one. That answer is unprotected and can be forged (RFC 8613 Appendix
+D.5.3): an attacker on the path can make the device resend a request the AS did process,
+which costs at most one more grant (another refresh family), a refresh answered again inside
+the grace window, or a second revocation (no effect), and one EDHOC run. `load_as_credential`
+reads the AS's credential as `coap-auth edhoc-credential --json` prints it.
 
 Requests are protected one by one (their remote names the context), not through the aiocoap
 context's `client_credentials`: a resource server and a device may then share one aiocoap

@@ -63,6 +63,7 @@ async def cmd_audiences_add(args: argparse.Namespace, service: AuthService) -> i
     public_key = (
         None if args.introspect_public_key is None else read_public_key(args.introspect_public_key)
     )
+    await _id_is_free(service, args.id, "audience")
     audience = Audience(
         wire_text(args.id, "the audience id"),
         args.token_format,
@@ -100,6 +101,7 @@ async def cmd_clients_add(args: argparse.Namespace, service: AuthService) -> int
     scope = tuple(dict.fromkeys(wire_text(s, "a scope") for s in args.scope.split()))
     if not scope:
         raise OperatorError("--scope must name at least one scope")
+    await _id_is_free(service, args.id, "client")
     secret = None
     public_key = None
     if args.public_key is not None:
@@ -137,6 +139,21 @@ async def cmd_clients_disable(args: argparse.Namespace, service: AuthService) ->
     return 0
 
 
+async def _id_is_free(service: AuthService, wanted: str, kind: str) -> None:
+    """EDHOC names a peer by its id alone, so clients, audiences and the AS itself share one
+    name space: an id taken by the other kind (or the issuer id) is refused."""
+    if wanted == service.settings.issuer:
+        raise OperatorError(f"{wanted!r} is the AS's own issuer id")
+    taken = (
+        await service.store.get_audience(wanted)
+        if kind == "client"
+        else await service.store.get_client(wanted)
+    )
+    if taken is not None:
+        other = "an audience" if kind == "client" else "a client"
+        raise OperatorError(f"{wanted!r} is already {other} id (one name space for EDHOC peers)")
+
+
 @with_service
 async def cmd_clients_oscore(args: argparse.Namespace, service: AuthService) -> int:
     """Provision (or with --remove, withdraw) an OSCORE context for a registered client that
@@ -157,7 +174,7 @@ async def cmd_clients_oscore(args: argparse.Namespace, service: AuthService) -> 
     client = await service.store.get_client(args.id)
     if client is None or client.disabled:
         raise OperatorError(f"no enabled client {args.id!r}")
-    device = provisioned.provision(data_dir, args.id, taken=set())
+    device = provisioned.provision(data_dir, args.id)
     await service.store.append_audit(
         [AuditEvent(now, "operator", "client.oscore_provisioned", args.id)]
     )

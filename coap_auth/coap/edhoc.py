@@ -26,7 +26,8 @@ class EdhocError(CoapAuthError):
         self.failure = failure
 
     def render(self, *, compact: bool = False) -> tuple[CoapCode, ContentFormat, bytes]:
-        return CoapCode.BAD_REQUEST, ContentFormat.EDHOC_CBOR_SEQ, self.failure.message()
+        payload = self.failure.message(compact=compact)
+        return CoapCode.BAD_REQUEST, ContentFormat.EDHOC_CBOR_SEQ, payload
 
 
 class EdhocResource(Endpoint, resource.Resource):

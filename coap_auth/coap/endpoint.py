@@ -19,7 +19,7 @@ import aiocoap
 from coap_auth.coap.blockwise import BlockwiseUploads
 from coap_auth.coap.messages import decode_ace_payload
 from coap_auth.coap.protection import peer
-from coap_auth.errors import CoapAuthError, MethodNotAllowed, ProtectionRequired
+from coap_auth.errors import CoapAuthError, InvalidClient, MethodNotAllowed, ProtectionRequired
 from coap_auth.service import AuthService
 from coap_auth.service.rate_limit import RateLimiter, address_key
 from coap_auth.text import log_field, loggable
@@ -56,10 +56,9 @@ class Endpoint:
         request = pipe.request
         started = time.monotonic()
         if self.protected and self.service.settings.require_oscore and peer(request) is None:
-            refused = ProtectionRequired(
-                f"{self.path} takes OSCORE-protected requests only: run EDHOC at /.well-known/edhoc"
+            pipe.add_response(
+                self._answer(request, self.protection_required(), started), is_last=True
             )
-            pipe.add_response(self._answer(request, refused, started), is_last=True)
             return
         block1 = request.opt.block1
         if block1 is not None and self.uploads is not None:
@@ -72,6 +71,12 @@ class Endpoint:
                 pipe.add_response(self._answer(request, error, started), is_last=True)
                 return
         await super().render_to_pipe(pipe)  # type: ignore[misc]
+
+    def protection_required(self) -> CoapAuthError:
+        """The 4.01 for an unprotected request to a protected endpoint (problem details)."""
+        return ProtectionRequired(
+            f"{self.path} takes OSCORE-protected requests only: run EDHOC at /.well-known/edhoc"
+        )
 
     async def _render_block(self, pipe: Any, uploads: BlockwiseUploads) -> None:
         """One Block1 fragment (RFC 7959 §2.5): counted toward the per-address limit, held
@@ -138,6 +143,13 @@ class AceEndpoint(Endpoint):
     def get_link_description(self) -> dict[str, str]:
         description: dict[str, str] = super().get_link_description()  # type: ignore[misc]
         return {**description, "ct": str(int(ContentFormat.ACE_CBOR))}
+
+    def protection_required(self) -> CoapAuthError:
+        """RFC 9200 §5.8.3 / §5.9.3: the ACE endpoints answer errors as application/ace+cbor,
+        so an unprotected request gets invalid_client (4.01) saying protection is needed."""
+        return InvalidClient(
+            f"{self.path} takes OSCORE-protected requests only: run EDHOC at /.well-known/edhoc"
+        )
 
     def ace_body(self, request: aiocoap.Message) -> dict[Any, Any]:
         return decode_ace_payload(

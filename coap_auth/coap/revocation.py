@@ -17,9 +17,12 @@ from coap_auth.coap.messages import (
     parse_token_submission,
 )
 from coap_auth.coap.protection import peer, peer_id
+from coap_auth.errors import Unauthorized
 from coap_auth.service import AuthService, TrlQuery, parse_trl_query
 from coap_auth.wire import ContentFormat
 
+# Observations one peer may hold at once (RFC 7641 leaves the bound to the server).
+MAX_OBSERVATIONS_PER_PEER = 4
 # Distinct (requester, query) answers cached at once (diff and cursor values vary).
 MAX_CACHED_ANSWERS = 256
 
@@ -91,7 +94,16 @@ class TrlResource(Endpoint, resource.ObservableResource):
     async def add_observation(
         self, request: aiocoap.Message, observation: ServerObservation
     ) -> None:
-        self._observers[observation] = peer_id(request)
+        requester = peer_id(request)
+        if requester is not None:
+            # At most MAX_OBSERVATIONS_PER_PEER per peer: its oldest ends (one last
+            # notification without Observe). aiocoap's OSCORE client never cancels an
+            # observation it gave up, and a device must not pile up work for every change.
+            mine = [o for o, r in self._observers.items() if r == requester]
+            for old in mine[: max(0, len(mine) - MAX_OBSERVATIONS_PER_PEER + 1)]:
+                self._observers.pop(old, None)
+                old.trigger(is_last=True)
+        self._observers[observation] = requester
 
         def cancelled() -> None:
             self._observers.pop(observation, None)
@@ -150,6 +162,10 @@ class TrlResource(Endpoint, resource.ObservableResource):
         query = parse_trl_query(request.opt.uri_query)
         # None only for an unprotected request (require_oscore = false): the whole list.
         requester = peer_id(request)
+        channel_peer = peer(request)
+        if channel_peer is not None and not await self.service.peer_registered(channel_peer):
+            # Disabled, removed or re-keyed since its handshake: refused at once, like /token.
+            raise Unauthorized("the peer of this security context is no longer registered")
         key = (requester, query)
         # A revocation this instance just made is answered at once, not after the next tick.
         revocations = (await self.service.store.change_counters()).revocations

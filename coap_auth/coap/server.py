@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import replace
+from typing import Any
 
 import aiocoap
 
@@ -21,10 +22,9 @@ from coap_auth.coap.options import OptionCheckingSite
 from coap_auth.coap.resources import KeysResource, TokenResource, WellKnownCore
 from coap_auth.coap.revocation import IntrospectResource, RevokeResource, TrlResource
 from coap_auth.errors import StoreUnavailable
+from coap_auth.secure import provisioned
 from coap_auth.secure.contexts import ContextTable
 from coap_auth.secure.edhoc import Responder
-from coap_auth.secure.provisioned import DIRECTORY as PROVISIONED_DIRECTORY
-from coap_auth.secure.provisioned import load_all as load_provisioned
 from coap_auth.secure.site import ProtectedSite
 from coap_auth.service import AuthService
 from coap_auth.service.rate_limit import RateLimiter
@@ -101,7 +101,8 @@ class Server:
         self._site = ProtectedSite(site, self.contexts, service.clock)
         self._last_change = ChangeCounters(0, 0)
         self._tick_lock = asyncio.Lock()
-        self._provisioned_seen: tuple[tuple[str, int], ...] | None = None
+        # Provisioned OSCORE contexts by directory name (None: did not load).
+        self._provisioned: dict[str, Any] = {}
 
     @property
     def url(self) -> str:
@@ -139,7 +140,7 @@ class Server:
         # Provisioned contexts save their sequence numbers and replay windows (RFC 8613
         # Appendix B.1) and release their locks; EDHOC-made ones are simply forgotten.
         self.contexts.close()
-        self._provisioned_seen = None
+        self._provisioned = {}
 
     async def check_changes(self) -> bool:
         """Notify observers of what changed in the store (this process, another instance or
@@ -161,30 +162,27 @@ class Server:
         return counters != last
 
     def reload_provisioned(self) -> None:
-        """(Re)load the operator-provisioned OSCORE contexts when `coap-auth clients oscore`
-        changed them (coap_auth.secure.provisioned)."""
-        root = self.service.settings.data_dir / PROVISIONED_DIRECTORY
-        try:
-            seen = tuple(
-                sorted(
-                    (entry.name, (entry / "settings.json").stat().st_mtime_ns)
-                    for entry in root.iterdir()
-                    if (entry / "settings.json").exists()
-                )
-            )
-        except FileNotFoundError:
-            seen = ()
-        if seen == self._provisioned_seen:
+        """Follow `coap-auth clients oscore`: load the provisioned OSCORE contexts that
+        appeared, drop the withdrawn ones (coap_auth.secure.provisioned); the rest, in use,
+        are left alone."""
+        root = self.service.settings.data_dir / provisioned.DIRECTORY
+        current = provisioned.names(root)
+        if current == sorted(self._provisioned):
             return
-        self.contexts.set_provisioned([])  # save and unlock before loading again
-        self.contexts.set_provisioned(load_provisioned(self.service.settings.data_dir))
-        self._provisioned_seen = seen
-        if seen:
-            log.info("%d provisioned OSCORE context(s) loaded", len(self.contexts.provisioned))
+        kept = {name: self._provisioned[name] for name in current if name in self._provisioned}
+        for name in current:
+            if name not in kept:  # None when it does not load: logged once, not every tick
+                kept[name] = provisioned.load(root / name)
+        self._provisioned = kept
+        self.contexts.set_provisioned([c for c in kept.values() if c is not None])
+        log.info("%d provisioned OSCORE context(s) in use", len(self.contexts.provisioned))
 
     async def tick(self) -> None:
         """Apply what is due now, then notify observers of every change."""
-        self.reload_provisioned()
+        try:
+            self.reload_provisioned()
+        except Exception:  # the scheduled work below must go on whatever the directory holds
+            log.exception("provisioned OSCORE contexts not reloaded")
         async with self._tick_lock:
             # Learn first of changes made elsewhere: a revocation there moves the next expiry.
             await self.check_changes()

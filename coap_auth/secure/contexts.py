@@ -8,6 +8,7 @@ device whose context is gone gets 4.01 and runs EDHOC again.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable
@@ -16,6 +17,8 @@ from typing import Any
 from aiocoap import oscore
 
 from coap_auth.secure.credentials import PeerCredential
+
+log = logging.getLogger("coap_auth.oscore")
 
 # Suite 2 (RFC 9528 §3.6): AES-CCM-16-64-128 and SHA-256; the master salt is 8 bytes
 # (RFC 9528 Appendix A.1).
@@ -110,8 +113,11 @@ class ContextTable:
         wanted = {c.recipient_id: c for c in contexts}
         for rid, old in list(self._provisioned.items()):
             if wanted.get(rid) is not old:
-                old.close()
                 del self._provisioned[rid]
+                try:
+                    old.close()
+                except Exception:  # noqa: BLE001 (it is dropped whatever its files say)
+                    log.warning("provisioned OSCORE context of %s not saved", old.peer.id)
         for rid, context in wanted.items():
             if rid in self._by_id:
                 self._remove(rid)
@@ -151,9 +157,14 @@ class ContextTable:
         if now - context.last_used > self.idle_timeout:
             self._remove(recipient_id)
             raise KeyError("context expired")
-        context.last_used = now
-        self._by_id.move_to_end(recipient_id)
         return context
+
+    def used(self, context: Any) -> None:
+        """A request under `context` decrypted: it is in use (idle timer, LRU order). Only
+        then: garbage sent under a kid seen on the wire must not keep a context alive."""
+        if self._by_id.get(context.recipient_id) is context:
+            context.last_used = self._now()
+            self._by_id.move_to_end(context.recipient_id)
 
     def drop_peer(self, peer_id: str) -> int:
         """Forget every context of a peer (its registration changed); returns how many."""

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from coap_auth.secure.contexts import (
     MASTER_SALT_BYTES,
     MASTER_SECRET_BYTES,
+    MAX_ID_BYTES,
     ContextTable,
     OscoreContext,
 )
@@ -38,6 +39,7 @@ from coap_auth.secure.credentials import (
     make_credential,
     parse_credential,
 )
+from coap_auth.text import has_control_character
 from coap_auth.wire import ContentFormat
 
 log = logging.getLogger("coap_auth.edhoc")
@@ -69,9 +71,10 @@ class EdhocFailure(Exception):
         self.code = code
         self.info = info
 
-    def message(self) -> bytes:
-        """The error message: ERR_CODE and ERR_INFO as a CBOR sequence."""
-        detail: Any = SUITE if self.code == ERR_WRONG_SUITE else self.info
+    def message(self, *, compact: bool = False) -> bytes:
+        """The error message: ERR_CODE and ERR_INFO as a CBOR sequence; `compact` leaves the
+        diagnostic text empty (the answer to a small request stays within 3x its size)."""
+        detail: Any = SUITE if self.code == ERR_WRONG_SUITE else ("" if compact else self.info)
         return cbor2.dumps(self.code) + cbor2.dumps(detail)
 
 
@@ -103,6 +106,8 @@ class Responder:
         self.per_address = per_address
         self.handshake_timeout = handshake_timeout
         self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
+        # Verified against when ID_CRED_I names nobody (a key nobody holds).
+        self._stand_in = make_credential("-", ec.generate_private_key(ec.SECP256R1()).public_key())
         self._by_address: dict[str, list[bytes]] = {}
 
     @property
@@ -122,6 +127,9 @@ class Responder:
             c_i, ead_1 = responder.process_message_1(message_1)
         if any(item.is_critical() for item in ead_1 or ()):
             raise EdhocFailure("critical EAD item not supported")
+        if not 0 < len(c_i) <= MAX_ID_BYTES:
+            # C_I becomes our OSCORE sender id (RFC 9528 Appendix A.1), at most 7 bytes.
+            raise EdhocFailure("C_I too long for an OSCORE sender id")
         now = self._now()
         self._expire(now)
         c_r = self.contexts.unused_id(lambda cid: cid in self._pending, avoid=c_i)
@@ -137,7 +145,7 @@ class Responder:
         stream = io.BytesIO(payload)
         try:
             c_r = _decode_connection_id(cbor2.CBORDecoder(stream).decode())
-        except (cbor2.CBORDecodeError, ValueError, EOFError):
+        except Exception:  # cbor2 raises more than CBORDecodeError on odd tags
             raise EdhocFailure("no connection identifier before message_3") from None
         message_3 = stream.read()
         self._expire(self._now())
@@ -150,9 +158,14 @@ class Responder:
             id_cred_i, ead_3 = responder.parse_message_3(message_3)
         if any(item.is_critical() for item in ead_3 or ()):
             raise EdhocFailure("critical EAD item not supported")
+        # An unknown or refused credential is verified against a stand-in all the same, and
+        # fails with the same error: the answer and its cost do not tell whether an id exists.
         credential = await self._credential(bytes(id_cred_i))
-        with _lakers_refusal(EdhocFailure("message_3 does not verify")):
-            responder.verify_message_3(credential.ccs)
+        refused = EdhocFailure("message_3 not accepted")
+        with _lakers_refusal(refused):
+            responder.verify_message_3((credential or self._stand_in).ccs)
+        if credential is None:
+            raise refused
         responder.completed_without_message_4()
         context = OscoreContext(
             bytes(responder.edhoc_exporter(0, [], MASTER_SECRET_BYTES)),
@@ -165,31 +178,31 @@ class Responder:
         self.contexts.add(context)
         return context
 
-    async def _credential(self, id_cred: bytes) -> EdhocCredential:
-        """The registered credential ID_CRED_I names (by kid, or a CCS by value)."""
-        refused = EdhocFailure("credential not accepted")
+    async def _credential(self, id_cred: bytes) -> EdhocCredential | None:
+        """The registered credential ID_CRED_I names (by kid, or a CCS by value), or None."""
         if id_cred.startswith(_KCCS_PREFIX):
             # By value: the CCS's own bytes, exactly as sent (the MAC covers them).
             try:
                 offered = parse_credential(id_cred[len(_KCCS_PREFIX) :])
             except CredentialError:
-                raise refused from None
-            if not any(offered.same_key(key) for key in await self._resolve(offered.subject)):
-                raise refused
-            return offered
+                return None
+            if not _usable_id(offered.subject):
+                return None
+            keys = await self._resolve(offered.subject)
+            return offered if any(offered.same_key(key) for key in keys) else None
         try:
             named = cbor2.loads(id_cred)
         except Exception:
-            raise refused from None
-        if not isinstance(named, dict) or len(named) != 1:
-            raise refused
-        kid = named.get(ID_CRED_KID)
+            return None
+        kid = named.get(ID_CRED_KID) if isinstance(named, dict) and len(named) == 1 else None
         if not isinstance(kid, bytes):
-            raise refused
+            return None
         try:
             subject = kid.decode("utf-8")
         except UnicodeDecodeError:
-            raise refused from None
+            return None
+        if not _usable_id(subject):
+            return None
         for key in await self._resolve(subject):
             try:
                 registered = make_credential(subject, key)
@@ -197,7 +210,7 @@ class Responder:
                 continue
             if registered.kid == kid:
                 return registered
-        raise refused
+        return None
 
     def _hold(self, c_r: bytes, pending: _Pending) -> None:
         mine = self._by_address.setdefault(pending.address, [])
@@ -249,6 +262,12 @@ def _lakers_refusal(refusal: Exception) -> Iterator[None]:
         raise refusal from None
 
 
+def _usable_id(subject: str) -> bool:
+    """Whether an id is one the registry could hold (no control characters: PostgreSQL
+    refuses NUL, and none is ever registered)."""
+    return bool(subject) and not has_control_character(subject)
+
+
 def _check_message_1(message_1: bytes) -> None:
     """RFC 9528 §5.2.3: refuse another method, and a selected suite we do not support with
     ERR_CODE 2 naming ours (the initiator may retry with it); and, before lakers sees it, a
@@ -257,7 +276,7 @@ def _check_message_1(message_1: bytes) -> None:
     try:
         method = decoder.decode()
         suites = decoder.decode()
-    except (cbor2.CBORDecodeError, EOFError, ValueError):
+    except Exception:  # cbor2 raises more than CBORDecodeError on odd tags
         raise EdhocFailure("message_1 malformed") from None
     if method != METHOD or isinstance(method, bool):
         raise EdhocFailure("only method 3 (static DH keys) is supported")
@@ -268,7 +287,7 @@ def _check_message_1(message_1: bytes) -> None:
         raise EdhocFailure("cipher suite not supported", ERR_WRONG_SUITE)
     try:
         g_x = decoder.decode()
-    except (cbor2.CBORDecodeError, EOFError, ValueError):
+    except Exception:  # cbor2 raises more than CBORDecodeError on odd tags
         raise EdhocFailure("message_1 malformed") from None
     if not _is_p256_x(g_x):
         raise EdhocFailure("message_1 malformed")
@@ -280,7 +299,7 @@ def _check_message_3(message_3: bytes) -> None:
     stream = io.BytesIO(message_3)
     try:
         ciphertext = cbor2.CBORDecoder(stream).decode()
-    except (cbor2.CBORDecodeError, EOFError, ValueError):
+    except Exception:  # cbor2 raises more than CBORDecodeError on odd tags
         raise EdhocFailure("message_3 malformed") from None
     if not isinstance(ciphertext, bytes) or len(ciphertext) <= AEAD_TAG_BYTES or stream.read():
         raise EdhocFailure("message_3 malformed")
@@ -292,7 +311,7 @@ def _check_message_2(message_2: bytes) -> bool:
     stream = io.BytesIO(message_2)
     try:
         body = cbor2.CBORDecoder(stream).decode()
-    except (cbor2.CBORDecodeError, EOFError, ValueError):
+    except Exception:  # cbor2 raises more than CBORDecodeError on odd tags
         return False
     return isinstance(body, bytes) and not stream.read() and _is_p256_x(body[:32])
 

@@ -9,9 +9,10 @@ applies, and aiocoap's `FilesystemSecurityContext` does what it says:
   context is answered 4.01 with an Echo option; the device repeats it with the Echo and the
   window restarts from there. After a clean stop the window is saved and restored.
 
-A context lives in `<data dir>/oscore/<name>/` (settings.json with the secret, mode 0600;
-sequence.json; a lock file, so two processes never use one context at once). It belongs to
-one AS instance: instances sharing a PostgreSQL store each need their own, or EDHOC.
+A context lives in `<data dir>/oscore/<hex of the id>.<generation>/` (settings.json with the
+secret, mode 0600; sequence.json; a lock file, so two processes never use one context at
+once). It belongs to one AS instance: instances sharing a PostgreSQL store each need their own,
+or EDHOC.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ DIRECTORY = "oscore"
 SECRET_BYTES = 16
 SALT_BYTES = 8
 ID_BYTES = 3
+AEAD_ALG = 10  # AES-CCM-16-64-128 (COSE), suite 2's
+HKDF_ALG = -10  # HKDF SHA-256 (COSE)
 _PEER_FILE = "peer.json"
 
 
@@ -49,22 +52,30 @@ class ProvisionedContext(oscore.FilesystemSecurityContext):  # type: ignore[misc
         return f"<ProvisionedContext peer={self.peer.id!r} recipient_id={self.recipient_id.hex()}>"
 
     def close(self) -> None:
-        """Save the sequence number and replay window and release the lock (a clean stop)."""
-        if self.lockfile is not None:
+        """Save the sequence number and replay window and release the lock (a clean stop).
+        A withdrawn context's directory is gone: nothing to save, and the lock goes with the
+        object."""
+        if self.lockfile is None:
+            return
+        try:
             self._destroy()
+        except OSError:
+            if self.lockfile is not None:
+                self.lockfile.release()
+                self.lockfile = None
 
 
-def context_directory(data_dir: Path, peer_id: str) -> Path:
-    """Where the context of `peer_id` lives (the id hex-encoded: any id is a safe name)."""
-    return data_dir / DIRECTORY / peer_id.encode("utf-8").hex()
+def provision(data_dir: Path, peer_id: str) -> dict[str, Any]:
+    """Create a fresh context for `peer_id`, withdrawing any it had; returns what the device
+    needs, from the device's side (its sender id is our recipient id).
 
-
-def provision(data_dir: Path, peer_id: str, taken: set[bytes]) -> dict[str, Any]:
-    """Create a fresh context for `peer_id` (replacing any it had); returns what the device
-    needs, from the device's side (its sender id is our recipient id)."""
-    directory = context_directory(data_dir, peer_id)
-    for used in load_all(data_dir, lock=False):
-        taken |= {used.recipient_id}
+    Never touches a directory a running server may hold: each context is a new directory
+    (`<hex of the id>.<generation>`), built under a hidden name and renamed into place whole;
+    an older one is renamed out of the server's sight (`.withdrawn-...`), and deleted once no
+    process holds its lock."""
+    root = data_dir / DIRECTORY
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    taken = {context.recipient_id for context in load_all(data_dir, lock=False).values()}
     # The AS's view; the device's is the mirror image (its sender id is our recipient id).
     as_recipient = _fresh_id(taken)
     as_sender = _fresh_id(taken | {as_recipient})
@@ -74,53 +85,93 @@ def provision(data_dir: Path, peer_id: str, taken: set[bytes]) -> dict[str, Any]
         "sender-id_hex": as_sender.hex(),
         "recipient-id_hex": as_recipient.hex(),
     }
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for stale in ("sequence.json", "lock"):
-        (directory / stale).unlink(missing_ok=True)
-    _write_private(directory / "settings.json", json.dumps(settings))
-    _write_private(directory / _PEER_FILE, json.dumps({"id": peer_id}))
+    building = root / f".building-{secrets.token_hex(4)}"
+    building.mkdir(mode=0o700)
+    _write_private(building / _PEER_FILE, json.dumps({"id": peer_id}))
+    _write_private(building / "settings.json", json.dumps(settings))
+    remove(data_dir, peer_id)
+    building.rename(root / f"{_name(peer_id)}.{secrets.token_hex(4)}")
     return {
         "peer": peer_id,
         "master_secret": settings["secret_hex"],
         "master_salt": settings["salt_hex"],
         "sender_id": as_recipient.hex(),
         "recipient_id": as_sender.hex(),
-        "aead_alg": 10,
-        "hkdf_alg": -10,
+        "aead_alg": AEAD_ALG,
+        "hkdf_alg": HKDF_ALG,
     }
 
 
 def remove(data_dir: Path, peer_id: str) -> bool:
-    """Delete `peer_id`'s provisioned context; whether there was one."""
-    directory = context_directory(data_dir, peer_id)
-    if not directory.is_dir():
-        return False
-    for file in directory.iterdir():
-        file.unlink()
-    directory.rmdir()
-    return True
-
-
-def load_all(data_dir: Path, *, lock: bool = True) -> list[Any]:
-    """Every provisioned context under `data_dir` (with `lock`, ready for use and locked;
-    without, only read for their ids). A context that does not load is logged and skipped."""
+    """Withdraw `peer_id`'s provisioned context (a running server drops it at its next
+    tick); whether there was one."""
     root = data_dir / DIRECTORY
     if not root.is_dir():
+        return False
+    mine = [d for d in root.iterdir() if d.name.split(".")[0] == _name(peer_id)]
+    for directory in mine:
+        directory.rename(root / f".withdrawn-{directory.name}")
+    _delete_withdrawn(root)
+    return bool(mine)
+
+
+def load_all(data_dir: Path, *, lock: bool = True) -> dict[str, Any]:
+    """Every provisioned context under `data_dir`, by directory name (with `lock`, ready for
+    use and locked; without, only read for their ids). One that does not load is logged and
+    skipped."""
+    root = data_dir / DIRECTORY
+    if not root.is_dir():
+        return {}
+    return {name: context for name in names(root) if (context := load(root / name, lock=lock))}
+
+
+def names(root: Path) -> list[str]:
+    """The context directories in use (hidden ones are being built or withdrawn)."""
+    if not root.is_dir():
         return []
-    found: list[Any] = []
-    for directory in sorted(root.iterdir()):
+    return sorted(d.name for d in root.iterdir() if not d.name.startswith(".") and d.is_dir())
+
+
+def load(directory: Path, *, lock: bool = True) -> Any:
+    """One context (None, logged, when it does not load)."""
+    try:
+        peer_id = json.loads((directory / _PEER_FILE).read_text())["id"]
+        if lock:
+            return ProvisionedContext(directory, peer_id)
+        settings = json.loads((directory / "settings.json").read_text())
+        return _Ids(bytes.fromhex(settings["recipient-id_hex"]))
+    except Exception as error:  # noqa: BLE001 (one bad directory must not stop the rest)
+        log.error(
+            "provisioned OSCORE context %s not loaded: %s", directory.name, type(error).__name__
+        )
+        return None
+
+
+def _name(peer_id: str) -> str:
+    return peer_id.encode("utf-8").hex()
+
+
+def _delete_withdrawn(root: Path) -> None:
+    """Delete withdrawn contexts no process holds any more (a server drops one at its next
+    tick; whatever it still holds is deleted by a later provision or remove)."""
+    import filelock
+
+    for directory in root.iterdir():
+        if not directory.name.startswith(".withdrawn-"):
+            continue
+        lock = filelock.FileLock(str(directory / "lock"))
         try:
-            peer_id = json.loads((directory / _PEER_FILE).read_text())["id"]
-            if lock:
-                found.append(ProvisionedContext(directory, peer_id))
-            else:
-                settings = json.loads((directory / "settings.json").read_text())
-                found.append(_Ids(bytes.fromhex(settings["recipient-id_hex"])))
-        except Exception as error:  # noqa: BLE001 (one bad directory must not stop the rest)
-            log.error(
-                "provisioned OSCORE context %s not loaded: %s", directory.name, type(error).__name__
-            )
-    return found
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            continue
+        try:
+            for file in directory.iterdir():
+                file.unlink()
+            directory.rmdir()
+        except OSError:
+            pass
+        finally:
+            lock.release()
 
 
 class _Ids:

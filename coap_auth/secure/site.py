@@ -5,7 +5,7 @@ each resource decides whether it needs protection.
 
 Adapted from aiocoap 0.4.17's `OscoreSiteWrapper`, with our own context table (a dict lookup,
 bounded) instead of its credentials scan, no EDHOC of its own (the inner site serves
-`/.well-known/edhoc`), and one log line, without secrets, per refused request.
+`/.well-known/edhoc`), and refusals logged without secrets, one line per kind per minute.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from coap_auth.secure.credentials import PeerCredential
 from coap_auth.udp import DropLog, error_message
 
 log = logging.getLogger("coap_auth.oscore")
+
+MAX_PIV_BYTES = 5
 
 
 class ProtectedRemote(OSCOREAddress):  # type: ignore[misc]
@@ -70,10 +72,12 @@ class ProtectedSite(interfaces.Resource):  # type: ignore[misc]
         # RFC 8613 §8.2: a request that does not decode as OSCORE (an outer code other than
         # POST or FETCH, no kid; the Group OSCORE flag, which aiocoap fails on with an
         # AttributeError under a non-group context) gets 4.02; an unknown kid gets 4.01.
+        # Partial IV lengths 6 and 7 are reserved (RFC 8613 §6.1); aiocoap asserts on them.
         if (
             request.code not in (FETCH, POST)
             or oscore.COSE_KID not in unprotected
             or oscore.COSE_COUNTERSIGNATURE0 in unprotected
+            or len(unprotected.get(oscore.COSE_PIV, b"")) > MAX_PIV_BYTES
         ):
             self._refuse(pipe, BadOption("not a decodable OSCORE request"))
             return
@@ -99,15 +103,20 @@ class ProtectedSite(interfaces.Resource):  # type: ignore[misc]
         except oscore.ProtectionInvalid:
             self._refuse(pipe, BadRequest("decryption failed"))
             return
-
-        if not inner.code.is_request():
-            # An authenticated peer's own mistake (no method inside): refused, unrendered, in
-            # a protected answer, since the request decrypted (RFC 8613 §8.2 ends there).
-            refusal = error_message(BadRequest("the protected message is not a request"))
-            answer, _ = context.context_for_response().protect(refusal, seqno)
+        except Exception:  # aiocoap on a plaintext that is no CoAP message: never log it
+            self._refuse(pipe, BadRequest("the protected message does not decode"))
+            return
+        self.contexts.used(context)
+        inner.remote = ProtectedRemote(context, request.remote)
+        problem = _malformed(inner)
+        if problem is not None:
+            # An authenticated peer's own mistake: refused, unrendered, in a protected answer,
+            # since the request decrypted (RFC 8613 §8.2 ends there).
+            answer, _ = context.context_for_response().protect(
+                error_message(BadRequest(problem), compact=True), seqno
+            )
             pipe.add_response(answer, is_last=True)
             return
-        inner.remote = ProtectedRemote(context, request.remote)
         context = context.context_for_response()
         inner_pipe = aiocoap.pipe.IterablePipe(inner)
         with_errors = aiocoap.pipe.error_to_message(inner_pipe, log)
@@ -134,8 +143,9 @@ class ProtectedSite(interfaces.Resource):  # type: ignore[misc]
                 break
 
     def _refuse(self, pipe: Any, refusal: CoapAuthError) -> None:
-        """Answer a request that failed OSCORE (a CON only: RFC 8613 §8.2 leaves a NON
-        unanswered), compact (its sender is unverified), and log the kind, rate-limited."""
+        """Answer a request that failed OSCORE: a CON only, compact (its sender is unverified:
+        nothing for a spoofed NON to reflect, RFC 7252 §11.3), and log the kind,
+        rate-limited."""
         request = pipe.request
         self._refusals.dropped(f"OSCORE request refused: {refusal.description}", _sockaddr(request))
         if request.mtype == aiocoap.CON:
@@ -143,6 +153,20 @@ class ProtectedSite(interfaces.Resource):  # type: ignore[misc]
             if isinstance(refusal, Unauthorized):
                 response.opt.max_age = 0
             pipe.add_response(response, is_last=True)
+
+
+def _malformed(inner: Any) -> str | None:
+    """Why an unprotected request cannot be rendered (aiocoap would fail on it with a
+    traceback that quotes the decrypted bytes), or None."""
+    if not inner.code.is_request():
+        return "the protected message is not a request"
+    try:
+        inner.opt.uri_path  # noqa: B018 (text options decode on access)
+        inner.opt.uri_query  # noqa: B018
+        inner.get_request_uri()
+    except Exception:
+        return "a protected option does not decode"
+    return None
 
 
 def _sockaddr(request: Any) -> Any:

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from coap_auth.clock import Clock
 from coap_auth.config import Settings
 from coap_auth.errors import (
+    InvalidClient,
     InvalidGrant,
     InvalidRequest,
     InvalidScope,
@@ -184,6 +185,22 @@ class AuthService:
             if isinstance(public, ec.EllipticCurvePublicKey):
                 usable.append(public)
         return usable
+
+    async def peer_registered(self, peer: PeerCredential) -> bool:
+        """Whether the protected channel's peer is still a registered client (enabled) or
+        audience under the key it authenticated with: what /revoke/trl checks on every
+        request, as /token and /revoke do through authenticate()."""
+        # A provisioned context (no EDHOC credential) stands for a client only.
+        lookups: tuple[Any, ...] = (self._client_credentials,)
+        if peer.credential is not None:
+            lookups += (self._audience_credentials,)
+        for lookup in lookups:
+            try:
+                await self._auth.authenticate_peer(lookup, peer, None, None, None)
+            except InvalidClient:
+                continue
+            return True
+        return False
 
     # -- /token -------------------------------------------------------------------------------
 
@@ -367,6 +384,9 @@ class AuthService:
     async def introspect(self, request: TokenSubmission) -> Claims | None:
         """RFC 9200 §5.9 for a registered resource server: the claims of a token that is
         active for it, or None (answered {active: false}) for anything else."""
+        if request.peer is not None and request.peer.credential is None:
+            # A provisioned context (clients oscore) stands for a client, never an audience.
+            raise InvalidClient("client authentication failed")
         if request.peer is not None:
             audience = await self._auth.authenticate_peer(
                 self._audience_credentials,

@@ -17,11 +17,11 @@ from aiocoap.protocol import ServerObservation
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from coap_auth.coap.revocation import MAX_CACHED_ANSWERS, TrlResource
-from coap_auth.errors import StoreUnavailable, TrlQueryError
+from coap_auth.errors import StoreUnavailable, TrlQueryError, Unauthorized
 from coap_auth.secure.credentials import PeerCredential, make_credential
 from coap_auth.service import AuthService, TokenRequest
 from coap_auth.store import Audience, Client
-from coap_auth.tokens import token_hash
+from coap_auth.tokens import cose_key_from_public, token_hash
 from coap_auth.wire import TrlErrorId, TrlParam
 from tests.conftest import SEEN_SECRETS
 
@@ -35,12 +35,23 @@ class _Remote:
     peer: PeerCredential
 
 
+# The audiences' registered keys; the clients stand for provisioned contexts (no credential).
+AUDIENCE_KEYS = {a: ec.generate_private_key(ec.SECP256R1()) for a in ("thermostat", "lock")}
+
+
 def _get(query: str = "", requester: str | None = None) -> aiocoap.Message:
     request = aiocoap.Message(code=aiocoap.GET, uri_query=[q for q in query.split("&") if q])
     if requester is not None:
-        key = ec.generate_private_key(ec.SECP256R1()).public_key()
-        request.remote = _Remote(PeerCredential(requester, make_credential(requester, key)))
+        key = AUDIENCE_KEYS.get(requester)
+        credential = None if key is None else make_credential(requester, key.public_key())
+        request.remote = _Remote(PeerCredential(requester, credential))
     return request
+
+
+async def test_an_unregistered_peer_reads_nothing(service: AuthService) -> None:
+    await _register(service)
+    with pytest.raises(Unauthorized):
+        await TrlResource(service).render_get(_get("", "nobody"))
 
 
 async def _render(trl: TrlResource, query: str = "", requester: str | None = None) -> Any:
@@ -62,9 +73,13 @@ def _secret(client_id: str) -> str:
 
 async def _register(service: AuthService) -> None:
     now = service.clock.now()
-    for audience_id in ("thermostat", "lock"):
-        await service.store.add_audience(Audience(audience_id, "cwt", 600, now))
-    for client_id, audiences in (("sensor-1", ("thermostat",)), ("sensor-2", ("lock",))):
+    for audience_id, key in AUDIENCE_KEYS.items():
+        public = cose_key_from_public(key.public_key())
+        await service.store.add_audience(
+            Audience(audience_id, "cwt", 600, now, introspect_public_key=public)
+        )
+    clients = (("sensor-1", ("thermostat",)), ("sensor-2", ("lock",)), ("sensor-3", ("lock",)))
+    for client_id, audiences in clients:
         SEEN_SECRETS.add(_secret(client_id).encode())
         await service.store.add_client(
             Client(
@@ -93,7 +108,7 @@ async def test_trl_resource_answers_each_peer_from_its_own_collection(
     assert await _render(trl, "", "thermostat") == {FULL: [mine], CURSOR: 0}
     assert await _render(trl, "", "sensor-2") == {FULL: [theirs], CURSOR: 0}
     assert await _render(trl, "", "lock") == {FULL: [theirs], CURSOR: 0}
-    assert await _render(trl, "", "nobody") == {FULL: [], CURSOR: None}
+    assert await _render(trl, "", "sensor-3") == {FULL: [], CURSOR: None}
     # Unprotected (lab mode only): the whole list and the whole history, as before.
     whole = await _render(trl)
     assert sorted(whole[FULL]) == sorted([mine, theirs]) and whole[CURSOR] == 1
@@ -101,7 +116,7 @@ async def test_trl_resource_answers_each_peer_from_its_own_collection(
     # Diff queries: only the updates that changed the peer's hashes; none left empty.
     assert await _render(trl, "diff=0", "lock") == {DIFF: [[[], [theirs]]], CURSOR: 0, MORE: False}
     assert (await _render(trl, "diff=0", "sensor-1"))[DIFF] == [[[], [mine]]]
-    assert await _render(trl, "diff=0", "nobody") == {DIFF: [], CURSOR: None, MORE: False}
+    assert await _render(trl, "diff=0", "sensor-3") == {DIFF: [], CURSOR: None, MORE: False}
     assert (await _render(trl, "diff=0"))[DIFF] == [[[], [theirs]], [[], [mine]]]
 
     # Cursors are the peer's own indexes: sensor-1 pages through its four updates.
@@ -118,7 +133,7 @@ async def test_trl_resource_answers_each_peer_from_its_own_collection(
         await _render(trl, "diff=1&cursor=1", "lock")
     assert raised.value.error_id == TrlErrorId.OUT_OF_BOUND_CURSOR_VALUE
     with pytest.raises(TrlQueryError) as raised:
-        await _render(trl, "diff=1&cursor=x", "nobody")
+        await _render(trl, "diff=1&cursor=x", "sensor-3")
     assert raised.value.cursor is None  # §6.3: its own last_index, null for an empty one
 
 
@@ -187,7 +202,7 @@ async def test_an_observer_is_notified_only_of_changes_pertaining_to_it(
     changed; an unprotected observer (lab mode) hears of every change."""
     await _register(service)
     trl = TrlResource(service)
-    peers = ("sensor-1", "thermostat", "sensor-2", "lock", "nobody", None)
+    peers = ("sensor-1", "thermostat", "sensor-2", "lock", "sensor-3", None)
     observers = {requester: await _observe(trl, requester) for requester in peers}
     mine = await _issue(service, "sensor-1", "thermostat")
     theirs = await _issue(service, "sensor-2", "lock")
@@ -236,9 +251,9 @@ async def test_trl_resource_caches_per_peer_and_forgets_on_change(service: AuthS
     assert (await _render(trl, "", "sensor-2"))[FULL] == [theirs]
     assert (await _render(trl, "", "sensor-1"))[FULL] == [mine]
 
-    # Bounded: many peers evict the oldest answers, never grow the cache past its cap.
+    # Bounded: many (peer, query) answers evict the oldest, never grow past the cap.
     for n in range(MAX_CACHED_ANSWERS + 10):
-        assert (await _render(trl, "", f"peer-{n}"))[FULL] == []
+        assert (await _render(trl, f"diff={n + 1}", "sensor-3"))[DIFF] == []
     assert len(trl._cache) == MAX_CACHED_ANSWERS
     assert (await _render(trl, "", "sensor-2"))[FULL] == [theirs]
 
@@ -250,7 +265,7 @@ async def test_when_the_store_cannot_tell_whom_everyone_is_notified(
     observer, and the next round still reads from the last change it knew of."""
     await _register(service)
     trl = TrlResource(service)
-    observers = {r: await _observe(trl, r) for r in ("sensor-1", "lock", "nobody")}
+    observers = {r: await _observe(trl, r) for r in ("sensor-1", "lock", "sensor-3")}
     await _changed(trl, observers)  # the first round learns where the list is
     mine = await _issue(service, "sensor-1", "thermostat")
     assert await service.revoke_token_hash(mine)
@@ -260,5 +275,5 @@ async def test_when_the_store_cannot_tell_whom_everyone_is_notified(
 
     with monkeypatch.context() as patched:
         patched.setattr(service.revocations, "changes_since", unavailable)
-        assert await _changed(trl, observers) == {"sensor-1", "lock", "nobody"}
+        assert await _changed(trl, observers) == {"sensor-1", "lock", "sensor-3"}
     assert await _changed(trl, observers) == {"sensor-1"}

@@ -97,7 +97,8 @@ async def test_garbage_edhoc_gets_an_edhoc_error(
     if code == 2:
         assert err_info == 2  # SUITES_R: the suite we support (RFC 9528 §6.3)
     else:
-        assert isinstance(err_info, str) and err_info
+        # Text, left empty when it would make the answer over 3x a tiny request.
+        assert isinstance(err_info, str)
     assert state(protected) == before
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiocoap
 import pytest
+from aiocoap.oscore import NotAProtectedMessage
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from coap_auth.clock import SettableClock
@@ -59,8 +60,9 @@ async def test_a_device_moved_to_another_instance_recovers(schema: str, tmp_path
             upstream.close()
         relay._upstreams.clear()
         relay.server = ("127.0.0.1", b.server.port)
-        with pytest.raises(Exception):  # noqa: B017 (B holds no context: an unprotected 4.01)
+        with pytest.raises(NotAProtectedMessage) as gone:  # an unprotected 4.01
             await device.post_ace("/token", {AceParam.AUDIENCE: "thermostat"})
+        assert gone.value.plain_message.code == aiocoap.UNAUTHORIZED
         await device.handshake()
         response, _ = await device.post_ace("/token", {AceParam.AUDIENCE: "thermostat"})
         assert response.code == aiocoap.CREATED

@@ -13,11 +13,12 @@ from pathlib import Path
 import aiocoap
 import cbor2
 import pytest
+from aiocoap.oscore import NotAProtectedMessage
 
 from coap_auth.coap.server import Server
 from coap_auth.secure.contexts import OscoreContext
 from coap_auth.secure.credentials import PeerCredential
-from coap_auth.secure.provisioned import provision
+from coap_auth.secure.provisioned import provision, remove
 from coap_auth.store import Client
 from coap_auth.udp import create_client_context
 from coap_auth.wire import AceParam, ContentFormat
@@ -63,7 +64,7 @@ async def provisioned_device(protected: Protected, client_id: str) -> OscoreCont
             secret_digest=service.secret_digest("unused-secret-0123456789"),
         )
     )
-    device = device_side(provision(service.settings.data_dir, client_id, taken=set()))
+    device = device_side(provision(service.settings.data_dir, client_id))
     protected.server.reload_provisioned()
     return device
 
@@ -192,3 +193,32 @@ async def test_libcoap_gets_a_token_over_a_provisioned_context(tmp_path: Path) -
                 await asyncio.wait_for(server.process.wait(), 10)
             # "sigkill": serve_process kills it, as a crash would: Echo recovery next time.
     assert "caller=libcoap-1 -> 2.01" in log.read_text()
+
+
+async def test_reprovisioning_and_removing_while_serving(protected: Protected) -> None:
+    """The CLI never touches a directory the server holds: the server drops a withdrawn
+    context at its next tick and keeps ticking (it stopped before: key schedule, TRL sweep
+    and notifications with it)."""
+    first = await provisioned_device(protected, "legacy-3")
+    client = await create_client_context()
+    try:
+        client.client_credentials[f"{protected.base}/*"] = first
+        assert (await token(client, protected.base)).code == aiocoap.CREATED
+        second = device_side(provision(protected.service.settings.data_dir, "legacy-3"))
+        await protected.server.tick()
+        with pytest.raises(NotAProtectedMessage) as refused:  # the old context is gone
+            await token(client, protected.base)
+        assert refused.value.plain_message.code == aiocoap.UNAUTHORIZED
+        client.client_credentials[f"{protected.base}/*"] = second
+        assert (await token(client, protected.base)).code == aiocoap.CREATED
+        assert remove(protected.service.settings.data_dir, "legacy-3")
+        await protected.server.tick()
+        await protected.server.tick()
+        assert protected.server.contexts.provisioned == {}
+        with pytest.raises(NotAProtectedMessage):
+            await token(client, protected.base)
+        # Nothing withdrawn is left behind once no process holds it.
+        remove(protected.service.settings.data_dir, "nobody")
+        assert list((protected.service.settings.data_dir / "oscore").iterdir()) == []
+    finally:
+        await client.shutdown()
