@@ -29,14 +29,18 @@ from bench.loadgen import Endpoint, EndpointPool, Workload
 from bench.processes import BENCH_SETTINGS, SCOPE, DataDir
 from coap_auth.cli.runtime import open_service
 from coap_auth.config import load_settings
-from coap_auth.secure.contexts import MASTER_SALT_BYTES, MASTER_SECRET_BYTES, OscoreContext
+from coap_auth.secure.contexts import OscoreContext
 from coap_auth.secure.credentials import (
     EdhocCredential,
     EdhocIdentity,
-    PeerCredential,
     device_credential,
 )
-from coap_auth.secure.edhoc import MESSAGE_1_PREFIX, encode_connection_id, establish
+from coap_auth.secure.edhoc import (
+    MESSAGE_1_PREFIX,
+    encode_connection_id,
+    establish,
+    initiator_context,
+)
 from coap_auth.store import Client
 from coap_auth.tokens import cose_key_from_public
 from coap_auth.udp import create_client_context
@@ -115,14 +119,7 @@ async def handshake(
     c_r = bytes(c_r)
     payload = encode_connection_id(c_r) + bytes(message_3)
     _expect(await endpoint.exchange(wire.POST, EDHOC_OPTIONS, payload), wire.CHANGED, "message_3")
-    initiator.completed_without_message_4()
-    return OscoreContext(
-        bytes(initiator.edhoc_exporter(0, [], MASTER_SECRET_BYTES)),
-        bytes(initiator.edhoc_exporter(1, [], MASTER_SALT_BYTES)),
-        sender_id=c_r,
-        recipient_id=c_i,
-        peer=PeerCredential(server.subject, server),
-    )
+    return initiator_context(initiator, c_i, c_r, server)
 
 
 def token_request() -> aiocoap.Message:

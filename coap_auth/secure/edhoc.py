@@ -397,6 +397,14 @@ async def establish(
         message_3, _prk_out = initiator.prepare_message_3(transfer, None)
     c_r = bytes(c_r)
     await post(encode_connection_id(c_r) + bytes(message_3))
+    return initiator_context(initiator, c_i, c_r, peer)
+
+
+def initiator_context(
+    initiator: Any, c_i: bytes, c_r: bytes, peer: EdhocCredential
+) -> OscoreContext:
+    """The initiator's OSCORE context once its message_3 was accepted (RFC 9528 Appendix A.1:
+    it sends with C_R, receives with C_I; no message_4)."""
     initiator.completed_without_message_4()
     return OscoreContext(
         bytes(initiator.edhoc_exporter(0, [], MASTER_SECRET_BYTES)),
