@@ -139,6 +139,11 @@ def parse_credential(ccs: bytes) -> EdhocCredential:
         or len(key[-3]) != 32
     ):
         raise CredentialError("credential key is not a P-256 COSE_Key with a kid")
+    # Exactly the labels we build, in deterministic CBOR, byte for byte: lakers reads the key
+    # it verifies with from these same bytes with a decoder of its own (lakers-python 0.6 takes
+    # label 254, 0x18 0xFE, for -2), so anything it could read differently is refused.
+    if set(key) != {1, 2, -1, -2, -3} or dumps({2: subject, 8: {1: key}}) != ccs:
+        raise CredentialError("credential is not in the one accepted encoding")
     credential = EdhocCredential(ccs, subject, key[2], key[-2], key[-3])
     try:
         credential.public_key  # noqa: B018  (a point on the curve, or ValueError)

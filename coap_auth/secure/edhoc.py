@@ -46,6 +46,12 @@ log = logging.getLogger("coap_auth.edhoc")
 
 METHOD = 3  # static DH keys on both sides
 AEAD_TAG_BYTES = 8  # AES-CCM-16-64-128
+# lakers-python 0.6 misreads a 2-byte bstr length (256 bytes or more) and panics; our largest
+# message_3 (a credential by value, MAX_CCS_BYTES) is well under it.
+MAX_CIPHERTEXT_3_BYTES = 256
+# lakers-python 0.6 parses at most this many EAD items and ignores the rest (a critical one
+# among them would go unseen, RFC 9528 §3.8).
+MAX_EAD_ITEMS = 4
 SUITE = 2  # AES-CCM-16-64-128, SHA-256, 8, P-256, ES256, AES-CCM-16-64-128, SHA-256
 EDHOC_CBOR_SEQ = ContentFormat.EDHOC_CBOR_SEQ
 CID_EDHOC_CBOR_SEQ = ContentFormat.CID_EDHOC_CBOR_SEQ
@@ -272,7 +278,8 @@ def _check_message_1(message_1: bytes) -> None:
     """RFC 9528 §5.2.3: refuse another method, and a selected suite we do not support with
     ERR_CODE 2 naming ours (the initiator may retry with it); and, before lakers sees it, a
     G_X that is not the x-coordinate of a P-256 point (lakers 0.6 panics on one)."""
-    decoder = cbor2.CBORDecoder(io.BytesIO(message_1))
+    stream = io.BytesIO(message_1)
+    decoder = cbor2.CBORDecoder(stream)
     try:
         method = decoder.decode()
         suites = decoder.decode()
@@ -291,6 +298,18 @@ def _check_message_1(message_1: bytes) -> None:
         raise EdhocFailure("message_1 malformed") from None
     if not _is_p256_x(g_x):
         raise EdhocFailure("message_1 malformed")
+    # C_I, then EAD items: a label (negative: critical) and maybe a value (RFC 9528 §3.8).
+    try:
+        rest = []
+        while stream.tell() < len(message_1):
+            rest.append(decoder.decode())
+    except Exception:  # cbor2 raises more than CBORDecodeError on odd tags
+        raise EdhocFailure("message_1 malformed") from None
+    labels = [item for item in rest[1:] if isinstance(item, int) and not isinstance(item, bool)]
+    if any(label < 0 for label in labels):
+        raise EdhocFailure("critical EAD item not supported")
+    if len(labels) > MAX_EAD_ITEMS:
+        raise EdhocFailure("too many EAD items")
 
 
 def _check_message_3(message_3: bytes) -> None:
@@ -301,7 +320,11 @@ def _check_message_3(message_3: bytes) -> None:
         ciphertext = cbor2.CBORDecoder(stream).decode()
     except Exception:  # cbor2 raises more than CBORDecodeError on odd tags
         raise EdhocFailure("message_3 malformed") from None
-    if not isinstance(ciphertext, bytes) or len(ciphertext) <= AEAD_TAG_BYTES or stream.read():
+    if (
+        not isinstance(ciphertext, bytes)
+        or not AEAD_TAG_BYTES < len(ciphertext) < MAX_CIPHERTEXT_3_BYTES
+        or stream.read()
+    ):
         raise EdhocFailure("message_3 malformed")
 
 

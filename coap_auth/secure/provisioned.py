@@ -17,10 +17,12 @@ or EDHOC.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,11 @@ def provision(data_dir: Path, peer_id: str) -> dict[str, Any]:
     process holds its lock."""
     root = data_dir / DIRECTORY
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with _operator_lock(root):
+        return _provision(root, data_dir, peer_id)
+
+
+def _provision(root: Path, data_dir: Path, peer_id: str) -> dict[str, Any]:
     taken = {context.recipient_id for context in load_all(data_dir, lock=False).values()}
     # The AS's view; the device's is the mirror image (its sender id is our recipient id).
     as_recipient = _fresh_id(taken)
@@ -89,7 +96,7 @@ def provision(data_dir: Path, peer_id: str) -> dict[str, Any]:
     building.mkdir(mode=0o700)
     _write_private(building / _PEER_FILE, json.dumps({"id": peer_id}))
     _write_private(building / "settings.json", json.dumps(settings))
-    remove(data_dir, peer_id)
+    _withdraw(root, peer_id)
     building.rename(root / f"{_name(peer_id)}.{secrets.token_hex(4)}")
     return {
         "peer": peer_id,
@@ -108,11 +115,25 @@ def remove(data_dir: Path, peer_id: str) -> bool:
     root = data_dir / DIRECTORY
     if not root.is_dir():
         return False
+    with _operator_lock(root):
+        return _withdraw(root, peer_id)
+
+
+def _withdraw(root: Path, peer_id: str) -> bool:
     mine = [d for d in root.iterdir() if d.name.split(".")[0] == _name(peer_id)]
     for directory in mine:
         directory.rename(root / f".withdrawn-{directory.name}")
     _delete_withdrawn(root)
     return bool(mine)
+
+
+@contextlib.contextmanager
+def _operator_lock(root: Path) -> Iterator[None]:
+    """One `clients oscore` at a time (two at once could leave two contexts for one id)."""
+    import filelock
+
+    with filelock.FileLock(str(root / ".operator.lock"), timeout=30):
+        yield
 
 
 def load_all(data_dir: Path, *, lock: bool = True) -> dict[str, Any]:

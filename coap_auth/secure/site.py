@@ -135,7 +135,13 @@ class ProtectedSite(interfaces.Resource):  # type: ignore[misc]
                 is_last = event.is_last
             if not is_last:
                 message.opt.observe = 0
-            protected, _ = context.protect(message, seqno)
+            try:
+                protected, _ = context.protect(message, seqno)
+            except Exception:  # noqa: BLE001 (a context withdrawn while in use, e.g. observed)
+                log.info("OSCORE context of %s withdrawn: its exchange ends", context.peer.id)
+                withdrawn = Unauthorized("security context withdrawn")
+                pipe.add_response(error_message(withdrawn, compact=True), is_last=True)
+                break
             if message.opt.observe is not None:
                 protected.opt.observe = context.sender_sequence_number & 0xFFFFFFFF
             pipe.add_response(protected, is_last=is_last)

@@ -6,15 +6,17 @@ from __future__ import annotations
 import logging
 
 import aiocoap
+import cbor2
 import lakers
 import pytest
 from aiocoap.optiontypes import OpaqueOption
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from coap_auth.secure.credentials import device_credential
+from coap_auth.secure.edhoc import encode_connection_id
 from coap_auth.wire import AceParam
 from tests.secure.conftest import Device, Protected
-from tests.secure.test_bad_input import edhoc_error, edhoc_post, exchange, oscore_post
+from tests.secure.test_bad_input import edhoc_error, edhoc_post, exchange, message_1, oscore_post
 from tests.secure.test_bounded_state import Handshake
 
 
@@ -127,3 +129,51 @@ async def test_one_device_holds_at_most_four_observations(protected: Protected) 
     assert list(trl._observers.values()).count("sensor-1") == 4
     response, _ = await device.post_ace("/token", {AceParam.AUDIENCE: "thermostat"})
     assert response.code == aiocoap.CREATED
+
+
+async def test_a_credential_lakers_reads_differently_is_refused(
+    protected: Protected, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Second round, critical: a CCS with the victim's key where cbor2 looks and the
+    attacker's x under label 254 (0x18 0xFE), which lakers-python 0.6 reads as -2. cbor2
+    matched the victim's registered key, lakers verified the attacker's MAC: anyone knowing a
+    device's public key was that device."""
+    victim = await protected.device("sensor-1")
+    victim_key = victim.identity.credential
+    attacker = ec.generate_private_key(ec.SECP256R1())
+    attacker_x = attacker.public_key().public_numbers().x.to_bytes(32, "big")
+    cose_key = (
+        b"\xa6\x01\x02\x02" + cbor2.dumps(victim_key.kid) + b"\x20\x01"
+        + b"\x21" + cbor2.dumps(victim_key.x) + b"\x22" + cbor2.dumps(victim_key.y)
+        + b"\x18\xfe" + cbor2.dumps(attacker_x)
+    )  # fmt: skip
+    crafted = b"\xa2\x02" + cbor2.dumps("sensor-1") + b"\x08\xa1\x01" + cose_key
+    port = protected.server.port
+    initiator = lakers.EdhocInitiator()
+    message_1 = initiator.prepare_message_1(c_i=b"\x09", ead_1=None)
+    answer = await exchange(port, edhoc_post(b"\xf5" + bytes(message_1)))
+    c_r, id_cred_r, _ = initiator.parse_message_2(answer.payload)
+    as_ccs = protected.service.edhoc_identity.credential.ccs
+    checked = lakers.credential_check_or_fetch(id_cred_r, as_ccs)
+    scalar = attacker.private_numbers().private_value.to_bytes(32, "big")
+    initiator.verify_message_2(scalar, crafted, checked)
+    message_3, _ = initiator.prepare_message_3(lakers.CredentialTransfer.ByValue, None)
+    answer = await exchange(port, edhoc_post(encode_connection_id(bytes(c_r)) + bytes(message_3)))
+    assert edhoc_error(answer) == (1, "message_3 not accepted")
+    assert len(protected.server.contexts) == 0
+    assert "panicked" not in capfd.readouterr().err
+
+
+async def test_inputs_lakers_misreads_are_refused_before_it(
+    protected: Protected, capfd: pytest.CaptureFixture[str]
+) -> None:
+    port = protected.server.port
+    # A message_3 of 256 bytes or more: lakers 0.6 reads its 2-byte length as 1 byte, panics.
+    handshake = Handshake(await protected.device("sensor-1"), protected)
+    await handshake.send_message_1()
+    long_message_3 = encode_connection_id(bytes(handshake.c_r)) + cbor2.dumps(bytes(300))
+    assert edhoc_error(await exchange(port, edhoc_post(long_message_3)))[0] == 1
+    # A critical EAD item after four others: lakers 0.6 parses four and ignores the rest.
+    with_ead = message_1() + b"".join(cbor2.dumps(label) for label in (1, 1, 1, 1, -5))
+    assert edhoc_error(await exchange(port, edhoc_post(b"\xf5" + with_ead)))[0] == 1
+    assert "panicked" not in capfd.readouterr().err

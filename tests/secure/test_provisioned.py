@@ -219,6 +219,36 @@ async def test_reprovisioning_and_removing_while_serving(protected: Protected) -
             await token(client, protected.base)
         # Nothing withdrawn is left behind once no process holds it.
         remove(protected.service.settings.data_dir, "nobody")
-        assert list((protected.service.settings.data_dir / "oscore").iterdir()) == []
+        root = protected.service.settings.data_dir / "oscore"
+        assert [d for d in root.iterdir() if d.is_dir()] == []
+    finally:
+        await client.shutdown()
+
+
+async def test_withdrawing_an_observing_context_ends_its_observation_cleanly(
+    protected: Protected, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Second attack round: a notification under a context withdrawn meanwhile logged a
+    traceback and sent 5.00; now the observation ends with one 4.01."""
+    device = await provisioned_device(protected, "legacy-4")
+    client = await create_client_context()
+    try:
+        client.client_credentials[f"{protected.base}/*"] = device
+        request = aiocoap.Message(code=aiocoap.GET, uri=f"{protected.base}/revoke/trl", observe=0)
+        observation = client.request(request)
+        assert (await observation.response).code == aiocoap.CONTENT
+        assert remove(protected.service.settings.data_dir, "legacy-4")
+        await protected.server.tick()  # the server drops the withdrawn context
+        protected.server.trl_resource.updated_state()  # a notification comes due
+        # aiocoap: the unprotected 4.01 is not OSCORE, and ends the observation with an error.
+        notifications = observation.observation.__aiter__()
+        with pytest.raises(NotAProtectedMessage) as ended:
+            await asyncio.wait_for(notifications.__anext__(), 10)
+        assert ended.value.plain_message.code == aiocoap.UNAUTHORIZED
+        # aiocoap 0.4.17's iterator keeps the error it raised and raises it again from its
+        # finaliser: give it a fresh future (the observation is over either way).
+        notifications._future = asyncio.get_running_loop().create_future()
+        assert "Traceback" not in caplog.text and "ERROR" not in caplog.text
+        assert "withdrawn" in caplog.text
     finally:
         await client.shutdown()
