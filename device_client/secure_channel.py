@@ -46,9 +46,6 @@ log = logging.getLogger("device_client.secure_channel")
 __all__ = ["SecureChannel", "load_as_credential"]
 
 DEFAULT_TIMEOUT = 10.0  # real seconds for one exchange
-# EDHOC (PROTOCOL.md "Protected channels"): method 3, cipher suite 2.
-EDHOC_METHOD = 3
-EDHOC_SUITE = 2
 
 Build = Callable[[], aiocoap.Message]
 
@@ -85,14 +82,9 @@ def load_as_credential(text: str | bytes) -> EdhocCredential:
 
 def _check_agrees(credential: EdhocCredential, document: dict[str, Any]) -> None:
     """The JSON's descriptive fields say what its CCS says (a copy-paste mix-up shows here)."""
-    expected: dict[str, Any] = {
-        "subject": credential.subject,
-        "kid": credential.kid.hex(),
-        "method": EDHOC_METHOD,
-        "cipher_suite": EDHOC_SUITE,
-    }
-    for name, value in expected.items():
-        if name in document and document[name] != value:
+    expected = credential.document()
+    for name in ("subject", "kid", "method", "cipher_suite"):
+        if name in document and document[name] != expected[name]:
             raise ChannelUnavailable(f"AS credential: `{name}` does not match its CCS")
     pem = document.get("public_key_pem")
     if pem is not None:

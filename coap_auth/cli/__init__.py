@@ -15,8 +15,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-
 from coap_auth.cli import keys, registry, tokens
 from coap_auth.cli.runtime import configure_logging, open_service
 from coap_auth.config import Settings, load_settings
@@ -102,16 +100,7 @@ async def cmd_edhoc_credential(args: argparse.Namespace, settings: Settings) -> 
         credential = service.edhoc_identity.credential
     finally:
         await service.store.close()
-    shown = {
-        "subject": credential.subject,
-        "method": 3,
-        "cipher_suite": 2,
-        "kid": credential.kid.hex(),
-        "ccs": credential.ccs.hex(),
-        "public_key_pem": credential.public_key.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode("ascii"),
-    }
+    shown = credential.document()
     if args.json:
         print(json.dumps(shown, indent=2))
         return 0

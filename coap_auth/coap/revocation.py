@@ -161,8 +161,8 @@ class TrlResource(Endpoint, resource.ObservableResource):
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         query = parse_trl_query(request.opt.uri_query)
         # None only for an unprotected request (require_oscore = false): the whole list.
-        requester = peer_id(request)
         channel_peer = peer(request)
+        requester = None if channel_peer is None else channel_peer.id
         if channel_peer is not None and not await self.service.peer_registered(channel_peer):
             # Disabled, removed or re-keyed since its handshake: refused at once, like /token.
             raise Unauthorized("the peer of this security context is no longer registered")

@@ -25,6 +25,10 @@ MAX_KID_BYTES = 16
 # lakers-python 0.6 refuses a CCS much over this (measured: a 60-character sub works).
 MAX_CCS_BYTES = 160
 _KTY_EC2, _CRV_P256 = 2, 1
+# What these credentials are for (RFC 9528): method 3 (static DH keys on both sides) with
+# cipher suite 2 (AES-CCM-16-64-128, SHA-256, 8, P-256, ES256, AES-CCM-16-64-128, SHA-256).
+EDHOC_METHOD = 3
+EDHOC_SUITE = 2
 
 
 class CredentialError(ValueError):
@@ -52,6 +56,23 @@ class EdhocCredential:
             int.from_bytes(self.x, "big"), int.from_bytes(self.y, "big"), ec.SECP256R1()
         )
         return numbers.public_key()
+
+    def document(self) -> dict[str, Any]:
+        """The credential as `coap-auth edhoc-credential --json` shows it for provisioning
+        (device_client.load_as_credential reads it back)."""
+        from cryptography.hazmat.primitives import serialization
+
+        pem = self.public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return {
+            "subject": self.subject,
+            "method": EDHOC_METHOD,
+            "cipher_suite": EDHOC_SUITE,
+            "kid": self.kid.hex(),
+            "ccs": self.ccs.hex(),
+            "public_key_pem": pem.decode("ascii"),
+        }
 
     def same_key(self, key: Any) -> bool:
         """Whether a registered key (a COSE_Key map or a P-256 public key) is this

@@ -32,6 +32,8 @@ from coap_auth.secure.contexts import (
     OscoreContext,
 )
 from coap_auth.secure.credentials import (
+    EDHOC_METHOD,
+    EDHOC_SUITE,
     CredentialError,
     EdhocCredential,
     EdhocIdentity,
@@ -44,7 +46,6 @@ from coap_auth.wire import ContentFormat
 
 log = logging.getLogger("coap_auth.edhoc")
 
-METHOD = 3  # static DH keys on both sides
 AEAD_TAG_BYTES = 8  # AES-CCM-16-64-128
 # lakers-python 0.6 misreads a 2-byte bstr length (256 bytes or more) and panics; our largest
 # message_3 (a credential by value, MAX_CCS_BYTES) is well under it.
@@ -52,7 +53,6 @@ MAX_CIPHERTEXT_3_BYTES = 256
 # lakers-python 0.6 parses at most this many EAD items and ignores the rest (a critical one
 # among them would go unseen, RFC 9528 §3.8).
 MAX_EAD_ITEMS = 4
-SUITE = 2  # AES-CCM-16-64-128, SHA-256, 8, P-256, ES256, AES-CCM-16-64-128, SHA-256
 EDHOC_CBOR_SEQ = ContentFormat.EDHOC_CBOR_SEQ
 CID_EDHOC_CBOR_SEQ = ContentFormat.CID_EDHOC_CBOR_SEQ
 MESSAGE_1_PREFIX = b"\xf5"  # CBOR true: "this is message_1" (Appendix A.2.1)
@@ -80,7 +80,9 @@ class EdhocFailure(Exception):
     def message(self, *, compact: bool = False) -> bytes:
         """The error message: ERR_CODE and ERR_INFO as a CBOR sequence; `compact` leaves the
         diagnostic text empty (the answer to a small request stays within 3x its size)."""
-        detail: Any = SUITE if self.code == ERR_WRONG_SUITE else ("" if compact else self.info)
+        detail: Any = (
+            EDHOC_SUITE if self.code == ERR_WRONG_SUITE else ("" if compact else self.info)
+        )
         return cbor2.dumps(self.code) + cbor2.dumps(detail)
 
 
@@ -285,12 +287,12 @@ def _check_message_1(message_1: bytes) -> None:
         suites = decoder.decode()
     except Exception:  # cbor2 raises more than CBORDecodeError on odd tags
         raise EdhocFailure("message_1 malformed") from None
-    if method != METHOD or isinstance(method, bool):
+    if method != EDHOC_METHOD or isinstance(method, bool):
         raise EdhocFailure("only method 3 (static DH keys) is supported")
     offered = suites if isinstance(suites, list) else [suites]
     if not offered or not all(isinstance(s, int) and not isinstance(s, bool) for s in offered):
         raise EdhocFailure("message_1 malformed")
-    if offered[-1] != SUITE:
+    if offered[-1] != EDHOC_SUITE:
         raise EdhocFailure("cipher suite not supported", ERR_WRONG_SUITE)
     try:
         g_x = decoder.decode()

@@ -4,10 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import socket
-
 import aiocoap
 import cbor2
 import pytest
@@ -15,24 +11,7 @@ from aiocoap.optiontypes import BlockOption, OpaqueOption
 
 from coap_auth.wire import AceParam, ContentFormat, ProblemDetail
 from tests.conftest import Coap
-
-ANSWER_TIMEOUT = 2.0
-_message_ids = itertools.count(1)
-
-
-async def exchange(port: int, request: aiocoap.Message, mtype: aiocoap.Type) -> aiocoap.Message:
-    mid = next(_message_ids)
-    request.mtype, request.mid, request.token = mtype, mid, mid.to_bytes(2, "big")
-    loop = asyncio.get_running_loop()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        sock.connect(("127.0.0.1", port))
-        await loop.sock_sendall(sock, request.encode())
-        while True:
-            data = await asyncio.wait_for(loop.sock_recv(sock, 2048), ANSWER_TIMEOUT)
-            answer = aiocoap.Message.decode(data)
-            if answer.token == request.token:
-                return answer
+from tests.raw_coap import exchange
 
 
 def get_keys(*options: OpaqueOption) -> aiocoap.Message:

@@ -11,7 +11,6 @@ store exactly as it was.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import socket
 import threading
@@ -33,9 +32,9 @@ from coap_auth.store import Audience, Client, MasterKey, SqliteStore, Store
 from coap_auth.store.postgres import PostgresStore
 from coap_auth.wire import AceParam
 from tests import pg
+from tests.raw_coap import exchange_blocking
 
 T = TypeVar("T")
-RECV_TIMEOUT = 5
 SECRET = "secret-of-sensor-1-0123456789abcdef"
 # Hypothesis leans towards the first choices of a sampled_from: the endpoints that read bodies.
 PATHS = ("revoke", "introspect", "token", "revoke/trl", "keys", ".well-known/core", "nowhere")
@@ -135,7 +134,7 @@ def fuzzed(
     server.call(server.start())
     # A real token and a real refresh token to mutate.
     body = {AceParam.CLIENT_ID: "sensor-1", AceParam.CLIENT_SECRET: SECRET, 5: "thermostat"}
-    reply = exchange(server.server.port, post("token", cbor2.dumps(body), 19))
+    reply = exchange_blocking(server.server.port, post("token", cbor2.dumps(body), 19))
     granted = cbor2.loads(reply.payload)
     server.token = granted[AceParam.ACCESS_TOKEN]  # type: ignore[attr-defined]
     server.refresh = granted[AceParam.REFRESH_TOKEN]  # type: ignore[attr-defined]
@@ -146,29 +145,6 @@ def fuzzed(
     logging.getLogger("coap_auth").removeHandler(trap)
     server.call(server.stop())
     server.loop.call_soon_threadsafe(server.loop.stop)
-
-
-_mids = itertools.count(1)
-
-
-def exchange(port: int, message: aiocoap.Message) -> aiocoap.Message:
-    mid = next(_mids) % 0xFFFF
-    message.mtype, message.mid, message.token = aiocoap.CON, mid, mid.to_bytes(2, "big")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(RECV_TIMEOUT)
-        sock.sendto(message.encode(), ("127.0.0.1", port))
-        while True:
-            answer = aiocoap.Message.decode(sock.recv(65536))
-            if answer.code == aiocoap.EMPTY:
-                # An empty ACK (RFC 7252 §5.2.2): the answer follows as a separate response,
-                # when the server took longer than aiocoap's empty-ACK delay (a loaded machine).
-                continue
-            if answer.token == message.token and (answer.mid == mid or answer.mtype != aiocoap.ACK):
-                if answer.mtype == aiocoap.CON:
-                    ack = aiocoap.Message(mtype=aiocoap.ACK, code=aiocoap.EMPTY)
-                    ack.mid = answer.mid
-                    sock.sendto(ack.encode(), ("127.0.0.1", port))
-                return answer
 
 
 def post(path: str, payload: bytes, content_format: int | None) -> aiocoap.Message:
@@ -292,7 +268,7 @@ def check(fuzzed: ServerThread, message: aiocoap.Message, path: str) -> None:
     nothing in the store."""
     before = fuzzed.call(fuzzed.snapshot())
 
-    answer = exchange(fuzzed.server.port, message)
+    answer = exchange_blocking(fuzzed.server.port, message)
 
     assert answer.code.is_response(), answer.code
     assert answer.code.class_ != 5, (answer.code, path, message.payload[:60])
@@ -364,6 +340,6 @@ def test_garbage_datagrams_do_not_stop_the_server(fuzzed: ServerThread) -> None:
         for datagram in (b"", b"\x00", b"\xff" * 40, b"\x40\x01\x00", bytes(range(256)) * 4):
             sock.sendto(datagram, ("127.0.0.1", port))
     body = {AceParam.CLIENT_ID: "sensor-1", AceParam.CLIENT_SECRET: SECRET, 5: "thermostat"}
-    answer = exchange(port, post("token", cbor2.dumps(body), 19))
+    answer = exchange_blocking(port, post("token", cbor2.dumps(body), 19))
     assert answer.code == aiocoap.CREATED
     assert fuzzed.trap.records == []  # type: ignore[attr-defined]

@@ -16,7 +16,6 @@ from pathlib import Path
 import aiocoap
 import cbor2
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from coap_auth.clock import SettableClock
@@ -358,16 +357,7 @@ async def test_a_cancelled_handshake_propagates_and_frees_the_channel(
 
 def _cli_json(credential: EdhocCredential) -> dict[str, object]:
     """What `coap-auth edhoc-credential --json` prints (coap_auth/cli)."""
-    return {
-        "subject": credential.subject,
-        "method": 3,
-        "cipher_suite": 2,
-        "kid": credential.kid.hex(),
-        "ccs": credential.ccs.hex(),
-        "public_key_pem": credential.public_key.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode("ascii"),
-    }
+    return credential.document()
 
 
 def test_the_as_credential_loads_from_the_cli_json_or_the_ccs_hex() -> None:

@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from coap_auth.secure.credentials import device_credential
 from coap_auth.secure.edhoc import encode_connection_id
 from coap_auth.wire import AceParam
+from tests.raw_coap import exchange
 from tests.secure.conftest import Device, Protected
-from tests.secure.test_bad_input import edhoc_error, edhoc_post, exchange, message_1, oscore_post
+from tests.secure.test_bad_input import edhoc_error, edhoc_post, message_1, oscore_post
 from tests.secure.test_bounded_state import Handshake
 
 

@@ -4,10 +4,7 @@ Raw datagrams over real UDP."""
 
 from __future__ import annotations
 
-import asyncio
 import io
-import itertools
-import socket
 
 import aiocoap
 import cbor2
@@ -17,33 +14,8 @@ from aiocoap.optiontypes import OpaqueOption
 
 from coap_auth.secure.edhoc import encode_connection_id
 from coap_auth.wire import AceParam, ContentFormat
+from tests.raw_coap import exchange
 from tests.secure.conftest import Protected
-
-ANSWER_TIMEOUT = 2.0
-_ids = itertools.count(1)
-
-
-async def exchange(
-    port: int,
-    request: aiocoap.Message,
-    mtype: aiocoap.Type = aiocoap.CON,
-    *,
-    source: str = "127.0.0.1",
-    timeout: float = ANSWER_TIMEOUT,
-) -> aiocoap.Message:
-    mid = next(_ids) % 65536
-    request.mtype, request.mid, request.token = mtype, mid, mid.to_bytes(2, "big")
-    loop = asyncio.get_running_loop()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((source, 0))
-        sock.setblocking(False)
-        sock.connect(("127.0.0.1", port))
-        await loop.sock_sendall(sock, request.encode())
-        while True:
-            data = await asyncio.wait_for(loop.sock_recv(sock, 2048), timeout)
-            answer = aiocoap.Message.decode(data)
-            if answer.token == request.token:
-                return answer
 
 
 def edhoc_post(payload: bytes) -> aiocoap.Message:

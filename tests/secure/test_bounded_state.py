@@ -13,8 +13,9 @@ from coap_auth.clock import SettableClock
 from coap_auth.config import Settings
 from coap_auth.secure.edhoc import encode_connection_id
 from coap_auth.wire import AceParam
+from tests.raw_coap import exchange
 from tests.secure.conftest import Device, Protected
-from tests.secure.test_bad_input import edhoc_error, edhoc_post, exchange
+from tests.secure.test_bad_input import edhoc_error, edhoc_post
 
 
 class Handshake:

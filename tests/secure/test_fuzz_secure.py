@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import itertools
 import logging
 import secrets
 import socket
@@ -45,9 +44,9 @@ from coap_auth.service import AuthService
 from coap_auth.store import Audience, Client, MasterKey, SqliteStore
 from coap_auth.tokens import cose_key_from_public
 from coap_auth.wire import AceParam, ContentFormat
+from tests.raw_coap import exchange_blocking, number_request
 
 T = TypeVar("T")
-RECV_TIMEOUT = 5
 # Two devices: the EDHOC fuzzing completes handshakes as the first, and the server keeps at
 # most 4 contexts per peer, so the context the OSCORE fuzzing tampers with is the second's.
 HANDSHAKING, PROTECTED = "sensor-1", "sensor-2"
@@ -156,27 +155,6 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureServerThr
 
 # -- the client side: raw datagrams, lakers, OSCORE contexts ----------------------------------
 
-_mids = itertools.count(1)
-
-
-def exchange(port: int, message: aiocoap.Message) -> aiocoap.Message:
-    """Send one CON request; its answer (piggybacked or separate)."""
-    mid = next(_mids) % 0xFFFF
-    message.mtype, message.mid, message.token = aiocoap.CON, mid, mid.to_bytes(2, "big")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(RECV_TIMEOUT)
-        sock.sendto(message.encode(), ("127.0.0.1", port))
-        while True:
-            answer = aiocoap.Message.decode(sock.recv(65536))
-            if answer.code == aiocoap.EMPTY:
-                continue  # an empty ACK: the answer follows as a separate response
-            if answer.token == message.token and (answer.mid == mid or answer.mtype != aiocoap.ACK):
-                if answer.mtype == aiocoap.CON:
-                    ack = aiocoap.Message(code=aiocoap.EMPTY)
-                    ack.mtype, ack.mid = aiocoap.ACK, answer.mid
-                    sock.sendto(ack.encode(), ("127.0.0.1", port))
-                return answer
-
 
 def edhoc_post(payload: bytes, content_format: int | None = None) -> aiocoap.Message:
     message = aiocoap.Message(code=aiocoap.POST, uri_path=EDHOC_PATH, payload=payload)
@@ -200,7 +178,7 @@ def start_handshake(secure: SecureServerThread, device: str = HANDSHAKING) -> St
     initiator = lakers.EdhocInitiator()
     c_i = secrets.token_bytes(2)
     message_1 = bytes(initiator.prepare_message_1(c_i=c_i, ead_1=None))
-    answer = exchange(secure.port, edhoc_post(MESSAGE_1_PREFIX + message_1))
+    answer = exchange_blocking(secure.port, edhoc_post(MESSAGE_1_PREFIX + message_1))
     assert answer.code == aiocoap.CHANGED, answer
     c_r, id_cred_r, _ead_2 = initiator.parse_message_2(answer.payload)
     checked = lakers.credential_check_or_fetch(id_cred_r, secure.server_credential.ccs)
@@ -225,7 +203,7 @@ class FuzzingContext(OscoreContext):
 
 
 def finish_handshake(secure: SecureServerThread, started: Started) -> FuzzingContext:
-    answer = exchange(secure.port, edhoc_post(started.payload))
+    answer = exchange_blocking(secure.port, edhoc_post(started.payload))
     assert answer.code == aiocoap.CHANGED, answer
     return context_of(secure, started)
 
@@ -261,7 +239,7 @@ def protected_exchange(
 ) -> tuple[aiocoap.Message, aiocoap.Message]:
     """Protect, send, unprotect: the outer answer and the inner one."""
     outer, request_id = context.protect(inner)
-    answer = exchange(secure.port, outer)
+    answer = exchange_blocking(secure.port, outer)
     assert answer.opt.oscore is not None, answer
     unprotected, _ = context.unprotect(answer, request_id)
     return answer, unprotected
@@ -434,8 +412,7 @@ FUZZ = settings(
 def answers_to(secure: SecureServerThread, message: aiocoap.Message) -> list[aiocoap.Message]:
     """Everything the server sends back within half a second (an empty ACK, the answer;
     the server answers EDHOC in a few ms)."""
-    mid = next(_mids) % 0xFFFF
-    message.mtype, message.mid, message.token = aiocoap.CON, mid, mid.to_bytes(2, "big")
+    number_request(message, aiocoap.CON)
     answers = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(0.5)
@@ -547,7 +524,7 @@ def test_any_payload_to_edhoc(
         message.opt.content_format = None
     contexts = secure.call(secure.state())[1]
 
-    check_edhoc_answer(exchange(secure.port, message))
+    check_edhoc_answer(exchange_blocking(secure.port, message))
 
     assert secure.call(secure.state())[1] == contexts  # no context without a message_3
     assert_no_fault(secure)
@@ -564,7 +541,7 @@ def test_mutated_message_1(
     payload = message_1 if structured else mutate(real_message_1(), plan)
     contexts = secure.call(secure.state())[1]
 
-    check_edhoc_answer(exchange(secure.port, edhoc_post(MESSAGE_1_PREFIX + payload)))
+    check_edhoc_answer(exchange_blocking(secure.port, edhoc_post(MESSAGE_1_PREFIX + payload)))
 
     assert secure.call(secure.state())[1] == contexts
     assert_no_fault(secure)
@@ -609,7 +586,7 @@ def test_mutated_message_3(
         payload = mutate(started.payload, plan)
     contexts = secure.call(secure.state())[1]
 
-    answer = exchange(secure.port, edhoc_post(payload))
+    answer = exchange_blocking(secure.port, edhoc_post(payload))
 
     check_edhoc_answer(answer)
     if answer.code == aiocoap.CHANGED:
@@ -667,7 +644,7 @@ def test_random_oscore_options_and_payloads(
     option = data.draw(oscore_options(context.sender_id))
     state = secure.call(secure.state())
 
-    check_refused(exchange(secure.port, oscore_request(option, payload, code)))
+    check_refused(exchange_blocking(secure.port, oscore_request(option, payload, code)))
 
     assert secure.call(secure.state()) == state
     assert_no_fault(secure)
@@ -705,10 +682,10 @@ def test_tampered_protected_request(
         tampered = oscore_request(option, payload, outer.code)
     state = secure.call(secure.state())
 
-    check_refused(exchange(secure.port, tampered))
+    check_refused(exchange_blocking(secure.port, tampered))
 
     assert secure.call(secure.state()) == state
-    answer = exchange(secure.port, outer)
+    answer = exchange_blocking(secure.port, outer)
     assert answer.code == aiocoap.CHANGED, answer
     inner, _ = context.unprotect(answer, request_id)
     assert inner.code == aiocoap.CREATED, inner
@@ -727,7 +704,7 @@ def test_a_kid_context_flag_with_no_length(secure: SecureServerThread, option: b
     """Found by test_random_oscore_options_and_payloads: aiocoap's decompression raises
     IndexError here (not DecodeError), which was answered 5.00 with a traceback logged.
     RFC 8613 §8.2: a request that does not decode gets 4.02."""
-    answer = exchange(secure.port, oscore_request(option, b"\x00" * 16))
+    answer = exchange_blocking(secure.port, oscore_request(option, b"\x00" * 16))
     assert answer.code == aiocoap.BAD_OPTION, answer
     assert_no_fault(secure)
 
@@ -738,7 +715,7 @@ def test_the_group_flag_under_a_real_kid(secure: SecureServerThread) -> None:
     (it catches NameError): 5.00 and a traceback. Anyone can read kids off the wire."""
     context: OscoreContext = secure.context  # type: ignore[attr-defined]
     option = bytes([0x20 | 0x08 | 0x01, 0x46]) + context.sender_id  # group, kid, 1-byte PIV
-    answer = exchange(secure.port, oscore_request(option, b"\x00" * 20))
+    answer = exchange_blocking(secure.port, oscore_request(option, b"\x00" * 20))
     assert answer.code == aiocoap.BAD_OPTION, answer
     assert_no_fault(secure)
     assert_context_works(secure, context)
@@ -822,9 +799,9 @@ def test_the_context_refuses_a_replay(secure: SecureServerThread) -> None:
     a plain /token is refused (OSCORE required)."""
     context: OscoreContext = secure.context  # type: ignore[attr-defined]
     outer, _ = context.protect(aiocoap.Message(code=aiocoap.GET, uri_path=("keys",)))
-    assert exchange(secure.port, outer.copy()).code == aiocoap.CHANGED
-    assert exchange(secure.port, outer.copy()).code == aiocoap.UNAUTHORIZED
-    assert exchange(secure.port, token_request()).code == aiocoap.UNAUTHORIZED
+    assert exchange_blocking(secure.port, outer.copy()).code == aiocoap.CHANGED
+    assert exchange_blocking(secure.port, outer.copy()).code == aiocoap.UNAUTHORIZED
+    assert exchange_blocking(secure.port, token_request()).code == aiocoap.UNAUTHORIZED
 
 
 def test_a_real_handshake_and_token_after_the_fuzzing(secure: SecureServerThread) -> None:

@@ -17,8 +17,8 @@ from coap_auth.errors import ProtectionRequired
 from coap_auth.wire import AceParam, ContentFormat, ProblemDetail
 from tests.conftest import Coap
 from tests.device_client.lossy_proxy import LossyProxy
+from tests.raw_coap import exchange
 from tests.secure.conftest import Protected
-from tests.secure.test_bad_input import exchange
 
 
 class RecordingProxy(LossyProxy):

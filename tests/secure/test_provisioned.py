@@ -22,9 +22,9 @@ from coap_auth.secure.provisioned import provision, remove
 from coap_auth.store import Client
 from coap_auth.udp import create_client_context
 from coap_auth.wire import AceParam, ContentFormat
-from tests.processes import cli_ok, serve_process
+from tests.processes import add_secret_client, cli_ok, serve_process
+from tests.raw_coap import exchange
 from tests.secure.conftest import Protected
-from tests.secure.test_bad_input import exchange
 
 
 def device_side(device: dict[str, object]) -> OscoreContext:
@@ -168,17 +168,7 @@ async def test_libcoap_gets_a_token_over_a_provisioned_context(tmp_path: Path) -
     data_dir = tmp_path / "data"
     cli_ok("init", data_dir=data_dir)
     cli_ok("audiences", "add", "thermostat", data_dir=data_dir)
-    cli_ok(
-        "clients",
-        "add",
-        "libcoap-1",
-        "--audience",
-        "thermostat",
-        "--scope",
-        "temp:read",
-        "--secret",
-        data_dir=data_dir,
-    )
+    add_secret_client(data_dir, "libcoap-1")  # (its secret is never used: OSCORE is)
     conf = tmp_path / "libcoap-1.conf"
     conf.write_text(cli_ok("clients", "oscore", "libcoap-1", data_dir=data_dir))
     log = tmp_path / "serve.log"

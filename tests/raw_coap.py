@@ -1,0 +1,66 @@
+"""One CoAP request as raw datagrams over real UDP, for tests that must control every byte
+(message type, options the client libraries would refuse, the source address)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+
+import aiocoap
+
+ANSWER_TIMEOUT = 2.0  # s, for the async exchange
+BLOCKING_TIMEOUT = 5  # s, for the blocking one (the fuzz tests' server runs in a thread)
+_message_ids = itertools.count(1)
+
+
+def number_request(request: aiocoap.Message, mtype: aiocoap.Type) -> int:
+    """Give `request` a fresh message id, a message token of its own and `mtype`."""
+    mid = next(_message_ids) % 0xFFFF
+    request.mtype, request.mid, request.token = mtype, mid, mid.to_bytes(2, "big")
+    return mid
+
+
+async def exchange(
+    port: int,
+    request: aiocoap.Message,
+    mtype: aiocoap.Type = aiocoap.CON,
+    *,
+    source: str = "127.0.0.1",
+    timeout: float = ANSWER_TIMEOUT,
+) -> aiocoap.Message:
+    """Send `request` from `source` to 127.0.0.1:`port`; the first datagram carrying its
+    message token. Raises TimeoutError when none comes within `timeout`."""
+    number_request(request, mtype)
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        sock.connect(("127.0.0.1", port))
+        await loop.sock_sendall(sock, request.encode())
+        while True:
+            data = await asyncio.wait_for(loop.sock_recv(sock, 2048), timeout)
+            answer = aiocoap.Message.decode(data)
+            if answer.token == request.token:
+                return answer
+
+
+def exchange_blocking(port: int, message: aiocoap.Message) -> aiocoap.Message:
+    """Send one CON request from a blocking socket; its answer, piggybacked or separate (a
+    separate CON response is acknowledged). Raises TimeoutError after BLOCKING_TIMEOUT."""
+    mid = number_request(message, aiocoap.CON)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(BLOCKING_TIMEOUT)
+        sock.sendto(message.encode(), ("127.0.0.1", port))
+        while True:
+            answer = aiocoap.Message.decode(sock.recv(65536))
+            if answer.code == aiocoap.EMPTY:
+                # An empty ACK (RFC 7252 §5.2.2): the answer follows as a separate response,
+                # when the server took longer than aiocoap's empty-ACK delay (a loaded machine).
+                continue
+            if answer.token == message.token and (answer.mid == mid or answer.mtype != aiocoap.ACK):
+                if answer.mtype == aiocoap.CON:
+                    ack = aiocoap.Message(mtype=aiocoap.ACK, code=aiocoap.EMPTY)
+                    ack.mid = answer.mid
+                    sock.sendto(ack.encode(), ("127.0.0.1", port))
+                return answer
