@@ -57,6 +57,12 @@ class AceParam(IntEnum):
     GRANT_TYPE = 33
     TOKEN_TYPE = 34
     REFRESH_TOKEN = 37
+    ACE_PROFILE = 38
+    NONCE1 = 40  # RFC 9203 §9.2
+    RS_CNF = 41  # RFC 9201 §6: the RS's authentication credential, for the client
+    NONCE2 = 42  # RFC 9203 §9.2
+    ACE_CLIENT_RECIPIENTID = 43  # RFC 9203 §9.2
+    ACE_SERVER_RECIPIENTID = 44  # RFC 9203 §9.2
 
 
 # The longest access-token lifetime (s) the AS issues; verifiers refuse a token whose exp - iat
@@ -141,11 +147,25 @@ class CnfMethod(IntEnum):
     COSE_KEY = 1
     ENCRYPTED_COSE_KEY = 2
     KID = 3
+    OSC = 4  # RFC 9203 §9.6: OSCORE_Input_Material
+
+
+class OscoreInput(IntEnum):
+    """OSCORE Security Context Parameters (RFC 9203 §9.4, Table 1): OSCORE_Input_Material."""
+
+    ID = 0
+    VERSION = 1
+    MS = 2
+    HKDF = 3
+    ALG = 4
+    SALT = 5
+    CONTEXT_ID = 6
 
 
 class CoseTag(IntEnum):
     """CBOR tags of COSE and CWT (RFC 9052 §2, RFC 8392 §6)."""
 
+    ENCRYPT0 = 16
     MAC0 = 17
     SIGN1 = 18
     CWT = 61
@@ -156,6 +176,7 @@ class CoseHeader(IntEnum):
 
     ALG = 1
     KID = 4
+    IV = 5
 
 
 class CoseAlg(IntEnum):
@@ -164,6 +185,7 @@ class CoseAlg(IntEnum):
     ES256 = -7
     EDDSA = -8
     HMAC_256_64 = 4
+    AES_CCM_16_64_128 = 10  # RFC 9053 §4.2: 128-bit key, 64-bit tag, 13-byte nonce
 
 
 class CoseKeyParam(IntEnum):

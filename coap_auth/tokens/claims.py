@@ -11,7 +11,7 @@ from typing import Any
 
 from coap_auth.errors import InvalidClaims, MalformedToken, UnsupportedPopKey
 from coap_auth.tokens.cose_key import b64url, b64url_decode, cose_key_to_jwk, jwk_to_cose_key
-from coap_auth.wire import CnfMethod, CwtClaim
+from coap_auth.wire import CnfMethod, CwtClaim, OscoreInput
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +26,9 @@ class Claims:
     nbf: int | None = None
     # RFC 8747 §3.1: the confirmation key as a COSE_Key map, for PoP tokens.
     cnf_key: Mapping[int, Any] | None = field(default=None, hash=False)
+    # RFC 9203 §3.2.1: cnf {4: OSCORE_Input_Material} of an OSCORE-profile token (only ever
+    # in an encrypted CWT: it holds the master secret). At most one of cnf_key and cnf_osc.
+    cnf_osc: Mapping[int, Any] | None = field(default=None, hash=False, repr=False)
 
     @property
     def scopes(self) -> frozenset[str]:
@@ -45,6 +48,8 @@ class Claims:
         out[CwtClaim.CTI] = self.cti
         if self.cnf_key is not None:
             out[CwtClaim.CNF] = {CnfMethod.COSE_KEY: dict(self.cnf_key)}
+        elif self.cnf_osc is not None:
+            out[CwtClaim.CNF] = {CnfMethod.OSC: dict(self.cnf_osc)}
         if self.scope is not None:
             out[CwtClaim.SCOPE] = self.scope
         return out
@@ -64,6 +69,8 @@ class Claims:
             out["nbf"] = self.nbf
         if self.scope is not None:
             out["scope"] = self.scope
+        if self.cnf_osc is not None:
+            raise ValueError("an OSCORE-profile token is a CWT (its cnf holds a secret)")
         if self.cnf_key is not None:
             out["cnf"] = {"jwk": cose_key_to_jwk(self.cnf_key)}
         return out
@@ -73,16 +80,18 @@ class Claims:
         if not isinstance(claims, dict):
             raise MalformedToken("CWT claims must be a map")
         cnf = claims.get(CwtClaim.CNF)
-        cnf_key = None
+        cnf_key = cnf_osc = None
         if cnf is not None:
-            # RFC 8747 §3.1: one confirmation method; we issue only COSE_Key.
-            if not (
-                isinstance(cnf, dict)
-                and len(cnf) == 1
-                and isinstance(cnf.get(CnfMethod.COSE_KEY), dict)
-            ):
-                raise MalformedToken("cnf claim must hold a COSE_Key")
-            cnf_key = cnf[CnfMethod.COSE_KEY]
+            # RFC 8747 §3.1: one confirmation method; we issue a COSE_Key, or (RFC 9203) an
+            # OSCORE_Input_Material.
+            if not (isinstance(cnf, dict) and len(cnf) == 1):
+                raise MalformedToken("cnf claim must hold one confirmation method")
+            if isinstance(cnf.get(CnfMethod.COSE_KEY), dict):
+                cnf_key = cnf[CnfMethod.COSE_KEY]
+            elif isinstance(cnf.get(CnfMethod.OSC), dict):
+                cnf_osc = check_oscore_input(cnf[CnfMethod.OSC])
+            else:
+                raise MalformedToken("cnf claim must hold a COSE_Key or OSCORE input material")
         scope = claims.get(CwtClaim.SCOPE)
         if scope is not None and not isinstance(scope, str):
             raise MalformedToken("scope claim must be a text string")
@@ -96,6 +105,7 @@ class Claims:
             scope=scope,
             nbf=None if claims.get(CwtClaim.NBF) is None else _date(claims[CwtClaim.NBF], "nbf"),
             cnf_key=cnf_key,
+            cnf_osc=cnf_osc,
         )
 
     @classmethod
@@ -141,6 +151,40 @@ class Claims:
             raise InvalidClaims("token from another issuer")
         if audience is not None and self.aud != audience:
             raise InvalidClaims("token for another audience")
+
+
+# RFC 9203 §3.2.1 / RFC 8613 §3.2: what this side can derive a context from.
+_OSCORE_TYPES = {
+    OscoreInput.ID: bytes,
+    OscoreInput.VERSION: int,
+    OscoreInput.MS: bytes,
+    OscoreInput.HKDF: (int, str),
+    OscoreInput.ALG: (int, str),
+    OscoreInput.SALT: bytes,
+    OscoreInput.CONTEXT_ID: bytes,
+}
+MIN_MASTER_SECRET_BYTES = 16
+
+
+def check_oscore_input(material: Any) -> dict[int, Any]:
+    """An OSCORE_Input_Material map (RFC 9203 §3.2.1) checked for types: `id` and `ms` (at
+    least 16 bytes) present, version 1 when given, no label outside Table 1. Raises
+    MalformedToken, naming the label but never a value."""
+    if not isinstance(material, dict):
+        raise MalformedToken("OSCORE input material must be a map")
+    for label, value in material.items():
+        expected = _OSCORE_TYPES.get(label) if isinstance(label, int) else None
+        if expected is None:
+            raise MalformedToken("OSCORE input material has an unknown parameter")
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise MalformedToken(f"OSCORE input material parameter {label} has the wrong type")
+    if OscoreInput.ID not in material or OscoreInput.MS not in material:
+        raise MalformedToken("OSCORE input material needs id and ms")
+    if len(material[OscoreInput.MS]) < MIN_MASTER_SECRET_BYTES:
+        raise MalformedToken("OSCORE master secret shorter than 16 bytes")
+    if material.get(OscoreInput.VERSION, 1) != 1:
+        raise MalformedToken("OSCORE version other than 1")
+    return dict(material)
 
 
 def _jwt_cnf_key(cnf: Any) -> dict[int, Any] | None:

@@ -1,6 +1,8 @@
-"""A small COSE_Sign1 / COSE_Mac0 codec (RFC 9052 §4.2, §6.2) over cbor2 and cryptography.
+"""A small COSE_Sign1 / COSE_Mac0 / COSE_Encrypt0 codec (RFC 9052 §4.2, §6.2, §5.2) over cbor2
+and cryptography.
 
-Only what CWTs need: ES256, EdDSA and HMAC 256/64, one signer, empty external AAD.
+Only what CWTs need: ES256, EdDSA, HMAC 256/64 and AES-CCM-16-64-128, one signer or one
+shared key, empty external AAD.
 Chosen over pycose (pure-Python ECDSA, ~20x slower) and python-cwt (~2x slower): see README.
 """
 
@@ -14,8 +16,10 @@ from typing import Any
 
 import cbor2
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 
 from coap_auth.errors import InvalidSignature, MalformedToken
 from coap_auth.tokens import deterministic, es256
@@ -23,6 +27,10 @@ from coap_auth.tokens.cose_key import PrivateKey, PublicKey
 from coap_auth.wire import CoseAlg, CoseHeader, CoseTag
 
 _MAC_64_LEN = 8
+# RFC 9053 §4.2, AES-CCM-16-64-128: a 16-byte key, an 8-byte tag, a 13-byte nonce.
+CCM_KEY_LEN = 16
+CCM_NONCE_LEN = 13
+_CCM_TAG_LEN = 8
 
 # RFC 9052 §3.1, Table 3: crit. (Not in wire.CoseHeader yet; the verifier must know it.)
 CRIT = 2
@@ -34,7 +42,9 @@ PROCESSED_LABELS = frozenset({CoseHeader.ALG, CoseHeader.KID})
 
 @dataclass(frozen=True, slots=True)
 class CoseMessage:
-    """A decoded, not yet verified COSE_Sign1 or COSE_Mac0."""
+    """A decoded, not yet verified COSE_Sign1 or COSE_Mac0, or a COSE_Encrypt0 not yet
+    decrypted (its `payload` is the ciphertext, its `tag_or_signature` empty: the tag is the
+    ciphertext's last 8 bytes)."""
 
     tag: CoseTag
     protected_bytes: bytes
@@ -89,18 +99,63 @@ def mac0(payload: bytes, key: bytes, kid: bytes | None) -> cbor2.CBORTag:
     return cbor2.CBORTag(CoseTag.MAC0, [protected, {}, payload, tag])
 
 
+def encrypt0(plaintext: bytes, key: bytes, kid: bytes, iv: bytes) -> cbor2.CBORTag:
+    """COSE_Encrypt0 with AES-CCM-16-64-128 as a CBOR tag 16 object: [protected, {},
+    ciphertext]. The IV goes in the protected header, so the unprotected header stays the
+    empty map every canonical token has (PROTOCOL.md "Canonical tokens"); `iv` must be
+    CCM_NONCE_LEN random bytes, never reused under `key`."""
+    if len(key) != CCM_KEY_LEN or len(iv) != CCM_NONCE_LEN:
+        raise ValueError("AES-CCM-16-64-128 takes a 16-byte key and a 13-byte IV")
+    header = {CoseHeader.ALG: CoseAlg.AES_CCM_16_64_128, CoseHeader.KID: kid, CoseHeader.IV: iv}
+    protected = deterministic.dumps(header)
+    ciphertext = AESCCM(key, tag_length=_CCM_TAG_LEN).encrypt(
+        iv, plaintext, _enc_structure(protected)
+    )
+    return cbor2.CBORTag(CoseTag.ENCRYPT0, [protected, {}, ciphertext])
+
+
+def decrypt0(message: CoseMessage, key: bytes) -> bytes:
+    """The plaintext of a COSE_Encrypt0 under AES-CCM-16-64-128 with `key`; InvalidSignature
+    when it is another algorithm or does not decrypt (wrong key, altered bytes)."""
+    if message.tag != CoseTag.ENCRYPT0 or message.alg != CoseAlg.AES_CCM_16_64_128:
+        raise InvalidSignature("algorithm not allowed for this key")
+    iv = message.protected.get(CoseHeader.IV)
+    if not isinstance(iv, bytes) or len(iv) != CCM_NONCE_LEN:
+        raise MalformedToken("COSE_Encrypt0 needs a 13-byte IV in its protected header")
+    if len(key) != CCM_KEY_LEN:
+        raise InvalidSignature("algorithm not allowed for this key")
+    try:
+        return AESCCM(key, tag_length=_CCM_TAG_LEN).decrypt(
+            iv, message.payload, _enc_structure(message.protected_bytes)
+        )
+    except InvalidTag:
+        raise InvalidSignature("token does not decrypt") from None
+
+
+def _enc_structure(protected: bytes) -> bytes:
+    # RFC 9052 §5.3; external_aad is the empty byte string.
+    return cbor2.dumps(["Encrypt0", protected, b""])
+
+
 def decode(item: Any) -> CoseMessage:
-    """Take apart a tag 17 or 18 object (already CBOR-decoded) without verifying it.
+    """Take apart a tag 16, 17 or 18 object (already CBOR-decoded) without verifying it.
 
     Checks the structure, that the protected header is a map in deterministic encoding, and
     `crit` (RFC 9052 §3.1): a non-empty array of labels present in the protected header, each
     one this verifier processes (PROCESSED_LABELS). The byte form of the whole token is the
     CWT layer's to check (`cwt.decode_cose`); use that for tokens."""
-    if not isinstance(item, cbor2.CBORTag) or item.tag not in (CoseTag.SIGN1, CoseTag.MAC0):
-        # COSE_Encrypt0 (16) has its place in PROTOCOL.md but no decoder here yet.
-        raise MalformedToken("not a COSE_Sign1 or COSE_Mac0 object")
+    if not isinstance(item, cbor2.CBORTag) or item.tag not in (
+        CoseTag.SIGN1,
+        CoseTag.MAC0,
+        CoseTag.ENCRYPT0,
+    ):
+        raise MalformedToken("not a COSE_Sign1, COSE_Mac0 or COSE_Encrypt0 object")
     parts = item.value
-    if not isinstance(parts, list) or len(parts) != 4:
+    if item.tag == CoseTag.ENCRYPT0:
+        if not isinstance(parts, list) or len(parts) != 3:
+            raise MalformedToken("COSE_Encrypt0 must be an array of three")
+        parts = [*parts, b""]
+    elif not isinstance(parts, list) or len(parts) != 4:
         raise MalformedToken("COSE structure must be an array of four")
     protected_bytes, unprotected, payload, last = parts
     if not (

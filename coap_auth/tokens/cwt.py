@@ -1,10 +1,13 @@
-"""CBOR Web Tokens (RFC 8392): `61(18(...))` signed and `61(17(...))` MACed, as PROTOCOL.md fixes.
+"""CBOR Web Tokens (RFC 8392): `61(18(...))` signed, `61(17(...))` MACed and `61(16(...))`
+encrypted (for an audience of the ACE OSCORE profile: its cnf holds a master secret), as
+PROTOCOL.md fixes.
 
 Signature checking (`verify_cwt`) is separate from claim validation (`Claims.validate`).
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -17,12 +20,14 @@ from coap_auth.tokens.cose_key import PrivateKey, VerificationKey
 from coap_auth.wire import CoseAlg, CoseTag
 
 KeyLookup = Callable[[bytes], VerificationKey | None]
+# kid -> the AES-CCM-16-64-128 key of an encrypted CWT, or None.
+SecretLookup = Callable[[bytes], bytes | None]
 
 # Generous for any token we issue (~200-300 bytes) and small enough to bound work.
 MAX_TOKEN_BYTES = 8192
 # Tag 61 in its shortest head (RFC 8949 §3: 61 > 23 takes one extra byte).
 _CWT_TAG = b"\xd8\x3d"
-_ARRAY_OF_FOUR, _EMPTY_MAP = b"\x84", b"\xa0"
+_ARRAY_OF_FOUR, _ARRAY_OF_THREE, _EMPTY_MAP = b"\x84", b"\x83", b"\xa0"
 _MAJOR_BYTES, _MAJOR_TAG = 2, 6
 
 
@@ -36,6 +41,14 @@ def encode_maced_cwt(claims: Claims, key: bytes, kid: bytes) -> bytes:
     """A MACed CWT (HMAC 256/64) for an audience that shares a symmetric key."""
     payload = deterministic.dumps(claims.to_cwt_map())
     return cbor2.dumps(cbor2.CBORTag(CoseTag.CWT, cose.mac0(payload, key, kid)))
+
+
+def encode_encrypted_cwt(claims: Claims, key: bytes, kid: bytes) -> bytes:
+    """An encrypted CWT, tag 61 around COSE_Encrypt0 (AES-CCM-16-64-128, a fresh random IV in
+    the protected header {1: 10, 4: kid, 5: iv}), for an audience that shares `key`."""
+    payload = deterministic.dumps(claims.to_cwt_map())
+    iv = secrets.token_bytes(cose.CCM_NONCE_LEN)
+    return cbor2.dumps(cbor2.CBORTag(CoseTag.CWT, cose.encrypt0(payload, key, kid, iv)))
 
 
 def decode_cose(token: bytes, *, low_s: bool = True) -> cose.CoseMessage:
@@ -75,6 +88,20 @@ def verify_maced_cwt(token: bytes, key: bytes) -> Claims:
     return Claims.from_cwt_map(claims)
 
 
+def decrypt_cwt(token: bytes, lookup: SecretLookup) -> Claims:
+    """Decrypt an encrypted CWT with the key its kid names; return its (unvalidated) claims.
+    Raises MalformedToken (not canonical, or claims not in deterministic encoding once
+    decrypted) or InvalidSignature (unknown kid, wrong key, altered bytes)."""
+    message, _ = _decode(token)
+    if message.tag != CoseTag.ENCRYPT0:
+        raise MalformedToken("not an encrypted CWT")
+    kid = message.kid
+    key = lookup(kid) if isinstance(kid, bytes) else None
+    if key is None:
+        raise InvalidSignature("unknown key id")
+    return Claims.from_cwt_map(deterministic.loads(cose.decrypt0(message, key), "CWT claims"))
+
+
 def decode_claims(payload: bytes) -> Claims:
     """The claims of a COSE payload, type-checked but neither verified nor validated."""
     return Claims.from_cwt_map(deterministic.loads(payload, "CWT claims"))
@@ -93,7 +120,9 @@ def _decode(token: bytes, *, low_s: bool = True) -> tuple[cose.CoseMessage, Any]
     message = cose.decode(item.value)
     if message.unprotected:
         raise MalformedToken("CWT unprotected header must be the empty map")
-    claims = deterministic.loads(message.payload, "CWT claims")
+    # An encrypted token's claims are read once it decrypts (`decrypt_cwt`).
+    encrypted = message.tag == CoseTag.ENCRYPT0
+    claims = None if encrypted else deterministic.loads(message.payload, "CWT claims")
     # Every head (tags, array, byte strings) in its shortest form, nothing after the end: the
     # parts put back together give the token again, byte for byte.
     if _canonical_bytes(message) != token:
@@ -104,7 +133,21 @@ def _decode(token: bytes, *, low_s: bool = True) -> tuple[cose.CoseMessage, Any]
 
 
 def _canonical_bytes(message: cose.CoseMessage) -> bytes:
-    """61(tag([protected, {}, payload, signature])) with every head shortest (RFC 8949 §4.2.1)."""
+    """61(tag([protected, {}, payload, signature])), or 61(16([protected, {}, ciphertext])),
+    with every head shortest (RFC 8949 §4.2.1)."""
+    if message.tag == CoseTag.ENCRYPT0:
+        return b"".join(
+            (
+                _CWT_TAG,
+                deterministic.head(_MAJOR_TAG, message.tag),
+                _ARRAY_OF_THREE,
+                deterministic.head(_MAJOR_BYTES, len(message.protected_bytes)),
+                message.protected_bytes,
+                _EMPTY_MAP,
+                deterministic.head(_MAJOR_BYTES, len(message.payload)),
+                message.payload,
+            )
+        )
     return b"".join(
         (
             _CWT_TAG,
