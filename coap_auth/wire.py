@@ -74,6 +74,21 @@ CLIENT_ASSERTION = "client_assertion"
 TOKEN_FORMAT = "token_format"
 
 
+class AceProfile(IntEnum):
+    """ACE Profiles registry (RFC 9200 §8.8): the value of ace_profile (38)."""
+
+    COAP_DTLS = 1  # RFC 9202
+    COAP_OSCORE = 2  # RFC 9203 §9.1
+    # draft-ietf-ace-edhoc-oscore-profile-11: value TBD; 4 is its Appendix C example value.
+    # PROVISIONAL until IANA assigns one.
+    COAP_EDHOC_OSCORE = 4
+
+
+# draft-ietf-ace-edhoc-oscore-profile-11 §4.1, EAD item "ACE-OAuth Access Token": label TBD
+# (24-255), 24 in its examples; PROVISIONAL. The item is critical: -24 on the wire.
+EAD_ACCESS_TOKEN = 24
+
+
 class GrantType(IntEnum):
     """OAuth Grant Type CBOR Mappings (RFC 9200 §8.11, Table 6)."""
 

@@ -382,9 +382,12 @@ async def establish(
     base_uri: str,
     identity: EdhocIdentity,
     peer: EdhocCredential,
+    *,
+    ead_3: list[tuple[int, bool, bytes]] | None = None,
 ) -> OscoreContext:
     """Run EDHOC as initiator with the server at `base_uri` (coap://host:port) over an
-    aiocoap client context, authenticating it by its provisioned credential `peer`.
+    aiocoap client context, authenticating it by its provisioned credential `peer`; `ead_3`
+    items (label, critical, value) go in message_3 (an access token, say).
     Returns the OSCORE context; raises EdhocRefused, or aiocoap's network errors."""
     import secrets
 
@@ -419,7 +422,8 @@ async def establish(
             if identity.credential.by_reference
             else lakers.CredentialTransfer.ByValue
         )
-        message_3, _prk_out = initiator.prepare_message_3(transfer, None)
+        items = [lakers.EADItem(label, critical, value) for label, critical, value in ead_3 or ()]
+        message_3, _prk_out = initiator.prepare_message_3(transfer, items or None)
     c_r = bytes(c_r)
     await post(encode_connection_id(c_r) + bytes(message_3))
     return initiator_context(initiator, c_i, c_r, peer)
