@@ -22,9 +22,18 @@ from coap_auth.wire import CoseAlg, CoseKeyParam, CoseKty
 
 KID_BYTES = 8
 HMAC_KEY_BYTES = 32
+AES_KEY_BYTES = 16  # AES-CCM-16-64-128 (RFC 9053 §4.2)
 # The family every audience signs with unless configured with its own.
 DEFAULT_FAMILY = "default"
-ALG_NAMES = {"ES256": CoseAlg.ES256, "EdDSA": CoseAlg.EDDSA, "HMAC256/64": CoseAlg.HMAC_256_64}
+ALG_NAMES = {
+    "ES256": CoseAlg.ES256,
+    "EdDSA": CoseAlg.EDDSA,
+    "HMAC256/64": CoseAlg.HMAC_256_64,
+    # A coap_oscore audience's family: its tokens are encrypted for it (RFC 9203 §3.2).
+    "AES-CCM-16-64-128": CoseAlg.AES_CCM_16_64_128,
+}
+# Algorithms whose keys are shared secrets: never published, exported to their audience.
+SYMMETRIC_ALGS = (CoseAlg.HMAC_256_64, CoseAlg.AES_CCM_16_64_128)
 
 
 class KeyState(StrEnum):
@@ -59,7 +68,8 @@ class SigningKey:
 
     @property
     def symmetric(self) -> bool:
-        return self.alg == CoseAlg.HMAC_256_64
+        """A shared secret (HMAC or AES key): never published, exported to its audience."""
+        return self.alg in SYMMETRIC_ALGS
 
     def verification_key(self) -> VerificationKey:
         if self.symmetric or self.private_key is None or isinstance(self.private_key, bytes):
@@ -84,6 +94,8 @@ class SigningKey:
 def generate_key(
     alg: CoseAlg, now: int, state: KeyState = KeyState.NEXT, family: str = DEFAULT_FAMILY
 ) -> SigningKey:
+    """A new key of `alg` with a random kid. Raises ValueError for an algorithm we have no
+    keys for."""
     secret: KeySecret
     if alg == CoseAlg.ES256:
         secret = ec.generate_private_key(ec.SECP256R1())
@@ -91,6 +103,8 @@ def generate_key(
         secret = ed25519.Ed25519PrivateKey.generate()
     elif alg == CoseAlg.HMAC_256_64:
         secret = secrets.token_bytes(HMAC_KEY_BYTES)
+    elif alg == CoseAlg.AES_CCM_16_64_128:
+        secret = secrets.token_bytes(AES_KEY_BYTES)
     else:
         raise ValueError(f"no signing keys for algorithm {alg!r}")
     return SigningKey(
@@ -282,7 +296,8 @@ def jwks(keys: Iterable[SigningKey]) -> bytes:
 
 
 def symmetric_cose_key(key: SigningKey) -> dict[int, Any]:
-    """The COSE_Key (kty 4) of an HMAC key, for provisioning its audience out of band."""
+    """The COSE_Key (kty 4) of an HMAC or AES key, {1: 4, 2: kid, 3: alg (4 or 10), -1: k},
+    for provisioning its audience out of band. Raises ValueError for any other key."""
     if not key.symmetric or not isinstance(key.private_key, bytes):
         raise ValueError("not a live symmetric key")
     return {

@@ -68,10 +68,12 @@ def add_secret_client(data_dir: Path, client_id: str = "sensor-1") -> str:
 
 
 def provision(data_dir: Path, *audience_options: str) -> str:
-    """init, audience `thermostat` (with these options) and secret client `sensor-1`, all by
-    the CLI; the client's secret."""
+    """init, audience `thermostat` (with these options; bearer tokens unless they name a
+    profile: a secret client has no key to bind a token to) and secret client `sensor-1`,
+    all by the CLI; the client's secret."""
     cli_ok("init", data_dir=data_dir)
-    cli_ok("audiences", "add", "thermostat", *audience_options, data_dir=data_dir)
+    profile = () if "--profile" in audience_options else ("--profile", "bearer")
+    cli_ok("audiences", "add", "thermostat", *profile, *audience_options, data_dir=data_dir)
     return add_secret_client(data_dir)
 
 

@@ -107,9 +107,12 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def registered_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """Built once per module by the CLI: init, audience `thermostat`, secret client `sensor-1`."""
+    """Built once per module by the CLI: init, audience `thermostat` (bearer tokens: a secret
+    client has no key to bind them to), secret client `sensor-1`."""
     data_dir = tmp_path_factory.mktemp("template") / "data"
-    return data_dir, provision(data_dir, "--token-format", "cwt", "--lifetime", "600")
+    return data_dir, provision(
+        data_dir, "--profile", "bearer", "--token-format", "cwt", "--lifetime", "600"
+    )
 
 
 @pytest.fixture

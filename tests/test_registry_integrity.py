@@ -138,8 +138,9 @@ def registered(deployment: Deployment, tmp_path: Path) -> Registered:
     introspects with a secret), secret client `sensor-1`, public-key client `meter-7`."""
     meter = ec.generate_private_key(ec.SECP256R1())
     deployment.cli_ok("init")
-    deployment.cli_ok("audiences", "add", "thermostat", "--lifetime", "600")
-    deployment.cli_ok("audiences", "add", "dashboard", "--introspect-secret")
+    # Bearer: the secret clients here have no key to bind tokens to.
+    deployment.cli_ok("audiences", "add", "thermostat", "--profile", "bearer", "--lifetime", "600")
+    deployment.cli_ok("audiences", "add", "dashboard", "--profile", "bearer", "--introspect-secret")
     stdout = deployment.cli_ok(
         "clients", "add", "sensor-1", "--audience", "thermostat", "--scope", "temp:read", "--secret"
     )

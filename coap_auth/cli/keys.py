@@ -82,9 +82,12 @@ async def cmd_keys_revoke(args: argparse.Namespace, service: AuthService) -> int
 @with_service
 async def cmd_keys_export(args: argparse.Namespace, service: AuthService) -> int:
     """Print a symmetric family's published keys for provisioning its audience."""
-    if args.family not in service.keys.rings:
-        raise OperatorError(f"no key family {args.family!r}")
-    ring = service.keys.ring(args.family)
+    if (args.family is None) == (args.family_option is None):
+        raise OperatorError("name the family: keys export FAMILY")
+    family = args.family or args.family_option
+    if family not in service.keys.rings:
+        raise OperatorError(f"no key family {family!r}")
+    ring = service.keys.ring(family)
     if not ring.active.symmetric:
         raise OperatorError("only symmetric families are exported; others are at /keys")
     key_set = [symmetric_cose_key(k) for k in ring.published]
@@ -151,7 +154,8 @@ def add_parsers(
         parents=[common],
         help="print a symmetric family's keys (base64url COSE_KeySet) to provision its audience",
     )
-    exp.add_argument("--family", required=True)
+    exp.add_argument("family", nargs="?", help="the family (its audience's id)")
+    exp.add_argument("--family", dest="family_option", help=argparse.SUPPRESS)
     exp.set_defaults(command_fn=cmd_keys_export)
 
     audit = sub.add_parser("audit", help="the hash-chained audit log")

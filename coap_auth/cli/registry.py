@@ -14,13 +14,16 @@ from coap_auth.cli.runtime import print_rows, with_service
 from coap_auth.errors import OperatorError
 from coap_auth.keys import DEFAULT_FAMILY
 from coap_auth.service import AuthService
-from coap_auth.store import TOKEN_FORMATS, Audience, AuditEvent, Client
+from coap_auth.store import PROFILES, TOKEN_FORMATS, Audience, AuditEvent, Client
+from coap_auth.store.records import OSCORE_TOKEN_ALG
 from coap_auth.text import has_control_character
 from coap_auth.tokens import cose_key_from_public
 from coap_auth.wire import MAX_TOKEN_LIFETIME
 
 SECRET_BYTES = 24  # 192 bits, printed as base64url text
-KEY_ALGS = ("ES256", "EdDSA", "HMAC256/64")
+KEY_ALGS = ("ES256", "EdDSA", "HMAC256/64", OSCORE_TOKEN_ALG)
+# Secure by default (design of issue 15): tokens bound to the client's EDHOC key.
+DEFAULT_PROFILE = "edhoc_oscore"
 
 
 def read_public_key(path: Path) -> dict[int, Any]:
@@ -55,7 +58,18 @@ async def cmd_audiences_add(args: argparse.Namespace, service: AuthService) -> i
         # Resource servers refuse longer-lived tokens (device_client's max_lifetime).
         raise OperatorError(f"--lifetime must be 1 to {MAX_TOKEN_LIFETIME} seconds")
     key_alg = args.key_alg
-    if key_alg is not None and not args.own_keys:
+    own_keys = args.own_keys
+    if args.profile == "coap_oscore":
+        # RFC 9203 §3.2: its tokens carry a master secret, encrypted under keys it alone
+        # shares with the AS.
+        if key_alg not in (None, OSCORE_TOKEN_ALG):
+            raise OperatorError(f"a coap_oscore audience's keys are {OSCORE_TOKEN_ALG}")
+        if args.token_format == "jwt":
+            raise OperatorError("a coap_oscore audience takes encrypted CWTs, not JWTs")
+        key_alg, own_keys = OSCORE_TOKEN_ALG, True
+    elif key_alg == OSCORE_TOKEN_ALG:
+        raise OperatorError(f"{OSCORE_TOKEN_ALG} keys are for --profile coap_oscore")
+    if key_alg is not None and not own_keys:
         raise OperatorError("--key-alg needs --own-keys")
     if key_alg == "HMAC256/64" and args.token_format == "jwt":
         raise OperatorError("an HMAC256/64 audience takes MACed CWTs, not JWTs")
@@ -69,16 +83,22 @@ async def cmd_audiences_add(args: argparse.Namespace, service: AuthService) -> i
         args.token_format,
         lifetime,
         service.clock.now(),
-        key_family=args.id if args.own_keys else DEFAULT_FAMILY,
-        key_alg=key_alg or (service.settings.signing_alg if args.own_keys else None),
+        key_family=args.id if own_keys else DEFAULT_FAMILY,
+        key_alg=key_alg or (service.settings.signing_alg if own_keys else None),
         introspect_secret_digest=None if secret is None else service.secret_digest(secret),
         introspect_public_key=public_key,
+        profile=args.profile,
     )
     await service.store.add_audience(audience)
     await service.load_keys()  # creates the audience's own key family
-    print(f"audience {audience.audience_id} added ({audience.token_format}, {lifetime} s tokens)")
-    if args.own_keys:
+    print(
+        f"audience {audience.audience_id} added ({audience.profile}, {audience.token_format},"
+        f" {lifetime} s tokens)"
+    )
+    if own_keys:
         print(f"key family {audience.key_family} ({audience.key_alg})")
+    if audience.profile == "coap_oscore":
+        print(f"provision its token key: coap-auth keys export {audience.key_family}")
     if secret is not None:
         # Printed once; only a keyed digest is stored.
         print(f"introspection secret: {secret}")
@@ -88,7 +108,14 @@ async def cmd_audiences_add(args: argparse.Namespace, service: AuthService) -> i
 @with_service
 async def cmd_audiences_list(args: argparse.Namespace, service: AuthService) -> int:
     rows = [a.public_view() for a in await service.store.list_audiences()]
-    columns = ["audience_id", "token_format", "lifetime", "key_family", "introspection"]
+    columns = [
+        "audience_id",
+        "profile",
+        "token_format",
+        "lifetime",
+        "key_family",
+        "introspection",
+    ]
     print_rows(rows, args.json, columns)
     return 0
 
@@ -200,6 +227,14 @@ def add_parsers(
     aud_sub = audiences.add_subparsers(metavar="ACTION", required=True)
     add = aud_sub.add_parser("add", parents=[common], help="register an audience")
     add.add_argument("id")
+    add.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default=DEFAULT_PROFILE,
+        help="how its tokens are bound: edhoc_oscore (default; to the client's EDHOC key),"
+        " coap_oscore (RFC 9203; encrypted CWTs under its own AES keys, see `keys export`),"
+        " bearer (no binding unless the client sends req_cnf)",
+    )
     add.add_argument("--token-format", choices=TOKEN_FORMATS, default="cwt")
     add.add_argument("--lifetime", type=int, help="access-token lifetime in seconds")
     add.add_argument(
@@ -210,7 +245,7 @@ def add_parsers(
     add.add_argument(
         "--key-alg",
         choices=KEY_ALGS,
-        help="algorithm of its own family; HMAC256/64 keys are never published",
+        help="algorithm of its own family; HMAC256/64 and AES keys are never published",
     )
     rs_auth = add.add_mutually_exclusive_group()
     rs_auth.add_argument(

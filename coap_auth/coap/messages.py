@@ -127,6 +127,8 @@ def parse_token_request(body: dict[Any, Any]) -> TokenRequest:
 
 
 def encode_token_response(issued: IssuedToken) -> bytes:
+    """The /token response map (RFC 9200 §5.8.2), with ace_profile, cnf and rs_cnf as the
+    audience's profile gives them."""
     body: dict[Any, Any] = {
         AceParam.ACCESS_TOKEN: issued.access_token,
         AceParam.EXPIRES_IN: issued.expires_in,
@@ -135,8 +137,15 @@ def encode_token_response(issued: IssuedToken) -> bytes:
     }
     if issued.narrowed_scope is not None:
         body[AceParam.SCOPE] = issued.narrowed_scope
+    if issued.profile is not None:
+        # RFC 9200 §5.8.4.3; RFC 9203 §3.2 (coap_oscore), draft-ietf-ace-edhoc-oscore-profile.
+        body[AceParam.ACE_PROFILE] = issued.profile
     if issued.cnf is not None:
+        # {1: COSE_Key} as bound, or RFC 9203 §3.2 {4: OSCORE input material}: the master
+        # secret travels only in this response, which /token sends OSCORE-protected.
         body[AceParam.CNF] = issued.cnf
+    if issued.rs_cnf is not None:
+        body[AceParam.RS_CNF] = issued.rs_cnf  # RFC 9201: the RS's key, for EDHOC
     if issued.refresh_token is not None:
         body[AceParam.REFRESH_TOKEN] = issued.refresh_token
     return cbor2.dumps(body)

@@ -55,7 +55,20 @@ from coap_auth.tokens import (
     verify_jwt,
     verify_maced_cwt,
 )
-from coap_auth.wire import MAX_TOKEN_LIFETIME, CnfMethod, CoseTag, GrantType, TokenType
+from coap_auth.tokens.cwt import decrypt_cwt, encode_encrypted_cwt
+from coap_auth.wire import (
+    MAX_TOKEN_LIFETIME,
+    AceProfile,
+    CnfMethod,
+    CoseAlg,
+    CoseCurve,
+    CoseKeyParam,
+    CoseKty,
+    CoseTag,
+    GrantType,
+    OscoreInput,
+    TokenType,
+)
 
 log = logging.getLogger("coap_auth.service")
 
@@ -66,6 +79,17 @@ REFRESH_TOKEN_BYTES = 32
 FAMILY_ID_BYTES = 16
 # Replay-cache names of resource servers, apart from client ids.
 RS_NAMESPACE = "rs:"
+# RFC 9203 §3.2.1 OSCORE input material of a coap_oscore token: a random id (unique in
+# practice: 64 bits), master secret and master salt; AEAD, HKDF and version at the RFC 8613
+# defaults, no ID Context.
+OSCORE_ID_BYTES = 8
+OSCORE_MASTER_SECRET_BYTES = 16
+OSCORE_SALT_BYTES = 8
+# The ace_profile (38) value of each audience profile; none for bearer tokens.
+ACE_PROFILES = {
+    "coap_oscore": AceProfile.COAP_OSCORE,
+    "edhoc_oscore": AceProfile.COAP_EDHOC_OSCORE,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +115,14 @@ class IssuedToken:
     claims: Claims
     # Set when the granted scope is narrower than the one requested (RFC 6749 §5.1).
     narrowed_scope: str | None = None
-    cnf: Mapping[int, Any] | None = None
+    # {1: COSE_Key} or, for coap_oscore, {4: OSCORE input material}: it holds the master
+    # secret, so it is never shown.
+    cnf: Mapping[int, Any] | None = field(default=None, repr=False)
     refresh_token: bytes | None = field(default=None, repr=False)
+    # The audience's ACE profile (None: bearer), and for edhoc_oscore the RS's key
+    # {1: COSE_Key} when the audience registered one.
+    profile: AceProfile | None = None
+    rs_cnf: Mapping[int, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +235,11 @@ class AuthService:
     # -- /token -------------------------------------------------------------------------------
 
     async def issue_token(self, request: TokenRequest) -> IssuedToken:
-        """The /token use case: a client_credentials grant or a refresh."""
+        """The /token use case: a client_credentials grant or a refresh. The audience's
+        profile decides the token: raises InvalidRequest for a JWT or a req_cnf with
+        coap_oscore, or edhoc_oscore without a key to bind to; UnsupportedPopKey for a
+        req_cnf that is not {1: COSE_Key} (P-256 for edhoc_oscore); InvalidClient,
+        InvalidScope, InvalidGrant, UnsupportedGrantType as the request deserves."""
         if request.grant_type == GrantType.REFRESH_TOKEN:
             return await self.refresh(request)
         if request.grant_type != GrantType.CLIENT_CREDENTIALS:
@@ -216,7 +250,7 @@ class AuthService:
         audience = await self._audience_for(client, request.audience)
         await self.keys.ensure_families([audience])
         scope, narrowed = self._grant_scope(client, request.scope)
-        cnf = _pop_key(request.req_cnf)
+        cnf = _confirmation_key(client, audience, _pop_key(request.req_cnf))
         issued = self._mint(client.client_id, audience, scope, cnf, request.token_format)
         # Every grant starts a refresh family (RFC 9700 §4.14).
         refresh_token = secrets.token_bytes(REFRESH_TOKEN_BYTES)
@@ -256,6 +290,11 @@ class AuthService:
             # the audience or the key. Raising here rolls the refresh back.
             if request.audience is not None and request.audience != family.audience:
                 raise InvalidGrant("refresh may not change the audience")
+            audience = audiences.get(family.audience)
+            if audience is None:
+                raise InvalidGrant("audience no longer registered")
+            if audience.profile == "coap_oscore" and cnf is not None:
+                raise InvalidRequest(_NO_REQ_CNF.format(audience.audience_id))
             if cnf is not None and dict(cnf) != family.cnf:
                 raise InvalidGrant("refresh may not change the proof-of-possession key")
             family_scope = family.scope.split()
@@ -266,10 +305,10 @@ class AuthService:
             if family.audience not in client.audiences or not set(wanted) <= set(client.scope):
                 raise InvalidGrant("client no longer allowed this audience or scope")
             scope = " ".join(dict.fromkeys(wanted))
-            audience = audiences.get(family.audience)
-            if audience is None:
-                raise InvalidGrant("audience no longer registered")
-            token = self._mint(family.client_id, audience, scope, family.cnf, request.token_format)
+            # The family's key stays the token's (an edhoc_oscore family has one from its
+            # grant); coap_oscore gets fresh material in _mint.
+            family_cnf = _confirmation_key(client, audience, family.cnf)
+            token = self._mint(family.client_id, audience, scope, family_cnf, request.token_format)
             issued.append(replace(token, narrowed_scope=scope if wanted != family_scope else None))
             return _access_record(token)
 
@@ -299,9 +338,15 @@ class AuthService:
         cnf: Mapping[int, Any] | None,
         token_format: str | None,
     ) -> IssuedToken:
+        """One access token for `audience`, by its profile: coap_oscore an encrypted CWT
+        with fresh OSCORE input material (`cnf` must be None: see _confirmation_key), the
+        others a signed or MACed token bound to `cnf` when given. Raises InvalidRequest for
+        a JWT where only a CWT can be."""
         now = self.clock.now()
         # An audience registered before the cap may say more; verifiers refuse longer tokens.
         lifetime = min(audience.lifetime, MAX_TOKEN_LIFETIME)
+        oscore = audience.profile == "coap_oscore"
+        material = _oscore_material() if oscore else None
         claims = Claims(
             iss=self.settings.issuer,
             sub=client_id,
@@ -311,9 +356,19 @@ class AuthService:
             cti=secrets.token_bytes(CTI_BYTES),
             scope=scope,
             cnf_key=cnf,
+            cnf_osc=material,
         )
         key = self.keys.ring(audience.key_family).active
-        if isinstance(key.private_key, bytes):
+        if material is not None:
+            # RFC 9203 §3.2: the master secret is encrypted for the RS alone.
+            if token_format == "jwt":
+                raise InvalidRequest(
+                    f"audience {audience.audience_id} takes encrypted CWTs (coap_oscore), not JWTs"
+                )
+            if key.alg != CoseAlg.AES_CCM_16_64_128 or not isinstance(key.private_key, bytes):
+                raise RuntimeError(f"family {audience.key_family!r} has no AES key to encrypt with")
+            access_token = encode_encrypted_cwt(claims, key.private_key, key.kid)
+        elif isinstance(key.private_key, bytes):
             if token_format == "jwt":
                 raise InvalidRequest("this audience takes only MACed CWTs")
             access_token = encode_maced_cwt(claims, key.private_key, key.kid)
@@ -322,12 +377,24 @@ class AuthService:
             jwt = (token_format or audience.token_format) == "jwt"
             encode = encode_jwt if jwt else encode_cwt
             access_token = encode(claims, key.private_key, key.alg, key.kid)
+        if material is not None:
+            confirmation: dict[int, Any] | None = {CnfMethod.OSC: dict(material)}
+        else:
+            confirmation = {CnfMethod.COSE_KEY: dict(cnf)} if cnf is not None else None
+        rs_key = audience.introspect_public_key
         return IssuedToken(
             access_token=access_token,
             expires_in=lifetime,
-            token_type=TokenType.POP if cnf is not None else TokenType.BEARER,
+            token_type=TokenType.POP if confirmation is not None else TokenType.BEARER,
             claims=claims,
-            cnf={CnfMethod.COSE_KEY: dict(cnf)} if cnf is not None else None,
+            cnf=confirmation,
+            profile=ACE_PROFILES.get(audience.profile),
+            # draft-ietf-ace-edhoc-oscore-profile-11 §3.3: AUTH_CRED_RS for the client.
+            rs_cnf=(
+                {CnfMethod.COSE_KEY: dict(rs_key)}
+                if audience.profile == "edhoc_oscore" and rs_key is not None
+                else None
+            ),
         )
 
     async def authenticate(
@@ -421,11 +488,17 @@ class AuthService:
         return claims
 
     def _verified_claims(self, token: bytes, family: str) -> Claims | None:
-        """Claims of a token signed (or MACed) by a published key of `family`, else None."""
+        """Claims of a token signed, MACed or (coap_oscore) encrypted by a published key of
+        `family`, else None."""
         try:
             if token[:1] == b"e":  # a JWS compact serialisation starts with base64url "ey"
                 return verify_jwt(token, self.keys.lookup_in(family))
             message = decode_cose(token)
+            if message.tag == CoseTag.ENCRYPT0:
+                return decrypt_cwt(
+                    token,
+                    lambda kid: self.keys.secret_key(kid, family, CoseAlg.AES_CCM_16_64_128),
+                )
             if message.tag == CoseTag.MAC0:
                 kid = message.kid
                 key = self.keys.mac_key(kid, family) if isinstance(kid, bytes) else None
@@ -479,6 +552,45 @@ class AuthService:
         if not granted:
             raise InvalidScope("requested scope not allowed for this client")
         return " ".join(granted), len(granted) < len(dict.fromkeys(wanted))
+
+
+_NO_REQ_CNF = "audience {} takes no req_cnf: the AS provides the OSCORE input material"
+_NEEDS_KEY = (
+    "audience {} needs a proof-of-possession key: send req_cnf or register the client's public key"
+)
+
+
+def _confirmation_key(
+    client: Client, audience: Audience, requested: Mapping[int, Any] | None
+) -> Mapping[int, Any] | None:
+    """The key a token for `audience` is bound to, by its profile: bearer, the requested one
+    if any; coap_oscore, none (the token carries OSCORE input material instead; a request
+    with req_cnf raises InvalidRequest); edhoc_oscore, the requested one or else the
+    client's registered public key, a P-256 key either way (EDHOC cipher suite 2: raises
+    UnsupportedPopKey), and InvalidRequest when there is neither."""
+    if audience.profile == "coap_oscore":
+        if requested is not None:
+            raise InvalidRequest(_NO_REQ_CNF.format(audience.audience_id))
+        return None
+    if audience.profile != "edhoc_oscore":
+        return requested
+    key = requested
+    if key is None and client.public_key is not None:
+        key = _pop_key({CnfMethod.COSE_KEY: client.public_key})
+    if key is None:
+        raise InvalidRequest(_NEEDS_KEY.format(audience.audience_id))
+    if key.get(CoseKeyParam.KTY) != CoseKty.EC2 or key.get(CoseKeyParam.CRV) != CoseCurve.P256:
+        raise UnsupportedPopKey(f"audience {audience.audience_id} needs a P-256 key (EDHOC)")
+    return key
+
+
+def _oscore_material() -> dict[int, bytes]:
+    """Fresh OSCORE input material for one token (RFC 9203 §3.2.1: id, ms, salt)."""
+    return {
+        OscoreInput.ID: secrets.token_bytes(OSCORE_ID_BYTES),
+        OscoreInput.MS: secrets.token_bytes(OSCORE_MASTER_SECRET_BYTES),
+        OscoreInput.SALT: secrets.token_bytes(OSCORE_SALT_BYTES),
+    }
 
 
 def _pop_key(req_cnf: Mapping[Any, Any] | None) -> Mapping[int, Any] | None:

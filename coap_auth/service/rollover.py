@@ -79,10 +79,15 @@ class KeyRollover:
         return ring.lookup if ring is not None else (lambda _kid: None)
 
     def mac_key(self, kid: bytes, family: str) -> bytes | None:
-        """The secret of a published symmetric key of this family, to check a MACed token."""
+        """The secret of a published HMAC key of this family, to check a MACed token."""
+        return self.secret_key(kid, family, CoseAlg.HMAC_256_64)
+
+    def secret_key(self, kid: bytes, family: str, alg: CoseAlg) -> bytes | None:
+        """The secret of a published symmetric key of this family and algorithm (HMAC, to
+        check a MACed token; AES-CCM, to decrypt an encrypted one), else None."""
         ring = self._rings.get(family)
         key = ring.find(kid) if ring is not None else None
-        if key is None or not key.symmetric or key not in ring.published:  # type: ignore[union-attr]
+        if key is None or key.alg != alg or key not in ring.published:  # type: ignore[union-attr]
             return None
         return key.private_key if isinstance(key.private_key, bytes) else None
 

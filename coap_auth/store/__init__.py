@@ -12,11 +12,13 @@ from coap_auth.store.audit import (
 from coap_auth.store.base import Store
 from coap_auth.store.master_key import MasterKey
 from coap_auth.store.records import (
+    PROFILES,
     TOKEN_FORMATS,
     Audience,
     ChangeCounters,
     Client,
     IssuedAccess,
+    Profile,
     RefreshFamily,
     RefreshOutcome,
     TokenFormat,
@@ -26,6 +28,7 @@ from coap_auth.store.registry_mac import RegistryFault, RegistryReport
 from coap_auth.store.sqlite import SqliteStore
 
 __all__ = [
+    "PROFILES",
     "TOKEN_FORMATS",
     "AuditEntry",
     "AuditEvent",
@@ -37,6 +40,7 @@ __all__ = [
     "Client",
     "IssuedAccess",
     "MasterKey",
+    "Profile",
     "RefreshFamily",
     "RefreshOutcome",
     "RegistryFault",

@@ -8,7 +8,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from coap_auth.keys import KeyState, SigningKey
+from coap_auth.keys import SYMMETRIC_ALGS, KeyState, SigningKey
 from coap_auth.store.master_key import MasterKey
 from coap_auth.wire import CoseAlg
 
@@ -59,7 +59,7 @@ def key_from_row(master_key: MasterKey, row: Sequence[Any]) -> SigningKey:
     secret: Any = None
     if sealed is not None:
         plain = master_key.decrypt(sealed, kid)
-        if alg == CoseAlg.HMAC_256_64:
+        if alg in SYMMETRIC_ALGS:
             secret = plain
         else:
             secret = serialization.load_der_private_key(plain, password=None)

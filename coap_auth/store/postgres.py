@@ -48,14 +48,18 @@ class PostgresStore(PostgresTokenTables):
             try:
                 await conn.execute(
                     f"INSERT INTO audiences ({AUDIENCE_SELECT})"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    f" VALUES ({', '.join(f'${n}' for n in range(1, len(row) + 1))})",
                     *row,
                 )
             except asyncpg.UniqueViolationError:
                 raise OperatorError(f"audience {audience.audience_id!r} already exists") from None
             # Servers reload keys and rotation policies: a new family, a new longest lifetime.
             await self._notify(conn, "keys")
-            details = {"token_format": audience.token_format, "key_family": audience.key_family}
+            details = {
+                "token_format": audience.token_format,
+                "key_family": audience.key_family,
+                "profile": audience.profile,
+            }
             event = AuditEvent(
                 audience.created_at, "operator", "audience.added", audience.audience_id, details
             )

@@ -34,7 +34,7 @@ from coap_auth.store.rows import (
 from coap_auth.store.seal_marker import refusal
 from coap_auth.store.trl_history import REQUESTER_UPDATE_COLUMNS, attributed_history
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -47,6 +47,8 @@ CREATE TABLE IF NOT EXISTS audiences (
     key_alg TEXT,
     introspect_secret_digest BYTEA,
     introspect_public_key BYTEA,
+    profile TEXT NOT NULL DEFAULT 'bearer'
+        CHECK (profile IN ('bearer', 'coap_oscore', 'edhoc_oscore')),
     mac BYTEA
 );
 CREATE TABLE IF NOT EXISTS clients (
@@ -183,10 +185,19 @@ CREATE INDEX IF NOT EXISTS access_tokens_listed_audience ON access_tokens (audie
 """
 
 
+# Version 5 to 6: an audience's ACE profile (issue 15); every existing one keeps today's
+# tokens ("bearer"), which its row MAC does not cover (registry_mac.row_mac), so the rows
+# sealed before stay sealed. Run before sealing: sealing an older schema reads the column.
+_FROM_5 = """
+ALTER TABLE audiences ADD COLUMN IF NOT EXISTS profile TEXT NOT NULL DEFAULT 'bearer'
+    CHECK (profile IN ('bearer', 'coap_oscore', 'edhoc_oscore'));
+"""
+
+
 async def migrate(
     conn: Any, lock_key: int, master_key: MasterKey, now: int, sealed_before: int | None
 ) -> None:
-    """Create the schema if absent, or bring version 2, 3 or 4 up to date; refuse a newer one.
+    """Create the schema if absent, or bring version 2 to 5 up to date; refuse a newer one.
     `conn` is an asyncpg connection; `now` dates the audit entry that records a migration;
     `sealed_before` is the version this instance's marker records: an older database (or one
     that lost its version but holds data) is refused, not sealed again."""
@@ -204,7 +215,8 @@ async def migrate(
                 raise OperatorError(problem)
             head = sealed_head(master_key.audit_mac, 0, GENESIS, EMPTY_REGISTRY)
             await _write_head(conn, head, insert=True)
-            # A no-op on tables just created; tables that lost their version get the column.
+            # A no-op on tables just created; tables that lost their version get the columns.
+            await conn.execute(_FROM_5)
             await conn.execute(_FROM_4)
             await conn.execute(_LISTED_INDEXES)
             await _attribute_history(conn)
@@ -216,6 +228,7 @@ async def migrate(
             if problem:
                 raise OperatorError(problem)
             # Only now: ALTER TABLE locks the table against every other instance's reads.
+            await conn.execute(_FROM_5)
             if version < 3:
                 await conn.execute(_FROM_2)
                 await _seal(conn, master_key, version, now)
@@ -224,9 +237,10 @@ async def migrate(
                 await _reseal(conn, master_key, now)
             else:
                 await _record_upgrade(conn, master_key, version, now)
-            await conn.execute(_FROM_4)
-            await conn.execute(_LISTED_INDEXES)
-            await _attribute_history(conn)
+            if version < 5:
+                await conn.execute(_FROM_4)
+                await conn.execute(_LISTED_INDEXES)
+                await _attribute_history(conn)
             await conn.execute("UPDATE schema_version SET version = $1", SCHEMA_VERSION)
 
 

@@ -7,27 +7,53 @@ from typing import Any, Literal
 
 TokenFormat = Literal["cwt", "jwt"]
 TOKEN_FORMATS: tuple[TokenFormat, ...] = ("cwt", "jwt")
+# How a resource server takes its tokens (design of issue 15): "bearer" (today's tokens, cnf
+# only when the client sends req_cnf), "coap_oscore" (RFC 9203: an encrypted CWT carrying
+# OSCORE input material), "edhoc_oscore" (draft-ietf-ace-edhoc-oscore-profile-11: a token
+# bound to the client's EDHOC key).
+Profile = Literal["bearer", "coap_oscore", "edhoc_oscore"]
+PROFILES: tuple[Profile, ...] = ("edhoc_oscore", "coap_oscore", "bearer")
+BEARER: Profile = "bearer"
+# The key algorithms whose keys are shared secrets (never published at /keys; exported).
+SYMMETRIC_KEY_ALGS = ("HMAC256/64", "AES-CCM-16-64-128")
+# The algorithm of a coap_oscore audience's own family: its tokens are encrypted for it.
+OSCORE_TOKEN_ALG = "AES-CCM-16-64-128"
 
 
 @dataclass(frozen=True, slots=True)
 class Audience:
-    """A resource server tokens are issued for."""
+    """A resource server tokens are issued for. Raises ValueError when built as coap_oscore
+    without its own AES-CCM-16-64-128 key family, or with one under another profile."""
 
     audience_id: str
     token_format: TokenFormat
     lifetime: int
     created_at: int
     # The signing-key family its tokens are signed with ("default": the shared one), and
-    # the algorithm of its own family ("ES256", "EdDSA" or "HMAC256/64"; None: the default).
+    # the algorithm of its own family ("ES256", "EdDSA", "HMAC256/64" or, for coap_oscore,
+    # "AES-CCM-16-64-128"; None: the default).
     key_family: str = "default"
     key_alg: str | None = None
     # How it authenticates to /introspect: a keyed digest of its secret, or its public key.
     introspect_secret_digest: bytes | None = field(default=None, repr=False)
     introspect_public_key: dict[Any, Any] | None = field(default=None, compare=False)
+    # "bearer" for records (and rows) from before profiles; `audiences add` defaults to
+    # "edhoc_oscore".
+    profile: Profile = BEARER
+
+    def __post_init__(self) -> None:
+        # RFC 9203 §3.2: the token carries a master secret, so it is encrypted under a key
+        # only this audience shares: an own family of AES keys, for this profile only.
+        oscore_keys = self.key_alg == OSCORE_TOKEN_ALG
+        if (self.profile == "coap_oscore") != (oscore_keys and self.key_family != "default"):
+            raise ValueError(
+                f"a coap_oscore audience (and only one) has its own {OSCORE_TOKEN_ALG} key family"
+            )
 
     @property
     def symmetric(self) -> bool:
-        return self.key_alg == "HMAC256/64"
+        """Its family's keys are shared with it, never published."""
+        return self.key_alg in SYMMETRIC_KEY_ALGS
 
     def public_view(self) -> dict[str, Any]:
         if self.introspect_secret_digest is not None:
@@ -42,6 +68,7 @@ class Audience:
             "lifetime": self.lifetime,
             "key_family": self.key_family,
             "key_alg": self.key_alg,
+            "profile": self.profile,
             "introspection": introspection,
             "created_at": self.created_at,
         }

@@ -37,6 +37,7 @@ AUDIENCE_COLUMNS = (
     "key_alg",
     "introspect_secret_digest",
     "introspect_public_key",
+    "profile",  # schema 6; MACed only when not "bearer" (registry_mac.row_mac)
 )
 CLIENT_COLUMNS = (
     "client_id",
@@ -66,6 +67,7 @@ def audience_from_row(row: Row) -> Audience:
         key_alg,
         introspect_secret_digest,
         introspect_public_key,
+        profile,
     ) = row
     return Audience(
         audience_id,
@@ -78,6 +80,7 @@ def audience_from_row(row: Row) -> Audience:
         introspect_public_key=(
             None if introspect_public_key is None else cbor2.loads(introspect_public_key)
         ),
+        profile=profile,
     )
 
 
@@ -92,6 +95,7 @@ def audience_to_row(audience: Audience) -> tuple[Any, ...]:
         audience.key_alg,
         audience.introspect_secret_digest,
         None if public_key is None else cbor2.dumps(public_key),
+        audience.profile,
     )
 
 

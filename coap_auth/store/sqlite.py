@@ -49,14 +49,19 @@ class SqliteStore(TokenTables):
         def add(conn: sqlite3.Connection) -> None:
             try:
                 conn.execute(
-                    f"INSERT INTO audiences ({AUDIENCE_SELECT}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO audiences ({AUDIENCE_SELECT})"
+                    f" VALUES ({', '.join('?' * len(row))})",
                     row,
                 )
             except sqlite3.IntegrityError:
                 raise OperatorError(f"audience {audience.audience_id!r} already exists") from None
             # Servers reload keys and rotation policies: a new family, a new longest lifetime.
             conn.execute("UPDATE change_feed SET counter = counter + 1 WHERE id = 1")
-            details = {"token_format": audience.token_format, "key_family": audience.key_family}
+            details = {
+                "token_format": audience.token_format,
+                "key_family": audience.key_family,
+                "profile": audience.profile,
+            }
             self._audit(
                 conn,
                 [

@@ -37,7 +37,7 @@ from coap_auth.store.rows import (
 from coap_auth.store.seal_marker import refusal
 from coap_auth.store.trl_history import REQUESTER_UPDATE_COLUMNS, attributed_history
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 SCHEMA = """
 CREATE TABLE audiences (
@@ -49,6 +49,8 @@ CREATE TABLE audiences (
     key_alg TEXT,
     introspect_secret_digest BLOB,
     introspect_public_key BLOB,
+    profile TEXT NOT NULL DEFAULT 'bearer'
+        CHECK (profile IN ('bearer', 'coap_oscore', 'edhoc_oscore')),
     mac BLOB
 );
 CREATE TABLE clients (
@@ -226,6 +228,15 @@ CREATE INDEX trl_requester_updates_trl_seq ON trl_requester_updates (trl_seq)
 """
 
 
+# Version 5 to 6: an audience's ACE profile (issue 15); every existing one keeps today's
+# tokens ("bearer"), which its row MAC does not cover (registry_mac.row_mac), so the rows
+# sealed before stay sealed. Run first: sealing an older file reads the column.
+_FROM_5 = """
+ALTER TABLE audiences ADD COLUMN profile TEXT NOT NULL DEFAULT 'bearer'
+    CHECK (profile IN ('bearer', 'coap_oscore', 'edhoc_oscore'))
+"""
+
+
 def migrate(
     conn: sqlite3.Connection, master_key: MasterKey, now: int, sealed_before: int | None
 ) -> None:
@@ -249,6 +260,7 @@ def migrate(
             problem = refusal(max(version, 1), sealed_before)
             if problem:
                 raise OperatorError(problem)
+            _script(conn, _FROM_5)
             if version < 3:
                 if version < 2:
                     _script(conn, _FROM_1)
@@ -261,8 +273,9 @@ def migrate(
                 _reseal_audit_head(conn, master_key, now)
             else:
                 _record_upgrade(conn, master_key, version, now)
-            _script(conn, _FROM_4)
-            _attribute_history(conn)
+            if version < 5:
+                _script(conn, _FROM_4)
+                _attribute_history(conn)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.execute("ROLLBACK")

@@ -154,7 +154,7 @@ class Claims:
 
 
 # RFC 9203 §3.2.1 / RFC 8613 §3.2: what this side can derive a context from.
-_OSCORE_TYPES = {
+_OSCORE_TYPES: dict[int, type | tuple[type, ...]] = {
     OscoreInput.ID: bytes,
     OscoreInput.VERSION: int,
     OscoreInput.MS: bytes,

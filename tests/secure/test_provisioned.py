@@ -167,7 +167,7 @@ async def libcoap_token(conf: Path, url: str, out: Path) -> bytes:
 async def test_libcoap_gets_a_token_over_a_provisioned_context(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     cli_ok("init", data_dir=data_dir)
-    cli_ok("audiences", "add", "thermostat", data_dir=data_dir)
+    cli_ok("audiences", "add", "thermostat", "--profile", "bearer", data_dir=data_dir)
     add_secret_client(data_dir, "libcoap-1")  # (its secret is never used: OSCORE is)
     conf = tmp_path / "libcoap-1.conf"
     conf.write_text(cli_ok("clients", "oscore", "libcoap-1", data_dir=data_dir))

@@ -83,9 +83,19 @@ class Backend:
         return {"signing_keys": b"".join(v for r in rows for v in r if isinstance(v, bytes))}
 
 
+async def back_to_version_5(backend: Backend) -> None:
+    """The database as schema 5 left it: audiences without their profile."""
+    await backend.execute("ALTER TABLE audiences DROP COLUMN profile")
+    if backend.name == "sqlite":
+        await backend.execute("PRAGMA user_version = 5")
+    else:
+        await backend.execute("UPDATE schema_version SET version = 5")
+
+
 async def back_to_version_4(backend: Backend) -> None:
     """The database as schema 4 left it: access tokens without their audience, no update
-    collection per requester."""
+    collection per requester (nor audience profiles)."""
+    await back_to_version_5(backend)
     for index in ("access_tokens_listed_client", "access_tokens_listed_audience"):
         await backend.execute(f"DROP INDEX {index}")
     await backend.execute("DROP TABLE trl_requester_updates")

@@ -3,7 +3,8 @@
 A client or audience row changed or added with the database alone is never used (the store
 answers as if it were not there), is logged in one line naming it, and is reported by
 `registry_report`; the MAC covers every column; migrating a schema version 2 store gives every
-existing row a valid MAC. Run on every backend, tampering with plain SQL as an attacker would.
+existing row a valid MAC, and migrating schema 5 keeps them (its audiences are "bearer"). Run
+on every backend, tampering with plain SQL as an attacker would.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from coap_auth.store.rows import (
     audience_to_row,
     client_to_row,
 )
+from coap_auth.store.seal_marker import marker_path
 from coap_auth.store.sqlite import DB_FILE
 from coap_auth.store.sqlite_schema import SCHEMA_VERSION
 from coap_auth.tokens import cose_key_from_public
 from tests import pg
-from tests.store.conftest import Backend
+from tests.store.conftest import Backend, back_to_version_5
 
 T0 = 1_700_000_000
 VECTORS = Path(__file__).parent.parent / "vectors"
@@ -184,7 +186,7 @@ async def test_a_rogue_row_inserted_in_the_database_is_never_used(
     )
     await backend.execute(
         f"INSERT INTO audiences ({', '.join(AUDIENCE_COLUMNS)}, mac)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        f" VALUES ({', '.join(f'${n}' for n in range(1, len(AUDIENCE_COLUMNS) + 2))})",
         *audience_to_row(Audience("rogue-rs", "cwt", 600, T0)),
         None,
     )
@@ -270,7 +272,7 @@ async def _v2_store(backend: Backend) -> None:
             await conn.close()
     await backend.execute(
         "INSERT INTO audiences VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        *audience_to_row(THERMOSTAT),
+        *audience_to_row(THERMOSTAT)[:8],  # version 2 had no profile column
     )
     for client in (SENSOR, METER):
         await backend.execute(
@@ -342,3 +344,80 @@ async def test_rows_sealed_under_another_master_key_are_all_refused(backend: Bac
 
     assert await _visible(store) == (set(), set())
     assert len((await store.registry_report()).faults) == 3
+
+
+# -- schema 6: an audience's ACE profile (issue 15) ---------------------------------------------
+
+OSCORE_RS = Audience(
+    "oscore-rs",
+    "cwt",
+    600,
+    T0,
+    key_family="oscore-rs",
+    key_alg="AES-CCM-16-64-128",
+    profile="coap_oscore",
+)
+EDHOC_RS = Audience(
+    "edhoc-rs", "cwt", 600, T0, introspect_public_key=DEVICE_KEY, profile="edhoc_oscore"
+)
+
+
+async def test_a_version_5_database_migrates_its_audiences_to_bearer(
+    backend: Backend, store: Store
+) -> None:
+    await store.close()
+    backend.opened.remove(store)
+    await back_to_version_5(backend)
+    store_name = "sqlite" if backend.name == "sqlite" else f"postgres-{backend.schema}"
+    marker = marker_path(backend.tmp_path, store_name)
+    marker.write_text("5\n")  # what coap-auth with schema 5 wrote
+
+    store = await backend.open_store()
+
+    # Every audience is "bearer", and the MACs sealed under schema 5 still verify.
+    assert [(a.audience_id, a.profile) for a in await store.list_audiences()] == [
+        ("dashboard", "bearer"),
+        ("thermostat", "bearer"),
+    ]
+    assert await store.get_audience("thermostat") == THERMOSTAT
+    assert await store.registry_report() == RegistryReport(2, 2)
+    entries = await store.audit_entries()
+    assert entries[-1].event.event == "store.migrated"
+    assert entries[-1].event.details == {"from": 5, "to": SCHEMA_VERSION}
+    assert verify_log(backend.master_key.audit_mac, await store.audit_snapshot()).ok
+    assert marker.read_text() == f"{SCHEMA_VERSION}\n"
+    # The new column takes the other profiles, and the audit records them.
+    await store.add_audience(OSCORE_RS)
+    assert await store.get_audience("oscore-rs") == OSCORE_RS
+    added = (await store.audit_entries())[-1].event
+    assert (added.event, added.details["profile"]) == ("audience.added", "coap_oscore")
+    # Reopening migrates nothing again.
+    await backend.open_store()
+    assert len(await store.audit_entries()) == len(entries) + 1
+
+
+async def test_the_mac_covers_a_profile_other_than_bearer(backend: Backend, store: Store) -> None:
+    await store.add_audience(OSCORE_RS)
+    await store.add_audience(EDHOC_RS)
+    assert await store.get_audience("edhoc-rs") == EDHOC_RS
+    assert (await store.get_audience("edhoc-rs")).profile == "edhoc_oscore"  # type: ignore[union-attr]
+    assert (await store.registry_report()).ok
+    # Downgraded to bearer tokens, or a bearer audience upgraded, with the database alone.
+    await backend.execute("UPDATE audiences SET profile = 'bearer' WHERE audience_id = 'edhoc-rs'")
+    await backend.execute(
+        "UPDATE audiences SET profile = 'edhoc_oscore' WHERE audience_id = 'thermostat'"
+    )
+    assert await store.get_audience("edhoc-rs") is None
+    assert await store.get_audience("thermostat") is None
+    assert await store.get_audience("oscore-rs") == OSCORE_RS
+    faults = (await store.registry_report()).faults
+    assert sorted(f.row_id for f in faults) == ["edhoc-rs", "thermostat"]
+
+
+def test_a_bearer_row_keeps_its_schema_5_mac_and_no_other_row_shares_it() -> None:
+    mac = MasterKey(b"\x01" * 32).registry_mac
+    values = audience_to_row(THERMOSTAT)
+    assert values[-1] == "bearer"
+    assert row_mac(mac, AUDIENCES, values) == row_mac(mac, AUDIENCES, values[:-1])
+    for profile in ("edhoc_oscore", "coap_oscore"):
+        assert row_mac(mac, AUDIENCES, (*values[:-1], profile)) != row_mac(mac, AUDIENCES, values)
