@@ -1,12 +1,15 @@
 """The AS's verification keys as a device holds them: a COSE_KeySet parsed into a lookup table.
 
 Pure: no I/O. `KeySetWatcher` (watch.py) keeps one current by observing `/keys`. An audience
-with its own HMAC keys gets them out of band (`coap-auth keys export`); they are never at
-/keys, and never shown in repr.
+with its own symmetric keys (HMAC 256/64 for MACed tokens, AES-CCM-16-64-128 for the encrypted
+tokens of the ACE OSCORE profile, RFC 9203) gets them out of band (`coap-auth keys export
+FAMILY`, read with `KeySet.from_export`); they are never at /keys, and never shown in repr.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +26,8 @@ log = logging.getLogger("device_client.keyset")
 MAX_KEY_SET_BYTES = 16384
 # RFC 9053 §3.1: HMAC keys shorter than the hash output weaken it.
 MIN_SHARED_KEY_BYTES = 32
+# RFC 9053 §4.2: AES-CCM-16-64-128 takes a 128-bit key, exactly.
+ENCRYPTION_KEY_BYTES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +37,26 @@ class KeySet:
     keys: tuple[VerificationKey, ...] = ()
     # kid -> HMAC 256/64 key (RFC 9053 §3.1), for COSE_Mac0 tokens of a symmetric audience.
     shared: Mapping[bytes, bytes] = field(default_factory=dict, repr=False, hash=False)
+    # kid -> AES-CCM-16-64-128 key (RFC 9053 §4.2), for the COSE_Encrypt0 tokens of an
+    # audience of the OSCORE profile (RFC 9203 §3.2: the token carries a master secret).
+    encryption: Mapping[bytes, bytes] = field(default_factory=dict, repr=False, hash=False)
+
+    @classmethod
+    def from_export(cls, text: str | bytes) -> KeySet:
+        """What `coap-auth keys export FAMILY` printed: a COSE_KeySet in base64url (padding
+        optional, surrounding whitespace ignored). Raises ValueError when it is not one; the
+        message never quotes the input."""
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("ascii")
+            except UnicodeDecodeError:
+                raise ValueError("exported key set is not base64url text") from None
+        stripped = "".join(text.split())
+        try:
+            payload = base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
+        except (binascii.Error, ValueError):
+            raise ValueError("exported key set is not base64url text") from None
+        return cls.from_cose_key_set(payload)
 
     @classmethod
     def from_cose_key_set(cls, payload: bytes) -> KeySet:
@@ -50,16 +75,19 @@ class KeySet:
             raise ValueError("key set must be a CBOR array of COSE_Key maps")
         keys: dict[bytes, VerificationKey] = {}
         shared: dict[bytes, bytes] = {}
+        encryption: dict[bytes, bytes] = {}
         for item in items:
             if item.get(CoseKeyParam.KTY) == CoseKty.SYMMETRIC:
                 kid, secret = item.get(CoseKeyParam.KID), item.get(CoseKeyParam.K)
-                if (
-                    item.get(CoseKeyParam.ALG) == CoseAlg.HMAC_256_64
-                    and isinstance(kid, bytes)
-                    and isinstance(secret, bytes)
-                    and len(secret) >= MIN_SHARED_KEY_BYTES
-                ):
+                if not isinstance(kid, bytes) or not isinstance(secret, bytes):
+                    continue
+                alg = item.get(CoseKeyParam.ALG)
+                if alg == CoseAlg.HMAC_256_64 and len(secret) >= MIN_SHARED_KEY_BYTES:
                     shared.setdefault(kid, secret)
+                elif alg == CoseAlg.AES_CCM_16_64_128 and len(secret) == ENCRYPTION_KEY_BYTES:
+                    encryption.setdefault(kid, secret)
+                else:
+                    log.debug("skipping a symmetric key this device cannot use")
                 continue
             try:
                 key = VerificationKey.from_cose_key(item)
@@ -67,7 +95,7 @@ class KeySet:
                 log.debug("skipping a key this device cannot use")
                 continue
             keys.setdefault(key.kid, key)
-        return cls(tuple(keys.values()), shared)
+        return cls(tuple(keys.values()), shared, encryption)
 
     @property
     def kids(self) -> frozenset[bytes]:
@@ -81,6 +109,10 @@ class KeySet:
 
     def shared_key(self, kid: bytes) -> bytes | None:
         return self.shared.get(kid)
+
+    def encryption_key(self, kid: bytes) -> bytes | None:
+        """The AES-CCM-16-64-128 key named `kid`, or None."""
+        return self.encryption.get(kid)
 
     async def refetch(self) -> bool:
         """A fixed set learns nothing new (the KeySource protocol of verify.py)."""

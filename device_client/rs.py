@@ -1,16 +1,37 @@
-"""A resource server's side of ACE on aiocoap: `/authz-info` (RFC 9200 §5.10.1) and a scope guard.
+"""A resource server's side of ACE on aiocoap: proof-of-possession by the OSCORE profiles.
 
-Clients POST their token to /authz-info; the RS verifies it offline and keeps it for the
-endpoint that sent it. `require_scope(...)` guards a resource's render methods with that token,
-re-checked on every use (expiry, TRL, its key still published, the verifier's staleness bound).
-The table is bounded per subject, so one client cannot push out another's tokens.
-Without DTLS or OSCORE the endpoint is only a UDP address: the token is a bearer token.
+    rs = ResourceServer(verifier, as_uri=AS, identity=DeviceKey("thermostat", key))
+    site = aiocoap.resource.Site()
+    site.add_resource(["temp"], Temperature(rs))      # render methods under @require_scope
+    context = await rs.serve(site, ("::", 5683))       # or: served = rs.add_to(site)
+
+Every guarded request is decided from the access token bound to the OSCORE security context
+it arrived under (`request.remote.security_context`), never from its source address:
+
+- OSCORE profile (RFC 9203): the client POSTs {access_token, nonce1, ace_client_recipientid}
+  (application/ace+cbor) to the unprotected /authz-info; the RS decrypts the token (COSE_Encrypt0
+  under the audience's AES key), answers {nonce2, ace_server_recipientid} and derives the
+  context from the token's OSCORE_Input_Material (RFC 9203 §4.3). rs_oscore.py.
+- EDHOC + OSCORE profile (draft-ietf-ace-edhoc-oscore-profile-11, provisional code points): the
+  token's cnf is the client's COSE_Key; the client runs EDHOC with the RS at
+  /.well-known/edhoc with that key, the token in EAD_3 (label 24, critical) or POSTed to
+  /authz-info (application/cwt) beforehand. The context is bound to the token whose cnf is the
+  key EDHOC authenticated. rs_edhoc.py.
+- Bearer tokens (no cnf) only with `allow_bearer=True`, kept per endpoint as before the
+  profiles: anyone who can send from that address and port uses them.
+
+An unprotected request to a guarded resource gets 4.01 with AS Request Creation Hints
+(RFC 9200 §5.3); a scope too narrow 4.03; a token no longer valid (expired, revoked, its key
+withdrawn) takes its context with it and the request gets an unprotected 4.01 (RFC 9203 §4.3).
+State is bounded: tokens per subject and in all, contexts per subject and in all, the nonce1
+memory. Neither tokens nor keys appear in logs or error bodies.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,41 +39,47 @@ import aiocoap
 import cbor2
 from aiocoap import resource
 
-from coap_auth.errors import (
-    CoapAuthError,
-    PayloadTooLarge,
-    ServiceUnavailable,
-    TokenError,
-    UnsupportedContentFormat,
-)
-from coap_auth.udp import error_message
-from coap_auth.wire import ContentFormat, ProblemDetail
+from coap_auth.errors import ServiceUnavailable, TokenError
+from coap_auth.secure.credentials import EdhocIdentity
+from coap_auth.udp import CriticalOptionGuard, create_server_context, error_message
+from coap_auth.wire import ContentFormat
+from device_client.credentials import DeviceKey
 from device_client.errors import InsufficientScope
+from device_client.rs_common import (
+    HINT_AS,
+    HINT_AUDIENCE,
+    HINT_SCOPE,
+    context_of,
+    endpoint_of,
+    problem,
+)
+from device_client.rs_contexts import ContextBindings
+from device_client.rs_edhoc import EdhocBinding, EdhocResource
+from device_client.rs_resources import AuthzInfoResource
 from device_client.verify import TokenVerifier, VerifiedToken
 
 log = logging.getLogger("device_client.rs")
 
-MAX_TOKEN_BYTES = 4096
-# RFC 9200 §5.3 AS Request Creation Hints (CBOR labels).
-HINT_AS = 1
-HINT_AUDIENCE = 5
-HINT_SCOPE = 9
+__all__ = ["AuthzInfoResource", "ResourceServer", "endpoint_of", "require_scope"]
 
 Render = Callable[[Any, aiocoap.Message], Awaitable[aiocoap.Message]]
 
 
-def endpoint_of(request: aiocoap.Message) -> str:
-    """The key a token is kept under: the requesting transport endpoint."""
-    return str(request.remote.uri_base)
-
-
 class ResourceServer:
-    """Tokens uploaded to /authz-info, verified and kept per client endpoint.
+    """Tokens and the OSCORE contexts bound to them, for one audience (`verifier.audience`).
 
-    At most `max_tokens` in all and `max_tokens_per_subject` per subject (the token's `sub`,
-    the client it was issued to): a subject over its share loses its own oldest upload, and a
-    full table makes room by dropping the oldest token of the subject holding the most. One
-    client uploading its token from many ports cannot evict anyone else's.
+    `identity` (the RS's own P-256 DeviceKey, client_id = the audience id, or an
+    EdhocIdentity) enables the EDHOC profile (/.well-known/edhoc); without it only the
+    RFC 9203 profile (and bearer tokens, if allowed) is served. `allow_bearer` accepts tokens
+    without cnf, bound to the uploading endpoint only (off by default: a bearer token is used
+    by whoever holds it). Bounds: `max_tokens` kept tokens (bearer ones, and PoP tokens
+    awaiting EDHOC) with `max_tokens_per_subject` each, `max_contexts` contexts with
+    `contexts_per_subject` each, dropped after `context_idle_timeout` s unused, and the last
+    `max_nonces` nonce1 values. `on_token(token, key)` is called for each token accepted (key:
+    the endpoint of a bearer token, "pop:<hash>" for one held for EDHOC, "oscore:<recipient
+    id>" for one bound to a context). Raises ValueError for inconsistent bounds or an identity
+    not named after the audience, ChannelUnavailable for an identity that cannot run EDHOC
+    (an Ed25519 DeviceKey).
     """
 
     def __init__(
@@ -60,8 +87,14 @@ class ResourceServer:
         verifier: TokenVerifier,
         *,
         as_uri: str | None = None,
+        identity: DeviceKey | EdhocIdentity | None = None,
+        allow_bearer: bool = False,
         max_tokens: int = 64,
         max_tokens_per_subject: int = 4,
+        max_contexts: int = 64,
+        contexts_per_subject: int = 4,
+        context_idle_timeout: int = 3600,
+        max_nonces: int = 1024,
         on_token: Callable[[VerifiedToken, str], None] | None = None,
     ) -> None:
         if not 1 <= max_tokens_per_subject <= max_tokens:
@@ -69,24 +102,70 @@ class ResourceServer:
         self.verifier = verifier
         # Named in 4.01 answers so a client knows where to get a token (RFC 9200 §5.3).
         self.as_uri = as_uri
+        self.allow_bearer = allow_bearer
         self.max_tokens = max_tokens
         self.max_tokens_per_subject = max_tokens_per_subject
         self.on_token = on_token
-        # endpoint -> token, oldest upload first.
-        self._tokens: dict[str, VerifiedToken] = {}
+        # Bearer tokens by endpoint, and PoP tokens awaiting EDHOC by "pop:<hash>"; oldest
+        # first.
+        self._tokens: OrderedDict[str, VerifiedToken] = OrderedDict()
+        self.bindings = ContextBindings(
+            verifier.clock.now,
+            max_contexts=max_contexts,
+            per_subject=contexts_per_subject,
+            idle_timeout=context_idle_timeout,
+            max_nonces=max_nonces,
+        )
+        # The contexts (coap_auth.secure.contexts.ContextTable) and the nonce1 memory.
+        self.contexts = self.bindings.table
+        self.nonces = self.bindings.nonces
+        if isinstance(identity, DeviceKey):
+            identity = identity.edhoc_identity()
+        if identity is not None and identity.credential.subject != verifier.audience:
+            # Clients build the RS's credential from the audience id and rs_cnf (design).
+            raise ValueError("the RS's EDHOC identity must be named after its audience")
+        self.identity = identity
+        self.edhoc = EdhocBinding(self) if identity is not None else None
 
-    def add_to(self, site: resource.Site) -> None:
+    # -- serving --------------------------------------------------------------------------------
+
+    def add_to(self, site: resource.Site) -> Any:
+        """Add /authz-info (and /.well-known/edhoc with an identity) to `site`; return the site
+        to serve: OSCORE unprotection in front of it (and of the 4.02 check of critical
+        options). Serve it with `create_server_context(served, bind, check_options=False)`
+        (the OSCORE option is critical: a check in front would refuse it), or use `serve`."""
+        from coap_auth.secure.site import ProtectedSite
+
         site.add_resource(["authz-info"], AuthzInfoResource(self))
+        if self.edhoc is not None:
+            site.add_resource([".well-known", "edhoc"], EdhocResource(self.edhoc))
+        return ProtectedSite(CriticalOptionGuard(site), self.contexts, self.verifier.clock)
 
-    # -- tokens -------------------------------------------------------------------------------
+    async def serve(self, site: resource.Site, bind: tuple[str, int]) -> aiocoap.Context:
+        """`add_to(site)`, served on UDP at `bind`; shut the returned context down to stop.
+        Raises OSError when the address cannot be bound."""
+        return await create_server_context(self.add_to(site), bind, check_options=False)
+
+    # -- bearer tokens and PoP tokens awaiting EDHOC -------------------------------------------
 
     async def accept(self, token: bytes, endpoint: str) -> VerifiedToken:
-        """Verify a token and keep it for `endpoint`, replacing that endpoint's previous one."""
+        """Verify a bearer token (no cnf) and keep it for `endpoint`, replacing that
+        endpoint's previous one (whether bearer tokens are allowed is /authz-info's decision).
+        Raises what `TokenVerifier.verify` raises, or MalformedToken for a PoP token."""
+        from coap_auth.errors import MalformedToken
+
         verified = await self.verifier.verify(token)
-        self._tokens.pop(endpoint, None)
-        self._tokens[endpoint] = verified
+        if verified.profile != "bearer":
+            raise MalformedToken("a proof-of-possession token is not a bearer token")
+        self.keep(endpoint, verified)
+        return verified
+
+    def keep(self, key: str, verified: VerifiedToken) -> None:
+        """Hold a verified token under `key`, within the bounds (class docstring)."""
+        self._tokens.pop(key, None)
+        self._tokens[key] = verified
         subject = verified.claims.sub
-        mine = [e for e, t in self._tokens.items() if t.claims.sub == subject]
+        mine = [k for k, t in self._tokens.items() if t.claims.sub == subject]
         for oldest in mine[: max(0, len(mine) - self.max_tokens_per_subject)]:
             del self._tokens[oldest]
         if len(self._tokens) > self.max_tokens:
@@ -94,46 +173,101 @@ class ResourceServer:
             while len(self._tokens) > self.max_tokens:
                 self._evict_from_largest_subject()
         if self.on_token is not None:
-            self.on_token(verified, endpoint)
-        return verified
+            self.on_token(verified, key)
 
     def _evict_from_largest_subject(self) -> None:
         """Drop the oldest token of the subject holding the most (the oldest such on a tie)."""
         held: dict[str, list[str]] = {}
-        for endpoint, token in self._tokens.items():
-            held.setdefault(token.claims.sub, []).append(endpoint)
+        for key, token in self._tokens.items():
+            held.setdefault(token.claims.sub, []).append(key)
         largest = max(held.values(), key=len)
         del self._tokens[largest[0]]
 
+    def held_pop_tokens(self, subject: str) -> list[VerifiedToken]:
+        """The PoP tokens of `subject` awaiting (or used by) EDHOC, newest first."""
+        return [
+            t
+            for k, t in reversed(self._tokens.items())
+            if k.startswith("pop:") and t.claims.sub == subject
+        ]
+
+    # -- contexts -------------------------------------------------------------------------------
+
+    # -- decisions ------------------------------------------------------------------------------
+
     def token_for(self, request_or_endpoint: aiocoap.Message | str) -> VerifiedToken | None:
-        """The token kept for the endpoint of a request (no validity check)."""
-        endpoint = (
-            request_or_endpoint
-            if isinstance(request_or_endpoint, str)
-            else endpoint_of(request_or_endpoint)
-        )
-        return self._tokens.get(endpoint)
+        """The token bound to the OSCORE context of a request (a bearer token kept for its
+        endpoint when unprotected, allow_bearer only); no validity check."""
+        if isinstance(request_or_endpoint, str):
+            return self._tokens.get(request_or_endpoint) if self.allow_bearer else None
+        context = context_of(request_or_endpoint)
+        if context is not None:
+            bound = context.access_token
+            return bound if isinstance(bound, VerifiedToken) and not context.withdrawn else None
+        if not self.allow_bearer:
+            return None
+        return self._tokens.get(endpoint_of(request_or_endpoint))
 
     def purge(self) -> list[tuple[str, VerifiedToken]]:
         """Drop expired and revoked tokens and those of withdrawn keys (say after a TRL or key
-        set change); return what was dropped. While the verifier is stale nothing is dropped."""
-        dropped = []
-        for endpoint, verified in list(self._tokens.items()):
-            try:
-                self.verifier.still_valid(verified)
-            except ServiceUnavailable:
-                return dropped
-            except TokenError:
-                dropped.append((endpoint, self._tokens.pop(endpoint)))
+        set change), with the contexts bound to them; return what was dropped (contexts as
+        "oscore:<recipient id hex>"). While the verifier is stale nothing is dropped."""
+        dropped: list[tuple[str, VerifiedToken]] = []
+        try:
+            for key, verified in list(self._tokens.items()):
+                if not self._valid(verified):
+                    dropped.append((key, self._tokens.pop(key)))
+            dropped += self.bindings.drop_invalid(self._valid)
+        except ServiceUnavailable:
+            pass
         return dropped
 
+    def _valid(self, verified: VerifiedToken) -> bool:
+        """Whether a kept token still holds; raises ServiceUnavailable while stale."""
+        try:
+            self.verifier.still_valid(verified)
+        except ServiceUnavailable:
+            raise
+        except TokenError:
+            return False
+        return True
+
     def check(self, request: aiocoap.Message, scopes: tuple[str, ...]) -> aiocoap.Message | None:
-        """None if the request's endpoint holds a valid token covering `scopes`; otherwise the
-        answer RFC 9200 §5.10.2 asks for: 4.01 (no valid token) or 4.03 (scope too narrow)."""
+        """None if the request may go on: its OSCORE context's token is valid and covers
+        `scopes` (or, allow_bearer only, its endpoint's bearer token does); otherwise the answer
+        RFC 9200 §5.10.2 asks for: 4.01 (no valid token, with AS Request Creation Hints),
+        4.03 (scope too narrow), 5.03 (the verifier is stale)."""
+        context = context_of(request)
+        if context is None:
+            return self._check_bearer(request, scopes)
+        verified = context.access_token
+        if context.withdrawn or not isinstance(verified, VerifiedToken):
+            return self.unauthorized("no access token bound to this security context", scopes)
+        try:
+            self.verifier.still_valid(verified)
+        except ServiceUnavailable as error:
+            return error_message(error)
+        except TokenError as error:
+            # RFC 9203 §4.3, draft §4.10: the context dies with its token.
+            self.bindings.drop(context)
+            log.info("context of %s dropped: %s", context.peer.id, error.description)
+            return self.unauthorized(error.description, scopes)
+        if not verified.allows(*scopes):
+            return problem(
+                aiocoap.FORBIDDEN, InsufficientScope("token scope does not cover this request")
+            )
+        self.bindings.confirm(context)
+        return None
+
+    def _check_bearer(
+        self, request: aiocoap.Message, scopes: tuple[str, ...]
+    ) -> aiocoap.Message | None:
+        if not self.allow_bearer:
+            return self.unauthorized("this resource takes OSCORE-protected requests only", scopes)
         endpoint = endpoint_of(request)
         verified = self._tokens.get(endpoint)
         if verified is None:
-            return self._unauthorized("no access token from this client", scopes)
+            return self.unauthorized("no access token from this client", scopes)
         try:
             self.verifier.still_valid(verified)
         except ServiceUnavailable as error:
@@ -141,17 +275,18 @@ class ResourceServer:
             return error_message(error)
         except TokenError as error:
             del self._tokens[endpoint]
-            return self._unauthorized(error.description, scopes)
+            return self.unauthorized(error.description, scopes)
         if not verified.allows(*scopes):
-            return _problem(
+            return problem(
                 aiocoap.FORBIDDEN, InsufficientScope("token scope does not cover this request")
             )
         return None
 
-    def _unauthorized(self, reason: str, scopes: tuple[str, ...]) -> aiocoap.Message:
+    def unauthorized(self, reason: str, scopes: tuple[str, ...] = ()) -> aiocoap.Message:
+        """4.01: with AS Request Creation Hints (RFC 9200 §5.3) when `as_uri` is set, else a
+        problem detail naming `reason`."""
         if self.as_uri is None:
-            return _problem(aiocoap.UNAUTHORIZED, TokenError(reason))
-        # RFC 9200 §5.3: the unauthorized answer tells the client which AS to ask, and for what.
+            return problem(aiocoap.UNAUTHORIZED, TokenError(reason))
         hints: dict[int, Any] = {HINT_AS: self.as_uri, HINT_AUDIENCE: self.verifier.audience}
         if scopes:
             hints[HINT_SCOPE] = " ".join(scopes)
@@ -162,46 +297,10 @@ class ResourceServer:
         )
 
 
-def _problem(code: aiocoap.Code, error: CoapAuthError) -> aiocoap.Message:
-    body = {ProblemDetail.TITLE: str(code.name_printable), ProblemDetail.DETAIL: error.description}
-    return aiocoap.Message(
-        code=code, payload=cbor2.dumps(body), content_format=ContentFormat.PROBLEM_DETAILS_CBOR
-    )
-
-
-class AuthzInfoResource(resource.Resource):
-    """RFC 9200 §5.10.1: POST a CWT (content format 61) or a JWT; 2.01, or 4.01 with a reason."""
-
-    def __init__(self, resource_server: ResourceServer) -> None:
-        super().__init__()
-        self.resource_server = resource_server
-
-    def get_link_description(self) -> dict[str, str]:
-        return {**super().get_link_description(), "ct": str(int(ContentFormat.CWT))}
-
-    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
-        try:
-            if request.opt.content_format not in (None, ContentFormat.CWT):
-                raise UnsupportedContentFormat("expected application/cwt (61)")
-            if len(request.payload) > MAX_TOKEN_BYTES:
-                raise PayloadTooLarge(f"token larger than {MAX_TOKEN_BYTES} bytes")
-            endpoint = endpoint_of(request)
-            verified = await self.resource_server.accept(request.payload, endpoint)
-        except CoapAuthError as error:
-            # TokenError renders 4.01 with the reason; never the token itself.
-            log.info("authz-info: refused a token: %s", error.description)
-            return error_message(error)
-        log.info(
-            "authz-info: token of %s accepted (scope %s)",
-            verified.claims.sub,
-            verified.claims.scope,
-        )
-        return aiocoap.Message(code=aiocoap.CREATED)
-
-
 def require_scope(*scopes: str) -> Callable[[Render], Render]:
-    """Guard a `render_*` method: the requesting endpoint must hold a valid token whose scope
-    covers `scopes`. The resource must have a `resource_server` attribute.
+    """Guard a `render_*` method: the request must arrive under an OSCORE context whose token
+    is valid and covers `scopes` (or, with allow_bearer, from an endpoint holding such a bearer
+    token). The resource must have a `resource_server` attribute.
 
         class Temperature(resource.Resource):
             def __init__(self, resource_server):

@@ -5,6 +5,12 @@ the staleness bound: fail closed), then the token's one canonical form and its s
 against a published key (the algorithm that key is registered for, never the one the token
 names), then iss, aud, exp/nbf with a leeway and exp - iat within the maximum lifetime, then
 the TRL, then the scope. A kept token is re-checked on every use, its key included.
+
+An encrypted CWT (61(16(...)), COSE_Encrypt0 with AES-CCM-16-64-128: the token of the ACE
+OSCORE profile, RFC 9203 §3.2, whose cnf holds a master secret) is decrypted with the
+audience's own key named by its kid (`encryption_keys`, from `coap-auth keys export`), under
+the same checks. The audience check comes after the time checks and fails with
+`WrongAudience` (4.03 at an RS, RFC 9200 §5.10.1.1).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from coap_auth.errors import InvalidClaims, InvalidSignature, MalformedToken
+from coap_auth.errors import CoapAuthError, InvalidClaims, InvalidSignature, MalformedToken
 from coap_auth.tokens import (
     Claims,
     VerificationKey,
@@ -23,7 +29,9 @@ from coap_auth.tokens import (
     verify_jwt,
     verify_maced_cwt,
 )
-from coap_auth.wire import MAX_TOKEN_LIFETIME, CoseTag
+from coap_auth.tokens.cose import decrypt0
+from coap_auth.tokens.cwt import decrypt_cwt
+from coap_auth.wire import MAX_TOKEN_LIFETIME, CoseTag, OscoreInput
 from device_client.clock import Clock, SystemClock
 from device_client.errors import InsufficientScope, StaleState, TokenRevoked
 from device_client.keyset import KeySet
@@ -37,6 +45,11 @@ _KeyUsed = tuple[bytes, VerificationKey | bytes]
 # The canonical head of a MACed CWT, 61(17(...)): tags are in their shortest form, so a peek at
 # three bytes routes it (the codec checks the whole form; anything else fails there).
 _MACED_CWT_PREFIX = bytes([0xD8, CoseTag.CWT, 0xC0 | CoseTag.MAC0])
+_ENCRYPTED_CWT_PREFIX = bytes([0xD8, CoseTag.CWT, 0xC0 | CoseTag.ENCRYPT0])
+
+# What a verified token binds to (design "Profiles"): a master secret (RFC 9203), a client's
+# key (the EDHOC + OSCORE profile), or nothing (a bearer token).
+Profile = Literal["coap_oscore", "edhoc_oscore", "bearer"]
 
 # The longest access-token lifetime the AS issues (`audiences add --lifetime` refuses more):
 # a token claiming a longer one was not made by the AS, whatever key signed it.
@@ -46,6 +59,17 @@ DEFAULT_MAX_LIFETIME = MAX_TOKEN_LIFETIME
 # so 120 s rides out three lost polls; it is also the longest a token revoked during an
 # outage can still be used here.
 DEFAULT_MAX_STALENESS = 120
+
+
+class WrongAudience(InvalidClaims):
+    """A valid token for another audience: the RS answers 4.03 Forbidden (RFC 9200
+    §5.10.1.1; device_client.rs renders it)."""
+
+
+class UnusableClaims(MalformedToken):
+    """A token whose protection verified (it decrypted under our key) but whose claims cannot
+    be used, an OSCORE input material with a parameter we do not know say: the RS answers 4.00
+    (RFC 9200 §5.10.1.1 "claims cannot be obtained", RFC 9203 §4.2)."""
 
 
 class KeySource(Protocol):
@@ -81,8 +105,35 @@ class VerifiedToken:
     def scopes(self) -> frozenset[str]:
         return self.claims.scopes
 
+    @property
+    def profile(self) -> Profile:
+        """ "coap_oscore" (cnf holds OSCORE input material), "edhoc_oscore" (cnf holds the
+        client's COSE_Key) or "bearer" (no cnf)."""
+        if self.claims.cnf_osc is not None:
+            return "coap_oscore"
+        if self.claims.cnf_key is not None:
+            return "edhoc_oscore"
+        return "bearer"
+
+    @property
+    def material_id(self) -> bytes | None:
+        """The id of the OSCORE input material (RFC 9203 §3.2.1), or None."""
+        material = self.claims.cnf_osc
+        return None if material is None else material[OscoreInput.ID]
+
     def allows(self, *scopes: str) -> bool:
         return set(scopes) <= self.claims.scopes
+
+
+def _decrypts(token: bytes, key: VerificationKey | bytes) -> bool:
+    """Whether an encrypted CWT decrypts under `key` (told apart from a malformed wrapper)."""
+    if not isinstance(key, bytes):
+        return False
+    try:
+        decrypt0(decode_cose(token), key)
+    except CoapAuthError:
+        return False
+    return True
 
 
 def scope_set(scope: str | Iterable[str] | None) -> frozenset[str]:
@@ -104,7 +155,8 @@ class TokenVerifier:
     off (not advised). A fixed `KeySet` or `RevocationList` is taken as current; any other
     source without `confirmed_at` counts as never confirmed (fail closed). Raises ValueError for a
     negative leeway, a non-positive bound, or a max_staleness not longer than a watcher's
-    check_interval.
+    check_interval. `encryption_keys` (kid -> AES-CCM-16-64-128 key, `KeySet.encryption` of
+    `KeySet.from_export`) decrypt the tokens of an OSCORE-profile audience.
     """
 
     def __init__(
@@ -119,6 +171,7 @@ class TokenVerifier:
         shared_keys: Mapping[bytes, bytes] | None = None,
         max_lifetime: int = DEFAULT_MAX_LIFETIME,
         max_staleness: int | None = DEFAULT_MAX_STALENESS,
+        encryption_keys: Mapping[bytes, bytes] | None = None,
     ) -> None:
         if leeway < 0:
             raise ValueError("leeway must not be negative")
@@ -139,6 +192,18 @@ class TokenVerifier:
         self.max_staleness = max_staleness
         # kid -> HMAC key, for an audience with its own symmetric keys (KeySet.shared).
         self._shared_keys = dict(shared_keys or {})
+        # kid -> AES key, for the encrypted tokens of an OSCORE-profile audience.
+        self._encryption_keys = dict(encryption_keys or {})
+
+    @property
+    def encryption_kids(self) -> frozenset[bytes]:
+        """The kids of the AES keys this verifier decrypts with (never the keys)."""
+        return frozenset(self._encryption_keys)
+
+    def set_encryption_keys(self, keys: Mapping[bytes, bytes]) -> None:
+        """Replace the AES keys (after the operator exported the family again, say): a token
+        kept under a key no longer listed fails its next `still_valid` check."""
+        self._encryption_keys = dict(keys)
 
     async def verify(
         self, token: bytes, *, scope: str | Iterable[str] | None = None
@@ -146,8 +211,8 @@ class TokenVerifier:
         """Verify; when the kid is unknown, fetch the key set once (rate-limited by the key
         source) before rejecting: the key may have been published a moment ago.
 
-        Raises a TokenError (MalformedToken, InvalidSignature, InvalidClaims, TokenRevoked),
-        InsufficientScope, or StaleState."""
+        Raises a TokenError (MalformedToken, InvalidSignature, InvalidClaims (WrongAudience
+        for a token of another audience), TokenRevoked), InsufficientScope, or StaleState."""
         missed: list[bytes] = []
         try:
             return self._verify(token, scope, missed)
@@ -187,6 +252,8 @@ class TokenVerifier:
             claims = verify_jwt(token, lookup)
         elif token.startswith(_MACED_CWT_PREFIX):
             claims = self._verify_maced(token, used)
+        elif token.startswith(_ENCRYPTED_CWT_PREFIX):
+            claims = self._decrypt(token, used)
         else:
             claims = verify_cwt(token, lookup)
         self._validate(claims, now)
@@ -210,8 +277,28 @@ class TokenVerifier:
         used.append((kid, key))
         return claims
 
+    def _decrypt(self, token: bytes, used: list[_KeyUsed]) -> Claims:
+        # RFC 9203 §3.2, design "Profiles": 61(16(...)), AES-CCM-16-64-128 under the
+        # audience's own key; a wrong key or altered bytes are InvalidSignature.
+        def lookup(kid: bytes) -> bytes | None:
+            key = self._encryption_keys.get(kid)
+            if key is not None:
+                used.append((kid, key))
+            return key
+
+        try:
+            return decrypt_cwt(token, lookup)
+        except MalformedToken as error:
+            if not used or not _decrypts(token, used[-1][1]):
+                raise
+            # It decrypted (the CCM tag verified): its claims are what did not decode.
+            raise UnusableClaims(error.description) from None
+
     def _validate(self, claims: Claims, now: int) -> None:
-        claims.validate(now=now, issuer=self.issuer, audience=self.audience, leeway=self.leeway)
+        # RFC 9200 §5.10.1.1 order: issuer and time (4.01) before the audience (4.03).
+        claims.validate(now=now, issuer=self.issuer, leeway=self.leeway)
+        if claims.aud != self.audience:
+            raise WrongAudience("token for another audience")
         if claims.iat > now + self.leeway:
             # Else exp - iat could be short while exp is years away.
             raise InvalidClaims("token issued in the future")
@@ -245,6 +332,10 @@ class TokenVerifier:
 
     def _still_published(self, verified: VerifiedToken) -> bool:
         if isinstance(verified.key, bytes):
-            return self._shared_keys.get(verified.kid) == verified.key
+            # The HMAC or the AES key it verified with, still listed under its kid.
+            return verified.key in (
+                self._shared_keys.get(verified.kid),
+                self._encryption_keys.get(verified.kid),
+            )
         current = self.keys.lookup(verified.kid)
         return current is not None and (verified.key is None or current == verified.key)

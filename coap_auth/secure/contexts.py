@@ -58,6 +58,11 @@ class OscoreContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityConte
         self.peer = peer
         self.authenticated_claims = [peer.id]
         self.last_used = now
+        # What the server authorizes requests under this context with (an ACE access token,
+        # device_client.rs); None for the AS's own contexts.
+        self.access_token: Any = None
+        # Set by ContextTable.remove: nothing more is protected under this context.
+        self.withdrawn = False
 
     def __repr__(self) -> str:  # never the keys
         return (
@@ -67,6 +72,13 @@ class OscoreContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityConte
 
     def post_seqnoincrease(self) -> None:
         """Nothing to persist: the context dies with the process (module docstring)."""
+
+    def protect(self, *args: Any, **kwargs: Any) -> Any:
+        """aiocoap's protect; raises RuntimeError once the context was withdrawn (the server
+        then answers unprotected, coap_auth.secure.site)."""
+        if self.withdrawn:
+            raise RuntimeError("OSCORE context withdrawn")
+        return super().protect(*args, **kwargs)
 
 
 class ContextTable:
@@ -165,6 +177,21 @@ class ContextTable:
         if self._by_id.get(context.recipient_id) is context:
             context.last_used = self._now()
             self._by_id.move_to_end(context.recipient_id)
+
+    def contexts(self) -> list[OscoreContext]:
+        """The EDHOC-made (or derived) contexts held, least recently used first."""
+        return list(self._by_id.values())
+
+    def remove(self, recipient_id: bytes) -> OscoreContext | None:
+        """Forget the context for `recipient_id` and withdraw it: an answer still being
+        rendered under it goes out unprotected (4.01), as RFC 9203 §4.3 asks of a context
+        whose token expired. Returns it, or None when not held."""
+        context = self._by_id.get(recipient_id)
+        if context is None:
+            return None
+        self._remove(recipient_id)
+        context.withdrawn = True
+        return context
 
     def drop_peer(self, peer_id: str) -> int:
         """Forget every context of a peer (its registration changed); returns how many."""

@@ -66,6 +66,26 @@ _KCCS_PREFIX = bytes([0xA1, ID_CRED_KCCS])  # {14: ...}
 
 # Resolve a registered id to the COSE_Keys registered under it (a client's, an audience's).
 Resolver = Callable[[str], Awaitable[list[Any]]]
+# An EAD item as the hook below sees it: label (positive), critical, value (or None).
+EadItem = tuple[int, bool, bytes | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Message3Binding:
+    """What an `Ead3Handler` decided for one message_3: how to resolve the subject ID_CRED_I
+    names to keys (for this handshake only), and `bind`, called with the authenticated context
+    before it joins the table (it may attach what authorizes it; raising EdhocFailure refuses
+    the handshake, and nothing is kept)."""
+
+    resolve: Resolver
+    bind: Callable[[OscoreContext], None]
+
+
+# A resource server's say over message_3 (device_client.rs: the access token in EAD_3 of the
+# EDHOC + OSCORE profile of ACE): called with every EAD_3 item once message_3 decrypted and
+# before the initiator's credential is looked up; raises EdhocFailure to refuse (critical
+# items it does not know included). Without one (the AS), a critical EAD_3 item is refused.
+Ead3Handler = Callable[[list[EadItem]], Awaitable[Message3Binding]]
 
 
 class EdhocFailure(Exception):
@@ -105,8 +125,10 @@ class Responder:
         max_pending: int = 256,
         per_address: int = 8,
         handshake_timeout: int = 10,
+        ead_3: Ead3Handler | None = None,
     ) -> None:
         self.identity = identity
+        self._ead_3 = ead_3
         self.contexts = contexts
         self._resolve = resolve
         self._now = now
@@ -164,11 +186,15 @@ class Responder:
         _check_message_3(message_3)
         with _lakers_refusal(EdhocFailure("message_3 does not verify")):
             id_cred_i, ead_3 = responder.parse_message_3(message_3)
-        if any(item.is_critical() for item in ead_3 or ()):
+        resolve, bind = self._resolve, None
+        if self._ead_3 is not None:
+            binding = await self._ead_3([_ead_item(item) for item in ead_3 or ()])
+            resolve, bind = binding.resolve, binding.bind
+        elif any(item.is_critical() for item in ead_3 or ()):
             raise EdhocFailure("critical EAD item not supported")
         # An unknown or refused credential is verified against a stand-in all the same, and
         # fails with the same error: the answer and its cost do not tell whether an id exists.
-        credential = await self._credential(bytes(id_cred_i))
+        credential = await self._credential(bytes(id_cred_i), resolve)
         refused = EdhocFailure("message_3 not accepted")
         with _lakers_refusal(refused):
             responder.verify_message_3((credential or self._stand_in).ccs)
@@ -183,11 +209,17 @@ class Responder:
             peer=PeerCredential(credential.subject, credential),
             now=self._now(),
         )
+        if bind is not None:
+            bind(context)
         self.contexts.add(context)
         return context
 
-    async def _credential(self, id_cred: bytes) -> EdhocCredential | None:
-        """The registered credential ID_CRED_I names (by kid, or a CCS by value), or None."""
+    async def _credential(
+        self, id_cred: bytes, resolve: Resolver | None = None
+    ) -> EdhocCredential | None:
+        """The registered credential ID_CRED_I names (by kid, or a CCS by value), or None;
+        `resolve` (default: the responder's) finds the keys registered under a subject."""
+        resolve = self._resolve if resolve is None else resolve
         if id_cred.startswith(_KCCS_PREFIX):
             # By value: the CCS's own bytes, exactly as sent (the MAC covers them).
             try:
@@ -196,7 +228,7 @@ class Responder:
                 return None
             if not _usable_id(offered.subject):
                 return None
-            keys = await self._resolve(offered.subject)
+            keys = await resolve(offered.subject)
             return offered if any(offered.same_key(key) for key in keys) else None
         try:
             named = cbor2.loads(id_cred)
@@ -211,7 +243,7 @@ class Responder:
             return None
         if not _usable_id(subject):
             return None
-        for key in await self._resolve(subject):
+        for key in await resolve(subject):
             try:
                 registered = make_credential(subject, key)
             except CredentialError:
@@ -247,6 +279,11 @@ class Responder:
             if now - oldest.started < self.handshake_timeout:
                 break
             self._take(c_r)
+
+
+def _ead_item(item: Any) -> EadItem:
+    value = item.value()
+    return int(item.label()), bool(item.is_critical()), None if value is None else bytes(value)
 
 
 def _by_reference() -> Any:

@@ -26,7 +26,9 @@ async def _serve(
     verifier = TokenVerifier(
         await fetch_key_set(coap), issuer=ISSUER, audience=audience, clock=clock, leeway=0
     )
-    resource_server = ResourceServer(verifier, as_uri=coap.base)
+    # Bearer tokens: this RS predates the OSCORE profiles (tests/device_client/
+    # test_rs_profiles*.py); they are accepted only when allowed.
+    resource_server = ResourceServer(verifier, as_uri=coap.base, allow_bearer=True)
     base, _, context = await serve(resource_server, {"temp": Temperature(resource_server)})
     return base, resource_server, context
 
@@ -91,14 +93,15 @@ async def test_bad_uploads_are_refused_with_a_reason(
     foreign = await issue_token(sensor, clock, audience="dashboard", token_format="cwt")
     tampered = bytearray(good)
     tampered[-1] ^= 1
+    # RFC 9200 §5.10.1.1: 4.01 for a token that does not verify, 4.03 for another audience.
     cases = {
-        b"\x01\x02\x03": "COSE",
-        foreign: "another audience",
-        bytes(tampered): "signature",
+        b"\x01\x02\x03": ("COSE", aiocoap.UNAUTHORIZED),
+        foreign: ("another audience", aiocoap.FORBIDDEN),
+        bytes(tampered): ("signature", aiocoap.UNAUTHORIZED),
     }
-    for token, reason in cases.items():
+    for token, (reason, code) in cases.items():
         response = await thermostat.upload(token)
-        assert response.code == aiocoap.UNAUTHORIZED, reason
+        assert response.code == code, reason
         detail = _problem(response)
         assert reason in detail, detail
         assert token.hex() not in response.payload.hex()
@@ -142,6 +145,28 @@ async def test_kept_token_expires_and_revocation_drops_it(
     dropped = thermostat.resource_server.purge()
     assert [v.claims.sub for _, v in dropped] == ["sensor-1"]
     assert (await thermostat.send(aiocoap.GET, "/temp")).code == aiocoap.UNAUTHORIZED
+
+
+async def test_bearer_tokens_are_refused_unless_allowed(
+    sensor: Coap, clock: SettableClock, device_context: aiocoap.Context
+) -> None:
+    verifier = TokenVerifier(
+        await fetch_key_set(sensor), issuer=ISSUER, audience="thermostat", clock=clock, leeway=0
+    )
+    resource_server = ResourceServer(verifier, as_uri=sensor.base)  # allow_bearer=False
+    base, _, context = await serve(
+        resource_server, {"temp": Temperature(resource_server)}, bearer=False
+    )
+    try:
+        plain = Thermostat(base, resource_server, device_context)
+        response = await plain.upload(await issue_token(sensor, clock))
+        assert response.code == aiocoap.UNAUTHORIZED and "bearer" in _problem(response)
+        response = await plain.send(aiocoap.GET, "/temp")
+        assert response.code == aiocoap.UNAUTHORIZED
+        assert cbor2.loads(response.payload) == {1: sensor.base, 5: "thermostat", 9: "temp:read"}
+        assert resource_server._tokens == {}
+    finally:
+        await context.shutdown()
 
 
 async def test_jwt_upload(
