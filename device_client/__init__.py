@@ -21,6 +21,8 @@ from device_client.errors import (
     InvalidClaims,
     InvalidSignature,
     MalformedToken,
+    ResourceRefused,
+    ResourceUnreachable,
     ServiceUnreachable,
     StaleState,
     StateFileError,
@@ -30,6 +32,7 @@ from device_client.errors import (
 )
 from device_client.keyset import KeySet
 from device_client.observe import WatchPolicy
+from device_client.resource_client import ResourceClient
 from device_client.rs import AuthzInfoResource, ResourceServer, require_scope
 from device_client.secure_channel import SecureChannel, load_as_credential
 from device_client.state import AccessToken, DeviceState, StateFile
@@ -71,7 +74,10 @@ __all__ = [
     "KeySource",
     "MalformedToken",
     "RefreshPolicy",
+    "ResourceClient",
+    "ResourceRefused",
     "ResourceServer",
+    "ResourceUnreachable",
     "RevocationList",
     "RevocationSource",
     "SecretCredentials",

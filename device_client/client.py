@@ -4,6 +4,10 @@ RFC 9200 §5.8 client_credentials grants and refreshes (PROTOCOL.md "Refresh tok
 exponential back-off and jitter on failure, over the protected channel when the AS's EDHOC
 credential is given (the channel then authenticates the device: no client authentication in
 the requests). Tokens and secrets never reach logs.
+
+An answer for an audience with an ACE OSCORE profile also carries ace_profile (38), cnf (8)
+and rs_cnf (41): kept on the AccessToken (`profile`, `cnf_osc`, `cnf_key`, `rs_cnf`) for
+`ResourceClient`, which sets up the security context with the resource server from them.
 """
 
 from __future__ import annotations
@@ -13,15 +17,25 @@ import logging
 import math
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiocoap
 import cbor2
 
+from coap_auth.errors import CoapAuthError
 from coap_auth.secure.credentials import EdhocCredential
 from coap_auth.tokens import PublicKey, cose_key_from_public
-from coap_auth.wire import AceErrorCode, AceParam, CnfMethod, ContentFormat, GrantType, TokenType
+from coap_auth.tokens.claims import check_oscore_input
+from coap_auth.wire import (
+    AceErrorCode,
+    AceParam,
+    AceProfile,
+    CnfMethod,
+    ContentFormat,
+    GrantType,
+    TokenType,
+)
 from device_client._transport import backoff_delay, reliable_within, retry_hint
 from device_client.ace import parse_error, parse_token_response
 from device_client.clock import Clock, SystemClock
@@ -218,6 +232,26 @@ class TokenClient:
         return self._state.access_token
 
     @property
+    def context(self) -> aiocoap.Context:
+        """The aiocoap context requests to the AS go out on."""
+        return self._context
+
+    @property
+    def clock(self) -> Clock:
+        """The clock token times (`expires_at`, `refresh_at`) are read on."""
+        return self._clock
+
+    @property
+    def audience(self) -> str | None:
+        """The audience tokens are asked for (None: the AS's default)."""
+        return self._state.audience
+
+    @property
+    def credentials(self) -> Credentials:
+        """How this client authenticates to the AS (a DeviceKey is also its EDHOC key)."""
+        return self._state.credentials
+
+    @property
     def retry_at(self) -> int | None:
         """While backing off: the clock time before which no request is sent."""
         return self._retry_at
@@ -253,6 +287,17 @@ class TokenClient:
                     log.warning("refresh failed; the current token stays valid, retrying later")
                     return current
                 raise
+
+    async def refresh_now(self) -> AccessToken:
+        """A new access token from the AS now, whatever the cached one's refresh time and any
+        back-off: a refresh (or a new grant when the refresh family is dead). For a device
+        that knows its token is no longer good (say its key set or scope changed).
+
+        Raises ServiceUnreachable (no answer; the cached token, if any, is kept),
+        TokenRequestRefused, or ChannelRefused (the protected channel to the AS failed).
+        """
+        async with self._lock:
+            return await self._renew()
 
     def discard_access_token(self) -> None:
         """Forget the cached access token (say a resource server refused it); the next
@@ -370,15 +415,15 @@ class TokenClient:
             # Busy or failing, not refusing: back off, at least as long as Max-Age says.
             raise self._failed(f"{kind}: AS answered {response.code}", retry_hint(response))
         ace_code, description = parse_error(response.payload)
-        refused = TokenRequestRefused(
+        refusal = TokenRequestRefused(
             f"{kind} refused with {response.code}: {description}",
             ace_code=ace_code,
             coap_code=int(response.code),
         )
         if ace_code != AceErrorCode.INVALID_GRANT:
             # Wrong credentials or configuration will not fix themselves: do not hammer.
-            self._failed(refused.description)
-        raise refused
+            self._failed(refusal.description)
+        raise refusal
 
     def _failed(self, reason: str, hint: int | None = None) -> ServiceUnreachable:
         self._failures += 1
@@ -395,6 +440,7 @@ class TokenClient:
         default_type = TokenType.POP if self._req_cnf is not None else TokenType.BEARER
         try:
             answer = parse_token_response(payload, default_type)
+            profile = _parse_profile(payload)
         except ValueError as exc:
             raise self._failed(f"{kind}: {exc}") from None
         now = self._clock.now()
@@ -406,6 +452,10 @@ class TokenClient:
             received_at=now,
             audience=self._state.audience,
             scope=answer.scope if answer.scope is not None else self._state.scope,
+            profile=profile.profile,
+            cnf_osc=profile.cnf_osc,
+            cnf_key=profile.cnf_key,
+            rs_cnf=profile.rs_cnf,
         )
         self._state = replace(
             self._state,
@@ -437,6 +487,48 @@ class TokenClient:
             # Keep working: after a reboot the older refresh token still recovers through the
             # grace window, or a new grant does.
             log.error("%s", exc.description)
+
+
+@dataclass(frozen=True, slots=True)
+class _Profile:
+    profile: int | None = None
+    cnf_osc: dict[int, Any] | None = field(default=None, repr=False)
+    cnf_key: dict[Any, Any] | None = field(default=None, repr=False)
+    rs_cnf: dict[Any, Any] | None = field(default=None, repr=False)
+
+
+def _parse_profile(payload: bytes) -> _Profile:
+    """The ACE profile fields of a /token answer (already read as a map by
+    parse_token_response): ace_profile (38, RFC 9200 §5.8.4.3), cnf (8: {4: OSCORE input
+    material} of RFC 9203 §3.2, or {1: COSE_Key} of RFC 9201 §5) and rs_cnf (41: {1: COSE_Key},
+    RFC 9201 §5). Raises ValueError for an ill-typed one, naming it but never its value."""
+    body = cbor2.loads(payload)
+    profile = body.get(AceParam.ACE_PROFILE)
+    if profile is not None and (isinstance(profile, bool) or not isinstance(profile, int)):
+        raise ValueError("/token answer has a non-integer ace_profile")
+    cnf_osc = cnf_key = None
+    cnf = body.get(AceParam.CNF)
+    if cnf is not None:
+        if not isinstance(cnf, dict) or len(cnf) != 1:
+            raise ValueError("/token answer has a cnf that is not a one-entry map")
+        if CnfMethod.OSC in cnf:
+            try:
+                cnf_osc = check_oscore_input(cnf[CnfMethod.OSC])
+            except CoapAuthError as exc:
+                raise ValueError(f"/token answer cnf: {exc}") from None
+        elif CnfMethod.COSE_KEY in cnf and isinstance(cnf[CnfMethod.COSE_KEY], dict):
+            cnf_key = cnf[CnfMethod.COSE_KEY]
+        else:
+            raise ValueError("/token answer has a cnf of an unsupported method")
+    rs_cnf = body.get(AceParam.RS_CNF)
+    if rs_cnf is not None:
+        key = rs_cnf.get(CnfMethod.COSE_KEY) if isinstance(rs_cnf, dict) else None
+        if len(rs_cnf) != 1 or not isinstance(key, dict):
+            raise ValueError("/token answer has an rs_cnf that is not {1: COSE_Key}")
+        rs_cnf = key
+    if profile == AceProfile.COAP_OSCORE and cnf_osc is None:
+        raise ValueError("/token answer for coap_oscore has no OSCORE input material")
+    return _Profile(profile, cnf_osc, cnf_key, rs_cnf)
 
 
 def _same_grant(saved: DeviceState, wanted: DeviceState) -> bool:

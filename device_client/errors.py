@@ -15,6 +15,9 @@
         ├── ChannelUnavailable          this device cannot run the protected channel (an Ed25519
         │                               key, no lakers-python, an unusable AS credential)
         ├── ServiceUnreachable          no usable answer from the AS; `retry_at` says when to try
+        ├── ResourceRefused             a resource server refused our token or security context
+        │                               (names the host; `coap_code` its answer)
+        ├── ResourceUnreachable         no answer from a resource server (names the host)
         ├── InsufficientScope           a valid token whose scope does not cover the request
         └── StateFileError              the state file cannot be read or written
 
@@ -41,6 +44,8 @@ __all__ = [
     "InvalidClaims",
     "InvalidSignature",
     "MalformedToken",
+    "ResourceRefused",
+    "ResourceUnreachable",
     "ServiceUnreachable",
     "StaleState",
     "StateFileError",
@@ -105,6 +110,28 @@ class ServiceUnreachable(DeviceClientError):
     def __init__(self, description: str, *, retry_at: int) -> None:
         super().__init__(description)
         self.retry_at = retry_at
+
+
+class ResourceRefused(DeviceClientError):
+    """A resource server at `host` refused to set up or keep the security context of an ACE
+    OSCORE profile: /authz-info refused the token (`coap_code`, e.g. 4.01 or 4.03), EDHOC
+    failed (`coap_code` 0: the refusal is EDHOC's), its answer broke the profile (a bad
+    nonce2, ace_server_recipientid equal to ours), or it answered unprotected under the
+    context just made."""
+
+    def __init__(self, description: str, *, host: str, coap_code: int = 0) -> None:
+        super().__init__(description)
+        self.host = host
+        self.coap_code = coap_code
+
+
+class ResourceUnreachable(DeviceClientError):
+    """No answer from the resource server at `host` within the time allowed, or a network
+    error on the way there."""
+
+    def __init__(self, description: str, *, host: str) -> None:
+        super().__init__(description)
+        self.host = host
 
 
 class InsufficientScope(DeviceClientError):

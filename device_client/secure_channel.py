@@ -43,7 +43,7 @@ from device_client.errors import ChannelRefused, ChannelUnavailable
 
 log = logging.getLogger("device_client.secure_channel")
 
-__all__ = ["SecureChannel", "load_as_credential"]
+__all__ = ["ProtectedPeer", "SecureChannel", "edhoc_handshake", "load_as_credential"]
 
 DEFAULT_TIMEOUT = 10.0  # real seconds for one exchange
 
@@ -96,7 +96,120 @@ def _check_agrees(credential: EdhocCredential, document: dict[str, Any]) -> None
             raise ChannelUnavailable("AS credential: `public_key_pem` does not match its CCS")
 
 
-class SecureChannel:
+class ProtectedPeer:
+    """One OSCORE context with one server, made by `_handshake` (a subclass's) when none is
+    held, one handshake at a time; requests go out protected under it, and an unprotected
+    answer (the server no longer holds the context) makes a new handshake and one resend.
+
+    Implementation shared by `SecureChannel` (EDHOC with the AS) and
+    `device_client.ResourceClient`'s channel (an ACE profile with a resource server).
+    `establish` and `request` raise what the subclass's handshake raises, `request` also the
+    subclass's refusal when the server answers unprotected under a new context, TimeoutError
+    and aiocoap's errors; a caller's cancellation always propagates. Raises
+    ChannelUnavailable at once when the aiocoap context has no OSCORE transport.
+    """
+
+    def __init__(self, context: aiocoap.Context, uri: str, *, timeout: float) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        _check_oscore_transport(context)
+        self._context = context
+        self.uri = uri.rstrip("/")
+        self.host = self.uri.split("://", 1)[-1]
+        self.timeout = timeout
+        self._tuning = reliable_within(timeout)
+        self._oscore: Any = None  # coap_auth.secure.contexts.OscoreContext
+        self._lock = asyncio.Lock()
+        self.handshakes = 0  # handshakes completed
+
+    @property
+    def established(self) -> bool:
+        """Whether an OSCORE context is held (the server may have forgotten it meanwhile)."""
+        return self._oscore is not None
+
+    def forget(self) -> None:
+        """Drop the context: the next request makes a new one first."""
+        self._oscore = None
+
+    async def establish(self) -> Any:
+        """The OSCORE context, after a handshake if none is held (or the held one is stale)."""
+        async with self._lock:
+            if self._oscore is None or self._stale(self._oscore):
+                self._oscore = None
+                self._oscore = await self._handshake()
+                self.handshakes += 1
+            return self._oscore
+
+    async def request(
+        self, build: Build, *, timeout: float | None = None
+    ) -> tuple[aiocoap.protocol.Request, aiocoap.Message]:
+        """Send `build()` under the OSCORE context; when the server answers unprotected (it no
+        longer holds the context), make a new one and send a fresh `build()` once more."""
+        from aiocoap.oscore import NotAProtectedMessage
+
+        timeout = self.timeout if timeout is None else timeout
+        oscore = await self.establish()
+        request = self._send(build, oscore)
+        try:
+            return request, await _answer(request, timeout)
+        except NotAProtectedMessage as exc:
+            refused = exc.plain_message.code
+        log.info(
+            "%s answered %s unprotected: it no longer holds our OSCORE context; making a new one",
+            self.host,
+            refused,
+        )
+        oscore = await self._renew(oscore)
+        request = self._send(build, oscore)
+        try:
+            return request, await _answer(request, timeout)
+        except NotAProtectedMessage as exc:
+            refused = exc.plain_message.code
+        if self._oscore is oscore:
+            self._oscore = None
+        raise self._refused_again(refused)
+
+    # -- what a subclass says -----------------------------------------------------------------
+
+    async def _handshake(self) -> Any:
+        """Make a new OSCORE context with the server."""
+        raise NotImplementedError
+
+    def _stale(self, oscore: Any) -> bool:
+        """Whether the held context must be replaced before the next request."""
+        return False
+
+    def _refused_again(self, code: aiocoap.numbers.codes.Code) -> Exception:
+        return ChannelRefused(
+            f"{self.host} answered {code} unprotected under the OSCORE context just made",
+            host=self.host,
+        )
+
+    # -- shared -------------------------------------------------------------------------------
+
+    async def _renew(self, stale: Any) -> Any:
+        async with self._lock:
+            if self._oscore is None or self._oscore is stale:
+                self._oscore = None
+                self._oscore = await self._handshake()
+                self.handshakes += 1
+            # else: a concurrent request already made a new one; use it.
+            return self._oscore
+
+    def _tuned(self) -> _TunedContext:
+        return _TunedContext(self._context, self._tuning)
+
+    def _send(self, build: Build, oscore: Any) -> aiocoap.protocol.Request:
+        from aiocoap.transports.oscore import OSCOREAddress
+
+        message = build()
+        # What aiocoap's OSCORE transport does for a URI in client_credentials, for this
+        # message only.
+        message.remote = OSCOREAddress(oscore, message.remote)
+        return self._context.request(message)
+
+
+class SecureChannel(ProtectedPeer):
     """EDHOC + OSCORE with the AS at `as_uri`, as `identity` (a P-256 DeviceKey, or an
     EdhocIdentity), authenticating the AS by its provisioned `as_credential`.
 
@@ -120,16 +233,9 @@ class SecureChannel:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self._identity = identity.edhoc_identity() if isinstance(identity, DeviceKey) else identity
-        _check_oscore_transport(context)
-        self._context = context
-        self.as_uri = as_uri.rstrip("/")
-        self.host = self.as_uri.split("://", 1)[-1]
+        super().__init__(context, as_uri, timeout=timeout)
+        self.as_uri = self.uri
         self.as_credential = as_credential
-        self.timeout = timeout
-        self._tuning = reliable_within(timeout)
-        self._oscore: Any = None  # coap_auth.secure.contexts.OscoreContext
-        self._lock = asyncio.Lock()
-        self.handshakes = 0  # EDHOC runs completed
 
     def __repr__(self) -> str:
         return f"<SecureChannel {self.subject} -> {self.host}>"
@@ -139,94 +245,46 @@ class SecureChannel:
         """Who we are to the AS: the id our EDHOC credential names."""
         return self._identity.credential.subject
 
-    @property
-    def established(self) -> bool:
-        """Whether an OSCORE context is held (the AS may have forgotten it meanwhile)."""
-        return self._oscore is not None
-
-    def forget(self) -> None:
-        """Drop the context: the next request runs EDHOC first."""
-        self._oscore = None
-
-    async def establish(self) -> Any:
-        """The OSCORE context, after running EDHOC if none is held."""
-        async with self._lock:
-            if self._oscore is None:
-                self._oscore = await self._handshake()
-            return self._oscore
-
-    async def request(
-        self, build: Build, *, timeout: float | None = None
-    ) -> tuple[aiocoap.protocol.Request, aiocoap.Message]:
-        """Send `build()` under the OSCORE context; when the AS answers unprotected (it no
-        longer holds the context), run EDHOC again and send a fresh `build()` once more."""
-        from aiocoap.oscore import NotAProtectedMessage
-
-        timeout = self.timeout if timeout is None else timeout
-        oscore = await self.establish()
-        request = self._send(build, oscore)
-        try:
-            return request, await _answer(request, timeout)
-        except NotAProtectedMessage as exc:
-            refused = exc.plain_message.code
-        log.info(
-            "%s answered %s unprotected: it no longer holds our OSCORE context; running EDHOC"
-            " again",
-            self.host,
-            refused,
-        )
-        oscore = await self._renew(oscore)
-        request = self._send(build, oscore)
-        try:
-            return request, await _answer(request, timeout)
-        except NotAProtectedMessage as exc:
-            refused = exc.plain_message.code
-        if self._oscore is oscore:
-            self._oscore = None
-        raise ChannelRefused(
-            f"{self.host} answered {refused} unprotected under the OSCORE context EDHOC had"
-            " just made",
-            host=self.host,
-        )
-
-    # -- EDHOC --------------------------------------------------------------------------------
-
-    async def _renew(self, stale: Any) -> Any:
-        async with self._lock:
-            if self._oscore is None or self._oscore is stale:
-                self._oscore = None
-                self._oscore = await self._handshake()
-            # else: a concurrent request already ran EDHOC again; use its context.
-            return self._oscore
-
     async def _handshake(self) -> Any:
-        try:
-            from coap_auth.secure.edhoc import EdhocRefused, establish
-        except ImportError:
-            raise ChannelUnavailable(_NO_LAKERS) from None
-        tuned = _TunedContext(self._context, self._tuning)
-        try:
-            # Two exchanges: message_1 -> message_2, message_3 -> 2.04.
-            oscore = await asyncio.wait_for(
-                establish(tuned, self.as_uri, self._identity, self.as_credential),
-                2 * self.timeout,
-            )
-        except EdhocRefused as exc:
-            raise ChannelRefused(str(exc), host=self.host) from None
-        except ImportError:
-            raise ChannelUnavailable(_NO_LAKERS) from None
-        self.handshakes += 1
+        oscore = await edhoc_handshake(
+            self._tuned(), self.uri, self._identity, self.as_credential, timeout=self.timeout
+        )
         log.info("EDHOC with %s done: OSCORE context as %s", self.host, self.subject)
         return oscore
 
-    def _send(self, build: Build, oscore: Any) -> aiocoap.protocol.Request:
-        from aiocoap.transports.oscore import OSCOREAddress
+    def _refused_again(self, code: aiocoap.numbers.codes.Code) -> Exception:
+        return ChannelRefused(
+            f"{self.host} answered {code} unprotected under the OSCORE context EDHOC had just made",
+            host=self.host,
+        )
 
-        message = build()
-        # What aiocoap's OSCORE transport does for a URI in client_credentials, for this
-        # message only.
-        message.remote = OSCOREAddress(oscore, message.remote)
-        return self._context.request(message)
+
+async def edhoc_handshake(
+    context: Any,
+    uri: str,
+    identity: EdhocIdentity,
+    peer: EdhocCredential,
+    *,
+    timeout: float,
+    ead_3: list[tuple[int, bool, bytes]] | None = None,
+) -> Any:
+    """EDHOC as initiator with the server at `uri`, within 2 * `timeout` (two exchanges):
+    the OSCORE context. Raises ChannelRefused (naming the host), ChannelUnavailable (no
+    lakers-python), TimeoutError or aiocoap's network errors."""
+    host = uri.split("://", 1)[-1]
+    try:
+        from coap_auth.secure.edhoc import EdhocRefused, establish
+    except ImportError:
+        raise ChannelUnavailable(_NO_LAKERS) from None
+    try:
+        # Two exchanges: message_1 -> message_2, message_3 -> 2.04.
+        return await asyncio.wait_for(
+            establish(context, uri, identity, peer, ead_3=ead_3), 2 * timeout
+        )
+    except EdhocRefused as exc:
+        raise ChannelRefused(str(exc), host=host) from None
+    except ImportError:
+        raise ChannelUnavailable(_NO_LAKERS) from None
 
 
 _NO_LAKERS = (

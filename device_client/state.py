@@ -1,10 +1,12 @@
 """What a device keeps across reboots, in one file written atomically with mode 0600.
 
 The file holds the credentials, the AS's EDHOC credential (for the protected channel), the
-cached access token and the refresh token: it is written to a temporary file in the same
+cached access token (with, for the ACE OSCORE profiles, its OSCORE input material: a secret)
+and the refresh token: it is written to a temporary file in the same
 directory, fsynced and renamed over the old one (POSIX rename is atomic), so a crash leaves
 either the old state or the new one, never half of either. A file written before the protected
-channel existed has no AS credential, and loads as a plain-CoAP device.
+channel existed has no AS credential, and loads as a plain-CoAP device; one written before
+the ACE profiles has no profile fields on its token, and loads with none (None).
 """
 
 from __future__ import annotations
@@ -16,15 +18,19 @@ import logging
 import os
 import stat
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cbor2
+
 from coap_auth.secure.credentials import EdhocCredential, parse_credential
 from coap_auth.tokens import token_hash
+from coap_auth.tokens.claims import check_oscore_input
 from coap_auth.wire import TokenType
 from device_client.credentials import Credentials, DeviceKey, SecretCredentials
-from device_client.errors import StateFileError
+from device_client.errors import CoapAuthError, StateFileError
 
 log = logging.getLogger("device_client.state")
 
@@ -39,6 +45,13 @@ class AccessToken:
 
     `value` is the access_token byte string of the /token response (the tagged CWT, or the
     JWT's ASCII): what a resource server's /authz-info takes.
+
+    For the ACE OSCORE profiles (PROTOCOL.md, RFC 9203, draft-ietf-ace-edhoc-oscore-profile)
+    the /token response also says: `profile` (ace_profile, wire.AceProfile: 2 coap_oscore,
+    4 coap_edhoc_oscore), `cnf_osc` (the OSCORE_Input_Material, RFC 9203 §3.2.1: holds the
+    master secret, never shown in repr nor logged), `cnf_key` (the COSE_Key the token is
+    bound to, echoed) and `rs_cnf` (the resource server's COSE_Key, RFC 9201 §5). None for a
+    token without them.
     """
 
     value: bytes = field(repr=False)
@@ -50,6 +63,10 @@ class AccessToken:
     audience: str | None = None
     # The granted scope when the AS said it was narrower (RFC 6749 §5.1), else the requested.
     scope: str | None = None
+    profile: int | None = None
+    cnf_osc: Mapping[int, Any] | None = field(default=None, repr=False, hash=False)
+    cnf_key: Mapping[int, Any] | None = field(default=None, repr=False, hash=False)
+    rs_cnf: Mapping[int, Any] | None = field(default=None, repr=False, hash=False)
 
     @property
     def token_hash(self) -> bytes:
@@ -187,11 +204,35 @@ def _encode(state: DeviceState) -> dict[str, Any]:
             "received_at": token.received_at,
             "audience": token.audience,
             "scope": token.scope,
+            # The ACE profile fields (absent in older files); COSE maps as base64 CBOR.
+            "profile": token.profile,
+            "cnf_osc": _cbor_b64(token.cnf_osc),
+            "cnf_key": _cbor_b64(token.cnf_key),
+            "rs_cnf": _cbor_b64(token.rs_cnf),
         },
         "refresh_token": None if state.refresh_token is None else _b64(state.refresh_token),
         # The CCS, in hex as `coap-auth edhoc-credential` prints it; absent in older files.
         "as_credential": None if state.as_credential is None else state.as_credential.ccs.hex(),
     }
+
+
+def _cbor_b64(value: Mapping[int, Any] | None) -> str | None:
+    return None if value is None else _b64(cbor2.dumps(dict(value)))
+
+
+def _cbor_map(document: dict[str, Any], key: str) -> dict[Any, Any] | None:
+    raw = document.get(key)
+    if raw is None:
+        return None
+    value = cbor2.loads(_unb64(raw))
+    if not isinstance(value, dict):
+        raise TypeError(key)
+    return value
+
+
+def _optional_int(document: dict[str, Any], key: str) -> int | None:
+    value = document.get(key)
+    return None if value is None else _int(value)
 
 
 def _optional_text(document: dict[str, Any], key: str) -> str | None:
@@ -204,7 +245,16 @@ def _optional_text(document: dict[str, Any], key: str) -> str | None:
 def _int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError("expected an integer")
-    return value
+    return int(value)
+
+
+def _material(value: dict[Any, Any] | None) -> dict[int, Any] | None:
+    if value is None:
+        return None
+    try:
+        return check_oscore_input(value)
+    except CoapAuthError:
+        raise ValueError("cnf_osc") from None
 
 
 def _decode(document: Any) -> DeviceState:
@@ -234,6 +284,10 @@ def _decode(document: Any) -> DeviceState:
             received_at=_int(raw_token["received_at"]),
             audience=_optional_text(raw_token, "audience"),
             scope=_optional_text(raw_token, "scope"),
+            profile=_optional_int(raw_token, "profile"),
+            cnf_osc=_material(_cbor_map(raw_token, "cnf_osc")),
+            cnf_key=_cbor_map(raw_token, "cnf_key"),
+            rs_cnf=_cbor_map(raw_token, "rs_cnf"),
         )
     refresh = document.get("refresh_token")
     raw_credential = document.get("as_credential")
