@@ -229,15 +229,17 @@ class TokenError(CoapAuthError):
 
 
 class MalformedToken(TokenError):
-    pass
+    """A token (or assertion) that does not decode: not CBOR or JSON, not a COSE or JWS
+    structure, a header or claim of the wrong type."""
 
 
 class InvalidSignature(TokenError):
-    pass
+    """A signature or MAC that does not verify, or a key id no known key has."""
 
 
 class InvalidClaims(TokenError):
-    pass
+    """A token that verified but whose claims refuse it: expired or not yet valid, another
+    issuer or audience, a required claim missing."""
 
 
 class OperatorError(CoapAuthError):

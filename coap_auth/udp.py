@@ -309,7 +309,8 @@ async def create_client_context(*, clock: Clock | None = None) -> aiocoap.Contex
     """What `aiocoap.Context.create_client_context(transports=["oscore", "udp6"])` makes
     (coap:// on a random port), on the fixed transport. A request whose URI matches an entry
     of `context.client_credentials` holding an OSCORE context goes out protected under it;
-    without lakers-python (no wheel on 32-bit ARM) there is no OSCORE transport."""
+    without lakers-python (no wheel on 32-bit ARM) there is no OSCORE transport. Raises
+    OSError when no UDP socket can be opened, RuntimeError without a running event loop."""
     loop = asyncio.get_running_loop()
     context = aiocoap.Context(loop=loop, serversite=None, loggername="coap")
 

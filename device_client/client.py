@@ -55,7 +55,9 @@ log = logging.getLogger("device_client.client")
 
 @dataclass(frozen=True, slots=True)
 class RefreshPolicy:
-    """When to refresh and how to back off. Times in seconds."""
+    """When to refresh and how to back off. Times in seconds. Raises ValueError for a
+    fraction or jitter out of range, backoff_initial not in (0, backoff_max], or a
+    non-positive request_timeout."""
 
     # Refresh once this fraction of the lifetime has passed...
     refresh_fraction: float = 0.75
@@ -81,10 +83,14 @@ class RefreshPolicy:
             raise ValueError("request_timeout must be positive")
 
     def refresh_delay(self, lifetime: int, rng: random.Random) -> int:
+        """Seconds after issue to refresh a token of `lifetime` s: refresh_fraction of it,
+        less up to refresh_jitter of that; at least 1, at most `lifetime`. Raises nothing."""
         ahead = lifetime * self.refresh_fraction * (1 - self.refresh_jitter * rng.random())
         return max(1, min(lifetime, int(ahead)))
 
     def backoff_delay(self, failures: int, rng: random.Random) -> float:
+        """Seconds to wait after `failures` failures in a row: exponential from
+        backoff_initial up to backoff_max, less up to backoff_jitter of it. Raises nothing."""
         return backoff_delay(
             failures,
             initial=self.backoff_initial,
@@ -105,6 +111,12 @@ class TokenClient:
     `DeviceKey`, /token and /revoke go over the protected channel (EDHOC, then OSCORE) and
     carry no client authentication; without it, plain CoAP with an assertion or a secret
     (an AS with require_oscore off).
+
+    The constructor sends nothing. It raises StateFileError when `state_file` exists but
+    cannot be read (a failed save is only logged, here and later), ValueError for a `pop_key`
+    that is not P-256 or Ed25519, and, with `as_credential`, ChannelUnavailable (a client
+    secret or an Ed25519 key, or an aiocoap context without OSCORE transport) or TypeError
+    (an `as_credential` that is no EdhocCredential).
     """
 
     def __init__(
@@ -188,7 +200,9 @@ class TokenClient:
         rng: random.Random | None = None,
         on_token: Callable[[str, AccessToken], None] | None = None,
     ) -> TokenClient:
-        """Resume a provisioned device: AS, credentials and tokens all come from the file."""
+        """Resume a provisioned device: AS, credentials and tokens all come from the file.
+        Raises StateFileError when there is no file or it cannot be read, and what the
+        constructor raises."""
         saved = state_file.load()
         if saved is None:
             raise StateFileError(f"no state file at {state_file.path}: provision the device first")
@@ -219,6 +233,7 @@ class TokenClient:
 
     @property
     def client_id(self) -> str:
+        """Our client id at the AS."""
         return self._state.credentials.client_id
 
     @property
@@ -257,7 +272,8 @@ class TokenClient:
         return self._retry_at
 
     def next_renewal(self) -> int:
-        """When `token()` will next talk to the AS: the refresh time, or the end of back-off."""
+        """When `token()` will next talk to the AS: the refresh time, or the end of back-off.
+        Raises nothing."""
         token = self._state.access_token
         due = token.refresh_at if token is not None else self._clock.now()
         return max(due, self._retry_at or due)
@@ -266,7 +282,9 @@ class TokenClient:
         """A valid access token, from cache or from the AS.
 
         Raises ServiceUnreachable (no answer, or backing off) when there is no valid token to
-        fall back on, and TokenRequestRefused when the AS refuses the credentials.
+        fall back on, TokenRequestRefused when the AS refuses the credentials (ChannelRefused
+        when it refuses the protected channel), and ChannelUnavailable when the protected
+        channel cannot run here (no lakers-python).
         """
         async with self._lock:
             now = self._clock.now()
@@ -277,7 +295,9 @@ class TokenClient:
                 if current is not None and current.valid_at(now):
                     return current
                 raise ServiceUnreachable(
-                    "backing off after a failed request", retry_at=self._retry_at
+                    f"{self._as_host}: backing off after a failed request",
+                    retry_at=self._retry_at,
+                    host=self._as_host,
                 )
             try:
                 return await self._renew()
@@ -301,7 +321,8 @@ class TokenClient:
 
     def discard_access_token(self) -> None:
         """Forget the cached access token (say a resource server refused it); the next
-        `token()` refreshes. The refresh token is kept."""
+        `token()` refreshes. The refresh token is kept. Raises nothing (a failed save of
+        the state file is logged)."""
         if self._state.access_token is not None:
             self._state = replace(self._state, access_token=None)
             self._retry_at = None
@@ -323,14 +344,17 @@ class TokenClient:
                 )
             except (TimeoutError, aiocoap.error.Error):
                 raise ServiceUnreachable(
-                    "revoke: no answer from the AS", retry_at=self._clock.now()
+                    f"{self._as_host}: revoke: no answer from the AS",
+                    retry_at=self._clock.now(),
+                    host=self._as_host,
                 ) from None
             if response.code != aiocoap.CHANGED:
                 ace_code, description = parse_error(response.payload)
                 raise TokenRequestRefused(
-                    f"revoke refused with {response.code}: {description}",
+                    f"{self._as_host}: revoke refused with {response.code}: {description}",
                     ace_code=ace_code,
                     coap_code=int(response.code),
+                    host=self._as_host,
                 )
             self._state = replace(self._state, access_token=None, refresh_token=None)
             self._save()
@@ -416,9 +440,10 @@ class TokenClient:
             raise self._failed(f"{kind}: AS answered {response.code}", retry_hint(response))
         ace_code, description = parse_error(response.payload)
         refusal = TokenRequestRefused(
-            f"{kind} refused with {response.code}: {description}",
+            f"{self._as_host}: {kind} refused with {response.code}: {description}",
             ace_code=ace_code,
             coap_code=int(response.code),
+            host=self._as_host,
         )
         if ace_code != AceErrorCode.INVALID_GRANT:
             # Wrong credentials or configuration will not fix themselves: do not hammer.
@@ -434,7 +459,14 @@ class TokenClient:
         log.warning(
             "%s; attempt %d failed, next try in %d s", reason, self._failures, math.ceil(delay)
         )
-        return ServiceUnreachable(reason, retry_at=self._retry_at)
+        return ServiceUnreachable(
+            f"{self._as_host}: {reason}", retry_at=self._retry_at, host=self._as_host
+        )
+
+    @property
+    def _as_host(self) -> str:
+        """The AS's host[:port], as errors name it."""
+        return self._state.as_uri.split("://", 1)[-1]
 
     def _accept(self, payload: bytes, kind: str) -> AccessToken:
         default_type = TokenType.POP if self._req_cnf is not None else TokenType.BEARER

@@ -35,18 +35,22 @@ CTI_BYTES = 16
 
 @dataclass(frozen=True, slots=True)
 class SecretCredentials:
-    """client_id + client_secret, exactly as `coap-auth clients add --secret` printed it."""
+    """client_id + client_secret, exactly as `coap-auth clients add --secret` printed it.
+    Raises nothing."""
 
     client_id: str
     secret: str = field(repr=False)
 
     def request_params(self, *, issuer: str, now: int) -> dict[Any, Any]:
+        """The /token parameters that authenticate us: client_id and client_secret.
+        Raises nothing."""
         return {AceParam.CLIENT_ID: self.client_id, AceParam.CLIENT_SECRET: self.secret}
 
 
 @dataclass(frozen=True, slots=True)
 class DeviceKey:
-    """The device's own P-256 or Ed25519 key, registered with `clients add --public-key`."""
+    """The device's own P-256 or Ed25519 key, registered with `clients add --public-key`.
+    Raises ValueError for a key of any other type."""
 
     client_id: str
     private_key: PrivateKey = field(repr=False, compare=False)
@@ -56,6 +60,8 @@ class DeviceKey:
 
     @classmethod
     def generate(cls, client_id: str, *, curve: str = "P-256") -> DeviceKey:
+        """A new random key: P-256, or Ed25519 when `curve` is "Ed25519" (any other value
+        means P-256). Raises nothing."""
         key: PrivateKey = (
             ed25519.Ed25519PrivateKey.generate()
             if curve == "Ed25519"
@@ -65,6 +71,8 @@ class DeviceKey:
 
     @classmethod
     def from_pem(cls, client_id: str, pem: bytes) -> DeviceKey:
+        """The key in an unencrypted PEM (PKCS#8 or traditional) private key. Raises
+        ValueError when it is not one, or not P-256 or Ed25519."""
         try:
             key = serialization.load_pem_private_key(pem, password=None)
         except (ValueError, TypeError):
@@ -74,6 +82,8 @@ class DeviceKey:
         return cls(client_id, key)
 
     def private_pem(self) -> bytes:
+        """The private key as unencrypted PKCS#8 PEM, for the device's own storage.
+        Raises nothing."""
         return self.private_key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -81,7 +91,8 @@ class DeviceKey:
         )
 
     def public_pem(self) -> bytes:
-        """What the operator registers: `coap-auth clients add ID --public-key FILE`."""
+        """What the operator registers: `coap-auth clients add ID --public-key FILE`.
+        Raises nothing."""
         return self.private_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
@@ -96,7 +107,7 @@ class DeviceKey:
         """A client assertion: a tagged CWT signed with the device key (PROTOCOL.md).
 
         iss = sub = client_id, aud = the AS's issuer id, a fresh cti (the AS refuses a cti
-        it has seen before).
+        it has seen before). Raises nothing.
         """
         claims = Claims(
             iss=self.client_id,
@@ -109,6 +120,8 @@ class DeviceKey:
         return encode_cwt(claims, self.private_key, alg_for_key(self.private_key), self.kid)
 
     def request_params(self, *, issuer: str, now: int) -> dict[Any, Any]:
+        """The /token parameters that authenticate us: a fresh client assertion (see
+        `assertion`). Raises nothing."""
         return {CLIENT_ASSERTION: self.assertion(issuer=issuer, now=now)}
 
     def edhoc_identity(self) -> EdhocIdentity:

@@ -9,12 +9,14 @@
     ├── ServiceUnavailable              coap_auth.errors (5.03 with Max-Age)
     │   └── StaleState                  an RS's keys or TRL are older than its bound
     └── DeviceClientError               base of what only the device side raises
-        ├── TokenRequestRefused         the AS answered /token with an RFC 9200 error
+        ├── TokenRequestRefused         the AS answered /token with an RFC 9200 error (names
+        │   │                           the host)
         │   └── ChannelRefused          EDHOC with the AS failed, or the AS keeps refusing the
         │                               OSCORE context it made (names the host)
         ├── ChannelUnavailable          this device cannot run the protected channel (an Ed25519
         │                               key, no lakers-python, an unusable AS credential)
-        ├── ServiceUnreachable          no usable answer from the AS; `retry_at` says when to try
+        ├── ServiceUnreachable          no usable answer from the AS (names the host);
+        │                               `retry_at` says when to try
         ├── ResourceRefused             a resource server refused our token or security context
         │                               (names the host; `coap_code` its answer)
         ├── ResourceUnreachable         no answer from a resource server (names the host)
@@ -70,16 +72,19 @@ class DeviceClientError(CoapAuthError):
 
 
 class TokenRequestRefused(DeviceClientError):
-    """The AS refused a /token request with an RFC 9200 §5.8.3 error.
+    """The AS at `host` refused a /token (or /revoke) request with an RFC 9200 §5.8.3 error.
 
     `ace_code` is the error code (wire.AceErrorCode, or None when the body had none) and
     `coap_code` the CoAP response code, e.g. 4.01 with ace_code 2 for invalid_client.
     """
 
-    def __init__(self, description: str, *, ace_code: int | None, coap_code: int) -> None:
+    def __init__(
+        self, description: str, *, ace_code: int | None, coap_code: int, host: str
+    ) -> None:
         super().__init__(description)
         self.ace_code = ace_code
         self.coap_code = coap_code
+        self.host = host
 
 
 class ChannelRefused(TokenRequestRefused):
@@ -90,8 +95,7 @@ class ChannelRefused(TokenRequestRefused):
     `coap_code` 0 (the refusal is EDHOC's, not an answer of /token)."""
 
     def __init__(self, description: str, *, host: str) -> None:
-        super().__init__(description, ace_code=None, coap_code=0)
-        self.host = host
+        super().__init__(description, ace_code=None, coap_code=0, host=host)
 
 
 class ChannelUnavailable(DeviceClientError):
@@ -102,14 +106,16 @@ class ChannelUnavailable(DeviceClientError):
 
 
 class ServiceUnreachable(DeviceClientError):
-    """No usable answer: timeout, network error, a 5.xx, or still backing off.
+    """No usable answer from the AS at `host`: timeout, network error, a 5.xx, or still
+    backing off.
 
     `retry_at` is the clock time before which the client will not try again.
     """
 
-    def __init__(self, description: str, *, retry_at: int) -> None:
+    def __init__(self, description: str, *, retry_at: int, host: str) -> None:
         super().__init__(description)
         self.retry_at = retry_at
+        self.host = host
 
 
 class ResourceRefused(DeviceClientError):

@@ -32,7 +32,8 @@ ENCRYPTION_KEY_BYTES = 16
 
 @dataclass(frozen=True, slots=True)
 class KeySet:
-    """Published verification keys by kid; each verifies only with the algorithm of its key."""
+    """Published verification keys by kid; each verifies only with the algorithm of its key.
+    The constructor raises nothing; `from_export` and `from_cose_key_set` raise ValueError."""
 
     keys: tuple[VerificationKey, ...] = ()
     # kid -> HMAC 256/64 key (RFC 9053 §3.1), for COSE_Mac0 tokens of a symmetric audience.
@@ -62,8 +63,8 @@ class KeySet:
     def from_cose_key_set(cls, payload: bytes) -> KeySet:
         """Parse content format 102 (RFC 9052 §7: COSE_KeySet = [+ COSE_Key]).
 
-        Entries this device cannot use (another key type, no kid) are skipped; anything that
-        is not a CBOR array of maps is a ValueError.
+        Entries this device cannot use (another key type, no kid) are skipped. Raises
+        ValueError for anything that is not a CBOR array of maps, or too large.
         """
         if len(payload) > MAX_KEY_SET_BYTES:
             raise ValueError("key set too large")
@@ -99,25 +100,29 @@ class KeySet:
 
     @property
     def kids(self) -> frozenset[bytes]:
+        """The kids of the verification keys (not of the symmetric ones)."""
         return frozenset(k.kid for k in self.keys)
 
     def lookup(self, kid: bytes) -> VerificationKey | None:
+        """The verification key named `kid`, or None. Raises nothing."""
         for key in self.keys:
             if key.kid == kid:
                 return key
         return None
 
     def shared_key(self, kid: bytes) -> bytes | None:
+        """The HMAC 256/64 key named `kid`, or None. Raises nothing."""
         return self.shared.get(kid)
 
     def encryption_key(self, kid: bytes) -> bytes | None:
-        """The AES-CCM-16-64-128 key named `kid`, or None."""
+        """The AES-CCM-16-64-128 key named `kid`, or None. Raises nothing."""
         return self.encryption.get(kid)
 
     async def refetch(self) -> bool:
-        """A fixed set learns nothing new (the KeySource protocol of verify.py)."""
+        """A fixed set learns nothing new (the KeySource protocol of verify.py): False.
+        Raises nothing."""
         return False
 
     def describe(self) -> str:
-        """The kids in their text form (hex), for logs."""
+        """The kids in their text form (hex), for logs. Raises nothing."""
         return ", ".join(sorted(kid_text(k) for k in self.kids)) or "no keys"

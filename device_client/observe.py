@@ -36,7 +36,9 @@ _ENDED = object()
 
 @dataclass(frozen=True, slots=True)
 class WatchPolicy:
-    """Timing of an observer, in seconds."""
+    """Timing of an observer, in seconds. Raises ValueError for a non-positive timeout,
+    interval or check_interval, backoff_max below backoff_initial, or a jitter outside
+    [0, 1]."""
 
     # Real time to wait for one response.
     request_timeout: float = 10.0
@@ -65,6 +67,8 @@ class WatchPolicy:
             raise ValueError("need backoff_initial <= backoff_max and jitter in [0, 1]")
 
     def backoff_delay(self, failures: int, rng: random.Random) -> float:
+        """Seconds to wait after `failures` failures in a row: exponential from
+        backoff_initial up to backoff_max, less up to backoff_jitter of it. Raises nothing."""
         return backoff_delay(
             failures,
             initial=self.backoff_initial,
@@ -123,6 +127,7 @@ class Observer:
 
     @property
     def uri(self) -> str:
+        """The URI observed at the AS."""
         return f"{self._base}/{self.path}"
 
     @property
@@ -156,9 +161,15 @@ class Observer:
         if not self._synced.is_set():
             reason = self._first_failure or "no answer"
             await self.stop()
-            raise ServiceUnreachable(f"{self.uri}: {reason}", retry_at=self._clock.now())
+            raise ServiceUnreachable(
+                f"{self.uri}: {reason}",
+                retry_at=self._clock.now(),
+                host=self._base.split("://", 1)[-1],
+            )
 
     async def stop(self) -> None:
+        """Stop observing and wait until the loop has ended. Raises nothing: an error that
+        ended the loop is logged; a caller's cancellation propagates."""
         task, self._task = self._task, None
         if task is None:
             return
@@ -178,7 +189,7 @@ class Observer:
         await self.stop()
 
     def reregister(self) -> None:
-        """Drop the current observation and register again now."""
+        """Drop the current observation and register again now. Raises nothing."""
         self._wake.set()
 
     # -- the loop -----------------------------------------------------------------------------

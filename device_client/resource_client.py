@@ -126,7 +126,8 @@ class ResourceClient:
         await self.close()
 
     async def close(self) -> None:
-        """Forget the security context (nothing runs in the background to wait for)."""
+        """Forget the security context (nothing runs in the background to wait for). Raises
+        nothing."""
         self._channel.forget()
         self._bound = None
 

@@ -133,7 +133,8 @@ class ResourceServer:
         """Add /authz-info (and /.well-known/edhoc with an identity) to `site`; return the site
         to serve: OSCORE unprotection in front of it (and of the 4.02 check of critical
         options). Serve it with `create_server_context(served, bind, check_options=False)`
-        (the OSCORE option is critical: a check in front would refuse it), or use `serve`."""
+        (the OSCORE option is critical: a check in front would refuse it), or use `serve`.
+        Raises nothing."""
         from coap_auth.secure.site import ProtectedSite
 
         site.add_resource(["authz-info"], AuthzInfoResource(self))
@@ -161,7 +162,8 @@ class ResourceServer:
         return verified
 
     def keep(self, key: str, verified: VerifiedToken) -> None:
-        """Hold a verified token under `key`, within the bounds (class docstring)."""
+        """Hold a verified token under `key`, within the bounds (class docstring). Raises
+        nothing but what `on_token` raises."""
         self._tokens.pop(key, None)
         self._tokens[key] = verified
         subject = verified.claims.sub
@@ -184,7 +186,8 @@ class ResourceServer:
         del self._tokens[largest[0]]
 
     def held_pop_tokens(self, subject: str) -> list[VerifiedToken]:
-        """The PoP tokens of `subject` awaiting (or used by) EDHOC, newest first."""
+        """The PoP tokens of `subject` awaiting (or used by) EDHOC, newest first. Raises
+        nothing."""
         return [
             t
             for k, t in reversed(self._tokens.items())
@@ -197,7 +200,7 @@ class ResourceServer:
 
     def token_for(self, request_or_endpoint: aiocoap.Message | str) -> VerifiedToken | None:
         """The token bound to the OSCORE context of a request (a bearer token kept for its
-        endpoint when unprotected, allow_bearer only); no validity check."""
+        endpoint when unprotected, allow_bearer only); no validity check. Raises nothing."""
         if isinstance(request_or_endpoint, str):
             return self._tokens.get(request_or_endpoint) if self.allow_bearer else None
         context = context_of(request_or_endpoint)
@@ -211,7 +214,8 @@ class ResourceServer:
     def purge(self) -> list[tuple[str, VerifiedToken]]:
         """Drop expired and revoked tokens and those of withdrawn keys (say after a TRL or key
         set change), with the contexts bound to them; return what was dropped (contexts as
-        "oscore:<recipient id hex>"). While the verifier is stale nothing is dropped."""
+        "oscore:<recipient id hex>"). While the verifier is stale nothing is dropped. Raises
+        nothing."""
         dropped: list[tuple[str, VerifiedToken]] = []
         try:
             for key, verified in list(self._tokens.items()):
@@ -236,7 +240,8 @@ class ResourceServer:
         """None if the request may go on: its OSCORE context's token is valid and covers
         `scopes` (or, allow_bearer only, its endpoint's bearer token does); otherwise the answer
         RFC 9200 §5.10.2 asks for: 4.01 (no valid token, with AS Request Creation Hints),
-        4.03 (scope too narrow), 5.03 (the verifier is stale)."""
+        4.03 (scope too narrow), 5.03 (the verifier is stale). Raises nothing: every
+        refusal is that answer."""
         context = context_of(request)
         if context is None:
             return self._check_bearer(request, scopes)
@@ -284,7 +289,7 @@ class ResourceServer:
 
     def unauthorized(self, reason: str, scopes: tuple[str, ...] = ()) -> aiocoap.Message:
         """4.01: with AS Request Creation Hints (RFC 9200 §5.3) when `as_uri` is set, else a
-        problem detail naming `reason`."""
+        problem detail naming `reason`. Raises nothing."""
         if self.as_uri is None:
             return problem(aiocoap.UNAUTHORIZED, TokenError(reason))
         hints: dict[int, Any] = {HINT_AS: self.as_uri, HINT_AUDIENCE: self.verifier.audience}
@@ -309,6 +314,10 @@ def require_scope(*scopes: str) -> Callable[[Render], Render]:
 
             @require_scope("temp:read")
             async def render_get(self, request): ...
+
+    Raises nothing itself; the guarded method answers a refusal (ResourceServer.check) instead
+    of running, raises AttributeError when the resource has no `resource_server`, and
+    otherwise raises what the method raises.
     """
 
     def decorate(render: Render) -> Render:

@@ -130,7 +130,7 @@ def _keys(tokens: list[VerifiedToken]) -> list[Any]:
     return keys
 
 
-class EdhocResource(resource.Resource):  # type: ignore[misc]
+class EdhocResource(resource.Resource):
     """`/.well-known/edhoc` of the RS (RFC 9528 Appendix A.2): POST true + message_1 -> 2.04
     message_2; POST C_R + message_3 -> 2.04 (no message_4). A failure is an EDHOC error message
     (4.00, application/edhoc+cbor-seq) that never carries a token or key."""

@@ -38,19 +38,23 @@ log = logging.getLogger("device_client.rs")
 _FORMATS = (None, ContentFormat.CWT, ContentFormat.ACE_CBOR)
 
 
-class AuthzInfoResource(resource.Resource):  # type: ignore[misc]
+class AuthzInfoResource(resource.Resource):
     """POST an access token (module docstring); 2.01, or 4.00/4.01/4.03 with a reason that
-    never quotes the token."""
+    never quotes the token. Made by ResourceServer.add_to; the constructor raises nothing."""
 
     def __init__(self, resource_server: ResourceServer) -> None:
         super().__init__()
         self.resource_server = resource_server
 
     def get_link_description(self) -> dict[str, str]:
+        """aiocoap's /.well-known/core entry, with the content formats taken (`ct`). Raises
+        nothing."""
         formats = f"{int(ContentFormat.CWT)} {int(ContentFormat.ACE_CBOR)}"
         return {**super().get_link_description(), "ct": formats}
 
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        """Take a token upload (or, under a security context, an update of access rights).
+        Raises nothing: every refusal is an answer (4.00, 4.01, 4.03, 4.13, 4.15, 5.03)."""
         rs = self.resource_server
         content_format = request.opt.content_format
         payload = bytes(request.payload)

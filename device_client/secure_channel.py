@@ -128,11 +128,13 @@ class ProtectedPeer:
         return self._oscore is not None
 
     def forget(self) -> None:
-        """Drop the context: the next request makes a new one first."""
+        """Drop the context: the next request makes a new one first. Raises nothing."""
         self._oscore = None
 
     async def establish(self) -> Any:
-        """The OSCORE context, after a handshake if none is held (or the held one is stale)."""
+        """The OSCORE context, after a handshake if none is held (or the held one is stale).
+        Raises what the handshake raises (SecureChannel: ChannelRefused, ChannelUnavailable,
+        TimeoutError, aiocoap's errors); a caller's cancellation propagates."""
         async with self._lock:
             if self._oscore is None or self._stale(self._oscore):
                 self._oscore = None
@@ -144,7 +146,10 @@ class ProtectedPeer:
         self, build: Build, *, timeout: float | None = None
     ) -> tuple[aiocoap.protocol.Request, aiocoap.Message]:
         """Send `build()` under the OSCORE context; when the server answers unprotected (it no
-        longer holds the context), make a new one and send a fresh `build()` once more."""
+        longer holds the context), make a new one and send a fresh `build()` once more.
+        Raises what `establish` raises, the refusal of a server that answers unprotected under
+        the new context too (SecureChannel: ChannelRefused), TimeoutError (no answer within
+        `timeout`) and aiocoap's errors."""
         from aiocoap.oscore import NotAProtectedMessage
 
         timeout = self.timeout if timeout is None else timeout
@@ -216,7 +221,9 @@ class SecureChannel(ProtectedPeer):
     `request(build)` sends `build()` protected and returns the aiocoap request (for an
     observation) and its first answer. It raises ChannelRefused, TimeoutError (no answer
     within `timeout` real seconds per exchange) or aiocoap's errors; a caller's cancellation
-    always propagates. Raises ChannelUnavailable at once when the channel cannot run here.
+    always propagates. Raises ChannelUnavailable at once when the channel cannot run here
+    (an Ed25519 key, no OSCORE transport, no lakers-python), TypeError for an `as_credential`
+    that is no EdhocCredential, ValueError for a `timeout` that is not positive.
     """
 
     def __init__(

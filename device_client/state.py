@@ -51,7 +51,7 @@ class AccessToken:
     4 coap_edhoc_oscore), `cnf_osc` (the OSCORE_Input_Material, RFC 9203 §3.2.1: holds the
     master secret, never shown in repr nor logged), `cnf_key` (the COSE_Key the token is
     bound to, echoed) and `rs_cnf` (the resource server's COSE_Key, RFC 9201 §5). None for a
-    token without them.
+    token without them. Raises nothing (a plain record).
     """
 
     value: bytes = field(repr=False)
@@ -74,13 +74,15 @@ class AccessToken:
         return token_hash(self.value)
 
     def valid_at(self, now: int) -> bool:
+        """Whether the token has not expired at clock time `now`. Raises nothing."""
         return now < self.expires_at
 
 
 @dataclass(frozen=True, slots=True)
 class DeviceState:
     """Everything a device needs to resume after a reboot. With `as_credential` (the AS's
-    EDHOC credential) the device talks to the AS over the protected channel."""
+    EDHOC credential) the device talks to the AS over the protected channel. Raises nothing
+    (a plain record; StateFile checks what it loads)."""
 
     as_uri: str
     credentials: Credentials
@@ -94,7 +96,9 @@ class DeviceState:
 
 
 class StateFile:
-    """The one file a device's state lives in. `save` is atomic; the file is mode 0600."""
+    """The one file a device's state lives in. `save` is atomic; the file is mode 0600.
+    The constructor touches no file and raises nothing; `load` and `save` raise
+    StateFileError."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -103,10 +107,14 @@ class StateFile:
         return f"StateFile({str(self.path)!r})"
 
     def exists(self) -> bool:
+        """Whether the file is there. Raises OSError only when that cannot be told (say
+        its directory is not searchable)."""
         return self.path.exists()
 
     def load(self) -> DeviceState | None:
-        """The saved state, or None when there is no file yet."""
+        """The saved state, or None when there is no file yet. Raises StateFileError when
+        the file cannot be read or is not a valid device state (the message never quotes
+        it)."""
         try:
             info = self.path.stat()
             if stat.S_IMODE(info.st_mode) & 0o077:
@@ -125,7 +133,8 @@ class StateFile:
             raise StateFileError(f"state file {self.path} is not a valid device state") from None
 
     def save(self, state: DeviceState) -> None:
-        """Write `state` atomically: temp file, fsync, rename, fsync the directory."""
+        """Write `state` atomically: temp file, fsync, rename, fsync the directory. Raises
+        StateFileError when it cannot be written (the old file is then left as it was)."""
         data = json.dumps(_encode(state), indent=1).encode("utf-8")
         directory = self.path.parent
         try:

@@ -23,7 +23,8 @@ MAX_TRL_BYTES = 1 << 20
 
 @dataclass(frozen=True, slots=True)
 class TrlDiff:
-    """One diff entry (RFC 9770 §7): hashes that left the list and hashes that joined it."""
+    """One diff entry (RFC 9770 §7): hashes that left the list and hashes that joined it.
+    Raises nothing (a plain record)."""
 
     removed: frozenset[bytes]
     added: frozenset[bytes]
@@ -32,7 +33,8 @@ class TrlDiff:
 @dataclass(frozen=True, slots=True)
 class FullSet:
     """A full-query answer (RFC 9770 §7.1): every listed hash, and with §9 the cursor, the
-    index of the newest update (None: no update yet)."""
+    index of the newest update (None: no update yet). Raises nothing (a plain record;
+    decode_full_set checks the wire form)."""
 
     hashes: frozenset[bytes]
     cursor: int | None = None
@@ -42,7 +44,8 @@ class FullSet:
 @dataclass(frozen=True, slots=True)
 class DiffSet:
     """A diff-query answer (RFC 9770 §7.2): entries newest first, as on the wire. With §9,
-    `cursor` is the index of the newest entry sent and `more` says newer ones remain."""
+    `cursor` is the index of the newest entry sent and `more` says newer ones remain. Raises
+    nothing (a plain record; decode_diff_set checks the wire form)."""
 
     diffs: tuple[TrlDiff, ...]
     cursor: int | None = None
@@ -51,7 +54,7 @@ class DiffSet:
 
 
 def decode_full_set(payload: bytes) -> FullSet:
-    """`{0: [* th], ? 2: cursor}`. ValueError if malformed."""
+    """`{0: [* th], ? 2: cursor}`. Raises ValueError if malformed or too large."""
     document = _load_map(payload)
     if TrlParam.FULL_SET not in document:
         raise ValueError("TRL answer has no full_set")
@@ -60,7 +63,8 @@ def decode_full_set(payload: bytes) -> FullSet:
 
 
 def decode_diff_set(payload: bytes) -> DiffSet:
-    """`{1: [* [removed, added]], ? 2: cursor, ? 3: more}`. ValueError if malformed."""
+    """`{1: [* [removed, added]], ? 2: cursor, ? 3: more}`. Raises ValueError if malformed
+    or too large."""
     document = _load_map(payload)
     if TrlParam.DIFF_SET not in document:
         raise ValueError("TRL answer has no diff_set")
@@ -85,7 +89,7 @@ class RevocationList:
 
     `cursor` (RFC 9770 §9): the index of the newest update applied, -1 before the first;
     None when the AS sends no cursors. Then `anchor`, the newest diff entry applied, stands
-    in for it. Diffs are applied oldest first.
+    in for it. Diffs are applied oldest first. Raises nothing (an immutable value).
     """
 
     hashes: frozenset[bytes] = frozenset()
@@ -99,12 +103,14 @@ class RevocationList:
         return len(self.hashes)
 
     def is_revoked(self, token_hash: bytes) -> bool:
+        """Whether `token_hash` is on the list. Raises nothing."""
         return token_hash in self.hashes
 
     @classmethod
     def from_full_set(cls, full: FullSet, latest: DiffSet | None = None) -> RevocationList:
         """The list after a full query. Without cursors, `latest` (a diff answer received
-        just before the full query) gives the anchor for the diffs that follow."""
+        just before the full query) gives the anchor for the diffs that follow. Raises
+        nothing."""
         if full.cursor_given:
             return cls(full.hashes, -1 if full.cursor is None else full.cursor)
         anchor = latest.diffs[0] if latest is not None and latest.diffs else None
@@ -113,7 +119,7 @@ class RevocationList:
     def apply(self, diff_set: DiffSet) -> RevocationList | None:
         """The list with the new entries of `diff_set` applied, or None when this answer
         cannot bring it up to date (entries were missed, or the AS's series restarted):
-        then ask from the cursor again, or make a full query."""
+        then ask from the cursor again, or make a full query. Raises nothing."""
         if self.cursor is not None:
             return self._apply_by_cursor(diff_set)
         return self._apply_by_anchor(diff_set)

@@ -75,22 +75,28 @@ class UnusableClaims(MalformedToken):
 class KeySource(Protocol):
     """Where verification keys come from: a `KeySet`, or a `KeySetWatcher` following /keys."""
 
-    def lookup(self, kid: bytes) -> VerificationKey | None: ...
+    def lookup(self, kid: bytes) -> VerificationKey | None:
+        """The verification key named `kid`, or None. Must raise nothing."""
+        ...
 
     async def refetch(self) -> bool:
-        """Fetch the key set now if allowed (rate-limited); True if it may have changed."""
+        """Fetch the key set now if allowed (rate-limited); True if it may have changed.
+        Must raise nothing on a failed fetch (False), only a caller's cancellation."""
         ...
 
 
 class RevocationSource(Protocol):
     """What a `TrlWatcher` offers the verifier: membership of a token hash (RFC 9770 §4)."""
 
-    def is_revoked(self, token_hash: bytes) -> bool: ...
+    def is_revoked(self, token_hash: bytes) -> bool:
+        """Whether `token_hash` is on the revocation list held now. Must raise nothing."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
 class VerifiedToken:
-    """A token that passed every check, with its claims and its RFC 9770 hash."""
+    """A token that passed every check, with its claims and its RFC 9770 hash. Made by
+    TokenVerifier; raises nothing."""
 
     claims: Claims
     token_hash: bytes
@@ -103,6 +109,7 @@ class VerifiedToken:
 
     @property
     def scopes(self) -> frozenset[str]:
+        """The token's scopes (its space-separated scope claim as a set)."""
         return self.claims.scopes
 
     @property
@@ -122,6 +129,7 @@ class VerifiedToken:
         return None if material is None else material[OscoreInput.ID]
 
     def allows(self, *scopes: str) -> bool:
+        """Whether the token's scope covers every one of `scopes`. Raises nothing."""
         return set(scopes) <= self.claims.scopes
 
 
@@ -157,6 +165,7 @@ class TokenVerifier:
     negative leeway, a non-positive bound, or a max_staleness not longer than a watcher's
     check_interval. `encryption_keys` (kid -> AES-CCM-16-64-128 key, `KeySet.encryption` of
     `KeySet.from_export`) decrypt the tokens of an OSCORE-profile audience.
+    The constructor does no I/O.
     """
 
     def __init__(
@@ -202,7 +211,8 @@ class TokenVerifier:
 
     def set_encryption_keys(self, keys: Mapping[bytes, bytes]) -> None:
         """Replace the AES keys (after the operator exported the family again, say): a token
-        kept under a key no longer listed fails its next `still_valid` check."""
+        kept under a key no longer listed fails its next `still_valid` check. Raises
+        nothing."""
         self._encryption_keys = dict(keys)
 
     async def verify(

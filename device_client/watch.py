@@ -35,7 +35,8 @@ class KeySetWatcher(Observer):
     """Keeps the AS's published keys (`/keys`, COSE_KeySet) current by observing them.
 
     `lookup` serves a `TokenVerifier`; on an unknown kid the verifier calls `refetch`, which
-    fetches once per `min_refetch_interval` before the token is rejected.
+    fetches once per `min_refetch_interval` before the token is rejected. The constructor
+    raises nothing and sends nothing: `start` (or `async with`) begins observing.
     """
 
     path = "keys"
@@ -59,13 +60,15 @@ class KeySetWatcher(Observer):
         self._refetch_lock = asyncio.Lock()
 
     def lookup(self, kid: bytes) -> VerificationKey | None:
+        """The key named `kid` in the set held now, or None. Raises nothing."""
         return self.key_set.lookup(kid)
 
     async def refetch(self) -> bool:
         """Fetch `/keys` now unless one was fetched within `min_refetch_interval`.
 
         True if the set changed. A change we were not notified of means the observation is
-        lost: the loop re-registers.
+        lost: the loop re-registers. Raises nothing for a failed fetch (it is logged, and the
+        answer is False); what `on_change` raises propagates.
         """
         async with self._refetch_lock:
             now = self._clock.now()
@@ -138,6 +141,11 @@ class TrlWatcher(Observer):
     introspection key, so its id is the audience id) and `as_credential` (the AS's EDHOC
     credential), every query goes over the protected channel, as an AS with require_oscore
     on demands; the list then holds the tokens issued for that audience.
+
+    The constructor sends nothing (`start`, or `async with`, begins observing). Raises
+    ValueError for `identity` without `as_credential` (or the reverse) or a `diff_window`
+    below 1; with them, what SecureChannel's constructor raises (ChannelUnavailable when the
+    channel cannot run here, TypeError for an `as_credential` that is no EdhocCredential).
     """
 
     path = "revoke/trl"
@@ -180,6 +188,7 @@ class TrlWatcher(Observer):
         return self._channel
 
     def is_revoked(self, token_hash: bytes) -> bool:
+        """Whether `token_hash` is on the list held now. Raises nothing."""
         return token_hash in self.revocations
 
     def _observe_message(self) -> aiocoap.Message:

@@ -12,11 +12,14 @@ import logging
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiocoap import oscore
 
 from coap_auth.secure.credentials import PeerCredential
+
+if TYPE_CHECKING:
+    from coap_auth.secure.provisioned import ProvisionedContext
 
 log = logging.getLogger("coap_auth.oscore")
 
@@ -106,7 +109,7 @@ class ContextTable:
         # Recipient ids per peer, oldest first.
         self._by_peer: dict[str, list[bytes]] = {}
         # Operator-provisioned contexts (coap_auth.secure.provisioned): never evicted.
-        self._provisioned: dict[bytes, Any] = {}
+        self._provisioned: dict[bytes, ProvisionedContext] = {}
 
     def __len__(self) -> int:
         """How many EDHOC-made contexts are held (provisioned ones apart)."""
@@ -116,10 +119,10 @@ class ContextTable:
         return recipient_id in self._by_id
 
     @property
-    def provisioned(self) -> dict[bytes, Any]:
+    def provisioned(self) -> dict[bytes, ProvisionedContext]:
         return dict(self._provisioned)
 
-    def set_provisioned(self, contexts: list[Any]) -> None:
+    def set_provisioned(self, contexts: list[ProvisionedContext]) -> None:
         """Hold exactly these provisioned contexts (closing the ones no longer listed); an
         EDHOC context with the same recipient id gives way."""
         wanted = {c.recipient_id: c for c in contexts}
@@ -153,7 +156,7 @@ class ContextTable:
         self._by_id[context.recipient_id] = context
         self._by_peer.setdefault(context.peer.id, []).append(context.recipient_id)
 
-    def find_oscore(self, unprotected: dict[Any, Any]) -> OscoreContext:
+    def find_oscore(self, unprotected: dict[Any, Any]) -> OscoreContext | ProvisionedContext:
         """aiocoap's lookup: the context for a request's kid (and no kid context), or
         KeyError."""
         recipient_id = unprotected.get(oscore.COSE_KID)
@@ -174,9 +177,10 @@ class ContextTable:
     def used(self, context: Any) -> None:
         """A request under `context` decrypted: it is in use (idle timer, LRU order). Only
         then: garbage sent under a kid seen on the wire must not keep a context alive."""
-        if self._by_id.get(context.recipient_id) is context:
-            context.last_used = self._now()
-            self._by_id.move_to_end(context.recipient_id)
+        held = self._by_id.get(context.recipient_id)
+        if held is not None and held is context:
+            held.last_used = self._now()
+            self._by_id.move_to_end(held.recipient_id)
 
     def contexts(self) -> list[OscoreContext]:
         """The EDHOC-made (or derived) contexts held, least recently used first."""

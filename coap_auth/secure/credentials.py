@@ -37,7 +37,9 @@ class CredentialError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class EdhocCredential:
-    """A CCS: its exact bytes (the MAC covers them), who it names and its key."""
+    """A CCS: its exact bytes (the MAC covers them), who it names and its key. Made by
+    parse_credential or device_credential, which check it; the constructor itself checks
+    nothing and raises nothing."""
 
     ccs: bytes
     subject: str
@@ -52,6 +54,8 @@ class EdhocCredential:
 
     @property
     def public_key(self) -> ec.EllipticCurvePublicKey:
+        """The P-256 public key. Raises ValueError only for a credential built by hand whose
+        point is not on the curve (parse_credential never makes one)."""
         numbers = ec.EllipticCurvePublicNumbers(
             int.from_bytes(self.x, "big"), int.from_bytes(self.y, "big"), ec.SECP256R1()
         )
@@ -59,7 +63,7 @@ class EdhocCredential:
 
     def document(self) -> dict[str, Any]:
         """The credential as `coap-auth edhoc-credential --json` shows it for provisioning
-        (device_client.load_as_credential reads it back)."""
+        (device_client.load_as_credential reads it back). Raises what `public_key` raises."""
         from cryptography.hazmat.primitives import serialization
 
         pem = self.public_key.public_bytes(
@@ -76,7 +80,7 @@ class EdhocCredential:
 
     def same_key(self, key: Any) -> bool:
         """Whether a registered key (a COSE_Key map or a P-256 public key) is this
-        credential's key."""
+        credential's key. Raises nothing: anything else is not it."""
         if isinstance(key, ec.EllipticCurvePublicKey):
             numbers = key.public_numbers()
             return (

@@ -24,12 +24,15 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiocoap import oscore
 
 from coap_auth.secure.contexts import MAX_ID_BYTES
 from coap_auth.secure.credentials import PeerCredential
+
+if TYPE_CHECKING:
+    import filelock
 
 log = logging.getLogger("coap_auth.oscore")
 
@@ -42,8 +45,11 @@ HKDF_ALG = -10  # HKDF SHA-256 (COSE)
 _PEER_FILE = "peer.json"
 
 
-class ProvisionedContext(oscore.FilesystemSecurityContext):  # type: ignore[misc]
+class ProvisionedContext(oscore.FilesystemSecurityContext):
     """A persisted context and the registered id it was provisioned for."""
+
+    # Set by aiocoap's FilesystemSecurityContext (untyped): its lock, None once released.
+    lockfile: filelock.FileLock | None
 
     def __init__(self, basedir: Path, peer_id: str) -> None:
         super().__init__(str(basedir))

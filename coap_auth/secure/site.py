@@ -30,7 +30,7 @@ log = logging.getLogger("coap_auth.oscore")
 MAX_PIV_BYTES = 5
 
 
-class ProtectedRemote(OSCOREAddress):  # type: ignore[misc]
+class ProtectedRemote(OSCOREAddress):
     """The remote of an unprotected request: its context, and the datagram's address."""
 
     @property
@@ -42,7 +42,7 @@ class ProtectedRemote(OSCOREAddress):  # type: ignore[misc]
         return getattr(self.underlying_address, "sockaddr", None)
 
 
-class ProtectedSite(interfaces.Resource):  # type: ignore[misc]
+class ProtectedSite(interfaces.Resource):
     def __init__(self, inner_site: Any, contexts: ContextTable, clock: Clock) -> None:
         self._inner_site = inner_site
         self.contexts = contexts

@@ -160,9 +160,12 @@ async def test_no_token_and_no_answer_raises_with_retry_time(
         with pytest.raises(ServiceUnreachable) as raised:
             await client.token()
     assert raised.value.retry_at > clock.now()
+    # The error names the AS it failed on (issue 15).
+    assert raised.value.host == f"127.0.0.1:{port}" and raised.value.host in str(raised.value)
     # Still backing off: refused at once, no request.
-    with pytest.raises(ServiceUnreachable, match="backing off"):
+    with pytest.raises(ServiceUnreachable, match="backing off") as backing_off:
         await client.token()
+    assert backing_off.value.host == f"127.0.0.1:{port}"
 
 
 async def test_service_unavailable_max_age_is_honoured(
@@ -195,6 +198,8 @@ async def test_wrong_secret_is_refused_and_backs_off(
         await client.token()
     assert raised.value.ace_code == AceErrorCode.INVALID_CLIENT
     assert raised.value.coap_code == aiocoap.UNAUTHORIZED
+    assert raised.value.host == f"127.0.0.1:{sensor.server.port}"
+    assert raised.value.host in str(raised.value)
     assert client.retry_at is not None and client.retry_at > clock.now()
 
 
