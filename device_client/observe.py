@@ -112,6 +112,8 @@ class Observer:
         self._wake = asyncio.Event()
         self._synced = asyncio.Event()
         self._first_failure: str | None = None
+        # Set with _first_failure: start(wait=True) waits on the two events, never polls.
+        self._failed = asyncio.Event()
         self._deadline = 0
         self._next_check = 0
         self._failures = 0
@@ -153,11 +155,20 @@ class Observer:
         if self._task is not None:
             return
         self._first_failure = None
+        self._failed.clear()
         self._task = asyncio.create_task(self._run(), name=f"watch {self.uri}")
         if not wait:
             return
-        while not self._synced.is_set() and self._first_failure is None:
-            await asyncio.sleep(min(self._policy.poll_interval, 0.05))
+        waiters = [
+            asyncio.create_task(self._synced.wait()),
+            asyncio.create_task(self._failed.wait()),
+        ]
+        try:
+            await asyncio.wait({*waiters, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
         if not self._synced.is_set():
             reason = self._first_failure or "no answer"
             await self.stop()
@@ -204,6 +215,7 @@ class Observer:
                 self._failures += 1
                 if not self._synced.is_set() and self._first_failure is None:
                     self._first_failure = str(failure)
+                    self._failed.set()
                 delay = self._policy.backoff_delay(self._failures, self._rng)
                 if isinstance(failure, Failure) and failure.retry_after is not None:
                     delay = max(delay, failure.retry_after)
