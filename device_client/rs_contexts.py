@@ -56,11 +56,18 @@ class ContextBindings:
                 self.drop(other)
 
     def add_derived(self, context: OscoreContext, material_id: bytes) -> None:
-        """Add an RFC 9203 context (its token already attached): the material's previous
-        context not yet used goes."""
+        """Add an RFC 9203 context (its token already attached): the previous context not yet
+        used of the same material, or of the same subject, goes."""
         previous = self._unconfirmed.pop(material_id, None)
         if previous is not None:
             self.table.remove(previous)
+        # At most one unused context per subject: tokens copied off the air and reposted
+        # (each a new unused context) never count against the subject's share of contexts
+        # its holder is using (outsider round on issue 15, finding F5).
+        unused = set(self._unconfirmed.values())
+        for other in self.table.contexts():
+            if other.peer.id == context.peer.id and other.recipient_id in unused:
+                self.table.remove(other.recipient_id)
         self.table.add(context)
         self._unconfirmed[material_id] = context.recipient_id
         for mid, rid in list(self._unconfirmed.items()):

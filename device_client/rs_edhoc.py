@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import aiocoap
 from aiocoap import resource
 
+from coap_auth.addresses import address_key
 from coap_auth.errors import CoapAuthError, ServiceUnavailable, UnsupportedContentFormat
 from coap_auth.tokens import public_key_from_cose
 from coap_auth.udp import error_message
@@ -94,7 +95,13 @@ class EdhocBinding:
                 raise EdhocFailure("access token not accepted") from None
             if verified.claims.cnf_key is None:
                 raise EdhocFailure("access token not accepted: no cnf key")
-            candidates = lambda _subject: [verified]  # noqa: E731
+
+            def carried_token(subject: str) -> list[VerifiedToken]:
+                # The id EDHOC authenticates is the token's sub: a client naming another
+                # (by kid or in a CCS) with its own token and key is refused.
+                return [verified] if verified.claims.sub == subject else []
+
+            candidates = carried_token
 
         async def resolve(subject: str) -> list[Any]:
             return _keys(candidates(subject))
@@ -104,7 +111,11 @@ class EdhocBinding:
             if credential is not None:
                 for token in candidates(credential.subject):
                     key = token.claims.cnf_key
-                    if key is not None and credential.same_key(dict(key)):
+                    if (
+                        key is not None
+                        and token.claims.sub == credential.subject
+                        and credential.same_key(dict(key))
+                    ):
                         self.rs.bindings.bind(context, token)
                         if self.rs.on_token is not None:
                             self.rs.on_token(token, f"oscore:{context.recipient_id.hex()}")
@@ -117,6 +128,15 @@ class EdhocBinding:
             raise EdhocFailure("message_3 not accepted")
 
         return Message3Binding(resolve, bind)
+
+
+def _host(request: aiocoap.Message) -> str:
+    """Whom pending handshakes are counted against: the source host (an IPv6 one by its /64),
+    not host and port, or one host would hold a share per port."""
+    sockaddr = getattr(request.remote, "sockaddr", None)
+    if not sockaddr:
+        return endpoint_of(request)
+    return address_key(str(sockaddr[0]))
 
 
 def _keys(tokens: list[VerifiedToken]) -> list[Any]:
@@ -154,9 +174,7 @@ class EdhocResource(resource.Resource):
         responder = self.binding.responder
         try:
             if payload.startswith(MESSAGE_1_PREFIX):
-                message_2 = responder.message_1(
-                    payload[len(MESSAGE_1_PREFIX) :], endpoint_of(request)
-                )
+                message_2 = responder.message_1(payload[len(MESSAGE_1_PREFIX) :], _host(request))
                 return aiocoap.Message(
                     code=aiocoap.CHANGED,
                     payload=message_2,

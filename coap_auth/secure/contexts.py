@@ -87,10 +87,10 @@ class OscoreContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityConte
 class ContextTable:
     """The server's contexts by recipient id: a dict lookup, never a scan.
 
-    Bounded: at most `max_contexts` (the least recently used goes first) and at most
-    `per_peer` per authenticated peer (its oldest goes first); a context unused for
-    `idle_timeout` seconds is gone. Only authenticated contexts are ever added (EDHOC's
-    pending handshakes are held apart, coap_auth.secure.edhoc).
+    Bounded: at most `max_contexts` (the least recently used of the peer holding the most
+    goes first) and at most `per_peer` per authenticated peer (its oldest goes first); a
+    context unused for `idle_timeout` seconds is gone. Only authenticated contexts are ever
+    added (EDHOC's pending handshakes are held apart, coap_auth.secure.edhoc).
     """
 
     def __init__(
@@ -152,9 +152,18 @@ class ContextTable:
         for old in mine[: max(0, len(mine) - self.per_peer + 1)]:
             self._remove(old)
         while len(self._by_id) >= self.max_contexts:
-            self._remove(next(iter(self._by_id)))
+            self._remove(self._eviction_victim())
         self._by_id[context.recipient_id] = context
         self._by_peer.setdefault(context.peer.id, []).append(context.recipient_id)
+
+    def _eviction_victim(self) -> bytes:
+        """Whom a full table drops: the least recently used context of the peer holding the
+        most (plain LRU while every peer holds one), so no peer, however many names it
+        registers handshakes under, pushes out a peer holding fewer."""
+        most = max(len(ids) for ids in self._by_peer.values())
+        if most == 1:
+            return next(iter(self._by_id))
+        return next(rid for rid, c in self._by_id.items() if len(self._by_peer[c.peer.id]) == most)
 
     def find_oscore(self, unprotected: dict[Any, Any]) -> OscoreContext | ProvisionedContext:
         """aiocoap's lookup: the context for a request's kid (and no kid context), or

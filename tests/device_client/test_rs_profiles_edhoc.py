@@ -221,3 +221,23 @@ async def test_bearer_tokens_when_allowed_stay_per_endpoint(clock: SettableClock
         assert (await rs.post(rs.thief, "/authz-info", pop, CF_CWT)).code == aiocoap.CREATED
         get = aiocoap.Message(code=aiocoap.GET, uri=rs.base + "/temp")
         assert (await rs.thief.request(get).response).code == aiocoap.UNAUTHORIZED
+
+
+async def test_a_client_cannot_claim_another_clients_name(
+    rs: ProfileRs, device: DeviceKey
+) -> None:
+    """A registered client with its own valid token and key names the victim in EDHOC (by kid
+    and in a CCS by value): the id EDHOC authenticates must be its token's sub, or the RS
+    would log and expose the victim as the peer and count the context against the victim's
+    share (outsider round, finding F1)."""
+    victim = await rs.edhoc(rs.victim, device, rs.minter.pop_token(device))
+    mallory = DeviceKey.generate("mallory")
+    own_token = rs.minter.pop_token(mallory, scope="temp:read")
+    posing = DeviceKey("dev-1", mallory.private_key)  # the victim's name, Mallory's own key
+    for _ in range(rs.resource_server.contexts.per_peer + 1):
+        with pytest.raises(EdhocRefused, match="EDHOC error 1"):
+            await rs.edhoc(rs.thief, posing, own_token)
+    # Under its own name it works, and the victim's context is still there.
+    assert await rs.edhoc(rs.thief, mallory, own_token) is not None
+    answer, protected = await rs.protected(rs.victim, victim, aiocoap.GET, "/whoami")
+    assert protected and answer.payload == b"dev-1 edhoc_oscore"

@@ -389,3 +389,24 @@ async def test_the_rs_identity_must_name_its_audience(clock: SettableClock) -> N
         ResourceServer(verifier, identity=DeviceKey.generate("another-rs"))
     server = ResourceServer(verifier, identity=DeviceKey.generate(AUDIENCE))
     assert server.edhoc is not None and not server.allow_bearer
+
+
+async def test_reposted_tokens_of_a_subject_never_evict_its_context_in_use(
+    rs: ProfileRs,
+) -> None:
+    """An eavesdropper who copied several still-valid tokens of the victim off the air (each
+    grant and refresh sends one in the clear) reposts them all: each makes an unused context
+    under the victim's subject, and none may push out the context the victim is using
+    (outsider round on issue 15, finding F5)."""
+    token, material = rs.minter.oscore_token(scope="temp:read temp:write")
+    _, context = await rs.authz_info(rs.victim, token, material)
+    assert context is not None
+    assert (await rs.protected(rs.victim, context, aiocoap.GET, "/temp"))[1]
+    copied = [rs.minter.oscore_token() for _ in range(rs.resource_server.contexts.per_peer + 2)]
+    for other, other_material in copied:
+        guessed = {**other_material, 2: secrets.token_bytes(16)}
+        response, _ = await rs.authz_info(rs.thief, other, guessed)
+        assert response.code == aiocoap.CREATED
+    answer, protected = await rs.protected(rs.victim, context, aiocoap.PUT, "/temp", b"20")
+    assert protected and answer.code == aiocoap.CHANGED
+    assert len(rs.resource_server.contexts) == 2  # the victim's, and one unused

@@ -143,3 +143,17 @@ async def test_more_than_48_devices_hold_contexts(protected: Protected) -> None:
     assert len(protected.server.contexts) == 60
     response, _ = await protected.devices[0].post_ace("/token", {AceParam.AUDIENCE: "thermostat"})
     assert response.code == aiocoap.CREATED
+
+
+async def test_a_full_table_drops_from_the_peer_holding_the_most(protected: Protected) -> None:
+    """One peer with several contexts cannot push out a peer holding one, however recently
+    each was used (outsider round on issue 15, finding F2)."""
+    quiet, busy = await protected.device("sensor-q"), await protected.device("sensor-b")
+    await quiet.handshake()
+    for _ in range(3):
+        await busy.handshake()
+    assert len(protected.server.contexts) == 3  # oscore_max_contexts in this module
+    assert quiet.oscore is not None and quiet.oscore.sender_id in protected.server.contexts
+    await busy.handshake()
+    assert quiet.oscore.sender_id in protected.server.contexts
+    assert busy.oscore is not None and busy.oscore.sender_id in protected.server.contexts

@@ -1,0 +1,32 @@
+"""Source addresses as the unit of per-sender budgets, for the service and for devices.
+
+Pure: the standard library only."""
+
+from __future__ import annotations
+
+import ipaddress
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix
+
+
+def address_key(host: str) -> str:
+    """The rate-limit key of a source address: an IPv4 address whole (also when it reaches an
+    IPv6 socket IPv4-mapped), an IPv6 address by its /64. One subnet is a /64 (RFC 4291
+    §2.5.4) and an end site gets at least one (RFC 6177), so counting each /128 would hand a
+    single attacker 2^64 budgets."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        if address in _NAT64:
+            # RFC 6052: IPv4 peers behind a NAT64 share its /96; the last 32 bits are theirs.
+            return str(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+        subnet = str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+        if address.is_link_local and address.scope_id:
+            # fe80::/64 is on every link: the interface tells the subnets apart.
+            return f"{subnet}%{address.scope_id}"
+        return subnet
+    return str(address)
