@@ -4,10 +4,16 @@
 The device authenticates with its own P-256 key: it runs EDHOC with the AS (the key is its
 credential, the AS's credential is provisioned) and asks for tokens over the OSCORE context
 that yields, so no secret and no token crosses the network in the clear. It keeps its token
-fresh ahead of expiry, uploads each new token to the thermostat's /authz-info and PUTs a
-reading to /temperature every few seconds. Everything it must remember (the AS and its
-credential, its key, the token and the refresh token) lives in one state file, mode 0600, so
-a reboot resumes; after a reboot of the AS it runs EDHOC again by itself.
+fresh ahead of expiry and PUTs a reading to the thermostat's /temperature every few seconds
+under an OSCORE security context set up by the ACE profile of the token
+(device_client.ResourceClient): EDHOC with the thermostat proving the key the token is bound
+to (edhoc_oscore), or the RFC 9203 /authz-info exchange (coap_oscore). A token copied on the
+way is useless without that key. Each new token gets a new context; when the thermostat
+forgets the context (restart, revocation) the sensor sets it up again. Everything it must
+remember (the AS and its credential, its key, the token and the refresh token) lives in one
+state file, mode 0600, so a reboot resumes; after a reboot of the AS it runs EDHOC again by
+itself. `run --bearer` is the old way, for a bearer audience and a thermostat run with
+--allow-bearer: the token POSTed to /authz-info, readings in plain CoAP.
 
 Run it on a Raspberry Pi against a remote coap-auth service
 -----------------------------------------------------------
@@ -22,7 +28,9 @@ Run it on a Raspberry Pi against a remote coap-auth service
 
    The protected channel needs lakers-python (EDHOC), which pip installs with the rest on
    64-bit Raspberry Pi OS (aarch64) but which has no wheel for 32-bit Raspberry Pi OS (armv7):
-   there, provision with --plain, against a service whose `require_oscore` is off.
+   there, provision with --plain, against a service whose `require_oscore` is off, and run
+   with --bearer (ResourceClient needs lakers-python too; a bearer audience, a thermostat run
+   with --allow-bearer).
 
 2. On the service, the operator prints the AS's EDHOC credential; copy it to the Pi:
 
@@ -47,9 +55,9 @@ Run it on a Raspberry Pi against a remote coap-auth service
    `Restart=always`):
 
        ~/coap-auth/bin/python examples/sensor.py run \\
-           --state ~/.local/state/sensor-7.state --rs coap://thermostat.local
+           --state ~/.local/state/sensor-7.state --rs coap://thermostat.local:5685
 
-   UDP 5683 must reach the service and the thermostat. The reading is the Pi's SoC
+   UDP must reach the service (5683) and the thermostat (5685). The reading is the Pi's SoC
    temperature (/sys/class/thermal/thermal_zone0/temp); elsewhere it is simulated.
 """
 
@@ -65,12 +73,16 @@ from pathlib import Path
 
 import aiocoap
 
+from coap_auth.wire import AceProfile
 from device_client import (
     AccessToken,
     ChannelUnavailable,
     DeviceKey,
     DeviceState,
     RefreshPolicy,
+    ResourceClient,
+    ResourceRefused,
+    ResourceUnreachable,
     SecretCredentials,
     ServiceUnreachable,
     StateFile,
@@ -178,49 +190,116 @@ async def run(args: argparse.Namespace) -> int:
         say(f"protected channel: EDHOC + OSCORE with the AS as {client.client_id}")
     else:
         say("plain CoAP to the AS (its require_oscore must be off)")
-    clock = SystemClock()
-    uploaded: bytes | None = None
-    sent = 0
     try:
-        while args.count is None or sent < args.count:
-            try:
-                token = await client.token()
-            except ServiceUnreachable as unreachable:
-                wait = max(1, unreachable.retry_at - clock.now())
-                say(f"no token ({unreachable.description}); retrying in {wait} s")
-                await asyncio.sleep(wait)
-                continue
-            except TokenRequestRefused as refused:
-                say(f"token refused: {refused.description}")
-                await asyncio.sleep(max(1, (client.retry_at or clock.now()) - clock.now()))
-                continue
-            if token.value != uploaded:
-                response = await _send(
-                    context, aiocoap.POST, f"{args.rs}/authz-info", token.value, CF_CWT
-                )
-                th = token.token_hash[1:5].hex()
-                say(f"token {th} uploaded to the thermostat: {response.code}")
-                if response.code != aiocoap.CREATED:
-                    client.discard_access_token()
-                    await asyncio.sleep(args.interval)
-                    continue
-                uploaded = token.value
-            reading = read_temperature()
-            response = await _send(
-                context, aiocoap.PUT, f"{args.rs}/temperature", f"{reading:.1f}".encode()
-            )
-            if response.code == aiocoap.UNAUTHORIZED:
-                # Expired or revoked (RFC 9200 §5.10.2): get another token and upload it.
-                say(f"reading refused with {response.code}: getting a new token")
-                client.discard_access_token()
-                uploaded = None
-                continue
-            say(f"reading {reading:.1f} C sent: {response.code}")
-            sent += 1
-            await asyncio.sleep(args.interval)
+        if args.bearer:
+            await _run_bearer(args, context, client)
+        else:
+            await _run_protected(args, context, client)
+    except ChannelUnavailable as exc:
+        hint = "" if args.bearer else " (a bearer audience: `run --bearer`)"
+        say(exc.description + hint)
+        return 2
     finally:
         await context.shutdown()
     return 0
+
+
+async def _token(client: TokenClient, clock: SystemClock) -> AccessToken | None:
+    """The current token, or None after waiting out a failure."""
+    try:
+        return await client.token()
+    except ServiceUnreachable as unreachable:
+        wait = max(1, unreachable.retry_at - clock.now())
+        say(f"no token ({unreachable.description}); retrying in {wait} s")
+        await asyncio.sleep(wait)
+    except TokenRequestRefused as refused:
+        say(f"token refused: {refused.description}")
+        await asyncio.sleep(max(1, (client.retry_at or clock.now()) - clock.now()))
+    return None
+
+
+async def _run_protected(
+    args: argparse.Namespace, context: aiocoap.Context, client: TokenClient
+) -> None:
+    """Readings under the OSCORE context of the token's ACE profile (ResourceClient)."""
+    clock = SystemClock()
+    sent = 0
+    async with ResourceClient(context, args.rs, client, timeout=args.request_timeout) as rs:
+        while args.count is None or sent < args.count:
+            if await _token(client, clock) is None:
+                continue
+            reading = read_temperature()
+            handshakes = rs.handshakes
+            try:
+                response = await rs.request(aiocoap.PUT, "temperature", f"{reading:.1f}".encode())
+            except (ServiceUnreachable, TokenRequestRefused):
+                continue  # _token says why and waits, next time round
+            except ResourceRefused as refused:
+                say(f"the thermostat refused us: {refused.description}")
+                if refused.coap_code in (0, int(aiocoap.UNAUTHORIZED)):
+                    # It refused the token (in EDHOC, or at /authz-info): take another.
+                    client.discard_access_token()
+                await asyncio.sleep(args.interval)
+                continue
+            except ResourceUnreachable as unreachable:
+                say(f"the thermostat did not answer: {unreachable.description}")
+                await asyncio.sleep(args.interval)
+                continue
+            bound = rs.token
+            if rs.handshakes != handshakes and bound is not None:
+                say(
+                    f"security context with the thermostat set up: {_profile(bound)}, token"
+                    f" {bound.token_hash[1:5].hex()}"
+                )
+            say(f"reading {reading:.1f} C sent: {response.code}")
+            sent += 1
+            await asyncio.sleep(args.interval)
+
+
+def _profile(token: AccessToken) -> str:
+    names: dict[int | None, str] = {
+        AceProfile.COAP_OSCORE: "coap_oscore",
+        AceProfile.COAP_EDHOC_OSCORE: "edhoc_oscore",
+    }
+    return names.get(token.profile, f"profile {token.profile}")
+
+
+async def _run_bearer(
+    args: argparse.Namespace, context: aiocoap.Context, client: TokenClient
+) -> None:
+    """Before the profiles: the token POSTed to /authz-info, readings in plain CoAP (the
+    thermostat ties the token to this address and port)."""
+    clock = SystemClock()
+    uploaded: bytes | None = None
+    sent = 0
+    while args.count is None or sent < args.count:
+        token = await _token(client, clock)
+        if token is None:
+            continue
+        if token.value != uploaded:
+            response = await _send(
+                context, aiocoap.POST, f"{args.rs}/authz-info", token.value, CF_CWT
+            )
+            th = token.token_hash[1:5].hex()
+            say(f"token {th} uploaded to the thermostat: {response.code}")
+            if response.code != aiocoap.CREATED:
+                client.discard_access_token()
+                await asyncio.sleep(args.interval)
+                continue
+            uploaded = token.value
+        reading = read_temperature()
+        response = await _send(
+            context, aiocoap.PUT, f"{args.rs}/temperature", f"{reading:.1f}".encode()
+        )
+        if response.code == aiocoap.UNAUTHORIZED:
+            # Expired or revoked (RFC 9200 §5.10.2): get another token and upload it.
+            say(f"reading refused with {response.code}: getting a new token")
+            client.discard_access_token()
+            uploaded = None
+            continue
+        say(f"reading {reading:.1f} C sent: {response.code}")
+        sent += 1
+        await asyncio.sleep(args.interval)
 
 
 async def _send(
@@ -269,11 +348,16 @@ def main(argv: list[str] | None = None) -> int:
     prov.add_argument("--replace", action="store_true", help="overwrite an existing state file")
     go = sub.add_parser("run", help="keep a token fresh and report readings")
     go.add_argument("--state", required=True)
-    go.add_argument("--rs", required=True, help="the thermostat, e.g. coap://thermostat.local")
+    go.add_argument("--rs", required=True, help="the thermostat, e.g. coap://thermostat.local:5685")
     go.add_argument("--interval", type=float, default=10.0, help="seconds between readings")
     go.add_argument("--count", type=int, help="stop after this many readings")
     go.add_argument("--refresh-fraction", type=float, default=0.75)
     go.add_argument("--request-timeout", type=float, default=30.0)
+    go.add_argument(
+        "--bearer",
+        action="store_true",
+        help="no OSCORE with the thermostat: upload the token, plain CoAP (bearer audiences)",
+    )
     go.add_argument("-v", "--verbose", action="store_true", help="show device_client's log")
     args = parser.parse_args(argv)
     logging.basicConfig(
