@@ -48,11 +48,23 @@ class ContextBindings:
 
     def bind(self, context: OscoreContext, verified: VerifiedToken) -> None:
         """Attach `verified` to `context` (not yet in the table) and drop the other contexts
-        bound to the same token (draft-ietf-ace-edhoc-oscore-profile-11 §4.2)."""
+        bound to the same token (draft-ietf-ace-edhoc-oscore-profile-11 §4.2) or to another
+        token of the same subject and PoP key (§12)."""
         context.access_token = verified
+        key = verified.claims.cnf_key
         for other in self.table.contexts():
             bound = _token(other)
-            if bound is not None and bound.token_hash == verified.token_hash:
+            if bound is None:
+                continue
+            # One token per client and PoP key (draft-11 §12): a handshake under a newer
+            # token of the same key ends the contexts of the older ones.
+            same_key = (
+                key is not None
+                and bound.claims.cnf_key is not None
+                and bound.claims.sub == verified.claims.sub
+                and dict(bound.claims.cnf_key) == dict(key)
+            )
+            if bound.token_hash == verified.token_hash or same_key:
                 self.drop(other)
 
     def add_derived(self, context: OscoreContext, material_id: bytes) -> None:

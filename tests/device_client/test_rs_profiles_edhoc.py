@@ -241,3 +241,17 @@ async def test_a_client_cannot_claim_another_clients_name(
     assert await rs.edhoc(rs.thief, mallory, own_token) is not None
     answer, protected = await rs.protected(rs.victim, victim, aiocoap.GET, "/whoami")
     assert protected and answer.payload == b"dev-1 edhoc_oscore"
+
+
+async def test_a_newer_token_of_the_same_key_ends_the_older_tokens_context(
+    rs: ProfileRs, device: DeviceKey
+) -> None:
+    """One token per client and PoP key (draft-ietf-ace-edhoc-oscore-profile-11 §12): after a
+    refresh, EDHOC under the new token ends the context of the old one."""
+    old = await rs.edhoc(rs.victim, device, rs.minter.pop_token(device))
+    new = await rs.edhoc(rs.victim, device, rs.minter.pop_token(device))
+    assert len(rs.resource_server.contexts) == 1
+    answer, protected = await rs.protected(rs.victim, old, aiocoap.GET, "/temp")
+    assert not protected and answer.code == aiocoap.UNAUTHORIZED
+    answer, protected = await rs.protected(rs.victim, new, aiocoap.GET, "/temp")
+    assert protected and answer.code == aiocoap.CONTENT
