@@ -35,7 +35,8 @@ bench-timing: $(VENV)/.installed
 	$(BIN)/python -m bench.auth_timing
 
 # The service on a temporary data dir, examples/thermostat_rs.py and examples/sensor.py
-# against it: grant, refresh, key rollover and revocation, each step printed.
+# against it: grant, refresh, key rollover and revocation, a stolen token refused from
+# another device, and the RFC 9203 profile; each step printed.
 demo: $(VENV)/.installed
 	$(BIN)/python examples/demo.py
 

@@ -223,9 +223,7 @@ async def test_bearer_tokens_when_allowed_stay_per_endpoint(clock: SettableClock
         assert (await rs.thief.request(get).response).code == aiocoap.UNAUTHORIZED
 
 
-async def test_a_client_cannot_claim_another_clients_name(
-    rs: ProfileRs, device: DeviceKey
-) -> None:
+async def test_a_client_cannot_claim_another_clients_name(rs: ProfileRs, device: DeviceKey) -> None:
     """A registered client with its own valid token and key names the victim in EDHOC (by kid
     and in a CCS by value): the id EDHOC authenticates must be its token's sub, or the RS
     would log and expose the victim as the peer and count the context against the victim's
