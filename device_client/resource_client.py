@@ -12,16 +12,20 @@ The profile is the token's (`AccessToken.profile`, the /token answer's ace_profi
   device key the token is bound to (its cnf) and authenticating the RS by its credential:
   the one provisioned, else `make_credential(audience, rs_cnf)` from the /token answer. The
   token travels in EAD_3 (critical item, label 24, §4.1) when it is at most
-  MAX_EAD_TOKEN_BYTES long (lakers-python 0.6 fails above about 220 bytes of EAD); a longer
-  one is first POSTed unprotected to /authz-info as application/cwt (61), a deviation from
-  the draft (-06 ruled that upload out), which coap-auth's RS accepts for this reason.
+  MAX_EAD_TOKEN_BYTES long and the device's credential goes by reference (its kid); a longer
+  one, or any with a credential sent by value, is first POSTed unprotected to /authz-info as
+  application/cwt (61), a deviation from the draft (-06 ruled that upload out), which
+  coap-auth's RS accepts for this reason. The AS sends the token's cnf point compressed
+  (RFC 9053 §7.1.1) so that its CWTs fit.
 
 Then each request goes out protected under that context (device_client.secure_channel's
 machinery). The context is set up again, and the request sent once more, when the RS answers
 unprotected (it no longer holds the context: restart, eviction, the token expired or was
 revoked), and before a request once TokenClient holds a newer token (refreshed ahead of
 expiry, or `refresh_now`). An /authz-info refusal with 4.01 of a cached token makes one new
-token request (the RS knows it is dead: revoked, or its key withdrawn) and one more try.
+token request (the RS knows it is dead: revoked, or its key withdrawn) and one more try. An
+EDHOC refusal with the token in EAD_3 (EDHOC error 1 does not say why) is followed by the
+token's upload to /authz-info, whose answer does say, then EDHOC without it.
 
 Nothing here runs in the background: every exchange runs in the caller's task, so a caller's
 cancellation ends it and propagates; `close()` (the context manager's exit) only forgets the
@@ -40,7 +44,12 @@ import aiocoap
 import cbor2
 
 from coap_auth.errors import CoapAuthError
-from coap_auth.secure.credentials import CredentialError, EdhocCredential, make_credential
+from coap_auth.secure.credentials import (
+    CredentialError,
+    EdhocCredential,
+    EdhocIdentity,
+    make_credential,
+)
 from coap_auth.wire import EAD_ACCESS_TOKEN, AceParam, AceProfile, ContentFormat
 from device_client.ace import parse_error
 from device_client.client import TokenClient
@@ -61,9 +70,13 @@ T = TypeVar("T")
 __all__ = ["MAX_EAD_TOKEN_BYTES", "ResourceClient"]
 
 DEFAULT_TIMEOUT = 10.0  # real seconds for one exchange
-# lakers-python 0.6 fails on EAD_3 items much above 220 bytes; a longer token goes to
-# /authz-info before EDHOC.
-MAX_EAD_TOKEN_BYTES = 200
+# The longest token sent in EAD_3. lakers-python 0.6 takes a CIPHERTEXT_3 of at most 255
+# bytes (coap_auth.secure.edhoc.MAX_CIPHERTEXT_3_BYTES: it panics past that, and the RS
+# refuses it first); with ID_CRED_I by reference (a kid of at most MAX_KID_BYTES = 16), MAC_3
+# (8) and the EAD item's label and length that leaves 218 bytes of token (measured with
+# lakers: 218 goes through, 219 does not; tests/device_client/test_ead_limit.py). 8 bytes
+# spare. A longer token goes to /authz-info before EDHOC.
+MAX_EAD_TOKEN_BYTES = 210
 # RFC 9203 §4.1: ID1 is ours to choose; two random bytes (responses find their request by
 # CoAP token, not by id, so ids of contexts with different servers may repeat).
 CLIENT_ID_BYTES = 2
@@ -327,11 +340,25 @@ class ResourceClient:
                 f"{self.host}: the token is bound to another key than the device key given"
             )
         credential = self._rs_credential or self._credential_from(token)
-        ead_3: list[tuple[int, bool, bytes]] | None = None
-        if len(token.value) <= MAX_EAD_TOKEN_BYTES:
+        # A credential by value (a CCS of up to 160 bytes) leaves no room for a token.
+        if identity.credential.by_reference and len(token.value) <= MAX_EAD_TOKEN_BYTES:
             ead_3 = [(EAD_ACCESS_TOKEN, True, token.value)]
-        else:
-            await self._authz_info(token.value, ContentFormat.CWT)
+            try:
+                return await self._edhoc(identity, credential, ead_3)
+            except ResourceRefused:
+                # EDHOC error 1 does not say whether the RS refused the token (revoked,
+                # expired, its key withdrawn) or the handshake. /authz-info says which: a
+                # 4.01 there has _handshake ask the AS for a new token, once.
+                log.info("%s refused EDHOC with the token in EAD_3; asking /authz-info", self.host)
+        await self._authz_info(token.value, ContentFormat.CWT)
+        return await self._edhoc(identity, credential, None)
+
+    async def _edhoc(
+        self,
+        identity: EdhocIdentity,
+        credential: EdhocCredential,
+        ead_3: list[tuple[int, bool, bytes]] | None,
+    ) -> Any:
         try:
             return await edhoc_handshake(
                 self._channel.tuned(),

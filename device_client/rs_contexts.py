@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from coap_auth.tokens import same_public_key
 from device_client.rs_common import NonceMemory
 from device_client.verify import VerifiedToken
 
@@ -62,7 +63,7 @@ class ContextBindings:
                 key is not None
                 and bound.claims.cnf_key is not None
                 and bound.claims.sub == verified.claims.sub
-                and dict(bound.claims.cnf_key) == dict(key)
+                and same_public_key(bound.claims.cnf_key, key)
             )
             if bound.token_hash == verified.token_hash or same_key:
                 self.drop(other)

@@ -161,7 +161,7 @@ RULES = (
         ("coap_auth.service", "coap_auth.coap", "coap_auth.cli"),
     ),
     Rule(
-        "device_client/ imports only coap_auth.wire, errors, tokens, udp and secure",
+        "device_client/ imports only coap_auth.wire, errors, tokens, udp, addresses and secure",
         _under("device_client/"),
         (
             "coap_auth.store",
@@ -285,12 +285,13 @@ DEVICE_ALLOWED = (
     "coap_auth.tokens",
     "coap_auth.udp",
     "coap_auth.secure",
+    "coap_auth.addresses",
 )
 
 
 def device_client_violations(modules: Iterable[Module]) -> list[str]:
-    """Every coap_auth name a device_client module imports must be wire, errors, tokens, udp
-    or secure (or the bare package those live in), so a new service module is kept out by
+    """Every coap_auth name a device_client module imports must be wire, errors, tokens, udp,
+    addresses or secure (or the bare package those live in), so a new service module is kept out by
     default."""
     return [
         f"{module.path} imports {name}"

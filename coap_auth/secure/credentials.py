@@ -79,8 +79,9 @@ class EdhocCredential:
         }
 
     def same_key(self, key: Any) -> bool:
-        """Whether a registered key (a COSE_Key map or a P-256 public key) is this
-        credential's key. Raises nothing: anything else is not it."""
+        """Whether a registered key (a COSE_Key map, its EC2 point uncompressed or compressed,
+        or a P-256 public key) is this credential's key. Raises nothing: anything else is not
+        it."""
         if isinstance(key, ec.EllipticCurvePublicKey):
             numbers = key.public_numbers()
             return (
@@ -88,13 +89,19 @@ class EdhocCredential:
                 and numbers.x.to_bytes(32, "big") == self.x
                 and numbers.y.to_bytes(32, "big") == self.y
             )
-        return (
+        if not (
             isinstance(key, dict)
             and key.get(1) == _KTY_EC2
             and key.get(-1) == _CRV_P256
             and key.get(-2) == self.x
-            and key.get(-3) == self.y
-        )
+        ):
+            return False
+        y = key.get(-3)
+        if isinstance(y, bool):
+            # RFC 9053 §7.1.1: the sign bit, y's parity. The two points with this x have
+            # y and p - y, one odd and one even (p is odd): the parity tells them apart.
+            return len(self.y) == 32 and y == bool(self.y[-1] & 1)
+        return bool(y == self.y)
 
 
 @dataclass(frozen=True, slots=True)

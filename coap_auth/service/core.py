@@ -44,6 +44,7 @@ from coap_auth.store import (
 from coap_auth.store.revocation_audit import revocation_report
 from coap_auth.tokens import (
     Claims,
+    compress_cose_key,
     cose_key_from_public,
     decode_cose,
     encode_cwt,
@@ -347,6 +348,17 @@ class AuthService:
         lifetime = min(audience.lifetime, MAX_TOKEN_LIFETIME)
         oscore = audience.profile == "coap_oscore"
         material = _oscore_material() if oscore else None
+        key = self.keys.ring(audience.key_family).active
+        jwt = (token_format or audience.token_format) == "jwt"
+        # (A symmetric family MACs a CWT whatever format the audience names.)
+        as_cwt = not jwt or isinstance(key.private_key, bytes)
+        if cnf is not None and audience.profile == "edhoc_oscore" and as_cwt:
+            # A CWT carries the client's point compressed (RFC 9053 §7.1.1), 33 bytes less,
+            # so the token fits EAD_3 of EDHOC message_3 (draft-ietf-ace-edhoc-oscore-profile
+            # -11 §4.1). A JWT keeps its full JWK (RFC 7518 has no compressed form). The
+            # refresh family keeps the key uncompressed: a refresh's req_cnf is compared
+            # with that.
+            cnf = compress_cose_key(cnf)
         claims = Claims(
             iss=self.settings.issuer,
             sub=client_id,
@@ -358,7 +370,6 @@ class AuthService:
             cnf_key=cnf,
             cnf_osc=material,
         )
-        key = self.keys.ring(audience.key_family).active
         if material is not None:
             # RFC 9203 §3.2: the master secret is encrypted for the RS alone.
             if token_format == "jwt":
@@ -374,7 +385,6 @@ class AuthService:
             access_token = encode_maced_cwt(claims, key.private_key, key.kid)
         else:
             assert key.private_key is not None, "an active key has its private part"
-            jwt = (token_format or audience.token_format) == "jwt"
             encode = encode_jwt if jwt else encode_cwt
             access_token = encode(claims, key.private_key, key.alg, key.kid)
         if material is not None:

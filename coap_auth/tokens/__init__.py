@@ -9,10 +9,12 @@ from coap_auth.tokens.cose_key import (
     PublicKey,
     VerificationKey,
     alg_for_key,
+    compress_cose_key,
     cose_key_from_public,
     jwk_from_public,
     kid_text,
     public_key_from_cose,
+    same_public_key,
 )
 from coap_auth.tokens.cwt import (
     decode_cose,
@@ -31,6 +33,7 @@ __all__ = [
     "PublicKey",
     "VerificationKey",
     "alg_for_key",
+    "compress_cose_key",
     "cose_key_from_public",
     "decode_cose",
     "encode_cwt",
@@ -40,6 +43,7 @@ __all__ = [
     "kid_text",
     "peek_kid",
     "public_key_from_cose",
+    "same_public_key",
     "token_hash",
     "verify_cwt",
     "verify_jwt",

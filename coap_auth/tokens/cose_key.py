@@ -115,8 +115,17 @@ def public_key_from_cose(cose_key: Any) -> PublicKey:
         raise UnsupportedPopKey("COSE_Key must not contain a private key")
     if kty == CoseKty.EC2 and crv == CoseCurve.P256:
         y = cose_key.get(CoseKeyParam.Y)
+        if _is_coord(x) and isinstance(y, bool):
+            # RFC 9053 §7.1.1: a compressed point, y the SEC 1 §2.3.3 sign bit (the parity
+            # of y: true when odd), i.e. the X9.62 compressed form 0x02 | sign, then x.
+            try:
+                return ec.EllipticCurvePublicKey.from_encoded_point(
+                    ec.SECP256R1(), bytes([0x02 | y]) + x
+                )
+            except ValueError:
+                raise UnsupportedPopKey("EC2 point is not on P-256") from None
         if not (_is_coord(x) and _is_coord(y)):
-            raise UnsupportedPopKey("EC2 key needs 32-byte x and y")
+            raise UnsupportedPopKey("EC2 key needs a 32-byte x and a 32-byte y or a sign bit")
         try:
             return ec.EllipticCurvePublicNumbers(
                 int.from_bytes(x, "big"), int.from_bytes(y, "big"), ec.SECP256R1()
@@ -128,6 +137,41 @@ def public_key_from_cose(cose_key: Any) -> PublicKey:
             raise UnsupportedPopKey("OKP key needs a 32-byte x")
         return ed25519.Ed25519PublicKey.from_public_bytes(x)
     raise UnsupportedPopKey("only EC2 P-256 and OKP Ed25519 keys are supported")
+
+
+def compress_cose_key(cose_key: Mapping[int, Any]) -> dict[int, Any]:
+    """The same COSE_Key with an EC2 P-256 point in compressed form (RFC 9053 §7.1.1: `y` the
+    sign bit, CBOR true when y is odd), 33 bytes shorter in CBOR; any other key, or one
+    already compressed, unchanged (a copy). Other members (kid, alg, ...) are kept.
+
+    Raises UnsupportedPopKey for an EC2 P-256 key that `public_key_from_cose` refuses.
+    """
+    out = dict(cose_key)
+    kty, crv = out.get(CoseKeyParam.KTY), out.get(CoseKeyParam.CRV)
+    if (
+        isinstance(kty, int)
+        and not isinstance(kty, bool)
+        and kty == CoseKty.EC2
+        and isinstance(crv, int)
+        and not isinstance(crv, bool)
+        and crv == CoseCurve.P256
+        and not isinstance(out.get(CoseKeyParam.Y), bool)
+    ):
+        public_key = public_key_from_cose(out)  # a point on the curve, or UnsupportedPopKey
+        assert isinstance(public_key, ec.EllipticCurvePublicKey)
+        out[CoseKeyParam.Y] = public_key.public_numbers().y % 2 == 1
+    return out
+
+
+def same_public_key(a: Any, b: Any) -> bool:
+    """Whether two COSE_Keys name the same public key, whichever point form each uses (a
+    compressed EC2 key equals its uncompressed form). Raises nothing: a map that is no
+    usable public key equals nothing."""
+    try:
+        first, second = public_key_from_cose(a), public_key_from_cose(b)
+    except (UnsupportedPopKey, ValueError):
+        return False
+    return _public_bytes(first) == _public_bytes(second)
 
 
 def jwk_from_public(
@@ -224,6 +268,15 @@ class VerificationKey:
 
 def _is_coord(value: Any) -> TypeGuard[bytes]:
     return isinstance(value, bytes) and len(value) == _P256_COORD
+
+
+def _public_bytes(public_key: PublicKey) -> bytes:
+    """The key type and its one byte form (X9.62 uncompressed for P-256, raw for Ed25519)."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return b"EC2" + public_key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    return b"OKP" + _raw_ed25519(public_key)
 
 
 def _raw_ed25519(public_key: ed25519.Ed25519PublicKey) -> bytes:

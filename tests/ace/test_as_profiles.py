@@ -35,7 +35,7 @@ from coap_auth.config import Settings
 from coap_auth.secure.provisioned import provision
 from coap_auth.service import AuthService, IssuedToken
 from coap_auth.store import Client
-from coap_auth.tokens import Claims, cose_key_from_public
+from coap_auth.tokens import Claims, compress_cose_key, cose_key_from_public
 from coap_auth.udp import create_client_context
 from coap_auth.wire import TokenType
 from tests.conftest import SEEN_SECRETS
@@ -48,7 +48,7 @@ ACCESS_TOKEN, EXPIRES_IN, REQ_CNF, AUDIENCE, CNF, SCOPE = 1, 2, 4, 5, 8, 9
 ACTIVE, TOKEN, ERROR, ERROR_DESCRIPTION, GRANT_TYPE, TOKEN_TYPE = 10, 11, 30, 31, 33, 34
 REFRESH_TOKEN, ACE_PROFILE, RS_CNF = 37, 38, 41
 REFRESH_GRANT = 3
-INVALID_REQUEST = 1
+INVALID_REQUEST, INVALID_GRANT = 1, 3
 POP = 2
 COAP_OSCORE, COAP_EDHOC_OSCORE = 2, 4  # the latter provisional (draft -11 example value)
 COSE_KEY, OSC = 1, 4  # cnf methods
@@ -296,11 +296,23 @@ async def _trl(device: Device) -> list[bytes]:
 # -- edhoc_oscore ------------------------------------------------------------------------------
 
 
+def _compressed(public_key: ec.EllipticCurvePublicKey) -> dict[int, Any]:
+    """The COSE_Key of RFC 9053 §7.1.1's compressed point, built independently: x and the
+    sign bit (true for an odd y) from the X9.62 compressed form (0x02 even, 0x03 odd)."""
+    x962 = public_key.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
+    )
+    return {1: 2, -1: 1, -2: x962[1:], -3: x962[0] == 0x03}
+
+
 async def test_edhoc_oscore_binds_the_registered_key_and_names_the_rs_key(
     world: Protected, template: Template
 ) -> None:
     device = await _device(world)
-    registered = cose_key_from_public(device.identity.private_key.public_key())
+    public_key = device.identity.private_key.public_key()
+    # The token and the response carry the key's point compressed (33 bytes less: the
+    # token fits EAD_3 of EDHOC message_3); the RS's key in rs_cnf stays as registered.
+    registered = _compressed(public_key)
     response, answer = await _token(device, "door")
 
     assert response.code == aiocoap.CREATED
@@ -320,15 +332,64 @@ async def test_edhoc_oscore_binds_the_registered_key_and_names_the_rs_key(
     assert refreshed[CNF] == {COSE_KEY: registered}
     assert refreshed[RS_CNF] == {COSE_KEY: template.door_key}
     assert _signed_claims(refreshed[ACCESS_TOKEN])[CLAIM_CNF] == {COSE_KEY: registered}
+    # A refresh naming the key (req_cnf) in either form is the same key: accepted.
+    full = cose_key_from_public(public_key)
+    token = refreshed
+    for named in (full, registered):
+        response, token = await device.post_ace(
+            "/token",
+            {GRANT_TYPE: REFRESH_GRANT, REFRESH_TOKEN: token[REFRESH_TOKEN], REQ_CNF: {1: named}},
+        )
+        assert response.code == aiocoap.CREATED, token
+        assert token[CNF] == {COSE_KEY: registered}
 
 
 async def test_edhoc_oscore_binds_req_cnf_when_given(world: Protected) -> None:
     device = await _device(world)
-    other = cose_key_from_public(ec.generate_private_key(ec.SECP256R1()).public_key())
+    public_key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    other = cose_key_from_public(public_key)
     response, answer = await _token(device, "door", req_cnf={COSE_KEY: other})
     assert response.code == aiocoap.CREATED
-    assert answer[CNF] == {COSE_KEY: other}
-    assert _signed_claims(answer[ACCESS_TOKEN])[CLAIM_CNF] == {COSE_KEY: other}
+    assert answer[CNF] == {COSE_KEY: _compressed(public_key)}
+    assert _signed_claims(answer[ACCESS_TOKEN])[CLAIM_CNF] == {COSE_KEY: _compressed(public_key)}
+    # A refresh with the req_cnf of the grant, as sent (uncompressed), keeps that key.
+    response, refreshed = await device.post_ace(
+        "/token",
+        {GRANT_TYPE: REFRESH_GRANT, REFRESH_TOKEN: answer[REFRESH_TOKEN], REQ_CNF: {1: other}},
+    )
+    assert response.code == aiocoap.CREATED, refreshed
+    assert refreshed[CNF] == {COSE_KEY: _compressed(public_key)}
+    claims = _signed_claims(refreshed[ACCESS_TOKEN])
+    assert claims[CLAIM_CNF] == {COSE_KEY: _compressed(public_key)}
+    # Another key is refused (RFC 9200 §5.8.1: a refresh never changes the key).
+    third = cose_key_from_public(ec.generate_private_key(ec.SECP256R1()).public_key())
+    response, refused = await device.post_ace(
+        "/token",
+        {GRANT_TYPE: REFRESH_GRANT, REFRESH_TOKEN: refreshed[REFRESH_TOKEN], REQ_CNF: {1: third}},
+    )
+    assert response.code == aiocoap.BAD_REQUEST
+    assert refused[ERROR] == INVALID_GRANT
+
+
+async def test_edhoc_oscore_jwt_keeps_the_full_key(world: Protected) -> None:
+    """A JWT's cnf is a JWK (RFC 7800), which has no compressed form: the response echoes
+    the full COSE_Key."""
+    device = await _device(world)
+    public_key = device.identity.private_key.public_key()
+    response, answer = await _token(device, "door", token_format="jwt")
+    assert response.code == aiocoap.CREATED, answer
+    assert answer[CNF] == {COSE_KEY: cose_key_from_public(public_key)}
+    token = answer[ACCESS_TOKEN]
+    text = token if isinstance(token, str) else token.decode("ascii")
+    jwk = json.loads(_b64(text.split(".")[1]))["cnf"]["jwk"]
+    numbers = public_key.public_numbers()
+    assert (jwk["kty"], jwk["crv"]) == ("EC", "P-256")
+    assert _b64(jwk["x"]) == numbers.x.to_bytes(32, "big")
+    assert _b64(jwk["y"]) == numbers.y.to_bytes(32, "big")
+
+
+def _b64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 async def test_edhoc_oscore_refuses_a_client_without_a_key(world: Protected) -> None:
@@ -361,7 +422,8 @@ async def test_edhoc_oscore_refuses_a_client_without_a_key(world: Protected) -> 
         )
         key = cose_key_from_public(ec.generate_private_key(ec.SECP256R1()).public_key())
         response, answer = await _token(device, "door", req_cnf={COSE_KEY: key})
-        assert response.code == aiocoap.CREATED and answer[CNF] == {COSE_KEY: key}
+        assert response.code == aiocoap.CREATED
+        assert answer[CNF] == {COSE_KEY: compress_cose_key(key)}
         # Bearer audiences still serve it, without a key.
         response, answer = await _token(device, "plain")
         assert response.code == aiocoap.CREATED

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import re
 import secrets
 import shutil
@@ -34,6 +35,7 @@ import aiocoap
 import cbor2
 import pytest
 from aiocoap import resource
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from coap_auth.clock import SettableClock
 from coap_auth.coap.server import _bound_port
@@ -321,6 +323,30 @@ async def test_scope_and_a_stolen_token(world: World) -> None:
         assert [c.access_token.token_hash for c in world.rs_contexts()][-1] == token.token_hash
 
 
+@pytest.mark.parametrize("world", ["edhoc_oscore"], indirect=True)
+async def test_the_edhoc_token_travels_in_message_3(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The AS's CWT carries the device's key with its point compressed (RFC 9053 §7.1.1), so
+    it fits EAD_3 of message_3 (draft-ietf-ace-edhoc-oscore-profile-11 §4.1): the device sends
+    it there, never to /authz-info, and the thermostat binds the context to it without ever
+    holding an uploaded token."""
+    caplog.set_level(logging.INFO)
+    async with world.client() as client:
+        token = await _use(world, client, b"20.5")
+        assert client.handshakes == 1
+    public_key = world.tokens.credentials.private_key.public_key()  # type: ignore[union-attr]
+    x962 = public_key.public_bytes(Encoding.X962, PublicFormat.CompressedPoint)
+    assert token.cnf_key == {1: 2, -1: 1, -2: x962[1:], -3: x962[0] == 0x03}
+    assert len(token.value) <= MAX_EAD_TOKEN_BYTES
+    assert world.rs.held_pop_tokens(DEVICE) == []
+    [context] = world.rs_contexts()
+    assert context.access_token.token_hash == token.token_hash
+    rs_lines = [r.getMessage() for r in caplog.records if r.name == "device_client.rs"]
+    assert not [line for line in rs_lines if "authz-info" in line], rs_lines
+    assert any(line.startswith("EDHOC: OSCORE context for m7") for line in rs_lines), rs_lines
+
+
 async def _thief_edhoc(world: World, token: AccessToken) -> None:
     """EDHOC with the thermostat as another key (own name, and the device's), the token in
     message_3 or uploaded first: EDHOC error 1 each time, no context made."""
@@ -331,9 +357,8 @@ async def _thief_edhoc(world: World, token: AccessToken) -> None:
     rs_credential = make_credential(world.audience, public_key_from_cose(rs_key))  # type: ignore[arg-type]
     own = DeviceKey.generate("thief")
     posing = DeviceKey(DEVICE, DeviceKey.generate("x").private_key)
-    # The AS's tokens (ES256, cnf a P-256 key, the scope) run to about 220 bytes, past what
-    # lakers takes in EAD_3: the device uploaded its token first, and so does the thief. One
-    # that fits goes in message_3 too.
+    # The AS's tokens (ES256, cnf a compressed P-256 point, the scope) fit EAD_3: the thief
+    # tries it in message_3, then uploads it first as a device with a longer token would.
     if len(token.value) <= MAX_EAD_TOKEN_BYTES:
         for key in (own, posing):
             with pytest.raises(EdhocRefused, match="EDHOC error 1"):

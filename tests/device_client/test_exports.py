@@ -56,8 +56,9 @@ def test_import_needs_only_the_pure_parts_of_coap_auth() -> None:
     assert "coap_auth.tokens" in loaded  # the probe does see coap_auth modules
     # udp: the fixed UDP transport both sides use (and the Clock protocol it takes);
     # secure.credentials: EDHOC credentials, pure (EDHOC itself loads with a channel's first
-    # handshake).
+    # handshake); addresses: a source address as a budget key, the standard library only.
     allowed = {
+        "coap_auth.addresses",
         "coap_auth",
         "coap_auth.wire",
         "coap_auth.errors",

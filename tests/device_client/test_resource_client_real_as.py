@@ -23,7 +23,7 @@ from coap_auth.clock import SettableClock
 from coap_auth.coap.server import _bound_port
 from coap_auth.config import Settings
 from coap_auth.errors import CoapAuthError
-from coap_auth.tokens import cose_key_from_public, verify_cwt
+from coap_auth.tokens import compress_cose_key, cose_key_from_public, verify_cwt
 from coap_auth.tokens.cwt import decrypt_cwt
 from coap_auth.wire import AceProfile, ContentFormat, TokenType
 from device_client import (
@@ -34,6 +34,7 @@ from device_client import (
     create_client_context,
     create_server_context,
 )
+from device_client.resource_client import MAX_EAD_TOKEN_BYTES
 from tests.conftest import SEEN_SECRETS, Coap
 from tests.device_client.conftest import FAST_REFRESH, ISSUER, fetch_key_set
 from tests.device_client.test_resource_client import Issued, RsDouble, World
@@ -157,16 +158,16 @@ async def test_edhoc_oscore_with_the_real_as(real: RealAs, template: Template) -
     tokens = await real.real_tokens("door")
     token = await tokens.token()
     assert token.profile == AceProfile.COAP_EDHOC_OSCORE and token.cnf_osc is None
-    device_key = cose_key_from_public(real.device.private_key.public_key())
-    assert token.cnf_key == device_key  # the registered key: no req_cnf was sent
+    # The registered key (no req_cnf was sent), its point compressed (RFC 9053 §7.1.1).
+    device_key = compress_cose_key(cose_key_from_public(real.device.private_key.public_key()))
+    assert token.cnf_key == device_key and isinstance(device_key[-3], bool)
     assert token.rs_cnf == cose_key_from_public(template.door.private_key.public_key())
+    # So the token fits EAD_3 of message_3 (ES256 CWT of this AS: about 190 bytes).
+    assert len(token.value) <= MAX_EAD_TOKEN_BYTES
 
     assert real.rs is not None
     async with ResourceClient(tokens.context, real.rs_base, tokens, timeout=2.0) as client:
         assert (await client.request(aiocoap.GET, "temperature")).code == aiocoap.CONTENT
         assert client.handshakes == 1
-    if len(token.value) <= 200:
-        assert real.rs.ead_tokens == [token.value] and real.rs.authz_info == []
-    else:
-        assert real.rs.authz_info == [(ContentFormat.CWT, False, token.value)]
+    assert real.rs.ead_tokens == [token.value] and real.rs.authz_info == []
     assert real.rs.served == [("GET", token.value)]
