@@ -1,15 +1,18 @@
 """One CoAP request as raw datagrams over real UDP, for tests that must control every byte
-(message type, options the client libraries would refuse, the source address)."""
+(message type, options the client libraries would refuse, the source address), and a
+datagram forged with another endpoint's source address and port (a raw socket)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import socket
+import struct
 
 import aiocoap
 
 ANSWER_TIMEOUT = 2.0  # s, for the async exchange
+FORGED_ANSWER_TIMEOUT = 5.0  # s, for the answer to a forged datagram over loopback
 BLOCKING_TIMEOUT = 5  # s, for the blocking one (the fuzz tests' server runs in a thread)
 _message_ids = itertools.count(1)
 
@@ -64,3 +67,48 @@ def exchange_blocking(port: int, message: aiocoap.Message) -> aiocoap.Message:
                     ack.mid = answer.mid
                     sock.sendto(ack.encode(), ("127.0.0.1", port))
                 return answer
+
+
+def local_port(context: aiocoap.Context) -> int:
+    """The UDP port an aiocoap client context sends from (its one UDP socket)."""
+    for interface in context.request_interfaces:
+        token_interface = getattr(interface, "token_interface", None)
+        message_interface = getattr(token_interface, "message_interface", None)
+        transport = getattr(message_interface, "transport", None)
+        if transport is not None:
+            return int(transport.get_extra_info("socket").getsockname()[1])
+    raise AssertionError("no UDP socket found")
+
+
+def raw_socket() -> socket.socket | None:
+    """A raw UDP socket (root or CAP_NET_RAW), or None."""
+    try:
+        return socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+    except PermissionError:
+        return None
+
+
+async def forged_request(
+    raw: socket.socket, rs_port: int, victim_port: int, request: aiocoap.Message
+) -> aiocoap.Message:
+    """Send `request` (unprotected, CON) to 127.0.0.1:`rs_port` in a UDP datagram whose source
+    is 127.0.0.1:`victim_port`, as an attacker on the path can; the RS's answer, seen on the
+    raw socket going to the victim's port. Raises AssertionError when none is seen."""
+    request.mtype, request.mid, request.token = aiocoap.CON, 0x5EED, b"\x5e\xed\xf0\x0d"
+    datagram = request.encode()
+    loop = asyncio.get_running_loop()
+    raw.setblocking(False)
+    header = struct.pack("!HHHH", victim_port, rs_port, 8 + len(datagram), 0)
+    raw.sendto(header + datagram, ("127.0.0.1", rs_port))
+    deadline = loop.time() + FORGED_ANSWER_TIMEOUT
+    while loop.time() < deadline:
+        try:
+            packet = await asyncio.wait_for(loop.sock_recv(raw, 4096), deadline - loop.time())
+        except TimeoutError:
+            break
+        udp = packet[(packet[0] & 0x0F) * 4 :]  # after the IPv4 header
+        if struct.unpack("!HH", udp[:4]) == (rs_port, victim_port):
+            answer = aiocoap.Message.decode(udp[8:])
+            if answer.token == request.token:
+                return answer
+    raise AssertionError("no answer to the forged datagram seen")

@@ -135,30 +135,20 @@ def _decode(token: bytes, *, low_s: bool = True) -> tuple[cose.CoseMessage, Any]
 def _canonical_bytes(message: cose.CoseMessage) -> bytes:
     """61(tag([protected, {}, payload, signature])), or 61(16([protected, {}, ciphertext])),
     with every head shortest (RFC 8949 §4.2.1)."""
-    if message.tag == CoseTag.ENCRYPT0:
-        return b"".join(
-            (
-                _CWT_TAG,
-                deterministic.head(_MAJOR_TAG, message.tag),
-                _ARRAY_OF_THREE,
-                deterministic.head(_MAJOR_BYTES, len(message.protected_bytes)),
-                message.protected_bytes,
-                _EMPTY_MAP,
-                deterministic.head(_MAJOR_BYTES, len(message.payload)),
-                message.payload,
-            )
-        )
-    return b"".join(
-        (
-            _CWT_TAG,
-            deterministic.head(_MAJOR_TAG, message.tag),
-            _ARRAY_OF_FOUR,
-            deterministic.head(_MAJOR_BYTES, len(message.protected_bytes)),
-            message.protected_bytes,
-            _EMPTY_MAP,
-            deterministic.head(_MAJOR_BYTES, len(message.payload)),
-            message.payload,
+    encrypted = message.tag == CoseTag.ENCRYPT0
+    parts = [
+        _CWT_TAG,
+        deterministic.head(_MAJOR_TAG, message.tag),
+        _ARRAY_OF_THREE if encrypted else _ARRAY_OF_FOUR,
+        deterministic.head(_MAJOR_BYTES, len(message.protected_bytes)),
+        message.protected_bytes,
+        _EMPTY_MAP,
+        deterministic.head(_MAJOR_BYTES, len(message.payload)),
+        message.payload,
+    ]
+    if not encrypted:
+        parts += [
             deterministic.head(_MAJOR_BYTES, len(message.tag_or_signature)),
             message.tag_or_signature,
-        )
-    )
+        ]
+    return b"".join(parts)

@@ -6,11 +6,8 @@ real AS is elsewhere."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import secrets
-import socket
-import struct
 from collections.abc import AsyncIterator
 
 import aiocoap
@@ -21,6 +18,7 @@ from coap_auth.clock import SettableClock
 from coap_auth.tokens import token_hash
 from device_client import DeviceKey, KeySet, ResourceServer, RevocationList, TokenVerifier
 from tests.device_client.rs_site import AUDIENCE, CF_ACE, ISSUER, ProfileRs, profile_rs
+from tests.raw_coap import forged_request, local_port, raw_socket
 
 CF_PROBLEM = 257
 
@@ -121,56 +119,22 @@ async def test_a_spoofed_datagram_from_the_victims_address_is_refused(rs: Profil
     assert (await rs.protected(rs.victim, context, aiocoap.GET, "/temp"))[0].code == (
         aiocoap.CONTENT
     )
-    victim_port = _local_port(rs.victim)
+    victim_port = local_port(rs.victim)
 
     # A raw socket forges a UDP datagram with the victim's source address and port: an
     # unprotected PUT, as an attacker on the path could. Before the profiles it was applied.
+    # The same raw socket sees the RS's answer go to the victim's port: it was refused.
     put = aiocoap.Message(code=aiocoap.PUT, uri=rs.base + "/temp", payload=b"99")
-    put.mtype, put.mid, put.token = aiocoap.NON, 0x4242, b"\x42\x42"
-    try:
-        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
-    except PermissionError:
+    raw = raw_socket()
+    if raw is None:
         pytest.skip("no CAP_NET_RAW for a raw socket here")
     with raw:
-        raw.setblocking(False)
-        datagram = put.encode()
-        header = struct.pack("!HHHH", victim_port, rs.port, 8 + len(datagram), 0)
-        raw.sendto(header + datagram, ("127.0.0.1", rs.port))
-        # The same raw socket sees the RS's answer go to the victim's port: it was refused.
-        answer = await _answer_to(raw, rs.port, victim_port, put.token)
+        answer = await forged_request(raw, rs.port, victim_port, put)
     assert answer.code == aiocoap.UNAUTHORIZED
     assert cbor2.loads(answer.payload) == {1: ISSUER, 5: AUDIENCE, 9: "temp:write"}
     assert rs.temperature.value == b"21.5"
     reading, protected = await rs.protected(rs.victim, context, aiocoap.GET, "/temp")
     assert protected and reading.payload == b"21.5"
-
-
-async def _answer_to(
-    raw: socket.socket, source_port: int, port: int, token: bytes
-) -> aiocoap.Message:
-    """The CoAP message with `token` from `source_port` to `port`, seen on a raw socket."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while loop.time() < deadline:
-        packet = await asyncio.wait_for(loop.sock_recv(raw, 4096), deadline - loop.time())
-        udp = packet[(packet[0] & 0x0F) * 4 :]  # after the IPv4 header
-        src, dst = struct.unpack("!HH", udp[:4])
-        if (src, dst) == (source_port, port):
-            message = aiocoap.Message.decode(udp[8:])
-            if message.token == token:
-                return message
-    raise AssertionError("no answer seen")
-
-
-def _local_port(context: aiocoap.Context) -> int:
-    """The UDP port an aiocoap client context sends from (its one UDP socket)."""
-    for interface in context.request_interfaces:
-        token_interface = getattr(interface, "token_interface", None)
-        message_interface = getattr(token_interface, "message_interface", None)
-        transport = getattr(message_interface, "transport", None)
-        if transport is not None:
-            return int(transport.get_extra_info("socket").getsockname()[1])
-    raise AssertionError("no UDP socket found")
 
 
 @pytest.mark.parametrize(
