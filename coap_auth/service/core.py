@@ -238,7 +238,8 @@ class AuthService:
     async def issue_token(self, request: TokenRequest) -> IssuedToken:
         """The /token use case: a client_credentials grant or a refresh. The audience's
         profile decides the token: raises InvalidRequest for a JWT or a req_cnf with
-        coap_oscore, or edhoc_oscore without a key to bind to; UnsupportedPopKey for a
+        coap_oscore, a coap_oscore request not over OSCORE, or edhoc_oscore without a key to
+        bind to; UnsupportedPopKey for a
         req_cnf that is not {1: COSE_Key} (P-256 for edhoc_oscore); InvalidClient,
         InvalidScope, InvalidGrant, UnsupportedGrantType as the request deserves."""
         if request.grant_type == GrantType.REFRESH_TOKEN:
@@ -251,6 +252,7 @@ class AuthService:
         audience = await self._audience_for(client, request.audience)
         await self.keys.ensure_families([audience])
         scope, narrowed = self._grant_scope(client, request.scope)
+        _check_secret_travels_protected(audience, request)
         cnf = _confirmation_key(client, audience, _pop_key(request.req_cnf))
         issued = self._mint(client.client_id, audience, scope, cnf, request.token_format)
         # Every grant starts a refresh family (RFC 9700 §4.14).
@@ -294,6 +296,7 @@ class AuthService:
             audience = audiences.get(family.audience)
             if audience is None:
                 raise InvalidGrant("audience no longer registered")
+            _check_secret_travels_protected(audience, request)
             if audience.profile == "coap_oscore" and cnf is not None:
                 raise InvalidRequest(_NO_REQ_CNF.format(audience.audience_id))
             if cnf is not None and dict(cnf) != family.cnf:
@@ -568,6 +571,17 @@ _NO_REQ_CNF = "audience {} takes no req_cnf: the AS provides the OSCORE input ma
 _NEEDS_KEY = (
     "audience {} needs a proof-of-possession key: send req_cnf or register the client's public key"
 )
+
+
+def _check_secret_travels_protected(audience: Audience, request: TokenRequest) -> None:
+    """A coap_oscore answer carries the OSCORE master secret (RFC 9203 §3.2): it is issued
+    only over the protected channel, also when `require_oscore` is off (a lab), or anyone on
+    the path could set the token's context up. Raises InvalidRequest."""
+    if audience.profile == "coap_oscore" and request.peer is None:
+        raise InvalidRequest(
+            f"audience {audience.audience_id} (coap_oscore): its tokens come with a master"
+            " secret, issued only over OSCORE"
+        )
 
 
 def _confirmation_key(

@@ -48,6 +48,7 @@ ACCESS_TOKEN, EXPIRES_IN, REQ_CNF, AUDIENCE, CNF, SCOPE = 1, 2, 4, 5, 8, 9
 ACTIVE, TOKEN, ERROR, ERROR_DESCRIPTION, GRANT_TYPE, TOKEN_TYPE = 10, 11, 30, 31, 33, 34
 REFRESH_TOKEN, ACE_PROFILE, RS_CNF = 37, 38, 41
 REFRESH_GRANT = 3
+CLIENT_ID, CLIENT_SECRET = 24, 25
 INVALID_REQUEST, INVALID_GRANT = 1, 3
 POP = 2
 COAP_OSCORE, COAP_EDHOC_OSCORE = 2, 4  # the latter provisional (draft -11 example value)
@@ -519,3 +520,33 @@ def test_the_master_secret_is_never_in_a_repr() -> None:
     issued = IssuedToken(b"t" * 32, 600, TokenType.POP, claims, cnf={OSC: material})
     for shown in (repr(issued), repr(claims), str(issued)):
         assert bytes(range(16)).hex() not in shown and repr(bytes(range(16))) not in shown
+
+
+async def test_coap_oscore_material_never_travels_unprotected(world: Protected) -> None:
+    """With `require_oscore` off (a lab), /token answers plain CoAP: a coap_oscore grant is
+    refused there all the same, since its answer carries the master secret (review finding:
+    anyone on the path could otherwise set the token's context up)."""
+    service = world.service
+    service.settings = dataclasses.replace(service.settings, require_oscore=False)
+    secret = "lab-secret-0123456789abcdef"
+    await service.store.add_client(
+        Client(
+            "lab",
+            AUDIENCES,
+            (SCOPE_TEXT,),
+            service.clock.now(),
+            secret_digest=service.secret_digest(secret),
+        )
+    )
+    context = await create_client_context()
+    try:
+        device = Device(None, context, world.base, world.server)  # type: ignore[arg-type]
+        body = {CLIENT_ID: "lab", CLIENT_SECRET: secret, AUDIENCE: "lock"}
+        response, answer = await device.post_ace("/token", {**body, "pad": "x" * 64})
+        _assert_refused(response, answer, "issued only over OSCORE")
+        assert CNF not in answer
+        # The same plain request for a bearer audience is served: only the secret is held back.
+        response, answer = await device.post_ace("/token", {**body, AUDIENCE: "plain"})
+        assert response.code == aiocoap.CREATED and CNF not in answer
+    finally:
+        await context.shutdown()
