@@ -108,6 +108,9 @@ class ContextTable:
         self._by_id: OrderedDict[bytes, OscoreContext] = OrderedDict()
         # Recipient ids per peer, oldest first.
         self._by_peer: dict[str, list[bytes]] = {}
+        # Recipient ids promised but not yet in the table (an EDHOC handshake's C_R from
+        # message_2 until its message_3 is done): unused_id never hands them out again.
+        self._reserved: set[bytes] = set()
         # Operator-provisioned contexts (coap_auth.secure.provisioned): never evicted.
         self._provisioned: dict[bytes, ProvisionedContext] = {}
 
@@ -144,7 +147,20 @@ class ContextTable:
         self._by_id.clear()
         self._by_peer.clear()
 
+    def reserve(self, recipient_id: bytes) -> None:
+        """Keep `recipient_id` (from unused_id) from being handed out again until released.
+        Raises nothing."""
+        self._reserved.add(recipient_id)
+
+    def release(self, recipient_id: bytes) -> None:
+        """End a reservation (the context is added, or will never be). Raises nothing."""
+        self._reserved.discard(recipient_id)
+
     def add(self, context: OscoreContext) -> None:
+        """Hold `context`, evicting as the bounds say. Raises ValueError when its recipient id
+        is already held: a context is never silently replaced under another's id."""
+        if context.recipient_id in self._by_id or context.recipient_id in self._provisioned:
+            raise ValueError("OSCORE recipient id already in use")
         now = self._now()
         self._expire(now)
         context.last_used = now
@@ -220,6 +236,7 @@ class ContextTable:
             if (
                 candidate != avoid
                 and candidate not in self._by_id
+                and candidate not in self._reserved
                 and candidate not in self._provisioned
                 and not taken(candidate)
             ):

@@ -179,9 +179,17 @@ class Responder:
             raise EdhocFailure("no connection identifier before message_3") from None
         message_3 = stream.read()
         self._expire(self._now())
-        pending = self._take(c_r)
+        pending = self._take(c_r, release=False)
         if pending is None:
             raise EdhocFailure("no handshake in progress for this connection identifier")
+        try:
+            return await self._finish(pending, c_r, message_3)
+        finally:
+            # C_R stayed reserved across the awaits below: no other handshake or RFC 9203
+            # exchange was handed it meanwhile.
+            self.contexts.release(c_r)
+
+    async def _finish(self, pending: _Pending, c_r: bytes, message_3: bytes) -> OscoreContext:
         responder = pending.responder
         _check_message_3(message_3)
         with _lakers_refusal(EdhocFailure("message_3 does not verify")):
@@ -263,14 +271,19 @@ class Responder:
             self._take(busiest[0])
         self._pending[c_r] = pending
         self._by_address.setdefault(pending.address, []).append(c_r)
+        self.contexts.reserve(c_r)
 
-    def _take(self, c_r: bytes) -> _Pending | None:
+    def _take(self, c_r: bytes, *, release: bool = True) -> _Pending | None:
+        """The pending handshake of `c_r`, no longer pending; its C_R stays reserved in the
+        context table only with `release=False` (message_3 releases it when done)."""
         pending = self._pending.pop(c_r, None)
         if pending is not None:
             ids = self._by_address[pending.address]
             ids.remove(c_r)
             if not ids:
                 del self._by_address[pending.address]
+            if release:
+                self.contexts.release(c_r)
         return pending
 
     def _expire(self, now: int) -> None:

@@ -157,3 +157,26 @@ async def test_a_full_table_drops_from_the_peer_holding_the_most(protected: Prot
     await busy.handshake()
     assert quiet.oscore.sender_id in protected.server.contexts
     assert busy.oscore is not None and busy.oscore.sender_id in protected.server.contexts
+
+
+async def test_a_pending_handshakes_connection_id_stays_reserved_until_it_ends(
+    protected: Protected,
+) -> None:
+    """C_R is promised in message_2: no other handshake (or RFC 9203 exchange at an RS) may be
+    handed it until message_3 is done, awaits included; then the reservation ends, whether
+    the handshake succeeded or not (review of issue 15)."""
+    contexts = protected.server.contexts
+    honest = Handshake(await protected.device("sensor-1"), protected)
+    await honest.send_message_1()
+    c_r = bytes(honest.c_r)
+    assert contexts._reserved == {c_r}
+    assert (await honest.send_message_3()).code == aiocoap.CHANGED
+    assert c_r in contexts and not contexts._reserved
+    failing = Handshake(await protected.device("sensor-2"), protected)
+    await failing.send_message_1()
+    assert len(contexts._reserved) == 1
+    answer = await exchange(
+        protected.server.port, edhoc_post(encode_connection_id(bytes(failing.c_r)) + b"\x00")
+    )
+    assert answer.code == aiocoap.BAD_REQUEST
+    assert not contexts._reserved
