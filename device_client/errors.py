@@ -92,10 +92,12 @@ class ChannelRefused(TokenRequestRefused):
     credential (not registered, or registered with another key), its own did not verify against
     the provisioned AS credential, or it refused a request under an OSCORE context EDHOC had
     just made. A configuration problem, like a refused /token request; `ace_code` is None and
-    `coap_code` 0 (the refusal is EDHOC's, not an answer of /token)."""
+    `coap_code` 0 (the refusal is EDHOC's, not an answer of /token). `at_message_3`: the
+    server had authenticated itself and refused our message_3."""
 
-    def __init__(self, description: str, *, host: str) -> None:
+    def __init__(self, description: str, *, host: str, at_message_3: bool = False) -> None:
         super().__init__(description, ace_code=None, coap_code=0, host=host)
+        self.at_message_3 = at_message_3
 
 
 class ChannelUnavailable(DeviceClientError):
@@ -123,12 +125,16 @@ class ResourceRefused(DeviceClientError):
     OSCORE profile: /authz-info refused the token (`coap_code`, e.g. 4.01 or 4.03), EDHOC
     failed (`coap_code` 0: the refusal is EDHOC's), its answer broke the profile (a bad
     nonce2, ace_server_recipientid equal to ours), or it answered unprotected under the
-    context just made."""
+    context just made. `at_message_3`: EDHOC failed on our message_3, after the server had
+    authenticated itself."""
 
-    def __init__(self, description: str, *, host: str, coap_code: int = 0) -> None:
+    def __init__(
+        self, description: str, *, host: str, coap_code: int = 0, at_message_3: bool = False
+    ) -> None:
         super().__init__(description)
         self.host = host
         self.coap_code = coap_code
+        self.at_message_3 = at_message_3
 
 
 class ResourceUnreachable(DeviceClientError):

@@ -24,8 +24,10 @@ unprotected (it no longer holds the context: restart, eviction, the token expire
 revoked), and before a request once TokenClient holds a newer token (refreshed ahead of
 expiry, or `refresh_now`). An /authz-info refusal with 4.01 of a cached token makes one new
 token request (the RS knows it is dead: revoked, or its key withdrawn) and one more try. An
-EDHOC refusal with the token in EAD_3 (EDHOC error 1 does not say why) is followed by the
-token's upload to /authz-info, whose answer does say, then EDHOC without it.
+EDHOC refusal of message_3 with the token in EAD_3 (EDHOC error 1 does not say why) is
+followed by the token's upload to /authz-info, whose answer does say, then EDHOC without it;
+a refusal before the RS has authenticated itself (an error for message_1, a message_2 that
+does not verify) is not: the token is never posted to an unauthenticated answerer.
 
 Nothing here runs in the background: every exchange runs in the caller's task, so a caller's
 cancellation ends it and propagates; `close()` (the context manager's exit) only forgets the
@@ -345,10 +347,14 @@ class ResourceClient:
             ead_3 = [(EAD_ACCESS_TOKEN, True, token.value)]
             try:
                 return await self._edhoc(identity, credential, ead_3)
-            except ResourceRefused:
+            except ResourceRefused as refused:
                 # EDHOC error 1 does not say whether the RS refused the token (revoked,
                 # expired, its key withdrawn) or the handshake. /authz-info says which: a
-                # 4.01 there has _handshake ask the AS for a new token, once.
+                # 4.01 there has _handshake ask the AS for a new token, once. Only once the
+                # RS has authenticated itself (message_2): anyone may answer message_1 with
+                # an error, and must not get the token posted to it in the clear.
+                if not refused.at_message_3:
+                    raise
                 log.info("%s refused EDHOC with the token in EAD_3; asking /authz-info", self.host)
         await self._authz_info(token.value, ContentFormat.CWT)
         return await self._edhoc(identity, credential, None)
@@ -369,7 +375,9 @@ class ResourceClient:
                 ead_3=ead_3,
             )
         except ChannelRefused as refused:
-            raise ResourceRefused(refused.description, host=self.host) from None
+            raise ResourceRefused(
+                refused.description, host=self.host, at_message_3=refused.at_message_3
+            ) from None
 
     def _credential_from(self, token: AccessToken) -> EdhocCredential:
         from coap_auth.tokens import public_key_from_cose

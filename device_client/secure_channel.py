@@ -289,7 +289,7 @@ async def edhoc_handshake(
             establish(context, uri, identity, peer, ead_3=ead_3), 2 * timeout
         )
     except EdhocRefused as exc:
-        raise ChannelRefused(str(exc), host=host) from None
+        raise ChannelRefused(str(exc), host=host, at_message_3=exc.at_message_3) from None
     except ImportError:
         raise ChannelUnavailable(_NO_LAKERS) from None
 

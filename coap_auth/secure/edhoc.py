@@ -420,11 +420,14 @@ def encode_connection_id(c_x: bytes) -> bytes:
 
 
 class EdhocRefused(Exception):
-    """The server answered a handshake message with an error (or not at all as EDHOC)."""
+    """The server answered a handshake message with an error (or not at all as EDHOC).
+    `at_message_3`: the server had authenticated itself (message_2 verified) and refused our
+    message_3; otherwise we do not know whom we spoke to."""
 
-    def __init__(self, host: str, detail: str) -> None:
+    def __init__(self, host: str, detail: str, *, at_message_3: bool = False) -> None:
         super().__init__(f"EDHOC with {host} failed: {detail}")
         self.host = host
+        self.at_message_3 = at_message_3
 
 
 async def establish(
@@ -475,7 +478,10 @@ async def establish(
         items = [lakers.EADItem(label, critical, value) for label, critical, value in ead_3 or ()]
         message_3, _prk_out = initiator.prepare_message_3(transfer, items or None)
     c_r = bytes(c_r)
-    await post(encode_connection_id(c_r) + bytes(message_3))
+    try:
+        await post(encode_connection_id(c_r) + bytes(message_3))
+    except EdhocRefused as refused:
+        raise EdhocRefused(host, str(refused).split(": ", 1)[-1], at_message_3=True) from None
     return initiator_context(initiator, c_i, c_r, peer)
 
 

@@ -163,6 +163,7 @@ class RsDouble:
         self.amnesiac = False  # derive, answer 2.01, but keep no context
         self.echo_id1 = False  # answer ID2 = ID1 (RFC 9203 §4.2 forbids it)
         self.answer_override: bytes | None = None
+        self.refuse_message_1 = False  # answer message_1 with an EDHOC error
 
     def site(self) -> ProtectedSite:
         site = resource.Site()
@@ -231,6 +232,12 @@ class RsDouble:
         import lakers
 
         payload = bytes(request.payload)
+        if payload.startswith(MESSAGE_1_PREFIX) and self.refuse_message_1:
+            return aiocoap.Message(
+                code=aiocoap.BAD_REQUEST,
+                payload=cbor2.dumps(1) + cbor2.dumps("no"),
+                content_format=ContentFormat.EDHOC_CBOR_SEQ,
+            )
         if payload.startswith(MESSAGE_1_PREFIX):
             responder = lakers.EdhocResponder(
                 r=self.identity.private_scalar, cred_r=self.identity.credential.ccs
@@ -350,6 +357,22 @@ async def test_edhoc_profile_carries_a_short_token_in_ead_3(world: World) -> Non
     assert token is not None and rs.ead_tokens == [token.value]
     assert rs.authz_info == []  # draft -11: the first token only in EAD_3
     assert rs.served == [("GET", token.value)]
+
+
+async def test_a_token_is_never_posted_to_an_rs_that_has_not_authenticated(
+    world: World,
+) -> None:
+    """Anyone can answer message_1 with an EDHOC error: that is no reason to upload the token
+    in the clear (review of issue 15); only a refused message_3, from an RS that proved its
+    credential in message_2, is."""
+    world.profile, world.token_size = AceProfile.COAP_EDHOC_OSCORE, SHORT
+    rs = _rs(world)
+    rs.refuse_message_1 = True
+    async with await world.client(DeviceKey.generate("meter-7")) as client:
+        with pytest.raises(ResourceRefused) as refused:
+            await client.request(aiocoap.GET, "temperature")
+    assert not refused.value.at_message_3
+    assert rs.authz_info == [] and rs.ead_tokens == []
 
 
 async def test_edhoc_profile_posts_a_long_token_before_edhoc(world: World) -> None:
