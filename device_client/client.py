@@ -555,7 +555,7 @@ def _parse_profile(payload: bytes) -> _Profile:
     rs_cnf = body.get(AceParam.RS_CNF)
     if rs_cnf is not None:
         key = rs_cnf.get(CnfMethod.COSE_KEY) if isinstance(rs_cnf, dict) else None
-        if len(rs_cnf) != 1 or not isinstance(key, dict):
+        if not isinstance(key, dict) or len(rs_cnf) != 1:
             raise ValueError("/token answer has an rs_cnf that is not {1: COSE_Key}")
         rs_cnf = key
     if profile == AceProfile.COAP_OSCORE and cnf_osc is None:

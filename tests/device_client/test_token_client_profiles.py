@@ -189,6 +189,7 @@ async def test_edhoc_oscore_answer_keeps_the_bound_key_and_the_rs_key(
         ({AceParam.CNF: None}, "no OSCORE input material"),
         ({AceParam.RS_CNF: {CnfMethod.COSE_KEY: b"key"}}, "rs_cnf"),
         ({AceParam.RS_CNF: [1]}, "rs_cnf"),
+        ({AceParam.RS_CNF: 5}, "rs_cnf"),
     ],
 )
 async def test_ill_formed_profile_fields_are_not_taken(
