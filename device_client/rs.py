@@ -126,6 +126,7 @@ class ResourceServer:
             raise ValueError("the RS's EDHOC identity must be named after its audience")
         self.identity = identity
         self.edhoc = EdhocBinding(self) if identity is not None else None
+        self._served: list[aiocoap.Context] = []
 
     # -- serving --------------------------------------------------------------------------------
 
@@ -143,9 +144,31 @@ class ResourceServer:
         return ProtectedSite(CriticalOptionGuard(site), self.contexts, self.verifier.clock)
 
     async def serve(self, site: resource.Site, bind: tuple[str, int]) -> aiocoap.Context:
-        """`add_to(site)`, served on UDP at `bind`; shut the returned context down to stop.
+        """`add_to(site)`, served on UDP at `bind` until `close()` (or the end of `async with`).
         Raises OSError when the address cannot be bound."""
-        return await create_server_context(self.add_to(site), bind, check_options=False)
+        context = await create_server_context(self.add_to(site), bind, check_options=False)
+        self._served.append(context)
+        return context
+
+    async def close(self) -> None:
+        """Stop serving (every context `serve` made, each awaited to its end) and forget
+        every security context and token: nothing outlives the server. Raises nothing; a
+        caller's cancellation propagates."""
+        served, self._served = self._served, []
+        for context in served:
+            await context.shutdown()
+        for context in self.contexts.contexts():
+            self.bindings.drop(context)
+        self._tokens.clear()
+
+    async def __aenter__(self) -> ResourceServer:
+        """`async with ResourceServer(...) as rs: await rs.serve(site, bind)`. Raises
+        nothing."""
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """`close()`. Raises nothing."""
+        await self.close()
 
     # -- bearer tokens and PoP tokens awaiting EDHOC -------------------------------------------
 

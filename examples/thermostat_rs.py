@@ -219,8 +219,7 @@ class Thermostat:
     async def stop(self) -> None:
         await self.keys.stop()
         await self.trl.stop()
-        if self.server is not None:
-            await self.server.shutdown()
+        await self.resource_server.close()
 
     def reload_token_keys(self, token_keys: KeySet) -> None:
         """Take a new export of the audience's AES keys; end the contexts of tokens under keys

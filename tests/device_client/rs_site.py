@@ -306,4 +306,4 @@ async def profile_rs(clock: SettableClock, **options: Any) -> AsyncIterator[Prof
     finally:
         await victim.shutdown()
         await thief.shutdown()
-        await server.shutdown()
+        await resource_server.close()  # the context `serve` made, and every security context

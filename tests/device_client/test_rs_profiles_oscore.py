@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+import socket
 from collections.abc import AsyncIterator
 
 import aiocoap
@@ -374,3 +375,16 @@ async def test_reposted_tokens_of_a_subject_never_evict_its_context_in_use(
     answer, protected = await rs.protected(rs.victim, context, aiocoap.PUT, "/temp", b"20")
     assert protected and answer.code == aiocoap.CHANGED
     assert len(rs.resource_server.contexts) == 2  # the victim's, and one unused
+
+
+async def test_closing_the_rs_stops_serving_and_forgets_every_context(rs: ProfileRs) -> None:
+    """ResourceServer is an async context manager: its exit (close) shuts down what `serve`
+    made and drops every security context and token with it."""
+    token, material = rs.minter.oscore_token()
+    _, context = await rs.authz_info(rs.victim, token, material)
+    assert context is not None and len(rs.resource_server.contexts) == 1
+    async with rs.resource_server:
+        pass
+    assert len(rs.resource_server.contexts) == 0 and not rs.resource_server._tokens
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", rs.port))  # the RS's port is free again
