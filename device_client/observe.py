@@ -165,6 +165,10 @@ class Observer:
         ]
         try:
             await asyncio.wait({*waiters, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # The caller gave up on the start: the loop it began ends too, then it propagates.
+            await self.stop()
+            raise
         finally:
             for waiter in waiters:
                 waiter.cancel()

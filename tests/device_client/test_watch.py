@@ -31,6 +31,23 @@ async def test_start_and_wait_raises_when_the_as_does_not_answer(
         proxy.close()
 
 
+async def test_a_cancelled_start_ends_the_loop_it_began(
+    sensor: Coap, device_context: aiocoap.Context, clock: SettableClock
+) -> None:
+    proxy = await LossyProxy(("127.0.0.1", sensor.server.port)).start()
+    try:
+        proxy.lose(lambda m: True)
+        watcher = KeySetWatcher(device_context, proxy.uri, clock=clock, policy=QUICK)
+        starting = asyncio.create_task(watcher.start())
+        await eventually(lambda: watcher.registrations > 0, "the first registration")
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("watch ")]
+    finally:
+        proxy.close()
+
+
 async def test_backs_off_while_the_as_is_away_and_syncs_when_it_returns(
     sensor: Coap, device_context: aiocoap.Context, clock: SettableClock
 ) -> None:
