@@ -24,10 +24,10 @@ unprotected (it no longer holds the context: restart, eviction, the token expire
 revoked), and before a request once TokenClient holds a newer token (refreshed ahead of
 expiry, or `refresh_now`). An /authz-info refusal with 4.01 of a cached token makes one new
 token request (the RS knows it is dead: revoked, or its key withdrawn) and one more try. An
-EDHOC refusal of message_3 with the token in EAD_3 (EDHOC error 1 does not say why) is
-followed by the token's upload to /authz-info, whose answer does say, then EDHOC without it;
-a refusal before the RS has authenticated itself (an error for message_1, a message_2 that
-does not verify) is not: the token is never posted to an unauthenticated answerer.
+EDHOC refusal of message_3 with the token in EAD_3 counts as a refusal of the token (one new
+token, one more try, in EAD_3 again): a token that fits EAD_3 is never uploaded in the clear,
+since an EDHOC error is not authenticated and anyone on the path could forge one to make a
+device reveal its token's claims.
 
 Nothing here runs in the background: every exchange runs in the caller's task, so a caller's
 cancellation ends it and propagates; `close()` (the context manager's exit) only forgets the
@@ -349,13 +349,19 @@ class ResourceClient:
                 return await self._edhoc(identity, credential, ead_3)
             except ResourceRefused as refused:
                 # EDHOC error 1 does not say whether the RS refused the token (revoked,
-                # expired, its key withdrawn) or the handshake. /authz-info says which: a
-                # 4.01 there has _handshake ask the AS for a new token, once. Only once the
-                # RS has authenticated itself (message_2): anyone may answer message_1 with
-                # an error, and must not get the token posted to it in the clear.
+                # expired, its key withdrawn) or the handshake, and an error message is not
+                # authenticated: anyone on the path can forge one. So the token is never
+                # uploaded in the clear instead (the draft keeps it inside EAD_3); a refusal
+                # of message_3 is taken as a refusal of the token, which has _handshake ask
+                # the AS for a new one, once, and try EAD_3 again.
                 if not refused.at_message_3:
                     raise
-                log.info("%s refused EDHOC with the token in EAD_3; asking /authz-info", self.host)
+                raise ResourceRefused(
+                    refused.description,
+                    host=self.host,
+                    coap_code=_UNAUTHORIZED,
+                    at_message_3=True,
+                ) from None
         await self._authz_info(token.value, ContentFormat.CWT)
         return await self._edhoc(identity, credential, None)
 

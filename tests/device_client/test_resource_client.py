@@ -614,3 +614,22 @@ async def test_a_context_without_oscore_transport_is_refused(world: World) -> No
             ResourceClient(bare, world.rs_base, tokens)
     finally:
         await bare.shutdown()
+
+
+async def test_a_token_refused_in_ead_3_is_replaced_not_uploaded(world: World) -> None:
+    """An EDHOC error to message_3 is not authenticated: a forged one must not make the device
+    post its token in the clear (outsider round 2). The refusal counts as the token's: one new
+    token from the AS, in EAD_3 again."""
+    world.profile, world.token_size = AceProfile.COAP_EDHOC_OSCORE, SHORT
+    rs = _rs(world)
+    async with await world.client(DeviceKey.generate("meter-7")) as client:
+        await client.establish()
+        first = client.token
+        assert first is not None
+        rs.forget()
+        rs.refuse.add(first.value)  # revoked meanwhile: EDHOC error 1 to message_3
+        assert (await client.request(aiocoap.GET, "temperature")).code == aiocoap.CONTENT
+        second = client.token
+    assert second is not None and second.value != first.value
+    assert rs.authz_info == []  # never uploaded
+    assert rs.ead_tokens == [first.value, first.value, second.value]
