@@ -357,6 +357,8 @@ def _check_message_1(message_1: bytes) -> None:
             rest.append(decoder.decode())
     except Exception:  # cbor2 raises more than CBORDecodeError on odd tags
         raise EdhocFailure("message_1 malformed") from None
+    if not _shortest(message_1, [method, suites, g_x, *rest]):
+        raise EdhocFailure("message_1 malformed")
     labels = [item for item in rest[1:] if isinstance(item, int) and not isinstance(item, bool)]
     if any(label < 0 for label in labels):
         raise EdhocFailure("critical EAD item not supported")
@@ -375,9 +377,20 @@ def _check_message_3(message_3: bytes) -> None:
     if (
         not isinstance(ciphertext, bytes)
         or not AEAD_TAG_BYTES < len(ciphertext) < MAX_CIPHERTEXT_3_BYTES
-        or stream.read()
+        or not _shortest(message_3, [ciphertext])
     ):
         raise EdhocFailure("message_3 malformed")
+
+
+def _shortest(message: bytes, items: list[Any]) -> bool:
+    """Whether `message` is exactly `items` as a CBOR sequence with every head in its
+    shortest form and no indefinite lengths (RFC 9528 §3.1 uses deterministic CBOR): cbor2
+    reads other forms that lakers 0.6 panics on (a byte string's length in 2 bytes where 1
+    would do, say), and nothing may follow."""
+    try:
+        return b"".join(cbor2.dumps(item) for item in items) == message
+    except Exception:  # an item cbor2 read but cannot write back: not ours to pass on
+        return False
 
 
 def _check_message_2(message_2: bytes) -> bool:
@@ -388,7 +401,7 @@ def _check_message_2(message_2: bytes) -> bool:
         body = cbor2.CBORDecoder(stream).decode()
     except Exception:  # cbor2 raises more than CBORDecodeError on odd tags
         return False
-    return isinstance(body, bytes) and not stream.read() and _is_p256_x(body[:32])
+    return isinstance(body, bytes) and _shortest(message_2, [body]) and _is_p256_x(body[:32])
 
 
 def _is_p256_x(value: Any) -> bool:

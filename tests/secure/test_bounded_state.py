@@ -4,8 +4,10 @@ locked out by 50 bare message_1 datagrams until restart). Over real UDP."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import aiocoap
+import cbor2
 import lakers
 import pytest
 
@@ -180,3 +182,39 @@ async def test_a_pending_handshakes_connection_id_stays_reserved_until_it_ends(
     )
     assert answer.code == aiocoap.BAD_REQUEST
     assert not contexts._reserved
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda ct: b"\x59" + len(ct).to_bytes(2, "big") + ct,  # length in 2 bytes, 1 would do
+        lambda ct: b"\x5a" + len(ct).to_bytes(4, "big") + ct,
+        lambda ct: b"\x5f" + cbor2.dumps(ct) + b"\xff",  # indefinite length
+    ],
+    ids=["long-2", "long-4", "indefinite"],
+)
+async def test_a_message_3_in_another_cbor_form_is_refused_before_lakers(
+    protected: Protected, capfd: pytest.CaptureFixture[str], encode: Any
+) -> None:
+    """cbor2 reads forms of a byte string that lakers 0.6 panics on (a Rust backtrace on
+    stderr per datagram, 100-300 ms of a blocked event loop with RUST_BACKTRACE set): the
+    pre-check takes the shortest form only (outsider round 2 on issue 15)."""
+    honest = Handshake(await protected.device("sensor-1"), protected)
+    await honest.send_message_1()
+    message_3, _ = honest.initiator.prepare_message_3(lakers.CredentialTransfer.ByReference, None)
+    ciphertext = cbor2.loads(bytes(message_3))
+    payload = encode_connection_id(bytes(honest.c_r)) + encode(ciphertext)
+    err_code, _ = edhoc_error(await exchange(protected.server.port, edhoc_post(payload)))
+    assert err_code == 1
+    assert "panicked" not in capfd.readouterr().err
+    assert len(protected.server.contexts) == 0
+
+
+async def test_a_message_1_in_another_cbor_form_is_refused(protected: Protected) -> None:
+    message_1 = bytes(lakers.EdhocInitiator().prepare_message_1(c_i=b"\x05", ead_1=None))
+    assert message_1[0] == 3  # method 3 in one byte; sent here as 0x18 0x03
+    err_code, _ = edhoc_error(
+        await exchange(protected.server.port, edhoc_post(b"\xf5\x18\x03" + message_1[1:]))
+    )
+    assert err_code == 1
+    assert protected.server.edhoc.pending == 0
