@@ -209,13 +209,13 @@ class ResourceServer:
         del self._tokens[largest[0]]
 
     def held_pop_tokens(self, subject: str) -> list[VerifiedToken]:
-        """The PoP tokens of `subject` awaiting (or used by) EDHOC, newest first. Raises
-        nothing."""
-        return [
-            t
-            for k, t in reversed(self._tokens.items())
-            if k.startswith("pop:") and t.claims.sub == subject
+        """The PoP tokens of `subject` awaiting (or used by) EDHOC, the latest issued first
+        (by iat, not by upload: an older token of the subject posted again by someone who
+        copied it must not be the one EDHOC binds). Raises nothing."""
+        held = [
+            t for k, t in self._tokens.items() if k.startswith("pop:") and t.claims.sub == subject
         ]
+        return sorted(held, key=lambda t: t.claims.iat, reverse=True)
 
     # -- contexts -------------------------------------------------------------------------------
 

@@ -100,9 +100,12 @@ async def post_oscore(rs: ResourceServer, payload: bytes) -> aiocoap.Message:
 
 def same_binding(context: OscoreContext, old: Any, new: VerifiedToken) -> bool:
     """Whether `new` may supersede the token of `context` (an update of access rights): the
-    same OSCORE input material id (RFC 9203 §4.2), or a cnf naming the key EDHOC
-    authenticated (draft-ietf-ace-edhoc-oscore-profile-11 §4.6.1)."""
-    if not isinstance(old, VerifiedToken):
+    same client (sub), and the same OSCORE input material id (RFC 9203 §4.2), or a cnf naming
+    the key EDHOC authenticated (draft-ietf-ace-edhoc-oscore-profile-11 §4.6.1). Raises
+    nothing."""
+    if not isinstance(old, VerifiedToken) or new.claims.sub != old.claims.sub:
+        # The same client only: two clients registered with one key (or a req_cnf naming
+        # another's key) must not hand each other their rights (outsider round 2).
         return False
     if old.material_id is not None:
         return new.material_id == old.material_id

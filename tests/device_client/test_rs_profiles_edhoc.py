@@ -253,3 +253,34 @@ async def test_a_newer_token_of_the_same_key_ends_the_older_tokens_context(
     assert not protected and answer.code == aiocoap.UNAUTHORIZED
     answer, protected = await rs.protected(rs.victim, new, aiocoap.GET, "/temp")
     assert protected and answer.code == aiocoap.CONTENT
+
+
+async def test_an_older_token_posted_again_is_not_the_one_edhoc_binds(
+    rs: ProfileRs, device: DeviceKey, clock: SettableClock
+) -> None:
+    """Outsider round 2: a copied older token of the device (narrower scope), uploaded after
+    the device's newer one, must not be bound to the device's next handshake."""
+    older = rs.minter.pop_token(device, scope="temp:read")
+    clock.advance(10)
+    newer = rs.minter.pop_token(device, scope="temp:read temp:write")
+    assert (await rs.post(rs.victim, "/authz-info", newer, CF_CWT)).code == aiocoap.CREATED
+    assert (await rs.post(rs.thief, "/authz-info", older, CF_CWT)).code == aiocoap.CREATED
+    context = await rs.edhoc(rs.victim, device)
+    changed, protected = await rs.protected(rs.victim, context, aiocoap.PUT, "/temp", b"23")
+    assert protected and changed.code == aiocoap.CHANGED
+
+
+async def test_an_update_from_another_client_with_the_same_key_is_refused(
+    rs: ProfileRs, device: DeviceKey
+) -> None:
+    """Outsider round 2: two client ids holding one key (registered twice, or a req_cnf naming
+    another's key): a token of the one, posted over the other's context, is refused."""
+    context = await rs.edhoc(rs.victim, device, rs.minter.pop_token(device, scope="temp:read"))
+    twin = DeviceKey("dev-twin", device.private_key)
+    wider = rs.minter.pop_token(twin, scope="temp:read temp:write")
+    answer, protected = await rs.protected(
+        rs.victim, context, aiocoap.POST, "/authz-info", wider, content_format=CF_CWT
+    )
+    assert protected and answer.code == aiocoap.UNAUTHORIZED
+    refused, _ = await rs.protected(rs.victim, context, aiocoap.PUT, "/temp", b"1")
+    assert refused.code == aiocoap.FORBIDDEN
