@@ -53,3 +53,21 @@ def test_client_and_server_talk() -> None:
 def test_what_cannot_be_derived_is_refused(extra: dict[int, object]) -> None:
     with pytest.raises(MalformedToken):
         derive_context({**MATERIAL, **extra}, N1, N2, sender_id=ID2, recipient_id=ID1, peer=PEER)
+
+
+def _rfc8613_derive(secret: bytes, salt: bytes, sender_id: bytes, kind: str, length: int) -> bytes:
+    """RFC 8613 §3.2.1 with cryptography's HKDF, written apart from aiocoap's:
+    info = [id, id_context (nil), alg_aead (10), type, L]."""
+    import cbor2
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    info = cbor2.dumps([sender_id, None, 10, kind, length])
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(secret)
+
+
+def test_the_hardcoded_keys_follow_from_an_independent_hkdf() -> None:
+    salt = master_salt(MATERIAL, N1, N2)
+    assert _rfc8613_derive(MS, salt, ID2, "Key", 16).hex() == "b27e21a6e8904c69367a7903b60c19ae"
+    assert _rfc8613_derive(MS, salt, ID1, "Key", 16).hex() == "7ca38f735b2e0866341bfe149795d547"
+    assert _rfc8613_derive(MS, salt, b"", "IV", 13).hex() == "7c3b80ba46ee86b866da7b6718"

@@ -206,3 +206,28 @@ def test_token_hash_is_prefixed_sha256_of_base64url_text() -> None:
     assert len(th) == 33 and th[0] == 0x01
     assert th[1:] == hashlib.sha256(text).digest()
     assert token_hash(token + b"\x00") != th
+
+
+def test_pycose_encrypted_cwt_decrypts_with_ours() -> None:
+    """The other direction of the coap_oscore token (tests/ace: pycose decrypts ours): a
+    COSE_Encrypt0 pycose makes with AES-CCM-16-64-128, the IV in its protected header as
+    PROTOCOL.md fixes, put in tag 61, decrypts with ours to the same claims; under another
+    key it does not."""
+    import os
+
+    from pycose.messages import Enc0Message
+
+    from coap_auth.tokens.cwt import decrypt_cwt
+
+    key, kid, iv = os.urandom(16), b"aes-1", os.urandom(13)
+    claims = _claims()
+    message = Enc0Message(
+        phdr={CoseHeader.ALG: 10, CoseHeader.KID: kid, CoseHeader.IV: iv},
+        payload=cbor2.dumps(claims.to_cwt_map()),
+    )
+    message.key = CoseKey.from_dict({1: 4, -1: key})
+    encrypt0 = cbor2.loads(message.encode())
+    token = cbor2.dumps(cbor2.CBORTag(CoseTag.CWT, encrypt0))
+    assert decrypt_cwt(token, {kid: key}.get) == claims
+    with pytest.raises(InvalidSignature, match="does not decrypt"):
+        decrypt_cwt(token, {kid: os.urandom(16)}.get)
