@@ -20,6 +20,8 @@ COAP_AUTH = shutil.which("coap-auth") or str(Path(sys.executable).parent / "coap
 STARTUP_TIMEOUT = 15  # s, until `serve` prints its listening line
 CLI_TIMEOUT = 30  # s, for one short CLI command
 SECRET_LINE = re.compile(r"^secret: (\S+)$")
+# What `serve --bind 127.0.0.1 --port 0` prints once bound: the port the system chose.
+LISTENING_LINE = re.compile(r"^coap-auth listening on (coap://127\.0\.0\.1:([1-9]\d*))$")
 
 
 def clean_env(**settings: str) -> dict[str, str]:
@@ -78,6 +80,9 @@ def provision(data_dir: Path, *audience_options: str) -> str:
 
 
 def free_udp_port() -> int:
+    """A port free now, for a command that must be given one in advance. Another process
+    (a parallel test worker) may take it before the command binds it: `serve` is better
+    given port 0 and asked which port it bound (LISTENING_LINE)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -117,12 +122,14 @@ async def serve_process(
 ) -> AsyncIterator[ServerProcess]:
     """`coap-auth serve` on 127.0.0.1 and a free port with these COAP_AUTH_* settings, its
     stderr in `log`; ready when it prints its listening line; killed on exit. `wrap` is a
-    command prefix (e.g. `unshare ...`)."""
-    port = free_udp_port()
+    command prefix (e.g. `unshare ...`).
+
+    Port 0: the server binds a port the system picks and prints it. A port picked here and
+    bound later by the server could be taken in between (by another test worker)."""
     with log.open("ab") as log_file:
         process = await asyncio.create_subprocess_exec(
             *wrap,
-            *serve_argv(data_dir, port),
+            *serve_argv(data_dir, 0),
             stdout=asyncio.subprocess.PIPE,
             stderr=log_file,  # a file, not a pipe nobody reads: INFO logs must never block it
             # Plain CoAP (lab mode) unless a test asks for the default.
@@ -130,9 +137,9 @@ async def serve_process(
             cwd=data_dir.parent,
             preexec_fn=preexec_fn,
         )
-    server = ServerProcess(process, f"coap://127.0.0.1:{port}", log)
+    server = ServerProcess(process, "", log)
     try:
-        await asyncio.wait_for(_listening(process, server), STARTUP_TIMEOUT)
+        server.url = await asyncio.wait_for(_listening(process, server), STARTUP_TIMEOUT)
         yield server
     finally:
         if process.returncode is None:
@@ -140,7 +147,8 @@ async def serve_process(
         await asyncio.wait_for(process.wait(), 10)
 
 
-async def _listening(process: asyncio.subprocess.Process, server: ServerProcess) -> None:
+async def _listening(process: asyncio.subprocess.Process, server: ServerProcess) -> str:
+    """The URL the server prints once it listens."""
     assert process.stdout is not None
     while True:
         line = await process.stdout.readline()
@@ -149,5 +157,8 @@ async def _listening(process: asyncio.subprocess.Process, server: ServerProcess)
             pytest.fail(
                 f"server exited {process.returncode} before listening:\n{server.log_tail()}"
             )
-        if line.decode().startswith("coap-auth listening on"):
-            return
+        text = line.decode().rstrip("\n")
+        if text.startswith("coap-auth listening on"):
+            listening = LISTENING_LINE.match(text)
+            assert listening, f"not a bound 127.0.0.1 port: {text!r}"
+            return listening.group(1)

@@ -31,11 +31,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from tests.processes import (
+    LISTENING_LINE,
     SECRET_LINE,
     add_secret_client,
     clean_env,
     cli_ok,
-    free_udp_port,
     provision,
     run_cli,
     serve_argv,
@@ -351,7 +351,8 @@ class Served:
     def base(self) -> str:
         return f"coap://127.0.0.1:{self.port}"
 
-    def wait_for_line(self, expected: str, timeout: float) -> None:
+    def wait_for_line(self, expected: str | re.Pattern[str], timeout: float) -> str:
+        """The first line equal to `expected` (or that it matches, if a pattern)."""
         deadline = time.monotonic() + timeout
         seen: list[str] = []
         while (remaining := deadline - time.monotonic()) > 0:
@@ -362,8 +363,8 @@ class Served:
             if line is None:
                 break  # stdout closed: the process ended
             seen.append(line)
-            if line == expected:
-                return
+            if line == expected if isinstance(expected, str) else expected.match(line):
+                return line
         raise AssertionError(f"no line {expected!r} within {timeout} s; stdout: {seen}")
 
 
@@ -375,12 +376,13 @@ def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
 
 @pytest.fixture
 def served(registered: tuple[Path, str], tmp_path: Path) -> Iterator[Served]:
-    """`coap-auth serve` on 127.0.0.1 and a free port, as a subprocess."""
+    """`coap-auth serve` on 127.0.0.1 and a free port, as a subprocess: port 0, the one the
+    system picks, which the listening line gives (a port picked here and bound later by the
+    server could be taken in between, by another test worker)."""
     data_dir, secret = registered
-    port = free_udp_port()
     stderr_log = (tmp_path / "serve.stderr").open("w")
     process = subprocess.Popen(
-        serve_argv(data_dir, port),
+        serve_argv(data_dir, 0),
         stdout=subprocess.PIPE,
         stderr=stderr_log,
         text=True,
@@ -388,10 +390,12 @@ def served(registered: tuple[Path, str], tmp_path: Path) -> Iterator[Served]:
         env=clean_env(COAP_AUTH_REQUIRE_OSCORE="false"),
         cwd=tmp_path,
     )
-    handle = Served(process, port, data_dir, secret)
+    handle = Served(process, 0, data_dir, secret)
     threading.Thread(target=_pump, args=(process.stdout, handle.lines), daemon=True).start()
     try:
-        handle.wait_for_line(f"coap-auth listening on coap://127.0.0.1:{port}", STARTUP_TIMEOUT)
+        listening = LISTENING_LINE.match(handle.wait_for_line(LISTENING_LINE, STARTUP_TIMEOUT))
+        assert listening is not None
+        handle.port = int(listening.group(2))
         yield handle
     finally:
         if process.poll() is None:

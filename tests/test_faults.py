@@ -33,6 +33,7 @@ from tests.processes import (
 
 REQUEST_TIMEOUT = 5
 STORM = 1.5  # s of grants and rotations before the kill
+STORM_PROGRESS_TIMEOUT = 30  # s more, until a grant was answered and a rotation killed
 CF_ACE_CBOR, CLIENT_ID, CLIENT_SECRET, ACCESS_TOKEN = 19, 24, 25, 1
 
 
@@ -90,6 +91,14 @@ async def test_sigkill_during_issuance_and_rotation_leaves_the_store_intact(
 
             tasks = [asyncio.create_task(storm()) for _ in range(8)]
             await asyncio.sleep(STORM)
+            # Not on time alone: on a busy machine (a parallel test run) one CLI start can
+            # take longer than STORM, and the kill would come before any rotation was killed.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + STORM_PROGRESS_TIMEOUT
+            while not (killed and any(a.code == aiocoap.CREATED for a in answers)):
+                if loop.time() > deadline:
+                    break
+                await asyncio.sleep(0.05)
             server.process.send_signal(signal.SIGKILL)  # mid-flight
             await server.process.wait()
             for task in tasks:

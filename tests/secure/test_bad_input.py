@@ -59,6 +59,19 @@ def state(protected: Protected) -> tuple[int, int]:
         (b"\xff", 1),  # not even a connection identifier
         (b"", 1),
     ],
+    # Named, not by value: message_1 carries a fresh ephemeral key, and ids made from it
+    # would differ between pytest-xdist's workers, which must all collect the same tests.
+    ids=[
+        "true-only",
+        "true-garbage",
+        "method-0",
+        "suites-not-ours",
+        "ours-offered-other-selected",
+        "truncated",
+        "message-3-no-handshake",
+        "no-connection-id",
+        "empty",
+    ],
 )
 async def test_garbage_edhoc_gets_an_edhoc_error(
     protected: Protected, payload: bytes, code: int

@@ -26,11 +26,14 @@ P = 2**256 - 2**224 + 2**192 + 2**96 - 1  # the P-256 field prime
 
 
 def _keys_of_both_parities() -> list[ec.EllipticCurvePublicKey]:
-    """Random P-256 keys until at least three with an even y and three with an odd y."""
+    """P-256 keys of fixed scalars (the same in every pytest-xdist worker, which must all
+    collect the same tests) until three have an even y and three an odd y."""
     keys: list[ec.EllipticCurvePublicKey] = []
     parities = {0: 0, 1: 0}
+    scalar = 0x5EED
     while min(parities.values()) < 3:
-        key = ec.generate_private_key(ec.SECP256R1()).public_key()
+        scalar += 1
+        key = ec.derive_private_key(scalar, ec.SECP256R1()).public_key()
         parities[key.public_numbers().y % 2] += 1
         keys.append(key)
     return keys
