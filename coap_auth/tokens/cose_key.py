@@ -98,6 +98,9 @@ def cose_key_from_public(
     return out
 
 
+_P256_PRIME = 2**256 - 2**224 + 2**192 + 2**96 - 1
+
+
 def public_key_from_cose(cose_key: Any) -> PublicKey:
     """Parse a COSE_Key map into a public key, refusing anything but P-256 and Ed25519.
 
@@ -126,6 +129,10 @@ def public_key_from_cose(cose_key: Any) -> PublicKey:
                 raise UnsupportedPopKey("EC2 point is not on P-256") from None
         if not (_is_coord(x) and _is_coord(y)):
             raise UnsupportedPopKey("EC2 key needs a 32-byte x and a 32-byte y or a sign bit")
+        if max(int.from_bytes(x, "big"), int.from_bytes(y, "big")) >= _P256_PRIME:
+            # One key, one form: a coordinate past the field prime names the same point as
+            # its reduction, which a byte comparison of keys would tell apart.
+            raise UnsupportedPopKey("EC2 point is not on P-256")
         try:
             return ec.EllipticCurvePublicNumbers(
                 int.from_bytes(x, "big"), int.from_bytes(y, "big"), ec.SECP256R1()

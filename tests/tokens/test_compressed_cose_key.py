@@ -128,3 +128,22 @@ def test_same_public_key_raises_nothing() -> None:
     for junk in (None, 7, "key", [], {}, {KTY: EC2}, {KTY: True, CRV: P256, X: full[X], Y: True}):
         assert same_public_key(junk, full) is False
         assert same_public_key(full, junk) is False
+
+
+def test_an_uncompressed_coordinate_past_the_field_prime_is_refused() -> None:
+    """Outsider round 2: x + p named the point of x; one key has one form. (A point with a
+    small x, so that x + p still fits in 32 bytes.)"""
+    x = 1
+    while True:
+        try:
+            point = ec.EllipticCurvePublicKey.from_encoded_point(
+                ec.SECP256R1(), b"\x02" + x.to_bytes(32, "big")
+            )
+            break
+        except ValueError:
+            x += 1
+    y = point.public_numbers().y
+    valid = {KTY: EC2, CRV: P256, X: x.to_bytes(32, "big"), Y: y.to_bytes(32, "big")}
+    assert public_key_from_cose(valid).public_numbers().x == x
+    with pytest.raises(UnsupportedPopKey, match="not on P-256"):
+        public_key_from_cose({**valid, X: (x + P).to_bytes(32, "big")})
