@@ -22,8 +22,12 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/coap-auth serve --data-dir $(DATA_DIR) --port $(PORT)
 
+# Three workers (pytest-xdist), each test sent to whichever is free: the servers the tests
+# start mostly wait on UDP, so three beat two on two cores. PYTEST_ARGS="-n 0" runs serially.
+TEST_WORKERS ?= 3
+
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # Benchmarks (bench/): prints a table and rewrites bench/results.md, keeping its notes.
 # A few minutes; not part of `make test`.
