@@ -46,6 +46,7 @@ demo: $(VENV)/.installed
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check coap_auth device_client examples bench tests
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR)
