@@ -11,6 +11,8 @@ import struct
 
 import aiocoap
 
+from coap_auth.coap.server import _bound_port
+
 ANSWER_TIMEOUT = 2.0  # s, for the async exchange
 FORGED_ANSWER_TIMEOUT = 5.0  # s, for the answer to a forged datagram over loopback
 BLOCKING_TIMEOUT = 5  # s, for the blocking one (the fuzz tests' server runs in a thread)
@@ -71,13 +73,9 @@ def exchange_blocking(port: int, message: aiocoap.Message) -> aiocoap.Message:
 
 def local_port(context: aiocoap.Context) -> int:
     """The UDP port an aiocoap client context sends from (its one UDP socket)."""
-    for interface in context.request_interfaces:
-        token_interface = getattr(interface, "token_interface", None)
-        message_interface = getattr(token_interface, "message_interface", None)
-        transport = getattr(message_interface, "transport", None)
-        if transport is not None:
-            return int(transport.get_extra_info("socket").getsockname()[1])
-    raise AssertionError("no UDP socket found")
+    port = _bound_port(context)
+    assert port is not None, "no UDP socket found"
+    return port
 
 
 def raw_socket() -> socket.socket | None:
