@@ -276,6 +276,13 @@ def _host(sockaddr: Any) -> str:
     return str(sockaddr[0]).removeprefix("::ffff:")
 
 
+def source_host(message: aiocoap.Message) -> str:
+    """The source IP address of a received message (an IPv4 peer of the IPv6 socket without
+    its ::ffff: prefix), or "-" when it has none. Raises nothing."""
+    sockaddr = getattr(message.remote, "sockaddr", None)
+    return _host(sockaddr) if sockaddr else "-"
+
+
 async def create_server_context(
     site: Any,
     bind: tuple[str, int],

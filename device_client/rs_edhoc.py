@@ -26,7 +26,7 @@ from aiocoap import resource
 from coap_auth.addresses import address_key
 from coap_auth.errors import CoapAuthError, ServiceUnavailable, UnsupportedContentFormat
 from coap_auth.tokens import public_key_from_cose
-from coap_auth.udp import error_message
+from coap_auth.udp import error_message, source_host
 from coap_auth.wire import EAD_ACCESS_TOKEN, ContentFormat
 from device_client.rs_common import endpoint_of
 from device_client.verify import VerifiedToken
@@ -133,10 +133,8 @@ class EdhocBinding:
 def _host(request: aiocoap.Message) -> str:
     """Whom pending handshakes are counted against: the source host (an IPv6 one by its /64),
     not host and port, or one host would hold a share per port."""
-    sockaddr = getattr(request.remote, "sockaddr", None)
-    if not sockaddr:
-        return endpoint_of(request)
-    return address_key(str(sockaddr[0]))
+    host = source_host(request)
+    return endpoint_of(request) if host == "-" else address_key(host)
 
 
 def _keys(tokens: list[VerifiedToken]) -> list[Any]:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import aiocoap
 from aiocoap import resource
 
-from coap_auth.coap.endpoint import Endpoint, _address, caller
+from coap_auth.coap.endpoint import Endpoint, caller
 from coap_auth.errors import CoapAuthError, UnsupportedContentFormat
 from coap_auth.secure.edhoc import MESSAGE_1_PREFIX, EdhocFailure, Responder
 from coap_auth.service import AuthService
+from coap_auth.udp import source_host
 from coap_auth.wire import CoapCode, ContentFormat
 
 
@@ -50,7 +51,7 @@ class EdhocResource(Endpoint, resource.Resource):
         try:
             if payload.startswith(MESSAGE_1_PREFIX):
                 message_2 = self.responder.message_1(
-                    payload[len(MESSAGE_1_PREFIX) :], _address(request)
+                    payload[len(MESSAGE_1_PREFIX) :], source_host(request)
                 )
                 return aiocoap.Message(
                     code=aiocoap.CHANGED,

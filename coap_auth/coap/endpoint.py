@@ -23,7 +23,7 @@ from coap_auth.errors import CoapAuthError, InvalidClient, MethodNotAllowed, Pro
 from coap_auth.service import AuthService
 from coap_auth.service.rate_limit import RateLimiter, address_key
 from coap_auth.text import log_field, loggable
-from coap_auth.udp import error_message
+from coap_auth.udp import error_message, source_host
 from coap_auth.wire import ContentFormat
 
 log = logging.getLogger("coap_auth.access")
@@ -66,7 +66,7 @@ class Endpoint:
             return
         if self.rate_limited and self.address_limits is not None:
             try:
-                self.address_limits.hit(address_key(_address(request)), "address")
+                self.address_limits.hit(address_key(source_host(request)), "address")
             except CoapAuthError as error:
                 pipe.add_response(self._answer(request, error, started), is_last=True)
                 return
@@ -88,7 +88,7 @@ class Endpoint:
         # RFC 7959 §2.5: one upload per sender endpoint and resource (path and query).
         key = (request.remote.blockwise_key, self.path, request.opt.uri_query)
         try:
-            assembled = uploads.feed(request, _address(request), key)
+            assembled = uploads.feed(request, source_host(request), key)
         except CoapAuthError as error:
             pipe.add_response(self._answer(request, error, started), is_last=True)
             return
@@ -181,20 +181,12 @@ def log_request(
         "%s %s from=%s caller=%s -> %s %s (%.1f ms)",
         request.code,
         loggable(path),
-        loggable(_address(request)),
+        loggable(source_host(request)),
         log_field(caller.get()),
         code,
         loggable(outcome),
         (time.monotonic() - started) * 1000,
     )
-
-
-def _address(request: aiocoap.Message) -> str:
-    """The source IP address (an IPv4 peer of the IPv6 socket without its ::ffff: prefix)."""
-    sockaddr = getattr(request.remote, "sockaddr", None)
-    if not sockaddr:
-        return "-"
-    return str(sockaddr[0]).removeprefix("::ffff:")
 
 
 def _size(message: aiocoap.Message, request: aiocoap.Message) -> int:
