@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 
 from coap_auth.cli.runtime import print_rows, with_service
 from coap_auth.errors import OperatorError
-from coap_auth.keys import DEFAULT_FAMILY
+from coap_auth.keys import ALG_NAMES, DEFAULT_FAMILY
 from coap_auth.service import AuthService
 from coap_auth.store import PROFILES, TOKEN_FORMATS, Audience, AuditEvent, Client
 from coap_auth.store.records import OSCORE_TOKEN_ALG
@@ -21,7 +21,7 @@ from coap_auth.tokens import cose_key_from_public
 from coap_auth.wire import MAX_TOKEN_LIFETIME
 
 SECRET_BYTES = 24  # 192 bits, printed as base64url text
-KEY_ALGS = ("ES256", "EdDSA", "HMAC256/64", OSCORE_TOKEN_ALG)
+KEY_ALGS = tuple(ALG_NAMES)  # ES256, EdDSA, HMAC256/64, AES-CCM-16-64-128
 # Secure by default (design of issue 15): tokens bound to the client's EDHOC key.
 DEFAULT_PROFILE = "edhoc_oscore"
 

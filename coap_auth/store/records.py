@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from coap_auth.keys import ALG_NAMES, SYMMETRIC_ALGS
+
 TokenFormat = Literal["cwt", "jwt"]
 TOKEN_FORMATS: tuple[TokenFormat, ...] = ("cwt", "jwt")
 # How a resource server takes its tokens (design of issue 15): "bearer" (today's tokens, cnf
@@ -14,8 +16,9 @@ TOKEN_FORMATS: tuple[TokenFormat, ...] = ("cwt", "jwt")
 Profile = Literal["bearer", "coap_oscore", "edhoc_oscore"]
 PROFILES: tuple[Profile, ...] = ("edhoc_oscore", "coap_oscore", "bearer")
 BEARER: Profile = "bearer"
-# The key algorithms whose keys are shared secrets (never published at /keys; exported).
-SYMMETRIC_KEY_ALGS = ("HMAC256/64", "AES-CCM-16-64-128")
+# The key algorithms whose keys are shared secrets (never published at /keys; exported), by
+# the names audiences store: coap_auth.keys decides which.
+SYMMETRIC_KEY_ALGS = tuple(name for name, alg in ALG_NAMES.items() if alg in SYMMETRIC_ALGS)
 # The algorithm of a coap_oscore audience's own family: its tokens are encrypted for it.
 OSCORE_TOKEN_ALG = "AES-CCM-16-64-128"
 
