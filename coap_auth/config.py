@@ -6,6 +6,7 @@ An unknown key in the TOML file is an error, not silence.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -78,6 +79,26 @@ class Settings:
     edhoc_max_pending: int = 256
     edhoc_pending_per_address: int = 8
     edhoc_handshake_timeout: int = 10
+    # Amplification (PROTOCOL.md "Amplification and Observe"): an unprotected answer to a
+    # source address not verified is at most 3x its request, else 4.01 with an Echo option.
+    # A source that returns the Echo value is verified for echo_verified_lifetime s; at most
+    # echo_verified_max addresses are remembered. Sources in verified_networks (a comma-
+    # separated list of CIDR prefixes, "" for none) count as verified: loopback by default,
+    # since the kernel drops outside datagrams that claim a loopback source.
+    echo_verified_lifetime: int = 3600
+    echo_verified_max: int = 100_000
+    verified_networks: str = "127.0.0.0/8,::1/128"
+    # Observe (RFC 7641): observations held at once from one source (an address, an IPv6 /64,
+    # or an authenticated peer) and in all; past either, a registration is answered without
+    # Observe. Notifications go out NON, at most notify_rate a second, with a CON to each
+    # observer at least every notify_con_interval s.
+    observers_per_source: int = 8
+    observers_max: int = 20_000
+    notify_rate: int = 10_000
+    notify_con_interval: int = 86_400
+    # The largest block (bytes, a power of two from 16 to 1024) of a block-wise answer or
+    # notification (RFC 7959); a client's smaller Block2 size is honoured.
+    max_block_size: int = 1024
 
 
 _FIELDS = {f.name: f for f in fields(Settings)}
@@ -150,6 +171,12 @@ def load_settings(
         "edhoc_max_pending",
         "edhoc_pending_per_address",
         "edhoc_handshake_timeout",
+        "echo_verified_lifetime",
+        "echo_verified_max",
+        "observers_per_source",
+        "observers_max",
+        "notify_rate",
+        "notify_con_interval",
     ):
         if getattr(settings, name) < 1:
             raise OperatorError(f"{name} must be at least 1")
@@ -172,6 +199,21 @@ def load_settings(
     if len(settings.issuer.encode("utf-8")) > MAX_ISSUER_BYTES:
         # It is the subject of the AS's EDHOC credential, which lakers caps in size.
         raise OperatorError(f"issuer must be at most {MAX_ISSUER_BYTES} bytes")
+    if settings.max_block_size not in (16, 32, 64, 128, 256, 512, 1024):
+        raise OperatorError("max_block_size must be a power of two from 16 to 1024")
+    try:
+        verified_networks(settings)
+    except ValueError:
+        raise OperatorError("verified_networks must be comma-separated CIDR prefixes") from None
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise OperatorError("log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
     return settings
+
+
+def verified_networks(settings: Settings) -> list[str]:
+    """The prefixes of `verified_networks`, checked; raises ValueError for one that is not an
+    IP network."""
+    prefixes = [p.strip() for p in settings.verified_networks.split(",") if p.strip()]
+    for prefix in prefixes:
+        ipaddress.ip_network(prefix, strict=False)
+    return prefixes

@@ -141,11 +141,19 @@ class DropLog:
     and the sender's address, never the datagram's content (it may carry a secret)."""
 
     def __init__(
-        self, log: logging.Logger, clock: Clock, interval: int = DROP_LOG_INTERVAL
+        self,
+        log: logging.Logger,
+        clock: Clock,
+        interval: int = DROP_LOG_INTERVAL,
+        *,
+        what: str = "dropped a datagram from",
+        level: int = logging.WARNING,
     ) -> None:
         self.log = log
         self.clock = clock
         self.interval = interval
+        self.what = what  # the start of each line, before the sender's address
+        self.level = level
         # Kinds are a fixed set of phrases (plus exception class names): bounded.
         self._windows: dict[str, _Window] = {}
 
@@ -157,8 +165,8 @@ class DropLog:
             return
         earlier = window.suppressed if window is not None else 0
         self._windows[kind] = _Window(now)
-        more = f"; {earlier} more dropped since the last such line" if earlier else ""
-        self.log.warning("dropped a datagram from %s: %s%s", _host(address), kind, more)
+        more = f"; {earlier} more since the last such line" if earlier else ""
+        self.log.log(self.level, "%s %s: %s%s", self.what, _host(address), kind, more)
 
 
 class UDP6(MessageInterfaceUDP6):

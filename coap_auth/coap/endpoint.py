@@ -19,6 +19,7 @@ import aiocoap
 from coap_auth.coap.blockwise import BlockwiseUploads
 from coap_auth.coap.messages import decode_ace_payload
 from coap_auth.coap.protection import peer
+from coap_auth.echo import within_bound
 from coap_auth.errors import CoapAuthError, InvalidClient, MethodNotAllowed, ProtectionRequired
 from coap_auth.service import AuthService
 from coap_auth.service.rate_limit import RateLimiter, address_key
@@ -27,9 +28,6 @@ from coap_auth.udp import error_message, source_host
 from coap_auth.wire import ContentFormat
 
 log = logging.getLogger("coap_auth.access")
-
-# RFC 7252 §11.3: a response to an unauthenticated request is at most this many times larger.
-AMPLIFICATION_FACTOR = 3
 
 # Who the request says it comes from (a client or resource-server id, never a secret), set by
 # a resource once it has parsed the body, for the request's log line (escaped there: it is
@@ -162,7 +160,7 @@ def answer_error(
 ) -> aiocoap.Message:
     """The response for `error`, within the amplification bound, and its log line."""
     response = error_message(error)
-    if _size(response, request) > AMPLIFICATION_FACTOR * _size(request, request):
+    if not within_bound(response, request):
         response = error_message(error, compact=True)
     log_request(request, path, str(response.code).split()[0], error.description, started)
     return response
@@ -187,10 +185,3 @@ def log_request(
         loggable(outcome),
         (time.monotonic() - started) * 1000,
     )
-
-
-def _size(message: aiocoap.Message, request: aiocoap.Message) -> int:
-    """The datagram size of a message carrying the request's message token (RFC 7252 §3:
-    4-byte header, token, options, payload marker and payload)."""
-    payload = len(message.payload)
-    return 4 + len(request.token) + len(message.opt.encode()) + (payload + 1 if payload else 0)

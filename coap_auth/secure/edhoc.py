@@ -460,6 +460,8 @@ async def establish(
     import aiocoap
     import lakers
 
+    from coap_auth.echo import request_answering_echo
+
     host = base_uri.split("://", 1)[-1]
     uri = base_uri.rstrip("/") + "/.well-known/edhoc"
     initiator = lakers.EdhocInitiator()
@@ -467,10 +469,14 @@ async def establish(
     message_1 = bytes(initiator.prepare_message_1(c_i=c_i, ead_1=None))
 
     async def post(payload: bytes) -> bytes:
-        request = aiocoap.Message(
-            code=aiocoap.POST, uri=uri, payload=payload, content_format=CID_EDHOC_CBOR_SEQ
-        )
-        response = await context.request(request).response
+        def build() -> aiocoap.Message:
+            return aiocoap.Message(
+                code=aiocoap.POST, uri=uri, payload=payload, content_format=CID_EDHOC_CBOR_SEQ
+            )
+
+        # A server that has not verified our address may answer with an Echo challenge first
+        # (RFC 9175 §2.4) when message_2 is large.
+        _, response = await request_answering_echo(context, build)
         if response.code != aiocoap.CHANGED:
             raise EdhocRefused(host, _describe_error(response))
         return bytes(response.payload)

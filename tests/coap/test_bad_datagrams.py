@@ -56,7 +56,7 @@ async def test_one_line_per_kind_and_minute(
     await send(port, datagram, 1)  # type: ignore[arg-type]
     assert server_lines(caplog)[1:] == [
         f"dropped a datagram from 127.0.0.1: {KINDS[datagram]};"
-        f" {BURST} more dropped since the last such line"
+        f" {BURST} more since the last such line"
     ]
     # The server still answers.
     assert (await coap.request(aiocoap.GET, "/keys")).code == aiocoap.CONTENT

@@ -1,0 +1,296 @@
+"""Echo (RFC 9175) address verification and the amplification bound (RFC 7252 §11.3, RFC 9175
+§2.4), for every server here: the AS and device_client's resource server.
+
+A source address that has not shown it receives our datagrams is *unverified*. An unprotected
+answer to it is at most AMPLIFICATION_FACTOR times its request (datagram sizes, RFC 7252 §3);
+a larger one is replaced by a 4.01 Unauthorized carrying an Echo option (252) and no payload.
+A request that returns a fresh Echo value issued for its own address is answered, and its
+address counts as verified for a while. Observe registrations from unverified addresses get
+the Echo at once, and so do requests that change state when rendered (`echo_first`): their
+answer must not be rendered and then withheld.
+
+Echo values are stateless (RFC 9175 Appendix A, the integrity-protected timestamp): 4 bytes
+of the clock and 8 bytes of HMAC-SHA-256 over them and the source IP address, under a key of
+the server's (derived from the master key on the AS, so every instance accepts every other's).
+
+Answers to unverified addresses go out piggybacked or NON, never as a separate CON that would
+be retransmitted. OSCORE-protected requests pass (their peer is authenticated), but an
+unprotected refusal of one (a context not found, a replay) loses its payload if it would
+exceed the bound.
+
+The client side is `request_answering_echo`: what device_client and the AS's own EDHOC
+initiator use for every unprotected request.
+
+Pure but for aiocoap: no store, no service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import aiocoap
+
+from coap_auth.addresses import address_key
+from coap_auth.clock import Clock
+from coap_auth.udp import DropLog, source_host
+
+log = logging.getLogger("coap_auth.echo")
+
+# RFC 7252 §11.3, RFC 9175 §2.4: a response to an unverified source is at most this many times
+# the size of its request.
+AMPLIFICATION_FACTOR = 3
+TIMESTAMP_BYTES = 4
+MAC_BYTES = 8
+ECHO_VALUE_BYTES = TIMESTAMP_BYTES + MAC_BYTES
+# How long (s) an Echo value may be returned after it was issued: a round trip and a
+# retransmission or two, with room for a slow device.
+ECHO_VALUE_LIFETIME = 60
+# Defaults of the verified-address table (settings override them on the AS).
+VERIFIED_LIFETIME = 3600
+MAX_VERIFIED = 100_000
+# At most this many verified addresses per address_key() (an IPv6 /64): one subnet holds 2^64
+# addresses, and must not push every other verified address out of the table.
+MAX_VERIFIED_PER_PREFIX = 64
+# Where a spoofed source cannot come from: the kernel drops datagrams from the outside that
+# claim a loopback source (martians), so loopback peers count as verified.
+LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
+
+
+def datagram_size(message: aiocoap.Message, token_length: int) -> int:
+    """The size of `message` as a datagram with a message token of `token_length` bytes
+    (RFC 7252 §3: 4-byte header, token, options, payload marker and payload)."""
+    payload = len(message.payload)
+    return 4 + token_length + len(message.opt.encode()) + (payload + 1 if payload else 0)
+
+
+def request_size(request: aiocoap.Message) -> int:
+    """The size of a received request, as re-encoded (never more than what arrived)."""
+    return datagram_size(request, len(request.token))
+
+
+def within_bound(response: aiocoap.Message, request: aiocoap.Message) -> bool:
+    """Whether `response`, sent for `request`, is within the amplification bound."""
+    limit = AMPLIFICATION_FACTOR * request_size(request)
+    return datagram_size(response, len(request.token)) <= limit
+
+
+class EchoValues:
+    """Issues and checks stateless Echo values bound to a source IP address."""
+
+    def __init__(self, key: bytes, clock: Clock, lifetime: int = ECHO_VALUE_LIFETIME) -> None:
+        if len(key) < 16:
+            raise ValueError("an Echo key has at least 16 bytes")
+        self._key = key
+        self.clock = clock
+        self.lifetime = lifetime
+
+    def issue(self, host: str) -> bytes:
+        """A fresh Echo value for requests from `host` (an IP address as source_host gives)."""
+        stamp = struct.pack(">I", self.clock.now() & 0xFFFFFFFF)
+        return stamp + self._mac(stamp, host)
+
+    def check(self, value: bytes | None, host: str) -> bool:
+        """Whether `value` is an Echo value issued for `host` within the lifetime."""
+        if value is None or len(value) != ECHO_VALUE_BYTES:
+            return False
+        stamp, mac = value[:TIMESTAMP_BYTES], value[TIMESTAMP_BYTES:]
+        if not hmac.compare_digest(mac, self._mac(stamp, host)):
+            return False
+        age = (self.clock.now() - struct.unpack(">I", stamp)[0]) & 0xFFFFFFFF
+        return age <= self.lifetime
+
+    def _mac(self, stamp: bytes, host: str) -> bytes:
+        return hmac.new(self._key, stamp + _host_bytes(host), hashlib.sha256).digest()[:MAC_BYTES]
+
+
+class VerifiedAddresses:
+    """Source IP addresses that returned an Echo value, each for `lifetime` seconds, at most
+    `max_entries` (least recently verified go first) and `per_prefix` per address_key();
+    addresses in `networks` are always verified."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        lifetime: int = VERIFIED_LIFETIME,
+        max_entries: int = MAX_VERIFIED,
+        per_prefix: int = MAX_VERIFIED_PER_PREFIX,
+        networks: Iterable[str] = LOOPBACK_NETWORKS,
+    ) -> None:
+        self.clock = clock
+        self.lifetime = lifetime
+        self.max_entries = max_entries
+        self.per_prefix = per_prefix
+        self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+        # host -> verified until, least recently verified first.
+        self._until: OrderedDict[str, int] = OrderedDict()
+        self._per_prefix: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def is_verified(self, host: str) -> bool:
+        if self._in_networks(host):
+            return True
+        until = self._until.get(host)
+        if until is None:
+            return False
+        if until > self.clock.now():
+            return True
+        self._drop(host)
+        return False
+
+    def verify(self, host: str) -> None:
+        """`host` returned an Echo value: verified for `lifetime` seconds from now."""
+        if self._in_networks(host):
+            return
+        prefix = address_key(host)
+        if host in self._until:
+            self._until.move_to_end(host)
+        else:
+            if self._per_prefix.get(prefix, 0) >= self.per_prefix:
+                self._drop(next(h for h in self._until if address_key(h) == prefix))
+            while len(self._until) >= self.max_entries:
+                self._drop(next(iter(self._until)))
+            self._per_prefix[prefix] = self._per_prefix.get(prefix, 0) + 1
+        self._until[host] = self.clock.now() + self.lifetime
+
+    def _drop(self, host: str) -> None:
+        if self._until.pop(host, None) is None:
+            return
+        prefix = address_key(host)
+        remaining = self._per_prefix[prefix] - 1
+        if remaining:
+            self._per_prefix[prefix] = remaining
+        else:
+            del self._per_prefix[prefix]
+
+    def _in_networks(self, host: str) -> bool:
+        if not self.networks:
+            return False
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+
+class AmplificationGuard:
+    """A server site in front of another, keeping every answer to an unverified source within
+    the bound (module docstring). `echo_first(request)` names the unprotected requests that
+    must come from a verified address before they are rendered at all."""
+
+    def __init__(
+        self,
+        site: Any,
+        echo: EchoValues,
+        verified: VerifiedAddresses,
+        *,
+        echo_first: Callable[[aiocoap.Message], bool] = lambda request: False,
+    ) -> None:
+        self.site = site
+        self.echo = echo
+        self.verified = verified
+        self.echo_first = echo_first
+        # How many requests were answered with an Echo challenge (for tests and metrics).
+        self.challenges = 0
+        self._log = DropLog(log, echo.clock, what="Echo challenge to", level=logging.INFO)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.site, name)
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        request = pipe.request
+        host = source_host(request)
+        if self.verified.is_verified(host):
+            await self.site.render_to_pipe(pipe)
+            return
+        if self.echo.check(request.opt.echo, host):
+            self.verified.verify(host)
+            await self.site.render_to_pipe(pipe)
+            return
+        if request.opt.oscore is not None:
+            # Authenticated if it verifies; a refusal of one that does not is capped.
+            await self.site.render_to_pipe(_BoundedPipe(pipe, self, strip_only=True))
+            return
+        registering = request.opt.observe == 0 and request.code in (aiocoap.GET, aiocoap.FETCH)
+        if registering or self.echo_first(request):
+            pipe.add_response(self.challenge(request), is_last=True)
+            return
+        await self.site.render_to_pipe(_BoundedPipe(pipe, self, strip_only=False))
+
+    def challenge(self, request: aiocoap.Message) -> aiocoap.Message:
+        """The 4.01 Unauthorized with a fresh Echo value for the request's source."""
+        host = source_host(request)
+        self.challenges += 1
+        self._log.dropped("address not verified", (host,))
+        response = aiocoap.Message(code=aiocoap.UNAUTHORIZED, mtype=aiocoap.NON)
+        response.opt.echo = self.echo.issue(host)
+        response.opt.max_age = 0
+        return response
+
+
+class _BoundedPipe:
+    """A pipe whose responses are held to the bound: NON unless piggybacked, and either
+    replaced by the Echo challenge or (`strip_only`) stripped of their payload when too
+    large."""
+
+    def __init__(self, pipe: Any, guard: AmplificationGuard, *, strip_only: bool) -> None:
+        self._pipe = pipe
+        self._guard = guard
+        self._strip_only = strip_only
+        self.request = pipe.request
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+    def add_response(self, response: aiocoap.Message, is_last: bool = False) -> None:
+        request = self.request
+        if self._strip_only:
+            if response.opt.oscore is None and not within_bound(response, request):
+                response.payload = b""
+                response.opt.content_format = None
+        elif not within_bound(response, request):
+            response, is_last = self._guard.challenge(request), True
+        # Piggybacked on the ACK of a CON request when sent at once; otherwise NON, never a
+        # separate CON that aiocoap would retransmit up to four times.
+        response.mtype = aiocoap.NON
+        self._pipe.add_response(response, is_last)
+
+
+def is_echo_challenge(response: aiocoap.Message) -> bool:
+    """Whether `response` asks the client to repeat its request with an Echo value (RFC 9175
+    §2.3: a 4.01 Unauthorized carrying an Echo option)."""
+    return response.code == aiocoap.UNAUTHORIZED and response.opt.echo is not None
+
+
+async def request_answering_echo(
+    context: Any, build: Callable[[], aiocoap.Message]
+) -> tuple[Any, aiocoap.Message]:
+    """Send `build()` over the aiocoap `context`; when the answer is an Echo challenge (the
+    server has not verified our address yet), send a fresh `build()` once more carrying the
+    Echo value. Returns the aiocoap request (for an observation) and its answer. Raises what
+    aiocoap raises (network errors, cancellation propagates)."""
+    request = context.request(build())
+    response: aiocoap.Message = await request.response
+    if not is_echo_challenge(response):
+        return request, response
+    repeat = build()
+    repeat.opt.echo = response.opt.echo
+    request = context.request(repeat)
+    response = await request.response
+    return request, response
+
+
+def _host_bytes(host: str) -> bytes:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).packed
+    except ValueError:
+        return host.encode()
