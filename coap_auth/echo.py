@@ -26,6 +26,7 @@ Pure but for aiocoap: no store, no service.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -103,7 +104,7 @@ class EchoValues:
         stamp, mac = value[:TIMESTAMP_BYTES], value[TIMESTAMP_BYTES:]
         if not hmac.compare_digest(mac, self._mac(stamp, host)):
             return False
-        age = (self.clock.now() - struct.unpack(">I", stamp)[0]) & 0xFFFFFFFF
+        age = (self.clock.now() - int.from_bytes(stamp, "big")) & 0xFFFFFFFF
         return age <= self.lifetime
 
     def _mac(self, stamp: bytes, host: str) -> bytes:
@@ -227,13 +228,22 @@ class AmplificationGuard:
         await self.site.render_to_pipe(_BoundedPipe(pipe, self, strip_only=False))
 
     def challenge(self, request: aiocoap.Message) -> aiocoap.Message:
-        """The 4.01 Unauthorized with a fresh Echo value for the request's source."""
+        """The 4.01 Unauthorized with a fresh Echo value for the request's source; for a
+        request too small for even that to fit the bound (a handful of bytes, no Uri-Path), a
+        bare 4.01 (header and token: never more than the request)."""
         host = source_host(request)
         self.challenges += 1
         self._log.dropped("address not verified", (host,))
-        response = aiocoap.Message(code=aiocoap.UNAUTHORIZED, mtype=aiocoap.NON)
+        response = aiocoap.Message(code=aiocoap.UNAUTHORIZED)
         response.opt.echo = self.echo.issue(host)
+        # Not to be reused from a cache (RFC 7252 §5.10.5), when there is room for it.
         response.opt.max_age = 0
+        if not within_bound(response, request):
+            response.opt.max_age = None
+        if not within_bound(response, request):
+            response = aiocoap.Message(code=aiocoap.UNAUTHORIZED)
+        # Piggybacked on the ACK of a CON request, else NON (RFC 9175 §2.4).
+        response.mtype = aiocoap.NON
         return response
 
 
@@ -247,12 +257,15 @@ class _BoundedPipe:
         self._guard = guard
         self._strip_only = strip_only
         self.request = pipe.request
+        # As received: aiocoap's Site sets `request` to a copy without the Uri-Path it routed
+        # by, which would understate the request's size.
+        self._received = pipe.request
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pipe, name)
 
     def add_response(self, response: aiocoap.Message, is_last: bool = False) -> None:
-        request = self.request
+        request = self._received
         if self._strip_only:
             if response.opt.oscore is None and not within_bound(response, request):
                 response.payload = b""
@@ -272,21 +285,39 @@ def is_echo_challenge(response: aiocoap.Message) -> bool:
 
 
 async def request_answering_echo(
-    context: Any, build: Callable[[], aiocoap.Message]
+    context: Any, build: Callable[[], aiocoap.Message], *, timeout: float | None = None
 ) -> tuple[Any, aiocoap.Message]:
     """Send `build()` over the aiocoap `context`; when the answer is an Echo challenge (the
     server has not verified our address yet), send a fresh `build()` once more carrying the
-    Echo value. Returns the aiocoap request (for an observation) and its answer. Raises what
-    aiocoap raises (network errors, cancellation propagates)."""
+    Echo value (RFC 9175 §2.3). Returns the aiocoap request (for an observation) and its
+    answer; a challenged Observe registration leaves no observation behind, nor does one that
+    fails. Raises TimeoutError when an answer takes over `timeout` s (None: aiocoap's own
+    limits), what aiocoap raises (network errors); cancellation propagates."""
     request = context.request(build())
-    response: aiocoap.Message = await request.response
-    if not is_echo_challenge(response):
-        return request, response
-    repeat = build()
-    repeat.opt.echo = response.opt.echo
-    request = context.request(repeat)
-    response = await request.response
-    return request, response
+    try:
+        response = await _answer(request, timeout)
+        if not is_echo_challenge(response):
+            return request, response
+        _let_go(request)
+        repeat = build()
+        repeat.opt.echo = response.opt.echo
+        request = context.request(repeat)
+        return request, await _answer(request, timeout)
+    except BaseException:
+        _let_go(request)
+        raise
+
+
+async def _answer(request: Any, timeout: float | None) -> aiocoap.Message:
+    response: aiocoap.Message = await asyncio.wait_for(request.response, timeout)
+    return response
+
+
+def _let_go(request: Any) -> None:
+    """End the observation a request began, if it has one still running."""
+    observation = getattr(request, "observation", None)
+    if observation is not None and not observation.cancelled:
+        observation.cancel()
 
 
 def _host_bytes(host: str) -> bytes:

@@ -23,6 +23,7 @@ from typing import Any
 import aiocoap
 import cbor2
 
+from coap_auth.echo import request_answering_echo
 from coap_auth.errors import CoapAuthError
 from coap_auth.secure.credentials import EdhocCredential
 from coap_auth.tokens import PublicKey, cose_key_from_public
@@ -419,8 +420,12 @@ class TokenClient:
         if self._channel is not None:
             _, response = await self._channel.request(build, timeout=self._policy.request_timeout)
             return response
-        request = self._context.request(build())
-        return await asyncio.wait_for(request.response, self._policy.request_timeout)
+        # Plain CoAP (an AS in lab mode): from an address it has not verified, the AS answers
+        # a POST to /token or /revoke with an Echo challenge first (RFC 9175 §2.4).
+        _, response = await request_answering_echo(
+            self._context, build, timeout=self._policy.request_timeout
+        )
+        return response
 
     async def _request(self, params: Mapping[Any, Any], kind: str) -> AccessToken:
         try:

@@ -3,11 +3,14 @@
 It re-registers when a notification is overdue (Max-Age, RFC 7641 §3.3.1) or the observation
 ends, polls behind Observe (a plain GET every `check_interval`, so an observation the AS lost
 without a word is noticed), and backs off exponentially with jitter while the AS cannot be
-reached. `confirmed_at` tells a verifier how current the state is. Time comes from the injected
-clock; the loop only polls it. Given a SecureChannel, every request goes out over OSCORE. When
-the AS has forgotten the context (it restarted), the channel runs EDHOC again for whichever
-request meets that first; an observation registered under the old context died with it, so
-the loop then re-registers.
+reached. When the AS answers a registration without Observe (its observer limits, RFC 7641
+§4.1), the loop takes the answer, polls every `check_interval` and registers again after a
+back-off (`observe_retry_initial`, doubling), never in a tight loop. Plain-CoAP requests answer
+the AS's Echo challenge (RFC 9175 §2.4) on their own. `confirmed_at` tells a verifier how
+current the state is. Time comes from the injected clock; the loop only polls it. Given a
+SecureChannel, every request goes out over OSCORE. When the AS has forgotten the context (it
+restarted), the channel runs EDHOC again for whichever request meets that first; an
+observation registered under the old context died with it, so the loop then re-registers.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import ClassVar
 
 import aiocoap
 
+from coap_auth.echo import request_answering_echo
 from device_client._transport import backoff_delay, reliable_within, retry_hint
 from device_client.clock import Clock, SystemClock
 from device_client.errors import ChannelRefused, ServiceUnreachable
@@ -37,8 +41,8 @@ _ENDED = object()
 @dataclass(frozen=True, slots=True)
 class WatchPolicy:
     """Timing of an observer, in seconds. Raises ValueError for a non-positive timeout,
-    interval or check_interval, backoff_max below backoff_initial, or a jitter outside
-    [0, 1]."""
+    interval or check_interval, backoff_max below backoff_initial, a jitter outside [0, 1],
+    or observe_retry_initial not in (0, observe_retry_max]."""
 
     # Real time to wait for one response.
     request_timeout: float = 10.0
@@ -57,6 +61,12 @@ class WatchPolicy:
     # Re-register no sooner than this after an answer, whatever its Max-Age (it may be 0
     # just before a scheduled change, which the AS then notifies anyway).
     min_freshness: int = 5
+    # Clock time before registering again when the AS answered a registration without Observe
+    # (RFC 7641 §4.1: it holds no more observers of this address, or of anyone); doubled each
+    # time it declines in a row, up to observe_retry_max, less up to backoff_jitter of it. The
+    # watcher polls every check_interval meanwhile.
+    observe_retry_initial: int = 60
+    observe_retry_max: int = 3600
 
     def __post_init__(self) -> None:
         if min(self.request_timeout, self.poll_interval, self.backoff_initial) <= 0:
@@ -65,6 +75,8 @@ class WatchPolicy:
             raise ValueError("check_interval must be positive")
         if self.backoff_max < self.backoff_initial or not 0 <= self.backoff_jitter <= 1:
             raise ValueError("need backoff_initial <= backoff_max and jitter in [0, 1]")
+        if not 0 < self.observe_retry_initial <= self.observe_retry_max:
+            raise ValueError("need 0 < observe_retry_initial <= observe_retry_max")
 
     def backoff_delay(self, failures: int, rng: random.Random) -> float:
         """Seconds to wait after `failures` failures in a row: exponential from
@@ -76,6 +88,19 @@ class WatchPolicy:
             jitter=self.backoff_jitter,
             rng=rng,
         )
+
+    def observe_retry_delay(self, declined: int, rng: random.Random) -> int:
+        """Clock seconds before registering again after `declined` registrations in a row
+        were answered without Observe: exponential from observe_retry_initial up to
+        observe_retry_max, less up to backoff_jitter of it; at least 1. Raises nothing."""
+        delay = backoff_delay(
+            declined,
+            initial=self.observe_retry_initial,
+            maximum=self.observe_retry_max,
+            jitter=self.backoff_jitter,
+            rng=rng,
+        )
+        return max(1, round(delay))
 
 
 class Failure(Exception):
@@ -123,6 +148,11 @@ class Observer:
         self._registered_under = 0
         self.registrations = 0  # how many times an observation was registered
         self.retry_at: int | None = None
+        # Registrations the AS answered without Observe, in all and in a row; while it
+        # declines, when the watcher will register again (None: observing, or not started).
+        self.declined = 0
+        self._declined_in_a_row = 0
+        self.observe_retry_at: int | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._base}/{self.path}>"
@@ -247,9 +277,10 @@ class Observer:
                 self._failures = 0
             self.retry_at = None
             if first.opt.observe is None:
-                # Not observable (or the AS declined): poll once the answer is stale.
-                await self._sleep_until(self._deadline)
+                await self._poll_unobserved()
                 return
+            self._declined_in_a_row = 0
+            self.observe_retry_at = None
             queue: asyncio.Queue[object] = asyncio.Queue()
             consumer = asyncio.create_task(_consume(request.observation, queue))
             while True:
@@ -295,13 +326,28 @@ class Observer:
                 await asyncio.wait({consumer})
             abandon(request)
 
-    async def _response(self, pending: asyncio.Future[aiocoap.Message]) -> aiocoap.Message:
-        try:
-            return await asyncio.wait_for(pending, self._policy.request_timeout)
-        except (TimeoutError, aiocoap.error.ConRetransmitsExceeded):
-            raise Failure("no answer") from None
-        except aiocoap.error.Error as exc:
-            raise Failure(type(exc).__name__) from None
+    async def _poll_unobserved(self) -> None:
+        """The AS answered the registration without Observe (RFC 7641 §4.1: its observer
+        limits). Its answer is taken; poll every check_interval (sooner when that answer's
+        Max-Age runs out) and return, to register again, once the back-off has passed. Raises
+        Failure when a poll gets no answer."""
+        self.declined += 1
+        self._declined_in_a_row += 1
+        delay = self._policy.observe_retry_delay(self._declined_in_a_row, self._rng)
+        self.observe_retry_at = register_at = self._clock.now() + delay
+        log.info("%s: not observed; polling, registering again in %d s", self.uri, delay)
+        poll_at = min(self._next_check, self._deadline)
+        while not self._wake.is_set():
+            now = self._clock.now()
+            if now >= register_at:
+                return
+            if now >= poll_at:
+                await self._check()
+                now = self._clock.now()
+                self._next_check = now + self._policy.check_interval
+                # At most one poll per clock second, whatever Max-Age says.
+                poll_at = max(now + 1, min(self._next_check, self._deadline))
+            await self._sleep_until(min(poll_at, register_at))
 
     def _handshakes(self) -> int:
         return 0 if self._channel is None else self._channel.handshakes
@@ -309,15 +355,14 @@ class Observer:
     async def _send(
         self, build: Callable[[], aiocoap.Message]
     ) -> tuple[aiocoap.protocol.Request, aiocoap.Message]:
-        """Send `build()` (over the channel, if any); the request and its first answer."""
-        if self._channel is None:
-            request = self._context.request(build())
-            try:
-                return request, await self._response(request.response)
-            except BaseException:
-                abandon(request)
-                raise
+        """Send `build()` (over the channel, if any); the request and its first answer. Plain
+        CoAP answers the AS's Echo challenge (RFC 9175 §2.4: it verifies our address before
+        answering with more than 3x our request, or registering us as an observer)."""
         try:
+            if self._channel is None:
+                return await request_answering_echo(
+                    self._context, build, timeout=self._policy.request_timeout
+                )
             return await self._channel.request(build, timeout=self._policy.request_timeout)
         except (TimeoutError, aiocoap.error.ConRetransmitsExceeded):
             raise Failure("no answer") from None

@@ -91,11 +91,15 @@ PURE = ("coap_auth/tokens/", "coap_auth/keys.py")
 
 RULES = (
     Rule(
-        "only coap_auth/coap/, coap_auth/cli/, coap_auth/udp.py and the transport half of "
-        "coap_auth/secure/ may import aiocoap",
+        "only coap_auth/coap/, coap_auth/cli/, coap_auth/udp.py, coap_auth/echo.py and the "
+        "transport half of coap_auth/secure/ may import aiocoap",
         lambda m: (
             _in_coap_auth_except(
-                "coap_auth/coap/", "coap_auth/cli/", "coap_auth/udp.py", "coap_auth/secure/"
+                "coap_auth/coap/",
+                "coap_auth/cli/",
+                "coap_auth/udp.py",
+                "coap_auth/echo.py",
+                "coap_auth/secure/",
             )(m)
             or _under("coap_auth/secure/credentials.py", "coap_auth/secure/__init__.py")(m)
         ),
@@ -124,8 +128,9 @@ RULES = (
         ("device_client",),
     ),
     Rule(
-        "udp.py, shared with devices, imports no store, service, keys, settings or CLI",
-        _under("coap_auth/udp.py"),
+        "udp.py and echo.py, shared with devices, import no store, service, keys, settings or "
+        "CLI",
+        _under("coap_auth/udp.py", "coap_auth/echo.py"),
         (
             "coap_auth.store",
             "coap_auth.service",
@@ -284,6 +289,7 @@ DEVICE_ALLOWED = (
     "coap_auth.errors",
     "coap_auth.tokens",
     "coap_auth.udp",
+    "coap_auth.echo",
     "coap_auth.secure",
     "coap_auth.addresses",
 )

@@ -1,8 +1,10 @@
 """Cross-check with a CoAP implementation nobody here wrote: libcoap's `coap-client-notls`.
 
 A token request, a /keys read (also block-wise, with libcoap choosing the block size), an
-Observe of /keys through a rotation, and a TRL read. Skipped, with the reason, where libcoap's
-client is not installed (`.ci/run` installs Debian's libcoap3-bin when it can).
+Observe of /keys through a rotation, a TRL read, and all of it from an address the AS has not
+verified: libcoap answers the Echo challenge (RFC 9175 §2.4) on its own since 4.3.1. Skipped,
+with the reason, where libcoap's client is not installed (`.ci/run` installs Debian's
+libcoap3-bin when it can).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import io
 import shutil
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,11 @@ import aiocoap
 import cbor2
 import pytest
 
-from coap_auth.store import Audience
+from coap_auth.clock import SettableClock
+from coap_auth.coap.server import Server
+from coap_auth.config import Settings
+from coap_auth.service import AuthService
+from coap_auth.store import Audience, MasterKey
 from coap_auth.tokens import verify_cwt
 from tests.conftest import Coap
 
@@ -100,3 +108,61 @@ async def test_libcoap_reads_the_trl_with_a_diff_query(sensor: Coap) -> None:
     # libcoap prints an error's code and payload on stderr (non-printable bytes as dots).
     _, error = await coap_client_output("-m", "get", f"{sensor.base}/revoke/trl?cursor=1")
     assert error.startswith(b"4.00") and b"cursor requires diff" in error
+
+
+@pytest.fixture
+async def unverified(sensor: Coap, settings: Settings, clock: SettableClock) -> AsyncIterator[Coap]:
+    """A second AS on the same store that counts no address as verified, 127.0.0.1 included
+    (`verified_networks = ""`): every answer over 3x its request is an Echo challenge."""
+    strict = replace(settings, verified_networks="")
+    master_key = MasterKey.load(settings.data_dir, create=False)
+    service = AuthService(sensor.service.store, master_key, strict, clock)
+    await service.load_keys()
+    server = Server(service, "127.0.0.1", 0)
+    await server.start()
+    try:
+        yield Coap(sensor.context, server.url, server, service, sensor.secrets)
+    finally:
+        await server.stop()
+
+
+async def test_libcoap_answers_the_echo_challenge(
+    sensor: Coap, unverified: Coap, clock: SettableClock, tmp_path: Path
+) -> None:
+    guard, verified = unverified.server.guard, unverified.server.verified
+    # aiocoap's plain client does not answer it: it gets the 4.01 with the Echo option.
+    refused = await unverified.request(aiocoap.GET, "/keys")
+    assert refused.code == aiocoap.UNAUTHORIZED and refused.opt.echo is not None
+    assert guard.challenges == 1
+
+    # libcoap repeats the request with the Echo value and gets the set, CON and NON.
+    for challenges, mode in ((2, ()), (3, ("-N",))):
+        ours = (await sensor.request(aiocoap.GET, "/keys")).payload
+        out = await coap_client("-m", "get", *mode, f"{unverified.base}/keys")
+        assert out.removesuffix(b"\n") == ours
+        assert guard.challenges == challenges
+        assert verified.is_verified("127.0.0.1")
+        clock.advance(verified.lifetime)  # unverified again
+        assert not verified.is_verified("127.0.0.1")
+
+    # A lab-mode POST /token: challenged before it is rendered, then answered.
+    body = tmp_path / "request.cbor"
+    body.write_bytes(cbor2.dumps({24: "sensor-1", 25: sensor.secrets["sensor-1"], 5: "thermostat"}))
+    out = await coap_client("-m", "post", "-t", "19", "-f", str(body), f"{unverified.base}/token")
+    answer = cbor2.loads(out.removesuffix(b"\n"))
+    assert verify_cwt(answer[1], unverified.service.key_ring.lookup).sub == "sensor-1"
+    assert guard.challenges == 4
+    assert verified.is_verified("127.0.0.1")
+
+
+async def test_libcoap_observes_through_the_echo_challenge(unverified: Coap) -> None:
+    observer = asyncio.create_task(coap_client("-s", "3", f"{unverified.base}/keys"))
+    await asyncio.sleep(1)  # registered (wall time: libcoap is another process)
+    assert unverified.server.guard.challenges == 1
+    await unverified.service.rotate_keys(force=True)
+    await unverified.server.tick()
+
+    sets = cbor_items(await observer)
+
+    published = {k.kid for k in unverified.service.keys.published()}
+    assert {key[2] for key in sets[-1]} == published and len(sets) >= 2

@@ -6,7 +6,6 @@ body and logs the request.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -16,6 +15,7 @@ from aiocoap import resource
 
 from coap_auth.coap.endpoint import AceEndpoint, Endpoint, caller
 from coap_auth.coap.messages import encode_token_response, parse_token_request
+from coap_auth.coap.observers import ObservableEndpoint, Observation, Representation
 from coap_auth.coap.protection import peer, peer_id
 from coap_auth.errors import NotAcceptable
 from coap_auth.keys import cose_key_set, jwks
@@ -29,6 +29,10 @@ class TokenResource(AceEndpoint, resource.Resource):
     path = "/token"
 
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        accept = request.opt.accept
+        if accept is not None and accept != ContentFormat.ACE_CBOR:
+            # RFC 7252 §5.10.4: the answer is application/ace+cbor (19) or nothing.
+            raise NotAcceptable("/token answers application/ace+cbor (19) only")
         body = self.ace_body(request)
         token_request = replace(parse_token_request(body), peer=peer(request))
         caller.set(peer_id(request) or token_request.client_id or "assertion")
@@ -41,11 +45,11 @@ class TokenResource(AceEndpoint, resource.Resource):
         )
 
 
-class KeysResource(Endpoint, resource.ObservableResource):
+class KeysResource(Endpoint, ObservableEndpoint, resource.Resource):
     """The published verification keys: COSE_KeySet (102) or, on Accept 50, JWKS.
 
-    Rendered bytes are cached per format and dropped on `keys_changed`, so notifying
-    thousands of observers costs no re-encoding.
+    Each format is rendered once per key set (with its ETag) and shared by every GET and
+    every observer (coap/observers.py); `keys_changed` drops them and queues the observers.
     """
 
     path = "/keys"
@@ -53,7 +57,7 @@ class KeysResource(Endpoint, resource.ObservableResource):
     def __init__(self, service: AuthService) -> None:
         super().__init__()
         self.service = service
-        self._cache: dict[int, bytes] = {}
+        self._cache: dict[int, Representation] = {}
         # The COSE_KeySet observers were last given (None: none rendered yet).
         self._served: bytes | None = None
 
@@ -65,38 +69,46 @@ class KeysResource(Endpoint, resource.ObservableResource):
         """Notify observers, if the published set really changed (a reload can also come from
         an audience being added, or a change to a family that is never published)."""
         self._cache.clear()
-        current = self._render(ContentFormat.COSE_KEY_SET)
+        current = self._render(ContentFormat.COSE_KEY_SET).payload
         if current != self._served:
             self._served = current
             self.updated_state()
 
-    def _render(self, content_format: int) -> bytes:
+    def updated_state(self) -> None:
+        """Queue every observer for a notification of the current set."""
+        if self.observers is not None:
+            self.observers.notify(self.observers.of(self))
+
+    def _render(self, content_format: int) -> Representation:
         if content_format not in self._cache:
             published = self.service.keys.published()
             encode = jwks if content_format == ContentFormat.JSON else cose_key_set
-            self._cache[content_format] = encode(published)
+            self._cache[content_format] = Representation.of(encode(published), content_format)
             if self._served is None and content_format == ContentFormat.COSE_KEY_SET:
-                self._served = self._cache[content_format]
+                self._served = self._cache[content_format].payload
         return self._cache[content_format]
 
-    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+    def observation_shape(self, request: aiocoap.Message) -> int:
         accept = request.opt.accept
         if accept is None:
-            content_format = ContentFormat.COSE_KEY_SET
-        elif accept in (ContentFormat.COSE_KEY_SET, ContentFormat.JSON):
-            content_format = ContentFormat(int(accept))
-        else:
-            raise NotAcceptable("/keys offers COSE_KeySet (102) and JWKS (50)")
-        payload = self._render(content_format)
-        etag = hashlib.sha256(payload).digest()[:8]
-        if etag in (request.opt.etags or ()):
+            return ContentFormat.COSE_KEY_SET
+        if accept in (ContentFormat.COSE_KEY_SET, ContentFormat.JSON):
+            return ContentFormat(int(accept))
+        raise NotAcceptable("/keys offers COSE_KeySet (102) and JWKS (50)")
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        representation = self._render(self.observation_shape(request))
+        if representation.etag in (request.opt.etags or ()):
             response = aiocoap.Message(code=aiocoap.Code(CoapCode.VALID))
+            response.opt.etag = representation.etag
         else:
-            response = aiocoap.Message(
-                code=aiocoap.Code.CONTENT, payload=payload, content_format=content_format
-            )
-        response.opt.etag = etag
+            response = representation.message()
         # PROTOCOL.md: a cached copy never outlives the next scheduled change of the set.
+        response.opt.max_age = self.service.keys.keys_max_age()
+        return response
+
+    async def notification(self, observation: Observation) -> aiocoap.Message:
+        response = self._render(int(observation.shape)).message()  # type: ignore[call-overload]
         response.opt.max_age = self.service.keys.keys_max_age()
         return response
 

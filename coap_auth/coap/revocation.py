@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Hashable
 from dataclasses import replace
 
 import aiocoap
 import cbor2
 from aiocoap import resource
-from aiocoap.protocol import ServerObservation
 
 from coap_auth.coap.endpoint import AceEndpoint, Endpoint, caller
 from coap_auth.coap.messages import (
     encode_introspection,
     parse_token_submission,
 )
+from coap_auth.coap.observers import ObservableEndpoint, Observation, Representation
 from coap_auth.coap.protection import peer, peer_id
-from coap_auth.errors import Unauthorized
+from coap_auth.errors import NotAcceptable, Unauthorized
 from coap_auth.service import AuthService, TrlQuery, parse_trl_query
 from coap_auth.wire import ContentFormat
 
-# Observations one peer may hold at once (RFC 7641 leaves the bound to the server).
-MAX_OBSERVATIONS_PER_PEER = 4
 # Distinct (requester, query) answers cached at once (diff and cursor values vary).
 MAX_CACHED_ANSWERS = 256
 
@@ -59,16 +58,16 @@ class IntrospectResource(AceEndpoint, resource.Resource):
         )
 
 
-class TrlResource(Endpoint, resource.ObservableResource):
+class TrlResource(Endpoint, ObservableEndpoint, resource.Resource):
     """RFC 9770 token revocation list: full and diff queries, observable.
 
     Each requester (the authenticated peer) sees only the hashes pertaining to it (§5) and its
     own update collection (§6.2). An observer is notified only when its pertaining part of the
-    list changed (§11): each observation remembers its requester, and a change of the list
-    triggers those whose collections gained an update (one store read for all of them); an
-    unprotected observer (lab mode) reads the whole list and hears of every change. Answers
-    are cached per requester and query until the list changes, so a notification costs one
-    store read per distinct (requester, query).
+    list changed (§11): a change of the list reads whose collections gained an update (one
+    store read for all of them) and queues their observers; an unprotected observer (lab
+    mode) reads the whole list and hears of every change. The answer for a (requester,
+    normalized query) is computed once per change, whatever the number of GETs and observers
+    asking for it at once (one computation shared while it runs, then cached).
     """
 
     path = "/revoke/trl"
@@ -77,56 +76,49 @@ class TrlResource(Endpoint, resource.ObservableResource):
     def __init__(self, service: AuthService) -> None:
         super().__init__()
         self.service = service
-        self._cache: dict[tuple[str | None, TrlQuery], bytes] = {}
+        self._cache: dict[TrlShape, Representation] = {}
+        self._computing: dict[TrlShape, asyncio.Task[Representation]] = {}
         self._version = 0
         self._revocations_seen: int | None = None
-        # Each observation and its requester (None: unprotected, the whole list).
-        self._observers: dict[ServerObservation, str | None] = {}
+        # Whether each requester was still registered when last asked, this version.
+        self._registered: dict[str, bool] = {}
         # The list's newest update whose observers were notified (None: not known yet).
         self._notified_seq: int | None = None
         self._pending = False
         self._notify_lock = asyncio.Lock()
         self._notifying: asyncio.Task[None] | None = None
+        # How many answers were computed (store reads), for tests and metrics.
+        self.computations = 0
 
     def get_link_description(self) -> dict[str, str]:
         return {**super().get_link_description(), "ct": str(int(ContentFormat.ACE_TRL_CBOR))}
 
-    async def add_observation(
-        self, request: aiocoap.Message, observation: ServerObservation
-    ) -> None:
-        requester = peer_id(request)
-        if requester is not None:
-            # At most MAX_OBSERVATIONS_PER_PEER per peer: its oldest ends (one last
-            # notification without Observe). aiocoap's OSCORE client never cancels an
-            # observation it gave up, and a device must not pile up work for every change.
-            mine = [o for o, r in self._observers.items() if r == requester]
-            for old in mine[: max(0, len(mine) - MAX_OBSERVATIONS_PER_PEER + 1)]:
-                self._observers.pop(old, None)
-                old.trigger(is_last=True)
-        self._observers[observation] = requester
+    @property
+    def _observers(self) -> dict[Observation, str | None]:
+        """Each live observation and its requester."""
+        found = [] if self.observers is None else self.observers.of(self)
+        return {o: _requester(o.shape) for o in found}
 
-        def cancelled() -> None:
-            self._observers.pop(observation, None)
-            self.update_observation_count(len(self._observers))
-
-        observation.accept(cancelled)
-        self.update_observation_count(len(self._observers))
-
-    def updated_state(self, response: aiocoap.Message | None = None) -> None:
-        """aiocoap's "notify every observer"."""
-        for observation in list(self._observers):
-            observation.trigger(response)
+    def updated_state(self) -> None:
+        """Notify every observer of its current answer, changed or not."""
+        if self.observers is not None:
+            self.observers.notify(self.observers.of(self), force=True)
 
     def trl_changed(self) -> None:
         """The list changed (here, on another instance, or by the CLI): drop cached answers and
         notify the observers it concerns, in a task (the caller is not async)."""
-        self._version += 1
-        self._cache.clear()
+        self._changed()
         self._pending = True
         if self._notifying is None or self._notifying.done():
             self._notifying = asyncio.get_running_loop().create_task(
                 self.notify_changed(), name="coap-auth-trl-notify"
             )
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._cache.clear()
+        self._computing.clear()  # what runs now reads the old list: not shared any more
+        self._registered.clear()
 
     async def notify_changed(self) -> None:
         """Notify the observers whose pertaining part of the list changed since the last
@@ -140,48 +132,128 @@ class TrlResource(Endpoint, resource.ObservableResource):
                 await self._notify_round()
 
     async def _notify_round(self) -> None:
+        if self.observers is None:
+            return
         previous = self._notified_seq
         try:
             affected, newest = await self.service.revocations.changes_since(previous)
         except Exception:  # nobody awaits this task: log here, and fail open
             log.warning("could not tell whom a TRL change concerns; notifying every observer")
-            self.updated_state()
+            self.observers.notify(self._in_shape_order(self.observers.of(self)))
             return
         if previous is not None and newest < previous:
             affected = None  # the list's history went back (a restored backup): whom is unknown
         self._notified_seq = newest
-        for observation, requester in list(self._observers.items()):
-            # affected None: everyone; a None requester: an unprotected observer of the whole
-            # list, notified of every change.
+        # affected None: everyone; a None requester: an unprotected observer of the whole
+        # list, notified of every change.
+        concerned = []
+        for observation in self.observers.of(self):
+            requester = _requester(observation.shape)
             if affected is None or (
                 newest != previous if requester is None else requester in affected
             ):
-                observation.trigger()
+                concerned.append(observation)
+        self.observers.notify(self._in_shape_order(concerned))
+
+    @staticmethod
+    def _in_shape_order(observations: list[Observation]) -> list[Observation]:
+        """Observers of one answer next to each other: its computation serves them all while
+        it is the newest one cached, however many distinct queries come between."""
+        return sorted(observations, key=lambda o: repr(o.shape))
+
+    def observation_shape(self, request: aiocoap.Message) -> TrlShape:
+        query = parse_trl_query(request.opt.uri_query)
+        return (peer_id(request), self._normalized(query))
+
+    def _normalized(self, query: TrlQuery) -> TrlQuery:
+        """One key per answer: diff 0 and any diff above MAX_N both mean MAX_N (RFC 9770 §6.2),
+        a cursor is its number (an invalid one stays as given: its answer is an error)."""
+        if query.diff is None:
+            return query
+        max_n = self.service.revocations.max_n
+        diff = max_n if query.diff == 0 or query.diff > max_n else query.diff
+        cursor = query.cursor
+        if cursor is not None and cursor.isascii() and cursor.isdigit() and len(cursor) < 20:
+            cursor = str(int(cursor))
+        return TrlQuery(diff, cursor)
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
-        query = parse_trl_query(request.opt.uri_query)
+        shape = self.observation_shape(request)
+        accept = request.opt.accept
+        if accept is not None and accept != ContentFormat.ACE_TRL_CBOR:
+            # RFC 7252 §5.10.4; RFC 9770 §6: the list is application/ace-trl+cbor (262).
+            raise NotAcceptable("/revoke/trl offers application/ace-trl+cbor (262) only")
         # None only for an unprotected request (require_oscore = false): the whole list.
         channel_peer = peer(request)
-        requester = None if channel_peer is None else channel_peer.id
         if channel_peer is not None and not await self.service.peer_registered(channel_peer):
             # Disabled, removed or re-keyed since its handshake: refused at once, like /token.
             raise Unauthorized("the peer of this security context is no longer registered")
-        key = (requester, query)
         # A revocation this instance just made is answered at once, not after the next tick.
         revocations = (await self.service.store.change_counters()).revocations
         if revocations != self._revocations_seen:
             self._revocations_seen = revocations
-            self._version += 1
-            self._cache.clear()
-        payload = self._cache.get(key)
-        if payload is None:
-            version = self._version
-            payload = cbor2.dumps(await self.service.trl(query, requester))
-            # Cache only what was read before no change happened meanwhile.
-            if version == self._version:
-                if len(self._cache) >= MAX_CACHED_ANSWERS:
-                    del self._cache[next(iter(self._cache))]  # the oldest answer
-                self._cache[key] = payload
-        return aiocoap.Message(
-            code=aiocoap.Code.CONTENT, payload=payload, content_format=ContentFormat.ACE_TRL_CBOR
-        )
+            self._changed()
+        return (await self._representation(shape)).message()
+
+    async def notification(self, observation: Observation) -> aiocoap.Message:
+        """The observer's current answer (the peer still registered: checked once per
+        requester and change, not per observer)."""
+        shape: TrlShape = observation.shape  # type: ignore[assignment]
+        requester = shape[0]
+        if requester is not None:
+            registered = self._registered.get(requester)
+            if registered is None:
+                channel_peer = peer(observation.request)
+                registered = channel_peer is not None and await self.service.peer_registered(
+                    channel_peer
+                )
+                self._registered[requester] = registered
+            if not registered:
+                raise Unauthorized("the peer of this security context is no longer registered")
+        return (await self._representation(shape)).message()
+
+    async def _representation(self, shape: TrlShape) -> Representation:
+        """The cached answer for `shape`, or the one computation of it (shared with whoever
+        asks meanwhile; a caller that goes away does not cancel it for the others).
+        Raises what the service raises (TrlQueryError for a bad cursor)."""
+        cached = self._cache.get(shape)
+        if cached is not None:
+            return cached
+        computing = self._computing.get(shape)
+        if computing is None:
+            computing = asyncio.get_running_loop().create_task(self._compute(shape))
+            computing.add_done_callback(_retrieve)
+            self._computing[shape] = computing
+        return await asyncio.shield(computing)
+
+    async def _compute(self, shape: TrlShape) -> Representation:
+        requester, query = shape
+        version = self._version
+        self.computations += 1
+        try:
+            body = await self.service.trl(query, requester)
+        finally:
+            if self._computing.get(shape) is asyncio.current_task():
+                del self._computing[shape]
+        representation = Representation.of(cbor2.dumps(body), ContentFormat.ACE_TRL_CBOR)
+        # Cache only what was read before no change happened meanwhile.
+        if version == self._version:
+            if len(self._cache) >= MAX_CACHED_ANSWERS:
+                del self._cache[next(iter(self._cache))]  # the oldest answer
+            self._cache[shape] = representation
+        return representation
+
+
+# A requester (None: unprotected, the whole list) and its normalized query.
+TrlShape = tuple[str | None, TrlQuery]
+
+
+def _requester(shape: Hashable) -> str | None:
+    return shape[0]  # type: ignore[index,no-any-return]
+
+
+def _retrieve(task: asyncio.Task[Representation]) -> None:
+    """Mark a shared computation's error as seen: it was raised to whoever awaited it, and
+    nobody may have (every asker gone), which asyncio would log as a traceback."""
+    if not task.cancelled():
+        task.exception()

@@ -10,17 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import aiocoap
 
+from coap_auth import config
 from coap_auth.coap.blockwise import BlockwiseUploads
 from coap_auth.coap.edhoc import EdhocResource
 from coap_auth.coap.endpoint import Endpoint
+from coap_auth.coap.observers import Observers
 from coap_auth.coap.options import OptionCheckingSite
 from coap_auth.coap.resources import KeysResource, TokenResource, WellKnownCore
 from coap_auth.coap.revocation import IntrospectResource, RevokeResource, TrlResource
+from coap_auth.echo import AmplificationGuard, EchoValues, VerifiedAddresses
 from coap_auth.errors import StoreUnavailable
 from coap_auth.secure import provisioned
 from coap_auth.secure.contexts import ContextTable
@@ -39,13 +43,24 @@ def build_site(
     address_limits: RateLimiter,
     uploads: BlockwiseUploads,
     responder: Responder,
-) -> tuple[OptionCheckingSite, KeysResource, TrlResource]:
+) -> tuple[OptionCheckingSite, KeysResource, TrlResource, Observers]:
     """The resources; `address_limits` is the one per-address budget shared by every POST
     endpoint and every block-wise fragment, `uploads` the one spool of block-wise uploads,
-    `responder` the EDHOC responder behind /.well-known/edhoc."""
+    `responder` the EDHOC responder behind /.well-known/edhoc. The observations of /keys and
+    /revoke/trl are held, bounded and notified by the one `Observers` returned."""
+    settings = service.settings
+    observers = Observers(
+        service.clock,
+        per_source=settings.observers_per_source,
+        maximum=settings.observers_max,
+        rate=settings.notify_rate,
+        con_interval=settings.notify_con_interval,
+        max_block_size=settings.max_block_size,
+    )
     site = OptionCheckingSite()
     keys = KeysResource(service)
     trl = TrlResource(service)
+    keys.observers = trl.observers = observers
     endpoints: list[tuple[list[str], Endpoint]] = [
         ([".well-known", "core"], WellKnownCore(service, site.get_resources_as_linkheader)),
         ([".well-known", "edhoc"], EdhocResource(service, responder)),
@@ -59,7 +74,7 @@ def build_site(
         endpoint.address_limits = address_limits
         endpoint.uploads = uploads
         site.add_resource(path, endpoint)
-    return site, keys, trl
+    return site, keys, trl, observers
 
 
 class Server:
@@ -95,10 +110,24 @@ class Server:
             per_address=settings.edhoc_pending_per_address,
             handshake_timeout=settings.edhoc_handshake_timeout,
         )
-        site, self.keys_resource, self.trl_resource = build_site(
+        site, self.keys_resource, self.trl_resource, self.observers = build_site(
             service, self.address_limits, self.uploads, self.edhoc
         )
-        self._site = ProtectedSite(site, self.contexts, service.clock)
+        # RFC 9175 §2.4: no answer to an unverified source address over 3x its request.
+        self.echo_values = EchoValues(service.echo_key(), service.clock)
+        self.verified = VerifiedAddresses(
+            service.clock,
+            lifetime=settings.echo_verified_lifetime,
+            max_entries=settings.echo_verified_max,
+            networks=config.verified_networks(settings),
+        )
+        self.guard = AmplificationGuard(
+            ProtectedSite(site, self.contexts, service.clock),
+            self.echo_values,
+            self.verified,
+            echo_first=_changes_state(settings.require_oscore),
+        )
+        self._site = self.guard
         self._last_change = ChangeCounters(0, 0)
         self._tick_lock = asyncio.Lock()
         # Provisioned OSCORE contexts by directory name (None: did not load).
@@ -123,6 +152,7 @@ class Server:
             check_options=False,  # the site checks them itself, with an access-log line
         )
         self.port = _bound_port(self._context) or self.requested_port
+        self.observers.start()
         self._watcher = asyncio.create_task(self._watch_changes(), name="coap-auth-change-feed")
         self._listener = asyncio.create_task(
             self.service.store.watch_changes(self._wake.set), name="coap-auth-listen"
@@ -134,6 +164,7 @@ class Server:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await self.observers.stop()
         if self._context is not None:
             await self._context.shutdown()
             self._context = None
@@ -209,6 +240,26 @@ class Server:
             if self._failing:
                 log.info("store reachable again")
                 self._failing = False
+
+
+# Unprotected requests that change state when rendered (lab mode only: with require_oscore on
+# they are refused, unrendered, in a few bytes): from an unverified address they get the Echo
+# challenge before anything is rendered, never an answer rendered and then withheld.
+_STATE_CHANGING = {("token",), ("revoke",), ("introspect",)}
+
+
+def _changes_state(require_oscore: bool) -> Callable[[aiocoap.Message], bool]:
+    """The AmplificationGuard's `echo_first`: unprotected POSTs to /token, /revoke and
+    /introspect, while plain CoAP may reach them."""
+
+    def echo_first(request: aiocoap.Message) -> bool:
+        return (
+            not require_oscore
+            and request.code == aiocoap.POST
+            and tuple(request.opt.uri_path) in _STATE_CHANGING
+        )
+
+    return echo_first
 
 
 def _bound_port(context: aiocoap.Context) -> int | None:

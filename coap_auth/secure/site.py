@@ -144,6 +144,9 @@ class ProtectedSite(interfaces.Resource):
                 break
             if message.opt.observe is not None:
                 protected.opt.observe = context.sender_sequence_number & 0xFFFFFFFF
+            # A notification goes out as the inner one was meant to: NON, or the periodic CON
+            # (RFC 7641 §4.5, coap/observers.py); protect() leaves the outer type unset.
+            protected.mtype = message.mtype
             pipe.add_response(protected, is_last=is_last)
             if is_last:
                 break

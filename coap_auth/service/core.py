@@ -75,6 +75,7 @@ log = logging.getLogger("coap_auth.service")
 
 CTI_BYTES = 8
 EDHOC_KEY_LABEL = b"edhoc static key P-256"
+ECHO_KEY_LABEL = b"echo values HMAC-SHA-256"
 _P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 REFRESH_TOKEN_BYTES = 32
 FAMILY_ID_BYTES = 16
@@ -195,6 +196,12 @@ class AuthService:
             private_key = ec.derive_private_key(scalar % (_P256_ORDER - 1) + 1, ec.SECP256R1())
             self._edhoc_identity = device_credential(self.settings.issuer, private_key)
         return self._edhoc_identity
+
+    def echo_key(self) -> bytes:
+        """The 32-byte key Echo values (RFC 9175 Appendix A) are MACed under: derived from the
+        master key, so every instance sharing it accepts a value another issued, and nothing
+        new is stored. Raises nothing."""
+        return self._master_key.derive(ECHO_KEY_LABEL)
 
     async def peer_keys(self, peer_id: str) -> list[Any]:
         """The P-256 COSE_Keys registered under an id EDHOC names: the client's (unless

@@ -31,11 +31,18 @@ WATCH = WatchPolicy(request_timeout=2.0, poll_interval=0.02)
 _message_ids = itertools.count(1)
 
 
+_hosts = itertools.count(2)
+
+
 async def register_and_vanish(port: int) -> None:
-    """GET /keys with Observe from a fresh socket, wait for the registration, close."""
+    """GET /keys with Observe from a fresh socket, wait for the registration, close. Each
+    from its own loopback address (127.1.0.3, ...): one address holds at most
+    observers_per_source observations."""
     loop = asyncio.get_running_loop()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.setblocking(False)
+        host = next(_hosts)
+        sock.bind((f"127.1.{host // 250 % 250}.{host % 250 + 1}", 0))
         sock.connect(("127.0.0.1", port))
         echo = None
         for _ in range(2):  # a second time only when the AS asks for Echo (RFC 9175 §2.4)
@@ -93,7 +100,7 @@ async def test_dead_observers_cannot_cancel_a_live_one(
     )
 
     # The RS still hears every change. (The AS ignores ICMP: the dead observations end when
-    # their confirmable notifications go unacknowledged.)
+    # their periodic confirmable notification goes unacknowledged, RFC 7641 §4.5.)
     await service.rotate_keys(force=True)
     await server.tick()
     published = {k.kid for k in service.keys.published()}

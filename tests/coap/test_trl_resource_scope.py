@@ -1,8 +1,9 @@
-"""Unit tests of TrlResource per requester (RFC 9770 §5, §6.2, §9, §11): render_get and
-add_observation called directly with requests that carry a stand-in authenticated peer, as the
-OSCORE layer sets it. Each peer reads its own hashes and its own update collection (indexes,
-cursors, MAX_N reach), and is notified only of changes pertaining to it. (The over-UDP test,
-two devices each seeing only their own entries, needs EDHOC + OSCORE.)
+"""Unit tests of TrlResource per requester (RFC 9770 §5, §6.2, §9, §11): render_get and the
+registration with the site's Observers called directly, with requests that carry a stand-in
+authenticated peer, as the OSCORE layer sets it. Each peer reads its own hashes and its own
+update collection (indexes, cursors, MAX_N reach), and is notified only of changes pertaining
+to it. (The over-UDP test, two devices each seeing only their own entries, needs EDHOC +
+OSCORE.)
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from typing import Any
 import aiocoap
 import cbor2
 import pytest
-from aiocoap.protocol import ServerObservation
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from coap_auth.coap.observers import Observation, Observers
 from coap_auth.coap.revocation import MAX_CACHED_ANSWERS, TrlResource
 from coap_auth.errors import StoreUnavailable, TrlQueryError, Unauthorized
 from coap_auth.secure.credentials import PeerCredential, make_credential
@@ -167,32 +168,61 @@ async def test_diff_reach_is_max_n_of_the_peer_own_updates(service: AuthService)
     }
 
 
-class _Observation(ServerObservation):
-    """aiocoap's observation, counting its notifications."""
+class _Pipe:
+    """What aiocoap hands a resource for a registration: the request, its responses, and
+    the end of its interest."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.notified = 0
+    def __init__(self, request: aiocoap.Message) -> None:
+        self.request = request
+        self.responses: list[aiocoap.Message] = []
+        self._ends: list[Any] = []
 
-    def trigger(self, response: Any = None, *, is_last: bool = False) -> None:
-        self.notified += 1
-        super().trigger(response, is_last=is_last)
+    def on_interest_end(self, callback: Any) -> None:
+        self._ends.append(callback)
+
+    def add_response(self, response: aiocoap.Message, is_last: bool = False) -> None:
+        self.responses.append(response)
+
+    def end(self) -> None:
+        for callback in self._ends:
+            callback()
 
 
-async def _observe(trl: TrlResource, requester: str | None) -> _Observation:
-    observation = _Observation()
-    await trl.add_observation(_get("", requester), observation)
+def _with_observers(trl: TrlResource) -> TrlResource:
+    """The site's registry of observations, its sender not started: notifications stay
+    queued, for the test to see whom they are for."""
+    trl.observers = Observers(
+        trl.service.clock,
+        per_source=8,
+        maximum=100,
+        rate=10_000,
+        con_interval=86_400,
+        max_block_size=1024,
+    )
+    return trl
+
+
+async def _observe(trl: TrlResource, requester: str | None) -> Observation:
+    pipe = _Pipe(_get("", requester))
+    assert trl.observers is not None
+    observation = trl.observers.register(trl, pipe, trl.observation_shape(pipe.request))
+    assert observation is not None
     return observation
 
 
-async def _changed(trl: TrlResource, observers: dict[str | None, _Observation]) -> set[str | None]:
-    """Tell the resource the list changed, as the server does; whom it notified."""
-    for observation in observers.values():
-        observation.notified = 0
+async def _changed(trl: TrlResource, observers: dict[str | None, Observation]) -> set[str | None]:
+    """Tell the resource the list changed, as the server does; whom it queued a
+    notification for (each at most once)."""
+    assert trl.observers is not None
+    queue = trl.observers._queue
+    for observation in queue:
+        observation.queued = False
+    queue.clear()
     trl.trl_changed()
     assert trl._notifying is not None
     await trl._notifying
-    return {requester for requester, o in observers.items() if o.notified}
+    assert len(set(queue)) == len(queue)
+    return {requester for requester, o in observers.items() if o in queue}
 
 
 async def test_an_observer_is_notified_only_of_changes_pertaining_to_it(
@@ -201,7 +231,7 @@ async def test_an_observer_is_notified_only_of_changes_pertaining_to_it(
     """RFC 9770 §11: notifications go to the observers whose pertaining part of the list
     changed; an unprotected observer (lab mode) hears of every change."""
     await _register(service)
-    trl = TrlResource(service)
+    trl = _with_observers(TrlResource(service))
     peers = ("sensor-1", "thermostat", "sensor-2", "lock", "sensor-3", None)
     observers = {requester: await _observe(trl, requester) for requester in peers}
     mine = await _issue(service, "sensor-1", "thermostat")
@@ -223,15 +253,15 @@ async def test_an_observer_is_notified_only_of_changes_pertaining_to_it(
     assert await _changed(trl, observers) == {"sensor-1", "thermostat", "sensor-2", "lock", None}
 
     # A cancelled observation is forgotten.
-    observers["lock"]._cancellation_callback()
+    observers["lock"].pipe.end()
     assert observers["lock"] not in trl._observers
+    del observers["lock"]
 
     # Several changes before the task runs are one round: each observer is notified once.
     other = await _issue(service, "sensor-1", "thermostat")
     assert await service.revoke_token_hash(other)
     trl.trl_changed()
     assert await _changed(trl, observers) == {"sensor-1", "thermostat", None}
-    assert observers["sensor-1"].notified == 1
 
 
 async def test_trl_resource_caches_per_peer_and_forgets_on_change(service: AuthService) -> None:
@@ -252,8 +282,9 @@ async def test_trl_resource_caches_per_peer_and_forgets_on_change(service: AuthS
     assert (await _render(trl, "", "sensor-1"))[FULL] == [mine]
 
     # Bounded: many (peer, query) answers evict the oldest, never grow past the cap.
+    # (Distinct cursors: every diff above MAX_N is one answer, MAX_N's.)
     for n in range(MAX_CACHED_ANSWERS + 10):
-        assert (await _render(trl, f"diff={n + 1}", "sensor-3"))[DIFF] == []
+        assert (await _render(trl, f"diff=1&cursor={n}", "sensor-3"))[DIFF] == []
     assert len(trl._cache) == MAX_CACHED_ANSWERS
     assert (await _render(trl, "", "sensor-2"))[FULL] == [theirs]
 
@@ -264,7 +295,7 @@ async def test_when_the_store_cannot_tell_whom_everyone_is_notified(
     """A missed notification is worse than a needless one: a failed read notifies every
     observer, and the next round still reads from the last change it knew of."""
     await _register(service)
-    trl = TrlResource(service)
+    trl = _with_observers(TrlResource(service))
     observers = {r: await _observe(trl, r) for r in ("sensor-1", "lock", "sensor-3")}
     await _changed(trl, observers)  # the first round learns where the list is
     mine = await _issue(service, "sensor-1", "thermostat")

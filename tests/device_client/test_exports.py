@@ -56,8 +56,10 @@ def test_import_needs_only_the_pure_parts_of_coap_auth() -> None:
     assert "coap_auth.tokens" in loaded  # the probe does see coap_auth modules
     # udp: the fixed UDP transport both sides use (and the Clock protocol it takes);
     # secure.credentials: EDHOC credentials, pure (EDHOC itself loads with a channel's first
-    # handshake); addresses: a source address as a budget key, the standard library only.
+    # handshake); addresses: a source address as a budget key, the standard library only;
+    # echo: Echo values and the amplification guard (RFC 9175), both sides.
     allowed = {
+        "coap_auth.echo",
         "coap_auth.addresses",
         "coap_auth",
         "coap_auth.wire",

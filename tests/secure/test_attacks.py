@@ -117,17 +117,18 @@ async def test_a_disabled_device_no_longer_reads_its_list(protected: Protected) 
     assert (await device.request(aiocoap.GET, "/revoke/trl")).code == aiocoap.UNAUTHORIZED
 
 
-async def test_one_device_holds_at_most_four_observations(protected: Protected) -> None:
+async def test_one_device_holds_at_most_its_limit_of_observations(protected: Protected) -> None:
     device = await protected.device("sensor-1")
     await device.handshake()
+    limit = protected.service.settings.observers_per_source
     observations = []
-    for _ in range(6):
+    for _ in range(limit + 2):
         request = aiocoap.Message(code=aiocoap.GET, uri=f"{device.base}/revoke/trl", observe=0)
         observation = device.context.request(request)
         assert (await observation.response).code == aiocoap.CONTENT
         observations.append(observation)
     trl = protected.server.trl_resource
-    assert list(trl._observers.values()).count("sensor-1") == 4
+    assert list(trl._observers.values()).count("sensor-1") == limit
     response, _ = await device.post_ace("/token", {AceParam.AUDIENCE: "thermostat"})
     assert response.code == aiocoap.CREATED
 

@@ -1,0 +1,407 @@
+"""The site's Observe (RFC 7641) observations of /keys and /revoke/trl in one bounded registry,
+and the one paced sender of their notifications; block-wise answers (RFC 7959) to GETs.
+
+aiocoap's ObservableResource keeps a suspended render coroutine per observer (about 11 KiB),
+renders the resource again for each of them, sends every notification confirmable (a backlog
+per remote, retransmissions to whoever stopped listening) and never block-wise. Here an
+observation is a small record: the resource renders a representation once per (shape,
+version) and each notification is built from it; notifications go out NON, with a CON to an
+observer whose last CON is notify_con_interval old (RFC 7641 §4.5), at most notify_rate a
+second in all, each observer queued at most once and given the newest state when its turn
+comes (RFC 7641 §4.5.2: intermediate states are skipped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import time
+from collections import deque
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiocoap
+
+from coap_auth.addresses import address_key
+from coap_auth.clock import Clock
+from coap_auth.coap.endpoint import answer_error
+from coap_auth.coap.protection import peer_id
+from coap_auth.errors import BadOption, CoapAuthError
+from coap_auth.udp import error_message, source_host
+
+log = logging.getLogger("coap_auth.server")
+
+# RFC 7641 §4.4: the Observe option carries 24 bits of a per-observation increasing number.
+OBSERVE_MASK = 0xFFFFFF
+
+
+class ObservedResource(Protocol):
+    """What the registry asks of an observed resource."""
+
+    async def notification(self, observation: Observation) -> aiocoap.Message:
+        """The observer's current representation as a whole (unsliced) response; raises
+        CoapAuthError when the observer may no longer read it (ends the observation)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Representation:
+    """One rendered state of a resource for one shape of request, shared by every observer
+    and every GET of that shape until the state changes."""
+
+    payload: bytes
+    content_format: int
+    etag: bytes
+
+    @classmethod
+    def of(cls, payload: bytes, content_format: int) -> Representation:
+        return cls(payload, content_format, hashlib.sha256(payload).digest()[:8])
+
+    def message(self) -> aiocoap.Message:
+        response = aiocoap.Message(
+            code=aiocoap.Code.CONTENT, payload=self.payload, content_format=self.content_format
+        )
+        response.opt.etag = self.etag
+        return response
+
+
+@dataclass(slots=True, eq=False)
+class Observation:
+    """One observer: a few references and numbers, nothing rendered."""
+
+    resource: ObservedResource
+    pipe: Any  # the request's pipe: every notification is a further response on it
+    source: str  # an address key, or "peer:<id>" for an authenticated peer
+    shape: Hashable  # what the resource renders for it (content format, query, requester)
+    szx: int  # Block2 size exponent of its notifications (RFC 7959 §2.6)
+    number: int  # the Observe value last sent
+    last_con: int  # injected clock: when it was last sent a CON (or registered)
+    etag: bytes | None = None  # the representation it was last given
+    queued: bool = False
+    ended: bool = False
+    closing: bool = False  # queued for a last notification without Observe
+    # Set when the pipe cannot tell its end (ProtectedSite's IterablePipe): the render
+    # coroutine awaits it, and its cancellation ends the observation.
+    waiter: asyncio.Future[None] | None = None
+
+    @property
+    def request(self) -> aiocoap.Message:
+        request: aiocoap.Message = self.pipe.request
+        return request
+
+
+class Observers:
+    """Every observation of the site, the per-source and global limits, and the sender."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        per_source: int,
+        maximum: int,
+        rate: int,
+        con_interval: int,
+        max_block_size: int,
+    ) -> None:
+        self.clock = clock
+        self.per_source = per_source
+        self.maximum = maximum
+        self.rate = rate
+        self.con_interval = con_interval
+        self.max_szx = max_block_size.bit_length() - 5  # 16 bytes is SZX 0
+        # At most 10 ms worth of notifications at once, then the event loop gets its turn
+        # (ACKs, requests) before the next burst.
+        self.burst = max(1, rate // 100)
+        self._by_resource: dict[Any, dict[Observation, None]] = {}
+        self._by_source: dict[str, dict[Observation, None]] = {}
+        self._count = 0
+        self._queue: deque[Observation] = deque()
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+        # Counters for tests and metrics.
+        self.sent = 0
+        self.refused = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def of(self, resource: Any) -> list[Observation]:
+        """The live observations of `resource`, oldest first."""
+        return list(self._by_resource.get(resource, ()))
+
+    def from_source(self, source: str) -> int:
+        return len(self._by_source.get(source, ()))
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._sender is None:
+            self._sender = asyncio.get_running_loop().create_task(
+                self._send_loop(), name="coap-auth-notify"
+            )
+
+    async def stop(self) -> None:
+        """Stop sending and forget every observation (the server is going away)."""
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+            self._sender = None
+        for observations in list(self._by_resource.values()):
+            for observation in list(observations):
+                self._forget(observation)
+        self._queue.clear()
+
+    # -- registration -------------------------------------------------------------------------
+
+    def register(
+        self, resource: ObservedResource, pipe: Any, shape: Hashable
+    ) -> Observation | None:
+        """Add an observation for the GET on `pipe`, or None when the server will not hold it:
+        the caller then answers the GET without Observe (RFC 7641 §4.1)."""
+        request = pipe.request
+        requester = peer_id(request)
+        authenticated = requester is not None
+        source = f"peer:{requester}" if authenticated else address_key(source_host(request))
+        mine = self._by_source.get(source, {})
+        if len(mine) >= self.per_source:
+            if not authenticated:
+                self.refused += 1
+                return None
+            # An authenticated peer past its limit loses its oldest observation instead:
+            # aiocoap's OSCORE client never cancels an observation it gave up (a new one is a
+            # new token, the old one lingers here), so refusing would lock a device out after
+            # a few restarts; and a peer pushing out its own observations hurts only itself.
+            self.close(next(iter(mine)))
+        if self._count >= self.maximum:
+            self.refused += 1
+            return None
+        block2 = request.opt.block2
+        szx = self.max_szx if block2 is None else min(block2.size_exponent, self.max_szx)
+        # RFC 7641 §4.4: numbers start anywhere; the loop's milliseconds make a renewed
+        # registration (same endpoint and token, a new observation here) start above the
+        # old one's, and grow by 256,000 in 256 s, well under the 2^23 allowed.
+        start = int(asyncio.get_running_loop().time() * 1000) & OBSERVE_MASK
+        observation = Observation(resource, pipe, source, shape, szx, start, self.clock.now())
+        try:
+            pipe.on_interest_end(functools.partial(self.end, observation))
+        except RuntimeError:  # an IterablePipe already iterated: await in hold() instead
+            observation.waiter = asyncio.get_running_loop().create_future()
+        if observation.ended:  # no interest left at all (the pipe ended meanwhile)
+            return None
+        self._by_resource.setdefault(resource, {})[observation] = None
+        self._by_source.setdefault(source, {})[observation] = None
+        self._count += 1
+        return observation
+
+    async def hold(self, observation: Observation) -> None:
+        """Keep the render coroutine of an observation whose pipe cannot report its end
+        (OSCORE: ProtectedSite cancels it when the outer exchange ends) until it ends."""
+        if observation.waiter is None:
+            return  # the pipe tells us: the coroutine can finish now
+        try:
+            await observation.waiter
+        finally:
+            self.end(observation)
+
+    def end(self, observation: Observation) -> None:
+        """The observer went away (deregistered, RST or unacknowledged CON, a new request on
+        its token) or the server ended it: forget it, now."""
+        self._forget(observation)
+
+    def close(self, observation: Observation) -> None:
+        """End an observation with one last notification without Observe (RFC 7641 §3.2: the
+        client learns it ended), sent in its turn; its place is free at once."""
+        if observation.ended or observation.closing:
+            return
+        observation.closing = True
+        self._unindex(observation)
+        self._enqueue(observation)
+
+    def _forget(self, observation: Observation) -> None:
+        if observation.ended:
+            return
+        observation.ended = True
+        if not observation.closing:
+            self._unindex(observation)
+        waiter = observation.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _unindex(self, observation: Observation) -> None:
+        indexed = False
+        for index, key in (
+            (self._by_resource, observation.resource),
+            (self._by_source, observation.source),
+        ):
+            entries = index.get(key)
+            if entries is not None and observation in entries:
+                indexed = True
+                del entries[observation]
+                if not entries:
+                    del index[key]
+        if indexed:
+            self._count -= 1
+
+    # -- notification -------------------------------------------------------------------------
+
+    def notify(self, observations: Iterable[Observation], *, force: bool = False) -> None:
+        """Queue `observations` for a notification of the newest state; one already queued
+        stays where it is (coalescing). Without `force`, an observer whose representation did
+        not change by its turn is sent nothing."""
+        for observation in observations:
+            if force:
+                observation.etag = None
+            self._enqueue(observation)
+
+    def _enqueue(self, observation: Observation) -> None:
+        if observation.queued or observation.ended:
+            return
+        observation.queued = True
+        self._queue.append(observation)
+        self._wake.set()
+
+    async def _send_loop(self) -> None:
+        """Token bucket on the event loop's time: bursts of up to `burst` notifications, never
+        more than `rate` a second on average; no sleep while under the rate."""
+        loop = asyncio.get_running_loop()
+        allowance, last = float(self.burst), loop.time()
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            now = loop.time()
+            allowance = min(float(self.burst), allowance + (now - last) * self.rate)
+            last = now
+            if allowance < 1:
+                await asyncio.sleep((1 - allowance) / self.rate)
+                continue
+            while allowance >= 1 and self._queue:
+                observation = self._queue.popleft()
+                observation.queued = False
+                if observation.ended:
+                    continue
+                try:
+                    if await self._send(observation):
+                        allowance -= 1
+                except Exception:  # the loop must go on for everyone else
+                    log.exception("notification failed; the observation ends")
+                    self._forget(observation)
+            await asyncio.sleep(0)
+
+    async def _send(self, observation: Observation) -> bool:
+        """Send `observation` its notification; False when there was nothing to send."""
+        try:
+            message = await observation.resource.notification(observation)
+        except CoapAuthError as error:
+            message = error_message(error, compact=True)
+        if observation.ended:
+            return False
+        last = observation.closing or not message.code.is_successful()
+        if not last:
+            if message.opt.etag is not None and message.opt.etag == observation.etag:
+                return False  # changed back, or not for this observer: nothing new
+            observation.etag = message.opt.etag
+            observation.number = (observation.number + 1) & OBSERVE_MASK
+            message.opt.observe = observation.number
+        message = first_block(message, observation.szx)
+        now = self.clock.now()
+        if now - observation.last_con >= self.con_interval:
+            # RFC 7641 §4.5: a CON at least every notify_con_interval (24 h by default); when
+            # it goes unacknowledged (or is reset), aiocoap ends the exchange and with it the
+            # observation (the pipe's interest ends).
+            message.mtype = aiocoap.CON
+            observation.last_con = now
+        else:
+            message.mtype = aiocoap.NON
+        self.sent += 1
+        observation.pipe.add_response(message, is_last=last)
+        if last:
+            self._forget(observation)
+        return True
+
+
+def first_block(message: aiocoap.Message, szx: int) -> aiocoap.Message:
+    """Block 0 of `message` with Block2 (M set) when its payload is larger than a block of
+    2^(szx+4) bytes (RFC 7959 §2.6: a notification carries the first block; the client asks
+    for the rest), else `message` itself."""
+    if len(message.payload) <= 1 << (szx + 4):
+        return message
+    return message._extract_block(0, szx, 1024)  # noqa: SLF001 (aiocoap's own slicing)
+
+
+def block_of(message: aiocoap.Message, request: aiocoap.Message, max_szx: int) -> aiocoap.Message:
+    """The part of the whole answer `message` that `request` asks for (RFC 7959 §2.4): the
+    block its Block2 names, never larger than it asked nor than max_szx; the first block when
+    it asked for none and the answer is larger than a block. Stateless: a later block comes
+    from the current representation, and its ETag tells the client whether it still matches
+    the first (RFC 7959 §2.4).
+
+    Raises BadOption for a block past the end of the representation."""
+    block2 = request.opt.block2
+    if block2 is None:
+        return first_block(message, max_szx)
+    szx = min(block2.size_exponent, max_szx)
+    size = 1 << (szx + 4)
+    if block2.block_number == 0 and len(message.payload) <= size:
+        return message
+    # A block number counts blocks of the size asked; smaller blocks start at the same byte.
+    number = block2.start // size
+    if number * size >= len(message.payload):
+        raise BadOption("Block2 asks for a block past the end of the representation")
+    return message._extract_block(number, szx, 1024)  # noqa: SLF001
+
+
+class ObservableEndpoint:
+    """Mixin after `Endpoint` and before aiocoap's Resource: a GET is rendered whole by
+    `render_get` (the resource's representation, shared), then the block it asks for is cut
+    out (RFC 7959) and a registration (Observe 0) is handed to the site's `Observers`.
+    Other methods go to aiocoap as before."""
+
+    observers: Observers | None = None  # build_site sets it; without, GETs are not observed
+    max_szx = 6  # 1024-byte blocks unless `observers` says less
+
+    def get_link_description(self) -> dict[str, Any]:
+        description: dict[str, Any] = super().get_link_description()  # type: ignore[misc]
+        return {**description, "obs": None}
+
+    def observation_shape(self, request: aiocoap.Message) -> Hashable:
+        """What distinguishes this request's representation (a rendered GET's request)."""
+        raise NotImplementedError
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        request = pipe.request
+        if request.code != aiocoap.GET or request.opt.block1 is not None:
+            await super().render_to_pipe(pipe)  # type: ignore[misc]
+            return
+        started = time.monotonic()
+        response: aiocoap.Message = await self.render(request)  # type: ignore[attr-defined]
+        observers = self.observers
+        block2 = request.opt.block2
+        observation = None
+        if (
+            observers is not None
+            and request.opt.observe == 0
+            and (block2 is None or block2.block_number == 0)  # RFC 7959 §2.6
+            and response.code in (aiocoap.CONTENT, aiocoap.VALID)
+        ):
+            observation = observers.register(self, pipe, self.observation_shape(request))  # type: ignore[arg-type]
+        szx = self.max_szx if observers is None else observers.max_szx
+        try:
+            answer = block_of(response, request, szx if observation is None else observation.szx)
+        except CoapAuthError as error:
+            path: str = self.path  # type: ignore[attr-defined]
+            pipe.add_response(answer_error(request, error, path, started), is_last=True)
+            return
+        if observation is None or observers is None:
+            pipe.add_response(answer, is_last=True)
+            return
+        observation.etag = response.opt.etag
+        answer.opt.observe = observation.number
+        pipe.add_response(answer, is_last=False)
+        await observers.hold(observation)

@@ -1,0 +1,149 @@
+"""Issue 16: Observe notifications that cannot storm (RFC 7641 §4.5), over real UDP from raw
+sockets (message types matter): NON with a periodic CON whose RST ends the observation,
+paced, coalesced to the newest state, and observers bounded per source and in all."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiocoap
+
+from coap_auth.coap.server import Server
+from coap_auth.service import AuthService
+from tests.coap.observing import RawObserver, ack, reset, server_with
+
+
+async def change_keys(service: AuthService, server: Server) -> bytes:
+    """Rotate (the published set changes); the COSE_KeySet observers should now hold."""
+    await service.rotate_keys(force=True)
+    await server.tick()
+    return server.keys_resource._render(102).payload
+
+
+async def test_notifications_are_non_with_a_periodic_con_whose_reset_ends_it(
+    service: AuthService,
+) -> None:
+    async with server_with(service, notify_con_interval=600) as server:
+        observer = RawObserver(server.port)  # type: ignore[arg-type]
+        try:
+            first = await observer.register()
+            assert first.code == aiocoap.CONTENT and first.opt.observe is not None
+            numbers = [first.opt.observe]
+
+            for _ in range(2):
+                newest = await change_keys(service, server)
+                (note,) = await observer.notifications(1)
+                assert note.mtype == aiocoap.NON and note.payload == newest
+                numbers.append(note.opt.observe)
+
+            # RFC 7641 §4.5: once the last CON is notify_con_interval old, the next is a CON;
+            # acknowledged, the observation goes on, NON again.
+            service.clock.advance(600)
+            newest = await change_keys(service, server)
+            (note,) = await observer.notifications(1)
+            assert note.mtype == aiocoap.CON and note.payload == newest
+            numbers.append(note.opt.observe)
+            observer.send(ack(note))
+            await change_keys(service, server)
+            (note,) = await observer.notifications(1)
+            assert note.mtype == aiocoap.NON
+            numbers.append(note.opt.observe)
+            # RFC 7641 §4.4: increasing (24 bits; no wrap in a few notifications).
+            assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+
+            # An observer that went away answers the CON with RST: the observation ends.
+            service.clock.advance(600)
+            await change_keys(service, server)
+            (note,) = await observer.notifications(1)
+            assert note.mtype == aiocoap.CON
+            assert len(server.observers) == 1
+            observer.send(reset(note))
+            await asyncio.sleep(0.1)
+            assert len(server.observers) == 0
+            await change_keys(service, server)
+            assert await observer.quiet()
+        finally:
+            observer.close()
+
+
+async def test_a_waiting_observer_gets_only_the_newest_state(service: AuthService) -> None:
+    """Coalescing: at 5 notifications a second, the second observer waits 0.2 s; two changes
+    in that time are one notification to it, of the newest set."""
+    async with server_with(service, notify_rate=5) as server:
+        first, second = RawObserver(server.port), RawObserver(server.port)  # type: ignore[arg-type]
+        try:
+            assert (await first.register()).opt.observe is not None
+            assert (await second.register()).opt.observe is not None
+            middle = await change_keys(service, server)
+            newest = await change_keys(service, server)
+            assert middle != newest
+
+            notes = await second.notifications(1)
+            assert [n.payload for n in notes] == [newest]
+            assert await second.quiet(0.5)  # nothing more: the middle state was skipped
+            # The first was told at once of the middle set, then of the newest.
+            assert [n.payload for n in await first.notifications(2)] == [middle, newest]
+        finally:
+            first.close()
+            second.close()
+
+
+async def test_notifications_are_paced(service: AuthService) -> None:
+    """notify_rate 100: 30 observers are told over at least 0.2 s, not in one burst."""
+    async with server_with(service, notify_rate=100, observers_per_source=100) as server:
+        observer = RawObserver(server.port)  # type: ignore[arg-type]
+        try:
+            for _ in range(30):
+                assert (await observer.register()).opt.observe is not None
+            loop = asyncio.get_running_loop()
+            await change_keys(service, server)
+            arrivals = []
+            for _ in range(30):
+                await observer.notifications(1)
+                arrivals.append(loop.time())
+            assert arrivals[-1] - arrivals[0] >= 0.2
+            assert server.observers.sent == 30
+        finally:
+            observer.close()
+
+
+async def test_one_source_holds_at_most_observers_per_source(service: AuthService) -> None:
+    """RFC 7641 §4.1: past the limit, the GET is answered without Observe (not refused)."""
+    async with server_with(service) as server:
+        port: int = server.port  # type: ignore[assignment]
+        flood, other = RawObserver(port, "127.0.0.1"), RawObserver(port, "127.0.0.2")
+        try:
+            for _ in range(8):
+                assert (await flood.register()).opt.observe is not None
+            ninth = await flood.register()
+            assert ninth.code == aiocoap.CONTENT and ninth.opt.observe is None
+            assert ninth.payload == server.keys_resource._render(102).payload
+            # Another source is not affected; the refused one is told of nothing.
+            assert (await other.register()).opt.observe is not None
+            assert len(server.observers) == 9
+            await change_keys(service, server)
+            assert len(await flood.notifications(8)) == 8
+            assert await flood.quiet()
+        finally:
+            flood.close()
+            other.close()
+
+
+async def test_observers_are_bounded_in_all(service: AuthService) -> None:
+    async with server_with(service, observers_max=3) as server:
+        port: int = server.port  # type: ignore[assignment]
+        observers = [RawObserver(port, f"127.0.0.{n}") for n in range(1, 5)]
+        try:
+            registrations = [o.request("/keys") for o in observers]
+            answers = [await o.answer(r) for o, r in zip(observers, registrations, strict=True)]
+            assert [a.opt.observe is not None for a in answers] == [True, True, True, False]
+            assert all(a.code == aiocoap.CONTENT for a in answers)
+            # A place freed (a deregistration, RFC 7641 §3.6) is taken by the next one.
+            token = registrations[0].token
+            answer = await observers[0].register(observe=1, token=token)
+            assert answer.opt.observe is None
+            await asyncio.sleep(0.05)
+            assert (await observers[3].register()).opt.observe is not None
+        finally:
+            for o in observers:
+                o.close()
