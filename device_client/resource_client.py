@@ -29,6 +29,11 @@ token, one more try, in EAD_3 again): a token that fits EAD_3 is never uploaded 
 since an EDHOC error is not authenticated and anyone on the path could forge one to make a
 device reveal its token's claims.
 
+Every unprotected request (the /authz-info upload, EDHOC's messages) answers an Echo
+challenge (RFC 9175 §2.4): an RS that has not verified our address yet, and whose answer would
+be more than 3x the request, answers 4.01 with an Echo option first; the request is sent once
+more carrying it. Protected requests need none (the RS authenticates them).
+
 Nothing here runs in the background: every exchange runs in the caller's task, so a caller's
 cancellation ends it and propagates; `close()` (the context manager's exit) only forgets the
 context. The token, the OSCORE input material and the keys never reach logs or errors.
@@ -45,6 +50,7 @@ from typing import Any, TypeVar
 import aiocoap
 import cbor2
 
+from coap_auth.echo import is_echo_challenge
 from coap_auth.errors import CoapAuthError
 from coap_auth.secure.credentials import (
     CredentialError,
@@ -400,15 +406,26 @@ class ResourceClient:
             raise ChannelUnavailable(f"{self.host}: rs_cnf is unusable: {exc}") from None
 
     async def _authz_info(self, payload: bytes, content_format: int) -> aiocoap.Message:
-        """POST to /authz-info, unprotected; the 2.01 answer, or ResourceRefused."""
-        message = aiocoap.Message(
-            code=aiocoap.POST,
-            uri=f"{self.uri}/authz-info",
-            payload=payload,
-            content_format=content_format,
-            transport_tuning=self._channel.tuning,
-        )
-        answer = await _answer(self._channel.plain_request(message), self.timeout)
+        """POST to /authz-info, unprotected (once more with the Echo value when the RS
+        challenges us: RFC 9175 §2.4); the 2.01 answer, or ResourceRefused."""
+
+        def build() -> aiocoap.Message:
+            return aiocoap.Message(
+                code=aiocoap.POST,
+                uri=f"{self.uri}/authz-info",
+                payload=payload,
+                content_format=content_format,
+                transport_tuning=self._channel.tuning,
+            )
+
+        answer = await _answer(self._channel.plain_request(build()), self.timeout)
+        if is_echo_challenge(answer):
+            # The RS did not take the token (a challenge comes before any processing, or
+            # instead of an answer that would have left nothing behind): the same upload
+            # again, nonce1 included, with the Echo value.
+            repeat = build()
+            repeat.opt.echo = answer.opt.echo
+            answer = await _answer(self._channel.plain_request(repeat), self.timeout)
         if answer.code != aiocoap.CREATED:
             _, description = parse_error(answer.payload)
             raise ResourceRefused(

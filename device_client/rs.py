@@ -25,26 +25,46 @@ An unprotected request to a guarded resource gets 4.01 with AS Request Creation 
 withdrawn) takes its context with it and the request gets an unprotected 4.01 (RFC 9203 §4.3).
 State is bounded: tokens per subject and in all, contexts per subject and in all, the nonce1
 memory. Neither tokens nor keys appear in logs or error bodies.
+
+No amplifier (RFC 7252 §11.3, RFC 9175 §2.4): coap_auth.echo's AmplificationGuard is the
+outermost site, so an unprotected answer to a source address not yet verified is at most 3x
+its request, or else a 4.01 with an Echo option; returning the Echo verifies the address
+for `verified_lifetime` s, in a table of at most `max_verified` addresses (rs_amplification).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import secrets
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import aiocoap
-import cbor2
 from aiocoap import resource
 
+from coap_auth.echo import (
+    LOOPBACK_NETWORKS,
+    MAX_VERIFIED_PER_PREFIX,
+    AmplificationGuard,
+    EchoValues,
+    VerifiedAddresses,
+)
 from coap_auth.errors import ServiceUnavailable, TokenError
 from coap_auth.secure.credentials import EdhocIdentity
 from coap_auth.udp import CriticalOptionGuard, create_server_context, error_message
-from coap_auth.wire import ContentFormat
 from device_client.credentials import DeviceKey
 from device_client.errors import InsufficientScope
+from device_client.rs_amplification import (
+    ECHO_KEY_BYTES,
+    MAX_VERIFIED,
+    VERIFIED_LIFETIME,
+    HintFitting,
+    hints_message,
+    leaves_state,
+    network_list,
+)
 from device_client.rs_common import (
     HINT_AS,
     HINT_AUDIENCE,
@@ -77,9 +97,18 @@ class ResourceServer:
     `contexts_per_subject` each, dropped after `context_idle_timeout` s unused, and the last
     `max_nonces` nonce1 values. `on_token(token, key)` is called for each token accepted (key:
     the endpoint of a bearer token, "pop:<hash>" for one held for EDHOC, "oscore:<recipient
-    id>" for one bound to a context). Raises ValueError for inconsistent bounds or an identity
-    not named after the audience, ChannelUnavailable for an identity that cannot run EDHOC
-    (an Ed25519 DeviceKey).
+    id>" for one bound to a context).
+
+    Amplification (module docstring): addresses in `verified_networks` (CIDR strings, or one
+    comma-separated string; "" or () for none) count as verified from the start (default
+    loopback, as on the AS); others once they return an Echo value, for `verified_lifetime`
+    s, at most `max_verified` of them (the least recently verified go first). Echo values are
+    MACed under `echo_key` (default: random per process, so a restart invalidates the values
+    outstanding and their clients get a fresh challenge).
+
+    Raises ValueError for inconsistent bounds, an identity not named after the audience, an
+    `echo_key` under 16 bytes or a network that does not parse, ChannelUnavailable for an
+    identity that cannot run EDHOC (an Ed25519 DeviceKey).
     """
 
     def __init__(
@@ -96,9 +125,15 @@ class ResourceServer:
         context_idle_timeout: int = 3600,
         max_nonces: int = 1024,
         on_token: Callable[[VerifiedToken, str], None] | None = None,
+        verified_networks: str | Iterable[str] = LOOPBACK_NETWORKS,
+        max_verified: int = MAX_VERIFIED,
+        verified_lifetime: int = VERIFIED_LIFETIME,
+        echo_key: bytes | None = None,
     ) -> None:
         if not 1 <= max_tokens_per_subject <= max_tokens:
             raise ValueError("need 1 <= max_tokens_per_subject <= max_tokens")
+        if max_verified < 1 or verified_lifetime < 1:
+            raise ValueError("need max_verified >= 1 and verified_lifetime >= 1")
         self.verifier = verifier
         # Named in 4.01 answers so a client knows where to get a token (RFC 9200 §5.3).
         self.as_uri = as_uri
@@ -126,22 +161,36 @@ class ResourceServer:
             raise ValueError("the RS's EDHOC identity must be named after its audience")
         self.identity = identity
         self.edhoc = EdhocBinding(self) if identity is not None else None
+        clock = verifier.clock
+        self.echo = EchoValues(echo_key or secrets.token_bytes(ECHO_KEY_BYTES), clock)
+        self.verified = VerifiedAddresses(
+            clock,
+            lifetime=verified_lifetime,
+            max_entries=max_verified,
+            per_prefix=min(MAX_VERIFIED_PER_PREFIX, max_verified),
+            networks=network_list(verified_networks),
+        )
+        # The site `add_to` made last (its `challenges` count the Echo challenges sent).
+        self.guard: AmplificationGuard | None = None
         self._served: list[aiocoap.Context] = []
 
     # -- serving --------------------------------------------------------------------------------
 
     def add_to(self, site: resource.Site) -> Any:
         """Add /authz-info (and /.well-known/edhoc with an identity) to `site`; return the site
-        to serve: OSCORE unprotection in front of it (and of the 4.02 check of critical
-        options). Serve it with `create_server_context(served, bind, check_options=False)`
-        (the OSCORE option is critical: a check in front would refuse it), or use `serve`.
-        Raises nothing."""
+        to serve: the amplification guard (and the hints' cut, rs_amplification) in front of
+        OSCORE unprotection in front of it (and of the 4.02 check of critical options). Serve
+        it with `create_server_context(served, bind, check_options=False)` (the OSCORE option
+        is critical: a check in front would refuse it), or use `serve`. Raises nothing."""
         from coap_auth.secure.site import ProtectedSite
 
         site.add_resource(["authz-info"], AuthzInfoResource(self))
         if self.edhoc is not None:
             site.add_resource([".well-known", "edhoc"], EdhocResource(self.edhoc))
-        return ProtectedSite(CriticalOptionGuard(site), self.contexts, self.verifier.clock)
+        protected = ProtectedSite(CriticalOptionGuard(site), self.contexts, self.verifier.clock)
+        fitting = HintFitting(protected, self.verified)
+        self.guard = AmplificationGuard(fitting, self.echo, self.verified, echo_first=leaves_state)
+        return self.guard
 
     async def serve(self, site: resource.Site, bind: tuple[str, int]) -> aiocoap.Context:
         """`add_to(site)`, served on UDP at `bind` until `close()` (or the end of `async with`).
@@ -312,17 +361,14 @@ class ResourceServer:
 
     def unauthorized(self, reason: str, scopes: tuple[str, ...] = ()) -> aiocoap.Message:
         """4.01: with AS Request Creation Hints (RFC 9200 §5.3) when `as_uri` is set, else a
-        problem detail naming `reason`. Raises nothing."""
+        problem detail naming `reason` (to an unverified source address the hints may be cut
+        down on the way out: rs_amplification.HintFitting). Raises nothing."""
         if self.as_uri is None:
             return problem(aiocoap.UNAUTHORIZED, TokenError(reason))
         hints: dict[int, Any] = {HINT_AS: self.as_uri, HINT_AUDIENCE: self.verifier.audience}
         if scopes:
             hints[HINT_SCOPE] = " ".join(scopes)
-        return aiocoap.Message(
-            code=aiocoap.UNAUTHORIZED,
-            payload=cbor2.dumps(hints),
-            content_format=ContentFormat.ACE_CBOR,
-        )
+        return hints_message(hints)
 
 
 def require_scope(*scopes: str) -> Callable[[Render], Render]:

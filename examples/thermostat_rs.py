@@ -25,6 +25,11 @@ the AS as its audience id with --key, and reads the list over OSCORE. /keys is p
 Bearer tokens (an audience of the bearer profile) are refused unless --allow-bearer; they
 are then tied to the sender's address and port, which anyone on the path can forge.
 
+It is no amplifier for a spoofed source address: an unprotected answer to an address not
+yet verified is at most 3x the request, or else a 4.01 with an Echo option (RFC 9175 §2.4)
+that device_client.ResourceClient returns by itself (libcoap's client too, since 4.3.1);
+loopback counts as verified (--verified-networks).
+
 Run it on a Raspberry Pi against a remote coap-auth service
 -----------------------------------------------------------
 1. On the Pi (Python 3.11+), install the device side (aiocoap, cbor2, cryptography, PyJWT,
@@ -147,7 +152,8 @@ class Thermostat:
     audience) reads the TRL over EDHOC with the AS and is the EDHOC identity devices
     authenticate (edhoc_oscore); `token_keys` (`KeySet.from_export`) decrypt the tokens of a
     coap_oscore audience. `clock` and `policy` are for tests. Raises ChannelUnavailable when
-    the identity cannot run EDHOC, ValueError for inconsistent bounds."""
+    the identity cannot run EDHOC, ValueError for inconsistent bounds or a network in
+    `verified_networks` (comma-separated, "" for none) that does not parse."""
 
     def __init__(
         self,
@@ -160,6 +166,7 @@ class Thermostat:
         as_credential: EdhocCredential | None = None,
         token_keys: KeySet | None = None,
         allow_bearer: bool = False,
+        verified_networks: str = "127.0.0.0/8,::1/128",
         leeway: int = 30,
         max_lifetime: int = DEFAULT_MAX_LIFETIME,
         max_staleness: int = DEFAULT_MAX_STALENESS,
@@ -199,6 +206,7 @@ class Thermostat:
             identity=identity,
             allow_bearer=allow_bearer,
             on_token=self._accepted,
+            verified_networks=verified_networks,
         )
         self.site = resource.Site()
         self.site.add_resource(
@@ -318,12 +326,17 @@ async def run(args: argparse.Namespace) -> int:
             as_credential=as_credential,
             token_keys=token_keys,
             allow_bearer=args.allow_bearer,
+            verified_networks=args.verified_networks,
             leeway=args.leeway,
             max_lifetime=args.max_lifetime,
             max_staleness=args.max_staleness,
         )
     except ChannelUnavailable as exc:
         say(exc.description)
+        await client_context.shutdown()
+        return 2
+    except ValueError as exc:
+        say(f"cannot start: {exc}")
         await client_context.shutdown()
         return 2
     if thermostat.trl.channel is not None:
@@ -406,6 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bind", default="::")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--leeway", type=int, default=30, help="clock-skew tolerance (s)")
+    parser.add_argument(
+        "--verified-networks",
+        default="127.0.0.0/8,::1/128",
+        help="comma-separated networks whose source addresses need no Echo round trip before"
+        ' an answer over 3x their request (RFC 9175 §2.4); "" for none',
+    )
     parser.add_argument(
         "--max-staleness",
         type=int,

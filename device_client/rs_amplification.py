@@ -1,0 +1,152 @@
+"""The resource server as a good UDP citizen (RFC 7252 §11.3, RFC 9175 §2.4): what it tells
+coap_auth.echo's AmplificationGuard, and AS Request Creation Hints that fit the bound.
+
+The guard (outermost, in front of OSCORE) keeps every unprotected answer to an unverified
+source address within 3x its request, replacing a larger one by a 4.01 with an Echo option.
+An answer that was rendered has done its work, though: one that leaves state behind (a held
+token, a derived OSCORE context, a pending EDHOC handshake) must not then be withheld, or the
+client would repeat a request whose effect already happened (RFC 9203's nonce1 would be
+refused as reused). Measured with the real credentials, every such answer is far below its
+request: /authz-info's 2.01 is at most LARGEST_STATEFUL_ANSWER bytes and a request carrying a
+token is larger than that; message_2 (ID_CRED_R by reference, method 3) is about the size of
+the message_1 request. So they are rendered first; `leaves_state` makes the guard challenge
+first only an unprotected POST to those resources too small for the largest such answer to
+fit, which never carries a valid token or message_1, so that the rule holds by construction.
+
+The 4.01 of an unprotected request to a protected resource carries the hints (RFC 9200 §5.3,
+all optional); to an unverified source they are cut down until they fit (scope first, then
+audience: the AS's URI is the one a client cannot guess), and only when even that does not
+fit does the guard's Echo challenge come first, the full hints after the round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import aiocoap
+import cbor2
+
+from coap_auth.echo import AMPLIFICATION_FACTOR, VerifiedAddresses, request_size, within_bound
+from coap_auth.udp import source_host
+from coap_auth.wire import ContentFormat
+from device_client.rs_common import HINT_AS, HINT_AUDIENCE, HINT_SCOPE
+
+# A device's table of verified addresses: a few clients, each verified for an hour.
+MAX_VERIFIED = 1024
+VERIFIED_LIFETIME = 3600
+# A new random key per process (ResourceServer's default): an Echo value outstanding across
+# a restart no longer verifies, and its client gets a fresh challenge.
+ECHO_KEY_BYTES = 32
+# The largest unprotected answer that leaves state behind, without its message token (which
+# the request carries too): a 2.01 from /authz-info with Content-Format 19 and
+# {42: nonce2 (8 bytes), 44: ace_server_recipientid (at most 7)} is 29 bytes; a 2.04 with
+# message_2 (G_Y 32, C_R at most 8, ID_CRED_R a kid of at most 17, MAC_2 9, two length bytes)
+# and Content-Format 64 at most 75. 80 with room to spare.
+LARGEST_STATEFUL_ANSWER = 80
+_STATEFUL_PATHS = (("authz-info",), (".well-known", "edhoc"))
+
+__all__ = [
+    "HintFitting",
+    "LARGEST_STATEFUL_ANSWER",
+    "MAX_VERIFIED",
+    "VERIFIED_LIFETIME",
+    "fitted_hints",
+    "hints_message",
+    "leaves_state",
+    "network_list",
+]
+
+
+def network_list(networks: str | Iterable[str]) -> tuple[str, ...]:
+    """Always-verified networks as a tuple: a comma-separated string ("" for none, as the AS's
+    `verified_networks` setting) or an iterable of CIDR strings. Raises nothing (a bad
+    network fails in VerifiedAddresses with ValueError)."""
+    if isinstance(networks, str):
+        return tuple(n.strip() for n in networks.split(",") if n.strip())
+    return tuple(networks)
+
+
+def leaves_state(request: aiocoap.Message) -> bool:
+    """The guard's `echo_first`: an unprotected POST to /authz-info or /.well-known/edhoc so
+    small that the largest answer leaving state behind would not fit its bound (module
+    docstring). Raises nothing."""
+    if request.code != aiocoap.POST or request.opt.oscore is not None:
+        return False
+    if tuple(request.opt.uri_path) not in _STATEFUL_PATHS:
+        return False
+    largest = LARGEST_STATEFUL_ANSWER + len(request.token)
+    return AMPLIFICATION_FACTOR * request_size(request) < largest
+
+
+def hints_message(hints: dict[int, Any]) -> aiocoap.Message:
+    """4.01 with AS Request Creation Hints (RFC 9200 §5.3), application/ace+cbor. Raises
+    nothing."""
+    return aiocoap.Message(
+        code=aiocoap.UNAUTHORIZED,
+        payload=cbor2.dumps(hints),
+        content_format=ContentFormat.ACE_CBOR,
+    )
+
+
+def fitted_hints(response: aiocoap.Message, request: aiocoap.Message) -> aiocoap.Message:
+    """`response` if it fits the bound of `request` or carries no hints; else its hints
+    without scope, then without audience, whichever fits first; `response` itself when even
+    the AS alone does not fit (the guard then sends its Echo challenge instead). Raises
+    nothing."""
+    hints = _hints_of(response)
+    if hints is None or within_bound(response, request):
+        return response
+    for label in (HINT_SCOPE, HINT_AUDIENCE):
+        hints.pop(label, None)
+        smaller = hints_message(hints)
+        if within_bound(smaller, request):
+            return smaller
+    return response
+
+
+def _hints_of(response: aiocoap.Message) -> dict[int, Any] | None:
+    if response.code != aiocoap.UNAUTHORIZED or response.opt.oscore is not None:
+        return None
+    if response.opt.content_format != ContentFormat.ACE_CBOR:
+        return None
+    try:
+        hints = cbor2.loads(response.payload)
+    except Exception:  # cbor2 raises more than CBORDecodeError on odd input
+        return None
+    return hints if isinstance(hints, dict) and HINT_AS in hints else None
+
+
+class HintFitting:
+    """A server site in front of another (inside the amplification guard): the 4.01 with
+    hints to an unprotected request from an unverified source address is cut down to fit
+    (`fitted_hints`). It works on the request as it arrived: a resource sees it with its
+    Uri-Path stripped (aiocoap's Site), smaller than what the bound is taken on."""
+
+    def __init__(self, site: Any, verified: VerifiedAddresses) -> None:
+        self.site = site
+        self.verified = verified
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.site, name)
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        request = pipe.request
+        if request.opt.oscore is not None or self.verified.is_verified(source_host(request)):
+            await self.site.render_to_pipe(pipe)
+        else:
+            await self.site.render_to_pipe(_FittingPipe(pipe))
+
+
+class _FittingPipe:
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = pipe
+        # aiocoap's Site replaces `request` with its path-stripped copy: the bound is taken on
+        # the request as it arrived.
+        self._arrived = self.request = pipe.request
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+    def add_response(self, response: aiocoap.Message, is_last: bool = False) -> None:
+        self._pipe.add_response(fitted_hints(response, self._arrived), is_last)
