@@ -37,6 +37,12 @@ log = logging.getLogger("coap_auth.server")
 
 # RFC 7641 §4.4: the Observe option carries 24 bits of a per-observation increasing number.
 OBSERVE_MASK = 0xFFFFFF
+# A new registration from a source that already observes here may mean its earlier
+# observations were lost (a device restarted, a NAT moved it to another port): they are sent
+# their next notification as a CON at once, so that the dead ones end (RFC 7641 §4.5: an
+# unacknowledged or reset CON ends the observation) and free their places. At most once per
+# this many seconds per observation.
+PROBE_INTERVAL = 60
 
 
 class ObservedResource(Protocol):
@@ -82,6 +88,7 @@ class Observation:
     last_con: int  # injected clock: when it was last sent a CON (or registered)
     etag: bytes | None = None  # the representation it was last given
     queued: bool = False
+    probe: bool = False  # its next notification is a CON (a liveness check)
     ended: bool = False
     closing: bool = False  # queued for a last notification without Observe
     # Set when the pipe cannot tell its end (ProtectedSite's IterablePipe): the render
@@ -168,6 +175,8 @@ class Observers:
         authenticated = requester is not None
         source = f"peer:{requester}" if authenticated else address_key(source_host(request))
         mine = self._by_source.get(source, {})
+        if not authenticated:
+            self._probe(mine)
         if len(mine) >= self.per_source:
             if not authenticated:
                 self.refused += 1
@@ -197,6 +206,15 @@ class Observers:
         self._by_source.setdefault(source, {})[observation] = None
         self._count += 1
         return observation
+
+    def _probe(self, observations: Iterable[Observation]) -> None:
+        """Check that `observations` (of one source that registers again) still have a
+        listener: a CON each, now, unless one was sent within PROBE_INTERVAL."""
+        now = self.clock.now()
+        for observation in observations:
+            if now - observation.last_con >= PROBE_INTERVAL and not observation.probe:
+                observation.probe = True
+                self.notify([observation], force=True)
 
     async def hold(self, observation: Observation) -> None:
         """Keep the render coroutine of an observation whose pipe cannot report its end
@@ -311,12 +329,13 @@ class Observers:
             message.opt.observe = observation.number
         message = first_block(message, observation.szx)
         now = self.clock.now()
-        if now - observation.last_con >= self.con_interval:
-            # RFC 7641 §4.5: a CON at least every notify_con_interval (24 h by default); when
-            # it goes unacknowledged (or is reset), aiocoap ends the exchange and with it the
-            # observation (the pipe's interest ends).
+        if observation.probe or now - observation.last_con >= self.con_interval:
+            # RFC 7641 §4.5: a CON at least every notify_con_interval (24 h by default), and
+            # as a liveness probe (PROBE_INTERVAL); when it goes unacknowledged (or is reset),
+            # aiocoap ends the exchange and with it the observation (the pipe's interest ends).
             message.mtype = aiocoap.CON
             observation.last_con = now
+            observation.probe = False
         else:
             message.mtype = aiocoap.NON
         self.sent += 1

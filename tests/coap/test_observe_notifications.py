@@ -8,6 +8,7 @@ import asyncio
 
 import aiocoap
 
+from coap_auth.coap.observers import PROBE_INTERVAL
 from coap_auth.coap.server import Server
 from coap_auth.service import AuthService
 from tests.coap.observing import RawObserver, ack, reset, server_with
@@ -147,3 +148,43 @@ async def test_observers_are_bounded_in_all(service: AuthService) -> None:
         finally:
             for o in observers:
                 o.close()
+
+
+async def test_a_new_registration_probes_the_sources_older_observations(
+    service: AuthService,
+) -> None:
+    """A device that restarts leaves its observations behind (a new port, new tokens): its
+    next registration has them sent a CON at once (at most once a minute each), and those
+    nobody acknowledges end (here: reset), so the device gets its place back."""
+    async with server_with(service, observers_per_source=2) as server:
+        port: int = server.port  # type: ignore[assignment]
+        before, after = RawObserver(port), RawObserver(port)
+        try:
+            for _ in range(2):
+                assert (await before.register()).opt.observe is not None
+            # Within the minute: no probe, and the limit holds.
+            assert (await after.register()).opt.observe is None
+            assert await before.quiet()
+            service.clock.advance(PROBE_INTERVAL)  # type: ignore[attr-defined]
+            assert (await after.register()).opt.observe is None
+            for _ in range(2):  # one CON at a time to one endpoint (NSTART 1)
+                (probe,) = await before.notifications(1)
+                assert probe.mtype == aiocoap.CON
+                before.send(reset(probe))
+            for _ in range(100):
+                if not len(server.observers):
+                    break
+                await asyncio.sleep(0.01)
+            assert len(server.observers) == 0
+            live = await after.register()
+            assert live.opt.observe is not None
+            # A live observer acknowledges its probe and stays.
+            service.clock.advance(PROBE_INTERVAL)  # type: ignore[attr-defined]
+            assert (await after.register()).opt.observe is not None
+            (probe,) = [m for m in await after.notifications(1) if m.mtype == aiocoap.CON]
+            after.send(ack(probe))
+            assert await after.quiet()
+            assert len(server.observers) == 2
+        finally:
+            before.close()
+            after.close()
