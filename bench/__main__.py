@@ -1,5 +1,7 @@
-"""`make bench` (`python -m bench`): every measurement of issue 7 in one run, printed as a
-table and written to bench/results.md (the hand-written notes at its end are kept)."""
+"""`make bench` (`python -m bench`): every measurement of issues 7 and 16 in one run, printed
+as a table and written to bench/results.md (the hand-written notes at its end are kept).
+`--issue16` runs only issue 16's (amplification, 10,000 observers of /keys, TRL observers)
+and prints them without writing results.md."""
 
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from pathlib import Path
 import cbor2
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from bench import amplification, report, tokens_bench
 from bench import coap_wire as wire
-from bench import report, tokens_bench
 from bench.breakdown import issue_breakdown
 from bench.fanout import ObserverGroup, measure_fan_out
 from bench.loadgen import (
@@ -43,6 +45,7 @@ from bench.protected_channel import (
     oscore_issue_workload,
     register_devices,
 )
+from bench.revocations import fill_trl, measure_trl_fan_out
 from coap_auth.tokens import cose_key_from_public
 
 HOST = "127.0.0.1"
@@ -52,12 +55,13 @@ DURATION = 2.0  # measured seconds per phase
 WARMUP = 0.5
 WORKER_CONCURRENCY = 64
 WORKER_SEQUENCE = (1, 2, 1, 2, 1)
-FAN_OUT = (1000, 5000)  # observers
+FAN_OUT = (1000,)  # observers of /keys; KEYS_OBSERVERS more in issue16()
 # The second rotation follows the first this long after: long enough for a notification whose
 # ACK was lost to be retransmitted once (ACK_TIMEOUT 2 s x up to 1.5), not for a whole
 # retransmission series.
 SETTLE = 5.0
 HANDSHAKE_RUNS = 200  # EDHOC + first /token, with each initiator
+KEYS_OBSERVERS = 10_000  # issue 16's fan-out of /keys
 
 
 async def token_responses(pool: EndpointPool, data: DataDir) -> list[report.ResponseSize]:
@@ -123,13 +127,15 @@ async def endpoint_throughput(
     return results
 
 
-async def fan_out(data: DataDir, base: Path) -> tuple[list[report.FanOutRun], dict[int, int]]:
+async def fan_out(
+    data: DataDir, base: Path, sizes: tuple[int, ...] = FAN_OUT
+) -> tuple[list[report.FanOutRun], dict[int, int]]:
     """For each size, a fresh bench server: register the observers of /keys, read the
     server's RSS (after a GC) before and after, rotate once from a quiet state and once more
     SETTLE seconds later."""
     runs: list[report.FanOutRun] = []
     memory: dict[int, int] = {}
-    for count in FAN_OUT:
+    for count in sizes:
         log = base / f"fanout-{count}.log"
         server = await ServerProcess.bench_server(data.path, free_udp_port(), log)
         group = ObserverGroup(HOST, server.port)
@@ -143,11 +149,12 @@ async def fan_out(data: DataDir, base: Path) -> tuple[list[report.FanOutRun], di
             await group.grow_to(count)
             memory[count] = (int((await server.command("rss"))[1]) - before) // count
             for label in ("quiet", f"{SETTLE:.0f} s later"):
-                result = await measure_fan_out(group, rotate)
+                result = await measure_fan_out(group, rotate, lambda s=server: cpu_seconds(s.pid))
                 runs.append(report.FanOutRun(label, result))
                 print(
                     f"  {count} observers ({label}): last notified {result.last * 1000:.0f} ms "
-                    f"after the rotation ({result.notified} notified, {result.receive_drops} "
+                    f"after the rotation, p99 {result.p99 * 1000:.0f} ms ({result.notified} "
+                    f"notified, {result.con} CON / {result.non} NON, {result.receive_drops} "
                     "datagrams dropped by full receive buffers)",
                     flush=True,
                 )
@@ -156,6 +163,55 @@ async def fan_out(data: DataDir, base: Path) -> tuple[list[report.FanOutRun], di
             group.close()
             await server.stop()
     return runs, memory
+
+
+async def issue16(base: Path) -> report.Issue16:
+    """Amplification probes and the TRL observers, on one data directory whose revocation
+    list holds TRL_ENTRIES entries; then 10,000 observers of /keys (with memory)."""
+    data = make_data_dir(base / "issue16")
+    server = await ServerProcess.bench_server(data.path, free_udp_port(), base / "trl.log")
+    try:
+        print("filling the revocation list (issue, then revoke, over CoAP) ...", flush=True)
+        await fill_trl(server.port, data)
+        print("amplification probes from unverified addresses ...", flush=True)
+        probes = await amplification_probes(base, data)
+        for probe in probes:
+            print(
+                f"  {probe.probe.server:9} {probe.probe.name:36} {probe.request_bytes:4} B -> "
+                f"{probe.received_bytes:6} B ({probe.ratio:5.2f} x) {probe.codes}",
+                flush=True,
+            )
+        print("1,000 observers of /revoke/trl, one revocation ...", flush=True)
+        trl = await measure_trl_fan_out(server, data)
+        print(
+            f"  {trl.result.notified} notified, last {trl.result.last * 1000:.0f} ms, server "
+            f"CPU {trl.result.server_cpu:.2f} s (last notification "
+            f"{trl.result.last_first_block * 1000:.0f} ms, CPU until then "
+            f"{trl.result.first_block_cpu:.2f} s; {trl.result.receive_drops} rcvbuf drops)",
+            flush=True,
+        )
+    finally:
+        await server.stop()
+    print("10,000 observers of /keys ...", flush=True)
+    keys, memory = await fan_out(data, base, (KEYS_OBSERVERS,))
+    print(f"  server memory per observer: {memory[KEYS_OBSERVERS] / 1024:.1f} KiB", flush=True)
+    return report.Issue16(probes, trl, keys, memory[KEYS_OBSERVERS])
+
+
+async def amplification_probes(base: Path, data: DataDir) -> list[amplification.ProbeResult]:
+    """The probes against a lab-mode and a protected server, both treating every address as
+    unverified."""
+    servers: dict[str, ServerProcess] = {}
+    try:
+        for mode, settings in amplification.UNVERIFIED_SETTINGS.items():
+            log = base / f"amplification-{mode}.log"
+            servers[mode] = await ServerProcess.bench_server(
+                data.path, free_udp_port(), log, settings
+            )
+        return await amplification.measure(data, {m: s.port for m, s in servers.items()})
+    finally:
+        for server in servers.values():
+            await server.stop()
 
 
 async def multi_process(base: Path, data: DataDir) -> list[report.WorkerRun]:
@@ -197,8 +253,7 @@ async def multi_process(base: Path, data: DataDir) -> list[report.WorkerRun]:
 
 
 async def run(keep: bool) -> report.Results:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 5,000 observer sockets
+    raise_file_limit()
     base = Path(tempfile.mkdtemp(prefix="coap-auth-bench-"))
     started = time.monotonic()
     try:
@@ -235,6 +290,9 @@ async def run(keep: bool) -> report.Results:
         print("observe fan-out (a fresh bench server for each size) ...", flush=True)
         fan_out_runs, memory = await fan_out(data, base)
 
+        print("issue 16: amplification, observers at scale ...", flush=True)
+        issue16_results = await issue16(base)
+
         print("multi-process (coap-auth serve workers) ...", flush=True)
         workers_data = make_data_dir(base / "workers")
         worker_runs = await multi_process(base, workers_data)
@@ -248,6 +306,7 @@ async def run(keep: bool) -> report.Results:
             breakdown=breakdown,
             fan_out=fan_out_runs,
             memory_per_observer=memory,
+            issue16=issue16_results,
             workers=worker_runs,
             wall_seconds=time.monotonic() - started,
         )
@@ -258,13 +317,40 @@ async def run(keep: bool) -> report.Results:
             shutil.rmtree(base, ignore_errors=True)
 
 
+async def run_issue16(keep: bool) -> report.Issue16:
+    raise_file_limit()
+    base = Path(tempfile.mkdtemp(prefix="coap-auth-bench-"))
+    try:
+        return await issue16(base)
+    finally:
+        if keep:
+            print(f"kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def raise_file_limit() -> None:
+    """One socket per observer: KEYS_OBSERVERS of them at once, and the load generator's."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < KEYS_OBSERVERS + 1000:
+        raise SystemExit(f"the bench needs {KEYS_OBSERVERS + 1000} open files; hard limit {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--output", type=Path, default=Path(__file__).parent / "results.md", help="results file"
     )
     parser.add_argument("--keep", action="store_true", help="keep the data dirs and server logs")
+    parser.add_argument(
+        "--issue16", action="store_true", help="only issue 16's measurements, printed"
+    )
     args = parser.parse_args()
+    if args.issue16:
+        print()
+        print("\n".join(report.issue16_section(asyncio.run(run_issue16(args.keep)), [])))
+        return
     results = asyncio.run(run(args.keep))
     text = report.render(results)
     print()

@@ -18,11 +18,17 @@ CREATED = 0x41  # 2.01
 CHANGED = 0x44  # 2.04
 CONTENT = 0x45  # 2.05
 
+UNAUTHORIZED = 0x81  # 4.01
+
+ETAG = 4
 OBSERVE = 6
 OSCORE = 9
 URI_PATH = 11
 CONTENT_FORMAT = 12
+URI_QUERY = 15
+ACCEPT = 17
 BLOCK2 = 23
+ECHO = 252  # RFC 9175 §2.2.1
 
 TOKEN_LENGTH = 8
 
@@ -61,13 +67,43 @@ def encode_options(options: list[tuple[int, bytes]]) -> bytes:
     return bytes(out)
 
 
-def request_options(path: str, content_format: int | None = None, observe: bool = False) -> bytes:
-    options = [(URI_PATH, segment.encode()) for segment in path.strip("/").split("/")]
+def request_options(
+    path: str,
+    content_format: int | None = None,
+    observe: bool = False,
+    *,
+    query: tuple[str, ...] = (),
+    accept: int | None = None,
+    echo: bytes | None = None,
+    block2: int | None = None,
+) -> bytes:
+    """Options of a request to `path` (a query string part per Uri-Query option; `block2`
+    is the option's encoded value, see block2_value)."""
+    segments = [segment for segment in path.strip("/").split("/") if segment]  # "/": none
+    options = [(URI_PATH, segment.encode()) for segment in segments]
+    options += [(URI_QUERY, part.encode()) for part in query]
     if content_format is not None:
         options.append((CONTENT_FORMAT, _uint(content_format)))
     if observe:
         options.append((OBSERVE, b""))
+    if accept is not None:
+        options.append((ACCEPT, _uint(accept)))
+    if echo is not None:
+        options.append((ECHO, echo))
+    if block2 is not None:
+        options.append((BLOCK2, _uint(block2)))
     return encode_options(options)
+
+
+def block2_value(num: int, more: bool, size: int) -> int:
+    """A Block2 option value (RFC 7959 §2.2): NUM, M and SZX (size = 2 ** (SZX + 4))."""
+    return num << 4 | int(more) << 3 | (size.bit_length() - 5)
+
+
+def parse_block(value: bytes) -> tuple[int, bool, int]:
+    """(NUM, M, block size) of a Block1/Block2 option value."""
+    number = int.from_bytes(value, "big")
+    return number >> 4, bool(number & 0x08), 2 ** ((number & 0x07) + 4)
 
 
 def encode(mtype: int, code: int, mid: int, token: bytes, options: bytes, payload: bytes) -> bytes:

@@ -30,10 +30,11 @@ BENCH_SETTINGS = {
 }
 
 
-def clean_env() -> dict[str, str]:
-    """The caller's environment without its COAP_AUTH_* settings, plus the bench's."""
+def clean_env(settings: dict[str, str] | None = None) -> dict[str, str]:
+    """The caller's environment without its COAP_AUTH_* settings, plus the bench's and then
+    `settings` (COAP_AUTH_* variables)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COAP_AUTH_")}
-    return {**env, **BENCH_SETTINGS}
+    return {**env, **BENCH_SETTINGS, **(settings or {})}
 
 
 def free_udp_port() -> int:
@@ -61,10 +62,13 @@ class DataDir:
 
 
 def make_data_dir(path: Path) -> DataDir:
-    """As an operator would: init, a CWT audience, a JWT audience, one client with a secret."""
+    """As an operator would: init, a CWT audience, a JWT audience, one client with a secret.
+    The audiences are `bearer` (tokens bound only when the client sends req_cnf), so that a
+    client with a secret gets a token without a registered key, as the bench's plain
+    workloads need; the default profile (edhoc_oscore) would bind every token."""
     _cli(path, "init")
-    _cli(path, "audiences", "add", "thermostat", "--token-format", "cwt")
-    _cli(path, "audiences", "add", "dashboard", "--token-format", "jwt")
+    _cli(path, "audiences", "add", "thermostat", "--token-format", "cwt", "--profile", "bearer")
+    _cli(path, "audiences", "add", "dashboard", "--token-format", "jwt", "--profile", "bearer")
     out = _cli(
         path, "clients", "add", CLIENT_ID,
         "--audience", "thermostat", "--audience", "dashboard", "--scope", SCOPE, "--secret",
@@ -101,6 +105,19 @@ def udp_receive_drops() -> int:
     return drops
 
 
+def socket_drops(port: int) -> int:
+    """Datagrams dropped so far at the UDP socket(s) bound to local `port` (not connected
+    ones), IPv4 and IPv6: the server's own receive-buffer drops."""
+    drops = 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote = fields[1], fields[2]
+            if int(local.rsplit(":", 1)[1], 16) == port and int(remote.rsplit(":", 1)[1], 16) == 0:
+                drops += int(fields[-1])
+    return drops
+
+
 class ServerProcess:
     """A running server: the bench server (with /noop and a control channel) or a plain
     `coap-auth serve` worker."""
@@ -114,9 +131,12 @@ class ServerProcess:
         return self.process.pid
 
     @classmethod
-    async def bench_server(cls, data_dir: Path, port: int, log: Path) -> ServerProcess:
+    async def bench_server(
+        cls, data_dir: Path, port: int, log: Path, settings: dict[str, str] | None = None
+    ) -> ServerProcess:
+        """`settings`: COAP_AUTH_* variables over BENCH_SETTINGS."""
         argv = [sys.executable, "-m", "bench.server", "--data-dir", str(data_dir)]
-        return await cls._start([*argv, "--port", str(port)], port, log, "listening")
+        return await cls._start([*argv, "--port", str(port)], port, log, "listening", settings)
 
     @classmethod
     async def worker(cls, data_dir: Path, port: int, log: Path) -> ServerProcess:
@@ -124,14 +144,21 @@ class ServerProcess:
         return await cls._start([*argv, "--port", str(port)], port, log, "coap-auth listening")
 
     @classmethod
-    async def _start(cls, argv: list[str], port: int, log: Path, ready: str) -> ServerProcess:
+    async def _start(
+        cls,
+        argv: list[str],
+        port: int,
+        log: Path,
+        ready: str,
+        settings: dict[str, str] | None = None,
+    ) -> ServerProcess:
         with log.open("ab") as log_file:
             process = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log_file,
-                env=clean_env(),
+                env=clean_env(settings),
                 cwd=Path(__file__).resolve().parent.parent,
             )
         assert process.stdout is not None

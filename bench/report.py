@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from bench import amplification
 from bench.breakdown import Part
 from bench.fanout import FanOut
 from bench.loadgen import PhaseResult
 from bench.protected_channel import HandshakeResult
+from bench.revocations import TrlFanOut
 from bench.tokens_bench import SizeRow, VerificationRow
 
 NOTES_HEADING = "## Notes"
@@ -47,6 +49,14 @@ class WorkerRun:
     phase: PhaseResult
 
 
+@dataclass(frozen=True)
+class Issue16:
+    probes: list[amplification.ProbeResult]
+    trl: TrlFanOut
+    keys: list[FanOutRun]  # KEYS_OBSERVERS observers of /keys, two rotations
+    memory_per_observer: int  # bytes of server RSS, with KEYS_OBSERVERS observers
+
+
 @dataclass
 class Results:
     verification: list[VerificationRow]
@@ -57,6 +67,7 @@ class Results:
     breakdown: list[Part]
     fan_out: list[FanOutRun]
     memory_per_observer: dict[int, int]  # observers -> bytes of server RSS per observer
+    issue16: Issue16
     workers: list[WorkerRun]
     wall_seconds: float
 
@@ -209,41 +220,31 @@ def render(r: Results) -> str:
     add("## Observe fan-out of `/keys`")
     add("")
     add(
-        "Each observer is its own UDP socket, registered with CON GET + Observe 0, and ACKs "
-        "every CON notification. A fresh server for each size; time from the start of a forced "
-        "key rotation (store commit included) to the first, median and last observer receiving "
-        "the new set: once from a quiet state, once more 5 s later. *rcvbuf drops*: datagrams "
-        "(observers' ACKs) the kernel dropped for a full socket receive buffer meanwhile; "
-        "aiocoap retransmits those notifications."
+        "Each observer is its own UDP socket on its own loopback address (127.1.x.y, as a "
+        "device has its own address), registered with CON GET + Observe 0; it ACKs every CON "
+        "it receives and holds the new set once a notification with a new ETag arrived (and, "
+        "if block-wise, the rest of its blocks were fetched). A fresh server for each size; "
+        "time from the start of a forced key rotation (store commit included) to the first, "
+        "median, 99th-percentile and last observer holding the new set: once from a quiet "
+        "state, once more 5 s later. *CON / NON*: how the notifications came. *rcvbuf drops*: "
+        "datagrams the kernel dropped for a full socket receive buffer meanwhile (any socket; "
+        "in brackets, those at the server's socket). "
+        "*server CPU*: the server process's, from the rotation until the last observer held "
+        "the set."
     )
     add("")
-    rows = [
-        [
-            f"{f.result.observers:,}",
-            f.rotation,
-            f"{f.result.notified:,}",
-            _ms(f.result.store_commit),
-            _ms(f.result.first),
-            _ms(f.result.median),
-            _ms(f.result.last),
-            f"{f.result.last / f.result.observers * 1e6:.0f}",
-            str(f.result.payload_bytes),
-            str(f.result.receive_drops),
-        ]
-        for f in r.fan_out
-    ]
-    out += _table(
-        ["observers", "rotation", "notified", "commit ms", "first ms", "median ms", "last ms",
-         "µs/observer", "set bytes", "rcvbuf drops"],
-        rows,
-    )  # fmt: skip
+    memory = (
+        {**r.memory_per_observer, r.issue16.keys[0].result.observers: r.issue16.memory_per_observer}
+        if r.issue16.keys
+        else dict(r.memory_per_observer)
+    )
+    out += _fan_out_table([*r.fan_out, *r.issue16.keys])
     add("")
     add(
         "Server memory per observer (RSS after a GC, registered minus before, divided by the "
         "count): "
         + ", ".join(
-            f"{count:,} observers {size / 1024:.1f} KiB"
-            for count, size in sorted(r.memory_per_observer.items())
+            f"{count:,} observers {size / 1024:.1f} KiB" for count, size in sorted(memory.items())
         )
         + "."
     )
@@ -259,22 +260,8 @@ def render(r: Results) -> str:
             _verdict(worst_last <= 1.0 and complete),
         ]
     )  # fmt: skip
-    five = [f for f in r.fan_out if f.result.observers == 5000]
-    targets.append(
-        [
-            "5,000 observers (no target)",
-            " / ".join(f"{f.rotation} {f.result.last * 1000:.0f} ms" for f in five),
-            "-",
-        ]
-    )
-    largest = max(r.memory_per_observer)
-    targets.append(
-        [
-            "memory per observer (no target)",
-            f"{r.memory_per_observer[largest] / 1024:.1f} KiB",
-            "-",
-        ]
-    )
+
+    out += issue16_section(r.issue16, targets)
 
     # -- 5: sizes ---------------------------------------------------------------------------
     add("## Sizes")
@@ -518,3 +505,159 @@ def write(path: Path, generated: str) -> None:
         if index >= 0:
             notes = old[index + 1 :]
     path.write_text(generated + ("\n" + notes if notes else ""))
+
+
+KEYS_FAN_OUT_TARGET = 2.0  # s, the last of 10,000 observers holds the new set
+TRL_CPU_TARGET = 0.5  # s of server CPU for one revocation, 1,000 distinct TRL queries
+MEMORY_AIM = 6 * 1024  # bytes of server RSS per observer
+
+
+def _fan_out_table(runs: list[FanOutRun]) -> list[str]:
+    rows = [
+        [
+            f"{f.result.observers:,}",
+            f.rotation,
+            f"{f.result.notified:,}",
+            _ms(f.result.store_commit),
+            _ms(f.result.first),
+            _ms(f.result.median),
+            _ms(f.result.p99),
+            _ms(f.result.last),
+            f"{f.result.con:,} / {f.result.non:,}",
+            str(f.result.payload_bytes),
+            f"{f.result.receive_drops} ({f.result.server_drops})",
+            f"{f.result.server_cpu:.2f}",
+        ]
+        for f in runs
+    ]
+    return _table(
+        ["observers", "rotation", "holding new set", "commit ms", "first ms", "p50 ms",
+         "p99 ms", "last ms", "CON / NON", "set bytes", "rcvbuf drops (server's)",
+         "server CPU s"],
+        rows,
+    )  # fmt: skip
+
+
+def issue16_section(i: Issue16, targets: list[list[str]]) -> list[str]:
+    """Amplification probes and the TRL fan-out as markdown (the /keys fan-out is in the
+    fan-out section); adds issue 16's target rows to `targets`."""
+    out = ["## Amplification from unverified sources", ""]
+    out.append(
+        "Two bench servers with `verified_networks` empty, so that 127.0.0.0/8 counts as any "
+        "internet address: *lab* (`require_oscore` false, plain requests reach every "
+        "resource) and *protected* (the default), on one data directory whose revocation list "
+        f"holds {i.trl.entries:,} entries (each token issued over `/token`, then revoked by its "
+        "client over `/revoke`, one list update each). Each probe is one CON request with an "
+        "8-byte token from its own fresh address (127.2.0.k), a spoofed victim that never "
+        f"answers: every datagram reaching it in {amplification.WINDOW:.1f} s is counted "
+        "(a CON answer would be retransmitted after 2-3 s, inside that window; any CON fails "
+        "the bound whatever its size). *verified*: the same request from another fresh "
+        "address, repeated with the Echo value of its 4.01 challenge (RFC 9175 §2.3); the "
+        "answer to that repeat."
+    )
+    out.append("")
+    rows = []
+    for p in i.probes:
+        verified_ratio = (
+            p.verified_bytes / p.verified_request_bytes if p.verified_request_bytes else 0.0
+        )
+        rows.append(
+            [
+                p.probe.server,
+                p.probe.name,
+                str(p.request_bytes),
+                p.codes,
+                str(p.received_bytes),
+                f"{p.ratio:.2f}",
+                str(p.con),
+                "yes" if p.within else "**no**",
+                str(p.verified_request_bytes),
+                p.verified_codes,
+                str(p.verified_bytes),
+                f"{verified_ratio:.1f}",
+            ]
+        )
+    out += _table(
+        ["server", "request", "request B", "unverified: received", "B", "x request", "CON",
+         "<= 3x", "verified: request B", "answer", "B", "x request"],
+        rows,
+    )  # fmt: skip
+    out.append("")
+    worst = max(i.probes, key=lambda p: p.ratio)
+    targets.append(
+        [
+            "every unverified-source answer <= 3x, retransmissions included",
+            f"{sum(p.within for p in i.probes)} of {len(i.probes)} probes; largest "
+            f"{worst.ratio:.2f} x ({worst.probe.server} {worst.probe.name}); "
+            f"{sum(p.con for p in i.probes)} CON",
+            _verdict(all(p.within for p in i.probes)),
+        ]
+    )
+
+    keys = [f.result for f in i.keys]
+    if keys:
+        count = keys[0].observers
+        targets.append(
+            [
+                f"{count:,} observers of /keys: last within {KEYS_FAN_OUT_TARGET:.0f} s, twice",
+                " / ".join(
+                    f"{f.rotation} last {f.result.last * 1000:.0f} ms (p50 "
+                    f"{f.result.median * 1000:.0f}, p99 {f.result.p99 * 1000:.0f}; "
+                    f"{f.result.receive_drops} rcvbuf drops)"
+                    for f in i.keys
+                ),
+                _verdict(
+                    all(f.notified == f.observers and f.last <= KEYS_FAN_OUT_TARGET for f in keys)
+                ),
+            ]
+        )
+        targets.append(
+            [
+                f"memory per observer <= {MEMORY_AIM // 1024} KiB (aim)",
+                f"{i.memory_per_observer / 1024:.1f} KiB ({count:,} observers of /keys)",
+                _verdict(i.memory_per_observer <= MEMORY_AIM),
+            ]
+        )
+
+    t = i.trl
+    f = t.result
+    out += ["## One revocation, 1,000 observers of `/revoke/trl`", ""]
+    out.append(
+        f"Lab-mode bench server (loopback addresses verified, the default), its list at "
+        f"{t.entries:,} entries (the data directory above). {f.observers:,} unprotected "
+        "observers, each on its own loopback address (127.4.x.y), observer i registered with "
+        f"`?diff=i` (i = 1 ... {f.observers:,}); a diff above `trl_max_n` means `trl_max_n` "
+        f"(RFC 9770 §6.2.1), so they ask {t.shapes} distinct queries. Registering them took "
+        f"{t.register_seconds:.1f} s. Then one revocation, as `coap-auth tokens revoke --hash` "
+        "makes it, in the server process (the bench server's control channel, so observers are "
+        "told at once, not at the next change poll); time and the server's CPU from the "
+        "revocation until every observer held the new answer (block-wise ones: all blocks, "
+        "fetched with GET at once, 2 s before a lost fetch is sent again), and until every "
+        "observer had its notification (the first block)."
+    )
+    out.append("")
+    out += _table(
+        ["observers", "distinct queries", "holding new answer", "p50 ms", "p99 ms", "last ms",
+         "server CPU s", "last notification ms", "server CPU s until then", "CON / NON",
+         "blocks fetched", "answer bytes", "rcvbuf drops (server's)", "without Observe"],
+        [[f"{f.observers:,}", str(t.shapes), f"{f.notified:,}", _ms(f.median), _ms(f.p99),
+          _ms(f.last), f"{f.server_cpu:.2f}", _ms(f.last_first_block),
+          f"{f.first_block_cpu:.2f}", f"{f.con:,} / {f.non:,}", f"{f.block_fetches:,}",
+          str(f.payload_bytes), f"{f.receive_drops} ({f.server_drops})",
+          str(f.not_observing)]],
+    )  # fmt: skip
+    out.append("")
+    notified = f.first_block_cpu <= TRL_CPU_TARGET and f.notified == f.observers
+    complete = f.server_cpu <= TRL_CPU_TARGET
+    targets.append(
+        [
+            f"1,000 TRL observers (distinct queries): one revocation <= {TRL_CPU_TARGET} s CPU",
+            f"{f.first_block_cpu:.2f} s until all {f.observers:,} had their notification "
+            f"({f.last_first_block * 1000:.0f} ms); {f.server_cpu:.2f} s until all held every "
+            f"block ({f.last * 1000:.0f} ms, {f.block_fetches:,} block GETs, "
+            f"{f.server_drops} dropped at the server's socket); {t.shapes} distinct queries",
+            _verdict(notified)
+            + ("" if complete or not notified else " (notifications); **missed** with blocks"),
+        ]
+    )
+    return out

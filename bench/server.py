@@ -7,7 +7,15 @@ Driven over stdin, one command a line; answers on stdout:
   rss     -> "rss <bytes>" after a garbage collection
   rotate  -> force a key rotation and notify observers: "rotated <t0> <t1> <t2>"
              (time.monotonic() before the rotation, after the store commit, after notifying)
+  revoke H -> revoke the access token whose hash (hex) is H, as `coap-auth tokens revoke
+             --hash` does, and notify observers at once (not at the next change poll):
+             "revoked <t0> <t1> <t2>"
+  heap-mark -> "marked": remember a tracemalloc snapshot (the server must run with
+             PYTHONTRACEMALLOC set; an experiment, not part of `make bench`)
+  heap-diff [lineno|filename] -> one line of JSON: the total growth of traced allocations
+             since the mark (bytes), then the 15 source lines (or files) that grew most
   quit
+Anything else -> "error: ...".
 """
 
 from __future__ import annotations
@@ -15,8 +23,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import aiocoap
@@ -24,6 +34,7 @@ import cbor2
 from aiocoap import resource
 
 from coap_auth.cli.runtime import configure_logging, open_service
+from coap_auth.coap.options import OptionCheckingSite
 from coap_auth.coap.server import Server
 from coap_auth.config import load_settings
 
@@ -36,6 +47,20 @@ class NoopResource(resource.Resource):
 
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
         return aiocoap.Message(code=aiocoap.CREATED, payload=NOOP_BODY, content_format=19)
+
+
+def resources_site(server: Server) -> OptionCheckingSite:
+    """The site holding the resources, inside the wrappers (AmplificationGuard, ProtectedSite)
+    in front of it; raises LookupError if there is none."""
+    site = server._site
+    for _ in range(8):
+        if isinstance(site, OptionCheckingSite):
+            return site
+        inner = vars(site).get("site") or vars(site).get("_inner_site")
+        if inner is None:
+            break
+        site = inner
+    raise LookupError("no OptionCheckingSite behind the server's site")
 
 
 def rss_bytes() -> int:
@@ -54,10 +79,11 @@ async def serve(data_dir: Path, port: int) -> None:
     server = Server(service, settings.bind, settings.port)
     # Bench only: the product's site never has /noop. It goes on the site inside the OSCORE
     # wrapper, where /token is, so that a plain /noop takes the same path as a plain /token.
-    server._site._inner_site.add_resource(["noop"], NoopResource())
+    resources_site(server).add_resource(["noop"], NoopResource())
     await server.start()
     print(f"listening {server.port}", flush=True)
 
+    mark: tracemalloc.Snapshot | None = None
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -73,8 +99,29 @@ async def serve(data_dir: Path, port: int) -> None:
                 await server.check_changes()
                 t2 = time.monotonic()
                 print(f"rotated {t0} {t1} {t2}", flush=True)
+            elif line.startswith("revoke "):
+                t0 = time.monotonic()
+                await service.revoke_token_hash(bytes.fromhex(line.split()[1]))
+                t1 = time.monotonic()
+                await server.check_changes()
+                t2 = time.monotonic()
+                print(f"revoked {t0} {t1} {t2}", flush=True)
+            elif line.startswith("heap") and not tracemalloc.is_tracing():
+                print("error: run the server with PYTHONTRACEMALLOC set", flush=True)
+            elif line == "heap-mark":
+                gc.collect()
+                mark = tracemalloc.take_snapshot()
+                print("marked", flush=True)
+            elif line.startswith("heap-diff") and mark is not None:
+                gc.collect()
+                key = (line.split()[1:] or ["lineno"])[0]
+                stats = tracemalloc.take_snapshot().compare_to(mark, key)
+                top = [[str(s.traceback[0]), s.size_diff, s.count_diff] for s in stats[:15]]
+                print(json.dumps([sum(s.size_diff for s in stats), top]), flush=True)
             elif line == "quit":
                 break
+            else:
+                print(f"error: unknown command (or heap-diff before heap-mark): {line}", flush=True)
     finally:
         await server.stop()
         await service.store.close()
