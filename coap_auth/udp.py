@@ -35,6 +35,7 @@ render one of our errors as a CoAP response.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -67,6 +68,10 @@ ERRORS_ABOUT_THIS_DATAGRAM = frozenset(
 # The datagram is lost locally (buffers full), as it could be on the wire: nobody's fault.
 LOCAL_LOSS = frozenset({errno.EAGAIN, errno.ENOBUFS})
 SEND_ATTEMPTS = 3
+# A server socket's receive buffer: a crowd answering at once (a notified crowd fetching its
+# second blocks, its ACKs) must not be dropped by the kernel. Linux caps it at
+# net.core.rmem_max (often 208 KiB: raise that sysctl where bursts of thousands are expected).
+SERVER_RECEIVE_BUFFER = 2 * 1024 * 1024
 # One log line per kind of dropped datagram per this many seconds.
 DROP_LOG_INTERVAL = 60
 # RFC 7252 §5.4.6: an odd option number is critical. These are the critical options aiocoap's
@@ -313,6 +318,9 @@ async def create_server_context(
         created.trust_icmp = False
         if clock is not None:
             created.drops.clock = clock
+        sock = created.transport.get_extra_info("socket")
+        with contextlib.suppress(OSError):  # what the kernel allows is a tuning, not a need
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SERVER_RECEIVE_BUFFER)
         return created
 
     # aiocoap's own constructors build their transports with this method too.

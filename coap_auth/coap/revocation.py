@@ -188,11 +188,16 @@ class TrlResource(Endpoint, ObservableEndpoint, resource.Resource):
         if channel_peer is not None and not await self.service.peer_registered(channel_peer):
             # Disabled, removed or re-keyed since its handshake: refused at once, like /token.
             raise Unauthorized("the peer of this security context is no longer registered")
-        # A revocation this instance just made is answered at once, not after the next tick.
-        revocations = (await self.service.store.change_counters()).revocations
-        if revocations != self._revocations_seen:
-            self._revocations_seen = revocations
-            self._changed()
+        block2 = request.opt.block2
+        if block2 is None or block2.block_number == 0:
+            # A revocation this instance just made is answered at once, not after the next
+            # tick. A later block (RFC 7959 §2.4) is cut from the answer its first block
+            # came from, as long as it is cached: no store read for each of them (a notified
+            # crowd fetching its second blocks at once would pay one each).
+            revocations = (await self.service.store.change_counters()).revocations
+            if revocations != self._revocations_seen:
+                self._revocations_seen = revocations
+                self._changed()
         return (await self._representation(shape)).message()
 
     async def notification(self, observation: Observation) -> aiocoap.Message:
