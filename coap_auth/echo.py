@@ -53,6 +53,8 @@ ECHO_VALUE_BYTES = TIMESTAMP_BYTES + MAC_BYTES
 # How long (s) an Echo value may be returned after it was issued: a round trip and a
 # retransmission or two, with room for a slow device.
 ECHO_VALUE_LIFETIME = 60
+# How far (s) the clock of the instance that issued a value may be ahead of this one's.
+CLOCK_SKEW = 5
 # Defaults of the verified-address table (settings override them on the AS).
 VERIFIED_LIFETIME = 3600
 MAX_VERIFIED = 100_000
@@ -105,7 +107,8 @@ class EchoValues:
         if not hmac.compare_digest(mac, self._mac(stamp, host)):
             return False
         age = (self.clock.now() - int.from_bytes(stamp, "big")) & 0xFFFFFFFF
-        return age <= self.lifetime
+        # A value from an instance whose clock is a little ahead is "from the future" here.
+        return age <= self.lifetime or age >= (1 << 32) - CLOCK_SKEW
 
     def _mac(self, stamp: bytes, host: str) -> bytes:
         return hmac.new(self._key, stamp + _host_bytes(host), hashlib.sha256).digest()[:MAC_BYTES]
@@ -130,9 +133,10 @@ class VerifiedAddresses:
         self.max_entries = max_entries
         self.per_prefix = per_prefix
         self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
-        # host -> verified until, least recently verified first.
+        # host -> verified until, least recently verified first; and the same hosts by
+        # address_key(), least recently verified first in each.
         self._until: OrderedDict[str, int] = OrderedDict()
-        self._per_prefix: dict[str, int] = {}
+        self._by_prefix: dict[str, OrderedDict[str, None]] = {}
 
     def __len__(self) -> int:
         return len(self._until)
@@ -155,23 +159,24 @@ class VerifiedAddresses:
         prefix = address_key(host)
         if host in self._until:
             self._until.move_to_end(host)
+            self._by_prefix[prefix].move_to_end(host)
         else:
-            if self._per_prefix.get(prefix, 0) >= self.per_prefix:
-                self._drop(next(h for h in self._until if address_key(h) == prefix))
+            mine = self._by_prefix.get(prefix)
+            if mine is not None and len(mine) >= self.per_prefix:
+                self._drop(next(iter(mine)))  # the subnet's least recently verified
             while len(self._until) >= self.max_entries:
                 self._drop(next(iter(self._until)))
-            self._per_prefix[prefix] = self._per_prefix.get(prefix, 0) + 1
+            self._by_prefix.setdefault(prefix, OrderedDict())[host] = None
         self._until[host] = self.clock.now() + self.lifetime
 
     def _drop(self, host: str) -> None:
         if self._until.pop(host, None) is None:
             return
         prefix = address_key(host)
-        remaining = self._per_prefix[prefix] - 1
-        if remaining:
-            self._per_prefix[prefix] = remaining
-        else:
-            del self._per_prefix[prefix]
+        mine = self._by_prefix[prefix]
+        del mine[host]
+        if not mine:
+            del self._by_prefix[prefix]
 
     def _in_networks(self, host: str) -> bool:
         if not self.networks:
@@ -267,7 +272,12 @@ class _BoundedPipe:
     def add_response(self, response: aiocoap.Message, is_last: bool = False) -> None:
         request = self._received
         if self._strip_only:
-            if response.opt.oscore is None and not within_bound(response, request):
+            if response.opt.oscore is not None:
+                # Protected: its request authenticated the peer, which may be sent a CON (the
+                # periodic one of an observation, RFC 7641 §4.5).
+                self._pipe.add_response(response, is_last)
+                return
+            if not within_bound(response, request):
                 response.payload = b""
                 response.opt.content_format = None
         elif not within_bound(response, request):

@@ -128,8 +128,7 @@ RULES = (
         ("device_client",),
     ),
     Rule(
-        "udp.py and echo.py, shared with devices, import no store, service, keys, settings or "
-        "CLI",
+        "udp.py and echo.py, shared with devices, import no store, service, keys, settings or CLI",
         _under("coap_auth/udp.py", "coap_auth/echo.py"),
         (
             "coap_auth.store",

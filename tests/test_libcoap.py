@@ -27,6 +27,7 @@ from coap_auth.config import Settings
 from coap_auth.service import AuthService
 from coap_auth.store import Audience, MasterKey
 from coap_auth.tokens import verify_cwt
+from tests.coap.observing import until
 from tests.conftest import Coap
 
 COAP_CLIENT = shutil.which("coap-client-notls") or shutil.which("coap-client")
@@ -91,7 +92,7 @@ async def test_libcoap_reads_keys_whole_and_block_wise(coap: Coap) -> None:
 async def test_libcoap_observes_a_rotation(coap: Coap) -> None:
     before = (await coap.request(aiocoap.GET, "/keys")).payload
     observer = asyncio.create_task(coap_client("-s", "3", f"{coap.base}/keys"))
-    await asyncio.sleep(1)  # registered (wall time: libcoap is another process)
+    await until(lambda: len(coap.server.observers) == 1)  # libcoap is another process
     await coap.service.rotate_keys(force=True)
     await coap.server.tick()
     after = (await coap.request(aiocoap.GET, "/keys")).payload
@@ -157,7 +158,7 @@ async def test_libcoap_answers_the_echo_challenge(
 
 async def test_libcoap_observes_through_the_echo_challenge(unverified: Coap) -> None:
     observer = asyncio.create_task(coap_client("-s", "3", f"{unverified.base}/keys"))
-    await asyncio.sleep(1)  # registered (wall time: libcoap is another process)
+    await until(lambda: len(unverified.server.observers) == 1)  # libcoap is another process
     assert unverified.server.guard.challenges == 1
     await unverified.service.rotate_keys(force=True)
     await unverified.server.tick()

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -82,6 +82,7 @@ class Observation:
     resource: ObservedResource
     pipe: Any  # the request's pipe: every notification is a further response on it
     source: str  # an address key, or "peer:<id>" for an authenticated peer
+    host: str | None  # the source address of an unauthenticated observer, else None
     shape: Hashable  # what the resource renders for it (content format, query, requester)
     szx: int  # Block2 size exponent of its notifications (RFC 7959 §2.6)
     number: int  # the Observe value last sent
@@ -123,6 +124,9 @@ class Observers:
         # At most 10 ms worth of notifications at once, then the event loop gets its turn
         # (ACKs, requests) before the next burst.
         self.burst = max(1, rate // 100)
+        # Whether an address is verified (coap_auth.echo; the Server sets it): a CON, with its
+        # retransmissions, goes to an unauthenticated observer only while it is.
+        self.is_verified: Callable[[str], bool] = lambda host: True
         self._by_resource: dict[Any, dict[Observation, None]] = {}
         self._by_source: dict[str, dict[Observation, None]] = {}
         self._count = 0
@@ -177,25 +181,23 @@ class Observers:
         mine = self._by_source.get(source, {})
         if not authenticated:
             self._probe(mine)
+        if self._count >= self.maximum or (len(mine) >= self.per_source and not authenticated):
+            self.refused += 1
+            return None
         if len(mine) >= self.per_source:
-            if not authenticated:
-                self.refused += 1
-                return None
             # An authenticated peer past its limit loses its oldest observation instead:
             # aiocoap's OSCORE client never cancels an observation it gave up (a new one is a
             # new token, the old one lingers here), so refusing would lock a device out after
             # a few restarts; and a peer pushing out its own observations hurts only itself.
             self.close(next(iter(mine)))
-        if self._count >= self.maximum:
-            self.refused += 1
-            return None
         block2 = request.opt.block2
         szx = self.max_szx if block2 is None else min(block2.size_exponent, self.max_szx)
         # RFC 7641 §4.4: numbers start anywhere; the loop's milliseconds make a renewed
         # registration (same endpoint and token, a new observation here) start above the
         # old one's, and grow by 256,000 in 256 s, well under the 2^23 allowed.
         start = int(asyncio.get_running_loop().time() * 1000) & OBSERVE_MASK
-        observation = Observation(resource, pipe, source, shape, szx, start, self.clock.now())
+        host = None if authenticated else source_host(request)
+        observation = Observation(resource, pipe, source, host, shape, szx, start, self.clock.now())
         try:
             pipe.on_interest_end(functools.partial(self.end, observation))
         except RuntimeError:  # an IterablePipe already iterated: await in hold() instead
@@ -309,8 +311,17 @@ class Observers:
                         allowance -= 1
                 except Exception:  # the loop must go on for everyone else
                     log.exception("notification failed; the observation ends")
-                    self._forget(observation)
+                    self._fail(observation)
             await asyncio.sleep(0)
+
+    def _fail(self, observation: Observation) -> None:
+        """End an observation whose notification could not be made: a last 5.00 tells the
+        client (else its exchange would linger here and there, silent)."""
+        with contextlib.suppress(Exception):
+            failure = aiocoap.Message(code=aiocoap.INTERNAL_SERVER_ERROR)
+            failure.mtype = aiocoap.NON
+            observation.pipe.add_response(failure, is_last=True)
+        self._forget(observation)
 
     async def _send(self, observation: Observation) -> bool:
         """Send `observation` its notification; False when there was nothing to send."""
@@ -320,6 +331,15 @@ class Observers:
             message = error_message(error, compact=True)
         if observation.ended:
             return False
+        now = self.clock.now()
+        confirm = observation.probe or now - observation.last_con >= self.con_interval
+        if confirm and observation.host is not None and not self.is_verified(observation.host):
+            # A CON is due, but the address is no longer verified (RFC 9175 §2.4: nothing
+            # retransmitted to it): the observation ends with this NON, without Observe; a
+            # client still there registers again, through the Echo.
+            observation.closing = True
+            self._unindex(observation)
+            confirm = False
         last = observation.closing or not message.code.is_successful()
         if not last:
             if message.opt.etag is not None and message.opt.etag == observation.etag:
@@ -328,8 +348,7 @@ class Observers:
             observation.number = (observation.number + 1) & OBSERVE_MASK
             message.opt.observe = observation.number
         message = first_block(message, observation.szx)
-        now = self.clock.now()
-        if observation.probe or now - observation.last_con >= self.con_interval:
+        if confirm:
             # RFC 7641 §4.5: a CON at least every notify_con_interval (24 h by default), and
             # as a liveness probe (PROBE_INTERVAL); when it goes unacknowledged (or is reset),
             # aiocoap ends the exchange and with it the observation (the pipe's interest ends).

@@ -121,6 +121,7 @@ class Server:
             max_entries=settings.echo_verified_max,
             networks=config.verified_networks(settings),
         )
+        self.observers.is_verified = self.verified.is_verified
         self.guard = AmplificationGuard(
             ProtectedSite(site, self.contexts, service.clock),
             self.echo_values,

@@ -16,7 +16,7 @@ from coap_auth.coap.server import Server
 from coap_auth.service import AuthService
 from coap_auth.store import Audience
 from device_client import KeySetWatcher, WatchPolicy
-from tests.coap.observing import WITHIN, RawObserver, server_with
+from tests.coap.observing import WITHIN, RawObserver, server_with, until
 from tests.coap.test_observe_notifications import change_keys
 
 COAP_CLIENT = shutil.which("coap-client-notls") or shutil.which("coap-client")
@@ -157,7 +157,7 @@ async def test_libcoap_follows_a_block_wise_key_set(service: AuthService) -> Non
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        await asyncio.sleep(1)  # registered (wall time: libcoap is another process)
+        await until(lambda: len(server.observers) == 1)  # libcoap is another process
         after = await change_keys(service, server)
         stdout, stderr = await asyncio.wait_for(process.communicate(), 10)
         assert process.returncode == 0, stderr.decode(errors="replace")

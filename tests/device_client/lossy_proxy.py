@@ -131,6 +131,8 @@ class LossyProxy(asyncio.DatagramProtocol):
         self._transport: asyncio.DatagramTransport | None = None
         self._upstreams: dict[tuple[str, int], asyncio.DatagramTransport] = {}
         self._pending: dict[tuple[str, int], list[bytes]] = {}
+        # Every well-formed datagram the server sent, in order (lost ones too).
+        self.from_server: list[Datagram] = []
 
     @property
     def uri(self) -> str:
@@ -191,6 +193,8 @@ class LossyProxy(asyncio.DatagramProtocol):
 
     def _from_server(self, data: bytes, client: tuple[str, int]) -> None:
         message = parse(data)
+        if message is not None:
+            self.from_server.append(message)
         if message is not None and message.token:
             for rule in self.rules:
                 seen = rule.tokens.get(message.token)
