@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Hashable
 from dataclasses import replace
@@ -24,6 +25,8 @@ from coap_auth.wire import ContentFormat
 
 # Distinct (requester, query) answers cached at once (diff and cursor values vary).
 MAX_CACHED_ANSWERS = 256
+# Store reads at once when a change's answers are computed ahead of the notifications.
+PREPARE_CONCURRENCY = 16
 
 log = logging.getLogger("coap_auth.server")
 
@@ -153,7 +156,28 @@ class TrlResource(Endpoint, ObservableEndpoint, resource.Resource):
                 newest != previous if requester is None else requester in affected
             ):
                 concerned.append(observation)
-        self.observers.notify(self._in_shape_order(concerned))
+        ordered = self._in_shape_order(concerned)
+        await self._prepare(ordered)
+        self.observers.notify(ordered)
+
+    async def _prepare(self, observations: list[Observation]) -> None:
+        """Resolve what the notifications of `observations` (in the order they will be sent)
+        need (each requester's registration, each distinct answer) a few at a time, before
+        they are queued: the one
+        sender then reads caches only, and /keys notifications queued behind TRL ones are
+        not held up by store reads one after another."""
+        semaphore = asyncio.Semaphore(PREPARE_CONCURRENCY)
+
+        async def prepare(observation: Observation) -> None:
+            async with semaphore:
+                # A failure here is met again by the sender, which ends that observation.
+                with contextlib.suppress(Exception):
+                    await self.notification(observation)
+
+        distinct = {observation.shape: observation for observation in observations}
+        # No more than the cache keeps: the sender would compute the rest once more.
+        first = list(distinct.values())[:MAX_CACHED_ANSWERS]
+        await asyncio.gather(*(prepare(o) for o in first))
 
     @staticmethod
     def _in_shape_order(observations: list[Observation]) -> list[Observation]:
