@@ -80,7 +80,8 @@ class Observation:
     """One observer: a few references and numbers, nothing rendered."""
 
     resource: ObservedResource
-    pipe: Any  # the request's pipe: every notification is a further response on it
+    # The request's pipe (every notification a further response on it); None once detached.
+    pipe: Any
     source: str  # an address key, or "peer:<id>" for an authenticated peer
     host: str | None  # the source address of an unauthenticated observer, else None
     shape: Hashable  # what the resource renders for it (content format, query, requester)
@@ -95,9 +96,14 @@ class Observation:
     # Set when the pipe cannot tell its end (ProtectedSite's IterablePipe): the render
     # coroutine awaits it, and its cancellation ends the observation.
     waiter: asyncio.Future[None] | None = None
+    # Detached (an unprotected observer: see Observers.answer): its (message token, remote)
+    # in aiocoap's token manager, and what the token manager calls to end it.
+    key: tuple[bytes, Any] | None = None
+    stopper: Callable[[], None] | None = None
 
     @property
     def request(self) -> aiocoap.Message:
+        """The registration (only while attached to its pipe: authenticated observers)."""
         request: aiocoap.Message = self.pipe.request
         return request
 
@@ -127,6 +133,9 @@ class Observers:
         # Whether an address is verified (coap_auth.echo; the Server sets it): a CON, with its
         # retransmissions, goes to an unauthenticated observer only while it is.
         self.is_verified: Callable[[str], bool] = lambda host: True
+        # aiocoap's token manager of the server's UDP socket (the Server sets it once bound):
+        # unprotected observations are detached from their pipes into it (see `answer`).
+        self.token_manager: Any | None = None
         self._by_resource: dict[Any, dict[Observation, None]] = {}
         self._by_source: dict[str, dict[Observation, None]] = {}
         self._count = 0
@@ -198,12 +207,18 @@ class Observers:
         start = int(asyncio.get_running_loop().time() * 1000) & OBSERVE_MASK
         host = None if authenticated else source_host(request)
         observation = Observation(resource, pipe, source, host, shape, szx, start, self.clock.now())
-        try:
-            pipe.on_interest_end(functools.partial(self.end, observation))
-        except RuntimeError:  # an IterablePipe already iterated: await in hold() instead
-            observation.waiter = asyncio.get_running_loop().create_future()
-        if observation.ended:  # no interest left at all (the pipe ended meanwhile)
-            return None
+        key = (request.token, request.remote)
+        manager = self.token_manager
+        if not authenticated and manager is not None and key in manager.incoming_requests:
+            observation.key = key  # detached once answered
+            observation.stopper = functools.partial(self.end, observation)
+        else:
+            try:
+                pipe.on_interest_end(functools.partial(self.end, observation))
+            except RuntimeError:  # an IterablePipe already iterated: await in hold() instead
+                observation.waiter = asyncio.get_running_loop().create_future()
+            if observation.ended:  # no interest left at all (the pipe ended meanwhile)
+                return None
         self._by_resource.setdefault(resource, {})[observation] = None
         self._by_source.setdefault(source, {})[observation] = None
         self._count += 1
@@ -217,6 +232,44 @@ class Observers:
             if now - observation.last_con >= PROBE_INTERVAL and not observation.probe:
                 observation.probe = True
                 self.notify([observation], force=True)
+
+    async def answer(self, observation: Observation, answer: aiocoap.Message) -> None:
+        """Send the registration's `answer` (with Observe) and keep the observation until it
+        ends.
+
+        An unprotected observation is detached: its exchange ends for aiocoap (its pipes, its
+        render task and both copies of the request go, most of what an observer cost), and
+        the observation takes the request's place in aiocoap's token manager, so that all
+        that would have ended the exchange ends it: a new request on its message token (a
+        deregistration, RFC 7641 §3.6, or a new registration, §4.1), a reset or an
+        unacknowledged CON (§4.5), the server's shutdown."""
+        pipe = observation.pipe
+        if observation.key is None:
+            pipe.add_response(answer, is_last=False)
+            await self.hold(observation)
+            return
+        pipe.add_response(answer, is_last=True)
+        observation.pipe = None
+        if not observation.ended:
+            self.token_manager.incoming_requests[observation.key] = (None, observation.stopper)  # type: ignore[union-attr]
+
+    def _deliver(self, observation: Observation, message: aiocoap.Message, last: bool) -> None:
+        """Send one notification (or last response) of `observation`."""
+        if observation.key is None:
+            observation.pipe.add_response(message, is_last=last)
+            return
+        token, remote = observation.key
+        message.token, message.remote = token, remote.as_response_address()
+        self.token_manager.token_interface.send_message(message, observation.stopper)  # type: ignore[union-attr]
+
+    def _detach(self, observation: Observation) -> None:
+        """Take a detached observation's place in the token manager back (if still its)."""
+        requests = getattr(self.token_manager, "incoming_requests", None)
+        key = observation.key
+        if requests and key is not None:
+            entry = requests.get(key)
+            if entry is not None and entry[1] is observation.stopper:
+                del requests[key]
 
     async def hold(self, observation: Observation) -> None:
         """Keep the render coroutine of an observation whose pipe cannot report its end
@@ -246,6 +299,7 @@ class Observers:
         if observation.ended:
             return
         observation.ended = True
+        self._detach(observation)
         if not observation.closing:
             self._unindex(observation)
         waiter = observation.waiter
@@ -320,7 +374,7 @@ class Observers:
         with contextlib.suppress(Exception):
             failure = aiocoap.Message(code=aiocoap.INTERNAL_SERVER_ERROR)
             failure.mtype = aiocoap.NON
-            observation.pipe.add_response(failure, is_last=True)
+            self._deliver(observation, failure, True)
         self._forget(observation)
 
     async def _send(self, observation: Observation) -> bool:
@@ -358,7 +412,7 @@ class Observers:
         else:
             message.mtype = aiocoap.NON
         self.sent += 1
-        observation.pipe.add_response(message, is_last=last)
+        self._deliver(observation, message, last)
         if last:
             self._forget(observation)
         return True
@@ -441,5 +495,4 @@ class ObservableEndpoint:
             return
         observation.etag = response.opt.etag
         answer.opt.observe = observation.number
-        pipe.add_response(answer, is_last=False)
-        await observers.hold(observation)
+        await observers.answer(observation, answer)

@@ -153,6 +153,7 @@ class Server:
             check_options=False,  # the site checks them itself, with an access-log line
         )
         self.port = _bound_port(self._context) or self.requested_port
+        self.observers.token_manager = _token_manager(self._context)
         self.observers.start()
         self._watcher = asyncio.create_task(self._watch_changes(), name="coap-auth-change-feed")
         self._listener = asyncio.create_task(
@@ -261,6 +262,14 @@ def _changes_state(require_oscore: bool) -> Callable[[aiocoap.Message], bool]:
         )
 
     return echo_first
+
+
+def _token_manager(context: aiocoap.Context) -> Any:
+    """aiocoap's token manager of the UDP socket (it holds the requests being answered)."""
+    for interface in context.request_interfaces:
+        if hasattr(interface, "incoming_requests"):
+            return interface
+    return None
 
 
 def _bound_port(context: aiocoap.Context) -> int | None:

@@ -208,3 +208,37 @@ async def test_a_con_due_to_an_address_no_longer_verified_ends_the_observation(
             assert await observer.quiet()
         finally:
             observer.close()
+
+
+async def test_a_detached_observation_ends_as_its_exchange_would(service: AuthService) -> None:
+    """An unprotected observation leaves aiocoap's pipe behind (most of its memory) and takes
+    the request's place in the token manager: a deregistration on its token (RFC 7641 §3.6),
+    aiocoap giving up on a CON to its endpoint (§4.5) and a new registration on its token
+    (§4.1: it replaces the old) all end it, as they ended the pipe."""
+    async with server_with(service) as server:
+        port: int = server.port  # type: ignore[assignment]
+        manager = server.observers.token_manager
+        observer = RawObserver(port)
+        try:
+            first = observer.request("/keys")
+            assert (await observer.answer(first)).opt.observe is not None
+            assert len(server.observers) == 1
+            (key,) = [k for k, (pipe, _) in manager.incoming_requests.items() if pipe is None]
+            assert key[0] == first.token
+            # A new registration on the same token replaces it.
+            again = observer.request("/keys", token=first.token)
+            assert (await observer.answer(again)).opt.observe is not None
+            assert len(server.observers) == 1
+            # What aiocoap does when a CON's retransmissions run out (93 s, not waited for).
+            manager.dispatch_error(aiocoap.error.ConRetransmitsExceeded("test"), key[1])
+            assert len(server.observers) == 0 and key not in manager.incoming_requests
+            # Deregistration on the token of a live one.
+            third = observer.request("/keys")
+            assert (await observer.answer(third)).opt.observe is not None
+            gone = await observer.register(observe=1, token=third.token)
+            assert gone.code == aiocoap.CONTENT and gone.opt.observe is None
+            assert len(server.observers) == 0
+            await change_keys(service, server)
+            assert await observer.quiet()
+        finally:
+            observer.close()
