@@ -39,6 +39,7 @@ import contextlib
 import errno
 import logging
 import socket
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,10 @@ ERRORS_ABOUT_THIS_DATAGRAM = frozenset(
 # The datagram is lost locally (buffers full), as it could be on the wire: nobody's fault.
 LOCAL_LOSS = frozenset({errno.EAGAIN, errno.ENOBUFS})
 SEND_ATTEMPTS = 3
+# aiocoap remembers every request's (endpoint, message id) and answer for EXCHANGE_LIFETIME
+# (247 s) to answer duplicates, without a bound: at most this many at once here (about 1.3 KB
+# each); past it, a new request is dropped (a flood's, or a client's that retransmits).
+MAX_REMEMBERED_EXCHANGES = 50_000
 # A server socket's receive buffer: a crowd answering at once (a notified crowd fetching its
 # second blocks, its ACKs) must not be dropped by the kernel. Linux caps it at
 # net.core.rmem_max (often 208 KiB: raise that sysctl where bursts of thousands are expected).
@@ -181,6 +186,10 @@ class UDP6(MessageInterfaceUDP6):
     def __init__(self, ctx: Any, log: logging.Logger, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(ctx, log, loop)
         self.drops = DropLog(log, SystemClock())
+        self.max_remembered = MAX_REMEMBERED_EXCHANGES
+        # The length of each confirmable request aiocoap remembers, by (endpoint, message id),
+        # oldest first, with when aiocoap forgets it: see `_duplicate_unlike_first`.
+        self._lengths: OrderedDict[tuple[Any, int], tuple[float, int]] = OrderedDict()
         # Whether ICMP errors from the error queue end the exchanges with the peer they name
         # (a client's requests); a server ignores them (see the module docstring).
         self.trust_icmp = True
@@ -256,11 +265,47 @@ class UDP6(MessageInterfaceUDP6):
             self.drops.dropped("code and type do not fit", address)
             return
         message.direction = Direction.INCOMING
+        if message.mtype == aiocoap.CON and message.code.is_request():
+            refusal = self._check_exchange(message, remote, len(data))
+            if refusal is not None:
+                self.drops.dropped(refusal, address)
+                return
         try:
             self._ctx.dispatch_message(message)
         except Exception as exc:
             # A datagram aiocoap fails on: the class of failure, never a traceback per datagram.
             self.drops.dropped(f"aiocoap failed on it ({type(exc).__name__})", address)
+
+    def _check_exchange(self, message: aiocoap.Message, remote: Any, length: int) -> str | None:
+        """Why a confirmable request must be dropped before aiocoap sees it, or None.
+
+        RFC 7252 §4.5: a duplicate is the same message again. aiocoap takes any datagram with
+        the endpoint and message id of one it remembers for a duplicate, and sends it the
+        remembered answer: a 4-byte datagram would draw an answer sized for the request it
+        was for, past the amplification bound (RFC 9175 §2.4; found by an outsider test:
+        49x). So a duplicate must be as long as the request first received (a real
+        retransmission is byte for byte the same). And a new request is dropped while
+        aiocoap remembers `max_remembered` exchanges."""
+        recent = getattr(self._ctx, "_recent_messages", None)
+        if recent is None:  # not aiocoap's message manager: nothing to guard
+            return None
+        key = (remote, message.mid)
+        if key in recent:
+            remembered = self._lengths.get(key)
+            if remembered is None or remembered[1] != length:
+                return "a duplicate message id unlike the request first received"
+            return None
+        now = self.loop.time()
+        while self._lengths:
+            oldest_key, (forget_at, _) = next(iter(self._lengths.items()))
+            if forget_at > now and oldest_key in recent:
+                break
+            del self._lengths[oldest_key]
+        if len(recent) >= self.max_remembered:
+            return "too many exchanges remembered at once"
+        self._lengths[key] = (now + message.transport_tuning.EXCHANGE_LIFETIME, length)
+        self._lengths.move_to_end(key)
+        return None
 
 
 def _decode_failure(exc: Exception) -> str:

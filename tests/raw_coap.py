@@ -92,7 +92,9 @@ async def forged_request(
     """Send `request` (unprotected, CON) to 127.0.0.1:`rs_port` in a UDP datagram whose source
     is 127.0.0.1:`victim_port`, as an attacker on the path can; the RS's answer, seen on the
     raw socket going to the victim's port. Raises AssertionError when none is seen."""
-    request.mtype, request.mid, request.token = aiocoap.CON, 0x5EED, b"\x5e\xed\xf0\x0d"
+    # A message id of its own: the same one again would be a duplicate (RFC 7252 §4.5).
+    mid = next(_message_ids) % 0xFFFF
+    request.mtype, request.mid, request.token = aiocoap.CON, mid, b"\x5e\xed\xf0\x0d"
     datagram = request.encode()
     loop = asyncio.get_running_loop()
     raw.setblocking(False)

@@ -463,3 +463,50 @@ async def test_challenges_are_logged_once_a_minute_without_a_traceback(
     lines = [r for r in caplog.records if r.name == "coap_auth.echo"]
     assert len(lines) == 2 and "4 more" in lines[1].getMessage()
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
+
+
+# -- the message layer's memory (an outsider test: a 4-byte duplicate drew a 49x answer) ------
+
+PADDING = 65000  # an elective option nobody processes: a large request, a large answer
+
+
+def padded_core_request() -> aiocoap.Message:
+    request = get(".well-known", "core")
+    request.opt.add_option(OpaqueOption(PADDING, b"\x00" * 80))
+    return request
+
+
+async def test_a_short_duplicate_does_not_replay_a_large_answer(coap: Coap) -> None:
+    """aiocoap answers a duplicate (same endpoint and message id) with the answer it sent,
+    for 247 s: a spoofed 4-byte datagram would draw an answer sized for a large request.
+    Only a real retransmission (as long as the request) is answered again."""
+    port: int = coap.server.port  # type: ignore[assignment]
+    request = padded_core_request()
+    with connected_socket(port) as sock:
+        first = await probe(port, request, sock=sock)
+        assert first.answer.code == aiocoap.CONTENT and len(first.answer.payload) > 100
+        first.assert_within_bound()
+        mid = aiocoap.Message.decode(first.sent).mid
+        for _ in range(5):
+            short = await probe_datagram(
+                port, bytes([0x40, 0x01]) + mid.to_bytes(2, "big"), sock=sock, timeout=SILENCE
+            )
+            assert short.received == []
+        again = await probe_datagram(port, first.sent, sock=sock)
+        assert again.received and again.answer.payload == first.answer.payload
+
+
+async def test_the_exchanges_remembered_are_bounded(coap: Coap) -> None:
+    port: int = coap.server.port  # type: ignore[assignment]
+    (interface,) = [
+        i.token_interface.message_interface
+        for i in coap.server._context.request_interfaces  # type: ignore[union-attr]
+        if hasattr(i, "token_interface")
+    ]
+    recent = interface._ctx._recent_messages
+    interface.max_remembered = len(recent) + 3
+    with connected_socket(port) as sock:
+        for _ in range(3):
+            assert (await probe(port, get("no-such-path"), sock=sock)).received
+        dropped = await probe(port, get("no-such-path"), sock=sock, timeout=SILENCE)
+        assert dropped.received == []
