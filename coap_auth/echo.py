@@ -78,9 +78,13 @@ def request_size(request: aiocoap.Message) -> int:
     return datagram_size(request, len(request.token))
 
 
-def within_bound(response: aiocoap.Message, request: aiocoap.Message) -> bool:
-    """Whether `response`, sent for `request`, is within the amplification bound."""
-    limit = AMPLIFICATION_FACTOR * request_size(request)
+def within_bound(
+    response: aiocoap.Message, request: aiocoap.Message, *, size: int | None = None
+) -> bool:
+    """Whether `response`, sent for `request`, is within the amplification bound; `size` is
+    the request's size as received when it was measured before rendering (a site may grow
+    the request it routes: aiocoap expands Uri-Path-Abbrev in place)."""
+    limit = AMPLIFICATION_FACTOR * (request_size(request) if size is None else size)
     return datagram_size(response, len(request.token)) <= limit
 
 
@@ -142,7 +146,7 @@ class VerifiedAddresses:
         return len(self._until)
 
     def is_verified(self, host: str) -> bool:
-        if self._in_networks(host):
+        if self.in_networks(host):
             return True
         until = self._until.get(host)
         if until is None:
@@ -154,8 +158,14 @@ class VerifiedAddresses:
 
     def verify(self, host: str) -> None:
         """`host` returned an Echo value: verified for `lifetime` seconds from now."""
-        if self._in_networks(host):
+        if self.in_networks(host):
             return
+        now = self.clock.now()
+        while self._until:  # the expired first: they are the least recently verified
+            oldest, until = next(iter(self._until.items()))
+            if until > now:
+                break
+            self._drop(oldest)
         prefix = address_key(host)
         if host in self._until:
             self._until.move_to_end(host)
@@ -167,7 +177,7 @@ class VerifiedAddresses:
             while len(self._until) >= self.max_entries:
                 self._drop(next(iter(self._until)))
             self._by_prefix.setdefault(prefix, OrderedDict())[host] = None
-        self._until[host] = self.clock.now() + self.lifetime
+        self._until[host] = now + self.lifetime
 
     def _drop(self, host: str) -> None:
         if self._until.pop(host, None) is None:
@@ -178,7 +188,8 @@ class VerifiedAddresses:
         if not mine:
             del self._by_prefix[prefix]
 
-    def _in_networks(self, host: str) -> bool:
+    def in_networks(self, host: str) -> bool:
+        """Whether `host` is in the always-verified networks."""
         if not self.networks:
             return False
         try:
@@ -214,28 +225,45 @@ class AmplificationGuard:
 
     async def render_to_pipe(self, pipe: Any) -> None:
         request = pipe.request
+        # Measured before anything renders it (aiocoap's Site grows a request in place when it
+        # expands Uri-Path-Abbrev: an outsider test drew 8.4x that way).
+        size = request_size(request)
         host = source_host(request)
-        if self.verified.is_verified(host):
-            await self.site.render_to_pipe(pipe)
-            return
-        if self.echo.check(request.opt.echo, host):
+        echoed = self.echo.check(request.opt.echo, host)
+        if echoed:
             self.verified.verify(host)
+        protected = request.opt.oscore is not None
+        if (
+            not protected
+            and request.opt.observe == 0
+            and request.code in (aiocoap.GET, aiocoap.FETCH)
+        ):
+            # An observation lasts, and its notifications go to the registering endpoint: a
+            # registration carries a fresh Echo value of its own (a verified address is not
+            # enough: a forged registration from it, to any port, would take its places and
+            # have notifications sent there), unless it comes from verified_networks.
+            if echoed or self.verified.in_networks(host):
+                await self.site.render_to_pipe(pipe)
+            else:
+                pipe.add_response(self.challenge(request, size), is_last=True)
+            return
+        if echoed or self.verified.is_verified(host):
             await self.site.render_to_pipe(pipe)
             return
-        if request.opt.oscore is not None:
+        if protected:
             # Authenticated if it verifies; a refusal of one that does not is capped.
-            await self.site.render_to_pipe(_BoundedPipe(pipe, self, strip_only=True))
+            await self.site.render_to_pipe(_BoundedPipe(pipe, self, size, strip_only=True))
             return
-        registering = request.opt.observe == 0 and request.code in (aiocoap.GET, aiocoap.FETCH)
-        if registering or self.echo_first(request):
-            pipe.add_response(self.challenge(request), is_last=True)
+        if self.echo_first(request):
+            pipe.add_response(self.challenge(request, size), is_last=True)
             return
-        await self.site.render_to_pipe(_BoundedPipe(pipe, self, strip_only=False))
+        await self.site.render_to_pipe(_BoundedPipe(pipe, self, size, strip_only=False))
 
-    def challenge(self, request: aiocoap.Message) -> aiocoap.Message:
-        """The 4.01 Unauthorized with a fresh Echo value for the request's source; for a
-        request too small for even that to fit the bound (a handful of bytes, no Uri-Path), a
-        bare 4.01 (header and token: never more than the request)."""
+    def challenge(self, request: aiocoap.Message, size: int | None = None) -> aiocoap.Message:
+        """The 4.01 Unauthorized with a fresh Echo value for the request's source (`size`:
+        the request's, as received); for a request too small for even that to fit the bound
+        (a handful of bytes, no Uri-Path), a bare 4.01 (header and token: never more than the
+        request)."""
         host = source_host(request)
         self.challenges += 1
         self._log.dropped("address not verified", (host,))
@@ -243,9 +271,9 @@ class AmplificationGuard:
         response.opt.echo = self.echo.issue(host)
         # Not to be reused from a cache (RFC 7252 §5.10.5), when there is room for it.
         response.opt.max_age = 0
-        if not within_bound(response, request):
+        if not within_bound(response, request, size=size):
             response.opt.max_age = None
-        if not within_bound(response, request):
+        if not within_bound(response, request, size=size):
             response = aiocoap.Message(code=aiocoap.UNAUTHORIZED)
         # Piggybacked on the ACK of a CON request, else NON (RFC 9175 §2.4).
         response.mtype = aiocoap.NON
@@ -257,14 +285,17 @@ class _BoundedPipe:
     replaced by the Echo challenge or (`strip_only`) stripped of their payload when too
     large."""
 
-    def __init__(self, pipe: Any, guard: AmplificationGuard, *, strip_only: bool) -> None:
+    def __init__(
+        self, pipe: Any, guard: AmplificationGuard, size: int, *, strip_only: bool
+    ) -> None:
         self._pipe = pipe
         self._guard = guard
         self._strip_only = strip_only
         self.request = pipe.request
-        # As received: aiocoap's Site sets `request` to a copy without the Uri-Path it routed
-        # by, which would understate the request's size.
+        # As received, and its size then: aiocoap's Site sets `request` to a copy without the
+        # Uri-Path it routed by, and may expand Uri-Path-Abbrev into the request in place.
         self._received = pipe.request
+        self._size = size
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pipe, name)
@@ -277,11 +308,11 @@ class _BoundedPipe:
                 # periodic one of an observation, RFC 7641 §4.5).
                 self._pipe.add_response(response, is_last)
                 return
-            if not within_bound(response, request):
+            if not within_bound(response, request, size=self._size):
                 response.payload = b""
                 response.opt.content_format = None
-        elif not within_bound(response, request):
-            response, is_last = self._guard.challenge(request), True
+        elif not within_bound(response, request, size=self._size):
+            response, is_last = self._guard.challenge(request, self._size), True
         # Piggybacked on the ACK of a CON request when sent at once; otherwise NON, never a
         # separate CON that aiocoap would retransmit up to four times.
         response.mtype = aiocoap.NON

@@ -510,3 +510,47 @@ async def test_the_exchanges_remembered_are_bounded(coap: Coap) -> None:
             assert (await probe(port, get("no-such-path"), sock=sock)).received
         dropped = await probe(port, get("no-such-path"), sock=sock, timeout=SILENCE)
         assert dropped.received == []
+
+
+@pytest.mark.parametrize("szx", [None, 0, 1, 2])
+async def test_a_uri_path_abbrev_request_is_measured_as_it_arrived(
+    coap: Coap, szx: int | None
+) -> None:
+    """Outsider test: aiocoap's Site expands Uri-Path-Abbrev into the request in place, and
+    the bound was taken on the expanded request (8.4x for a block of /.well-known/core)."""
+    port: int = coap.server.port  # type: ignore[assignment]
+    for number in (0, 1):
+        request = aiocoap.Message(code=aiocoap.GET)
+        request.opt.uri_path_abbrev = 0  # /.well-known/core
+        if szx is not None:
+            request.opt.block2 = BlockOption.BlockwiseTuple(number, False, szx)
+        answer = await probe(port, request)
+        assert answer.received
+        answer.assert_within_bound()
+
+
+async def test_a_registration_needs_an_echo_of_its_own_even_from_a_verified_address(
+    coap: Coap,
+) -> None:
+    """Outsider test: forged registrations from a verified device's address (to ports of the
+    forger's choosing) took the device's places and had notifications sent there. A
+    registration now carries a fresh Echo value itself; other requests from the verified
+    address still need none."""
+    port: int = coap.server.port  # type: ignore[assignment]
+    with connected_socket(port) as sock:
+        challenge = (await probe(port, get("keys"), sock=sock)).answer
+        assert is_challenge(challenge)
+        verified = get("keys")
+        verified.opt.echo = challenge.opt.echo
+        assert (await probe(port, verified, sock=sock)).answer.code == aiocoap.CONTENT
+        assert (await probe(port, get("keys"), sock=sock)).answer.code == aiocoap.CONTENT
+        registration = get("keys")
+        registration.opt.observe = 0
+        refused = await probe(port, registration, sock=sock)
+        assert is_challenge(refused.answer) and len(coap.server.observers) == 0
+        again = get("keys")
+        again.opt.observe = 0
+        again.opt.echo = refused.answer.opt.echo
+        accepted = (await probe(port, again, sock=sock)).answer
+        assert accepted.code == aiocoap.CONTENT and accepted.opt.observe is not None
+        assert len(coap.server.observers) == 1
