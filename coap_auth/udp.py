@@ -40,6 +40,7 @@ import errno
 import logging
 import socket
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,6 +188,10 @@ class UDP6(MessageInterfaceUDP6):
         super().__init__(ctx, log, loop)
         self.drops = DropLog(log, SystemClock())
         self.max_remembered = MAX_REMEMBERED_EXCHANGES
+        # Told of every reset (RST) that arrives, with its remote and message id: aiocoap
+        # matches resets to the CONs it sent only (the Server hands NON notifications'
+        # resets to its observers).
+        self.on_reset: Callable[[Any, int], None] | None = None
         # The length of each confirmable request aiocoap remembers, by (endpoint, message id),
         # oldest first, with when aiocoap forgets it: see `_duplicate_unlike_first`.
         self._lengths: OrderedDict[tuple[Any, int], tuple[float, int]] = OrderedDict()
@@ -265,6 +270,8 @@ class UDP6(MessageInterfaceUDP6):
             self.drops.dropped("code and type do not fit", address)
             return
         message.direction = Direction.INCOMING
+        if message.mtype == aiocoap.RST and self.on_reset is not None:
+            self.on_reset(remote, message.mid)
         if message.mtype == aiocoap.CON and message.code.is_request():
             refusal = self._check_exchange(message, remote, len(data))
             if refusal is not None:

@@ -100,6 +100,9 @@ class Observation:
     # in aiocoap's token manager, and what the token manager calls to end it.
     key: tuple[bytes, Any] | None = None
     stopper: Callable[[], None] | None = None
+    # The (remote, message id) of the last NON notification sent to a detached observer: a
+    # reset naming it ends the observation (RFC 7641 §3.6).
+    last_non: tuple[Any, int] | None = None
 
     @property
     def request(self) -> aiocoap.Message:
@@ -136,6 +139,8 @@ class Observers:
         # aiocoap's token manager of the server's UDP socket (the Server sets it once bound):
         # unprotected observations are detached from their pipes into it (see `answer`).
         self.token_manager: Any | None = None
+        # Detached observers by their last NON notification (see `reset`).
+        self._last_nons: dict[tuple[Any, int], Observation] = {}
         self._by_resource: dict[Any, dict[Observation, None]] = {}
         self._by_source: dict[str, dict[Observation, None]] = {}
         self._count = 0
@@ -261,6 +266,25 @@ class Observers:
         token, remote = observation.key
         message.token, message.remote = token, remote.as_response_address()
         self.token_manager.token_interface.send_message(message, observation.stopper)  # type: ignore[union-attr]
+        if message.mtype == aiocoap.NON and not last:
+            self._forget_last_non(observation)
+            observation.last_non = (message.remote, message.mid)  # the mid is set by now
+            self._last_nons[observation.last_non] = observation
+
+    def reset(self, remote: Any, mid: int) -> None:
+        """A reset (RST) came from `remote` for message id `mid`: if it answers the last NON
+        notification of an observation, the client does not know it any more (it restarted,
+        or forgot the observation): it ends (RFC 7641 §3.6, §4.5). aiocoap matches resets to
+        CONs only."""
+        observation = self._last_nons.get((remote, mid))
+        if observation is not None:
+            self.end(observation)
+
+    def _forget_last_non(self, observation: Observation) -> None:
+        if observation.last_non is not None:
+            if self._last_nons.get(observation.last_non) is observation:
+                del self._last_nons[observation.last_non]
+            observation.last_non = None
 
     def _detach(self, observation: Observation) -> None:
         """Take a detached observation's place in the token manager back (if still its)."""
@@ -300,6 +324,7 @@ class Observers:
             return
         observation.ended = True
         self._detach(observation)
+        self._forget_last_non(observation)
         if not observation.closing:
             self._unindex(observation)
         waiter = observation.waiter

@@ -242,3 +242,27 @@ async def test_a_detached_observation_ends_as_its_exchange_would(service: AuthSe
             assert await observer.quiet()
         finally:
             observer.close()
+
+
+async def test_a_reset_to_a_non_notification_ends_the_observation(service: AuthService) -> None:
+    """RFC 7641 §3.6: a client that does not know a notification's token (it restarted, or
+    forgot) may answer even a NON one with a reset; the observation ends at once, not at the
+    next periodic CON (aiocoap matches resets to CONs only)."""
+    async with server_with(service) as server:
+        observer = RawObserver(server.port)  # type: ignore[arg-type]
+        try:
+            assert (await observer.register()).opt.observe is not None
+            await change_keys(service, server)
+            (note,) = await observer.notifications(1)
+            assert note.mtype == aiocoap.NON
+            stray = reset(note)
+            stray.mid = (note.mid + 1) & 0xFFFF  # a reset of something else ends nothing
+            observer.send(stray)
+            await asyncio.sleep(0.05)
+            assert len(server.observers) == 1
+            observer.send(reset(note))
+            await until(lambda: len(server.observers) == 0)
+            await change_keys(service, server)
+            assert await observer.quiet()
+        finally:
+            observer.close()
