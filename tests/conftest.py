@@ -6,6 +6,8 @@ Nothing the project provides is mocked; time comes from a SettableClock.
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -215,3 +217,21 @@ async def schema() -> AsyncIterator[str]:
     name = await pg.create_schema()
     yield name
     await pg.drop_schema(name)
+
+
+@contextlib.asynccontextmanager
+async def second_server(
+    first: Coap, settings: Settings, clock: SettableClock, **overrides: Any
+) -> AsyncIterator[Coap]:
+    """A second AS on `first`'s store and data directory, whose settings differ by
+    `overrides`, reached through `first`'s client context."""
+    changed = dataclasses.replace(settings, **overrides)
+    master_key = MasterKey.load(settings.data_dir, create=False)
+    service = AuthService(first.service.store, master_key, changed, clock)
+    await service.load_keys()
+    server = Server(service, "127.0.0.1", 0)
+    await server.start()
+    try:
+        yield Coap(first.context, server.url, server, service, first.secrets)
+    finally:
+        await server.stop()

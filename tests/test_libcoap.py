@@ -13,7 +13,6 @@ import asyncio
 import io
 import shutil
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,11 @@ import cbor2
 import pytest
 
 from coap_auth.clock import SettableClock
-from coap_auth.coap.server import Server
 from coap_auth.config import Settings
-from coap_auth.service import AuthService
-from coap_auth.store import Audience, MasterKey
+from coap_auth.store import Audience
 from coap_auth.tokens import verify_cwt
 from tests.coap.observing import until
-from tests.conftest import Coap
+from tests.conftest import Coap, second_server
 
 COAP_CLIENT = shutil.which("coap-client-notls") or shutil.which("coap-client")
 pytestmark = pytest.mark.skipif(
@@ -115,16 +112,8 @@ async def test_libcoap_reads_the_trl_with_a_diff_query(sensor: Coap) -> None:
 async def unverified(sensor: Coap, settings: Settings, clock: SettableClock) -> AsyncIterator[Coap]:
     """A second AS on the same store that counts no address as verified, 127.0.0.1 included
     (`verified_networks = ""`): every answer over 3x its request is an Echo challenge."""
-    strict = replace(settings, verified_networks="")
-    master_key = MasterKey.load(settings.data_dir, create=False)
-    service = AuthService(sensor.service.store, master_key, strict, clock)
-    await service.load_keys()
-    server = Server(service, "127.0.0.1", 0)
-    await server.start()
-    try:
-        yield Coap(sensor.context, server.url, server, service, sensor.secrets)
-    finally:
-        await server.stop()
+    async with second_server(sensor, settings, clock, verified_networks="") as strict:
+        yield strict
 
 
 async def test_libcoap_answers_the_echo_challenge(

@@ -21,6 +21,16 @@ async def change_keys(service: AuthService, server: Server) -> bytes:
     return server.keys_resource._render(102).payload
 
 
+async def reset_ends_it(
+    observer: RawObserver, note: aiocoap.Message, service: AuthService, server: Server
+) -> None:
+    """Answer `note` with a reset: the observation ends, and the next change is not told."""
+    observer.send(reset(note))
+    await until(lambda: len(server.observers) == 0)
+    await change_keys(service, server)
+    assert await observer.quiet()
+
+
 async def test_notifications_are_non_with_a_periodic_con_whose_reset_ends_it(
     service: AuthService,
 ) -> None:
@@ -58,10 +68,7 @@ async def test_notifications_are_non_with_a_periodic_con_whose_reset_ends_it(
             (note,) = await observer.notifications(1)
             assert note.mtype == aiocoap.CON
             assert len(server.observers) == 1
-            observer.send(reset(note))
-            await until(lambda: len(server.observers) == 0)
-            await change_keys(service, server)
-            assert await observer.quiet()
+            await reset_ends_it(observer, note, service, server)
         finally:
             observer.close()
 
@@ -260,9 +267,6 @@ async def test_a_reset_to_a_non_notification_ends_the_observation(service: AuthS
             observer.send(stray)
             await asyncio.sleep(0.05)
             assert len(server.observers) == 1
-            observer.send(reset(note))
-            await until(lambda: len(server.observers) == 0)
-            await change_keys(service, server)
-            assert await observer.quiet()
+            await reset_ends_it(observer, note, service, server)
         finally:
             observer.close()

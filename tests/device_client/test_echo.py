@@ -14,11 +14,8 @@ import aiocoap
 import pytest
 
 from coap_auth.clock import SettableClock
-from coap_auth.coap.server import Server
 from coap_auth.config import Settings
 from coap_auth.echo import is_echo_challenge
-from coap_auth.service import AuthService
-from coap_auth.store import MasterKey
 from coap_auth.tokens import token_hash
 from device_client import (
     KeySetWatcher,
@@ -27,7 +24,7 @@ from device_client import (
     TrlWatcher,
     WatchPolicy,
 )
-from tests.conftest import Coap
+from tests.conftest import Coap, second_server
 from tests.device_client.conftest import FAST_REFRESH, FAST_WATCH, ISSUER, confirmed, eventually
 
 
@@ -48,11 +45,10 @@ async def test_aiocoap_plain_client_stops_at_the_challenge(sensor: Coap) -> None
     assert not response.payload
 
 
-async def test_token_client_answers_the_echo_challenge_in_lab_mode(
-    sensor: Coap, device_context: aiocoap.Context, clock: SettableClock
-) -> None:
-    client = TokenClient(
-        device_context,
+def sensor_client(context: aiocoap.Context, sensor: Coap, clock: SettableClock) -> TokenClient:
+    """sensor-1's TokenClient (by its secret, lab mode) on `context`."""
+    return TokenClient(
+        context,
         sensor.base,
         SecretCredentials("sensor-1", sensor.secrets["sensor-1"]),
         audience="thermostat",
@@ -60,6 +56,12 @@ async def test_token_client_answers_the_echo_challenge_in_lab_mode(
         clock=clock,
         policy=FAST_REFRESH,
     )
+
+
+async def test_token_client_answers_the_echo_challenge_in_lab_mode(
+    sensor: Coap, device_context: aiocoap.Context, clock: SettableClock
+) -> None:
+    client = sensor_client(device_context, sensor, clock)
     guard = sensor.server.guard
     token = await client.token()
     assert token.value
@@ -108,15 +110,7 @@ async def test_trl_watcher_observes_through_the_challenge(
     sensor: Coap, device_context: aiocoap.Context, clock: SettableClock
 ) -> None:
     watcher = TrlWatcher(device_context, sensor.base, clock=clock, policy=FAST_WATCH)
-    client = TokenClient(
-        device_context,
-        sensor.base,
-        SecretCredentials("sensor-1", sensor.secrets["sensor-1"]),
-        audience="thermostat",
-        issuer=ISSUER,
-        clock=clock,
-        policy=FAST_REFRESH,
-    )
+    client = sensor_client(device_context, sensor, clock)
     await watcher.start()
     try:
         assert watcher.synced and watcher.registrations == 1
@@ -136,16 +130,8 @@ async def one_observer_each(
     sensor: Coap, settings: Settings, clock: SettableClock
 ) -> AsyncIterator[Coap]:
     """A second AS on the same store holding one observation per source address."""
-    limited = replace(settings, observers_per_source=1)
-    master_key = MasterKey.load(settings.data_dir, create=False)
-    service = AuthService(sensor.service.store, master_key, limited, clock)
-    await service.load_keys()
-    server = Server(service, "127.0.0.1", 0)
-    await server.start()
-    try:
-        yield Coap(sensor.context, server.url, server, service, sensor.secrets)
-    finally:
-        await server.stop()
+    async with second_server(sensor, settings, clock, observers_per_source=1) as limited:
+        yield limited
 
 
 RETRY = WatchPolicy(
