@@ -126,7 +126,7 @@ class Server:
             ProtectedSite(site, self.contexts, service.clock),
             self.echo_values,
             self.verified,
-            echo_first=_changes_state(settings.require_oscore),
+            echo_first=_changes_state(settings.require_oscore, self.edhoc),
         )
         self._site = self.guard
         self._last_change = ChangeCounters(0, 0)
@@ -253,16 +253,26 @@ class Server:
 _STATE_CHANGING = {("token",), ("revoke",), ("introspect",)}
 
 
-def _changes_state(require_oscore: bool) -> Callable[[aiocoap.Message], bool]:
+def _changes_state(
+    require_oscore: bool, responder: Responder | None = None
+) -> Callable[[aiocoap.Message], bool]:
     """The AmplificationGuard's `echo_first`: unprotected POSTs to /token, /revoke and
-    /introspect, while plain CoAP may reach them."""
+    /introspect, while plain CoAP may reach them; and EDHOC message_1 while `responder` holds
+    half its pending handshakes or more (Responder.under_pressure: spoofed addresses could
+    otherwise push out a real device's handshake; only proven ones add more)."""
+    from coap_auth.secure.edhoc import MESSAGE_1_PREFIX
 
     def echo_first(request: aiocoap.Message) -> bool:
-        return (
-            not require_oscore
-            and request.code == aiocoap.POST
-            and tuple(request.opt.uri_path) in _STATE_CHANGING
-        )
+        if request.code != aiocoap.POST:
+            return False
+        path = tuple(request.opt.uri_path)
+        if path == (".well-known", "edhoc"):
+            return (
+                responder is not None
+                and bytes(request.payload).startswith(MESSAGE_1_PREFIX)
+                and responder.under_pressure
+            )
+        return not require_oscore and path in _STATE_CHANGING
 
     return echo_first
 

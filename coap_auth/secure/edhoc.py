@@ -8,7 +8,11 @@ waiting for message_3) lives at most `handshake_timeout` seconds, at most `max_p
 and one address holds at most `per_address` of them (its own oldest goes first), so a flood
 of message_1 from one address pushes out only its own; when all are taken, the address holding
 the most loses its oldest. A context joins the table only after
-message_3 authenticated its peer.
+message_3 authenticated its peer. Spoofed source addresses each holding one handshake would
+all tie, and the oldest (a real device's, say) would go: so once half the table is taken
+(`under_pressure`), the server's amplification guard sends message_1 from an address it has
+not verified the Echo challenge first (RFC 9528 §9.7, RFC 9175 §2.4), and only proven
+addresses add handshakes from then on.
 """
 
 from __future__ import annotations
@@ -142,7 +146,17 @@ class Responder:
 
     @property
     def pending(self) -> int:
+        """How many handshakes wait for their message_3 (expired ones included until the
+        next message arrives). Raises nothing."""
         return len(self._pending)
+
+    @property
+    def under_pressure(self) -> bool:
+        """Whether the handshakes still pending (expired ones dropped first) take half of
+        `max_pending` or more: a server then sends message_1 from an unverified address the
+        Echo challenge before it is processed (module docstring). Raises nothing."""
+        self._expire(self._now())
+        return 2 * len(self._pending) >= self.max_pending
 
     def message_1(self, message_1: bytes, address: str) -> bytes:
         """Process message_1 (without its `true` prefix); returns message_2.
@@ -435,7 +449,9 @@ def encode_connection_id(c_x: bytes) -> bytes:
 class EdhocRefused(Exception):
     """The server answered a handshake message with an error (or not at all as EDHOC).
     `at_message_3`: the server had authenticated itself (message_2 verified) and refused our
-    message_3; otherwise we do not know whom we spoke to."""
+    message_3 with an EDHOC error message; otherwise we do not know whom we spoke to, or what
+    (if anything) it refused: an answer to message_3 that is no EDHOC error (an Echo
+    challenge after the one answered, say) leaves it False."""
 
     def __init__(self, host: str, detail: str, *, at_message_3: bool = False) -> None:
         super().__init__(f"EDHOC with {host} failed: {detail}")
@@ -468,17 +484,21 @@ async def establish(
     c_i = secrets.token_bytes(2)
     message_1 = bytes(initiator.prepare_message_1(c_i=c_i, ead_1=None))
 
-    async def post(payload: bytes) -> bytes:
+    async def post(payload: bytes, *, message_3: bool = False) -> bytes:
         def build() -> aiocoap.Message:
             return aiocoap.Message(
                 code=aiocoap.POST, uri=uri, payload=payload, content_format=CID_EDHOC_CBOR_SEQ
             )
 
         # A server that has not verified our address may answer with an Echo challenge first
-        # (RFC 9175 §2.4) when message_2 is large.
+        # (RFC 9175 §2.4): when message_2 is large, or while it holds many handshakes.
         _, response = await request_answering_echo(context, build)
         if response.code != aiocoap.CHANGED:
-            raise EdhocRefused(host, _describe_error(response))
+            # Only an EDHOC error message is the server refusing message_3 (our credential,
+            # the token in EAD_3); another answer (a second Echo challenge, say, which anyone
+            # on the path can forge) says nothing about them.
+            refused_3 = message_3 and _is_edhoc_error(response)
+            raise EdhocRefused(host, _describe_error(response), at_message_3=refused_3)
         return bytes(response.payload)
 
     message_2 = await post(MESSAGE_1_PREFIX + message_1)
@@ -497,10 +517,7 @@ async def establish(
         items = [lakers.EADItem(label, critical, value) for label, critical, value in ead_3 or ()]
         message_3, _prk_out = initiator.prepare_message_3(transfer, items or None)
     c_r = bytes(c_r)
-    try:
-        await post(encode_connection_id(c_r) + bytes(message_3))
-    except EdhocRefused as refused:
-        raise EdhocRefused(host, str(refused).split(": ", 1)[-1], at_message_3=True) from None
+    await post(encode_connection_id(c_r) + bytes(message_3), message_3=True)
     return initiator_context(initiator, c_i, c_r, peer)
 
 
@@ -517,6 +534,23 @@ def initiator_context(
         recipient_id=c_i,
         peer=PeerCredential(peer.subject, peer),
     )
+
+
+def _is_edhoc_error(response: Any) -> bool:
+    """Whether `response` is an EDHOC error message (RFC 9528 §6, Appendix A.2.3): 4.00 with
+    an integer ERR_CODE first, in application/edhoc+cbor-seq (or with no Content-Format: a
+    lenient reading of a server that leaves it out)."""
+    import aiocoap
+
+    if response.code != aiocoap.BAD_REQUEST:
+        return False
+    if response.opt.content_format not in (None, EDHOC_CBOR_SEQ):
+        return False
+    try:
+        err_code = cbor2.CBORDecoder(io.BytesIO(bytes(response.payload))).decode()
+    except Exception:  # cbor2 raises more than CBORDecodeError on odd input
+        return False
+    return isinstance(err_code, int) and not isinstance(err_code, bool)
 
 
 def _describe_error(response: Any) -> str:
