@@ -24,10 +24,12 @@ unprotected (it no longer holds the context: restart, eviction, the token expire
 revoked), and before a request once TokenClient holds a newer token (refreshed ahead of
 expiry, or `refresh_now`). An /authz-info refusal with 4.01 of a cached token makes one new
 token request (the RS knows it is dead: revoked, or its key withdrawn) and one more try. An
-EDHOC refusal of message_3 with the token in EAD_3 counts as a refusal of the token (one new
-token, one more try, in EAD_3 again): a token that fits EAD_3 is never uploaded in the clear,
-since an EDHOC error is not authenticated and anyone on the path could forge one to make a
-device reveal its token's claims.
+EDHOC refusal of message_3 with the token in EAD_3 (an EDHOC error message; not another
+answer, such as an Echo challenge repeated after ours was answered, which leaves the token
+alone) counts as a refusal of the token (one new token, one more try, in EAD_3 again): a
+token that fits EAD_3 is never uploaded in the clear, since an EDHOC error is not
+authenticated and anyone on the path could forge one to make a device reveal its token's
+claims.
 
 Every unprotected request (the /authz-info upload, EDHOC's messages) answers an Echo
 challenge (RFC 9175 §2.4): an RS that has not verified our address yet, and whose answer would

@@ -61,14 +61,16 @@ from device_client.rs_amplification import (
     MAX_VERIFIED,
     VERIFIED_LIFETIME,
     HintFitting,
+    UploadBound,
+    echo_first_for,
     hints_message,
-    leaves_state,
     network_list,
 )
 from device_client.rs_common import (
     HINT_AS,
     HINT_AUDIENCE,
     HINT_SCOPE,
+    MAX_TOKEN_BYTES,
     context_of,
     endpoint_of,
     problem,
@@ -104,11 +106,18 @@ class ResourceServer:
     loopback, as on the AS); others once they return an Echo value, for `verified_lifetime`
     s, at most `max_verified` of them (the least recently verified go first). Echo values are
     MACed under `echo_key` (default: random per process, so a restart invalidates the values
-    outstanding and their clients get a fresh challenge).
+    outstanding and their clients get a fresh challenge). While the EDHOC responder holds half
+    its pending handshakes or more, message_1 from an unverified address is challenged first.
 
-    Raises ValueError for inconsistent bounds, an identity not named after the audience, an
-    `echo_key` under 16 bytes or a network that does not parse, ChannelUnavailable for an
-    identity that cannot run EDHOC (an Ed25519 DeviceKey).
+    Block-wise uploads (RFC 7959) to any resource are refused with 4.13 once they reach past
+    `max_upload` bytes (default MAX_TOKEN_BYTES, the largest token /authz-info takes; raise it
+    for a resource of your own that takes more), and on /.well-known/edhoc altogether
+    (rs_amplification.UploadBound).
+
+    Raises ValueError for inconsistent bounds, a `max_upload` under MAX_TOKEN_BYTES, an
+    identity not named after the audience, an `echo_key` under 16 bytes or a network that
+    does not parse, ChannelUnavailable for an identity that cannot run EDHOC (an Ed25519
+    DeviceKey).
     """
 
     def __init__(
@@ -129,9 +138,13 @@ class ResourceServer:
         max_verified: int = MAX_VERIFIED,
         verified_lifetime: int = VERIFIED_LIFETIME,
         echo_key: bytes | None = None,
+        max_upload: int = MAX_TOKEN_BYTES,
     ) -> None:
         if not 1 <= max_tokens_per_subject <= max_tokens:
             raise ValueError("need 1 <= max_tokens_per_subject <= max_tokens")
+        if max_upload < MAX_TOKEN_BYTES:
+            raise ValueError(f"max_upload must be at least {MAX_TOKEN_BYTES} (a token)")
+        self.max_upload = max_upload
         if max_verified < 1 or verified_lifetime < 1:
             raise ValueError("need max_verified >= 1 and verified_lifetime >= 1")
         self.verifier = verifier
@@ -179,7 +192,8 @@ class ResourceServer:
     def add_to(self, site: resource.Site) -> Any:
         """Add /authz-info (and /.well-known/edhoc with an identity) to `site`; return the site
         to serve: the amplification guard (and the hints' cut, rs_amplification) in front of
-        OSCORE unprotection in front of it (and of the 4.02 check of critical options). Serve
+        OSCORE unprotection in front of it (and of the bound on block-wise uploads, and the
+        4.02 check of critical options). Serve
         it with `create_server_context(served, bind, check_options=False)` (the OSCORE option
         is critical: a check in front would refuse it), or use `serve`. Raises nothing."""
         from coap_auth.secure.site import ProtectedSite
@@ -187,10 +201,18 @@ class ResourceServer:
         site.add_resource(["authz-info"], AuthzInfoResource(self))
         if self.edhoc is not None:
             site.add_resource([".well-known", "edhoc"], EdhocResource(self.edhoc))
-        protected = ProtectedSite(CriticalOptionGuard(site), self.contexts, self.verifier.clock)
+        clock = self.verifier.clock
+        # Inside OSCORE: the inner request of a protected one is bounded as well.
+        bounded = UploadBound(CriticalOptionGuard(site), self.max_upload, clock)
+        protected = ProtectedSite(bounded, self.contexts, clock)
         fitting = HintFitting(protected, self.verified)
-        self.guard = AmplificationGuard(fitting, self.echo, self.verified, echo_first=leaves_state)
+        echo_first = echo_first_for(self._handshakes_under_pressure)
+        self.guard = AmplificationGuard(fitting, self.echo, self.verified, echo_first=echo_first)
         return self.guard
+
+    def _handshakes_under_pressure(self) -> bool:
+        """Whether the EDHOC responder holds half its pending handshakes or more."""
+        return self.edhoc is not None and self.edhoc.responder.under_pressure
 
     async def serve(self, site: resource.Site, bind: tuple[str, int]) -> aiocoap.Context:
         """`add_to(site)`, served on UDP at `bind` until `close()` (or the end of `async with`).
