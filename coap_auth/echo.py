@@ -27,6 +27,7 @@ Pure but for aiocoap: no store, no service.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import hmac
 import ipaddress
@@ -43,6 +44,13 @@ from coap_auth.clock import Clock
 from coap_auth.udp import DropLog, source_host
 
 log = logging.getLogger("coap_auth.echo")
+
+# Set while a request from an unverified source address is rendered: its sender may be forged,
+# so what is logged about it is rate-limited (one line per kind and minute), never a line
+# each: a flood of forged requests must not flood the log.
+unverified_source: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "unverified_source", default=False
+)
 
 # RFC 7252 §11.3, RFC 9175 §2.4: a response to an unverified source is at most this many times
 # the size of its request.
@@ -250,14 +258,16 @@ class AmplificationGuard:
         if echoed or self.verified.is_verified(host):
             await self.site.render_to_pipe(pipe)
             return
-        if protected:
-            # Authenticated if it verifies; a refusal of one that does not is capped.
-            await self.site.render_to_pipe(_BoundedPipe(pipe, self, size, strip_only=True))
-            return
         if self.echo_first(request):
             pipe.add_response(self.challenge(request, size), is_last=True)
             return
-        await self.site.render_to_pipe(_BoundedPipe(pipe, self, size, strip_only=False))
+        # Protected: authenticated if it verifies; a refusal of one that does not is capped.
+        bounded = _BoundedPipe(pipe, self, size, strip_only=protected)
+        marked = unverified_source.set(True)
+        try:
+            await self.site.render_to_pipe(bounded)
+        finally:
+            unverified_source.reset(marked)
 
     def challenge(self, request: aiocoap.Message, size: int | None = None) -> aiocoap.Message:
         """The 4.01 Unauthorized with a fresh Echo value for the request's source (`size`:

@@ -16,18 +16,24 @@ from typing import Any, ClassVar
 
 import aiocoap
 
+from coap_auth.clock import SystemClock
 from coap_auth.coap.blockwise import BlockwiseUploads
 from coap_auth.coap.messages import decode_ace_payload
 from coap_auth.coap.protection import peer
-from coap_auth.echo import within_bound
+from coap_auth.echo import unverified_source, within_bound
 from coap_auth.errors import CoapAuthError, InvalidClient, MethodNotAllowed, ProtectionRequired
 from coap_auth.service import AuthService
 from coap_auth.service.rate_limit import RateLimiter, address_key
 from coap_auth.text import log_field, loggable
-from coap_auth.udp import error_message, source_host
+from coap_auth.udp import DropLog, error_message, source_host
 from coap_auth.wire import ContentFormat
 
 log = logging.getLogger("coap_auth.access")
+
+# Refusals of requests from unverified source addresses (coap_auth.echo.unverified_source).
+_UNVERIFIED_REFUSALS = DropLog(
+    log, SystemClock(), what="refused a request from unverified", level=logging.INFO
+)
 
 # Who the request says it comes from (a client or resource-server id, never a secret), set by
 # a resource once it has parsed the body, for the request's log line (escaped there: it is
@@ -169,7 +175,13 @@ def answer_error(
 def log_request(
     request: aiocoap.Message, path: str, code: str, outcome: str, started: float
 ) -> None:
-    """The one line per request: never a payload, so never a secret or a token."""
+    """The one line per request: never a payload, so never a secret or a token. A refusal
+    of a request from an unverified source address (its sender may be forged) is one line
+    per kind (method and code: a bounded set, unlike paths) and minute, with the count of
+    the others."""
+    if unverified_source.get() and code[:1] in ("4", "5"):
+        _UNVERIFIED_REFUSALS.dropped(f"{request.code} -> {code}", (source_host(request),))
+        return
     # Observable GETs are re-rendered for every notification: those lines are DEBUG.
     level = logging.DEBUG if request.code == aiocoap.GET else logging.INFO
     # Whatever the request chose (its caller id, and anything an error description

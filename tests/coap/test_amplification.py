@@ -465,6 +465,24 @@ async def test_challenges_are_logged_once_a_minute_without_a_traceback(
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
 
 
+async def test_refusals_of_unverified_sources_do_not_flood_the_access_log(
+    coap: Coap, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Outsider test: every forged request was an INFO line (~50 GB a day at full rate).
+    From an unverified address, refusals are one line per method and code per minute,
+    whatever the paths."""
+    port: int = coap.server.port  # type: ignore[assignment]
+    caplog.set_level(logging.INFO)
+    for n in range(30):
+        for method in (aiocoap.DELETE, aiocoap.PUT):
+            refused = aiocoap.Message(code=method, uri_path=("keys",), uri_query=(f"n={n}",))
+            assert (await probe(port, refused, aiocoap.NON)).received
+    lines = [r.getMessage() for r in caplog.records if r.name == "coap_auth.access"]
+    assert len(lines) == 2, lines
+    assert any("DELETE -> 4.05" in line for line in lines)
+    assert any("PUT -> 4.05" in line for line in lines)
+
+
 # -- the message layer's memory (an outsider test: a 4-byte duplicate drew a 49x answer) ------
 
 PADDING = 65000  # an elective option nobody processes: a large request, a large answer
