@@ -1,5 +1,6 @@
 """The site's Observe (RFC 7641) observations of /keys and /revoke/trl in one bounded registry,
-and the one paced sender of their notifications; block-wise answers (RFC 7959) to GETs.
+and the one paced sender of their notifications (the resource side is coap/observable.py,
+block-wise cutting coap/block2.py).
 
 aiocoap's ObservableResource keeps a suspended render coroutine per observer (about 11 KiB),
 renders the resource again for each of them, sends every notification confirmable (a backlog
@@ -18,7 +19,6 @@ import contextlib
 import functools
 import hashlib
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
@@ -28,9 +28,9 @@ import aiocoap
 
 from coap_auth.addresses import address_key
 from coap_auth.clock import Clock
-from coap_auth.coap.endpoint import answer_error
+from coap_auth.coap.block2 import first_block
 from coap_auth.coap.protection import peer_id
-from coap_auth.errors import BadOption, CoapAuthError
+from coap_auth.errors import CoapAuthError
 from coap_auth.udp import error_message, source_host
 
 log = logging.getLogger("coap_auth.server")
@@ -441,83 +441,3 @@ class Observers:
         if last:
             self._forget(observation)
         return True
-
-
-def first_block(message: aiocoap.Message, szx: int) -> aiocoap.Message:
-    """Block 0 of `message` with Block2 (M set) when its payload is larger than a block of
-    2^(szx+4) bytes (RFC 7959 §2.6: a notification carries the first block; the client asks
-    for the rest), else `message` itself."""
-    if len(message.payload) <= 1 << (szx + 4):
-        return message
-    return message._extract_block(0, szx, 1024)  # noqa: SLF001 (aiocoap's own slicing)
-
-
-def block_of(message: aiocoap.Message, request: aiocoap.Message, max_szx: int) -> aiocoap.Message:
-    """The part of the whole answer `message` that `request` asks for (RFC 7959 §2.4): the
-    block its Block2 names, never larger than it asked nor than max_szx; the first block when
-    it asked for none and the answer is larger than a block. Stateless: a later block comes
-    from the current representation, and its ETag tells the client whether it still matches
-    the first (RFC 7959 §2.4).
-
-    Raises BadOption for a block past the end of the representation."""
-    block2 = request.opt.block2
-    if block2 is None:
-        return first_block(message, max_szx)
-    szx = min(block2.size_exponent, max_szx)
-    size = 1 << (szx + 4)
-    if block2.block_number == 0 and len(message.payload) <= size:
-        return message
-    # A block number counts blocks of the size asked; smaller blocks start at the same byte.
-    number = block2.start // size
-    if number * size >= len(message.payload):
-        raise BadOption("Block2 asks for a block past the end of the representation")
-    return message._extract_block(number, szx, 1024)  # noqa: SLF001
-
-
-class ObservableEndpoint:
-    """Mixin after `Endpoint` and before aiocoap's Resource: a GET is rendered whole by
-    `render_get` (the resource's representation, shared), then the block it asks for is cut
-    out (RFC 7959) and a registration (Observe 0) is handed to the site's `Observers`.
-    Other methods go to aiocoap as before."""
-
-    observers: Observers | None = None  # build_site sets it; without, GETs are not observed
-    max_szx = 6  # 1024-byte blocks unless `observers` says less
-
-    def get_link_description(self) -> dict[str, Any]:
-        description: dict[str, Any] = super().get_link_description()  # type: ignore[misc]
-        return {**description, "obs": None}
-
-    def observation_shape(self, request: aiocoap.Message) -> Hashable:
-        """What distinguishes this request's representation (a rendered GET's request)."""
-        raise NotImplementedError
-
-    async def render_to_pipe(self, pipe: Any) -> None:
-        request = pipe.request
-        if request.code != aiocoap.GET or request.opt.block1 is not None:
-            await super().render_to_pipe(pipe)  # type: ignore[misc]
-            return
-        started = time.monotonic()
-        response: aiocoap.Message = await self.render(request)  # type: ignore[attr-defined]
-        observers = self.observers
-        block2 = request.opt.block2
-        observation = None
-        if (
-            observers is not None
-            and request.opt.observe == 0
-            and (block2 is None or block2.block_number == 0)  # RFC 7959 §2.6
-            and response.code in (aiocoap.CONTENT, aiocoap.VALID)
-        ):
-            observation = observers.register(self, pipe, self.observation_shape(request))  # type: ignore[arg-type]
-        szx = self.max_szx if observers is None else observers.max_szx
-        try:
-            answer = block_of(response, request, szx if observation is None else observation.szx)
-        except CoapAuthError as error:
-            path: str = self.path  # type: ignore[attr-defined]
-            pipe.add_response(answer_error(request, error, path, started), is_last=True)
-            return
-        if observation is None or observers is None:
-            pipe.add_response(answer, is_last=True)
-            return
-        observation.etag = response.opt.etag
-        answer.opt.observe = observation.number
-        await observers.answer(observation, answer)

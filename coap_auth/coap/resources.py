@@ -15,7 +15,8 @@ from aiocoap import resource
 
 from coap_auth.coap.endpoint import AceEndpoint, Endpoint, caller
 from coap_auth.coap.messages import encode_token_response, parse_token_request
-from coap_auth.coap.observers import ObservableEndpoint, Observation, Representation
+from coap_auth.coap.observable import ObservableEndpoint
+from coap_auth.coap.observers import Observation, Representation
 from coap_auth.coap.protection import peer, peer_id
 from coap_auth.errors import NotAcceptable
 from coap_auth.keys import cose_key_set, jwks

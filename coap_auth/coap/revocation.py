@@ -17,7 +17,8 @@ from coap_auth.coap.messages import (
     encode_introspection,
     parse_token_submission,
 )
-from coap_auth.coap.observers import ObservableEndpoint, Observation, Representation
+from coap_auth.coap.observable import ObservableEndpoint
+from coap_auth.coap.observers import Observation, Representation
 from coap_auth.coap.protection import peer, peer_id
 from coap_auth.errors import NotAcceptable, Unauthorized
 from coap_auth.service import AuthService, TrlQuery, parse_trl_query
