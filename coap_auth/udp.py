@@ -49,6 +49,7 @@ from aiocoap.message import Direction
 from aiocoap.numbers import OptionNumber
 from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
+from coap_auth.addresses import address_key
 from coap_auth.clock import Clock, SystemClock
 from coap_auth.errors import BadOption, CoapAuthError
 
@@ -71,9 +72,13 @@ ERRORS_ABOUT_THIS_DATAGRAM = frozenset(
 LOCAL_LOSS = frozenset({errno.EAGAIN, errno.ENOBUFS})
 SEND_ATTEMPTS = 3
 # aiocoap remembers every request's (endpoint, message id) and answer for EXCHANGE_LIFETIME
-# (247 s) to answer duplicates, without a bound: at most this many at once here (about 1.3 KB
-# each); past it, a new request is dropped (a flood's, or a client's that retransmits).
+# (247 s) to answer duplicates, without a bound. Here at most this many in all (about 1.3 KB
+# each) and per source address (address_key: an IPv6 /64); past either, the oldest (of that
+# source, or in all) is forgotten: a duplicate of it would be processed again (RFC 7252 §4.5
+# only says SHOULD), which beats refusing new requests, which one sender could make everyone
+# suffer (found by an outsider test).
 MAX_REMEMBERED_EXCHANGES = 50_000
+MAX_REMEMBERED_PER_SOURCE = 1_000
 # A server socket's receive buffer: a crowd answering at once (a notified crowd fetching its
 # second blocks, its ACKs) must not be dropped by the kernel. Linux caps it at
 # net.core.rmem_max (often 208 KiB: raise that sysctl where bursts of thousands are expected).
@@ -180,6 +185,51 @@ class DropLog:
         self.log.log(self.level, "%s %s: %s%s", self.what, _host(address), kind, more)
 
 
+class RememberedExchanges(dict[Any, Any]):
+    """What aiocoap's message manager remembers of recent messages for duplicate detection
+    (its `_recent_messages`: (remote, message id) -> the answer sent, or None), bounded as
+    MAX_REMEMBERED_EXCHANGES says. aiocoap forgets each entry after EXCHANGE_LIFETIME by
+    `pop(key)`; one forgotten here first is simply gone by then."""
+
+    def __init__(
+        self,
+        max_entries: int = MAX_REMEMBERED_EXCHANGES,
+        per_source: int = MAX_REMEMBERED_PER_SOURCE,
+    ) -> None:
+        super().__init__()
+        self.max_entries = max_entries
+        self.per_source = per_source
+        self._by_source: dict[str, OrderedDict[Any, None]] = {}
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key not in self:
+            source = _source_key(key)
+            mine = self._by_source.setdefault(source, OrderedDict())
+            if len(mine) >= self.per_source:
+                self.pop(next(iter(mine)))
+            while len(self) >= self.max_entries:
+                self.pop(next(iter(self)))
+            mine = self._by_source.setdefault(source, OrderedDict())
+            mine[key] = None
+        super().__setitem__(key, value)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        if key not in self:
+            return default[0] if default else None
+        mine = self._by_source.get(_source_key(key))
+        if mine is not None:
+            mine.pop(key, None)
+            if not mine:
+                del self._by_source[_source_key(key)]
+        return super().pop(key)
+
+
+def _source_key(key: Any) -> str:
+    remote = key[0]
+    sockaddr = getattr(remote, "sockaddr", None)
+    return address_key(_host(sockaddr)) if sockaddr else repr(remote)
+
+
 class UDP6(MessageInterfaceUDP6):
     """aiocoap's udp6 message interface with errors attributed to the right peer and bad
     datagrams dropped quietly (see the module docstring)."""
@@ -187,7 +237,6 @@ class UDP6(MessageInterfaceUDP6):
     def __init__(self, ctx: Any, log: logging.Logger, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(ctx, log, loop)
         self.drops = DropLog(log, SystemClock())
-        self.max_remembered = MAX_REMEMBERED_EXCHANGES
         # Told of every reset (RST) that arrives, with its remote and message id: aiocoap
         # matches resets to the CONs it sent only (the Server hands NON notifications'
         # resets to its observers).
@@ -291,8 +340,7 @@ class UDP6(MessageInterfaceUDP6):
         remembered answer: a 4-byte datagram would draw an answer sized for the request it
         was for, past the amplification bound (RFC 9175 §2.4; found by an outsider test:
         49x). So a duplicate must be as long as the request first received (a real
-        retransmission is byte for byte the same). And a new request is dropped while
-        aiocoap remembers `max_remembered` exchanges."""
+        retransmission is byte for byte the same)."""
         recent = getattr(self._ctx, "_recent_messages", None)
         if recent is None:  # not aiocoap's message manager: nothing to guard
             return None
@@ -308,8 +356,6 @@ class UDP6(MessageInterfaceUDP6):
             if forget_at > now and oldest_key in recent:
                 break
             del self._lengths[oldest_key]
-        if len(recent) >= self.max_remembered:
-            return "too many exchanges remembered at once"
         self._lengths[key] = (now + message.transport_tuning.EXCHANGE_LIFETIME, length)
         self._lengths.move_to_end(key)
         return None
@@ -370,6 +416,8 @@ async def create_server_context(
         created.trust_icmp = False
         if clock is not None:
             created.drops.clock = clock
+        # aiocoap's unbounded memory of recent messages, bounded (RememberedExchanges).
+        message_manager._recent_messages = RememberedExchanges()
         sock = created.transport.get_extra_info("socket")
         with contextlib.suppress(OSError):  # what the kernel allows is a tuning, not a need
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SERVER_RECEIVE_BUFFER)

@@ -514,7 +514,12 @@ async def test_a_short_duplicate_does_not_replay_a_large_answer(coap: Coap) -> N
         assert again.received and again.answer.payload == first.answer.payload
 
 
-async def test_the_exchanges_remembered_are_bounded(coap: Coap) -> None:
+async def test_the_exchanges_remembered_are_bounded_and_nobody_is_locked_out(
+    coap: Coap,
+) -> None:
+    """aiocoap remembered every message for 247 s without a bound; a global cap that refused
+    new requests let one sender of NON datagrams lock every client out (an outsider test:
+    51,000 datagrams). Now a source's oldest and then the oldest in all are forgotten."""
     port: int = coap.server.port  # type: ignore[assignment]
     (interface,) = [
         i.token_interface.message_interface
@@ -522,12 +527,23 @@ async def test_the_exchanges_remembered_are_bounded(coap: Coap) -> None:
         if hasattr(i, "token_interface")
     ]
     recent = interface._ctx._recent_messages
-    interface.max_remembered = len(recent) + 3
-    with connected_socket(port) as sock:
-        for _ in range(3):
-            assert (await probe(port, get("no-such-path"), sock=sock)).received
-        dropped = await probe(port, get("no-such-path"), sock=sock, timeout=SILENCE)
-        assert dropped.received == []
+    recent.per_source, recent.max_entries = 20, 50
+    with connected_socket(port, "127.0.0.3") as flood:
+        for _ in range(120):
+            request = get("keys")
+            number_request(request, aiocoap.NON)
+            flood.send(request.encode())
+        await asyncio.sleep(0.3)  # real time: delivery
+    assert len(recent) <= 50
+    flooder = [k for k in recent if k[0].sockaddr[0].endswith("127.0.0.3")]
+    assert len(flooder) == 20
+    # Another client is answered, and its retransmission gets the remembered answer.
+    with connected_socket(port, "127.0.0.4") as honest:
+        first = await probe(port, padded_core_request(), sock=honest)
+        assert first.answer.code == aiocoap.CONTENT
+        again = await probe_datagram(port, first.sent, sock=honest)
+        assert again.answer.payload == first.answer.payload
+        assert again.answer.mid == first.answer.mid  # the same message: remembered
 
 
 @pytest.mark.parametrize("szx", [None, 0, 1, 2])
