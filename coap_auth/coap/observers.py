@@ -273,12 +273,17 @@ class Observers:
 
     def reset(self, remote: Any, mid: int) -> None:
         """A reset (RST) came from `remote` for message id `mid`: if it answers the last NON
-        notification of an observation, the client does not know it any more (it restarted,
-        or forgot the observation): it ends (RFC 7641 §3.6, §4.5). aiocoap matches resets to
-        CONs only."""
-        observation = self._last_nons.get((remote, mid))
-        if observation is not None:
-            self.end(observation)
+        notification of an observation, the client may not know it any more (it restarted,
+        or forgot the observation, RFC 7641 §3.6). A reset is unauthenticated and message ids
+        are guessable, so it does not end the observation itself (a forged one would end an
+        honest device's, found by an outsider test): the observation is sent a CON at once,
+        which a live client acknowledges and a forgetful one resets again, which ends it
+        (aiocoap matches resets to CONs), as does no answer at all."""
+        observation = self._last_nons.pop((remote, mid), None)
+        if observation is not None and not observation.ended:
+            observation.last_non = None
+            observation.probe = True
+            self.notify([observation], force=True)
 
     def _forget_last_non(self, observation: Observation) -> None:
         if observation.last_non is not None:

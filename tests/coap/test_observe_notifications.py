@@ -253,8 +253,10 @@ async def test_a_detached_observation_ends_as_its_exchange_would(service: AuthSe
 
 async def test_a_reset_to_a_non_notification_ends_the_observation(service: AuthService) -> None:
     """RFC 7641 §3.6: a client that does not know a notification's token (it restarted, or
-    forgot) may answer even a NON one with a reset; the observation ends at once, not at the
-    next periodic CON (aiocoap matches resets to CONs only)."""
+    forgot) may answer even a NON one with a reset. Resets are unauthenticated, so the
+    observation is sent a CON at once (aiocoap matches resets to CONs only): a live client
+    acknowledges it and keeps its observation; a forgetful one resets that too, and it ends,
+    not at the next periodic CON."""
     async with server_with(service) as server:
         observer = RawObserver(server.port)  # type: ignore[arg-type]
         try:
@@ -265,8 +267,22 @@ async def test_a_reset_to_a_non_notification_ends_the_observation(service: AuthS
             stray = reset(note)
             stray.mid = (note.mid + 1) & 0xFFFF  # a reset of something else ends nothing
             observer.send(stray)
-            await asyncio.sleep(0.05)
+            assert await observer.quiet()
             assert len(server.observers) == 1
-            await reset_ends_it(observer, note, service, server)
+            # A forged reset (a live client never sends it): the probe is acknowledged.
+            observer.send(reset(note))
+            (probe,) = await observer.notifications(1)
+            assert probe.mtype == aiocoap.CON and probe.payload == note.payload
+            observer.send(ack(probe))
+            assert await observer.quiet()
+            assert len(server.observers) == 1
+            # The client forgot it: it resets the next NON and then the probe.
+            await change_keys(service, server)
+            (note,) = await observer.notifications(1)
+            assert note.mtype == aiocoap.NON
+            observer.send(reset(note))
+            (probe,) = await observer.notifications(1)
+            assert probe.mtype == aiocoap.CON
+            await reset_ends_it(observer, probe, service, server)
         finally:
             observer.close()
