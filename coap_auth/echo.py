@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -45,11 +46,13 @@ from coap_auth.udp import DropLog, source_host
 
 log = logging.getLogger("coap_auth.echo")
 
-# Set while a request from an unverified source address is rendered: its sender may be forged,
-# so what is logged about it is rate-limited (one line per kind and minute), never a line
-# each: a flood of forged requests must not flood the log.
-unverified_source: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "unverified_source", default=False
+# While a request from an unverified source address is rendered: the Echo challenge to answer
+# it with (else None). Its sender may be forged, so what is logged about it is rate-limited
+# (one line per kind and minute), and what it spends of a per-address budget is a budget of
+# its own, past which it gets the challenge: forged requests must neither flood the log nor
+# spend the budget of the address they name.
+unverified_source: contextvars.ContextVar[Callable[[], aiocoap.Message] | None] = (
+    contextvars.ContextVar("unverified_source", default=None)
 )
 
 # RFC 7252 §11.3, RFC 9175 §2.4: a response to an unverified source is at most this many times
@@ -263,7 +266,7 @@ class AmplificationGuard:
             return
         # Protected: authenticated if it verifies; a refusal of one that does not is capped.
         bounded = _BoundedPipe(pipe, self, size, strip_only=protected)
-        marked = unverified_source.set(True)
+        marked = unverified_source.set(functools.partial(self.challenge, request, size))
         try:
             await self.site.render_to_pipe(bounded)
         finally:

@@ -69,10 +69,19 @@ class Endpoint:
             await self._render_block(pipe, self.uploads)
             return
         if self.rate_limited and self.address_limits is not None:
+            challenge = unverified_source.get()
+            address = address_key(source_host(request))
             try:
-                self.address_limits.hit(address_key(source_host(request)), "address")
+                if challenge is None:
+                    self.address_limits.hit(address, "address")
+                else:
+                    # A budget of its own (coap_auth.echo.unverified_source): past it, the
+                    # Echo challenge, which only the address's real owner can answer, and
+                    # then spends the address's budget.
+                    self.address_limits.hit(f"unverified {address}", "address")
             except CoapAuthError as error:
-                pipe.add_response(self._answer(request, error, started), is_last=True)
+                answer = self._answer(request, error, started) if challenge is None else challenge()
+                pipe.add_response(answer, is_last=True)
                 return
         await super().render_to_pipe(pipe)  # type: ignore[misc]
 
@@ -179,7 +188,7 @@ def log_request(
     of a request from an unverified source address (its sender may be forged) is one line
     per kind (method and code: a bounded set, unlike paths) and minute, with the count of
     the others."""
-    if unverified_source.get() and code[:1] in ("4", "5"):
+    if unverified_source.get() is not None and code[:1] in ("4", "5"):
         _UNVERIFIED_REFUSALS.dropped(f"{request.code} -> {code}", (source_host(request),))
         return
     # Observable GETs are re-rendered for every notification: those lines are DEBUG.

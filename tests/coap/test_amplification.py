@@ -588,3 +588,35 @@ async def test_a_registration_needs_an_echo_of_its_own_even_from_a_verified_addr
         accepted = (await probe(port, again, sock=sock)).answer
         assert accepted.code == aiocoap.CONTENT and accepted.opt.observe is not None
         assert len(coap.server.observers) == 1
+
+
+async def test_forged_requests_cannot_spend_the_budget_of_the_address_they_name(
+    service: AuthService, settings: Settings
+) -> None:
+    """Outsider test: spoofed POSTs to /.well-known/edhoc spent the named device's per-address
+    budget (130 datagrams earned its message_1 a 4.29 for 45 s). Unverified requests spend a
+    budget of their own, past which they get the Echo challenge; the address's owner answers
+    it and spends the address's own budget."""
+    service.settings = replace(settings, rate_limit_per_address=5)
+    server = Server(service, "127.0.0.1", 0)
+    await server.start()
+    try:
+        port: int = server.port  # type: ignore[assignment]
+
+        def garbage() -> aiocoap.Message:
+            return aiocoap.Message(
+                code=aiocoap.POST,
+                uri_path=(".well-known", "edhoc"),
+                payload=MESSAGE_1_PREFIX + b"\x00",
+                content_format=CID_EDHOC_CBOR_SEQ,
+            )
+
+        for _ in range(5):  # what a forger can make this address spend
+            assert (await probe(port, garbage())).answer.code == aiocoap.BAD_REQUEST
+        challenge = (await probe(port, garbage())).answer
+        assert is_challenge(challenge), challenge  # not 4.29
+        owner = garbage()
+        owner.opt.echo = challenge.opt.echo
+        assert (await probe(port, owner)).answer.code == aiocoap.BAD_REQUEST  # rendered
+    finally:
+        await server.stop()
