@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import secrets
 import socket
 from collections import OrderedDict
 from collections.abc import Callable
@@ -446,6 +447,12 @@ async def create_client_context(*, clock: Clock | None = None) -> aiocoap.Contex
         return created
 
     await context._append_tokenmanaged_messagemanaged_transport(interface)
+    for manager in context.request_interfaces:
+        if hasattr(manager, "next_token"):
+            # aiocoap's tokens count up from a random start, in one or two bytes: a forger who
+            # knows a device's address and port could guess the token of its observation and
+            # end it with a request on it. Eight random bytes (RFC 9175 §4) cannot be guessed.
+            manager.next_token = _random_token
     try:
         from aiocoap.transports.oscore import TransportOSCORE
     except ImportError:  # lakers-python missing: plain CoAP only
@@ -454,3 +461,7 @@ async def create_client_context(*, clock: Clock | None = None) -> aiocoap.Contex
     # the same context, where the UDP transport takes them.
     context.request_interfaces.insert(0, TransportOSCORE(context, context))
     return context
+
+
+def _random_token() -> bytes:
+    return secrets.token_bytes(8)
