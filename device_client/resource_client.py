@@ -412,13 +412,7 @@ class ResourceClient:
         challenges us: RFC 9175 §2.4); the 2.01 answer, or ResourceRefused."""
 
         def build() -> aiocoap.Message:
-            return aiocoap.Message(
-                code=aiocoap.POST,
-                uri=f"{self.uri}/authz-info",
-                payload=payload,
-                content_format=content_format,
-                transport_tuning=self._channel.tuning,
-            )
+            return _authz_info_post(self.uri, payload, content_format, self._channel.tuning)
 
         answer = await _answer(self._channel.plain_request(build()), self.timeout)
         if is_echo_challenge(answer):
@@ -497,13 +491,7 @@ class _ProfileChannel(ProtectedPeer):
                 payload, content_format = token.value, ContentFormat.CWT
 
             def build() -> aiocoap.Message:
-                return aiocoap.Message(
-                    code=aiocoap.POST,
-                    uri=f"{self.uri}/authz-info",
-                    payload=payload,
-                    content_format=content_format,
-                    transport_tuning=self._tuning,
-                )
+                return _authz_info_post(self.uri, payload, content_format, self._tuning)
 
             try:
                 answer = await _answer(self._send(build, oscore), self.timeout)
@@ -518,6 +506,17 @@ class _ProfileChannel(ProtectedPeer):
                 )
             owner._bound = token
             return token
+
+
+def _authz_info_post(uri: str, payload: bytes, content_format: int, tuning: Any) -> aiocoap.Message:
+    """A POST of a token to the RS's /authz-info (RFC 9200 §5.10.1)."""
+    return aiocoap.Message(
+        code=aiocoap.POST,
+        uri=f"{uri}/authz-info",
+        payload=payload,
+        content_format=content_format,
+        transport_tuning=tuning,
+    )
 
 
 def _profile_name(profile: int | None) -> str:

@@ -232,6 +232,26 @@ async def flood(port: int, count: int, network: int = 3) -> list[aiocoap.Code]:
     return codes
 
 
+async def a_stranger_meets_the_echo(port: int) -> None:
+    """A new address's message_1 is challenged; repeated with the Echo, it is answered."""
+
+    def post() -> aiocoap.Message:
+        return aiocoap.Message(
+            code=aiocoap.POST, uri_path=(".well-known", "edhoc"), payload=message_1()
+        )
+
+    stranger = Source(port, "127.4.0.1")
+    try:
+        challenge = await stranger.exchange(post())
+        assert challenge.code == aiocoap.UNAUTHORIZED and challenge.opt.echo is not None
+        again = post()
+        again.opt.echo = challenge.opt.echo
+        answered = await stranger.exchange(again)
+        assert answered.code == aiocoap.CHANGED and len(answered.payload) > 32
+    finally:
+        stranger.close()
+
+
 class FloodBeforeMessage3:
     """The device's aiocoap context as `establish` uses it (`request`): before message_3 goes
     out, `attack()` runs (the flood arrives while the handshake is pending)."""
@@ -293,21 +313,7 @@ async def test_a_message_1_flood_does_not_push_out_a_devices_handshake(rs: Profi
     assert responder.under_pressure
 
     # Under pressure, a new address's message_1 is challenged; with the Echo it is answered.
-    stranger = Source(rs.port, "127.4.0.1")
-    try:
-        request = aiocoap.Message(
-            code=aiocoap.POST, uri_path=(".well-known", "edhoc"), payload=message_1()
-        )
-        challenge = await stranger.exchange(request)
-        assert challenge.code == aiocoap.UNAUTHORIZED and challenge.opt.echo is not None
-        again = aiocoap.Message(
-            code=aiocoap.POST, uri_path=(".well-known", "edhoc"), payload=message_1()
-        )
-        again.opt.echo = challenge.opt.echo
-        answered = await stranger.exchange(again)
-        assert answered.code == aiocoap.CHANGED and len(answered.payload) > 32
-    finally:
-        stranger.close()
+    await a_stranger_meets_the_echo(rs.port)
 
     # A device still gets through during the flood: it answers the challenge itself.
     other = DeviceKey.generate("dev-2")

@@ -18,7 +18,11 @@ import pytest
 
 from coap_auth.config import Settings
 from coap_auth.secure.edhoc import establish
-from tests.device_client.test_rs_attacks16 import FloodBeforeMessage3, Source, flood, message_1
+from tests.device_client.test_rs_attacks16 import (
+    FloodBeforeMessage3,
+    a_stranger_meets_the_echo,
+    flood,
+)
 from tests.secure.conftest import Protected
 
 MAX_PENDING = 16
@@ -61,21 +65,7 @@ async def test_a_message_1_flood_meets_the_echo_once_half_the_table_is_taken(
     # Under pressure again: a stranger's message_1 is challenged, and answered with the Echo.
     assert await flood(port, 1, network=6) == [aiocoap.CHANGED]
     assert server.edhoc.under_pressure
-    stranger = Source(port, "127.4.0.1")
-    try:
-        request = aiocoap.Message(
-            code=aiocoap.POST, uri_path=(".well-known", "edhoc"), payload=message_1()
-        )
-        challenge = await stranger.exchange(request)
-        assert challenge.code == aiocoap.UNAUTHORIZED and challenge.opt.echo is not None
-        again = aiocoap.Message(
-            code=aiocoap.POST, uri_path=(".well-known", "edhoc"), payload=message_1()
-        )
-        again.opt.echo = challenge.opt.echo
-        answered = await stranger.exchange(again)
-        assert answered.code == aiocoap.CHANGED and len(answered.payload) > 32
-    finally:
-        stranger.close()
+    await a_stranger_meets_the_echo(port)
 
     # Another device answers the challenge itself and gets its context.
     challenges = server.guard.challenges
