@@ -50,9 +50,9 @@ from aiocoap.message import Direction
 from aiocoap.numbers import OptionNumber
 from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
 
-from coap_auth.addresses import address_key
 from coap_auth.clock import Clock, SystemClock
 from coap_auth.errors import BadOption, CoapAuthError
+from coap_auth.exchanges import RememberedExchanges
 
 # What a send can report about its own datagram: no route, a route or firewall prohibiting
 # it, too large, an address the socket cannot use. ECONNREFUSED is not among them: for an
@@ -72,14 +72,6 @@ ERRORS_ABOUT_THIS_DATAGRAM = frozenset(
 # The datagram is lost locally (buffers full), as it could be on the wire: nobody's fault.
 LOCAL_LOSS = frozenset({errno.EAGAIN, errno.ENOBUFS})
 SEND_ATTEMPTS = 3
-# aiocoap remembers every request's (endpoint, message id) and answer for EXCHANGE_LIFETIME
-# (247 s) to answer duplicates, without a bound. Here at most this many in all (about 1.3 KB
-# each) and per source address (address_key: an IPv6 /64); past either, the oldest (of that
-# source, or in all) is forgotten: a duplicate of it would be processed again (RFC 7252 §4.5
-# only says SHOULD), which beats refusing new requests, which one sender could make everyone
-# suffer (found by an outsider test).
-MAX_REMEMBERED_EXCHANGES = 50_000
-MAX_REMEMBERED_PER_SOURCE = 1_000
 # A server socket's receive buffer: a crowd answering at once (a notified crowd fetching its
 # second blocks, its ACKs) must not be dropped by the kernel. Linux caps it at
 # net.core.rmem_max (often 208 KiB: raise that sysctl where bursts of thousands are expected).
@@ -184,51 +176,6 @@ class DropLog:
         self._windows[kind] = _Window(now)
         more = f"; {earlier} more since the last such line" if earlier else ""
         self.log.log(self.level, "%s %s: %s%s", self.what, _host(address), kind, more)
-
-
-class RememberedExchanges(dict[Any, Any]):
-    """What aiocoap's message manager remembers of recent messages for duplicate detection
-    (its `_recent_messages`: (remote, message id) -> the answer sent, or None), bounded as
-    MAX_REMEMBERED_EXCHANGES says. aiocoap forgets each entry after EXCHANGE_LIFETIME by
-    `pop(key)`; one forgotten here first is simply gone by then."""
-
-    def __init__(
-        self,
-        max_entries: int = MAX_REMEMBERED_EXCHANGES,
-        per_source: int = MAX_REMEMBERED_PER_SOURCE,
-    ) -> None:
-        super().__init__()
-        self.max_entries = max_entries
-        self.per_source = per_source
-        self._by_source: dict[str, OrderedDict[Any, None]] = {}
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        if key not in self:
-            source = _source_key(key)
-            mine = self._by_source.setdefault(source, OrderedDict())
-            if len(mine) >= self.per_source:
-                self.pop(next(iter(mine)))
-            while len(self) >= self.max_entries:
-                self.pop(next(iter(self)))
-            mine = self._by_source.setdefault(source, OrderedDict())
-            mine[key] = None
-        super().__setitem__(key, value)
-
-    def pop(self, key: Any, *default: Any) -> Any:
-        if key not in self:
-            return default[0] if default else None
-        mine = self._by_source.get(_source_key(key))
-        if mine is not None:
-            mine.pop(key, None)
-            if not mine:
-                del self._by_source[_source_key(key)]
-        return super().pop(key)
-
-
-def _source_key(key: Any) -> str:
-    remote = key[0]
-    sockaddr = getattr(remote, "sockaddr", None)
-    return address_key(_host(sockaddr)) if sockaddr else repr(remote)
 
 
 class UDP6(MessageInterfaceUDP6):

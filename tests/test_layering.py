@@ -129,7 +129,7 @@ RULES = (
     ),
     Rule(
         "udp.py and echo.py, shared with devices, import no store, service, keys, settings or CLI",
-        _under("coap_auth/udp.py", "coap_auth/echo.py"),
+        _under("coap_auth/udp.py", "coap_auth/echo.py", "coap_auth/exchanges.py"),
         (
             "coap_auth.store",
             "coap_auth.service",
@@ -289,6 +289,7 @@ DEVICE_ALLOWED = (
     "coap_auth.tokens",
     "coap_auth.udp",
     "coap_auth.echo",
+    "coap_auth.exchanges",
     "coap_auth.secure",
     "coap_auth.addresses",
 )

@@ -60,6 +60,7 @@ def test_import_needs_only_the_pure_parts_of_coap_auth() -> None:
     # echo: Echo values and the amplification guard (RFC 9175), both sides.
     allowed = {
         "coap_auth.echo",
+        "coap_auth.exchanges",
         "coap_auth.addresses",
         "coap_auth",
         "coap_auth.wire",
