@@ -46,11 +46,12 @@ from coap_auth.udp import DropLog, source_host
 
 log = logging.getLogger("coap_auth.echo")
 
-# While a request from an unverified source address is rendered: the Echo challenge to answer
-# it with (else None). Its sender may be forged, so what is logged about it is rate-limited
-# (one line per kind and minute), and what it spends of a per-address budget is a budget of
-# its own, past which it gets the challenge: forged requests must neither flood the log nor
-# spend the budget of the address they name.
+# While an unprotected request that does not prove its source (no fresh Echo value, not from
+# verified_networks) is rendered: the Echo challenge to answer it with (else None). Its sender
+# may be forged, so what is logged about it is rate-limited (one line per kind and minute),
+# and what it spends of a per-address budget is a budget of its own, past which it gets the
+# challenge: forged requests must neither flood the log nor spend the budget of the address
+# they name.
 unverified_source: contextvars.ContextVar[Callable[[], aiocoap.Message] | None] = (
     contextvars.ContextVar("unverified_source", default=None)
 )
@@ -258,17 +259,30 @@ class AmplificationGuard:
             else:
                 pipe.add_response(self.challenge(request, size), is_last=True)
             return
-        if echoed or self.verified.is_verified(host):
-            await self.site.render_to_pipe(pipe)
+        verified = echoed or self.verified.is_verified(host)
+        if protected:
+            # Authenticated if it verifies; from an unverified source, a refusal of one that
+            # does not is capped.
+            if verified:
+                await self.site.render_to_pipe(pipe)
+            else:
+                await self.site.render_to_pipe(_BoundedPipe(pipe, self, size, strip_only=True))
             return
-        if self.echo_first(request):
+        if echoed or self.verified.in_networks(host):
+            await self.site.render_to_pipe(pipe)  # this very request proves its source
+            return
+        if not verified and self.echo_first(request):
             pipe.add_response(self.challenge(request, size), is_last=True)
             return
-        # Protected: authenticated if it verifies; a refusal of one that does not is capped.
-        bounded = _BoundedPipe(pipe, self, size, strip_only=protected)
+        # Not proven by this request: forgeable, even from a verified address (which only
+        # lifts the bound). Its log lines and its per-address budget are those of an unproven
+        # sender (unverified_source), so forgers neither flood the log nor spend the
+        # address's budget, past which they get the challenge (an outsider test spent a
+        # verified device's budget with 125 forged datagrams a minute).
+        target = pipe if verified else _BoundedPipe(pipe, self, size, strip_only=False)
         marked = unverified_source.set(functools.partial(self.challenge, request, size))
         try:
-            await self.site.render_to_pipe(bounded)
+            await self.site.render_to_pipe(target)
         finally:
             unverified_source.reset(marked)
 

@@ -32,7 +32,7 @@ log = logging.getLogger("coap_auth.access")
 
 # Refusals of requests from unverified source addresses (coap_auth.echo.unverified_source).
 _UNVERIFIED_REFUSALS = DropLog(
-    log, SystemClock(), what="refused a request from unverified", level=logging.INFO
+    log, SystemClock(), what="refused a request (source not proven) from", level=logging.INFO
 )
 
 # Who the request says it comes from (a client or resource-server id, never a secret), set by
@@ -185,7 +185,7 @@ def log_request(
     request: aiocoap.Message, path: str, code: str, outcome: str, started: float
 ) -> None:
     """The one line per request: never a payload, so never a secret or a token. A refusal
-    of a request from an unverified source address (its sender may be forged) is one line
+    of a request that does not prove its source (its sender may be forged) is one line
     per kind (method and code: a bounded set, unlike paths) and minute, with the count of
     the others."""
     if unverified_source.get() is not None and code[:1] in ("4", "5"):

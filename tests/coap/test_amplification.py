@@ -618,5 +618,14 @@ async def test_forged_requests_cannot_spend_the_budget_of_the_address_they_name(
         owner = garbage()
         owner.opt.echo = challenge.opt.echo
         assert (await probe(port, owner)).answer.code == aiocoap.BAD_REQUEST  # rendered
+        # Verified now, the address still cannot be spent by forgers (a later round of the
+        # outsider test): requests that do not prove it keep to the unproven budget.
+        assert server.verified.is_verified("127.0.0.1")
+        for _ in range(5):
+            challenge = (await probe(port, garbage())).answer
+            assert is_challenge(challenge), challenge
+        owner = garbage()
+        owner.opt.echo = challenge.opt.echo
+        assert (await probe(port, owner)).answer.code == aiocoap.BAD_REQUEST
     finally:
         await server.stop()
