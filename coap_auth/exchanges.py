@@ -39,6 +39,9 @@ class RememberedExchanges(dict[Any, Any]):
         self.max_entries = max_entries
         self.per_source = per_source
         self._by_source: dict[str, OrderedDict[Any, None]] = {}
+        # The datagram length of each confirmable request remembered (coap_auth.udp: a
+        # duplicate must be as long): set before aiocoap adds its entry, gone with it.
+        self.lengths: dict[Any, int] = {}
 
     def __setitem__(self, key: Any, value: Any) -> None:
         if key not in self:
@@ -54,7 +57,9 @@ class RememberedExchanges(dict[Any, Any]):
 
     def pop(self, key: Any, *default: Any) -> Any:
         if key not in self:
+            self.lengths.pop(key, None)
             return default[0] if default else None
+        self.lengths.pop(key, None)
         mine = self._by_source.get(_source_key(key))
         if mine is not None:
             mine.pop(key, None)

@@ -40,8 +40,6 @@ import errno
 import logging
 import secrets
 import socket
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,13 +183,6 @@ class UDP6(MessageInterfaceUDP6):
     def __init__(self, ctx: Any, log: logging.Logger, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(ctx, log, loop)
         self.drops = DropLog(log, SystemClock())
-        # Told of every reset (RST) that arrives, with its remote and message id: aiocoap
-        # matches resets to the CONs it sent only (the Server hands NON notifications'
-        # resets to its observers).
-        self.on_reset: Callable[[Any, int], None] | None = None
-        # The length of each confirmable request aiocoap remembers, by (endpoint, message id),
-        # oldest first, with when aiocoap forgets it: see `_duplicate_unlike_first`.
-        self._lengths: OrderedDict[tuple[Any, int], tuple[float, int]] = OrderedDict()
         # Whether ICMP errors from the error queue end the exchanges with the peer they name
         # (a client's requests); a server ignores them (see the module docstring).
         self.trust_icmp = True
@@ -267,8 +258,6 @@ class UDP6(MessageInterfaceUDP6):
             self.drops.dropped("code and type do not fit", address)
             return
         message.direction = Direction.INCOMING
-        if message.mtype == aiocoap.RST and self.on_reset is not None:
-            self.on_reset(remote, message.mid)
         if message.mtype == aiocoap.CON and message.code.is_request():
             refusal = self._check_exchange(message, remote, len(data))
             if refusal is not None:
@@ -290,22 +279,14 @@ class UDP6(MessageInterfaceUDP6):
         49x). So a duplicate must be as long as the request first received (a real
         retransmission is byte for byte the same)."""
         recent = getattr(self._ctx, "_recent_messages", None)
-        if recent is None:  # not aiocoap's message manager: nothing to guard
+        if not isinstance(recent, RememberedExchanges):  # a client's: nothing to guard
             return None
         key = (remote, message.mid)
         if key in recent:
-            remembered = self._lengths.get(key)
-            if remembered is None or remembered[1] != length:
+            if recent.lengths.get(key) != length:
                 return "a duplicate message id unlike the request first received"
             return None
-        now = self.loop.time()
-        while self._lengths:
-            oldest_key, (forget_at, _) = next(iter(self._lengths.items()))
-            if forget_at > now and oldest_key in recent:
-                break
-            del self._lengths[oldest_key]
-        self._lengths[key] = (now + message.transport_tuning.EXCHANGE_LIFETIME, length)
-        self._lengths.move_to_end(key)
+        recent.lengths[key] = length  # kept, and forgotten, with aiocoap's entry
         return None
 
 

@@ -100,9 +100,6 @@ class Observation:
     # in aiocoap's token manager, and what the token manager calls to end it.
     key: tuple[bytes, Any] | None = None
     stopper: Callable[[], None] | None = None
-    # The (remote, message id) of the last NON notification sent to a detached observer: a
-    # reset naming it ends the observation (RFC 7641 §3.6).
-    last_non: tuple[Any, int] | None = None
 
     @property
     def request(self) -> aiocoap.Message:
@@ -139,8 +136,6 @@ class Observers:
         # aiocoap's token manager of the server's UDP socket (the Server sets it once bound):
         # unprotected observations are detached from their pipes into it (see `answer`).
         self.token_manager: Any | None = None
-        # Detached observers by their last NON notification (see `reset`).
-        self._last_nons: dict[tuple[Any, int], Observation] = {}
         self._by_resource: dict[Any, dict[Observation, None]] = {}
         self._by_source: dict[str, dict[Observation, None]] = {}
         self._count = 0
@@ -266,30 +261,11 @@ class Observers:
         token, remote = observation.key
         message.token, message.remote = token, remote.as_response_address()
         self.token_manager.token_interface.send_message(message, observation.stopper)  # type: ignore[union-attr]
-        if message.mtype == aiocoap.NON and not last:
-            self._forget_last_non(observation)
-            observation.last_non = (message.remote, message.mid)  # the mid is set by now
-            self._last_nons[observation.last_non] = observation
-
-    def reset(self, remote: Any, mid: int) -> None:
-        """A reset (RST) came from `remote` for message id `mid`: if it answers the last NON
-        notification of an observation, the client may not know it any more (it restarted,
-        or forgot the observation, RFC 7641 §3.6). A reset is unauthenticated and message ids
-        are guessable, so it does not end the observation itself (a forged one would end an
-        honest device's, found by an outsider test): the observation is sent a CON at once,
-        which a live client acknowledges and a forgetful one resets again, which ends it
-        (aiocoap matches resets to CONs), as does no answer at all."""
-        observation = self._last_nons.pop((remote, mid), None)
-        if observation is not None and not observation.ended:
-            observation.last_non = None
-            observation.probe = True
-            self.notify([observation], force=True)
-
-    def _forget_last_non(self, observation: Observation) -> None:
-        if observation.last_non is not None:
-            if self._last_nons.get(observation.last_non) is observation:
-                del self._last_nons[observation.last_non]
-            observation.last_non = None
+        # A reset answering a NON notification (RFC 7641 §3.6) is ignored, as aiocoap does:
+        # resets are unauthenticated and message ids guessable, so a forged one would end an
+        # honest device's observation, and a CON probe on it can be raced (outsider tests).
+        # A device that forgot its observations is found out by its next registration's
+        # probe or the periodic CON.
 
     def _detach(self, observation: Observation) -> None:
         """Take a detached observation's place in the token manager back (if still its)."""
@@ -329,7 +305,6 @@ class Observers:
             return
         observation.ended = True
         self._detach(observation)
-        self._forget_last_non(observation)
         if not observation.closing:
             self._unindex(observation)
         waiter = observation.waiter

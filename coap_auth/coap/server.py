@@ -153,10 +153,7 @@ class Server:
             check_options=False,  # the site checks them itself, with an access-log line
         )
         self.port = _bound_port(self._context) or self.requested_port
-        manager = _token_manager(self._context)
-        self.observers.token_manager = manager
-        if manager is not None:
-            manager.token_interface.message_interface.on_reset = self.observers.reset
+        self.observers.token_manager = _token_manager(self._context)
         self.observers.start()
         self._watcher = asyncio.create_task(self._watch_changes(), name="coap-auth-change-feed")
         self._listener = asyncio.create_task(

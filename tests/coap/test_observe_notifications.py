@@ -251,12 +251,12 @@ async def test_a_detached_observation_ends_as_its_exchange_would(service: AuthSe
             observer.close()
 
 
-async def test_a_reset_to_a_non_notification_ends_the_observation(service: AuthService) -> None:
-    """RFC 7641 §3.6: a client that does not know a notification's token (it restarted, or
-    forgot) may answer even a NON one with a reset. Resets are unauthenticated, so the
-    observation is sent a CON at once (aiocoap matches resets to CONs only): a live client
-    acknowledges it and keeps its observation; a forgetful one resets that too, and it ends,
-    not at the next periodic CON."""
+async def test_a_reset_to_a_non_notification_changes_nothing(service: AuthService) -> None:
+    """A reset answering a NON notification is unauthenticated and its message id guessable:
+    ending the observation on it (or probing it with a CON that forged resets can race) let
+    outsiders end an honest device's observation. It is ignored, as aiocoap does; a device
+    that forgot its observation is found out when it registers again (the probe) or by the
+    periodic CON."""
     async with server_with(service) as server:
         observer = RawObserver(server.port)  # type: ignore[arg-type]
         try:
@@ -264,25 +264,14 @@ async def test_a_reset_to_a_non_notification_ends_the_observation(service: AuthS
             await change_keys(service, server)
             (note,) = await observer.notifications(1)
             assert note.mtype == aiocoap.NON
-            stray = reset(note)
-            stray.mid = (note.mid + 1) & 0xFFFF  # a reset of something else ends nothing
-            observer.send(stray)
-            assert await observer.quiet()
+            for offset in range(-2, 3):
+                forged = reset(note)
+                forged.mid = (note.mid + offset) & 0xFFFF
+                observer.send(forged)
+            assert await observer.quiet()  # no probe either
             assert len(server.observers) == 1
-            # A forged reset (a live client never sends it): the probe is acknowledged.
-            observer.send(reset(note))
-            (probe,) = await observer.notifications(1)
-            assert probe.mtype == aiocoap.CON and probe.payload == note.payload
-            observer.send(ack(probe))
-            assert await observer.quiet()
-            assert len(server.observers) == 1
-            # The client forgot it: it resets the next NON and then the probe.
-            await change_keys(service, server)
+            newest = await change_keys(service, server)
             (note,) = await observer.notifications(1)
-            assert note.mtype == aiocoap.NON
-            observer.send(reset(note))
-            (probe,) = await observer.notifications(1)
-            assert probe.mtype == aiocoap.CON
-            await reset_ends_it(observer, probe, service, server)
+            assert note.mtype == aiocoap.NON and note.payload == newest
         finally:
             observer.close()
