@@ -4,11 +4,13 @@ Pure: the standard library only."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix
 
 
+@functools.lru_cache(maxsize=65_536)  # parsing an address is ~10 µs; hosts repeat
 def address_key(host: str) -> str:
     """The rate-limit key of a source address: an IPv4 address whole (also when it reaches an
     IPv6 socket IPv4-mapped), an IPv6 address by its /64. One subnet is a /64 (RFC 4291
