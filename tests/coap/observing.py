@@ -83,13 +83,17 @@ class RawObserver:
         return aiocoap.Message.decode(data)
 
     async def answer(self, request: aiocoap.Message, timeout: float = WITHIN) -> aiocoap.Message:
-        """The response to `request` (other datagrams are kept for `notifications`)."""
+        """The response to `request`, piggybacked or separate (a separate CON response, when
+        the server took longer than aiocoap's empty-ACK delay, is acknowledged); other
+        datagrams are kept for `notifications`."""
         while True:
             message = await self.receive(timeout)
-            if message.token == request.token and message.mtype in (aiocoap.ACK, aiocoap.NON):
-                if message.code != aiocoap.EMPTY:
-                    return message
-            self.pending.append(message)
+            if message.token == request.token and message.code.is_response():
+                if message.mtype == aiocoap.CON:
+                    self.send(ack(message))
+                return message
+            if message.code != aiocoap.EMPTY:  # not the empty ACK of a separate response
+                self.pending.append(message)
 
     async def register(self, path: str = "/keys", **options: Any) -> aiocoap.Message:
         """Register and return the answer."""
