@@ -32,3 +32,13 @@ def address_key(host: str) -> str:
             return f"{subnet}%{address.scope_id}"
         return subnet
     return str(address)
+
+
+def network_list(text: str) -> tuple[str, ...]:
+    """The CIDR prefixes of a comma-separated list ("" for none), as given: the
+    `verified_networks` setting of the AS and of device_client's resource server. Raises
+    ValueError for one that is not an IP network."""
+    prefixes = tuple(p.strip() for p in text.split(",") if p.strip())
+    for prefix in prefixes:
+        ipaddress.ip_network(prefix, strict=False)
+    return prefixes

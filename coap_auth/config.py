@@ -6,7 +6,6 @@ An unknown key in the TOML file is an error, not silence.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -14,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from coap_auth.addresses import network_list
 from coap_auth.errors import OperatorError
 from coap_auth.wire import MAX_TOKEN_LIFETIME
 
@@ -210,10 +210,7 @@ def load_settings(
     return settings
 
 
-def verified_networks(settings: Settings) -> list[str]:
+def verified_networks(settings: Settings) -> tuple[str, ...]:
     """The prefixes of `verified_networks`, checked; raises ValueError for one that is not an
     IP network."""
-    prefixes = [p.strip() for p in settings.verified_networks.split(",") if p.strip()]
-    for prefix in prefixes:
-        ipaddress.ip_network(prefix, strict=False)
-    return prefixes
+    return network_list(settings.verified_networks)

@@ -42,6 +42,7 @@ from typing import Any
 import aiocoap
 import cbor2
 
+from coap_auth.addresses import network_list as comma_separated_networks
 from coap_auth.echo import AMPLIFICATION_FACTOR, VerifiedAddresses, request_size, within_bound
 from coap_auth.errors import PayloadTooLarge
 from coap_auth.udp import DropLog, error_message, source_host
@@ -88,11 +89,12 @@ __all__ = [
 
 
 def network_list(networks: str | Iterable[str]) -> tuple[str, ...]:
-    """Always-verified networks as a tuple: a comma-separated string ("" for none, as the AS's
-    `verified_networks` setting) or an iterable of CIDR strings. Raises nothing (a bad
-    network fails in VerifiedAddresses with ValueError)."""
+    """Always-verified networks as a tuple: a comma-separated string ("" for none, parsed as
+    the AS's `verified_networks` setting is) or an iterable of CIDR strings. Raises
+    ValueError for a string naming something that is not a network (an iterable's bad
+    network fails in VerifiedAddresses, with ValueError too)."""
     if isinstance(networks, str):
-        return tuple(n.strip() for n in networks.split(",") if n.strip())
+        return comma_separated_networks(networks)
     return tuple(networks)
 
 

@@ -97,12 +97,6 @@ class TrlResource(Endpoint, ObservableEndpoint, resource.Resource):
     def get_link_description(self) -> dict[str, str]:
         return {**super().get_link_description(), "ct": str(int(ContentFormat.ACE_TRL_CBOR))}
 
-    @property
-    def _observers(self) -> dict[Observation, str | None]:
-        """Each live observation and its requester."""
-        found = [] if self.observers is None else self.observers.of(self)
-        return {o: _requester(o.shape) for o in found}
-
     def updated_state(self) -> None:
         """Notify every observer of its current answer, changed or not."""
         if self.observers is not None:

@@ -254,7 +254,7 @@ async def test_an_observer_is_notified_only_of_changes_pertaining_to_it(
 
     # A cancelled observation is forgotten.
     observers["lock"].pipe.end()
-    assert observers["lock"] not in trl._observers
+    assert trl.observers is not None and observers["lock"] not in trl.observers.of(trl)
     del observers["lock"]
 
     # Several changes before the task runs are one round: each observer is notified once.

@@ -128,7 +128,8 @@ async def test_one_device_holds_at_most_its_limit_of_observations(protected: Pro
         assert (await observation.response).code == aiocoap.CONTENT
         observations.append(observation)
     trl = protected.server.trl_resource
-    assert list(trl._observers.values()).count("sensor-1") == limit
+    mine = [o for o in protected.server.observers.of(trl) if o.source == "peer:sensor-1"]
+    assert len(mine) == limit
     response, _ = await device.post_ace("/token", {AceParam.AUDIENCE: "thermostat"})
     assert response.code == aiocoap.CREATED
 
