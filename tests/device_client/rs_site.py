@@ -280,10 +280,8 @@ class ProfileRs:
             return plain.plain_message, False
 
 
-@asynccontextmanager
-async def profile_rs(clock: SettableClock, **options: Any) -> AsyncIterator[ProfileRs]:
-    """A ProfileRs on 127.0.0.1 (verifier with leeway 0 on `clock`); `options` go to the
-    ResourceServer."""
+def minted_verifier(clock: SettableClock) -> tuple[Minter, TokenVerifier]:
+    """A Minter and a verifier of its tokens (leeway 0 on `clock`), for a test RS."""
     minter = Minter(clock)
     key_set = minter.key_set()
     verifier = TokenVerifier(
@@ -294,6 +292,14 @@ async def profile_rs(clock: SettableClock, **options: Any) -> AsyncIterator[Prof
         leeway=0,
         encryption_keys=key_set.encryption,
     )
+    return minter, verifier
+
+
+@asynccontextmanager
+async def profile_rs(clock: SettableClock, **options: Any) -> AsyncIterator[ProfileRs]:
+    """A ProfileRs on 127.0.0.1 (verifier with leeway 0 on `clock`); `options` go to the
+    ResourceServer."""
+    minter, verifier = minted_verifier(clock)
     identity = DeviceKey.generate(AUDIENCE)
     resource_server = ResourceServer(verifier, as_uri=ISSUER, identity=identity, **options)
     temperature = Temperature(resource_server)

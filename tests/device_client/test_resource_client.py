@@ -16,6 +16,7 @@ import io
 import secrets
 import socket
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -309,18 +310,26 @@ class _Call(resource.Resource):
 @pytest.fixture
 async def world(clock: SettableClock) -> AsyncIterator[World]:
     world = World(clock, DeviceKey.generate(AUDIENCE))
+    async with fake_as(world.answer) as (as_base, _):
+        world.as_base = as_base
+        async with serving_rs_double(world):
+            yield world
+
+
+@asynccontextmanager
+async def serving_rs_double(world: World) -> AsyncIterator[World]:
+    """`world` with an RsDouble serving on 127.0.0.1 (world.rs, world.rs_base); at the end,
+    every client context of the world and the RS's shut down."""
     world.rs = RsDouble(world)
     # The OSCORE option is processed by ProtectedSite, not by the guard in front of it.
     rs_context = await create_server_context(world.rs.site(), ("127.0.0.1", 0), check_options=False)
     world.rs_base = f"coap://127.0.0.1:{_bound_port(rs_context)}"
-    async with fake_as(world.answer) as (as_base, _):
-        world.as_base = as_base
-        try:
-            yield world
-        finally:
-            for context in world.contexts:
-                await context.shutdown()
-            await rs_context.shutdown()
+    try:
+        yield world
+    finally:
+        for context in world.contexts:
+            await context.shutdown()
+        await rs_context.shutdown()
 
 
 def _rs(world: World) -> RsDouble:

@@ -20,7 +20,6 @@ import cbor2
 import pytest
 
 from coap_auth.clock import SettableClock
-from coap_auth.coap.server import _bound_port
 from coap_auth.config import Settings
 from coap_auth.errors import CoapAuthError
 from coap_auth.tokens import compress_cose_key, cose_key_from_public, verify_cwt
@@ -32,12 +31,11 @@ from device_client import (
     ResourceClient,
     TokenClient,
     create_client_context,
-    create_server_context,
 )
 from device_client.resource_client import MAX_EAD_TOKEN_BYTES
 from tests.conftest import SEEN_SECRETS, Coap
 from tests.device_client.conftest import FAST_REFRESH, ISSUER, fetch_key_set
-from tests.device_client.test_resource_client import Issued, RsDouble, World
+from tests.device_client.test_resource_client import Issued, World, serving_rs_double
 from tests.processes import cli_ok
 
 
@@ -124,15 +122,8 @@ async def real(coap: Coap, template: Template, clock: SettableClock) -> AsyncIte
         cose_key_from_public(world.device.private_key.public_key()),
     )
     world.as_base = coap.base
-    world.rs = RsDouble(world)
-    rs_context = await create_server_context(world.rs.site(), ("127.0.0.1", 0), check_options=False)
-    world.rs_base = f"coap://127.0.0.1:{_bound_port(rs_context)}"
-    try:
+    async with serving_rs_double(world):
         yield world
-    finally:
-        for context in world.contexts:
-            await context.shutdown()
-        await rs_context.shutdown()
 
 
 async def test_coap_oscore_with_the_real_as(real: RealAs) -> None:

@@ -40,7 +40,6 @@ from device_client import (
     ResourceServer,
     SecretCredentials,
     TokenClient,
-    TokenVerifier,
     create_client_context,
     create_server_context,
 )
@@ -51,10 +50,10 @@ from tests.device_client.rs_site import (
     AUDIENCE,
     CF_ACE,
     CF_CWT,
-    ISSUER,
     SIGN_KID,
     Minter,
     Temperature,
+    minted_verifier,
 )
 from tests.device_client.test_token_client_profiles import fake_as
 from tests.raw_coap import forged_request, raw_socket
@@ -82,16 +81,7 @@ class Rs:
 @asynccontextmanager
 async def running_rs(clock: SettableClock, **options: Any) -> AsyncIterator[Rs]:
     """Both profiles, /temp, /.well-known/core, on 127.0.0.1; `options` go to the RS."""
-    minter = Minter(clock)
-    key_set = minter.key_set()
-    verifier = TokenVerifier(
-        key_set,
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        clock=clock,
-        leeway=0,
-        encryption_keys=key_set.encryption,
-    )
+    minter, verifier = minted_verifier(clock)
     identity = DeviceKey.generate(AUDIENCE)
     rs = ResourceServer(verifier, as_uri=AS_URI, identity=identity, **options)
     site = resource.Site()
