@@ -238,6 +238,8 @@ class AmplificationGuard:
         echoed = self.echo.check(request.opt.echo, host)
         if echoed:
             self.verified.verify(host)
+        # This very request shows it comes from `host` (or `host` cannot be forged).
+        proven = echoed or self.verified.in_networks(host)
         protected = request.opt.oscore is not None
         if (
             not protected
@@ -248,12 +250,12 @@ class AmplificationGuard:
             # registration carries a fresh Echo value of its own (a verified address is not
             # enough: a forged registration from it, to any port, would take its places and
             # have notifications sent there), unless it comes from verified_networks.
-            if echoed or self.verified.in_networks(host):
+            if proven:
                 await self.site.render_to_pipe(pipe)
             else:
                 pipe.add_response(self.challenge(request, size), is_last=True)
             return
-        verified = echoed or self.verified.is_verified(host)
+        verified = proven or self.verified.is_verified(host)
         if protected:
             # Authenticated if it verifies; from an unverified source, a refusal of one that
             # does not is capped.
@@ -262,8 +264,8 @@ class AmplificationGuard:
             else:
                 await self.site.render_to_pipe(_BoundedPipe(pipe, self, size, strip_only=True))
             return
-        if echoed or self.verified.in_networks(host):
-            await self.site.render_to_pipe(pipe)  # this very request proves its source
+        if proven:
+            await self.site.render_to_pipe(pipe)
             return
         if not verified and self.echo_first(request):
             pipe.add_response(self.challenge(request, size), is_last=True)
