@@ -31,6 +31,10 @@ class Settings:
     store_schema: str = "public"
     bind: str = "::"
     port: int = 5683
+    # Worker processes serving the one port (`serve --workers N`): only then is the socket
+    # shared (SO_REUSEPORT, the kernel spreading sources over them); one `serve` otherwise
+    # refuses a port another process holds.
+    workers: int = 1
     # The AS identifier: `iss` of every token, `aud` a client assertion must carry.
     issuer: str = "coap-auth"
     # Algorithm of the signing keys `init` creates: ES256 or EdDSA.
@@ -66,6 +70,13 @@ class Settings:
     # How often (s) the server looks at the store's change feed and the key schedule.
     change_poll_interval: float = 0.5
     log_level: str = "INFO"
+    # "text" (one line per record) or "json" (one JSON object per line).
+    log_format: str = "text"
+    # Prometheus metrics and /healthz on an HTTP listener: off while metrics_port is 0.
+    metrics_bind: str = "127.0.0.1"
+    metrics_port: int = 0
+    # `clients rotate-secret`: how long (s) the previous secret keeps working beside the new.
+    client_secret_overlap: int = 86_400
     # Protected channels (PROTOCOL.md): /token, /introspect, /revoke and /revoke/trl refuse
     # requests that are not OSCORE-protected under an EDHOC-made context. Turn off for labs
     # only (`serve` warns on every start).

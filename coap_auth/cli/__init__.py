@@ -1,4 +1,4 @@
-"""The `coap-auth` command: init and serve here; audiences/clients, keys/audit, tokens beside.
+"""The `coap-auth` command: each group of subcommands lives in a module beside this one.
 
 Every subcommand accepts --data-dir and --config; bad input exits 2 with one line on stderr
 and changes nothing.
@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import logging
-import signal
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
-from coap_auth.cli import keys, registry, tokens
-from coap_auth.cli.runtime import configure_logging, open_service
-from coap_auth.config import Settings, load_settings
+from coap_auth.cli import backup, keys, operations, registry, serve, show, tokens
+from coap_auth.config import load_settings
 from coap_auth.errors import CoapAuthError
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml's, through the package metadata)."""
+    try:
+        return metadata.version("coap-auth")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         flags = {
             name: getattr(args, name, None)
-            for name in ("data_dir", "store", "bind", "port", "signing_alg")
+            for name in ("data_dir", "store", "bind", "port", "workers", "signing_alg")
         }
         settings = load_settings(args.config, flags=flags)
         return asyncio.run(args.command_fn(args, settings))
@@ -42,73 +47,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-# -- init and serve ---------------------------------------------------------------------------
-
-
-async def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
-    """Create the data directory, the master key, the store's schema (or migrate it) and the
-    first keys; on an initialised store, change nothing but a pending schema migration."""
-    where = settings.data_dir if not settings.store else f"{settings.data_dir} and the database"
-    service = await open_service(settings, create=True)
-    try:
-        active = service.key_ring.active
-        created = "default" in service.keys.created_families
-    finally:
-        await service.store.close()
-    if not created:
-        print(f"{where} already initialised; nothing changed")
-    else:
-        kid = active.kid.hex()
-        print(f"initialised {where}: active key {kid} ({active.alg.name})")
-    return 0
-
-
-async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from coap_auth.coap.server import Server
-
-    configure_logging(settings)
-    service = await open_service(settings, create=True)
-    server = Server(service, settings.bind, settings.port)
-    if not settings.require_oscore:
-        logging.getLogger("coap_auth").warning(
-            "require_oscore is off: /token, /introspect, /revoke and /revoke/trl accept plain "
-            "CoAP, so secrets and tokens cross the network readable by anyone on the path "
-            "(for labs only)"
-        )
-    try:
-        await server.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        print(f"coap-auth listening on {server.url}", flush=True)
-        await stop.wait()
-        print("coap-auth stopping", flush=True)
-    finally:
-        await server.stop()
-        await service.store.close()
-    return 0
-
-
-async def cmd_edhoc_credential(args: argparse.Namespace, settings: Settings) -> int:
-    """The AS's EDHOC credential, for provisioning devices (PROTOCOL.md "Protected
-    channels"): a device needs it to authenticate the AS in EDHOC."""
-    service = await open_service(settings)
-    try:
-        credential = service.edhoc_identity.credential
-    finally:
-        await service.store.close()
-    shown = credential.document()
-    if args.json:
-        print(json.dumps(shown, indent=2))
-        return 0
-    print(f"EDHOC credential of {credential.subject} (method 3, cipher suite 2, P-256)")
-    print(f"kid: {shown['kid']}")
-    print(f"ccs: {shown['ccs']}")
-    print(shown["public_key_pem"], end="")
-    return 0
 
 
 # -- argument parsing -------------------------------------------------------------------------
@@ -128,26 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print JSON")
 
     parser = argparse.ArgumentParser(prog="coap-auth", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"coap-auth {version()}")
     sub = parser.add_subparsers(metavar="COMMAND")
 
-    init = sub.add_parser("init", parents=[common], help="create the data directory and keys")
-    init.add_argument("--signing-alg", choices=["ES256", "EdDSA"])
-    init.set_defaults(command_fn=cmd_init)
-
-    serve = sub.add_parser("serve", parents=[common], help="run the CoAP service")
-    serve.add_argument("--bind", help="address to bind (default ::)")
-    serve.add_argument("--port", type=int, help="UDP port (default 5683)")
-    serve.add_argument("--signing-alg", choices=["ES256", "EdDSA"])
-    serve.set_defaults(command_fn=cmd_serve)
-
-    credential = sub.add_parser(
-        "edhoc-credential",
-        parents=[common, listing],
-        help="show the AS's EDHOC credential (CCS) for provisioning devices",
-    )
-    credential.set_defaults(command_fn=cmd_edhoc_credential)
-
-    for module in (registry, keys, tokens):
+    for module in (serve, registry, keys, tokens, backup, operations, show):
         module.add_parsers(sub, common, listing)
     return parser
 

@@ -1,0 +1,105 @@
+"""`coap-auth init`, `coap-auth serve` and `coap-auth edhoc-credential`: the data directory,
+the running service, and the AS's credential for provisioning devices."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+from typing import Any
+
+from coap_auth.cli import data_lock
+from coap_auth.cli.runtime import configure_logging, open_service
+from coap_auth.config import Settings
+
+
+async def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    """Create the data directory, the master key, the store's schema (or migrate it) and the
+    first keys; on an initialised store, change nothing but a pending schema migration."""
+    where = settings.data_dir if not settings.store else f"{settings.data_dir} and the database"
+    service = await open_service(settings, create=True)
+    try:
+        active = service.key_ring.active
+        created = "default" in service.keys.created_families
+    finally:
+        await service.store.close()
+    if not created:
+        print(f"{where} already initialised; nothing changed")
+    else:
+        kid = active.kid.hex()
+        print(f"initialised {where}: active key {kid} ({active.alg.name})")
+    return 0
+
+
+async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from coap_auth.coap.server import Server
+
+    configure_logging(settings)
+    service = await open_service(settings, create=True)
+    server = Server(service, settings.bind, settings.port)
+    if not settings.require_oscore:
+        logging.getLogger("coap_auth").warning(
+            "require_oscore is off: /token, /introspect, /revoke and /revoke/trl accept plain "
+            "CoAP, so secrets and tokens cross the network readable by anyone on the path "
+            "(for labs only)"
+        )
+    try:
+        with data_lock.serving(settings.data_dir):
+            await _serve_until_stopped(server)
+    finally:
+        await server.stop()
+        await service.store.close()
+    return 0
+
+
+async def _serve_until_stopped(server: Any) -> None:
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"coap-auth listening on {server.url}", flush=True)
+    await stop.wait()
+    print("coap-auth stopping", flush=True)
+
+
+async def cmd_edhoc_credential(args: argparse.Namespace, settings: Settings) -> int:
+    """The AS's EDHOC credential, for provisioning devices (PROTOCOL.md "Protected
+    channels"): a device needs it to authenticate the AS in EDHOC."""
+    service = await open_service(settings)
+    try:
+        credential = service.edhoc_identity.credential
+    finally:
+        await service.store.close()
+    shown = credential.document()
+    if args.json:
+        print(json.dumps(shown, indent=2))
+        return 0
+    print(f"EDHOC credential of {credential.subject} (method 3, cipher suite 2, P-256)")
+    print(f"kid: {shown['kid']}")
+    print(f"ccs: {shown['ccs']}")
+    print(shown["public_key_pem"], end="")
+    return 0
+
+
+def add_parsers(
+    sub: Any, common: argparse.ArgumentParser, listing: argparse.ArgumentParser
+) -> None:
+    init = sub.add_parser("init", parents=[common], help="create the data directory and keys")
+    init.add_argument("--signing-alg", choices=["ES256", "EdDSA"])
+    init.set_defaults(command_fn=cmd_init)
+
+    serve = sub.add_parser("serve", parents=[common], help="run the CoAP service")
+    serve.add_argument("--bind", help="address to bind (default ::)")
+    serve.add_argument("--port", type=int, help="UDP port (default 5683)")
+    serve.add_argument("--signing-alg", choices=["ES256", "EdDSA"])
+    serve.set_defaults(command_fn=cmd_serve)
+
+    credential = sub.add_parser(
+        "edhoc-credential",
+        parents=[common, listing],
+        help="show the AS's EDHOC credential (CCS) for provisioning devices",
+    )
+    credential.set_defaults(command_fn=cmd_edhoc_credential)
