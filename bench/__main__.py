@@ -32,6 +32,7 @@ from bench.loadgen import (
     token_request,
 )
 from bench.processes import (
+    COAP_AUTH,
     DataDir,
     ServerProcess,
     cpu_seconds,
@@ -215,10 +216,10 @@ async def amplification_probes(base: Path, data: DataDir) -> list[amplification.
 
 
 async def multi_process(base: Path, data: DataDir) -> list[report.WorkerRun]:
-    """`coap-auth serve` workers on one port (SO_REUSEPORT), one store: 1, 2, 1, 2, 1 workers,
-    so that drift on a shared machine lands on both sides."""
+    """`coap-auth serve --workers N` (N processes on one port by SO_REUSEPORT), one store:
+    1, 2, 1, 2, 1 workers, a fresh `serve` for each count, so that drift on a shared machine
+    lands on both sides."""
     port = free_udp_port()
-    workers = [await ServerProcess.worker(data.path, port, base / "worker-1.log")]
     pool = EndpointPool(HOST, port)
     workloads = [
         issue_workload(data.client_id, data.secret, "thermostat"),
@@ -226,30 +227,46 @@ async def multi_process(base: Path, data: DataDir) -> list[report.WorkerRun]:
     ]
     runs = []
     try:
-        for count in WORKER_SEQUENCE:
-            while len(workers) < count:
-                workers.append(await ServerProcess.worker(data.path, port, base / "worker-2.log"))
-            while len(workers) > count:
-                await workers.pop().stop()
-            await asyncio.sleep(0.5)
-            for workload in workloads:
-                endpoints = await pool.take(WORKER_CONCURRENCY)
-                pids = [w.pid for w in workers]
-                phase = await run_closed_loop(
-                    endpoints,
-                    workload,
-                    DURATION,
-                    WARMUP,
-                    lambda pids=pids: sum(cpu_seconds(p) for p in pids),
-                    machine_busy_seconds,
-                )
-                runs.append(report.WorkerRun(count, phase))
-                print(f"  {count} worker(s) {workload.name:9} {phase.rate:8.0f} req/s", flush=True)
+        for number, count in enumerate(WORKER_SEQUENCE, 1):
+            server = await serve_workers(data.path, port, count, base / f"workers-{number}.log")
+            try:
+                await asyncio.sleep(0.5)
+                pids = worker_pids(server.pid)
+                if len(pids) != count:
+                    raise RuntimeError(f"serve --workers {count} runs {len(pids)} worker(s)")
+                for workload in workloads:
+                    endpoints = await pool.take(WORKER_CONCURRENCY)
+                    phase = await run_closed_loop(
+                        endpoints,
+                        workload,
+                        DURATION,
+                        WARMUP,
+                        lambda pids=pids: sum(cpu_seconds(p) for p in pids),
+                        machine_busy_seconds,
+                    )
+                    runs.append(report.WorkerRun(count, phase))
+                    rate = f"{phase.rate:8.0f} req/s"
+                    print(f"  {count} worker(s) {workload.name:9} {rate}", flush=True)
+            finally:
+                await server.stop()
     finally:
         pool.close()
-        for worker in workers:
-            await worker.stop()
     return runs
+
+
+async def serve_workers(data_dir: Path, port: int, count: int, log: Path) -> ServerProcess:
+    """`coap-auth serve --workers COUNT` on `port`, ready once it prints its listening line
+    (all its workers bound)."""
+    argv = [COAP_AUTH, "serve", "--data-dir", str(data_dir), "--bind", HOST, "--port", str(port)]
+    return await ServerProcess._start(
+        [*argv, "--workers", str(count)], port, log, "coap-auth listening"
+    )
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The processes serving: a supervisor's children (`--workers` above 1), or `pid`."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(child) for child in children] or [pid]
 
 
 async def run(keep: bool) -> report.Results:
@@ -293,7 +310,7 @@ async def run(keep: bool) -> report.Results:
         print("issue 16: amplification, observers at scale ...", flush=True)
         issue16_results = await issue16(base)
 
-        print("multi-process (coap-auth serve workers) ...", flush=True)
+        print("multi-process (coap-auth serve --workers N) ...", flush=True)
         workers_data = make_data_dir(base / "workers")
         worker_runs = await multi_process(base, workers_data)
 

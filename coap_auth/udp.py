@@ -30,6 +30,10 @@ dropped when a confirmable notification goes unacknowledged or is answered with 
 Servers made here also refuse a request with a critical option they do not process with 4.02
 Bad Option (RFC 7252 §5.4.1), which aiocoap's Site does not do. `error_message` is how both sides
 render one of our errors as a CoAP response.
+
+Server sockets share their port with another process only when asked (`reuse_port`, for
+`coap-auth serve --workers`), not whenever aiocoap would: coap_auth.server_socket binds them,
+and raises its BindError, one line naming address:port, when that fails.
 """
 
 from __future__ import annotations
@@ -45,12 +49,14 @@ from typing import Any
 
 import aiocoap
 from aiocoap.message import Direction
-from aiocoap.numbers import OptionNumber
+from aiocoap.numbers import COAP_PORT, OptionNumber
 from aiocoap.transports.udp6 import MessageInterfaceUDP6, UDP6EndpointAddress
+from aiocoap.util.asyncio.getaddrinfo_addrconfig import getaddrinfo_routechecked
 
 from coap_auth.clock import Clock, SystemClock
 from coap_auth.errors import BadOption, CoapAuthError
 from coap_auth.exchanges import RememberedExchanges
+from coap_auth.server_socket import Resolver, bind_server_socket
 
 # What a send can report about its own datagram: no route, a route or firewall prohibiting
 # it, too large, an address the socket cannot use. ECONNREFUSED is not among them: for an
@@ -177,8 +183,34 @@ class DropLog:
 
 
 class UDP6(MessageInterfaceUDP6):
-    """aiocoap's udp6 message interface with errors attributed to the right peer and bad
-    datagrams dropped quietly (see the module docstring)."""
+    """aiocoap's udp6 message interface with errors attributed to the right peer, bad
+    datagrams dropped quietly, and server sockets shared only when asked (see the module
+    docstring)."""
+
+    @classmethod
+    async def create_server_transport_endpoint(
+        cls,
+        ctx: Any,
+        log: logging.Logger,
+        loop: asyncio.AbstractEventLoop,
+        bind: tuple[str, int | None] | None,
+        multicast: list[Any],
+        *,
+        reuse_port: bool = False,
+    ) -> UDP6:
+        host, port = bind or ("::", None)
+        sock = await bind_server_socket(
+            (host, COAP_PORT if port is None else port),
+            log,
+            _resolver(log),
+            reuse_port=reuse_port,
+        )
+        try:
+            created: UDP6 = await cls._create_transport_endpoint(sock, ctx, log, loop, multicast)
+        except BaseException:
+            sock.close()
+            raise
+        return created
 
     def __init__(self, ctx: Any, log: logging.Logger, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(ctx, log, loop)
@@ -323,24 +355,39 @@ def source_host(message: aiocoap.Message) -> str:
     return _host(sockaddr) if sockaddr else "-"
 
 
+def _resolver(log: logging.Logger) -> Resolver:
+    """aiocoap's resolution of a bind address (udp6.py create_server_transport_endpoint)."""
+    loop = asyncio.get_running_loop()
+    return lambda host, port: getaddrinfo_routechecked(loop, log, host, port)
+
+
+async def check_port_free(bind: tuple[str, int], log: logging.Logger) -> None:
+    """Raises coap_auth.server_socket.BindError if `bind` cannot be bound without
+    SO_REUSEPORT (another process serves it, or it cannot be served at all); binds nothing."""
+    (await bind_server_socket(bind, log, _resolver(log))).close()
+
+
 async def create_server_context(
     site: Any,
     bind: tuple[str, int],
     *,
     clock: Clock | None = None,
     check_options: bool = True,
+    reuse_port: bool = False,
 ) -> aiocoap.Context:
     """What `aiocoap.Context.create_server_context(site, bind, transports=["udp6"])` makes,
     on the fixed transport, ignoring ICMP errors, and (with `check_options`) answering 4.02 to
-    unprocessed critical options. `clock` times the drop log (default: the system clock).
-    Raises OSError when the address cannot be bound."""
+    unprocessed critical options. `clock` times the drop log (default: the system clock). The
+    port is shared with other sockets (SO_REUSEPORT, of the same user) only if `reuse_port`.
+    Raises coap_auth.server_socket.BindError (an OSError) when the address cannot be
+    bound."""
     loop = asyncio.get_running_loop()
     serversite = CriticalOptionGuard(site) if check_options else site
     context = aiocoap.Context(loop=loop, serversite=serversite, loggername="coap-server")
 
     async def interface(message_manager: Any) -> UDP6:
-        created: UDP6 = await UDP6.create_server_transport_endpoint(
-            message_manager, log=context.log, loop=loop, bind=bind, multicast=[]
+        created = await UDP6.create_server_transport_endpoint(
+            message_manager, context.log, loop, bind, [], reuse_port=reuse_port
         )
         created.trust_icmp = False
         if clock is not None:

@@ -215,8 +215,11 @@ class ResourceServer:
         return self.edhoc is not None and self.edhoc.responder.under_pressure
 
     async def serve(self, site: resource.Site, bind: tuple[str, int]) -> aiocoap.Context:
-        """`add_to(site)`, served on UDP at `bind` until `close()` (or the end of `async with`).
-        Raises OSError when the address cannot be bound."""
+        """`add_to(site)`, served on UDP at `bind` until `close()` (or the end of `async with`),
+        on a port no other process shares: one in use (by the AS, say) is refused, not joined.
+        Raises OSError when the address cannot be bound (its text one line naming
+        address:port and why, e.g. "cannot serve on [::]:5683: another process is serving
+        that port")."""
         context = await create_server_context(self.add_to(site), bind, check_options=False)
         self._served.append(context)
         return context

@@ -35,7 +35,11 @@ Run it on a Raspberry Pi against a remote coap-auth service
 1. On the Pi (Python 3.11+), install the device side (aiocoap, cbor2, cryptography, PyJWT,
    lakers-python; no database drivers):
 
-       python3 -m venv ~/coap-auth && ~/coap-auth/bin/pip install ./coap-auth   # a checkout
+       git clone <repository> ~/coap-auth && cd ~/coap-auth     # the checkout
+       python3 -m venv ~/.venvs/coap-auth && ~/.venvs/coap-auth/bin/pip install .
+
+   (32-bit Raspberry Pi OS builds cffi, maybe cryptography, from source: README
+   "Deployment" names the packages to install first)
 
    and set the clock (NTP): token expiry is checked against it, with --leeway seconds of
    tolerance. lakers-python (EDHOC) has wheels for 64-bit Raspberry Pi OS (aarch64), not for
@@ -46,7 +50,7 @@ Run it on a Raspberry Pi against a remote coap-auth service
 2. Make the thermostat's key (kept on the Pi, mode 0600) and give its public key to the
    operator:
 
-       ~/coap-auth/bin/python examples/thermostat_rs.py --generate-key \\
+       ~/.venvs/coap-auth/bin/python examples/thermostat_rs.py --generate-key \\
            --key ~/.local/state/thermostat.key --public-key-out thermostat.pem
 
 3. On the service, the operator registers the audience with that key (its EDHOC key toward
@@ -61,9 +65,9 @@ Run it on a Raspberry Pi against a remote coap-auth service
 
        coap-auth keys export thermostat > thermostat-token-keys.txt
 
-4. Run it (as a systemd service, say, with `Restart=always`):
+4. Run it (as a systemd service: deploy/coap-auth-thermostat.service, README "Deployment"):
 
-       ~/coap-auth/bin/python examples/thermostat_rs.py \\
+       ~/.venvs/coap-auth/bin/python examples/thermostat_rs.py \\
            --as coap://auth.example.net --audience thermostat --port 5685 \\
            --key ~/.local/state/thermostat.key --as-credential as-credential.json
            # coap_oscore: also --token-keys thermostat-token-keys.txt
@@ -351,8 +355,8 @@ async def run(args: argparse.Namespace) -> int:
     say(f"profiles: {', '.join(profiles) or 'none (give --key or --token-keys)'}")
     try:
         await thermostat.start((args.bind, args.port))
-    except OSError as exc:
-        say(f"cannot listen on {args.bind} port {args.port}: {exc.strerror}")
+    except OSError as exc:  # e.g. "cannot serve on [::]:5683: another process is serving ..."
+        say(str(exc))
         await thermostat.stop()
         await client_context.shutdown()
         return 2

@@ -129,7 +129,12 @@ RULES = (
     ),
     Rule(
         "udp.py and echo.py, shared with devices, import no store, service, keys, settings or CLI",
-        _under("coap_auth/udp.py", "coap_auth/echo.py", "coap_auth/exchanges.py"),
+        _under(
+            "coap_auth/udp.py",
+            "coap_auth/echo.py",
+            "coap_auth/exchanges.py",
+            "coap_auth/server_socket.py",
+        ),
         (
             "coap_auth.store",
             "coap_auth.service",

@@ -57,8 +57,10 @@ def test_import_needs_only_the_pure_parts_of_coap_auth() -> None:
     # udp: the fixed UDP transport both sides use (and the Clock protocol it takes);
     # secure.credentials: EDHOC credentials, pure (EDHOC itself loads with a channel's first
     # handshake); addresses: a source address as a budget key, the standard library only;
-    # echo: Echo values and the amplification guard (RFC 9175), both sides.
+    # echo: Echo values and the amplification guard (RFC 9175), both sides; server_socket:
+    # how udp binds a server socket (SO_REUSEPORT only when asked), the standard library only.
     allowed = {
+        "coap_auth.server_socket",
         "coap_auth.echo",
         "coap_auth.exchanges",
         "coap_auth.addresses",
