@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +13,13 @@ from coap_auth.cli.runtime import print_rows, with_service
 from coap_auth.errors import OperatorError
 from coap_auth.keys import ALG_NAMES, DEFAULT_FAMILY
 from coap_auth.service import AuthService
+from coap_auth.service.admin import new_secret
 from coap_auth.store import PROFILES, TOKEN_FORMATS, Audience, AuditEvent, Client
 from coap_auth.store.records import OSCORE_TOKEN_ALG
 from coap_auth.text import has_control_character
 from coap_auth.tokens import cose_key_from_public
 from coap_auth.wire import MAX_TOKEN_LIFETIME
 
-SECRET_BYTES = 24  # 192 bits, printed as base64url text
 KEY_ALGS = tuple(ALG_NAMES)  # ES256, EdDSA, HMAC256/64, AES-CCM-16-64-128
 # Secure by default (design of issue 15): tokens bound to the client's EDHOC key.
 DEFAULT_PROFILE = "edhoc_oscore"
@@ -42,10 +41,6 @@ def wire_text(value: str, what: str) -> str:
     if not value or has_control_character(value):
         raise OperatorError(f"{what} must be non-empty text without control characters")
     return value
-
-
-def new_secret() -> str:
-    return secrets.token_urlsafe(SECRET_BYTES)
 
 
 # -- audiences --------------------------------------------------------------------------------
@@ -78,6 +73,11 @@ async def cmd_audiences_add(args: argparse.Namespace, service: AuthService) -> i
         None if args.introspect_public_key is None else read_public_key(args.introspect_public_key)
     )
     await _id_is_free(service, args.id, "audience")
+    if own_keys and args.id in service.keys.rings:
+        # Its keys ended with it (audiences remove); a family is never brought back to life.
+        raise OperatorError(
+            f"key family {args.id} belonged to a removed audience: choose another id"
+        )
     audience = Audience(
         wire_text(args.id, "the audience id"),
         args.token_format,
@@ -158,14 +158,6 @@ async def cmd_clients_list(args: argparse.Namespace, service: AuthService) -> in
     return 0
 
 
-@with_service
-async def cmd_clients_disable(args: argparse.Namespace, service: AuthService) -> int:
-    if not await service.store.disable_client(args.id, service.clock.now()):
-        raise OperatorError(f"no enabled client {args.id!r}")
-    print(f"client {args.id} disabled")
-    return 0
-
-
 async def _id_is_free(service: AuthService, wanted: str, kind: str) -> None:
     """EDHOC names a peer by its id alone, so clients, audiences and the AS itself share one
     name space: an id taken by the other kind (or the issuer id) is refused."""
@@ -223,6 +215,10 @@ async def cmd_clients_oscore(args: argparse.Namespace, service: AuthService) -> 
 def add_parsers(
     sub: Any, common: argparse.ArgumentParser, listing: argparse.ArgumentParser
 ) -> None:
+    # set/remove, disable/enable/remove/rotate-secret/set-key: imported here, as that module
+    # uses this one.
+    from coap_auth.cli.lifecycle import add_audience_parsers, add_client_parsers
+
     audiences = sub.add_parser("audiences", help="resource servers tokens are issued for")
     aud_sub = audiences.add_subparsers(metavar="ACTION", required=True)
     add = aud_sub.add_parser("add", parents=[common], help="register an audience")
@@ -262,6 +258,7 @@ def add_parsers(
     add.set_defaults(command_fn=cmd_audiences_add)
     lst = aud_sub.add_parser("list", parents=[common, listing], help="list audiences")
     lst.set_defaults(command_fn=cmd_audiences_list)
+    add_audience_parsers(aud_sub, common, listing)
 
     clients = sub.add_parser("clients", help="devices that request tokens")
     cl_sub = clients.add_subparsers(metavar="ACTION", required=True)
@@ -285,9 +282,7 @@ def add_parsers(
     add.set_defaults(command_fn=cmd_clients_add)
     lst = cl_sub.add_parser("list", parents=[common, listing], help="list clients")
     lst.set_defaults(command_fn=cmd_clients_list)
-    dis = cl_sub.add_parser("disable", parents=[common], help="refuse a client from now on")
-    dis.add_argument("id")
-    dis.set_defaults(command_fn=cmd_clients_disable)
+    add_client_parsers(cl_sub, common, listing)
     osc = cl_sub.add_parser(
         "oscore",
         parents=[common, listing],

@@ -2,9 +2,10 @@
 
 Devices authenticate as clients; resource servers authenticate to /introspect as their
 audience, with the same two methods. Every failure is the same invalid_client, and an unknown
-id costs the same work as a known one (a keyed digest and a constant-time compare; a COSE_Key
-parsed and a signature checked with the algorithm the assertion names), so neither the answer
-nor its timing tells whether an id exists.
+id costs the same work as a known one (a keyed digest and two constant-time compares, with the
+current and the previous secret of a rotation; a COSE_Key parsed and a signature checked with
+the algorithm the assertion names), so neither the answer nor its timing tells whether an id
+exists, nor which of a client's two secrets matched.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ CWT_TAG_PREFIX = b"\xd8\x3d"  # tag 61, shortest encoding
 R = TypeVar("R")
 
 
+def secret_digest(master_key: MasterKey, secret: str) -> bytes:
+    """What is stored of a client's (or audience's) secret: a digest keyed by the master key."""
+    return master_key.digest(secret.encode("utf-8"))
+
+
 @dataclass(frozen=True, slots=True)
 class Credentials(Generic[R]):
     """What a caller may authenticate with, and the record it stands for."""
@@ -42,6 +48,8 @@ class Credentials(Generic[R]):
     secret_digest: bytes | None = field(repr=False)
     public_key: dict[Any, Any] | None
     disabled: bool = False
+    # The secret before a rotation, while its overlap lasts (None otherwise).
+    previous_secret_digest: bytes | None = field(default=None, repr=False)
 
 
 Lookup = Callable[[str], Awaitable[Credentials[R] | None]]
@@ -67,7 +75,7 @@ class Authenticator:
         }
 
     def secret_digest(self, secret: str) -> bytes:
-        return self._master_key.digest(secret.encode("utf-8"))
+        return secret_digest(self._master_key, secret)
 
     async def authenticate(
         self,
@@ -84,8 +92,18 @@ class Authenticator:
             raise InvalidClient("client authentication required")
         found = await lookup(caller_id)
         expected = found.secret_digest if found and found.secret_digest else self._dummy_digest
+        previous = (
+            found.previous_secret_digest
+            if found and found.previous_secret_digest
+            else self._dummy_digest
+        )
         presented = self.secret_digest(secret)
-        if not hmac.compare_digest(presented, expected) or found is None or found.disabled:
+        # Both compares always run, and `|` does not short-circuit: the same work whichever
+        # secret matched, and for a caller with no previous secret or no such caller.
+        matched = hmac.compare_digest(presented, expected) | hmac.compare_digest(
+            presented, previous
+        )
+        if not matched or found is None or found.disabled:
             raise InvalidClient("client authentication failed")
         return found.record
 

@@ -17,6 +17,7 @@ from coap_auth.store.records import (
     IssuedAccess,
     RefreshFamily,
     RefreshOutcome,
+    RegistryChange,
     TrlUpdate,
 )
 from coap_auth.store.registry_mac import RegistryReport
@@ -31,6 +32,11 @@ Mint = Callable[[RefreshFamily], IssuedAccess]
 # called again if the transaction is rerun; only the last call's result is stored.
 KeyTransition = Callable[[list[SigningKey]], list[SigningKey]]
 TokenStatus = Literal["live", "revoked"]
+# Called inside the registry transaction with the stored record (its MAC verified); returns
+# the change to store. Raising (OperatorError) aborts and changes nothing. Like `Mint`, it may
+# be called again if the transaction is rerun; only the last call's result is stored.
+ClientChange = Callable[[Client], RegistryChange[Client]]
+AudienceChange = Callable[[Audience], RegistryChange[Audience]]
 
 
 class Store(Protocol):
@@ -54,7 +60,34 @@ class Store(Protocol):
 
     async def list_clients(self) -> list[Client]: ...
 
-    async def disable_client(self, client_id: str, now: int) -> bool: ...
+    async def disable_client(self, client_id: str, now: int, actor: str = "operator") -> bool: ...
+
+    async def update_client(
+        self, client_id: str, change: ClientChange, actor: str, now: int
+    ) -> tuple[Client, int] | None:
+        """Store what `change` makes of the client (None: no such client, or its row does not
+        verify), MACed, with its audit event; kill the live families `change` names (their
+        access tokens revoked in one TRL update), all in one transaction. Returns the stored
+        record and how many families died."""
+        ...
+
+    async def remove_client(self, client_id: str, actor: str, now: int) -> int | None:
+        """Kill the client's live families (their access tokens revoked in one TRL update;
+        its TRL entries stay) and delete it, in one transaction; None: no such client."""
+        ...
+
+    async def update_audience(
+        self, audience_id: str, change: AudienceChange, actor: str, now: int
+    ) -> Audience | None:
+        """As `update_client`, for an audience (its families are not touched); bumps the keys
+        counter, so servers reload rotation policies."""
+        ...
+
+    async def remove_audience(self, audience_id: str, actor: str, now: int) -> int | None:
+        """Kill the live families of the audience (their access tokens revoked in one TRL
+        update) and delete it, in one transaction; raises OperatorError (changing nothing)
+        while any client row names it; None: no such audience."""
+        ...
 
     async def registry_report(self) -> RegistryReport:
         """Every client and audience row checked against its MAC, in one consistent read."""
@@ -104,7 +137,9 @@ class Store(Protocol):
         """
         ...
 
-    async def kill_families(self, client_id: str, reason: str, now: int) -> int:
+    async def kill_families(
+        self, client_id: str, reason: str, now: int, actor: str = "operator"
+    ) -> int:
         """Kill every live family of a client, revoking their access tokens in one TRL
         update; return how many families."""
         ...
@@ -131,6 +166,11 @@ class Store(Protocol):
     async def token_status(self, token_hash: bytes) -> TokenStatus | None:
         """ "live" or "revoked" for an access token we issued and still keep a record of
         (records of tokens that expired unrevoked are swept), None otherwise."""
+        ...
+
+    async def token_hashes_between(self, low: bytes, high: bytes, limit: int) -> list[bytes]:
+        """Hashes of the access tokens we keep a record of, from `low` to `high` inclusive
+        (bytewise order), the first `limit`: what a prefix of a hash names."""
         ...
 
     async def is_revoked(self, token_hash: bytes) -> bool:

@@ -18,17 +18,22 @@ import asyncpg
 from coap_auth.errors import OperatorError
 from coap_auth.keys import SigningKey
 from coap_auth.store.audit import AuditEvent, key_events
-from coap_auth.store.base import KeyTransition
+from coap_auth.store.base import AudienceChange, ClientChange, KeyTransition
 from coap_auth.store.key_rows import key_from_row, key_to_row
 from coap_auth.store.postgres_base import Conn
 from coap_auth.store.postgres_tokens import PostgresTokenTables
-from coap_auth.store.records import Audience, Client
+from coap_auth.store.records import Audience, Client, RefreshFamily
+from coap_auth.store.registry_changes import checked_change, refuse_if_named
 from coap_auth.store.registry_mac import AUDIENCES, CLIENTS, RegistryReport
 from coap_auth.store.rows import (
+    AUDIENCE_COLUMNS,
     AUDIENCE_SELECT,
+    CLIENT_COLUMNS,
     CLIENT_SELECT,
+    assignments,
     audience_to_row,
     client_to_row,
+    family_from_row,
     registry_report,
     sealed_row,
     trusted_audience,
@@ -36,6 +41,9 @@ from coap_auth.store.rows import (
     trusted_client,
     trusted_clients,
 )
+
+_CLIENT_SET = assignments(CLIENT_COLUMNS, lambda n: f"${n}")
+_AUDIENCE_SET = assignments(AUDIENCE_COLUMNS, lambda n: f"${n}")
 
 
 class PostgresStore(PostgresTokenTables):
@@ -81,14 +89,23 @@ class PostgresStore(PostgresTokenTables):
         row = sealed_row(self._registry_mac, CLIENTS, client_to_row(client))
 
         async def add(conn: Conn) -> None:
-            known = {r[0] for r in await conn.fetch("SELECT audience_id FROM audiences")}
+            # Shared locks: an audience removed meanwhile is either gone here, or waits for
+            # this client, which it then counts (remove_audience).
+            known = {
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT audience_id FROM audiences WHERE audience_id = ANY($1)"
+                    " ORDER BY audience_id FOR SHARE",
+                    list(client.audiences),
+                )
+            }
             missing = [a for a in client.audiences if a not in known]
             if missing:
                 raise OperatorError(f"unknown audience {missing[0]!r}")
             try:
                 await conn.execute(
                     f"INSERT INTO clients ({CLIENT_SELECT})"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    f" VALUES ({', '.join(f'${n}' for n in range(1, len(row) + 1))})",
                     *row,
                 )
             except asyncpg.UniqueViolationError:
@@ -115,7 +132,7 @@ class PostgresStore(PostgresTokenTables):
         rows = await self._read(f"SELECT {CLIENT_SELECT} FROM clients ORDER BY client_id")
         return trusted_clients(self._registry_mac, rows)
 
-    async def disable_client(self, client_id: str, now: int) -> bool:
+    async def disable_client(self, client_id: str, now: int, actor: str = "operator") -> bool:
         async def disable(conn: Conn) -> bool:
             rows = await conn.fetch(
                 f"SELECT {CLIENT_SELECT} FROM clients WHERE client_id = $1 FOR UPDATE", client_id
@@ -131,11 +148,122 @@ class PostgresStore(PostgresTokenTables):
                 row[-1],
                 client_id,
             )
-            event = AuditEvent(now, "operator", "client.disabled", client_id)
+            event = AuditEvent(now, actor, "client.disabled", client_id)
             await self._audit(conn, [event], registry=True)
             return True
 
         return await self._in_tx(disable)
+
+    async def update_client(
+        self, client_id: str, change: ClientChange, actor: str, now: int
+    ) -> tuple[Client, int] | None:
+        async def update(conn: Conn) -> tuple[Client, int] | None:
+            found = await self._client_for_update(conn, client_id)
+            if found is None:
+                return None
+            planned = checked_change(found, change(found), client_id)
+            row = sealed_row(self._registry_mac, CLIENTS, client_to_row(planned.record))
+            await conn.execute(
+                f"UPDATE clients SET {_CLIENT_SET} WHERE client_id = ${len(row)}",
+                *row[1:],
+                client_id,
+            )
+            killed = []
+            if planned.kill is not None:
+                live = await self._live_families(conn, "client_id", client_id, now)
+                killed = [f for f in live if planned.kill(f)]
+                # Lock order (postgres_base): family rows, the TRL lock, then the audit lock.
+                await self._kill(conn, killed, planned.kill_reason, now, actor)
+            event = AuditEvent(now, actor, planned.event, client_id, planned.details)
+            await self._audit(conn, [event], registry=True)
+            return planned.record, len(killed)
+
+        return await self._in_tx(update)
+
+    async def remove_client(self, client_id: str, actor: str, now: int) -> int | None:
+        async def remove(conn: Conn) -> int | None:
+            if await self._client_for_update(conn, client_id) is None:
+                return None
+            families = await self._live_families(conn, "client_id", client_id, now)
+            await self._kill(conn, families, "client removed", now, actor)
+            await conn.execute("DELETE FROM clients WHERE client_id = $1", client_id)
+            details = {"killed_families": len(families)}
+            event = AuditEvent(now, actor, "client.removed", client_id, details)
+            await self._audit(conn, [event], registry=True)
+            return len(families)
+
+        return await self._in_tx(remove)
+
+    async def update_audience(
+        self, audience_id: str, change: AudienceChange, actor: str, now: int
+    ) -> Audience | None:
+        async def update(conn: Conn) -> Audience | None:
+            found = await self._audience_for_update(conn, audience_id)
+            if found is None:
+                return None
+            planned = checked_change(found, change(found), audience_id)
+            row = sealed_row(self._registry_mac, AUDIENCES, audience_to_row(planned.record))
+            await conn.execute(
+                f"UPDATE audiences SET {_AUDIENCE_SET} WHERE audience_id = ${len(row)}",
+                *row[1:],
+                audience_id,
+            )
+            # Servers reload rotation policies: a retiring key outlives the longest lifetime.
+            await self._notify(conn, "keys")
+            event = AuditEvent(now, actor, planned.event, audience_id, planned.details)
+            await self._audit(conn, [event], registry=True)
+            return planned.record
+
+        return await self._in_tx(update)
+
+    async def remove_audience(self, audience_id: str, actor: str, now: int) -> int | None:
+        async def remove(conn: Conn) -> int | None:
+            # The audience row first: a client added meanwhile waits for it (add_client),
+            # or has committed and is counted here.
+            if await self._audience_for_update(conn, audience_id) is None:
+                return None
+            named = [r[0] for r in await conn.fetch("SELECT audiences FROM clients")]
+            refuse_if_named(audience_id, named)
+            families = await self._live_families(conn, "audience", audience_id, now)
+            await self._kill(conn, families, "audience removed", now, actor)
+            await conn.execute("DELETE FROM audiences WHERE audience_id = $1", audience_id)
+            await self._notify(conn, "keys")
+            details = {"killed_families": len(families)}
+            event = AuditEvent(now, actor, "audience.removed", audience_id, details)
+            await self._audit(conn, [event], registry=True)
+            return len(families)
+
+        return await self._in_tx(remove)
+
+    async def _client_for_update(self, conn: Conn, client_id: str) -> Client | None:
+        """The client as stored, its row locked, if it verifies (one that does not is never
+        re-sealed: that would launder the change)."""
+        rows = await conn.fetch(
+            f"SELECT {CLIENT_SELECT} FROM clients WHERE client_id = $1 FOR UPDATE", client_id
+        )
+        found = trusted_clients(self._registry_mac, rows)
+        return found[0] if found else None
+
+    async def _audience_for_update(self, conn: Conn, audience_id: str) -> Audience | None:
+        rows = await conn.fetch(
+            f"SELECT {AUDIENCE_SELECT} FROM audiences WHERE audience_id = $1 FOR UPDATE",
+            audience_id,
+        )
+        found = trusted_audiences(self._registry_mac, rows)
+        return found[0] if found else None
+
+    async def _live_families(
+        self, conn: Conn, column: str, value: str, now: int
+    ) -> list[RefreshFamily]:
+        """Live families of one client or one audience (`column`), locked in family_id order."""
+        assert column in ("client_id", "audience")
+        rows = await conn.fetch(
+            f"SELECT * FROM refresh_families WHERE {column} = $1 AND killed_at IS NULL"
+            " AND expires_at > $2 ORDER BY family_id FOR UPDATE",
+            value,
+            now,
+        )
+        return [family_from_row(r) for r in rows]
 
     async def registry_report(self) -> RegistryReport:
         async with (

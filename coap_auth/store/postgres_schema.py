@@ -34,7 +34,7 @@ from coap_auth.store.rows import (
 from coap_auth.store.seal_marker import refusal
 from coap_auth.store.trl_history import REQUESTER_UPDATE_COLUMNS, attributed_history
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -60,6 +60,8 @@ CREATE TABLE IF NOT EXISTS clients (
     disabled BOOLEAN NOT NULL DEFAULT FALSE,
     created_at BIGINT NOT NULL,
     mac BYTEA,
+    previous_secret_digest BYTEA,
+    previous_secret_until BIGINT,
     CHECK ((secret_digest IS NULL) <> (public_key IS NULL))
 );
 CREATE TABLE IF NOT EXISTS signing_keys (
@@ -194,10 +196,19 @@ ALTER TABLE audiences ADD COLUMN IF NOT EXISTS profile TEXT NOT NULL DEFAULT 'be
 """
 
 
+# Version 6 to 7: a client's secret before its last rotation and the end of its overlap
+# (`clients rotate-secret`); NULL for every existing row, which its row MAC does not cover
+# (registry_mac.row_mac). Run before sealing, like _FROM_5.
+_FROM_6 = """
+ALTER TABLE clients ADD COLUMN IF NOT EXISTS previous_secret_digest BYTEA;
+ALTER TABLE clients ADD COLUMN IF NOT EXISTS previous_secret_until BIGINT;
+"""
+
+
 async def migrate(
     conn: Any, lock_key: int, master_key: MasterKey, now: int, sealed_before: int | None
 ) -> None:
-    """Create the schema if absent, or bring version 2 to 5 up to date; refuse a newer one.
+    """Create the schema if absent, or bring version 2 to 6 up to date; refuse a newer one.
     `conn` is an asyncpg connection; `now` dates the audit entry that records a migration;
     `sealed_before` is the version this instance's marker records: an older database (or one
     that lost its version but holds data) is refused, not sealed again."""
@@ -217,6 +228,7 @@ async def migrate(
             await _write_head(conn, head, insert=True)
             # A no-op on tables just created; tables that lost their version get the columns.
             await conn.execute(_FROM_5)
+            await conn.execute(_FROM_6)
             await conn.execute(_FROM_4)
             await conn.execute(_LISTED_INDEXES)
             await _attribute_history(conn)
@@ -229,6 +241,7 @@ async def migrate(
                 raise OperatorError(problem)
             # Only now: ALTER TABLE locks the table against every other instance's reads.
             await conn.execute(_FROM_5)
+            await conn.execute(_FROM_6)
             if version < 3:
                 await conn.execute(_FROM_2)
                 await _seal(conn, master_key, version, now)

@@ -135,7 +135,9 @@ class PostgresTokenTables(PostgresBase):
         # A kill inside the transaction must survive the outcome being "reused": it commits.
         return await self._in_tx(rotate)
 
-    async def kill_families(self, client_id: str, reason: str, now: int) -> int:
+    async def kill_families(
+        self, client_id: str, reason: str, now: int, actor: str = "operator"
+    ) -> int:
         async def kill(conn: Conn) -> int:
             rows = await conn.fetch(
                 "SELECT * FROM refresh_families WHERE client_id = $1 AND killed_at IS NULL"
@@ -145,7 +147,7 @@ class PostgresTokenTables(PostgresBase):
             )
             # All of them in one go: one TRL update, and every access row locked before the
             # TRL lock (killing them one by one deadlocks with a concurrent revoke_access).
-            await self._kill(conn, [family_from_row(r) for r in rows], reason, now, "operator")
+            await self._kill(conn, [family_from_row(r) for r in rows], reason, now, actor)
             return len(rows)
 
         return await self._in_tx(kill)
@@ -260,6 +262,17 @@ class PostgresTokenTables(PostgresBase):
         if not rows:
             return None
         return "live" if rows[0][0] is None else "revoked"
+
+    async def token_hashes_between(self, low: bytes, high: bytes, limit: int) -> list[bytes]:
+        # bytea compares bytewise, as the protocol says.
+        rows = await self._read(
+            "SELECT token_hash FROM access_tokens WHERE token_hash BETWEEN $1 AND $2"
+            " ORDER BY token_hash LIMIT $3",
+            low,
+            high,
+            limit,
+        )
+        return [bytes(r[0]) for r in rows]
 
     async def is_revoked(self, token_hash: bytes) -> bool:
         return await self.token_status(token_hash) == "revoked"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from coap_auth.keys import ALG_NAMES, SYMMETRIC_ALGS
 
@@ -87,6 +88,18 @@ class Client:
     secret_digest: bytes | None = field(default=None, repr=False)
     public_key: dict[Any, Any] | None = field(default=None, compare=False)  # COSE_Key
     disabled: bool = False
+    # After `clients rotate-secret`: the secret before, still accepted until (exclusive) this
+    # moment; both None otherwise (schema 7).
+    previous_secret_digest: bytes | None = field(default=None, repr=False)
+    previous_secret_until: int | None = None
+
+    def previous_secret_valid(self, now: int) -> bool:
+        """Whether the secret before the last rotation is still accepted at `now`."""
+        return (
+            self.previous_secret_digest is not None
+            and self.previous_secret_until is not None
+            and now < self.previous_secret_until
+        )
 
     def public_view(self) -> dict[str, Any]:
         """What listings show: never the secret digest, never key material beyond its type."""
@@ -97,7 +110,27 @@ class Client:
             "auth": "public-key" if self.public_key is not None else "secret",
             "disabled": self.disabled,
             "created_at": self.created_at,
+            "previous_secret_until": (
+                self.previous_secret_until if self.previous_secret_digest is not None else None
+            ),
         }
+
+
+R = TypeVar("R", Client, Audience)
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryChange(Generic[R]):
+    """What an operator's change of a client or audience stores, decided from the record as
+    stored (coap_auth.service.admin): the new record, its audit event and details (never a
+    secret), and for a client, which of its live refresh families die with it (their access
+    tokens revoked, in the same transaction)."""
+
+    record: R
+    event: str
+    details: dict[str, Any] = field(default_factory=dict)
+    kill: Callable[[RefreshFamily], bool] | None = None
+    kill_reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,21 +26,24 @@ _SHOWN_ID = 64  # characters of a row id a message shows (the id may be an attac
 Mac = Callable[[bytes], bytes]
 
 
-# A column added to a table after its rows were sealed, last in its schema order, and the value
-# its migration gave every existing row: the MAC covers it only when it holds another value,
-# so rows sealed before it keep their MACs (schema 6: an audience's profile, "bearer").
-_LATE_COLUMNS = {AUDIENCES: "bearer"}
+# Columns added to a table after its rows were sealed, last in its schema order, and the values
+# their migration gave every existing row: the MAC covers them only when one holds another
+# value, so rows sealed before keep their MACs (schema 6: an audience's profile, "bearer";
+# schema 7: a client's previous secret and the end of its overlap, both NULL).
+_LATE_COLUMNS: dict[str, tuple[Any, ...]] = {AUDIENCES: ("bearer",), CLIENTS: (None, None)}
 
 
 def row_mac(mac: Mac, table: str, values: Sequence[Any]) -> bytes:
     """The MAC of one row: canonical CBOR of [DOMAIN, table, [every column but the MAC, in
     schema order]]. Each column is one CBOR item (text, bytes, int, bool, null), so no two
-    different rows share an encoding, and a row cannot pass for one of another table. A late
-    column (`_LATE_COLUMNS`) at its migration value is left out: the list is one item
-    shorter, so a row with it and a row without it still never share an encoding."""
+    different rows share an encoding, and a row cannot pass for one of another table. Late
+    columns (`_LATE_COLUMNS`) all at their migration values are left out together: the list
+    is that many items shorter, so a row with them and a row without them still never share
+    an encoding."""
     columns = list(values)
-    if table in _LATE_COLUMNS and columns and columns[-1] == _LATE_COLUMNS[table]:
-        columns.pop()
+    late = _LATE_COLUMNS.get(table, ())
+    if late and len(columns) > len(late) and tuple(columns[-len(late) :]) == late:
+        del columns[-len(late) :]
     return mac(cbor2.dumps([DOMAIN, table, columns], canonical=True))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import cbor2
@@ -47,9 +47,27 @@ CLIENT_COLUMNS = (
     "public_key",
     "disabled",
     "created_at",
+    # schema 7; MACed only when not both NULL (registry_mac.row_mac)
+    "previous_secret_digest",
+    "previous_secret_until",
 )
 AUDIENCE_SELECT = ", ".join((*AUDIENCE_COLUMNS, "mac"))
 CLIENT_SELECT = ", ".join((*CLIENT_COLUMNS, "mac"))
+
+
+def assignments(columns: Sequence[str], placeholder: Callable[[int], str]) -> str:
+    """`SET` list of an update writing every column but the first (the id) and the MAC, the
+    row's values in order from the second: "a = ?, b = ?" (SQLite) or "a = $1, ..."."""
+    names = (*columns[1:], "mac")
+    return ", ".join(f"{name} = {placeholder(n)}" for n, name in enumerate(names, start=1))
+
+
+def client_names(audiences_json: str) -> list[str]:
+    """The audiences a clients row names (its `audiences` column, as stored)."""
+    names = json.loads(audiences_json)
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
 # Every registry row's table, id and MAC: what the audit head's registry digest covers.
 REGISTRY_IDS = (
     "SELECT 'clients', client_id, mac FROM clients"
@@ -100,7 +118,17 @@ def audience_to_row(audience: Audience) -> tuple[Any, ...]:
 
 
 def client_from_row(row: Row) -> Client:
-    client_id, audiences, scope, secret_digest, public_key, disabled, created_at = row
+    (
+        client_id,
+        audiences,
+        scope,
+        secret_digest,
+        public_key,
+        disabled,
+        created_at,
+        previous_secret_digest,
+        previous_secret_until,
+    ) = row
     return Client(
         client_id=client_id,
         audiences=tuple(json.loads(audiences)),
@@ -109,6 +137,8 @@ def client_from_row(row: Row) -> Client:
         secret_digest=secret_digest,
         public_key=None if public_key is None else cbor2.loads(public_key),
         disabled=bool(disabled),
+        previous_secret_digest=previous_secret_digest,
+        previous_secret_until=previous_secret_until,
     )
 
 
@@ -121,6 +151,8 @@ def client_to_row(client: Client) -> tuple[Any, ...]:
         None if client.public_key is None else cbor2.dumps(client.public_key),
         client.disabled,
         client.created_at,
+        client.previous_secret_digest,
+        client.previous_secret_until,
     )
 
 

@@ -14,16 +14,21 @@ from pathlib import Path
 from coap_auth.errors import OperatorError
 from coap_auth.keys import SigningKey
 from coap_auth.store.audit import AuditEvent, key_events
-from coap_auth.store.base import KeyTransition
+from coap_auth.store.base import AudienceChange, ClientChange, KeyTransition
 from coap_auth.store.key_rows import key_from_row, key_to_row
 from coap_auth.store.master_key import MasterKey
-from coap_auth.store.records import Audience, Client
+from coap_auth.store.records import Audience, Client, RefreshFamily
+from coap_auth.store.registry_changes import checked_change, refuse_if_named
 from coap_auth.store.registry_mac import AUDIENCES, CLIENTS, RegistryReport
 from coap_auth.store.rows import (
+    AUDIENCE_COLUMNS,
     AUDIENCE_SELECT,
+    CLIENT_COLUMNS,
     CLIENT_SELECT,
+    assignments,
     audience_to_row,
     client_to_row,
+    family_from_row,
     registry_report,
     sealed_row,
     trusted_audience,
@@ -34,12 +39,24 @@ from coap_auth.store.rows import (
 from coap_auth.store.sqlite_tokens import TokenTables
 
 DB_FILE = "coap-auth.sqlite3"
+_CLIENT_SET = assignments(CLIENT_COLUMNS, lambda _n: "?")
+_AUDIENCE_SET = assignments(AUDIENCE_COLUMNS, lambda _n: "?")
 
 
 class SqliteStore(TokenTables):
     @classmethod
     def in_data_dir(cls, data_dir: Path, master_key: MasterKey) -> SqliteStore:
         return cls(data_dir / DB_FILE, master_key)
+
+    async def open_read_only(self) -> None:
+        """Open a copy (a backup being checked) to read only: no migration, no probe, no
+        change of mode or journal; whatever writes is refused by SQLite itself."""
+        uri = f"{self._path.resolve().as_uri()}?mode=ro"
+
+        def connect() -> sqlite3.Connection:
+            return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+
+        self._conn = await self._run(connect)
 
     # -- audiences and clients -------------------------------------------------------------
 
@@ -98,7 +115,8 @@ class SqliteStore(TokenTables):
                 raise OperatorError(f"unknown audience {missing[0]!r}")
             try:
                 conn.execute(
-                    f"INSERT INTO clients ({CLIENT_SELECT}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row
+                    f"INSERT INTO clients ({CLIENT_SELECT}) VALUES ({', '.join('?' * len(row))})",
+                    row,
                 )
             except sqlite3.IntegrityError:
                 raise OperatorError(f"client {client.client_id!r} already exists") from None
@@ -129,7 +147,7 @@ class SqliteStore(TokenTables):
         rows = await self._read(f"SELECT {CLIENT_SELECT} FROM clients ORDER BY client_id")
         return trusted_clients(self._registry_mac, rows)
 
-    async def disable_client(self, client_id: str, now: int) -> bool:
+    async def disable_client(self, client_id: str, now: int, actor: str = "operator") -> bool:
         def disable(conn: sqlite3.Connection) -> bool:
             rows = conn.execute(
                 f"SELECT {CLIENT_SELECT} FROM clients WHERE client_id = ?", (client_id,)
@@ -143,11 +161,115 @@ class SqliteStore(TokenTables):
             conn.execute(
                 "UPDATE clients SET disabled = 1, mac = ? WHERE client_id = ?", (row[-1], client_id)
             )
-            event = AuditEvent(now, "operator", "client.disabled", client_id)
+            event = AuditEvent(now, actor, "client.disabled", client_id)
             self._audit(conn, [event], registry=True)
             return True
 
         return await self._in_tx(disable)
+
+    async def update_client(
+        self, client_id: str, change: ClientChange, actor: str, now: int
+    ) -> tuple[Client, int] | None:
+        def update(conn: sqlite3.Connection) -> tuple[Client, int] | None:
+            found = self._client_in_tx(conn, client_id)
+            if found is None:
+                return None
+            planned = checked_change(found, change(found), client_id)
+            row = sealed_row(self._registry_mac, CLIENTS, client_to_row(planned.record))
+            conn.execute(
+                f"UPDATE clients SET {_CLIENT_SET} WHERE client_id = ?", (*row[1:], client_id)
+            )
+            killed = []
+            if planned.kill is not None:
+                live = self._live_families(conn, "client_id", client_id, now)
+                killed = [f for f in live if planned.kill(f)]
+                self._kill(conn, killed, planned.kill_reason, now, actor)
+            event = AuditEvent(now, actor, planned.event, client_id, planned.details)
+            self._audit(conn, [event], registry=True)
+            return planned.record, len(killed)
+
+        return await self._in_tx(update)
+
+    async def remove_client(self, client_id: str, actor: str, now: int) -> int | None:
+        def remove(conn: sqlite3.Connection) -> int | None:
+            if self._client_in_tx(conn, client_id) is None:
+                return None
+            families = self._live_families(conn, "client_id", client_id, now)
+            self._kill(conn, families, "client removed", now, actor)
+            conn.execute("DELETE FROM clients WHERE client_id = ?", (client_id,))
+            details = {"killed_families": len(families)}
+            self._audit(
+                conn, [AuditEvent(now, actor, "client.removed", client_id, details)], registry=True
+            )
+            return len(families)
+
+        return await self._in_tx(remove)
+
+    async def update_audience(
+        self, audience_id: str, change: AudienceChange, actor: str, now: int
+    ) -> Audience | None:
+        def update(conn: sqlite3.Connection) -> Audience | None:
+            found = self._audience_in_tx(conn, audience_id)
+            if found is None:
+                return None
+            planned = checked_change(found, change(found), audience_id)
+            row = sealed_row(self._registry_mac, AUDIENCES, audience_to_row(planned.record))
+            conn.execute(
+                f"UPDATE audiences SET {_AUDIENCE_SET} WHERE audience_id = ?",
+                (*row[1:], audience_id),
+            )
+            # Servers reload rotation policies: a retiring key outlives the longest lifetime.
+            conn.execute("UPDATE change_feed SET counter = counter + 1 WHERE id = 1")
+            event = AuditEvent(now, actor, planned.event, audience_id, planned.details)
+            self._audit(conn, [event], registry=True)
+            return planned.record
+
+        return await self._in_tx(update)
+
+    async def remove_audience(self, audience_id: str, actor: str, now: int) -> int | None:
+        def remove(conn: sqlite3.Connection) -> int | None:
+            if self._audience_in_tx(conn, audience_id) is None:
+                return None
+            named = [r[0] for r in conn.execute("SELECT audiences FROM clients")]
+            refuse_if_named(audience_id, named)
+            families = self._live_families(conn, "audience", audience_id, now)
+            self._kill(conn, families, "audience removed", now, actor)
+            conn.execute("DELETE FROM audiences WHERE audience_id = ?", (audience_id,))
+            conn.execute("UPDATE change_feed SET counter = counter + 1 WHERE id = 1")
+            details = {"killed_families": len(families)}
+            event = AuditEvent(now, actor, "audience.removed", audience_id, details)
+            self._audit(conn, [event], registry=True)
+            return len(families)
+
+        return await self._in_tx(remove)
+
+    def _client_in_tx(self, conn: sqlite3.Connection, client_id: str) -> Client | None:
+        """The client as stored, if its row verifies (one that does not is never re-sealed:
+        that would launder the change)."""
+        rows = conn.execute(
+            f"SELECT {CLIENT_SELECT} FROM clients WHERE client_id = ?", (client_id,)
+        ).fetchall()
+        found = trusted_clients(self._registry_mac, rows)
+        return found[0] if found else None
+
+    def _audience_in_tx(self, conn: sqlite3.Connection, audience_id: str) -> Audience | None:
+        rows = conn.execute(
+            f"SELECT {AUDIENCE_SELECT} FROM audiences WHERE audience_id = ?", (audience_id,)
+        ).fetchall()
+        found = trusted_audiences(self._registry_mac, rows)
+        return found[0] if found else None
+
+    def _live_families(
+        self, conn: sqlite3.Connection, column: str, value: str, now: int
+    ) -> list[RefreshFamily]:
+        """Live families of one client or one audience (`column`), in family_id order."""
+        assert column in ("client_id", "audience")
+        rows = conn.execute(
+            f"SELECT * FROM refresh_families WHERE {column} = ? AND killed_at IS NULL"
+            " AND expires_at > ? ORDER BY family_id",
+            (value, now),
+        )
+        return [family_from_row(r) for r in rows]
 
     async def registry_report(self) -> RegistryReport:
         def read(conn: sqlite3.Connection) -> RegistryReport:

@@ -37,7 +37,7 @@ from coap_auth.store.rows import (
 from coap_auth.store.seal_marker import refusal
 from coap_auth.store.trl_history import REQUESTER_UPDATE_COLUMNS, attributed_history
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 SCHEMA = """
 CREATE TABLE audiences (
@@ -62,6 +62,8 @@ CREATE TABLE clients (
     disabled INTEGER NOT NULL DEFAULT 0,
     created_at INTEGER NOT NULL,
     mac BLOB,
+    previous_secret_digest BLOB,
+    previous_secret_until INTEGER,
     CHECK ((secret_digest IS NULL) <> (public_key IS NULL))
 );
 CREATE TABLE signing_keys (
@@ -237,6 +239,15 @@ ALTER TABLE audiences ADD COLUMN profile TEXT NOT NULL DEFAULT 'bearer'
 """
 
 
+# Version 6 to 7: a client's secret before its last rotation, accepted until the end of the
+# overlap (`clients rotate-secret`); NULL for every existing row, which its row MAC does not
+# cover (registry_mac.row_mac), so the rows sealed before stay sealed. Run first, like _FROM_5.
+_FROM_6 = """
+ALTER TABLE clients ADD COLUMN previous_secret_digest BLOB;
+ALTER TABLE clients ADD COLUMN previous_secret_until INTEGER
+"""
+
+
 def migrate(
     conn: sqlite3.Connection, master_key: MasterKey, now: int, sealed_before: int | None
 ) -> None:
@@ -260,7 +271,9 @@ def migrate(
             problem = refusal(max(version, 1), sealed_before)
             if problem:
                 raise OperatorError(problem)
-            _script(conn, _FROM_5)
+            if version < 6:
+                _script(conn, _FROM_5)
+            _script(conn, _FROM_6)
             if version < 3:
                 if version < 2:
                     _script(conn, _FROM_1)

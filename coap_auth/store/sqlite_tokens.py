@@ -117,7 +117,9 @@ class TokenTables(SqliteBase):
 
         return await self._in_tx(rotate)
 
-    async def kill_families(self, client_id: str, reason: str, now: int) -> int:
+    async def kill_families(
+        self, client_id: str, reason: str, now: int, actor: str = "operator"
+    ) -> int:
         def kill(conn: sqlite3.Connection) -> int:
             families = [
                 family_from_row(r)
@@ -128,7 +130,7 @@ class TokenTables(SqliteBase):
                     (client_id, now),
                 )
             ]
-            self._kill(conn, families, reason, now, "operator")  # one TRL update for all
+            self._kill(conn, families, reason, now, actor)  # one TRL update for all
             return len(families)
 
         return await self._in_tx(kill)
@@ -230,6 +232,15 @@ class TokenTables(SqliteBase):
         if not rows:
             return None
         return "live" if rows[0][0] is None else "revoked"
+
+    async def token_hashes_between(self, low: bytes, high: bytes, limit: int) -> list[bytes]:
+        # BLOBs compare with memcmp(): bytewise, as the protocol says.
+        rows = await self._read(
+            "SELECT token_hash FROM access_tokens WHERE token_hash BETWEEN ? AND ?"
+            " ORDER BY token_hash LIMIT ?",
+            (low, high, limit),
+        )
+        return [r[0] for r in rows]
 
     async def is_revoked(self, token_hash: bytes) -> bool:
         return await self.token_status(token_hash) == "revoked"

@@ -83,8 +83,20 @@ class Backend:
         return {"signing_keys": b"".join(v for r in rows for v in r if isinstance(v, bytes))}
 
 
+async def back_to_version_6(backend: Backend) -> None:
+    """The database as schema 6 left it: clients without a previous secret."""
+    for column in ("previous_secret_digest", "previous_secret_until"):
+        await backend.execute(f"ALTER TABLE clients DROP COLUMN {column}")
+    if backend.name == "sqlite":
+        await backend.execute("PRAGMA user_version = 6")
+    else:
+        await backend.execute("UPDATE schema_version SET version = 6")
+
+
 async def back_to_version_5(backend: Backend) -> None:
-    """The database as schema 5 left it: audiences without their profile."""
+    """The database as schema 5 left it: audiences without their profile (nor clients with a
+    previous secret)."""
+    await back_to_version_6(backend)
     await backend.execute("ALTER TABLE audiences DROP COLUMN profile")
     if backend.name == "sqlite":
         await backend.execute("PRAGMA user_version = 5")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from coap_auth.store import Audience, Client, MasterKey, Store
 from coap_auth.store.audit import GENESIS, AuditEvent, entry_mac, verify_log
+from coap_auth.store.records import RegistryChange
 from coap_auth.store.registry_mac import AUDIENCES, CLIENTS, RegistryReport, row_mac
 from coap_auth.store.rows import (
     AUDIENCE_COLUMNS,
@@ -34,7 +36,7 @@ from coap_auth.store.sqlite import DB_FILE
 from coap_auth.store.sqlite_schema import SCHEMA_VERSION
 from coap_auth.tokens import cose_key_from_public
 from tests import pg
-from tests.store.conftest import Backend, back_to_version_5
+from tests.store.conftest import Backend, back_to_version_5, back_to_version_6
 
 T0 = 1_700_000_000
 VECTORS = Path(__file__).parent.parent / "vectors"
@@ -180,7 +182,7 @@ async def test_a_rogue_row_inserted_in_the_database_is_never_used(
     rogue = Client("mallory", ("thermostat",), ("temp:read",), T0, public_key=ATTACKER_KEY)
     await backend.execute(
         f"INSERT INTO clients ({', '.join(CLIENT_COLUMNS)}, mac)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        f" VALUES ({', '.join(f'${n}' for n in range(1, len(CLIENT_COLUMNS) + 2))})",
         *client_to_row(rogue),
         None if mac == "none" else stolen,
     )
@@ -276,7 +278,8 @@ async def _v2_store(backend: Backend) -> None:
     )
     for client in (SENSOR, METER):
         await backend.execute(
-            "INSERT INTO clients VALUES ($1, $2, $3, $4, $5, $6, $7)", *client_to_row(client)
+            "INSERT INTO clients VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            *client_to_row(client)[:7],  # version 2 had no previous secret
         )
     previous = GENESIS
     for seq, event in enumerate(
@@ -323,7 +326,8 @@ async def test_migrating_from_version_2_gives_every_row_a_valid_mac(backend: Bac
     await store.close()
     backend.opened.remove(store)
     await backend.execute(
-        "INSERT INTO clients VALUES ($1, $2, $3, $4, $5, $6, $7, NULL)",
+        f"INSERT INTO clients ({', '.join(CLIENT_COLUMNS)}, mac)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL)",
         *client_to_row(Client("late", ("thermostat",), ("temp:read",), T0, public_key=DEVICE_KEY)),
     )
     store = await backend.open_store()
@@ -421,3 +425,75 @@ def test_a_bearer_row_keeps_its_schema_5_mac_and_no_other_row_shares_it() -> Non
     assert row_mac(mac, AUDIENCES, values) == row_mac(mac, AUDIENCES, values[:-1])
     for profile in ("edhoc_oscore", "coap_oscore"):
         assert row_mac(mac, AUDIENCES, (*values[:-1], profile)) != row_mac(mac, AUDIENCES, values)
+
+
+# -- schema 7: a client's previous secret and the end of its overlap (issue 18) -----------------
+
+
+def _rotated(client: Client) -> RegistryChange[Client]:
+    return RegistryChange(
+        replace(
+            client,
+            secret_digest=b"\x7c" * 32,
+            previous_secret_digest=client.secret_digest,
+            previous_secret_until=T0 + 60,
+        ),
+        "client.secret_rotated",
+    )
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "UPDATE clients SET previous_secret_until = 4102444800 WHERE client_id = 'sensor-1'",
+        "UPDATE clients SET previous_secret_digest = secret_digest WHERE client_id = 'sensor-1'",
+        "UPDATE clients SET previous_secret_until = NULL, previous_secret_digest = NULL"
+        " WHERE client_id = 'sensor-1'",
+    ],
+    ids=["overlap-extended", "previous-digest-replaced", "overlap-erased"],
+)
+async def test_the_mac_covers_the_previous_secret_and_its_overlap(
+    backend: Backend, store: Store, edit: str
+) -> None:
+    assert await store.update_client("sensor-1", _rotated, "operator", T0) is not None
+    assert (await store.get_client("sensor-1")).previous_secret_until == T0 + 60  # type: ignore[union-attr]
+
+    await backend.execute(edit)
+
+    assert await store.get_client("sensor-1") is None
+    assert [f.row_id for f in (await store.registry_report()).faults] == ["sensor-1"]
+
+
+async def test_a_version_6_database_keeps_its_client_macs(backend: Backend, store: Store) -> None:
+    await store.close()
+    backend.opened.remove(store)
+    await back_to_version_6(backend)
+    store_name = "sqlite" if backend.name == "sqlite" else f"postgres-{backend.schema}"
+    marker_path(backend.tmp_path, store_name).write_text("6\n")  # what schema 6 wrote
+
+    store = await backend.open_store()
+
+    assert await store.get_client("sensor-1") == SENSOR
+    assert await store.get_client("meter-7") == METER
+    assert await store.registry_report() == RegistryReport(2, 2)
+    entries = await store.audit_entries()
+    assert entries[-1].event.details == {"from": 6, "to": SCHEMA_VERSION}
+    assert verify_log(backend.master_key.audit_mac, await store.audit_snapshot()).ok
+    # And the new columns take a rotation.
+    assert await store.update_client("sensor-1", _rotated, "operator", T0) is not None
+    assert (await store.registry_report()).ok
+
+
+def test_a_client_row_without_a_previous_secret_keeps_its_schema_6_mac() -> None:
+    mac = MasterKey(b"\x01" * 32).registry_mac
+    values = client_to_row(SENSOR)
+    assert values[-2:] == (None, None)
+    assert row_mac(mac, CLIENTS, values) == row_mac(mac, CLIENTS, values[:-2])
+    rotated = client_to_row(_rotated(SENSOR).record)
+    assert row_mac(mac, CLIENTS, rotated) != row_mac(mac, CLIENTS, values)
+    # Only both at NULL leave them out: one set is MACed with both columns.
+    half = (*values[:-1], T0)
+    assert row_mac(mac, CLIENTS, half) not in {
+        row_mac(mac, CLIENTS, values),
+        row_mac(mac, CLIENTS, values[:-2]),
+    }

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import secrets
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from coap_auth.store import (
     Store,
 )
 from coap_auth.store.audit import AuditEvent, verify_chain, verify_log
+from coap_auth.store.records import RegistryChange
 from coap_auth.store.registry_mac import RegistryReport
 from coap_auth.store.sqlite import DB_FILE
 from coap_auth.store.sqlite_schema import SCHEMA_VERSION
@@ -614,6 +616,145 @@ async def test_kill_families_counts_and_revokes(registered: Store) -> None:
     # Already dead families are not counted again.
     assert await registered.kill_families("sensor-1", "again", now + 2) == 0
     assert await registered.kill_families("no-such-client", "none", now + 2) == 0
+
+
+# -- registry lifecycle (issue 18): update and remove, with their families ------------------------
+
+
+def _events(entries: Any, seq: int) -> list[tuple[str, str, str]]:
+    return [(e.event.actor, e.event.event, e.event.subject) for e in entries if e.seq > seq]
+
+
+async def _newest_seq(store: Store) -> int:
+    return (await store.audit_entries(last=1))[0].seq
+
+
+async def test_update_client_stores_the_change_and_kills_the_families_it_names(
+    registered: Store,
+) -> None:
+    bound_key = {1: 2, -1: 1, -2: b"x" * 32, -3: b"y" * 32}
+    kept, _, kept_access = await _start(registered)
+    doomed, d_doomed, doomed_access = await _start(registered, _family(cnf=bound_key))
+    seq = await _newest_seq(registered)
+
+    def disable(client: Client) -> RegistryChange[Client]:
+        return RegistryChange(
+            replace(client, disabled=True),
+            "client.disabled",
+            {"revoke": True},
+            kill=lambda family: family.cnf == bound_key,
+            kill_reason="test",
+        )
+
+    result = await registered.update_client("sensor-1", disable, "operator:alice", T0 + 5)
+
+    assert result is not None and result[1] == 1 and result[0].disabled
+    assert (await registered.get_client("sensor-1")) == result[0]
+    assert (await registered.registry_report()).ok
+    assert await _listed(registered) == [doomed_access.token_hash]
+    assert await _live_ids(registered, T0 + 5) == {kept.family_id}
+    assert await _rotate(registered, d_doomed, _digest(), T0 + 6) == "dead"
+    assert _events(await registered.audit_entries(), seq) == [
+        ("operator:alice", "family.killed", doomed.family_id.hex()),
+        ("operator:alice", "client.disabled", "sensor-1"),
+    ]
+    assert kept_access.token_hash not in await _listed(registered)
+    assert await registered.update_client("no-such", disable, "operator", T0) is None
+
+
+async def test_a_refused_change_changes_nothing(registered: Store) -> None:
+    await _start(registered)
+    before = (await registered.get_client("sensor-1"), len(await registered.audit_entries()))
+
+    def refuse(client: Client) -> RegistryChange[Client]:
+        raise OperatorError("no")
+
+    with pytest.raises(OperatorError):
+        await registered.update_client("sensor-1", refuse, "operator", T0 + 1)
+    assert (await registered.get_client("sensor-1"), len(await registered.audit_entries())) == (
+        before
+    )
+
+
+async def test_a_rotated_secret_round_trips(registered: Store) -> None:
+    def rotate(client: Client) -> RegistryChange[Client]:
+        rotated = replace(
+            client,
+            secret_digest=b"\x01" * 32,
+            previous_secret_digest=client.secret_digest,
+            previous_secret_until=T0 + 60,
+        )
+        return RegistryChange(rotated, "client.secret_rotated")
+
+    result = await registered.update_client("sensor-1", rotate, "operator", T0)
+    assert result is not None
+    stored = await registered.get_client("sensor-1")
+    assert stored == result[0] and stored.previous_secret_until == T0 + 60  # type: ignore[union-attr]
+    assert stored.previous_secret_valid(T0 + 59) and not stored.previous_secret_valid(T0 + 60)  # type: ignore[union-attr]
+    assert (await registered.registry_report()).ok
+
+
+async def test_remove_client_kills_its_families_and_keeps_its_trl_entries(
+    backend: Backend, registered: Store
+) -> None:
+    _, _, access = await _start(registered)
+    await _start(registered, _family("sensor-2"))
+    seq = await _newest_seq(registered)
+
+    assert await registered.remove_client("sensor-1", "operator:bob", T0 + 5) == 1
+
+    assert await registered.get_client("sensor-1") is None
+    assert [c.client_id for c in await registered.list_clients()] == ["sensor-2"]
+    assert await _listed(registered) == [access.token_hash]
+    assert (await registered.trl("sensor-1"))[0] == [access.token_hash]
+    assert [e[1] for e in _events(await registered.audit_entries(), seq)] == [
+        "family.killed",
+        "client.removed",
+    ]
+    assert await registered.remove_client("sensor-1", "operator", T0 + 6) is None
+    assert verify_log(backend.master_key.audit_mac, await registered.audit_snapshot()).ok
+
+
+async def test_update_audience_is_sealed_and_heard(registered: Store) -> None:
+    before = await registered.change_counters()
+
+    def longer(audience: Audience) -> RegistryChange[Audience]:
+        return RegistryChange(replace(audience, lifetime=1200), "audience.changed")
+
+    changed = await registered.update_audience("thermostat", longer, "operator", T0 + 1)
+
+    assert changed is not None and changed.lifetime == 1200
+    assert await registered.get_audience("thermostat") == changed
+    assert (await registered.registry_report()).ok
+    assert (await registered.change_counters()).keys > before.keys
+    assert await registered.update_audience("nope", longer, "operator", T0) is None
+
+
+async def test_remove_audience_is_refused_while_clients_name_it(registered: Store) -> None:
+    await registered.add_audience(Audience("valve", "cwt", 600, T0))
+    await registered.add_client(_secret_client("valve-client", ("valve",)))
+    family, _, access = await _start(registered, replace(_family("valve-client"), audience="valve"))
+    other, _, _ = await _start(registered)
+
+    with pytest.raises(OperatorError, match="2 clients still name audience thermostat"):
+        await registered.remove_audience("thermostat", "operator", T0 + 1)
+    assert await registered.get_audience("thermostat") is not None
+    assert await registered.remove_client("valve-client", "operator", T0 + 1) == 1
+    assert await registered.remove_audience("valve", "operator", T0 + 2) == 0
+
+    assert await registered.get_audience("valve") is None
+    assert await _listed(registered) == [access.token_hash]
+    assert await _live_ids(registered, T0 + 2) == {other.family_id}
+
+
+async def test_token_hashes_between(registered: Store) -> None:
+    hashes = [b"\x01\x42" + bytes([n]) + bytes(30) for n in (1, 2, 3)]
+    for token_hash in hashes:
+        await _start(registered, access=IssuedAccess(token_hash, "sensor-1", T0 + 600))
+    low, high = b"\x01\x42" + bytes(31), b"\x01\x42" + b"\xff" * 31
+    assert await registered.token_hashes_between(low, high, 2) == hashes[:2]
+    assert await registered.token_hashes_between(hashes[2], hashes[2], 2) == [hashes[2]]
+    assert await registered.token_hashes_between(b"\x02", b"\x03", 2) == []
 
 
 # -- concurrency: two instances on the same storage (two processes) --------------------------------
