@@ -34,13 +34,45 @@ def _store(settings: Settings, master_key: MasterKey) -> Store:
     return PostgresStore(settings.store, master_key, schema=settings.store_schema)
 
 
+# The attributes every LogRecord has: anything else on a record came as `extra` fields.
+_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """`log_format = "json"`: one JSON object per record and line: time (UTC, ISO 8601),
+    level, logger, message, any `extra` fields as keys (the access log's: method, path,
+    source, client, code, outcome, duration_ms, token_hash, family), and the exception's
+    traceback when there is one. json.dumps escapes every control character, so nothing in
+    a field can break the line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name, value in vars(record).items():
+            if name not in _RECORD_ATTRIBUTES and name not in document:
+                document[name] = value
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            document["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(document, default=str)
+
+
 def configure_logging(settings: Settings) -> None:
-    """The server's logging: one line per record at the configured level; aiocoap's own
-    per-request chatter only from WARNING (our access log has one line per request)."""
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    """The server's logging on stderr: one line per record at the configured level, as text
+    or (log_format json) as JSON objects; aiocoap's own per-request chatter only from WARNING
+    (our access log has one line per request)."""
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+        logging.captureWarnings(True)  # a Python warning too is one JSON line
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     logging.getLogger("coap-server").setLevel(logging.WARNING)
 
 

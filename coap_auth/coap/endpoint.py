@@ -1,6 +1,6 @@
 """What every resource of the service shares: one place for the method check, the request
 size cap, block-wise uploads (coap/blockwise.py), the per-address rate limit, error rendering,
-the amplification bound, and the one log line per request.
+the amplification bound, and the one log line (and metrics count) per request.
 
 Resources implement `render_<method>` and raise `CoapAuthError`; anything else is a server
 fault, logged once with a request id and answered 5.00 with no internals.
@@ -22,7 +22,8 @@ from coap_auth.coap.messages import decode_ace_payload
 from coap_auth.coap.protection import peer
 from coap_auth.echo import unverified_source, within_bound
 from coap_auth.errors import CoapAuthError, InvalidClient, MethodNotAllowed, ProtectionRequired
-from coap_auth.service import AuthService
+from coap_auth.metrics import Metrics
+from coap_auth.service import AuthService, IssuedToken
 from coap_auth.service.rate_limit import RateLimiter, address_key
 from coap_auth.text import log_field, loggable
 from coap_auth.udp import DropLog, error_message, source_host
@@ -39,6 +40,18 @@ _UNVERIFIED_REFUSALS = DropLog(
 # a resource once it has parsed the body, for the request's log line (escaped there: it is
 # the request's own text).
 caller: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="-")
+# What /token issued (or refreshed), for the request's log line: the token hash's first 16
+# hex digits (what `coap-auth tokens revoke --hash` takes) and the refresh family id (hex).
+issued_token: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "issued_token", default=None
+)
+
+
+def note_issued(issued: IssuedToken) -> None:
+    """Name the client and what it was issued in the request's log line (never the token)."""
+    caller.set(issued.claims.sub)
+    family = issued.family_id.hex() if issued.family_id is not None else "-"
+    issued_token.set((issued.hash_prefix, family))
 
 
 class Endpoint:
@@ -98,6 +111,7 @@ class Endpoint:
         request = pipe.request
         started = time.monotonic()
         caller.set("-")
+        issued_token.set(None)
         # RFC 7959 §2.5: one upload per sender endpoint and resource (path and query).
         key = (request.remote.blockwise_key, self.path, request.opt.uri_query)
         try:
@@ -118,6 +132,7 @@ class Endpoint:
     async def render(self, request: aiocoap.Message) -> aiocoap.Message:
         started = time.monotonic()
         caller.set("-")
+        issued_token.set(None)
         method = str(request.code).lower()
         handler = getattr(self, f"render_{method}", None)
         try:
@@ -137,10 +152,10 @@ class Endpoint:
     def _answer(
         self, request: aiocoap.Message, error: CoapAuthError, started: float
     ) -> aiocoap.Message:
-        return answer_error(request, error, self.path, started)
+        return answer_error(request, error, self.path, started, self.service.metrics)
 
     def _log(self, request: aiocoap.Message, code: str, outcome: str, started: float) -> None:
-        log_request(request, self.path, code, outcome, started)
+        log_request(request, self.path, code, outcome, started, self.service.metrics)
 
 
 class AceEndpoint(Endpoint):
@@ -171,38 +186,73 @@ class AceEndpoint(Endpoint):
 
 
 def answer_error(
-    request: aiocoap.Message, error: CoapAuthError, path: str, started: float
+    request: aiocoap.Message,
+    error: CoapAuthError,
+    path: str,
+    started: float,
+    metrics: Metrics | None = None,
 ) -> aiocoap.Message:
     """The response for `error`, within the amplification bound, and its log line."""
     response = error_message(error)
     if not within_bound(response, request):
         response = error_message(error, compact=True)
-    log_request(request, path, str(response.code).split()[0], error.description, started)
+    log_request(request, path, str(response.code).split()[0], error.description, started, metrics)
     return response
 
 
 def log_request(
-    request: aiocoap.Message, path: str, code: str, outcome: str, started: float
+    request: aiocoap.Message,
+    path: str,
+    code: str,
+    outcome: str,
+    started: float,
+    metrics: Metrics | None = None,
 ) -> None:
-    """The one line per request: never a payload, so never a secret or a token. A refusal
-    of a request that does not prove its source (its sender may be forged) is one line
-    per kind (method and code: a bounded set, unlike paths) and minute, with the count of
-    the others."""
+    """The one line per request, and its count in `metrics` (by the resource's own
+    `path`: endpoints pass theirs, a fixed set): never a payload, so never a secret or a
+    token. A refusal of a request that does not prove its source (its sender may be forged)
+    is one line per kind (method and code: a bounded set, unlike paths) and minute, with
+    the count of the others.
+
+    The line's fields also go into the record as attributes (method, path, source, client,
+    code, outcome, duration_ms, and token_hash and family for what /token issued), which the
+    JSON log format writes as keys (coap_auth.cli.runtime)."""
+    elapsed = time.monotonic() - started
+    if metrics is not None:
+        metrics.request(path, code, elapsed)
     if unverified_source.get() is not None and code[:1] in ("4", "5"):
         _UNVERIFIED_REFUSALS.dropped(f"{request.code} -> {code}", (source_host(request),))
         return
     # Observable GETs are re-rendered for every notification: those lines are DEBUG.
     level = logging.DEBUG if request.code == aiocoap.GET else logging.INFO
+    if not log.isEnabledFor(level):
+        return
+    fields: dict[str, object] = {
+        "method": str(request.code),
+        "path": loggable(path),
+        "source": loggable(source_host(request)),
+        "client": caller.get(),
+        "code": code,
+        "outcome": loggable(outcome),
+        "duration_ms": round(elapsed * 1000, 1),
+    }
+    issued = issued_token.get()
+    tail = ""
+    if issued is not None:
+        fields["token_hash"], fields["family"] = issued
+        tail = f" token_hash={issued[0]} family={issued[1]}"
     # Whatever the request chose (its caller id, and anything an error description
     # quotes) is escaped: a newline or control character cannot forge another line.
     log.log(
         level,
-        "%s %s from=%s caller=%s -> %s %s (%.1f ms)",
+        "%s %s from=%s caller=%s -> %s %s (%.1f ms)%s",
         request.code,
-        loggable(path),
-        loggable(source_host(request)),
+        fields["path"],
+        fields["source"],
         log_field(caller.get()),
         code,
-        loggable(outcome),
-        (time.monotonic() - started) * 1000,
+        fields["outcome"],
+        elapsed * 1000,
+        tail,
+        extra=fields,
     )

@@ -156,6 +156,10 @@ class Observers:
     def from_source(self, source: str) -> int:
         return len(self._by_source.get(source, ()))
 
+    def count(self, resource: Any) -> int:
+        """How many observe `resource` (safe from another thread: the metrics listener's)."""
+        return len(self._by_resource.get(resource, ()))
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:

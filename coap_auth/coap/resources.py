@@ -13,7 +13,7 @@ from typing import Any
 import aiocoap
 from aiocoap import resource
 
-from coap_auth.coap.endpoint import AceEndpoint, Endpoint, caller
+from coap_auth.coap.endpoint import AceEndpoint, Endpoint, caller, note_issued
 from coap_auth.coap.messages import encode_token_response, parse_token_request
 from coap_auth.coap.observable import ObservableEndpoint
 from coap_auth.coap.observers import Observation, Representation
@@ -38,7 +38,7 @@ class TokenResource(AceEndpoint, resource.Resource):
         token_request = replace(parse_token_request(body), peer=peer(request))
         caller.set(peer_id(request) or token_request.client_id or "assertion")
         issued = await self.service.issue_token(token_request)
-        caller.set(issued.claims.sub)
+        note_issued(issued)
         return aiocoap.Message(
             code=aiocoap.Code.CREATED,
             payload=encode_token_response(issued),

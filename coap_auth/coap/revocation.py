@@ -204,6 +204,7 @@ class TrlResource(Endpoint, ObservableEndpoint, resource.Resource):
             raise NotAcceptable("/revoke/trl offers application/ace-trl+cbor (262) only")
         # None only for an unprotected request (require_oscore = false): the whole list.
         channel_peer = peer(request)
+        caller.set(shape[0] or "-")
         if channel_peer is not None and not await self.service.peer_registered(channel_peer):
             # Disabled, removed or re-keyed since its handshake: refused at once, like /token.
             raise Unauthorized("the peer of this security context is no longer registered")

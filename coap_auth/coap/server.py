@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import replace
@@ -26,6 +27,7 @@ from coap_auth.coap.resources import KeysResource, TokenResource, WellKnownCore
 from coap_auth.coap.revocation import IntrospectResource, RevokeResource, TrlResource
 from coap_auth.echo import AmplificationGuard, EchoValues, VerifiedAddresses
 from coap_auth.errors import StoreUnavailable
+from coap_auth.health import STORE_SILENCE_LIMIT, HealthSnapshot, MonitoringListener
 from coap_auth.secure import provisioned
 from coap_auth.secure.contexts import ContextTable
 from coap_auth.secure.edhoc import Responder
@@ -78,10 +80,14 @@ def build_site(
 
 
 class Server:
-    def __init__(self, service: AuthService, bind: str, port: int) -> None:
+    def __init__(
+        self, service: AuthService, bind: str, port: int, *, reuse_port: bool = False
+    ) -> None:
         self.service = service
         self.bind = bind
         self.requested_port = port
+        # Share the port with the other `serve --workers` processes (SO_REUSEPORT).
+        self.reuse_port = reuse_port
         self.port: int | None = None
         self._context: aiocoap.Context | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -90,6 +96,7 @@ class Server:
         self._wake = asyncio.Event()
         self._failing = False
         settings = service.settings
+        metrics = self.metrics = service.metrics
         self.address_limits = RateLimiter(
             service.clock, settings.rate_limit_per_address, settings.rate_limit_window
         )
@@ -109,6 +116,7 @@ class Server:
             max_pending=settings.edhoc_max_pending,
             per_address=settings.edhoc_pending_per_address,
             handshake_timeout=settings.edhoc_handshake_timeout,
+            outcome=lambda outcome: metrics.edhoc_handshakes.labels(outcome).inc(),
         )
         site, self.keys_resource, self.trl_resource, self.observers = build_site(
             service, self.address_limits, self.uploads, self.edhoc
@@ -133,6 +141,23 @@ class Server:
         self._tick_lock = asyncio.Lock()
         # Provisioned OSCORE contexts by directory name (None: did not load).
         self._provisioned: dict[str, Any] = {}
+        # Read at scrape time, from the metrics listener's thread: len() of a dict only.
+        for resource in (self.keys_resource, self.trl_resource):
+            metrics.observers.labels(resource.path).set_function(
+                functools.partial(self.observers.count, resource)
+            )
+        metrics.oscore_contexts.set_function(self.contexts.__len__)
+        # What /healthz judges; the store is asked at least every change-poll interval.
+        self.health = HealthSnapshot(
+            metrics,
+            service.clock.now,
+            silence_limit=max(STORE_SILENCE_LIMIT, 3 * settings.change_poll_interval),
+        )
+        self.monitoring: MonitoringListener | None = None
+        if settings.metrics_port:
+            self.monitoring = MonitoringListener(
+                metrics, self.health, settings.metrics_bind, settings.metrics_port
+            )
 
     @property
     def url(self) -> str:
@@ -141,8 +166,10 @@ class Server:
 
     async def start(self) -> None:
         await self.service.load_keys()
+        self._check_signing_key()
         await self.service.revocations.plan_sweep()
         self._last_change = await self.service.store.change_counters()
+        await self._count_trl()
         self.reload_provisioned()
         # UDP only (aiocoap would otherwise also open TCP and TLS listeners), on the transport
         # that reports an ICMP error to the peer it is about, not to whoever is sent to next.
@@ -151,6 +178,7 @@ class Server:
             (self.bind, self.requested_port),
             clock=self.service.clock,
             check_options=False,  # the site checks them itself, with an access-log line
+            reuse_port=self.reuse_port,
         )
         self.port = _bound_port(self._context) or self.requested_port
         self.observers.token_manager = _token_manager(self._context)
@@ -159,8 +187,12 @@ class Server:
         self._listener = asyncio.create_task(
             self.service.store.watch_changes(self._wake.set), name="coap-auth-listen"
         )
+        if self.monitoring is not None:
+            self.monitoring.start()
 
     async def stop(self) -> None:
+        if self.monitoring is not None:
+            await asyncio.to_thread(self.monitoring.stop)
         for task in (self._watcher, self._listener):
             if task is not None:
                 task.cancel()
@@ -186,11 +218,13 @@ class Server:
             await self.service.load_keys()
             self._last_change = replace(self._last_change, keys=counters.keys)
             self.keys_resource.keys_changed()
+            self.metrics.key_set_changes.inc()
             log.info("key set changed; observers notified")
         if counters.revocations != last.revocations:
             await self.service.revocations.plan_sweep()
             self._last_change = replace(self._last_change, revocations=counters.revocations)
             self.trl_resource.trl_changed()
+            await self._count_trl()
             log.info("revocation list changed; observers notified")
         return counters != last
 
@@ -222,6 +256,21 @@ class Server:
             await self.service.keys.advance()
             await self.service.revocations.sweep_due(self.service.clock.now())
             await self.check_changes()
+        self._check_signing_key()
+
+    def _check_signing_key(self) -> None:
+        """Note for /healthz whether the default family has an active key to sign with."""
+        try:
+            self.service.key_ring.active  # noqa: B018 (raises LookupError when there is none)
+        except (LookupError, RuntimeError):
+            self.health.active_key = False
+        else:
+            self.health.active_key = True
+
+    async def _count_trl(self) -> None:
+        """The TRL size gauge: one read of the whole list, after each change of it."""
+        hashes, _, _ = await self.service.store.trl(None)
+        self.metrics.trl_hashes.set(len(hashes))
 
     async def _watch_changes(self) -> None:
         interval = self.service.settings.change_poll_interval

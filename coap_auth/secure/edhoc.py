@@ -57,6 +57,8 @@ MAX_CIPHERTEXT_3_BYTES = 256
 # lakers-python 0.6 parses at most this many EAD items and ignores the rest (a critical one
 # among them would go unseen, RFC 9528 §3.8).
 MAX_EAD_ITEMS = 4
+# The failures of message_3 that refuse the initiator (its credential), not its bytes.
+_REFUSALS = frozenset({"message_3 not accepted", "message_3 does not verify"})
 EDHOC_CBOR_SEQ = ContentFormat.EDHOC_CBOR_SEQ
 CID_EDHOC_CBOR_SEQ = ContentFormat.CID_EDHOC_CBOR_SEQ
 MESSAGE_1_PREFIX = b"\xf5"  # CBOR true: "this is message_1" (Appendix A.2.1)
@@ -130,8 +132,13 @@ class Responder:
         per_address: int = 8,
         handshake_timeout: int = 10,
         ead_3: Ead3Handler | None = None,
+        outcome: Callable[[str], None] = lambda outcome: None,
     ) -> None:
         self.identity = identity
+        # Told how each handshake ended, for metrics: completed, refused (message_3 named
+        # no registered credential or did not verify), failed (malformed, unknown C_R),
+        # expired (no message_3 in time), evicted (pushed out by newer ones).
+        self._outcome = outcome
         self._ead_3 = ead_3
         self.contexts = contexts
         self._resolve = resolve
@@ -161,6 +168,13 @@ class Responder:
     def message_1(self, message_1: bytes, address: str) -> bytes:
         """Process message_1 (without its `true` prefix); returns message_2.
         Raises EdhocFailure."""
+        try:
+            return self._message_1(message_1, address)
+        except EdhocFailure:
+            self._outcome("failed")
+            raise
+
+    def _message_1(self, message_1: bytes, address: str) -> bytes:
         import lakers
 
         _check_message_1(message_1)
@@ -186,6 +200,15 @@ class Responder:
         """Process C_R followed by message_3; returns the new context, already in the table.
         Raises EdhocFailure (the handshake is over either way: a replayed message_3 finds
         nothing)."""
+        try:
+            context = await self._message_3(payload)
+        except EdhocFailure as failure:
+            self._outcome("refused" if failure.info in _REFUSALS else "failed")
+            raise
+        self._outcome("completed")
+        return context
+
+    async def _message_3(self, payload: bytes) -> OscoreContext:
         stream = io.BytesIO(payload)
         try:
             c_r = _decode_connection_id(cbor2.CBORDecoder(stream).decode())
@@ -278,11 +301,13 @@ class Responder:
         mine = self._by_address.setdefault(pending.address, [])
         while len(mine) >= self.per_address:
             self._take(mine[0])
+            self._outcome("evicted")
         while len(self._pending) >= self.max_pending:
             # Fair: the address holding the most handshakes loses its oldest, so a device
             # with one handshake in flight goes only when every address holds just one.
             busiest = max(self._by_address.values(), key=len)
             self._take(busiest[0])
+            self._outcome("evicted")
         self._pending[c_r] = pending
         self._by_address.setdefault(pending.address, []).append(c_r)
         self.contexts.reserve(c_r)
@@ -306,6 +331,7 @@ class Responder:
             if now - oldest.started < self.handshake_timeout:
                 break
             self._take(c_r)
+            self._outcome("expired")
 
 
 def _ead_item(item: Any) -> EadItem:

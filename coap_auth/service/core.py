@@ -26,7 +26,9 @@ from coap_auth.errors import (
     UnsupportedPopKey,
 )
 from coap_auth.keys import KeyRing, SigningKey
+from coap_auth.metrics import Metrics, measured_store
 from coap_auth.secure.credentials import EdhocIdentity, PeerCredential, device_credential
+from coap_auth.service.admin import Administration
 from coap_auth.service.client_auth import Authenticator, Credentials
 from coap_auth.service.rate_limit import RateLimiter
 from coap_auth.service.revocation import RevocationList, TrlQuery
@@ -125,6 +127,15 @@ class IssuedToken:
     # {1: COSE_Key} when the audience registered one.
     profile: AceProfile | None = None
     rs_cnf: Mapping[int, Any] | None = None
+    # For the access log and `tokens revoke --hash`: the token's RFC 9770 hash, and the
+    # refresh family it belongs to (never the token itself).
+    token_hash: bytes = b""
+    family_id: bytes | None = None
+
+    @property
+    def hash_prefix(self) -> str:
+        """The first 16 hex digits of the token hash: unique enough to name it in a log."""
+        return self.token_hash.hex()[:16]
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,18 +150,30 @@ class TokenSubmission:
 
 
 class AuthService:
-    def __init__(self, store: Store, master_key: MasterKey, settings: Settings, clock: Clock):
+    def __init__(
+        self,
+        store: Store,
+        master_key: MasterKey,
+        settings: Settings,
+        clock: Clock,
+        metrics: Metrics | None = None,
+    ):
+        # Its own registry unless given one; every store call timed into it.
+        self.metrics = Metrics() if metrics is None else metrics
+        store = measured_store(store, self.metrics, clock.now)
         self.store = store
         self.settings = settings
         self.clock = clock
         self._master_key = master_key
-        self.keys = KeyRollover(store, settings, clock)
+        self.keys = KeyRollover(store, settings, clock, self.metrics)
         self.revocations = RevocationList(store, settings.trl_max_n, settings.trl_max_diff_batch)
         self._auth = Authenticator(store, master_key, settings, clock)
         self._edhoc_identity: EdhocIdentity | None = None
         self.client_limits = RateLimiter(
             clock, settings.rate_limit_per_client, settings.rate_limit_window
         )
+        # The operator's use cases (clients and audiences lifecycle), with the actor passed in.
+        self.admin = Administration(store, self.keys, master_key, settings, clock)
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -278,8 +301,12 @@ class AuthService:
         await self.store.start_family(
             family, self._master_key.digest(refresh_token), _access_record(issued)
         )
+        self.metrics.grant("client_credentials", issued.access_token)
         return replace(
-            issued, narrowed_scope=scope if narrowed else None, refresh_token=refresh_token
+            issued,
+            narrowed_scope=scope if narrowed else None,
+            refresh_token=refresh_token,
+            family_id=family.family_id,
         )
 
     async def refresh(self, request: TokenRequest) -> IssuedToken:
@@ -333,13 +360,19 @@ class AuthService:
             idle_timeout=self.settings.refresh_idle_timeout,
             mint=mint,
         )
+        self.metrics.refreshes.labels(outcome.status).inc()
         if outcome.status == "reused":
+            self.metrics.reuse_detections.inc()
+            self.metrics.family_kills.labels("reuse").inc()
             log.warning("refresh token reuse by %s: family killed", client.client_id)
             raise InvalidGrant("refresh token reused: its family is revoked")
         if outcome.status not in ("rotated", "grace"):
             raise InvalidGrant("refresh token invalid or expired")
         # The store may have rerun the transaction: the last token minted is the stored one.
-        return replace(issued[-1], refresh_token=successor)
+        token = issued[-1]
+        self.metrics.grant("refresh_token", token.access_token)
+        family_id = outcome.family.family_id if outcome.family is not None else None
+        return replace(token, refresh_token=successor, family_id=family_id)
 
     def _mint(
         self,
@@ -404,6 +437,7 @@ class AuthService:
         rs_key = audience.introspect_public_key
         return IssuedToken(
             access_token=access_token,
+            token_hash=token_hash(access_token),
             expires_in=lifetime,
             token_type=TokenType.POP if confirmation is not None else TokenType.BEARER,
             claims=claims,
@@ -457,6 +491,7 @@ class AuthService:
             return
         digest = self._master_key.digest(request.token)
         if await self.store.kill_family_of(digest, client.client_id, "revoked by client", now):
+            self.metrics.family_kills.labels("client_revoke").inc()
             log.info("refresh family revoked by %s", client.client_id)
 
     async def revoke_token_hash(self, hash_value: bytes) -> bool:
@@ -532,7 +567,15 @@ class AuthService:
         if client is None:
             return None
         return Credentials(
-            client, client.client_id, client.secret_digest, client.public_key, client.disabled
+            client,
+            client.client_id,
+            client.secret_digest,
+            client.public_key,
+            client.disabled,
+            # A rotated secret's predecessor, until its overlap ends (clients rotate-secret).
+            client.previous_secret_digest
+            if client.previous_secret_valid(self.clock.now())
+            else None,
         )
 
     async def _audience_credentials(self, audience_id: str) -> Credentials[Audience] | None:
@@ -638,4 +681,4 @@ def _pop_key(req_cnf: Mapping[Any, Any] | None) -> Mapping[int, Any] | None:
 
 def _access_record(issued: IssuedToken) -> IssuedAccess:
     claims = issued.claims
-    return IssuedAccess(token_hash(issued.access_token), claims.sub, claims.exp, claims.aud)
+    return IssuedAccess(issued.token_hash, claims.sub, claims.exp, claims.aud)

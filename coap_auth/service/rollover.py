@@ -18,10 +18,12 @@ from coap_auth.keys import (
     ALG_NAMES,
     DEFAULT_FAMILY,
     KeyRing,
+    KeyState,
     RotationPolicy,
     SigningKey,
     rings_by_family,
 )
+from coap_auth.metrics import Metrics
 from coap_auth.store import Audience, Store
 from coap_auth.tokens import VerificationKey
 from coap_auth.wire import CoseAlg
@@ -41,10 +43,13 @@ class FamilySpec:
 
 
 class KeyRollover:
-    def __init__(self, store: Store, settings: Settings, clock: Clock) -> None:
+    def __init__(
+        self, store: Store, settings: Settings, clock: Clock, metrics: Metrics | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
+        self.metrics = Metrics() if metrics is None else metrics
         self._rings: dict[str, KeyRing] = {}
         self._policies: dict[str, RotationPolicy] = {}
         # One load or change at a time: a load that read the store before a change must not
@@ -179,6 +184,7 @@ class KeyRollover:
 
         changed = await self.store.update_keys(advance, "scheduler", now)
         if changed:
+            self._count_rotations(changed, "scheduled")
             log.info("scheduled key change: %s", _describe(changed))
         await self._load()
         return changed
@@ -201,8 +207,15 @@ class KeyRollover:
             _in_family(family, lambda ring: ring.rotate(now, policy, force=force)[1]), actor, now
         )
         await self._load()
+        self._count_rotations(changed, "manual")
         log.info("keys rotated: %s", _describe(changed))
         return changed
+
+    def _count_rotations(self, changed: list[SigningKey], trigger: str) -> None:
+        """One rotation per family in which a key became active."""
+        rotated = {k.family for k in changed if k.state == KeyState.ACTIVE}
+        if rotated:
+            self.metrics.key_rotations.labels(trigger).inc(len(rotated))
 
     async def revoke(self, kid: bytes, *, actor: str = "operator") -> list[SigningKey]:
         async with self._lock:

@@ -8,6 +8,7 @@ import logging
 import aiocoap
 import pytest
 
+from coap_auth.cli.runtime import JsonFormatter
 from coap_auth.wire import AceParam
 from tests.conftest import Coap
 
@@ -40,8 +41,11 @@ async def test_logs_and_errors_carry_no_secret_or_token(
         "refresh token": grant[37],
         "access token": grant[1],
     }
-    logged = caplog.text.encode()
-    for name, value in forbidden.items():
-        for form in (value, value.hex().encode(), base64.urlsafe_b64encode(value).rstrip(b"=")):
-            assert form not in logged, name
-            assert all(form not in body for body in bodies), name
+    # The text format, and the JSON one (log_format = "json": every field of a record).
+    as_json = "\n".join(JsonFormatter().format(record) for record in caplog.records)
+    assert '"token_hash": "' in as_json and '"client": "sensor-1"' in as_json
+    for logged in (caplog.text.encode(), as_json.encode()):
+        for name, value in forbidden.items():
+            for form in (value, value.hex().encode(), base64.urlsafe_b64encode(value).rstrip(b"=")):
+                assert form not in logged, name
+                assert all(form not in body for body in bodies), name
