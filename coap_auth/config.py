@@ -1,11 +1,14 @@
-"""Settings: defaults < TOML file < environment (COAP_AUTH_*) < command-line flags.
+"""Settings: defaults < TOML file < environment (COAP_AUTH_*) < command-line flags, and the
+range each one accepts (LIMITS, which docs/configuration.md follows).
 
-An unknown key in the TOML file is an error, not silence.
+An unknown key in the TOML file is an error, not silence; an unknown COAP_AUTH_* variable a
+warning (environment_warnings), a value out of its range an error naming the range.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -15,6 +18,8 @@ from typing import Any
 
 from coap_auth.addresses import network_list
 from coap_auth.errors import OperatorError
+from coap_auth.setting_limits import Between, Limit, OneOf, Shape, is_host
+from coap_auth.text import has_control_character
 from coap_auth.wire import MAX_TOKEN_LIFETIME
 
 ENV_PREFIX = "COAP_AUTH_"
@@ -115,6 +120,113 @@ class Settings:
 _FIELDS = {f.name: f for f in fields(Settings)}
 # The longest issuer id whose EDHOC credential (coap_auth.secure.credentials) still fits.
 MAX_ISSUER_BYTES = 60
+# PostgreSQL truncates longer identifiers (NAMEDATALEN - 1).
+MAX_SCHEMA_BYTES = 63
+DAY = 24 * 3600
+# COAP_AUTH_* names the project reads that are not settings: the master key (read by
+# coap_auth.store.master_key) and the tests' PostgreSQL DSN (tests/pg.py).
+NOT_SETTINGS = frozenset({"COAP_AUTH_MASTER_KEY", "COAP_AUTH_TEST_PG_DSN"})
+
+
+# -- what each setting accepts (coap_auth.setting_limits) ------------------------------------
+
+
+def _networks(text: str) -> bool:
+    try:
+        network_list(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _issuer(text: str) -> bool:
+    return 0 < len(text.encode("utf-8")) <= MAX_ISSUER_BYTES and not has_control_character(text)
+
+
+HOST = Shape("an IP address or a host name", is_host)
+POWERS_OF_TWO = (16, 32, 64, 128, 256, 512, 1024)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# Every setting and what it accepts: load_settings checks each value against it, and
+# tests/test_docs.py holds docs/configuration.md to the same text, so neither can drift.
+# The bounds only reject nonsense; the comments say where one comes from.
+LIMITS: Mapping[str, Limit] = {
+    "data_dir": Shape("a directory path", lambda p: str(p) != ""),
+    "store": Shape(
+        "empty, or a postgresql:// URL",
+        lambda s: s == "" or s.startswith(("postgresql://", "postgres://")),
+    ),
+    "store_schema": Shape(
+        f"an identifier of at most {MAX_SCHEMA_BYTES} bytes",
+        lambda s: s.isidentifier() and len(s.encode("utf-8")) <= MAX_SCHEMA_BYTES,
+    ),
+    "bind": HOST,
+    "port": Between(0, 65535, grouped=False),  # 0: any free port (the tests use it)
+    "workers": Between(1, 64, "processes"),
+    # The subject of the AS's EDHOC credential too, which lakers caps in size.
+    "issuer": Shape(f"1 to {MAX_ISSUER_BYTES} bytes of text", _issuer),
+    "signing_alg": OneOf(("ES256", "EdDSA")),
+    # Verifiers refuse longer tokens (wire.MAX_TOKEN_LIFETIME, device_client's max_lifetime).
+    "token_lifetime": Between(1, MAX_TOKEN_LIFETIME, "s"),
+    # Room for the largest legitimate request (an /introspect of a JWT PoP token, under 1 KB);
+    # block-wise uploads are held in memory, up to coap.blockwise.MAX_UPLOADS of them.
+    "max_payload": Between(1024, 16384, "bytes"),
+    # Its cti stays in the replay cache until its exp.
+    "assertion_max_lifetime": Between(1, 3600, "s"),
+    "clock_skew": Between(0, 300, "s"),
+    # 0 turns the grace off; at least MAX_TRANSMIT_SPAN (45 s, RFC 7252 §4.8.2) covers every
+    # retransmission of a lost answer.
+    "refresh_grace": Between(0, 3600, "s"),
+    "refresh_idle_timeout": Between(60, 365 * DAY, "s"),
+    "refresh_max_lifetime": Between(60, 365 * DAY, "s"),
+    # Below a minute, keys would churn faster than a device can follow them.
+    "key_rotation_period": Between(60, 365 * DAY, "s"),
+    "key_prepublication_lead": Between(0, 30 * DAY, "s"),
+    "key_retire_leeway": Between(0, DAY, "s"),
+    # RFC 9770 §6.2.1: MAX_DIFF_BATCH <= MAX_N, checked below.
+    "trl_max_n": Between(1, 1024, "updates"),
+    "trl_max_diff_batch": Between(1, 1024, "updates"),
+    "rate_limit_window": Between(1, DAY, "s"),
+    "rate_limit_per_address": Between(0, 1_000_000, "requests"),
+    "rate_limit_per_client": Between(0, 1_000_000, "requests"),
+    # It also paces the key schedule and TRL expiry, and change propagation between instances.
+    "change_poll_interval": Between(0.01, 60, "s"),
+    "log_level": OneOf(LOG_LEVELS, fold_case=True),
+    "log_format": OneOf(("text", "json")),
+    "metrics_bind": HOST,
+    "metrics_port": Between(0, 65535, grouped=False),  # 0: off
+    "client_secret_overlap": Between(0, 30 * DAY, "s"),
+    "require_oscore": OneOf((True, False)),
+    "oscore_max_contexts": Between(1, 1_000_000, "contexts"),
+    "oscore_idle_timeout": Between(60, 30 * DAY, "s"),
+    "edhoc_max_pending": Between(1, 65536, "handshakes"),
+    "edhoc_pending_per_address": Between(1, 65536, "handshakes"),
+    "edhoc_handshake_timeout": Between(1, 300, "s"),
+    "echo_verified_lifetime": Between(1, 7 * DAY, "s"),
+    "echo_verified_max": Between(1, 10_000_000, "addresses"),
+    "verified_networks": Shape("comma-separated CIDR prefixes, or empty", _networks),
+    "observers_per_source": Between(1, 100_000, "observations"),
+    "observers_max": Between(1, 1_000_000, "observations"),
+    "notify_rate": Between(1, 1_000_000, "notifications/s"),
+    # RFC 7641 §4.5: a CON at least every 24 hours.
+    "notify_con_interval": Between(1, DAY, "s"),
+    # RFC 7959 §2.2: SZX 0-6 (BERT's 7 is for reliable transports only).
+    "max_block_size": OneOf(POWERS_OF_TWO, "bytes"),
+}
+
+
+def check(settings: Settings) -> None:
+    """Raise OperatorError, one line naming the setting and what it accepts, for the first
+    value out of its range."""
+    for name, limit in LIMITS.items():
+        value = getattr(settings, name)
+        if not limit.accepts(value):
+            raise OperatorError(limit.problem(name, value))
+    if settings.trl_max_diff_batch > settings.trl_max_n:
+        raise OperatorError("trl_max_diff_batch must not exceed trl_max_n (RFC 9770 §6.2.1)")
+
+
+# -- loading ----------------------------------------------------------------------------------
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -144,7 +256,11 @@ def _coerce(name: str, value: Any) -> Any:
             raise ValueError
         return value
     except (TypeError, ValueError):
-        raise OperatorError(f"setting {name!r} has a value of the wrong type") from None
+        limit = LIMITS[name]
+        unit = f" {limit.unit}" if limit.unit else ""
+        raise OperatorError(
+            f"setting {name!r} has a value of the wrong type: it must be {limit.text}{unit}"
+        ) from None
 
 
 def load_settings(
@@ -152,6 +268,8 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
 ) -> Settings:
+    """The settings from these sources, each value checked against LIMITS; OperatorError
+    for an unknown key in the file, a value of the wrong type or out of its range."""
     values: dict[str, Any] = {}
     if config_file is not None:
         try:
@@ -160,7 +278,8 @@ def load_settings(
             raise OperatorError(f"cannot read config file {config_file}: {exc}") from None
         for name, value in document.items():
             if name not in _FIELDS:
-                raise OperatorError(f"unknown setting {name!r} in {config_file}")
+                hint = _suggestion(name, list(_FIELDS))
+                raise OperatorError(f"unknown setting {name!r} in {config_file}{hint}")
             values[name] = _coerce(name, value)
     for name, value in (os.environ if env is None else env).items():
         key = name[len(ENV_PREFIX) :].lower() if name.startswith(ENV_PREFIX) else None
@@ -170,55 +289,32 @@ def load_settings(
         if value is not None:
             values[name] = _coerce(name, value)
     settings = dataclasses.replace(Settings(), **values)
-    if settings.signing_alg not in ("ES256", "EdDSA"):
-        raise OperatorError("signing_alg must be ES256 or EdDSA")
-    for name in (
-        "key_rotation_period",
-        "trl_max_n",
-        "trl_max_diff_batch",
-        "rate_limit_window",
-        "oscore_max_contexts",
-        "oscore_idle_timeout",
-        "edhoc_max_pending",
-        "edhoc_pending_per_address",
-        "edhoc_handshake_timeout",
-        "echo_verified_lifetime",
-        "echo_verified_max",
-        "observers_per_source",
-        "observers_max",
-        "notify_rate",
-        "notify_con_interval",
-    ):
-        if getattr(settings, name) < 1:
-            raise OperatorError(f"{name} must be at least 1")
-    for name in (
-        "key_prepublication_lead",
-        "key_retire_leeway",
-        "rate_limit_per_address",
-        "rate_limit_per_client",
-    ):
-        if getattr(settings, name) < 0:
-            raise OperatorError(f"{name} must not be negative")
-    if not 1 <= settings.token_lifetime <= MAX_TOKEN_LIFETIME:
-        raise OperatorError(f"token_lifetime must be 1 to {MAX_TOKEN_LIFETIME} seconds")
-    if settings.trl_max_diff_batch > settings.trl_max_n:
-        raise OperatorError("trl_max_diff_batch must not exceed trl_max_n (RFC 9770 §6.2.1)")
-    if settings.store and not settings.store.startswith(("postgresql://", "postgres://")):
-        raise OperatorError("store must be empty (SQLite) or a postgresql:// URL")
-    if not settings.store_schema.isidentifier():
-        raise OperatorError("store_schema must be a plain identifier")
-    if len(settings.issuer.encode("utf-8")) > MAX_ISSUER_BYTES:
-        # It is the subject of the AS's EDHOC credential, which lakers caps in size.
-        raise OperatorError(f"issuer must be at most {MAX_ISSUER_BYTES} bytes")
-    if settings.max_block_size not in (16, 32, 64, 128, 256, 512, 1024):
-        raise OperatorError("max_block_size must be a power of two from 16 to 1024")
-    try:
-        verified_networks(settings)
-    except ValueError:
-        raise OperatorError("verified_networks must be comma-separated CIDR prefixes") from None
-    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise OperatorError("log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    check(settings)
     return settings
+
+
+def environment_warnings(env: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per COAP_AUTH_* variable that names no setting (and is not one the project
+    reads elsewhere), with the likely intended name; load_settings ignores them."""
+    known = [ENV_PREFIX + name.upper() for name in _FIELDS]
+    warnings = []
+    for name in sorted(os.environ if env is None else env):
+        if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS:
+            continue
+        if name[len(ENV_PREFIX) :].lower() in _FIELDS:
+            continue
+        hint = _suggestion(name, known + sorted(NOT_SETTINGS))
+        warnings.append(f"unknown environment variable {name} ignored{hint}")
+    return warnings
+
+
+def _suggestion(name: str, candidates: list[str]) -> str:
+    """' (did you mean X?)' for the candidate closest to `name`, or ''. The shared prefix is
+    left out of the comparison: it would make every name look alike."""
+    strip = ENV_PREFIX if name.startswith(ENV_PREFIX) else ""
+    by_tail = {c[len(strip) :].lower(): c for c in candidates}
+    close = difflib.get_close_matches(name[len(strip) :].lower(), list(by_tail), n=1, cutoff=0.75)
+    return f" (did you mean {by_tail[close[0]]}?)" if close else ""
 
 
 def verified_networks(settings: Settings) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from coap_auth.cli import backup, keys, operations, registry, serve, show, tokens
-from coap_auth.config import load_settings
+from coap_auth.config import environment_warnings, load_settings
 from coap_auth.errors import CoapAuthError
 
 
@@ -32,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "command_fn"):
         parser.print_help(sys.stderr)
         return 2
+    for warning in environment_warnings():
+        print(f"coap-auth: warning: {warning}", file=sys.stderr)
     try:
         flags = {
             name: getattr(args, name, None)
@@ -42,8 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CoapAuthError as error:
         print(f"coap-auth: error: {error.description}", file=sys.stderr)
         return 2
-    except OSError as error:  # the data directory: missing, read-only, full
-        print(f"coap-auth: error: {error.strerror or error}: {error.filename}", file=sys.stderr)
+    except OSError as error:  # the data directory (missing, read-only, full), a socket
+        where = f": {error.filename}" if error.filename is not None else ""
+        print(f"coap-auth: error: {error.strerror or error}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
