@@ -20,8 +20,12 @@ Run it on a Raspberry Pi against a remote coap-auth service
 1. On the Pi (Raspberry Pi OS, Python 3.11+), install the device side: it needs only
    aiocoap, cbor2, cryptography and PyJWT, no database drivers:
 
-       python3 -m venv ~/coap-auth && ~/coap-auth/bin/pip install ./coap-auth   # a checkout
-       # or: ~/coap-auth/bin/pip install coap_auth-0.1.0-py3-none-any.whl
+       git clone <repository> ~/coap-auth && cd ~/coap-auth     # the checkout
+       python3 -m venv ~/.venvs/coap-auth && ~/.venvs/coap-auth/bin/pip install .
+       # or: ~/.venvs/coap-auth/bin/pip install coap_auth-0.1.0-py3-none-any.whl
+
+   On 32-bit Raspberry Pi OS (armv7) cffi, and cryptography where piwheels has no wheel,
+   build from source: install the packages README "Deployment" names first.
 
    Set the clock (NTP: `timedatectl status` shows "System clock synchronized: yes"):
    tokens carry absolute times.
@@ -39,7 +43,7 @@ Run it on a Raspberry Pi against a remote coap-auth service
 3. Provision the device once. This creates the device key inside the state file, stores the
    AS's credential with it and writes the device's public key for the operator:
 
-       ~/coap-auth/bin/python examples/sensor.py provision \\
+       ~/.venvs/coap-auth/bin/python examples/sensor.py provision \\
            --as coap://auth.example.net --client-id sensor-7 --audience thermostat \\
            --scope temp:write --state ~/.local/state/sensor-7.state \\
            --as-credential as-credential.json --public-key-out sensor-7.pem
@@ -51,10 +55,9 @@ Run it on a Raspberry Pi against a remote coap-auth service
        coap-auth clients add sensor-7 --audience thermostat --scope temp:write \\
            --public-key sensor-7.pem
 
-5. Run it (as a systemd service, say: `ExecStart=... sensor.py run --state ... --rs ...`,
-   `Restart=always`):
+5. Run it (as a systemd service: deploy/coap-auth-sensor.service, README "Deployment"):
 
-       ~/coap-auth/bin/python examples/sensor.py run \\
+       ~/.venvs/coap-auth/bin/python examples/sensor.py run \\
            --state ~/.local/state/sensor-7.state --rs coap://thermostat.local:5685
 
    UDP must reach the service (5683) and the thermostat (5685). The reading is the Pi's SoC
@@ -86,6 +89,7 @@ from device_client import (
     SecretCredentials,
     ServiceUnreachable,
     StateFile,
+    StateFileError,
     SystemClock,
     TokenClient,
     TokenRequestRefused,
@@ -182,7 +186,8 @@ async def run(args: argparse.Namespace) -> int:
         client = TokenClient.from_state_file(
             context, StateFile(args.state), policy=policy, on_token=announce
         )
-    except ChannelUnavailable as exc:
+    except (ChannelUnavailable, StateFileError) as exc:
+        # A missing or damaged state file: one line, as every other refusal here.
         say(exc.description)
         await context.shutdown()
         return 2
