@@ -32,7 +32,7 @@ RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 3000
 
 
 def assertion(key: Any, alg: CoseAlg, client_id: str, now: int) -> bytes:
-    """A tagged client assertion CWT (PROTOCOL.md) signed with `key`."""
+    """A tagged client assertion CWT (docs/protocol.md) signed with `key`."""
     claims = Claims(
         iss=client_id,
         sub=client_id,

@@ -333,9 +333,9 @@ def render(r: Results) -> str:
     add("## Several `coap-auth serve` workers on one port")
     add("")
     add(
-        "Plain `coap-auth serve` processes bound to one port (aiocoap's udp6 transport sets "
-        "SO_REUSEPORT; the kernel spreads the generator's 64 source ports over them), one "
-        "SQLite data directory. Order 1, 2, 1, 2, 1 workers; each side is the mean of its runs. "
+        "`coap-auth serve --workers N` (its workers share the port through SO_REUSEPORT; the "
+        "kernel spreads the generator's 64 source ports over them), one SQLite data directory, "
+        "a fresh serve per phase. Order 1, 2, 1, 2, 1 workers; each side is the mean of its runs. "
         "`GET /keys` (cached bytes, no store access) shows what the stack alone scales to."
     )
     add("")

@@ -48,16 +48,16 @@ class Settings:
     token_lifetime: int = 3600
     # Largest accepted request payload in bytes (larger: 4.13).
     max_payload: int = 2048
-    # PROTOCOL.md: a client assertion's exp is at most this far ahead.
+    # docs/protocol.md: a client assertion's exp is at most this far ahead.
     assertion_max_lifetime: int = 300
     # Allowed clock difference when checking a client assertion's iat.
     clock_skew: int = 30
-    # Refresh tokens (PROTOCOL.md): grace window for a lost response, idle timeout and
+    # Refresh tokens (docs/protocol.md): grace window for a lost response, idle timeout and
     # absolute lifetime of a refresh family, in seconds.
     refresh_grace: int = 30
     refresh_idle_timeout: int = 7 * 24 * 3600
     refresh_max_lifetime: int = 30 * 24 * 3600
-    # Signing-key rollover (PROTOCOL.md "Keys and rollover"): scheduled rotation period, how
+    # Signing-key rollover (docs/protocol.md "Keys and rollover"): scheduled rotation period, how
     # long a key is published before it signs, and how long past the longest token lifetime
     # a retired key stays published. All in seconds.
     key_rotation_period: int = 24 * 3600
@@ -82,7 +82,7 @@ class Settings:
     metrics_port: int = 0
     # `clients rotate-secret`: how long (s) the previous secret keeps working beside the new.
     client_secret_overlap: int = 86_400
-    # Protected channels (PROTOCOL.md): /token, /introspect, /revoke and /revoke/trl refuse
+    # Protected channels (docs/protocol.md): /token, /introspect, /revoke and /revoke/trl refuse
     # requests that are not OSCORE-protected under an EDHOC-made context. Turn off for labs
     # only (`serve` warns on every start).
     require_oscore: bool = True
@@ -95,7 +95,7 @@ class Settings:
     edhoc_max_pending: int = 256
     edhoc_pending_per_address: int = 8
     edhoc_handshake_timeout: int = 10
-    # Amplification (PROTOCOL.md "Amplification and Observe"): an unprotected answer to a
+    # Amplification (docs/protocol.md "Amplification and Observe"): an unprotected answer to a
     # source address not verified is at most 3x its request, else 4.01 with an Echo option.
     # A source that returns the Echo value is verified for echo_verified_lifetime s; at most
     # echo_verified_max addresses are remembered. Sources in verified_networks (a comma-

@@ -136,7 +136,7 @@ class Unauthorized(ProblemError):
 
 
 class ProtectionRequired(Unauthorized):
-    """4.01: an unprotected request to a resource that requires OSCORE (PROTOCOL.md
+    """4.01: an unprotected request to a resource that requires OSCORE (docs/protocol.md
     "Protected channels")."""
 
     title = "Protection Required"

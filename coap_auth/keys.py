@@ -120,7 +120,7 @@ def generate_key(
 
 @dataclass(frozen=True, slots=True)
 class RotationPolicy:
-    """When a family rotates (PROTOCOL.md "Keys and rollover").
+    """When a family rotates (docs/protocol.md "Keys and rollover").
 
     period: seconds between scheduled rotations, or None for manual rotation only.
     lead: how long a key is published before it may sign.

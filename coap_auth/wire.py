@@ -1,4 +1,4 @@
-"""Protocol numbers of coap-auth's wire contract (../shared/PROTOCOL.md), as IntEnums.
+"""Protocol numbers of coap-auth's wire contract (docs/protocol.md), as IntEnums.
 
 Every integer that crosses the wire is named here once; the registries are cited per enum.
 """
@@ -69,7 +69,7 @@ class AceParam(IntEnum):
 # is longer (device_client's default `max_lifetime`), so a stolen key cannot mint one for years.
 MAX_TOKEN_LIFETIME = 24 * 3600
 
-# RFC 9200 allows unregistered parameters under text keys; these are ours (PROTOCOL.md).
+# RFC 9200 allows unregistered parameters under text keys; these are ours (docs/protocol.md).
 CLIENT_ASSERTION = "client_assertion"
 TOKEN_FORMAT = "token_format"
 

@@ -18,7 +18,7 @@ MAX_DESCRIPTION = 200
 
 @dataclass(frozen=True, slots=True)
 class TokenResponse:
-    """A 2.01 answer of /token (PROTOCOL.md "/token success")."""
+    """A 2.01 answer of /token (docs/protocol.md "/token success")."""
 
     access_token: bytes = field(repr=False)
     expires_in: int
@@ -36,7 +36,7 @@ def parse_token_response(payload: bytes, default_type: TokenType) -> TokenRespon
     expires_in = body.get(AceParam.EXPIRES_IN)
     if not isinstance(value, bytes) or not value:
         raise ValueError("/token answer has no access_token byte string")
-    # expires_in is optional in RFC 9200 but PROTOCOL.md always sends it, and without it
+    # expires_in is optional in RFC 9200 but docs/protocol.md always sends it, and without it
     # the device cannot know when to refresh.
     if isinstance(expires_in, bool) or not isinstance(expires_in, int) or expires_in <= 0:
         raise ValueError("/token answer has no positive expires_in")

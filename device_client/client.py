@@ -1,6 +1,6 @@
 """TokenClient: a device's access token, fetched, cached, refreshed ahead of expiry, persisted.
 
-RFC 9200 §5.8 client_credentials grants and refreshes (PROTOCOL.md "Refresh tokens"), with
+RFC 9200 §5.8 client_credentials grants and refreshes (docs/protocol.md "Refresh tokens"), with
 exponential back-off and jitter on failure, over the protected channel when the AS's EDHOC
 credential is given (the channel then authenticates the device: no client authentication in
 the requests). Tokens and secrets never reach logs.
@@ -497,7 +497,7 @@ class TokenClient:
         self._state = replace(
             self._state,
             access_token=token,
-            # Rotation (PROTOCOL.md): the one sent is spent; keep only the newest.
+            # Rotation (docs/protocol.md): the one sent is spent; keep only the newest.
             refresh_token=answer.refresh_token,
         )
         self._failures = 0

@@ -1,8 +1,8 @@
 """How a device authenticates to the AS: a shared secret, or (preferred) its own key.
 
-A `DeviceKey` signs a short-lived client assertion (PROTOCOL.md), so no secret crosses the
+A `DeviceKey` signs a short-lived client assertion (docs/protocol.md), so no secret crosses the
 network; a P-256 one is also the device's EDHOC credential for the protected channel
-(PROTOCOL.md "Protected channels"). Neither class shows its secret in repr.
+(docs/protocol.md "Protected channels"). Neither class shows its secret in repr.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from coap_auth.tokens import (
 from coap_auth.wire import CLIENT_ASSERTION, AceParam
 from device_client.errors import ChannelUnavailable
 
-# PROTOCOL.md: an assertion's exp is at most 300 s ahead; stay well inside it so a device
+# docs/protocol.md: an assertion's exp is at most 300 s ahead; stay well inside it so a device
 # clock a little ahead of the AS does not get refused.
 ASSERTION_LIFETIME = 60
 CTI_BYTES = 16
@@ -104,7 +104,7 @@ class DeviceKey:
         return hashlib.sha256(cbor2.dumps(cose_key, canonical=True)).digest()[:8]
 
     def assertion(self, *, issuer: str, now: int) -> bytes:
-        """A client assertion: a tagged CWT signed with the device key (PROTOCOL.md).
+        """A client assertion: a tagged CWT signed with the device key (docs/protocol.md).
 
         iss = sub = client_id, aud = the AS's issuer id, a fresh cti (the AS refuses a cti
         it has seen before). Raises nothing.

@@ -101,7 +101,7 @@ class ChannelRefused(TokenRequestRefused):
 
 
 class ChannelUnavailable(DeviceClientError):
-    """The protected channel (EDHOC + OSCORE, PROTOCOL.md "Protected channels") cannot run on
+    """The protected channel (EDHOC + OSCORE, docs/protocol.md "Protected channels") cannot run on
     this device as set up: the device key is Ed25519 (cipher suite 2 needs P-256), the AS
     credential does not parse, lakers-python is missing (it has no wheel for 32-bit ARM), or
     the aiocoap context has no OSCORE transport."""

@@ -1,5 +1,5 @@
 """The protected channel from a device to the AS: EDHOC (RFC 9528) on first use, then OSCORE
-(RFC 8613) for /token, /revoke and /revoke/trl (PROTOCOL.md "Protected channels").
+(RFC 8613) for /token, /revoke and /revoke/trl (docs/protocol.md "Protected channels").
 
 `SecureChannel` holds one OSCORE context with one AS, for one identity (a device's key, or a
 resource server's). It runs EDHOC when it holds none, one handshake at a time, and sends each

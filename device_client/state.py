@@ -46,7 +46,7 @@ class AccessToken:
     `value` is the access_token byte string of the /token response (the tagged CWT, or the
     JWT's ASCII): what a resource server's /authz-info takes.
 
-    For the ACE OSCORE profiles (PROTOCOL.md, RFC 9203, draft-ietf-ace-edhoc-oscore-profile)
+    For the ACE OSCORE profiles (docs/protocol.md, RFC 9203, draft-ietf-ace-edhoc-oscore-profile)
     the /token response also says: `profile` (ace_profile, wire.AceProfile: 2 coap_oscore,
     4 coap_edhoc_oscore), `cnf_osc` (the OSCORE_Input_Material, RFC 9203 §3.2.1: holds the
     master secret, never shown in repr nor logged), `cnf_key` (the COSE_Key the token is

@@ -278,7 +278,7 @@ class TokenVerifier:
         return VerifiedToken(claims, th, "jwt" if is_jwt else "cwt", kid, key)
 
     def _verify_maced(self, token: bytes, used: list[_KeyUsed]) -> Claims:
-        # PROTOCOL.md: 61(17(...)), COSE_Mac0 with HMAC 256/64, for a symmetric audience.
+        # docs/protocol.md: 61(17(...)), COSE_Mac0 with HMAC 256/64, for a symmetric audience.
         kid = decode_cose(token).kid
         key = self._shared_keys.get(kid) if isinstance(kid, bytes) else None
         if key is None:

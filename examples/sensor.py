@@ -97,7 +97,7 @@ from device_client import (
     load_as_credential,
 )
 
-CF_CWT = 61  # PROTOCOL.md: application/cwt, the content format of /authz-info
+CF_CWT = 61  # docs/protocol.md: application/cwt, the content format of /authz-info
 THERMAL_ZONE = Path("/sys/class/thermal/thermal_zone0/temp")
 
 

@@ -1,6 +1,6 @@
 """The installed `coap-auth` command, driven as a subprocess the way an operator runs it.
 
-Integers are the PROTOCOL.md numbers, written out here on purpose (not taken from
+Integers are the docs/protocol.md numbers, written out here on purpose (not taken from
 coap_auth.wire) so a wrong constant in the code cannot hide behind the same constant here.
 """
 
@@ -45,7 +45,7 @@ STARTUP_TIMEOUT = 15  # s, until `serve` prints its listening line
 NOTIFY_TIMEOUT = 10  # s, for an Observe notification or a CoAP response
 EXIT_TIMEOUT = 10  # s, for `serve` to exit after SIGTERM
 
-# PROTOCOL.md numbers
+# docs/protocol.md numbers
 CF_ACE_CBOR = 19
 CF_COSE_KEY_SET = 102
 CLIENT_ID, CLIENT_SECRET, ACCESS_TOKEN = 24, 25, 1

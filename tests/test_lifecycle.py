@@ -39,7 +39,7 @@ from tests.processes import CLI_TIMEOUT, COAP_AUTH, SECRET_LINE, clean_env, serv
 
 REQUEST_TIMEOUT = 5
 ISSUER = "coap-auth"  # the default issuer: `aud` of a client assertion
-# PROTOCOL.md numbers, written out
+# docs/protocol.md numbers, written out
 CF_ACE_CBOR = 19
 ACCESS_TOKEN, EXPIRES_IN, TOKEN, ACTIVE = 1, 2, 11, 10
 CLIENT_ID, CLIENT_SECRET, GRANT_TYPE, REFRESH_TOKEN = 24, 25, 33, 37
@@ -263,6 +263,22 @@ async def test_client_and_audience_lifecycle_through_a_running_server(
     assert secret not in text and new_secret not in text and rs_secret not in text
     verified = d.ok("audit", "verify")
     assert "registry intact: 0 clients, 0 audiences" in verified
+
+
+def test_an_audience_s_own_key_family_ends_with_it(tmp_path: Path) -> None:
+    """After `audiences remove`, the operator commands on its family refuse in one line (they
+    raised a traceback: no policy, no active key)."""
+    d = Deployment(tmp_path / "data")
+    d.ok("init")
+    d.ok("audiences", "add", "rs-es", "--profile", "bearer", "--own-keys")
+    d.ok(
+        "audiences", "add", "rs-mac", "--profile", "bearer", "--own-keys", "--key-alg", "HMAC256/64"
+    )
+    d.ok("audiences", "remove", "rs-es")
+    d.ok("audiences", "remove", "rs-mac")
+    assert "ended with its audience" in d.refused("keys", "rotate", "--family", "rs-es")
+    assert "no published keys" in d.refused("keys", "export", "rs-mac")
+    assert {k["state"] for k in d.json("keys", "list", "--family", "rs-es")} == {"removed"}
 
 
 async def test_set_key_refuses_the_old_key_and_kills_families_bound_to_it(

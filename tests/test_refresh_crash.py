@@ -1,14 +1,14 @@
 """Refresh rotation survives a crash: SIGKILL the real server in the middle of a refresh storm,
 restart it on the same data directory, and check the store and the wire.
 
-What must hold after the restart (PROTOCOL.md "Refresh tokens"):
+What must hold after the restart (docs/protocol.md "Refresh tokens"):
 - every refresh token the client received was committed (a 2.01 only for what is stored);
 - a live family has exactly one unspent refresh token, never two live successors;
 - the newest token the client holds works, unless the request carrying it had been committed
   when the server died, in which case presenting it is a reuse and kills the family;
 - every token the client saw spent (its successor arrived) is refused with invalid_grant.
 
-Integers are the PROTOCOL.md numbers, written out on purpose.
+Integers are the docs/protocol.md numbers, written out on purpose.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ MIN_REFRESHES = 2 * FAMILIES  # the storm must have done something before the ki
 STORM_PROGRESS_TIMEOUT = 10  # s, to reach MIN_REFRESHES
 AFTER_KILL = 0.3  # s to let responses already sent before the kill reach the client
 
-# PROTOCOL.md numbers
+# docs/protocol.md numbers
 CF_ACE_CBOR = 19
 AUDIENCE, CLIENT_ID, CLIENT_SECRET = 5, 24, 25
 ERROR, GRANT_TYPE, REFRESH_TOKEN = 30, 33, 37

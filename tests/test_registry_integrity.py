@@ -46,7 +46,7 @@ from tests.processes import (
 
 REQUEST_TIMEOUT = 5
 ISSUER = "coap-auth"  # the default issuer: `aud` of a client assertion
-# PROTOCOL.md numbers, written out
+# docs/protocol.md numbers, written out
 CF_ACE_CBOR = 19
 ACCESS_TOKEN, EXPIRES_IN, AUDIENCE, TOKEN, ACTIVE = 1, 2, 5, 11, 10
 CLIENT_ID, CLIENT_SECRET, ERROR, ERROR_DESCRIPTION = 24, 25, 30, 31
@@ -55,8 +55,9 @@ UNAUTHORIZED, BAD_REQUEST = aiocoap.UNAUTHORIZED, aiocoap.BAD_REQUEST
 REGISTRY_MISMATCH = "the client and audience rows are not the ones its head records"
 DOWNGRADE = (
     "database claims schema v2 but this data directory has sealed it before (downgrade?);"
-    " if you restored an older backup on purpose, remove the sealed-schema.* file in the"
-    " data directory"
+    " put an older SQLite backup back with `coap-auth restore`, which checks it under the"
+    " master key; for a PostgreSQL dump restored on purpose, remove the sealed-schema.* file"
+    " in the data directory"
 )
 
 

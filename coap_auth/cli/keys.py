@@ -88,6 +88,8 @@ async def cmd_keys_export(args: argparse.Namespace, service: AuthService) -> int
     if family not in service.keys.rings:
         raise OperatorError(f"no key family {family!r}")
     ring = service.keys.ring(family)
+    if not ring.published:  # `audiences remove` ended its keys
+        raise OperatorError(f"key family {family!r} has no published keys")
     if not ring.active.symmetric:
         raise OperatorError("only symmetric families are exported; others are at /keys")
     key_set = [symmetric_cose_key(k) for k in ring.published]

@@ -86,7 +86,7 @@ async def _serve_until_stopped(server: Any, worker_pipe: int | None) -> None:
 
 
 async def cmd_edhoc_credential(args: argparse.Namespace, settings: Settings) -> int:
-    """The AS's EDHOC credential, for provisioning devices (PROTOCOL.md "Protected
+    """The AS's EDHOC credential, for provisioning devices (docs/protocol.md "Protected
     channels"): a device needs it to authenticate the AS in EDHOC."""
     service = await open_service(settings)
     try:

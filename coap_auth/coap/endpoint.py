@@ -61,7 +61,7 @@ class Endpoint:
     service: AuthService
     # POST endpoints count toward the per-address rate limit.
     rate_limited: ClassVar[bool] = False
-    # Answered only over OSCORE while `require_oscore` is on (PROTOCOL.md "Protected
+    # Answered only over OSCORE while `require_oscore` is on (docs/protocol.md "Protected
     # channels"): the endpoints that carry a secret or a token.
     protected: ClassVar[bool] = False
     address_limits: RateLimiter | None = None

@@ -55,7 +55,7 @@ def decode_ace_payload(
     if content_format != ContentFormat.ACE_CBOR:
         raise UnsupportedContentFormat("expected application/ace+cbor (19)")
     if len(payload) > max_payload:
-        raise PayloadTooLarge(f"request payload larger than {max_payload} bytes")
+        raise PayloadTooLarge(f"request payload larger than {max_payload} bytes", size1=max_payload)
     try:
         body = cbor2.loads(payload)
     except Exception:

@@ -1,6 +1,6 @@
 """Thin aiocoap resources: decode the request, call the service, encode the answer.
 
-Resources raise `CoapAuthError`; `Endpoint` (coap/endpoint.py) turns it into the PROTOCOL.md
+Resources raise `CoapAuthError`; `Endpoint` (coap/endpoint.py) turns it into the docs/protocol.md
 body and logs the request.
 """
 
@@ -104,7 +104,7 @@ class KeysResource(Endpoint, ObservableEndpoint, resource.Resource):
             response.opt.etag = representation.etag
         else:
             response = representation.message()
-        # PROTOCOL.md: a cached copy never outlives the next scheduled change of the set.
+        # docs/protocol.md: a cached copy never outlives the next scheduled change of the set.
         response.opt.max_age = self.service.keys.keys_max_age()
         return response
 

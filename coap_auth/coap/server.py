@@ -101,7 +101,7 @@ class Server:
             service.clock, settings.rate_limit_per_address, settings.rate_limit_window
         )
         self.uploads = BlockwiseUploads(service.clock, settings.max_payload, self.address_limits)
-        # The protected channel (PROTOCOL.md "Protected channels"): contexts EDHOC made, in
+        # The protected channel (docs/protocol.md "Protected channels"): contexts EDHOC made, in
         # memory only and bounded; the responder holds unauthenticated handshakes apart.
         self.contexts = ContextTable(
             service.clock.now,

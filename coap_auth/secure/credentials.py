@@ -3,7 +3,7 @@
 A credential is `{2: sub, 8: {1: COSE_Key}}` in deterministic CBOR, the COSE_Key
 `{1: 2 (EC2), 2: kid, -1: 1 (P-256), -2: x, -3: y}`. Both ends build a registered device's
 credential the same way from its id and public key, so a device may name it by reference
-(ID_CRED `{4: kid}`) or send it by value (`{14: CCS}`); PROTOCOL.md "Protected channels".
+(ID_CRED `{4: kid}`) or send it by value (`{14: CCS}`); docs/protocol.md "Protected channels".
 
 - sub is the registered id (client or audience id);
 - kid is the UTF-8 id when it is at most MAX_KID_BYTES long, else the first 8 bytes of the

@@ -144,7 +144,7 @@ class Authenticator:
     ) -> R:
         failed = InvalidClient("client authentication failed")
         try:
-            # PROTOCOL.md: the assertion is a tagged CWT, 61(18(...)).
+            # docs/protocol.md: the assertion is a tagged CWT, 61(18(...)).
             if not assertion.startswith(CWT_TAG_PREFIX):
                 raise MalformedToken("client assertion must be a tagged CWT")
             message = decode_cose(assertion, low_s=False)

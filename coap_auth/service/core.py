@@ -459,7 +459,7 @@ class AuthService:
         peer: PeerCredential | None = None,
     ) -> Client:
         """A device, by the protected channel's peer, or by signed assertion or shared secret
-        (PROTOCOL.md), within its rate limit (counted only once authenticated, so nobody can
+        (docs/protocol.md), within its rate limit (counted only once authenticated, so nobody can
         use up another's)."""
         if peer is not None:
             client = await self._auth.authenticate_peer(

@@ -201,7 +201,9 @@ class KeyRollover:
         await self._load()
         if family not in self._rings:
             raise OperatorError(f"no key family {family!r}")
-        policy = self._policies[family]
+        policy = self._policies.get(family)
+        if policy is None:  # `audiences remove` ended its keys; a family is never revived
+            raise OperatorError(f"key family {family!r} ended with its audience")
         now = self.clock.now()
         changed = await self.store.update_keys(
             _in_family(family, lambda ring: ring.rotate(now, policy, force=force)[1]), actor, now

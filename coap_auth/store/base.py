@@ -105,12 +105,13 @@ class Store(Protocol):
         key and state change; bump the keys counter. Returns the changed keys."""
         ...
 
-    # Client-assertion replay cache (PROTOCOL.md: a cti seen before, until its exp, is refused).
+    # Client-assertion replay cache (docs/protocol.md): a cti seen before, until its exp, is
+    # refused.
     async def remember_assertion(self, client_id: str, cti: bytes, exp: int, now: int) -> bool:
         """Record the cti; False if it was already recorded and has not expired."""
         ...
 
-    # Refresh-token families (PROTOCOL.md "Refresh tokens"). Refresh tokens are passed and
+    # Refresh-token families (docs/protocol.md "Refresh tokens"). Refresh tokens are passed and
     # kept only as digests.
     async def start_family(
         self, family: RefreshFamily, refresh_digest: bytes, access: IssuedAccess

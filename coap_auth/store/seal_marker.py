@@ -27,8 +27,9 @@ def refusal(db_version: int, sealed_version: int | None) -> str | None:
         return None
     return (
         f"database claims schema v{db_version} but this data directory has sealed it"
-        " before (downgrade?); if you restored an older backup on purpose, remove the"
-        f" {_PREFIX}* file in the data directory"
+        " before (downgrade?); put an older SQLite backup back with `coap-auth restore`,"
+        " which checks it under the master key; for a PostgreSQL dump restored on purpose,"
+        f" remove the {_PREFIX}* file in the data directory"
     )
 
 

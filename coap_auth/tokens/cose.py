@@ -80,7 +80,7 @@ def sign1(
 ) -> cbor2.CBORTag:
     """COSE_Sign1 as a CBOR tag 18 object: [protected, {}, payload, signature].
 
-    ES256 signatures are low-s (PROTOCOL.md), so the token has one byte form."""
+    ES256 signatures are low-s (docs/protocol.md), so the token has one byte form."""
     protected = _protected_header(alg, kid)
     to_sign = _sig_structure("Signature1", protected, payload)
     if alg == CoseAlg.ES256 and isinstance(private_key, ec.EllipticCurvePrivateKey):
@@ -102,7 +102,7 @@ def mac0(payload: bytes, key: bytes, kid: bytes | None) -> cbor2.CBORTag:
 def encrypt0(plaintext: bytes, key: bytes, kid: bytes, iv: bytes) -> cbor2.CBORTag:
     """COSE_Encrypt0 with AES-CCM-16-64-128 as a CBOR tag 16 object: [protected, {},
     ciphertext]. The IV goes in the protected header, so the unprotected header stays the
-    empty map every canonical token has (PROTOCOL.md "Canonical tokens"); `iv` must be
+    empty map every canonical token has (docs/protocol.md "Canonical tokens"); `iv` must be
     CCM_NONCE_LEN random bytes, never reused under `key`."""
     if len(key) != CCM_KEY_LEN or len(iv) != CCM_NONCE_LEN:
         raise ValueError("AES-CCM-16-64-128 takes a 16-byte key and a 13-byte IV")

@@ -1,6 +1,6 @@
 """CBOR Web Tokens (RFC 8392): `61(18(...))` signed, `61(17(...))` MACed and `61(16(...))`
 encrypted (for an audience of the ACE OSCORE profile: its cnf holds a master secret), as
-PROTOCOL.md fixes.
+docs/protocol.md fixes.
 
 Signature checking (`verify_cwt`) is separate from claim validation (`Claims.validate`).
 """
@@ -54,7 +54,7 @@ def encode_encrypted_cwt(claims: Claims, key: bytes, kid: bytes) -> bytes:
 def decode_cose(token: bytes, *, low_s: bool = True) -> cose.CoseMessage:
     """Parse a CWT into its COSE message, verifying nothing but its form.
 
-    PROTOCOL.md "Canonical tokens": one byte form per token, so its RFC 9770 hash is unique.
+    docs/protocol.md "Canonical tokens": one byte form per token, so its RFC 9770 hash is unique.
     Refused (MalformedToken), before any key is looked up: a missing or long tag 61 (RFC 8392
     §6 lets a context omit it; ours does not), any head not in its shortest form, an
     unprotected header other than the empty map, a protected header or claims not in core

@@ -35,7 +35,7 @@ _COMPACT = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 
 def encode_jwt(claims: Claims, private_key: PrivateKey, alg: CoseAlg, kid: bytes) -> bytes:
-    """The JWS compact serialization, as ASCII bytes (the access_token bstr of PROTOCOL.md).
+    """The JWS compact serialization, as ASCII bytes (the access_token bstr of docs/protocol.md).
 
     PyJWT signs; an ES256 signature it returns high-s is replaced by its low-s twin."""
     headers = {"kid": kid_text(kid), "typ": TYP}

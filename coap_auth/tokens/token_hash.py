@@ -10,6 +10,6 @@ SHA256_ID = 1
 
 
 def token_hash(token: bytes) -> bytes:
-    """PROTOCOL.md: th = 0x01 || SHA-256(ascii(base64url_nopad(token bytes))), 33 bytes."""
+    """docs/protocol.md: th = 0x01 || SHA-256(ascii(base64url_nopad(token bytes))), 33 bytes."""
     text = base64.urlsafe_b64encode(token).rstrip(b"=")
     return bytes([SHA256_ID]) + hashlib.sha256(text).digest()

@@ -278,7 +278,7 @@ async def test_coap_oscore_token_is_introspected_and_revoked(
     assert response.code == aiocoap.CHANGED
     _, introspected = await rs.post_ace("/introspect", {TOKEN: token})
     assert introspected == {ACTIVE: False}
-    # On the lock's TRL, hashed over the token's bytes (PROTOCOL.md, RFC 9770 §4); not on
+    # On the lock's TRL, hashed over the token's bytes (docs/protocol.md, RFC 9770 §4); not on
     # the door's.
     hashed = b"\x01" + hashlib.sha256(base64.urlsafe_b64encode(token).rstrip(b"=")).digest()
     assert hashed in await _trl(rs)

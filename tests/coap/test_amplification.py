@@ -348,7 +348,7 @@ async def test_the_echo_value_gets_the_answer_and_verifies_the_address_for_a_whi
     with connected_socket(port) as sock:
         challenge = (await probe(port, get("keys"), sock=sock)).answer
         assert is_challenge(challenge)
-        # PROTOCOL.md: a 12-byte value (4-byte timestamp, 8-byte MAC), Max-Age 0.
+        # docs/protocol.md: a 12-byte value (4-byte timestamp, 8-byte MAC), Max-Age 0.
         assert len(challenge.opt.echo) == 12 and challenge.opt.max_age == 0
         stamp = int.from_bytes(challenge.opt.echo[:4], "big")
         assert stamp == clock.now() & 0xFFFFFFFF

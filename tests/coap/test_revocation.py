@@ -1,6 +1,6 @@
 """Revocation over real UDP (issue 5): /revoke, the RFC 9770 TRL with Observe, /introspect.
 
-Numbers are PROTOCOL.md's and RFC 9770's, written out: full_set 0, diff_set 1, cursor 2,
+Numbers are docs/protocol.md's and RFC 9770's, written out: full_set 0, diff_set 1, cursor 2,
 more 3; content format 262; problem details 257 with ace-trl-error under key 1.
 """
 

@@ -1,5 +1,5 @@
 """/token over real UDP: issue CWT and JWT, check them with independent libraries, and check
-every error PROTOCOL.md names."""
+every error docs/protocol.md names."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pycose.messages import CoseMessage
 from coap_auth.tokens import Claims, cose_key_from_public, verify_cwt
 from coap_auth.tokens.cose import sign1
 from coap_auth.wire import AceParam, CoapCode, ContentFormat, CoseAlg, CoseHeader, CwtClaim
+from tests import raw_coap
 from tests.conftest import Coap
 
 TOKEN = "/token"
@@ -326,6 +327,20 @@ async def test_oversized_payload_is_4_13(sensor: Coap) -> None:
     response = await sensor.request(aiocoap.POST, TOKEN, body, ContentFormat.ACE_CBOR)
     assert response.code == CoapCode.REQUEST_ENTITY_TOO_LARGE
     assert response.opt.content_format == ContentFormat.PROBLEM_DETAILS_CBOR
+
+
+async def test_one_oversized_datagram_is_4_13_with_size1(sensor: Coap) -> None:
+    """Not block-wise: one 3,000-byte datagram. RFC 7252 §5.10.9: Size1 tells the largest
+    body taken (max_payload, 2,048 by default); it was missing on this path."""
+    request = aiocoap.Message(
+        code=aiocoap.POST,
+        uri_path=("token",),
+        payload=cbor2.dumps({**_cred(sensor), "padding": "x" * 3000}),
+        content_format=ContentFormat.ACE_CBOR,
+    )
+    response = await raw_coap.exchange(sensor.server.port, request)
+    assert response.code == CoapCode.REQUEST_ENTITY_TOO_LARGE
+    assert response.opt.size1 == 2048
 
 
 @pytest.mark.parametrize("method", [aiocoap.GET, aiocoap.PUT, aiocoap.DELETE])

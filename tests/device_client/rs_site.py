@@ -37,7 +37,7 @@ from device_client import (
 )
 from tests.conftest import SEEN_SECRETS
 
-CF_CWT = 61  # PROTOCOL.md, written out on purpose
+CF_CWT = 61  # docs/protocol.md, written out on purpose
 
 
 class Temperature(resource.Resource):

@@ -28,7 +28,7 @@ from tests.device_client.conftest import ISSUER, fetch_key_set, fetch_trl
 from tests.device_client.rs_site import serve
 from tests.tokens.variants import cwt_variants, jwt_variants
 
-CF_CWT, CF_PROBLEM = 61, 257  # PROTOCOL.md, written out on purpose
+CF_CWT, CF_PROBLEM = 61, 257  # docs/protocol.md, written out on purpose
 ACTIVE = 10  # RFC 9200 §5.9.2
 RS_SECRET = "introspection-secret-of-the-doors-0123"
 CLIENT = "lock-1"

@@ -1,5 +1,5 @@
 """A refresh whose answer the link loses: the device retries inside the grace window and its
-refresh family survives (PROTOCOL.md "Refresh tokens"). The loss is real: a UDP relay drops
+refresh family survives (docs/protocol.md "Refresh tokens"). The loss is real: a UDP relay drops
 the server's datagrams."""
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from tests.conftest import Coap
 from tests.device_client.conftest import ISSUER, fetch_key_set, fetch_trl, issue_token
 from tests.device_client.rs_site import Temperature, Thermostat, serve
 
-CF_ACE, CF_PROBLEM = 19, 257  # PROTOCOL.md, written out on purpose
+CF_ACE, CF_PROBLEM = 19, 257  # docs/protocol.md, written out on purpose
 
 
 async def _serve(

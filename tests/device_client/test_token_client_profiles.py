@@ -2,7 +2,7 @@
 41), keeps them on the AccessToken (the OSCORE input material a secret: not in repr, not in
 logs, only in the 0600 state file), and `refresh_now` gets a new token before its time.
 
-The AS here is a test double of its /token wire contract (design issue 15, PROTOCOL.md): a
+The AS here is a test double of its /token wire contract (design issue 15, docs/protocol.md): a
 real aiocoap server over UDP answering fixed ace+cbor maps, since the AS side of the profiles
 is being built at the same time. Everything of the device is real.
 """

@@ -1,4 +1,4 @@
-"""One byte form per CWT (PROTOCOL.md "Canonical tokens", issue 13): re-encodings of an
+"""One byte form per CWT (docs/protocol.md "Canonical tokens", issue 13): re-encodings of an
 issued token, signed tokens that are not in deterministic encoding, `crit`, low-s."""
 
 from __future__ import annotations

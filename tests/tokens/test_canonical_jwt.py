@@ -1,4 +1,4 @@
-"""One text per JWT (PROTOCOL.md "Canonical tokens", issue 13): unpadded base64url in the
+"""One text per JWT (docs/protocol.md "Canonical tokens", issue 13): unpadded base64url in the
 strict alphabet with zero unused bits, low-s ES256; and cnf back from the JWK form."""
 
 from __future__ import annotations

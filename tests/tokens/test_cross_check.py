@@ -90,7 +90,7 @@ def _with_signature(sign1: bytes, signature: bytes) -> bytes:
 
 @pytest.mark.parametrize("alg", ALGS, ids=lambda a: a.name)
 def test_pycose_signed_cwt_verifies_with_ours(alg: CoseAlg) -> None:
-    """pycose's COSE_Sign1, put in tag 61 (PROTOCOL.md), ES256 in its low-s form."""
+    """pycose's COSE_Sign1, put in tag 61 (docs/protocol.md), ES256 in its low-s form."""
     key = KeyRing.initial(alg, NOW).active
     sign1 = _pycose_signed(key)
     signature = cbor2.loads(sign1).value[3]
@@ -98,7 +98,7 @@ def test_pycose_signed_cwt_verifies_with_ours(alg: CoseAlg) -> None:
         signature = signature if is_low_s(signature) else signature_twin(signature)
     token = _with_signature(sign1, signature)
     assert verify_cwt(token, key_lookup(key)) == _claims()
-    # RFC 8392 §6 lets a context leave tag 61 out; PROTOCOL.md's context does not.
+    # RFC 8392 §6 lets a context leave tag 61 out; docs/protocol.md's context does not.
     with pytest.raises(MalformedToken, match="tag 61"):
         verify_cwt(token[2:], key_lookup(key))
 
@@ -211,7 +211,7 @@ def test_token_hash_is_prefixed_sha256_of_base64url_text() -> None:
 def test_pycose_encrypted_cwt_decrypts_with_ours() -> None:
     """The other direction of the coap_oscore token (tests/ace: pycose decrypts ours): a
     COSE_Encrypt0 pycose makes with AES-CCM-16-64-128, the IV in its protected header as
-    PROTOCOL.md fixes, put in tag 61, decrypts with ours to the same claims; under another
+    docs/protocol.md fixes, put in tag 61, decrypts with ours to the same claims; under another
     key it does not."""
     import os
 

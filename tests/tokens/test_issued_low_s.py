@@ -45,7 +45,7 @@ def _signature(token: bytes) -> bytes:
 @pytest.mark.parametrize("audience", ["meter-cwt", "meter-jwt"])
 async def test_a_thousand_issued_es256_tokens_are_low_s(issuer: AuthService, audience: str) -> None:
     request = TokenRequest(client_id="low-s-client", client_secret=SECRET, audience=audience)
-    assert issuer.keys.ring().active.alg == CoseAlg.ES256  # the default (PROTOCOL.md)
+    assert issuer.keys.ring().active.alg == CoseAlg.ES256  # the default (docs/protocol.md)
     issued = await asyncio.gather(*(issuer.issue_token(request) for _ in range(COUNT)))
     tokens = [i.access_token for i in issued]
     assert len({token_hash(t) for t in tokens}) == COUNT

@@ -1,5 +1,5 @@
 """RFC 8392 Appendix A tokens: their signature and MAC verify with our COSE codec, tampering
-is caught, and the tokens themselves are refused: neither is in PROTOCOL.md's one form (A.3
+is caught, and the tokens themselves are refused: neither is in docs/protocol.md's one form (A.3
 has no tag 61, both carry the kid in the unprotected header)."""
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def cwt_variants(token: bytes, *, es256: bool) -> dict[str, bytes]:
     inner = token[2:]  # the tag 17/18 item
     array = inner[2:]  # after the one-byte tag and the 0x84 head: the four members
     variants = {
-        # RFC 8392 §6 lets a context omit tag 61; PROTOCOL.md's does not.
+        # RFC 8392 §6 lets a context omit tag 61; docs/protocol.md's does not.
         "tag 61 removed": inner,
         # A header parameter nobody signed.
         "{99: 0} in the unprotected header": _cwt(tag, [parts[0], {99: 0}, *parts[2:]]),
