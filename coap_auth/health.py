@@ -15,10 +15,10 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
-from wsgiref.simple_server import WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from coap_auth.errors import OperatorError
 from coap_auth.metrics import Metrics
@@ -117,7 +117,7 @@ class MonitoringListener:
                 address_family = family
 
             server = make_server(
-                self.bind, self.requested_port, self.app, Listener, handler_class=_SilentHandler
+                self.bind, self.requested_port, self.app, Listener, handler_class=_QuietHandler
             )
         except OSError as error:
             reason = error.strerror or str(error)
@@ -160,3 +160,10 @@ def _is_loopback(bind: str) -> bool:
         return ipaddress.ip_address(bind).is_loopback
     except ValueError:
         return False
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No line on stderr per scrape (wsgiref logs every request there by default)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass

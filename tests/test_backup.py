@@ -25,6 +25,7 @@ import aiocoap
 import cbor2
 import pytest
 
+from coap_auth.cli import data_lock
 from coap_auth.clock import SystemClock
 from coap_auth.config import Settings
 from coap_auth.service import AuthService
@@ -353,6 +354,69 @@ def test_restore_refuses_what_is_not_a_good_backup(
     one_error_line(run_cli("restore", cut, "--master-key", key, data_dir=fresh), "removed")
     assert not fresh.exists()
     one_error_line(run_cli("restore", backup, data_dir=data_dir), "--replace")
+
+
+UNSPEND = (
+    "CREATE TRIGGER zz_unspend AFTER UPDATE OF spent_at ON refresh_tokens"
+    " BEGIN UPDATE refresh_tokens SET spent_at = NULL WHERE digest = NEW.digest; END"
+)
+
+
+def test_a_backup_carrying_a_trigger_is_refused_and_so_is_a_database_with_one(
+    tmp_path: Path, data_dir: Path, backup: Path
+) -> None:
+    """The attack (round 1 of issue 18): a trigger added to a backup file, by someone without
+    the master key, un-spent every refresh token, so that reuse was never detected; restore
+    kept it and audit verify said intact. No MAC covers the schema: its shape is checked."""
+    fresh, key = tmp_path / "fresh", data_dir / "master.key"
+    for extra in (UNSPEND, "CREATE VIEW everything AS SELECT * FROM clients"):
+        tampered = tmp_path / "tampered"
+        shutil.copy(backup, tampered)
+        with contextlib.closing(sqlite3.connect(tampered)) as conn, conn:
+            conn.execute(extra)
+        result = run_cli("restore", tampered, "--master-key", key, data_dir=fresh)
+        one_error_line(result, "holds what coap-auth did not make")
+        assert not fresh.exists()
+    # The same trigger written into the live database: nothing opens it any more.
+    with contextlib.closing(sqlite3.connect(data_dir / DB_FILE)) as conn, conn:
+        conn.execute(UNSPEND)
+    one_error_line(run_cli("clients", "list", data_dir=data_dir), "trigger zz_unspend")
+
+
+def test_nothing_opens_the_store_while_a_restore_holds_it(tmp_path: Path, data_dir: Path) -> None:
+    """Round 1: a `clients disable --revoke` run during a restore said it was done and was
+    lost with the replaced database; a `serve` started during a restore into a new directory
+    wrote a master key of its own there. Both now wait for the lock, in one line."""
+    cli_ok("init", data_dir=data_dir)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir(mode=0o700)
+    with data_lock.exclusive(data_dir):
+        for command in (("clients", "disable", "sensor-1"), ("serve", "--port", "0")):
+            one_error_line(run_cli(*command, data_dir=data_dir), "being restored")
+        backup = tmp_path / "b"
+        one_error_line(run_cli("backup", backup, data_dir=data_dir), "being restored")
+    with data_lock.exclusive(fresh):
+        one_error_line(run_cli("serve", "--port", "0", data_dir=fresh), "being restored")
+    assert not (fresh / "master.key").exists()
+
+
+def test_backup_refuses_a_shared_directory_and_never_follows_a_symlink(
+    tmp_path: Path, data_dir: Path, secret: str
+) -> None:
+    """Round 1: the copy was first written to a temporary name beside the target, which
+    another user could swap for a symlink to a file of theirs in a shared directory."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # without the sticky bit: anyone may rename what is in it
+    one_error_line(run_cli("backup", shared / "b", data_dir=data_dir), "writable by every user")
+    theirs = tmp_path / "theirs"
+    theirs.write_bytes(b"")
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "b").symlink_to(theirs)
+    cli_ok("backup", own / "b", "--force", data_dir=data_dir)
+    assert theirs.read_bytes() == b"" and not (own / "b").is_symlink()
+    assert [p.name for p in own.iterdir()] == ["b"]  # no temporary file or directory left
 
 
 async def test_replace_keeps_the_old_database_aside(

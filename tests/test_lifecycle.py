@@ -386,8 +386,12 @@ async def test_the_previous_secret_works_for_the_overlap_only(sensor: Coap) -> N
     # The default overlap is the client_secret_overlap setting.
     overlap = sensor.service.settings.client_secret_overlap
     assert client.previous_secret_until == clock.now() + overlap
-    with pytest.raises(OperatorError):
-        await admin.rotate_secret("sensor-1", "operator:test", overlap=-1)
+    before = await sensor.service.store.get_client("sensor-1")
+    for out_of_range in (-1, 30 * 86_400 + 1, 10**12):
+        # The setting's range: 10**12 s was stored and then failed to print the new secret.
+        with pytest.raises(OperatorError, match="--overlap must be 0 to 2,592,000 s"):
+            await admin.rotate_secret("sensor-1", "operator:test", overlap=out_of_range)
+    assert await sensor.service.store.get_client("sensor-1") == before
     rotations = [
         e.event.actor
         for e in await sensor.service.store.audit_entries()
@@ -395,6 +399,20 @@ async def test_the_previous_secret_works_for_the_overlap_only(sensor: Coap) -> N
     ]
     assert rotations == ["operator:test"] * 3  # the actor passed in, not a store's constant
     assert (await sensor.service.verify_audit()).ok
+
+
+async def test_disable_revoke_also_finishes_a_plain_disable(sensor: Coap) -> None:
+    """`clients disable ID` first, then `--revoke` (review of issue 18: it was refused as
+    already disabled, the operator's natural second step). The second kills the family."""
+    admin = sensor.service.admin
+    secret = sensor.secrets["sensor-1"]
+    assert await _token(sensor, secret) == aiocoap.CREATED
+    assert (await admin.disable_client("sensor-1", "operator", revoke=False)).killed_families == 0
+    with pytest.raises(OperatorError, match="already disabled"):
+        await admin.disable_client("sensor-1", "operator", revoke=False)
+    again = await admin.disable_client("sensor-1", "operator", revoke=True)
+    assert again.killed_families == 1
+    assert await sensor.service.store.list_families("sensor-1", sensor.service.clock.now()) == []
 
 
 async def test_a_hash_prefix_naming_two_tokens_is_refused(sensor: Coap) -> None:

@@ -32,8 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "command_fn"):
         parser.print_help(sys.stderr)
         return 2
-    for warning in environment_warnings():
-        print(f"coap-auth: warning: {warning}", file=sys.stderr)
+    if getattr(args, "worker_pipe", None) is None:  # a worker's supervisor has warned
+        for warning in environment_warnings():
+            print(f"coap-auth: warning: {warning}", file=sys.stderr)
     try:
         flags = {
             name: getattr(args, name, None)

@@ -12,8 +12,9 @@ import argparse
 import copy
 import hmac
 import os
-import secrets
 import shutil
+import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -55,21 +56,23 @@ async def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
     if not database.is_file():
         raise OperatorError(f"{data_dir} is not initialised: there is nothing to back up")
     target = _backup_target(args.file, data_dir, force=args.force)
-    master_key = MasterKey.load(data_dir, create=False)
-    part = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
-    try:
-        copies.write_copy(database, part)
-        version = copies.check_copy(part)
-        if version != SCHEMA_VERSION:
-            raise OperatorError(
-                f"{database} has schema v{version}: run `coap-auth init` once to migrate it,"
-                " then back it up"
-            )
-        found = await _checked_copy(part, master_key, settings, f"the copy of {database}")
-        os.replace(part, target)
-        copies.sync_directory(target.parent)
-    finally:
-        part.unlink(missing_ok=True)
+    with data_lock.serving(data_dir):  # no restore replaces the database while it is read
+        master_key = MasterKey.load(data_dir, create=False)
+        # The copy is made in a directory of our own (0700, a fresh random name) beside the
+        # target: a temporary file beside it in a shared directory could be swapped for
+        # another user's symlink, which then received the copy.
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".coap-auth-backup-") as own:
+            part = Path(own) / "copy.sqlite3"
+            copies.write_copy(database, part)
+            version = copies.check_copy(part)
+            if version != SCHEMA_VERSION:
+                raise OperatorError(
+                    f"{database} has schema v{version}: run `coap-auth init` once to migrate"
+                    " it, then back it up"
+                )
+            found = await _checked_copy(part, master_key, settings, f"the copy of {database}")
+            os.replace(part, target)  # a symlink at the target is replaced, never followed
+            copies.sync_directory(target.parent)
     print(f"backup written to {args.file}: {found.describe()}")
     print(NO_MASTER_KEY)
     return 0
@@ -86,6 +89,10 @@ def _backup_target(file: Path, data_dir: Path, *, force: bool) -> Path:
         raise OperatorError(f"{file} is inside the data directory {data_dir}: keep backups apart")
     if not target.parent.is_dir():
         raise OperatorError(f"{target.parent} is not a directory")
+    mode = target.parent.stat().st_mode
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        # Anyone may rename or replace what is in it, the backup included.
+        raise OperatorError(f"{target.parent} is writable by every user: keep backups elsewhere")
     if target.is_dir():
         raise OperatorError(f"{file} is a directory")
     if target.exists() and not force:
@@ -160,6 +167,7 @@ async def _restore(args: argparse.Namespace, settings: Settings) -> int:
         await _migrated_and_verified(staged, master_key, settings, source)
         if new_key_file is not None:
             _write_master_key(data_dir, new_key_file)
+        copies.settle(staged)
         aside = copies.set_aside(database, now)
         copies.install(staged, data_dir)
     finally:

@@ -7,10 +7,11 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+from coap_auth.cli import data_lock
 from coap_auth.clock import SystemClock
 from coap_auth.config import Settings
 from coap_auth.errors import OperatorError
@@ -110,13 +111,30 @@ async def open_service(settings: Settings, *, create: bool = False) -> AuthServi
     return service
 
 
-def with_service(fn: Callable[[argparse.Namespace, AuthService], Awaitable[int]]) -> Command:
-    async def run(args: argparse.Namespace, settings: Settings) -> int:
-        service = await open_service(settings)
+@contextlib.asynccontextmanager
+async def opened_service(settings: Settings, *, create: bool = False) -> AsyncIterator[AuthService]:
+    """`open_service` under the data directory's shared lock (coap_auth.cli.data_lock), held
+    until the service is closed: nothing reads or writes the store beside a restore, and a
+    restore never replaces it under a running command. The lock comes first: a `serve`
+    started during a restore once wrote a master key of its own into the new directory."""
+    data_dir = settings.data_dir
+    if create:
+        with _private_umask():
+            data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    elif not data_dir.is_dir():
+        raise OperatorError(f"{data_dir} is not initialised: run `coap-auth init` first")
+    with data_lock.serving(data_dir):
+        service = await open_service(settings, create=create)
         try:
-            return await fn(args, service)
+            yield service
         finally:
             await service.store.close()
+
+
+def with_service(fn: Callable[[argparse.Namespace, AuthService], Awaitable[int]]) -> Command:
+    async def run(args: argparse.Namespace, settings: Settings) -> int:
+        async with opened_service(settings) as service:
+            return await fn(args, service)
 
     return run
 

@@ -10,8 +10,8 @@ import logging
 import signal
 from typing import Any
 
-from coap_auth.cli import data_lock, workers
-from coap_auth.cli.runtime import configure_logging, open_service
+from coap_auth.cli import workers
+from coap_auth.cli.runtime import configure_logging, opened_service
 from coap_auth.config import Settings
 from coap_auth.udp import check_port_free
 
@@ -20,12 +20,9 @@ async def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     """Create the data directory, the master key, the store's schema (or migrate it) and the
     first keys; on an initialised store, change nothing but a pending schema migration."""
     where = settings.data_dir if not settings.store else f"{settings.data_dir} and the database"
-    service = await open_service(settings, create=True)
-    try:
+    async with opened_service(settings, create=True) as service:
         active = service.key_ring.active
         created = "default" in service.keys.created_families
-    finally:
-        await service.store.close()
     if not created:
         print(f"{where} already initialised; nothing changed")
     else:
@@ -49,15 +46,13 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         await check_port_free((settings.bind, settings.port), logging.getLogger("coap_auth"))
     else:
         settings = workers.worker_settings(settings, args.worker_index)
-    service = await open_service(settings, create=True)
-    # A worker shares the port with its siblings; anything else refuses a port in use.
-    server = Server(service, settings.bind, settings.port, reuse_port=worker_pipe is not None)
-    try:
-        with data_lock.serving(settings.data_dir):
+    async with opened_service(settings, create=True) as service:
+        # A worker shares the port with its siblings; anything else refuses a port in use.
+        server = Server(service, settings.bind, settings.port, reuse_port=worker_pipe is not None)
+        try:
             await _serve_until_stopped(server, worker_pipe)
-    finally:
-        await server.stop()
-        await service.store.close()
+        finally:
+            await server.stop()
     return 0
 
 
@@ -88,11 +83,8 @@ async def _serve_until_stopped(server: Any, worker_pipe: int | None) -> None:
 async def cmd_edhoc_credential(args: argparse.Namespace, settings: Settings) -> int:
     """The AS's EDHOC credential, for provisioning devices (docs/protocol.md "Protected
     channels"): a device needs it to authenticate the AS in EDHOC."""
-    service = await open_service(settings)
-    try:
+    async with opened_service(settings) as service:
         credential = service.edhoc_identity.credential
-    finally:
-        await service.store.close()
     shown = credential.document()
     if args.json:
         print(json.dumps(shown, indent=2))

@@ -21,8 +21,7 @@ import signal
 import sys
 from typing import Any
 
-from coap_auth.cli import data_lock
-from coap_auth.cli.runtime import open_service
+from coap_auth.cli.runtime import opened_service
 from coap_auth.config import Settings
 from coap_auth.errors import OperatorError
 from coap_auth.udp import check_port_free
@@ -66,9 +65,7 @@ async def supervise(args: argparse.Namespace, settings: Settings) -> int:
         )
     await check_port_free((settings.bind, settings.port), log)
     # Workers racing to create a data directory could each write a different master key.
-    service = await open_service(settings, create=True)
-    await service.store.close()
-    with data_lock.serving(settings.data_dir):
+    async with opened_service(settings, create=True):
         read_end, write_end = os.pipe()  # not inherited, but for pass_fds
         workers: list[asyncio.subprocess.Process] = []
         try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from coap_auth.clock import Clock
-from coap_auth.config import Settings
+from coap_auth.config import LIMITS, Settings
 from coap_auth.errors import OperatorError, TokenError, UnsupportedPopKey
 from coap_auth.keys import DEFAULT_FAMILY, ENDED, KeyState, SigningKey
 from coap_auth.service.client_auth import secret_digest
@@ -108,8 +108,11 @@ class Administration:
         """A new generated secret; the one before keeps working for `overlap` seconds
         (default: the client_secret_overlap setting), a rotation before ends at once."""
         overlap = self.settings.client_secret_overlap if overlap is None else overlap
-        if overlap < 0:
-            raise OperatorError("--overlap must be 0 or more seconds")
+        # The setting's range, one rule: an overlap of 31,000 years was stored and then failed
+        # to print the new secret.
+        limit = LIMITS["client_secret_overlap"]
+        if not limit.accepts(overlap):
+            raise OperatorError(limit.problem("--overlap", overlap))
         secret = new_secret()
         digest = secret_digest(self._master_key, secret)
         now = self.clock.now()
@@ -233,7 +236,9 @@ class Administration:
 
 
 def disabled(client: Client, revoke: bool) -> RegistryChange[Client]:
-    if client.disabled:
+    """Disabled, and with `revoke` its families killed: also for a client disabled before
+    without --revoke, the operator's natural second step."""
+    if client.disabled and not revoke:
         raise OperatorError(f"client {client.client_id} is already disabled")
     return RegistryChange(
         replace(client, disabled=True),

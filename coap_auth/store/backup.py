@@ -47,20 +47,14 @@ class Contents:
 
     def describe(self) -> str:
         counts = (
-            (self.clients, "client"),
-            (self.audiences, "audience"),
-            (self.keys, "key"),
-            (self.live_families, "live family"),
-            (self.audit_entries, "audit entry"),
+            (self.clients, "client", "clients"),
+            (self.audiences, "audience", "audiences"),
+            (self.keys, "key", "keys"),
+            (self.live_families, "live family", "live families"),
+            (self.audit_entries, "audit entry", "audit entries"),
         )
-        shown = ", ".join(f"{n} {_plural(name, n)}" for n, name in counts)
+        shown = ", ".join(f"{n} {one if n == 1 else many}" for n, one, many in counts)
         return f"{shown}; audit head {self.audit_head.hex()}"
-
-
-def _plural(name: str, count: int) -> str:
-    if count == 1:
-        return name
-    return name[:-1] + "ies" if name.endswith("y") else name + "s"
 
 
 async def contents(store: Store, chain: ChainReport, now: int) -> Contents:
@@ -173,14 +167,20 @@ def remove_side_files(database: Path) -> None:
         database.with_name(database.name + suffix).unlink(missing_ok=True)
 
 
-def install(staged: Path, data_dir: Path) -> None:
-    """Put the checked copy `staged` (in `data_dir`) in place as the data directory's
-    database, durably; whatever was there has been set aside."""
+def settle(staged: Path) -> None:
+    """Make the checked copy `staged` one durable file, ready to be renamed into place. Done
+    before the old database is set aside: the time with no database in the directory is two
+    renames long, not a journal change and an fsync of the whole file."""
     with _connection(staged) as conn:
         # Its WAL (left by the migration that checked it) goes into the file before it moves.
         conn.execute("PRAGMA journal_mode=DELETE")
     remove_side_files(staged)
     sync_file(staged)
+
+
+def install(staged: Path, data_dir: Path) -> None:
+    """Put the settled copy `staged` (in `data_dir`) in place as the data directory's
+    database, durably; whatever was there has been set aside."""
     database = data_dir / DB_FILE
     remove_side_files(database)
     os.replace(staged, database)

@@ -141,8 +141,9 @@ class Store(Protocol):
     async def kill_families(
         self, client_id: str, reason: str, now: int, actor: str = "operator"
     ) -> int:
-        """Kill every live family of a client, revoking their access tokens in one TRL
-        update; return how many families."""
+        """Kill every unkilled family of a client, revoking their unexpired access tokens in
+        one TRL update; return how many families. A family past its own expiry counts too:
+        a token refreshed just before the end outlives it."""
         ...
 
     async def kill_family_of(

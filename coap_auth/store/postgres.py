@@ -255,13 +255,14 @@ class PostgresStore(PostgresTokenTables):
     async def _live_families(
         self, conn: Conn, column: str, value: str, now: int
     ) -> list[RefreshFamily]:
-        """Live families of one client or one audience (`column`), locked in family_id order."""
+        """Unkilled families of one client or one audience (`column`), locked in family_id
+        order; also those past their own expiry, since a token refreshed just before it
+        outlives them."""
         assert column in ("client_id", "audience")
         rows = await conn.fetch(
             f"SELECT * FROM refresh_families WHERE {column} = $1 AND killed_at IS NULL"
-            " AND expires_at > $2 ORDER BY family_id FOR UPDATE",
+            " ORDER BY family_id FOR UPDATE",
             value,
-            now,
         )
         return [family_from_row(r) for r in rows]
 

@@ -141,9 +141,8 @@ class PostgresTokenTables(PostgresBase):
         async def kill(conn: Conn) -> int:
             rows = await conn.fetch(
                 "SELECT * FROM refresh_families WHERE client_id = $1 AND killed_at IS NULL"
-                " AND expires_at > $2 ORDER BY family_id FOR UPDATE",
+                " ORDER BY family_id FOR UPDATE",
                 client_id,
-                now,
             )
             # All of them in one go: one TRL update, and every access row locked before the
             # TRL lock (killing them one by one deadlocks with a concurrent revoke_access).

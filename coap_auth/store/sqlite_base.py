@@ -34,6 +34,7 @@ from coap_auth.store.sqlite_schema import (
     read_head,
     registry_digest_of,
 )
+from coap_auth.store.sqlite_shape import unexpected_objects
 
 T = TypeVar("T")
 log = logging.getLogger("coap_auth.store")
@@ -93,6 +94,13 @@ class SqliteBase:
             conn.execute("PRAGMA secure_delete=ON")
             try:
                 migrate(conn, self._master_key, int(time.time()), read_marker(self._marker))
+                unexpected = unexpected_objects(conn)
+                if unexpected:
+                    raise OperatorError(
+                        f"{self._path} holds what coap-auth did not make: "
+                        + ", ".join(unexpected)
+                        + " (restored from an untrusted file, or edited?); refusing to use it"
+                    )
                 write_marker(self._marker, SCHEMA_VERSION)
             except BaseException:
                 conn.close()

@@ -125,9 +125,8 @@ class TokenTables(SqliteBase):
                 family_from_row(r)
                 for r in conn.execute(
                     "SELECT * FROM refresh_families"
-                    " WHERE client_id = ? AND killed_at IS NULL AND expires_at > ?"
-                    " ORDER BY family_id",
-                    (client_id, now),
+                    " WHERE client_id = ? AND killed_at IS NULL ORDER BY family_id",
+                    (client_id,),
                 )
             ]
             self._kill(conn, families, reason, now, actor)  # one TRL update for all

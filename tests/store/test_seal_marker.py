@@ -20,8 +20,9 @@ from tests.store.conftest import Backend, back_to_version_4
 T0 = 1_700_000_000
 DOWNGRADE = (
     "database claims schema v{} but this data directory has sealed it before (downgrade?);"
-    " if you restored an older backup on purpose, remove the sealed-schema.* file in the"
-    " data directory"
+    " put an older SQLite backup back with `coap-auth restore`, which checks it under the"
+    " master key; for a PostgreSQL dump restored on purpose, remove the sealed-schema.* file"
+    " in the data directory"
 )
 
 

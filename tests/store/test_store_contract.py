@@ -715,6 +715,21 @@ async def test_remove_client_kills_its_families_and_keeps_its_trl_entries(
     assert verify_log(backend.master_key.audit_mac, await registered.audit_snapshot()).ok
 
 
+async def test_a_token_that_outlives_its_family_is_revoked_with_it(registered: Store) -> None:
+    """A refresh just before a family's absolute end mints a token with the audience's full
+    lifetime, so it outlives the family: killing the client's families (disable --revoke,
+    tokens revoke --client) and removing the client must still revoke it."""
+    ends = T0 + 100
+    _, _, outliving = await _start(registered, _family(lifetime=100), _access(exp=ends + 500))
+    _, _, other = await _start(registered, _family("sensor-2", lifetime=100), _access("sensor-2"))
+    after_the_family = ends + 10
+
+    assert await registered.kill_families("sensor-1", "revoked by operator", after_the_family) == 1
+    assert await _listed(registered) == [outliving.token_hash]
+    assert await registered.remove_client("sensor-2", "operator", after_the_family) == 1
+    assert set(await _listed(registered)) == {outliving.token_hash, other.token_hash}
+
+
 async def test_update_audience_is_sealed_and_heard(registered: Store) -> None:
     before = await registered.change_counters()
 
