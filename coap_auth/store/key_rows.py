@@ -3,14 +3,17 @@ as associated data), or NULL once the key has ended. Shared by the SQL stores.""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from coap_auth.keys import SYMMETRIC_ALGS, KeyState, SigningKey
+from coap_auth.keys import PUBLISHED, SYMMETRIC_ALGS, KeyState, SigningKey
 from coap_auth.store.master_key import MasterKey
 from coap_auth.wire import CoseAlg
+
+log = logging.getLogger("coap_auth.store")
 
 
 def key_to_row(master_key: MasterKey, key: SigningKey) -> tuple[Any, ...]:
@@ -56,6 +59,16 @@ def key_from_row(master_key: MasterKey, row: Sequence[Any]) -> SigningKey:
         ended_at,
     ) = row
     alg = CoseAlg(alg)
+    if sealed is None and state in PUBLISHED:
+        # Only an ended key loses its private part, so the row was edited (a revoked key put
+        # back as retiring, say): it was served as published and failed every /keys with a
+        # 5.00. Read as revoked, it stays unpublished, as it was.
+        log.error(
+            "signing key %s claims state %s without its private part: read as revoked",
+            kid.hex(),
+            state,
+        )
+        state = KeyState.REVOKED
     secret: Any = None
     if sealed is not None:
         plain = master_key.decrypt(sealed, kid)

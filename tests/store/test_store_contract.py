@@ -306,6 +306,25 @@ async def test_keys_roundtrip_and_update(store: Store, alg: CoseAlg) -> None:
     }
 
 
+async def test_a_published_key_row_without_its_private_part_reads_as_revoked(
+    backend: Backend,
+) -> None:
+    """Only an ended key loses its private part. A row edited to claim a published state
+    without one (attack round 1: a revoked key put back as retiring) was served at /keys,
+    which then failed with 5.00; it reads as revoked, unpublished."""
+    store = await backend.open_store()
+    ring = KeyRing.initial(CoseAlg.ES256, T0)
+    await _save(store, ring.keys)
+    edited = ring.keys[0]
+    await backend.execute(
+        "UPDATE signing_keys SET private_key = NULL, state = 'retiring' WHERE kid = $1",
+        edited.kid,
+    )
+    loaded = _by_kid(await store.load_keys())
+    assert loaded[edited.kid].state == KeyState.REVOKED
+    assert all(loaded[k.kid].state == k.state for k in ring.keys[1:])
+
+
 @pytest.mark.parametrize("alg", [CoseAlg.ES256, CoseAlg.EDDSA], ids=["ES256", "EdDSA"])
 async def test_private_keys_not_stored_in_plaintext(backend: Backend, alg: CoseAlg) -> None:
     store = await backend.open_store()
