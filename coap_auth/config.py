@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -139,6 +140,18 @@ def _networks(text: str) -> bool:
     return True
 
 
+def _store_url(text: str) -> bool:
+    """A postgresql:// URL whose host and port parse (a bad port or IPv6 literal was a
+    traceback out of asyncpg; the URL may hold a password, so it is never echoed)."""
+    if not text.startswith(("postgresql://", "postgres://")):
+        return False
+    try:
+        urllib.parse.urlsplit(text).port  # noqa: B018 (parsed for the ValueError)
+    except ValueError:
+        return False
+    return True
+
+
 def _issuer(text: str) -> bool:
     return 0 < len(text.encode("utf-8")) <= MAX_ISSUER_BYTES and not has_control_character(text)
 
@@ -152,10 +165,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # The bounds only reject nonsense; the comments say where one comes from.
 LIMITS: Mapping[str, Limit] = {
     "data_dir": Shape("a directory path", lambda p: str(p) != ""),
-    "store": Shape(
-        "empty, or a postgresql:// URL",
-        lambda s: s == "" or s.startswith(("postgresql://", "postgres://")),
-    ),
+    "store": Shape("empty, or a postgresql:// URL", lambda s: s == "" or _store_url(s)),
     "store_schema": Shape(
         f"an identifier of at most {MAX_SCHEMA_BYTES} bytes",
         lambda s: s.isidentifier() and len(s.encode("utf-8")) <= MAX_SCHEMA_BYTES,

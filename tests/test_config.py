@@ -420,3 +420,14 @@ def test_version_is_the_projects() -> None:
 
     assert result.returncode == 0
     assert result.stdout == f"coap-auth {version}\n"
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://u:hunter2@db:x/coap", "postgresql://u:hunter2@[zz/c"]
+)
+def test_a_store_url_that_does_not_parse_is_one_line_without_its_password(url: str) -> None:
+    """Attack round 1 of issue 18: a bad port or IPv6 literal was a traceback out of
+    asyncpg at the first connection."""
+    with pytest.raises(OperatorError) as refused:
+        load_settings(env={"COAP_AUTH_STORE": url})
+    assert refused.value.description == "store must be empty, or a postgresql:// URL"

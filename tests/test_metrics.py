@@ -18,16 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import aiocoap
+import aiocoap.resource
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from coap_auth import health
 from coap_auth.clock import SettableClock
-from coap_auth.coap.server import Server
+from coap_auth.coap.server import Server, _bound_port
 from coap_auth.config import Settings
 from coap_auth.errors import OperatorError
 from coap_auth.health import HealthSnapshot
 from coap_auth.metrics import Metrics
 from coap_auth.service import AuthService
+from coap_auth.udp import create_server_context
 from coap_auth.wire import AceParam, ContentFormat, GrantType
 from tests.conftest import Coap
 from tests.processes import (
@@ -222,8 +225,7 @@ async def test_the_listener_binds_loopback_by_default_and_is_off_without_a_port(
     await server.start()
     try:
         assert server.monitoring is not None
-        assert server.monitoring._server is not None
-        assert server.monitoring._server.server_address[0] == "127.0.0.1"
+        assert server.monitoring.addresses == ["127.0.0.1"]
         assert "beyond this host" not in caplog.text
     finally:
         await server.stop()
@@ -264,7 +266,7 @@ async def test_a_wildcard_bind_warns_and_a_taken_port_fails_in_one_line(
 
 def check(*args: str, **settings: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [COAP_AUTH, "check", "--bind", "127.0.0.1", "--timeout", "2", *args],
+        [COAP_AUTH, "check", "--bind", "127.0.0.1", "--timeout", "0.5", *args],
         capture_output=True,
         text=True,
         timeout=CLI_TIMEOUT,
@@ -304,6 +306,37 @@ async def test_check_passes_against_serve_and_fails_when_nothing_listens(tmp_pat
     assert len(bad.stderr.splitlines()) == 1
 
 
+async def test_check_is_not_fooled_by_another_listener(tmp_path: Path) -> None:
+    """Attack round 1: any HTTP 200 on the metrics port and any 2.xx CoAP answer made `check`
+    say ok with the service down. It wants coap-auth's health document and its </token>."""
+
+    async def any_200(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    http = await asyncio.start_server(any_200, "127.0.0.1", 0)
+    site = aiocoap.resource.Site()
+    site.add_resource(
+        [".well-known", "core"], aiocoap.resource.WKCResource(site.get_resources_as_linkheader)
+    )
+    site.add_resource(["status"], aiocoap.resource.Resource())
+    coap = await create_server_context(site, ("127.0.0.1", 0))
+    try:
+        http_port = str(http.sockets[0].getsockname()[1])
+        coap_port = str(_bound_port(coap))
+        fooled = await asyncio.to_thread(check, "--port", coap_port)
+        assert fooled.returncode == 1 and "lists no </token>" in fooled.stdout
+        fooled = await asyncio.to_thread(
+            check, "--port", coap_port, COAP_AUTH_METRICS_PORT=http_port
+        )
+        assert fooled.returncode == 1 and "not coap-auth's health document" in fooled.stdout
+    finally:
+        http.close()
+        await coap.shutdown()
+
+
 async def test_a_request_costs_little_in_metrics(service: AuthService) -> None:
     """The hot path: one request's count and latency, well under the ~0.5 ms a CoAP request
     costs the stack (measured, not assumed)."""
@@ -317,3 +350,52 @@ async def test_a_request_costs_little_in_metrics(service: AuthService) -> None:
         metrics.request("/token", "2.01", 0.001)
     per_request = (time.perf_counter() - started) / rounds
     assert per_request < 20e-6, per_request
+
+
+async def test_the_listener_bounds_what_a_client_can_make_it_hold(
+    service: AuthService, settings: Settings
+) -> None:
+    """Attack round 1 of issue 18: header lines of 64 KiB kept in memory (10 connections:
+    +300 MB) and a thread per idle connection, without a time limit. Now a request's head is
+    at most REQUEST_LIMIT bytes, and at most MAX_CONNECTIONS are open at once."""
+    server = Server(service, "127.0.0.1", 0)
+    await server.start()
+    idle: list[asyncio.StreamWriter] = []
+    try:
+        assert server.monitoring is not None and server.monitoring.port is not None
+        port = server.monitoring.port
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nX-Big: " + b"x" * (health.REQUEST_LIMIT + 1))
+        assert await _closed_unanswered(reader)
+        writer.close()
+        for _ in range(health.MAX_CONNECTIONS):
+            _, held = await asyncio.open_connection("127.0.0.1", port)
+            held.write(b"GET /metrics HTTP/1.1\r\n")  # and never the end of the head
+            idle.append(held)
+        await asyncio.sleep(0)  # let the listener take them
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+        assert await _closed_unanswered(reader)  # past the bound
+        writer.close()
+        for held in idle:
+            held.close()
+        idle.clear()
+        for _ in range(100):  # the listener notices they are gone
+            if server.monitoring._open == 0:
+                break
+            await asyncio.sleep(0.01)
+        status, body = await asyncio.to_thread(http_get, server.monitoring.url + "/metrics")
+        assert status == 200 and b"coap_auth_requests_total" in body
+    finally:
+        for held in idle:
+            held.close()
+        await server.stop()
+
+
+async def _closed_unanswered(reader: asyncio.StreamReader) -> bool:
+    """The listener closed the connection without an answer (a reset when it left our
+    request unread)."""
+    try:
+        return await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionResetError:
+        return True

@@ -3,6 +3,7 @@ running service as text, and the CBOR diagnostic notation they print with --diag
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -10,14 +11,16 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiocoap
+import aiocoap.resource
 import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from coap_auth.cli.show import diagnostic
+from coap_auth.coap.server import _bound_port
 from coap_auth.echo import request_answering_echo
 from coap_auth.tokens import token_hash
-from coap_auth.udp import create_client_context
+from coap_auth.udp import create_client_context, create_server_context
 from coap_auth.wire import AceParam, ContentFormat
 from tests.processes import CLI_TIMEOUT, COAP_AUTH, clean_env, cli_ok, provision, serve_process
 
@@ -189,9 +192,71 @@ def test_show_keys_with_nothing_answering_is_one_line(tmp_path: Path) -> None:
     assert not data_dir.exists()  # reading over CoAP touches no data directory
 
 
+class HostileKeys(aiocoap.resource.Resource):
+    """What a hostile server (or one in the path) answers to GET /keys."""
+
+    def __init__(self, payload: bytes) -> None:
+        super().__init__()
+        self.payload = payload
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        return aiocoap.Message(payload=self.payload, content_format=102)
+
+
+def _cyclic() -> bytes:
+    """A list holding itself, through CBOR's shared references (tags 28 and 29)."""
+    return bytes([0xD8, 28, 0x81, 0xD8, 29, 0x00])
+
+
 @pytest.mark.parametrize(
-    "option", [("--timeout", "0"), ("--timeout", "soon"), ("--timeout", "301")]
+    ("payload", "expected"),
+    [
+        (cbor2.dumps([{1: 2, 2: 10**5000}]), "cannot be shown"),  # str() of it refuses
+        (_cyclic(), "cannot be shown"),
+        (cbor2.dumps([{1: 2, 4: "not a list"}]), None),
+        (cbor2.dumps([{1: 2, 2: "kid\n\x1b[2Jforged line", "\x9b\u202e": 1}]), None),
+    ],
+    ids=["huge-integer", "cyclic", "bad-key-ops", "terminal-escapes"],
 )
+async def test_show_keys_from_a_hostile_server_is_one_line_or_escaped(
+    tmp_path: Path, payload: bytes, expected: str | None
+) -> None:
+    """Attack round 1 of issue 18: a server's /keys answer gave tracebacks (a huge integer, a
+    cyclic structure, key_ops not a list) or wrote raw text to the terminal (newlines and
+    escape sequences in a kid or a label)."""
+    site = aiocoap.resource.Site()
+    site.add_resource(["keys"], HostileKeys(payload))
+    context = await create_server_context(site, ("127.0.0.1", 0))
+    try:
+        port = _bound_port(context)
+        result = await asyncio.to_thread(
+            show,
+            "keys",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--timeout",
+            "5",
+            data_dir=tmp_path / "data",
+        )
+    finally:
+        await context.shutdown()
+    assert "Traceback" not in result.stderr
+    if expected is not None:
+        assert result.returncode == 2
+        assert result.stderr.startswith("coap-auth: error: ") and expected in result.stderr
+        assert result.stderr.count("\n") == 1
+        return
+    assert result.returncode == 0, result.stderr
+    for forbidden in ("\x1b", "\x9b", "\u202e"):
+        assert forbidden not in result.stdout
+    # A kid's newline is shown escaped, inside its line, never starting a forged one.
+    if b"forged" in payload:
+        assert 'kid "kid\\n\\u001b[2Jforged line"' in result.stdout.splitlines()[1]
+
+
+@pytest.mark.parametrize("option", [("--timeout", "0"), ("--timeout", "soon"), ("--timeout", "61")])
 def test_show_refuses_bad_timeouts(tmp_path: Path, option: tuple[str, str]) -> None:
     result = show("keys", *option, data_dir=tmp_path / "data")
     assert result.returncode == 2

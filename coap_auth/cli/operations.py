@@ -54,12 +54,19 @@ def _check_health(settings: Settings, timeout: float) -> str:
     url = f"http://{_host(settings.metrics_bind)}:{settings.metrics_port}/healthz"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as answer:  # noqa: S310 (http only)
-            answer.read()
+            body = answer.read(64 * 1024)
     except urllib.error.HTTPError as error:
         raise CheckFailed(f"{url} answered {error.code}: {_problems(error)}") from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise CheckFailed(f"nothing answers at {url} ({reason})") from None
+    # Any 200 is not enough: something else listening there would pass (attack round 1).
+    try:
+        healthy = json.loads(body).get("status") == "ok"
+    except (ValueError, AttributeError):
+        healthy = False
+    if not healthy:
+        raise CheckFailed(f"{url} answered 200 but not coap-auth's health document")
     return f"{url} healthy"
 
 
@@ -86,6 +93,8 @@ async def _check_coap(settings: Settings, timeout: float) -> str:
         await context.shutdown()
     if not response.code.is_successful():
         raise CheckFailed(f"{url} answered {response.code}")
+    if b"</token>" not in response.payload:  # another CoAP server there would pass
+        raise CheckFailed(f"{url} answered, but lists no </token>: not coap-auth")
     return f"{url} answered {response.code}"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -77,7 +78,8 @@ async def _serve_until_stopped(server: Any, worker_pipe: int | None) -> None:
     finally:
         if worker_pipe is not None:
             loop.remove_reader(worker_pipe)
-    print("coap-auth stopping", flush=True)
+    with contextlib.suppress(BrokenPipeError):  # whoever read our output may be gone
+        print("coap-auth stopping", flush=True)
 
 
 async def cmd_edhoc_credential(args: argparse.Namespace, settings: Settings) -> int:

@@ -59,7 +59,12 @@ def diagnostic(value: Any) -> str:
     if isinstance(value, bytes):
         return f"h'{value.hex()}'"
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        # Escaped, every control and format character too (C1, DEL, bidi overrides): a
+        # hostile server's text reaches a terminal.
+        return "".join(
+            c if c.isprintable() else json.dumps(c)[1:-1]
+            for c in json.dumps(value, ensure_ascii=False)
+        )
     if isinstance(value, cbor2.CBORTag):
         return f"{value.tag}({diagnostic(value.value)})"
     if isinstance(value, cbor2.CBORSimpleValue):
@@ -125,33 +130,43 @@ def _decode(response: aiocoap.Message, uri: str) -> Any:
 
 
 def key_view(cose_key: Any) -> dict[str, Any]:
-    """One COSE_Key of /keys with names and hex instead of labels and bytes."""
+    """One COSE_Key of /keys with names and hex instead of labels and bytes. Whatever is not
+    a known label or value is shown in diagnostic notation, escaped: what a server sends
+    never reaches the terminal raw. Raises ValueError, TypeError or RecursionError for what
+    cannot be shown at all (a huge integer, a cyclic structure)."""
     if not isinstance(cose_key, Mapping):
         return {"unreadable": diagnostic(cose_key)}
     view: dict[str, Any] = {}
     rest = dict(cose_key)
     kty = rest.pop(CoseKeyParam.KTY, None)
     view["kid"] = _hex(rest.pop(CoseKeyParam.KID, None))
-    view["kty"] = _KTY.get(kty, kty) if isinstance(kty, int) else kty
-    alg = rest.pop(CoseKeyParam.ALG, None)
-    view["alg"] = _ALG.get(alg, alg) if isinstance(alg, int) else alg
+    view["kty"] = _named(_KTY, kty)
+    view["alg"] = _named(_ALG, rest.pop(CoseKeyParam.ALG, None))
     if CoseKeyParam.KEY_OPS in rest:
         ops = rest.pop(CoseKeyParam.KEY_OPS)
-        view["key_ops"] = [_KEY_OPS.get(op, op) for op in ops] if isinstance(ops, list) else ops
+        view["key_ops"] = (
+            [_named(_KEY_OPS, op) for op in ops] if isinstance(ops, list) else [diagnostic(ops)]
+        )
     if kty in (1, 2):  # the curve and coordinates of OKP and EC2 keys (RFC 9053 §7.1, §7.2)
-        crv = rest.pop(CoseKeyParam.CRV, None)
-        view["crv"] = _CRV.get(crv, crv) if isinstance(crv, int) else crv
+        view["crv"] = _named(_CRV, rest.pop(CoseKeyParam.CRV, None))
         view["x"] = _hex(rest.pop(CoseKeyParam.X, None))
         if CoseKeyParam.Y in rest:
             y = rest.pop(CoseKeyParam.Y)
             view["y"] = y if isinstance(y, bool) else _hex(y)  # a bool: point compression
     for label, value in rest.items():  # anything else, as it came
-        view[str(label)] = diagnostic(value)
+        view[diagnostic(label)] = diagnostic(value)
     return view
 
 
-def _hex(value: Any) -> Any:
-    return value.hex() if isinstance(value, bytes) else value
+def _named(names: Mapping[Any, str], value: Any) -> str:
+    """The readable name of a known COSE value, else the value in diagnostic notation."""
+    if isinstance(value, int) and not isinstance(value, bool) and value in names:
+        return names[value]
+    return diagnostic(value)
+
+
+def _hex(value: Any) -> str:
+    return value.hex() if isinstance(value, bytes) else diagnostic(value)
 
 
 async def cmd_show_keys(args: argparse.Namespace, settings: Settings) -> int:
@@ -159,11 +174,18 @@ async def cmd_show_keys(args: argparse.Namespace, settings: Settings) -> int:
     response = await _get(uri, args.timeout)
     key_set = _decode(response, uri)
     if args.diag:
-        print(diagnostic(key_set))
+        try:
+            print(diagnostic(key_set))
+        except (ValueError, RecursionError):
+            raise OperatorError(f"{uri} answered CBOR that cannot be shown") from None
         return 0
-    if not isinstance(key_set, list):
-        raise OperatorError(f"{uri} answered no COSE_KeySet: {diagnostic(key_set)[:60]}")
-    views = [key_view(cose_key) for cose_key in key_set]
+    try:
+        if not isinstance(key_set, list):
+            raise OperatorError(f"{uri} answered no COSE_KeySet: {diagnostic(key_set)[:60]}")
+        views = [key_view(cose_key) for cose_key in key_set]
+    except (ValueError, TypeError, RecursionError):
+        # A huge integer (str() refuses), a cyclic value (shared references), a bad key type.
+        raise OperatorError(f"{uri} answered a key set that cannot be shown") from None
     if args.json:
         print(json.dumps(views, indent=2))
         return 0
@@ -249,8 +271,9 @@ def _timeout(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value <= 300:
-        raise argparse.ArgumentTypeError("must be more than 0 and at most 300 seconds")
+    # At most a minute: a hostile server's endless block-wise answer is held until then.
+    if not 0 < value <= 60:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 60 seconds")
     return value
 
 

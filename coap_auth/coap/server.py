@@ -188,11 +188,11 @@ class Server:
             self.service.store.watch_changes(self._wake.set), name="coap-auth-listen"
         )
         if self.monitoring is not None:
-            self.monitoring.start()
+            await self.monitoring.start()
 
     async def stop(self) -> None:
         if self.monitoring is not None:
-            await asyncio.to_thread(self.monitoring.stop)
+            await self.monitoring.stop()
         for task in (self._watcher, self._listener):
             if task is not None:
                 task.cancel()
