@@ -10,7 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,14 +32,16 @@ def clean_env(**settings: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str | Path, data_dir: Path) -> subprocess.CompletedProcess[str]:
-    """One `coap-auth` command on `data_dir`, with a clean environment."""
+def run_cli(
+    *args: str | Path, data_dir: Path, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """One `coap-auth` command on `data_dir`, with a clean environment plus `env`."""
     return subprocess.run(
         [COAP_AUTH, *map(str, args), "--data-dir", str(data_dir)],
         capture_output=True,
         text=True,
         timeout=CLI_TIMEOUT,
-        env=clean_env(),
+        env=clean_env(**(env or {})),
         cwd=data_dir.parent,
     )
 

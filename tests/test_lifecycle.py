@@ -35,7 +35,7 @@ from coap_auth.tokens.cose import sign1
 from coap_auth.wire import AceParam, CoseAlg
 from tests import pg
 from tests.conftest import Coap
-from tests.processes import CLI_TIMEOUT, COAP_AUTH, SECRET_LINE, clean_env, serve_process
+from tests.processes import SECRET_LINE, run_cli, serve_process
 
 REQUEST_TIMEOUT = 5
 ISSUER = "coap-auth"  # the default issuer: `aud` of a client assertion
@@ -54,14 +54,7 @@ class Deployment:
     env: dict[str, str] = field(default_factory=dict)
 
     def cli(self, *args: str | Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [COAP_AUTH, *map(str, args), "--data-dir", str(self.data_dir)],
-            capture_output=True,
-            text=True,
-            timeout=CLI_TIMEOUT,
-            env=clean_env(**self.env),
-            cwd=self.data_dir.parent,
-        )
+        return run_cli(*args, data_dir=self.data_dir, env=self.env)
 
     def ok(self, *args: str | Path) -> str:
         result = self.cli(*args)

@@ -36,10 +36,10 @@ from coap_auth.wire import CoseAlg
 from tests import pg
 from tests.processes import (
     CLI_TIMEOUT,
-    COAP_AUTH,
     SECRET_LINE,
     clean_env,
     free_udp_port,
+    run_cli,
     serve_argv,
     serve_process,
 )
@@ -72,14 +72,7 @@ class Deployment:
     env: dict[str, str] = field(default_factory=dict)
 
     def cli(self, *args: str | Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [COAP_AUTH, *map(str, args), "--data-dir", str(self.data_dir)],
-            capture_output=True,
-            text=True,
-            timeout=CLI_TIMEOUT,
-            env=clean_env(**self.env),
-            cwd=self.data_dir.parent,
-        )
+        return run_cli(*args, data_dir=self.data_dir, env=self.env)
 
     def cli_ok(self, *args: str | Path) -> str:
         result = self.cli(*args)

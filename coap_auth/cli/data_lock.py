@@ -31,7 +31,13 @@ def exclusive(data_dir: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _locked(data_dir: Path, mode: int, busy: str) -> Iterator[None]:
-    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise OperatorError(
+            f"cannot write in {data_dir} ({reason}): is the disk full or the directory read-only?"
+        ) from None
     try:
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)

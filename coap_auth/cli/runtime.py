@@ -93,9 +93,8 @@ async def open_service(settings: Settings, *, create: bool = False) -> AuthServi
     that is the store) and the master key (unless COAP_AUTH_MASTER_KEY gives it); on every
     start it is made 0700 and what it holds 0600, also when an older version left it open."""
     data_dir = settings.data_dir
-    initialised = (data_dir / DB_FILE).exists() if not settings.store else data_dir.exists()
-    if not initialised and not create:
-        raise OperatorError(f"{data_dir} is not initialised: run `coap-auth init` first")
+    if not create:
+        _must_be_initialised(settings)
     with _private_umask():
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         make_private(data_dir, 0o700)
@@ -121,14 +120,21 @@ async def opened_service(settings: Settings, *, create: bool = False) -> AsyncIt
     if create:
         with _private_umask():
             data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    elif not data_dir.is_dir():
-        raise OperatorError(f"{data_dir} is not initialised: run `coap-auth init` first")
+    else:
+        _must_be_initialised(settings)  # before the lock file: nothing made in an empty one
     with data_lock.serving(data_dir):
         service = await open_service(settings, create=create)
         try:
             yield service
         finally:
             await service.store.close()
+
+
+def _must_be_initialised(settings: Settings) -> None:
+    data_dir = settings.data_dir
+    initialised = (data_dir / DB_FILE).exists() if not settings.store else data_dir.is_dir()
+    if not initialised:
+        raise OperatorError(f"{data_dir} is not initialised: run `coap-auth init` first")
 
 
 def with_service(fn: Callable[[argparse.Namespace, AuthService], Awaitable[int]]) -> Command:

@@ -34,7 +34,7 @@ from coap_auth.store.sqlite_schema import (
     read_head,
     registry_digest_of,
 )
-from coap_auth.store.sqlite_shape import unexpected_objects
+from coap_auth.store.sqlite_shape import active_objects, unexpected_objects
 
 T = TypeVar("T")
 log = logging.getLogger("coap_auth.store")
@@ -93,14 +93,10 @@ class SqliteBase:
             # is zeroed in the pages, not left in free space.
             conn.execute("PRAGMA secure_delete=ON")
             try:
+                # Triggers first: one would fire inside the migration, and its writes stay.
+                _refuse(self._path, active_objects(conn))
                 migrate(conn, self._master_key, int(time.time()), read_marker(self._marker))
-                unexpected = unexpected_objects(conn)
-                if unexpected:
-                    raise OperatorError(
-                        f"{self._path} holds what coap-auth did not make: "
-                        + ", ".join(unexpected)
-                        + " (restored from an untrusted file, or edited?); refusing to use it"
-                    )
+                _refuse(self._path, unexpected_objects(conn))
                 write_marker(self._marker, SCHEMA_VERSION)
             except BaseException:
                 conn.close()
@@ -250,3 +246,11 @@ class SqliteBase:
     async def change_counters(self) -> ChangeCounters:
         rows = await self._read("SELECT counter, revocations FROM change_feed WHERE id = 1")
         return ChangeCounters(int(rows[0][0]), int(rows[0][1]))
+
+
+def _refuse(path: Path, unexpected: list[str]) -> None:
+    if unexpected:
+        raise OperatorError(
+            f"{path} holds what coap-auth did not make: {', '.join(unexpected)}"
+            " (restored from an untrusted file, or edited?); refusing to use it"
+        )
