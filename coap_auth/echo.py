@@ -355,25 +355,30 @@ async def request_answering_echo(
     server has not verified our address yet), send a fresh `build()` once more carrying the
     Echo value (RFC 9175 §2.3). Returns the aiocoap request (for an observation) and its
     answer; a challenged Observe registration leaves no observation behind, nor does one that
-    fails. Raises TimeoutError when an answer takes over `timeout` s (None: aiocoap's own
-    limits), what aiocoap raises (network errors); cancellation propagates."""
+    fails. Raises TimeoutError when the answers take over `timeout` s in all, the challenge
+    and the repeat together (None: aiocoap's own limits): a server that challenges just
+    before the deadline gets no second full one. What aiocoap raises (network errors)
+    passes; cancellation propagates."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
     request = context.request(build())
     try:
-        response = await _answer(request, timeout)
+        response = await _answer(request, deadline)
         if not is_echo_challenge(response):
             return request, response
         _let_go(request)
         repeat = build()
         repeat.opt.echo = response.opt.echo
         request = context.request(repeat)
-        return request, await _answer(request, timeout)
+        return request, await _answer(request, deadline)
     except BaseException:
         _let_go(request)
         raise
 
 
-async def _answer(request: Any, timeout: float | None) -> aiocoap.Message:
-    response: aiocoap.Message = await asyncio.wait_for(request.response, timeout)
+async def _answer(request: Any, deadline: float | None) -> aiocoap.Message:
+    async with asyncio.timeout_at(deadline):
+        response: aiocoap.Message = await request.response
     return response
 
 

@@ -31,6 +31,7 @@ STORE_SILENCE_LIMIT = 60
 REQUEST_LIMIT = 8192  # bytes of request line and headers
 REQUEST_TIMEOUT = 5.0  # s to send them, and to take the answer
 MAX_CONNECTIONS = 64
+EXPOSITION_REUSE = 1.0  # s a /metrics text is served again before it is made anew
 
 
 @dataclass(slots=True)
@@ -80,7 +81,7 @@ class MonitoringListener:
     per connection (10 connections: +300 MB) and a thread per idle connection without a
     time limit. Here a request's line and headers are at most REQUEST_LIMIT bytes and must
     arrive within REQUEST_TIMEOUT s, and at most MAX_CONNECTIONS are open at once (past
-    that, a new connection is closed at once). asyncio backs off by itself when accept()
+    that, the oldest still sending its head is closed). asyncio backs off by itself when accept()
     runs out of file descriptors."""
 
     def __init__(self, metrics: Metrics, health: HealthSnapshot, bind: str, port: int) -> None:
@@ -90,7 +91,10 @@ class MonitoringListener:
         self.requested_port = port
         self.port: int | None = None
         self._server: asyncio.Server | None = None
+        # Connections still sending their head, oldest first: the ones a new one displaces.
+        self._reading: dict[asyncio.StreamWriter, None] = {}
         self._open = 0
+        self._exposition: tuple[float, bytes] | None = None  # (when made, the text)
 
     @property
     def url(self) -> str:
@@ -130,11 +134,19 @@ class MonitoringListener:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._open >= MAX_CONNECTIONS:
-            writer.close()
-            return
+            if not self._reading:  # all of them being answered: they end soon
+                writer.close()
+                return
+            # The oldest that has not sent its head yet gives way: a flood of idle
+            # connections cannot keep a scrape out (attack round 2), it can only race it.
+            oldest = next(iter(self._reading))
+            del self._reading[oldest]
+            oldest.close()
         self._open += 1
+        self._reading[writer] = None
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+            self._reading.pop(writer, None)
             method, _, rest = head.partition(b" ")
             path = rest.partition(b" ")[0].partition(b"?")[0]
             status, content_type, body = self._answer(method, path)
@@ -147,14 +159,23 @@ class MonitoringListener:
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
             pass  # too long, too slow, or gone: closed without an answer
         finally:
+            self._reading.pop(writer, None)
             self._open -= 1
             writer.close()
+
+    def _metrics_text(self) -> bytes:
+        """The exposition, made at most once per EXPOSITION_REUSE s: it runs on the event
+        loop, and 32 scrapers in a loop made CoAP answers 20 times slower (attack round 2)."""
+        now = asyncio.get_running_loop().time()
+        if self._exposition is None or now - self._exposition[0] >= EXPOSITION_REUSE:
+            self._exposition = (now, generate_latest(self.metrics.registry))
+        return self._exposition[1]
 
     def _answer(self, method: bytes, path: bytes) -> tuple[str, str, bytes]:
         if method not in (b"GET", b"HEAD"):
             return "405 Method Not Allowed", "text/plain", b"GET or HEAD\n"
         if path == b"/metrics":
-            return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
+            return "200 OK", CONTENT_TYPE_LATEST, self._metrics_text()
         if path == b"/healthz":
             healthy, body = self.health.body()
             return ("200 OK" if healthy else "503 Service Unavailable"), "application/json", body

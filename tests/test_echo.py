@@ -4,11 +4,15 @@ and tests/device_client/test_echo.py."""
 
 from __future__ import annotations
 
+import asyncio
+
 import aiocoap
+import aiocoap.resource
 import pytest
 
 from coap_auth import echo
 from coap_auth.clock import SettableClock
+from coap_auth.coap.server import _bound_port
 from coap_auth.echo import (
     CLOCK_SKEW,
     ECHO_VALUE_BYTES,
@@ -20,6 +24,7 @@ from coap_auth.echo import (
     is_echo_challenge,
     within_bound,
 )
+from coap_auth.udp import create_client_context, create_server_context
 
 KEY = bytes(range(32))
 
@@ -184,3 +189,38 @@ def test_evicting_within_a_full_subnet_does_not_walk_the_table(
     assert calls <= 2 * 200  # one per verify and one per eviction, never one per entry
     assert len(table) == 10_004
     assert table.is_verified("2001:db8::c7") and not table.is_verified("2001:db8::0")
+
+
+class _SlowChallenger(aiocoap.resource.Resource):
+    """Challenges a request without Echo, answers one with it; each after DELAY s."""
+
+    DELAY = 0.3
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        await asyncio.sleep(self.DELAY)  # a slow path to the server, not the test's clock
+        if request.opt.echo is None:
+            return aiocoap.Message(code=aiocoap.UNAUTHORIZED, echo=b"\x01" * 12)
+        return aiocoap.Message(code=aiocoap.CONTENT, payload=b"late")
+
+
+async def test_the_timeout_covers_the_challenge_and_the_repeat_together() -> None:
+    """Attack round 2 of issue 18: a server that challenged just before the deadline got a
+    second full timeout (`show keys --timeout 60` could take 120 s). Two answers 0.3 s apart
+    each fit a 0.5 s timeout alone, and not together."""
+    site = aiocoap.resource.Site()
+    site.add_resource(["slow"], _SlowChallenger())
+    server = await create_server_context(site, ("127.0.0.1", 0))
+    client = await create_client_context()
+    try:
+        uri = f"coap://127.0.0.1:{_bound_port(server)}/slow"
+
+        def build() -> aiocoap.Message:
+            return aiocoap.Message(code=aiocoap.GET, uri=uri)
+
+        with pytest.raises(TimeoutError):
+            await echo.request_answering_echo(client, build, timeout=0.5)
+        _, answer = await echo.request_answering_echo(client, build, timeout=5)
+        assert answer.payload == b"late"
+    finally:
+        await client.shutdown()
+        await server.shutdown()

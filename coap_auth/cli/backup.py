@@ -136,13 +136,13 @@ async def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
     fresh = not data_dir.exists()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     make_private(data_dir, 0o700)
-    try:
-        with data_lock.exclusive(data_dir):
+    with data_lock.exclusive(data_dir):
+        try:
             return await _restore(args, settings)
-    except BaseException:
-        if fresh:
-            shutil.rmtree(data_dir, ignore_errors=True)
-        raise
+        except BaseException:
+            if fresh:  # under the lock: a serve cannot have made anything of its own there
+                shutil.rmtree(data_dir, ignore_errors=True)
+            raise
 
 
 async def _restore(args: argparse.Namespace, settings: Settings) -> int:
