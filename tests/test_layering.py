@@ -123,6 +123,18 @@ RULES = (
         ("coap_auth.secure.contexts", "coap_auth.secure.edhoc", "coap_auth.secure.site"),
     ),
     Rule(
+        "metrics.py, health.py, setting_limits.py are leaves: no store, service, keys, CoAP, CLI",
+        _under("coap_auth/metrics.py", "coap_auth/health.py", "coap_auth/setting_limits.py"),
+        (
+            "coap_auth.store",
+            "coap_auth.service",
+            "coap_auth.coap",
+            "coap_auth.cli",
+            "coap_auth.keys",
+            "aiocoap",
+        ),
+    ),
+    Rule(
         "coap_auth never imports device_client (the device side builds on it, not the reverse)",
         _under("coap_auth/"),
         ("device_client",),

@@ -67,6 +67,19 @@ async def test_json_logs_name_what_a_grant_issued(tmp_path: Path) -> None:
             # The prefix the log names is what `tokens revoke --hash` takes.
             revoked = cli_ok("tokens", "revoke", "--hash", line["token_hash"], data_dir=data_dir)
             assert full_hash in revoked
+            # The client id on the other authenticated paths too, /revoke here (lab mode: the
+            # client's secret in the request).
+            await post_ace(
+                context,
+                server.url + "/revoke",
+                {**credentials, AceParam.TOKEN: grant[AceParam.REFRESH_TOKEN]},
+            )
+            others = [
+                json.loads(entry)
+                for entry in log.read_text().splitlines()
+                if '"coap_auth.access"' in entry
+            ][1:]
+            assert [(r["path"], r["client"]) for r in others] == [("/revoke", "sensor-1")]
 
             server.process.send_signal(signal.SIGTERM)
             await asyncio.wait_for(server.process.wait(), STOP_TIMEOUT)
