@@ -193,7 +193,7 @@ async def cmd_clients_oscore(args: argparse.Namespace, service: AuthService) -> 
     client = await service.store.get_client(args.id)
     if client is None or client.disabled:
         raise OperatorError(f"no enabled client {args.id!r}")
-    device = provisioned.provision(data_dir, args.id)
+    device = provisioned.provision(data_dir, args.id, client.created_at)
     await service.store.append_audit(
         [AuditEvent(now, "operator", "client.oscore_provisioned", args.id)]
     )

@@ -124,6 +124,10 @@ class PeerCredential:
 
     id: str
     credential: EdhocCredential | None
+    # A provisioned context's registration: the created_at of the row it was provisioned
+    # for, so that a client removed and added again under the id does not inherit it
+    # (another instance may still hold it). None: not tied (EDHOC, or an older context).
+    registered_at: int | None = None
 
 
 def make_credential(subject: str, public_key: ec.EllipticCurvePublicKey) -> EdhocCredential:

@@ -51,9 +51,9 @@ class ProvisionedContext(oscore.FilesystemSecurityContext):
     # Set by aiocoap's FilesystemSecurityContext (untyped): its lock, None once released.
     lockfile: filelock.FileLock | None
 
-    def __init__(self, basedir: Path, peer_id: str) -> None:
+    def __init__(self, basedir: Path, peer_id: str, registered_at: int | None = None) -> None:
         super().__init__(str(basedir))
-        self.peer = PeerCredential(peer_id, None)
+        self.peer = PeerCredential(peer_id, None, registered_at)
         self.authenticated_claims = [peer_id]
 
     def __repr__(self) -> str:  # never the keys
@@ -73,9 +73,10 @@ class ProvisionedContext(oscore.FilesystemSecurityContext):
                 self.lockfile = None
 
 
-def provision(data_dir: Path, peer_id: str) -> dict[str, Any]:
-    """Create a fresh context for `peer_id`, withdrawing any it had; returns what the device
-    needs, from the device's side (its sender id is our recipient id).
+def provision(data_dir: Path, peer_id: str, registered_at: int | None = None) -> dict[str, Any]:
+    """Create a fresh context for `peer_id` (registered at `registered_at`: the row's
+    created_at, which the context then answers for), withdrawing any it had; returns what the
+    device needs, from the device's side (its sender id is our recipient id).
 
     Never touches a directory a running server may hold: each context is a new directory
     (`<hex of the id>.<generation>`), built under a hidden name and renamed into place whole;
@@ -84,10 +85,12 @@ def provision(data_dir: Path, peer_id: str) -> dict[str, Any]:
     root = data_dir / DIRECTORY
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _operator_lock(root):
-        return _provision(root, data_dir, peer_id)
+        return _provision(root, data_dir, peer_id, registered_at)
 
 
-def _provision(root: Path, data_dir: Path, peer_id: str) -> dict[str, Any]:
+def _provision(
+    root: Path, data_dir: Path, peer_id: str, registered_at: int | None
+) -> dict[str, Any]:
     taken = {context.recipient_id for context in load_all(data_dir, lock=False).values()}
     # The AS's view; the device's is the mirror image (its sender id is our recipient id).
     as_recipient = _fresh_id(taken)
@@ -100,7 +103,8 @@ def _provision(root: Path, data_dir: Path, peer_id: str) -> dict[str, Any]:
     }
     building = root / f".building-{secrets.token_hex(4)}"
     building.mkdir(mode=0o700)
-    _write_private(building / _PEER_FILE, json.dumps({"id": peer_id}))
+    peer = {"id": peer_id, "registered_at": registered_at}
+    _write_private(building / _PEER_FILE, json.dumps(peer))
     _write_private(building / "settings.json", json.dumps(settings))
     _withdraw(root, peer_id)
     building.rename(root / f"{_name(peer_id)}.{secrets.token_hex(4)}")
@@ -162,9 +166,10 @@ def names(root: Path) -> list[str]:
 def load(directory: Path, *, lock: bool = True) -> Any:
     """One context (None, logged, when it does not load)."""
     try:
-        peer_id = json.loads((directory / _PEER_FILE).read_text())["id"]
+        peer = json.loads((directory / _PEER_FILE).read_text())
+        peer_id, registered_at = peer["id"], peer.get("registered_at")
         if lock:
-            return ProvisionedContext(directory, peer_id)
+            return ProvisionedContext(directory, peer_id, registered_at)
         settings = json.loads((directory / "settings.json").read_text())
         return _Ids(bytes.fromhex(settings["recipient-id_hex"]))
     except Exception as error:  # noqa: BLE001 (one bad directory must not stop the rest)

@@ -127,7 +127,12 @@ class Authenticator:
         key_matches = peer.credential is None or (
             found is not None and peer.credential.same_key(found.public_key)
         )
-        if found is None or found.disabled or not key_matches:
+        # A provisioned context answers for the registration it was made for, not for a
+        # client added again under its id (another instance may still hold it).
+        same_registration = peer.registered_at is None or (
+            found is not None and getattr(found.record, "created_at", None) == peer.registered_at
+        )
+        if found is None or found.disabled or not key_matches or not same_registration:
             raise InvalidClient("client authentication failed")
         if caller_id is not None and caller_id != peer.id:
             raise InvalidClient("client_id is not the peer of the protected channel")

@@ -55,16 +55,17 @@ async def provisioned_device(protected: Protected, client_id: str) -> OscoreCont
     """A registered client with a provisioned context, loaded by the running server; the
     device's side of it."""
     service = protected.service
+    registered_at = service.clock.now()
     await service.store.add_client(
         Client(
             client_id,
             ("thermostat",),
             ("temp:read",),
-            service.clock.now(),
+            registered_at,
             secret_digest=service.secret_digest("unused-secret-0123456789"),
         )
     )
-    device = device_side(provision(service.settings.data_dir, client_id))
+    device = device_side(provision(service.settings.data_dir, client_id, registered_at))
     protected.server.reload_provisioned()
     return device
 
@@ -121,6 +122,38 @@ async def test_a_disabled_client_loses_its_provisioned_context(protected: Protec
         client.client_credentials[f"{protected.base}/*"] = device
         assert (await token(client, protected.base)).code == aiocoap.CREATED
         await service.store.disable_client("legacy-2", service.clock.now())
+        answer = await token(client, protected.base)
+        assert answer.code == aiocoap.UNAUTHORIZED
+        assert cbor2.loads(answer.payload)[AceParam.ERROR] == 2
+    finally:
+        await client.shutdown()
+
+
+async def test_a_client_added_again_does_not_inherit_a_provisioned_context(
+    protected: Protected,
+) -> None:
+    """Attack round 2 of issue 18: a provisioned context named its client by id alone. One
+    still held after `clients remove` (by another instance, whose data directory has its own
+    copy) acted for a client added again under that id. It answers for the row it was made
+    for."""
+    service = protected.service
+    device = await provisioned_device(protected, "legacy-3")
+    client = await create_client_context()
+    try:
+        client.client_credentials[f"{protected.base}/*"] = device
+        assert (await token(client, protected.base)).code == aiocoap.CREATED
+        # Removed from the store only: the context stays here, as on another instance.
+        assert await service.store.remove_client("legacy-3", "operator", service.clock.now()) == 1
+        service.clock.advance(1)  # type: ignore[attr-defined]
+        await service.store.add_client(
+            Client(
+                "legacy-3",
+                ("thermostat",),
+                ("temp:read",),
+                service.clock.now(),
+                secret_digest=service.secret_digest("another-secret-0123456789"),
+            )
+        )
         answer = await token(client, protected.base)
         assert answer.code == aiocoap.UNAUTHORIZED
         assert cbor2.loads(answer.payload)[AceParam.ERROR] == 2
