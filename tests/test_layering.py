@@ -1,7 +1,8 @@
 """DESIGN.md's dependency direction, checked by walking the import statements of every module.
 
 coap/ -> service/ -> (tokens/, keys.py, store/) -> (wire, errors, clock). Nothing below
-coap/ imports aiocoap; tokens/ and keys.py import no storage and read no clock.
+coap/ imports aiocoap; coap/ reaches the layers below the service only through it; tokens/ and
+keys.py import no storage and read no clock.
 Imports inside functions and under TYPE_CHECKING count too.
 """
 
@@ -116,6 +117,12 @@ RULES = (
             "coap_auth.cli",
             "coap_auth.keys",
         ),
+    ),
+    Rule(
+        "coap/ reaches store, keys and tokens only through the service, and never the CLI "
+        "(COAP_ALLOWED lists what else it may use)",
+        _under("coap_auth/coap/"),
+        ("coap_auth.store", "coap_auth.keys", "coap_auth.tokens", "coap_auth.cli"),
     ),
     Rule(
         "service/ uses only the pure credentials of secure/, never its transport half",
@@ -265,6 +272,18 @@ def test_dependency_direction() -> None:
             "coap_auth.coap.resources",
         ),
         ("device_client/client.py", "from coap_auth.store import SqliteStore\n", "coap_auth.store"),
+        (
+            "coap_auth/coap/server.py",
+            "from coap_auth.store import ChangeCounters\n",
+            "coap_auth.store",
+        ),
+        ("coap_auth/coap/resources.py", "from ..keys import cose_key_set\n", "coap_auth.keys"),
+        ("coap_auth/coap/messages.py", "from coap_auth.tokens import Claims\n", "coap_auth.tokens"),
+        (
+            "coap_auth/coap/endpoint.py",
+            "def f():\n    import coap_auth.cli.serve\n",
+            "coap_auth.cli.serve",
+        ),
     ],
 )
 def test_checker_reports_file_and_rule(path: str, source: str, expected: str) -> None:
@@ -279,6 +298,11 @@ def test_checker_reports_file_and_rule(path: str, source: str, expected: str) ->
     ("path", "source"),
     [
         ("coap_auth/coap/server.py", "import aiocoap\nfrom coap_auth.service import AuthService\n"),
+        (
+            "coap_auth/coap/messages.py",
+            "from coap_auth.service import Claims\nfrom ..wire import AceParam\n"
+            "from .. import errors\n",
+        ),
         (
             "coap_auth/cli/__init__.py",
             "import aiocoap\nfrom coap_auth.coap.server import Server\n",
@@ -296,6 +320,67 @@ def test_checker_reports_file_and_rule(path: str, source: str, expected: str) ->
 )
 def test_checker_allows_the_intended_direction(path: str, source: str) -> None:
     assert violations([parse_module(path, source)]) == []
+
+
+# -- coap/: an allowlist, not only a denylist ---------------------------------------------------
+
+# Besides the service (its use cases and rate_limit), wire and errors, coap/ uses only what sits
+# beside it in the transport and the process, never a business layer:
+COAP_ALLOWED = (
+    "coap_auth.service",
+    "coap_auth.wire",
+    "coap_auth.errors",
+    "coap_auth.coap",  # itself
+    "coap_auth.udp",  # UDP transport shared with devices: contexts, drop logs, error messages
+    "coap_auth.echo",  # RFC 9175 Echo: amplification bound of unverified addresses
+    "coap_auth.addresses",  # the one per-address key of rate limits and observer quotas
+    "coap_auth.secure",  # EDHOC and OSCORE: the channel coap/ serves (DESIGN.md)
+    "coap_auth.clock",  # the Clock type the service passes down; no clock is read here
+    "coap_auth.config",  # settings the server is built from (trusted networks)
+    "coap_auth.metrics",  # counters each request moves
+    "coap_auth.health",  # /healthz and /metrics beside the CoAP server
+    "coap_auth.text",  # log hygiene: what of a request's text may be logged
+)
+
+
+def allowlist_violations(
+    modules: Iterable[Module], under: str, allowed: Iterable[str]
+) -> list[str]:
+    """Every coap_auth name a module under `under` imports that is not in `allowed` (or the bare
+    package those live in), so a new module is kept out by default."""
+    allowed = tuple(allowed)
+    return [
+        f"{module.path} imports {name}"
+        for module in modules
+        if module.path.startswith(under)
+        for name in sorted(module.imports)
+        if name.startswith("coap_auth.")
+        and not any(name == a or name.startswith(a + ".") for a in allowed)
+    ]
+
+
+def test_coap_imports_only_the_service_and_transport_modules() -> None:
+    modules = [m for m in scan() if m.path.startswith("coap_auth/coap/")]
+    assert "coap_auth/coap/resources.py" in {m.path for m in modules}
+    assert "coap_auth.service" in {n for m in modules for n in m.imports}  # the scan sees them
+    assert allowlist_violations(modules, "coap_auth/coap/", COAP_ALLOWED) == []
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from coap_auth.store import ChangeCounters\n", "coap_auth.store"),
+        ("from coap_auth.keys import jwks\n", "coap_auth.keys"),
+        ("from coap_auth.tokens import Claims\n", "coap_auth.tokens"),
+        ("from coap_auth.cli import main\n", "coap_auth.cli"),
+        ("from coap_auth.audit_log import x\n", "coap_auth.audit_log"),  # any new module too
+    ],
+)
+def test_coap_allowlist_catches(source: str, expected: str) -> None:
+    broken = allowlist_violations(
+        [parse_module("coap_auth/coap/server.py", source)], "coap_auth/coap/", COAP_ALLOWED
+    )
+    assert f"coap_auth/coap/server.py imports {expected}" in broken, broken
 
 
 # -- device_client: an allowlist, not only a denylist -------------------------------------------
@@ -316,14 +401,7 @@ def device_client_violations(modules: Iterable[Module]) -> list[str]:
     """Every coap_auth name a device_client module imports must be wire, errors, tokens, udp,
     addresses or secure (or the bare package those live in), so a new service module is kept out by
     default."""
-    return [
-        f"{module.path} imports {name}"
-        for module in modules
-        if module.path.startswith("device_client/")
-        for name in sorted(module.imports)
-        if name.startswith("coap_auth.")
-        and not any(name == a or name.startswith(a + ".") for a in DEVICE_ALLOWED)
-    ]
+    return allowlist_violations(modules, "device_client/", DEVICE_ALLOWED)
 
 
 def test_device_client_imports_only_the_pure_parts_of_coap_auth() -> None:

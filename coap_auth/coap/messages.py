@@ -16,10 +16,14 @@ from coap_auth.errors import (
     UnsupportedContentFormat,
     UnsupportedGrantType,
 )
-from coap_auth.service import IssuedToken, TokenRequest, TokenSubmission
-from coap_auth.store import TOKEN_FORMATS
+from coap_auth.service import (
+    TOKEN_FORMATS,
+    Claims,
+    IssuedToken,
+    TokenRequest,
+    TokenSubmission,
+)
 from coap_auth.text import has_control_character
-from coap_auth.tokens import Claims
 from coap_auth.wire import (
     CLIENT_ASSERTION,
     TOKEN_FORMAT,

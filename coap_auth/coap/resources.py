@@ -19,7 +19,6 @@ from coap_auth.coap.observable import ObservableEndpoint
 from coap_auth.coap.observers import Observation, Representation
 from coap_auth.coap.protection import peer, peer_id
 from coap_auth.errors import NotAcceptable
-from coap_auth.keys import cose_key_set, jwks
 from coap_auth.service import AuthService
 from coap_auth.wire import CoapCode, ContentFormat
 
@@ -82,9 +81,8 @@ class KeysResource(Endpoint, ObservableEndpoint, resource.Resource):
 
     def _render(self, content_format: int) -> Representation:
         if content_format not in self._cache:
-            published = self.service.keys.published()
-            encode = jwks if content_format == ContentFormat.JSON else cose_key_set
-            self._cache[content_format] = Representation.of(encode(published), content_format)
+            document = self.service.key_set_document(content_format)
+            self._cache[content_format] = Representation.of(document, content_format)
             if self._served is None and content_format == ContentFormat.COSE_KEY_SET:
                 self._served = self._cache[content_format].payload
         return self._cache[content_format]
@@ -105,12 +103,12 @@ class KeysResource(Endpoint, ObservableEndpoint, resource.Resource):
         else:
             response = representation.message()
         # docs/protocol.md: a cached copy never outlives the next scheduled change of the set.
-        response.opt.max_age = self.service.keys.keys_max_age()
+        response.opt.max_age = self.service.keys_max_age()
         return response
 
     async def notification(self, observation: Observation) -> aiocoap.Message:
         response = self._render(int(observation.shape)).message()  # type: ignore[call-overload]
-        response.opt.max_age = self.service.keys.keys_max_age()
+        response.opt.max_age = self.service.keys_max_age()
         return response
 
 

@@ -134,7 +134,7 @@ class TrlResource(Endpoint, ObservableEndpoint, resource.Resource):
             return
         previous = self._notified_seq
         try:
-            affected, newest = await self.service.revocations.changes_since(previous)
+            affected, newest = await self.service.trl_changes_since(previous)
         except Exception:  # nobody awaits this task: log here, and fail open
             log.warning("could not tell whom a TRL change concerns; notifying every observer")
             self.observers.notify(self._in_shape_order(self.observers.of(self)))
@@ -189,7 +189,7 @@ class TrlResource(Endpoint, ObservableEndpoint, resource.Resource):
         a cursor is its number (an invalid one stays as given: its answer is an error)."""
         if query.diff is None:
             return query
-        max_n = self.service.revocations.max_n
+        max_n = self.service.trl_max_n
         diff = max_n if query.diff == 0 or query.diff > max_n else query.diff
         cursor = query.cursor
         if cursor is not None and cursor.isascii() and cursor.isdigit() and len(cursor) < 20:
@@ -214,7 +214,7 @@ class TrlResource(Endpoint, ObservableEndpoint, resource.Resource):
             # tick. A later block (RFC 7959 §2.4) is cut from the answer its first block
             # came from, as long as it is cached: no store read for each of them (a notified
             # crowd fetching its second blocks at once would pay one each).
-            revocations = (await self.service.store.change_counters()).revocations
+            revocations = (await self.service.change_counters()).revocations
             if revocations != self._revocations_seen:
                 self._revocations_seen = revocations
                 self._changed()

@@ -32,9 +32,8 @@ from coap_auth.secure import provisioned
 from coap_auth.secure.contexts import ContextTable
 from coap_auth.secure.edhoc import Responder
 from coap_auth.secure.site import ProtectedSite
-from coap_auth.service import AuthService
+from coap_auth.service import AuthService, ChangeCounters
 from coap_auth.service.rate_limit import RateLimiter
-from coap_auth.store import ChangeCounters
 from coap_auth.udp import create_server_context
 
 log = logging.getLogger("coap_auth.server")
@@ -167,8 +166,8 @@ class Server:
     async def start(self) -> None:
         await self.service.load_keys()
         self._check_signing_key()
-        await self.service.revocations.plan_sweep()
-        self._last_change = await self.service.store.change_counters()
+        await self.service.plan_trl_sweep()
+        self._last_change = await self.service.change_counters()
         await self._count_trl()
         self.reload_provisioned()
         # UDP only (aiocoap would otherwise also open TCP and TLS listeners), on the transport
@@ -185,7 +184,7 @@ class Server:
         self.observers.start()
         self._watcher = asyncio.create_task(self._watch_changes(), name="coap-auth-change-feed")
         self._listener = asyncio.create_task(
-            self.service.store.watch_changes(self._wake.set), name="coap-auth-listen"
+            self.service.watch_changes(self._wake.set), name="coap-auth-listen"
         )
         if self.monitoring is not None:
             await self.monitoring.start()
@@ -210,7 +209,7 @@ class Server:
     async def check_changes(self) -> bool:
         """Notify observers of what changed in the store (this process, another instance or
         the CLI): reload keys for /keys, re-read the list for /revoke/trl."""
-        counters = await self.service.store.change_counters()
+        counters = await self.service.change_counters()
         last = self._last_change
         # Each counter is taken as seen only once its reload worked: a failed reload (the
         # store busy or unreachable) is retried on the next tick.
@@ -221,7 +220,7 @@ class Server:
             self.metrics.key_set_changes.inc()
             log.info("key set changed; observers notified")
         if counters.revocations != last.revocations:
-            await self.service.revocations.plan_sweep()
+            await self.service.plan_trl_sweep()
             self._last_change = replace(self._last_change, revocations=counters.revocations)
             self.trl_resource.trl_changed()
             await self._count_trl()
@@ -253,8 +252,8 @@ class Server:
         async with self._tick_lock:
             # Learn first of changes made elsewhere: a revocation there moves the next expiry.
             await self.check_changes()
-            await self.service.keys.advance()
-            await self.service.revocations.sweep_due(self.service.clock.now())
+            await self.service.advance_keys()
+            await self.service.sweep_trl()
             await self.check_changes()
         self._check_signing_key()
 
@@ -269,8 +268,7 @@ class Server:
 
     async def _count_trl(self) -> None:
         """The TRL size gauge: one read of the whole list, after each change of it."""
-        hashes, _, _ = await self.service.store.trl(None)
-        self.metrics.trl_hashes.set(len(hashes))
+        self.metrics.trl_hashes.set(await self.service.trl_size())
 
     async def _watch_changes(self) -> None:
         interval = self.service.settings.change_poll_interval

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,7 +25,7 @@ from coap_auth.errors import (
     UnsupportedGrantType,
     UnsupportedPopKey,
 )
-from coap_auth.keys import KeyRing, SigningKey
+from coap_auth.keys import KeyRing, SigningKey, cose_key_set, jwks
 from coap_auth.metrics import Metrics, measured_store
 from coap_auth.secure.credentials import EdhocIdentity, PeerCredential, device_credential
 from coap_auth.service.admin import Administration
@@ -36,6 +36,7 @@ from coap_auth.service.rollover import KeyRollover
 from coap_auth.store import (
     Audience,
     AuditReport,
+    ChangeCounters,
     Client,
     IssuedAccess,
     MasterKey,
@@ -63,6 +64,7 @@ from coap_auth.wire import (
     MAX_TOKEN_LIFETIME,
     AceProfile,
     CnfMethod,
+    ContentFormat,
     CoseAlg,
     CoseCurve,
     CoseKeyParam,
@@ -195,6 +197,31 @@ class AuthService:
 
     async def revoke_key(self, kid: bytes) -> list[SigningKey]:
         return await self.keys.revoke(kid)
+
+    async def advance_keys(self) -> list[SigningKey]:
+        """Apply what the key schedule says is due now (rotations, removals)."""
+        return await self.keys.advance()
+
+    def key_set_document(self, content_format: int) -> bytes:
+        """The published verification keys as /keys serves them: a JWKS for JSON (50), a
+        COSE_KeySet (102) otherwise."""
+        published = self.keys.published()
+        return jwks(published) if content_format == ContentFormat.JSON else cose_key_set(published)
+
+    def keys_max_age(self) -> int:
+        """How long a copy of the key set may be cached: never past its next scheduled change."""
+        return self.keys.keys_max_age()
+
+    # -- the change feed ----------------------------------------------------------------------
+
+    async def change_counters(self) -> ChangeCounters:
+        """How often keys and revocations have changed, in this process or any other."""
+        return await self.store.change_counters()
+
+    async def watch_changes(self, changed: Callable[[], None]) -> None:
+        """Call `changed` whenever the store says something may have changed (runs until
+        cancelled); `change_counters` then tells what."""
+        await self.store.watch_changes(changed)
 
     async def verify_audit(self) -> AuditReport:
         """Walk the audit log's hash chain under the master key to the head it must end at,
@@ -500,6 +527,29 @@ class AuthService:
 
     async def trl(self, query: TrlQuery, requester: str | None) -> dict[int, Any]:
         return await self.revocations.answer(query, requester)
+
+    @property
+    def trl_max_n(self) -> int:
+        """MAX_N (RFC 9770 §6.2): the most diff entries one answer may hold."""
+        return self.revocations.max_n
+
+    async def trl_changes_since(self, trl_seq: int | None) -> tuple[frozenset[str] | None, int]:
+        """Whose part of the list changed after update `trl_seq` (None: everyone's), and the
+        list's newest update."""
+        return await self.revocations.changes_since(trl_seq)
+
+    async def trl_size(self) -> int:
+        """How many token hashes the whole list holds now (one read of it)."""
+        hashes, _, _ = await self.store.trl(None)
+        return len(hashes)
+
+    async def plan_trl_sweep(self) -> None:
+        """Learn when the next listed token expires (after any change of the list)."""
+        await self.revocations.plan_sweep()
+
+    async def sweep_trl(self) -> int:
+        """RFC 9770 §5.1: delist the hashes of tokens expired by now; returns how many."""
+        return await self.revocations.sweep_due(self.clock.now())
 
     # -- /introspect --------------------------------------------------------------------------
 
