@@ -189,6 +189,15 @@ RULES = (
         ("coap_auth.service", "coap_auth.coap", "coap_auth.cli"),
     ),
     Rule(
+        "cli/ calls the service (service.admin): only runtime.py and backup.py, which open, copy"
+        " and restore the store, import coap_auth.store or coap_auth.keys",
+        lambda m: (
+            _under("coap_auth/cli/")(m)
+            and not _under("coap_auth/cli/runtime.py", "coap_auth/cli/backup.py")(m)
+        ),
+        ("coap_auth.store", "coap_auth.keys"),
+    ),
+    Rule(
         "device_client/ imports only coap_auth.wire, errors, tokens, udp, addresses and secure",
         _under("device_client/"),
         (
@@ -265,6 +274,7 @@ def test_dependency_direction() -> None:
             "coap_auth.coap.server",
         ),
         ("coap_auth/service/core.py", "from ..cli import main\n", "coap_auth.cli"),
+        ("coap_auth/cli/registry.py", "from ..store.records import Client\n", "coap_auth.store"),
         ("coap_auth/store/base.py", "from ..service import AuthService\n", "coap_auth.service"),
         (
             "coap_auth/store/__init__.py",

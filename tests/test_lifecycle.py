@@ -29,6 +29,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from coap_auth.errors import OperatorError
+from coap_auth.service.admin_decisions import (
+    checked_lifetime,
+    client_scope,
+    own_key_family,
+    wire_text,
+)
 from coap_auth.store import IssuedAccess, RefreshFamily
 from coap_auth.tokens import Claims
 from coap_auth.tokens.cose import sign1
@@ -424,3 +430,108 @@ async def test_a_hash_prefix_naming_two_tokens_is_refused(sensor: Coap) -> None:
     revoked = await service.admin.revoke_token((shared + b"\x01").hex(), "operator:test")
     assert revoked == shared + b"\x01" + bytes(23)
     assert (await service.store.trl())[0] == [revoked]
+    listing = await service.admin.revocation_listing()
+    assert [(h.token_hash, h.update) for h in listing.hashes] == [(revoked, listing.last)]
+
+
+async def test_every_admin_use_case_records_the_actor_passed_in(sensor: Coap) -> None:
+    """Issue 17: the CLI's remaining operator actions are use cases of the service; each
+    change is audited under the actor it is given, not a constant of the store."""
+    admin, store = sensor.service.admin, sensor.service.store
+    before = len(await store.audit_entries())
+
+    added = await admin.add_audience(
+        "lamp", "operator:test", profile="bearer", token_format="cwt", own_keys=True
+    )
+    assert added.audience is not None and added.audience.key_family == "lamp"
+    assert {k.family for k in admin.list_keys("lamp")} == {"lamp"}  # created with it
+    client = await admin.add_client(
+        "lamp-1", "operator:test", audiences=["lamp", "lamp"], scope="on off on"
+    )
+    assert client.secret is not None and client.client is not None
+    assert (client.client.audiences, client.client.scope) == (("lamp",), ("on", "off"))
+    assert "lamp-1" in {c.client_id for c in await admin.list_clients()}
+    assert "lamp" in {a.audience_id for a in await admin.list_audiences()}
+
+    device = await admin.provision_oscore(
+        "lamp-1", "operator:test", lambda c: {"peer": c.client_id}
+    )
+    assert device == {"peer": "lamp-1"}
+    await admin.withdraw_oscore("lamp-1", "operator:test", lambda _client_id: True)
+    ring = await admin.rotate_keys("lamp", "operator:test", force=True)
+    assert ring.family == "lamp"
+    revoked = ring.active.kid
+    assert (await admin.revoke_key(revoked, "operator:test")).active.kid != revoked
+    assert await admin.revoke_client_tokens("lamp-1", "operator:test") == 0
+    with pytest.raises(OperatorError, match="only symmetric families"):
+        admin.export_keys("lamp")
+
+    new = [(e.event.actor, e.event.event) for e in (await store.audit_entries())[before:]]
+    # The family's first keys are the service's: a running server may create them first.
+    assert [event for actor, event in new if actor == "service"] == ["key.created"] * 2
+    assert {actor for actor, _ in new if actor != "service"} == {"operator:test"}
+    assert {
+        "audience.added",
+        "client.added",
+        "client.oscore_provisioned",
+        "client.oscore_removed",
+        "key.activated",
+        "key.revoked",
+    } <= {event for _, event in new}
+    assert [e.event.event for e in await admin.audit_tail(2)] == [event for _, event in new[-2:]]
+    assert (await sensor.service.verify_audit()).ok
+
+
+async def test_admin_refuses_what_the_cli_refused(sensor: Coap) -> None:
+    admin = sensor.service.admin
+    entries = len(await sensor.service.store.audit_entries())
+    with pytest.raises(OperatorError, match="already an audience id"):
+        await admin.add_client("thermostat", "operator", audiences=["thermostat"], scope="x")
+    with pytest.raises(OperatorError, match="already a client id"):
+        await admin.add_audience("sensor-1", "operator", profile="bearer", token_format="cwt")
+    with pytest.raises(OperatorError, match="at least one scope"):
+        await admin.add_client("lamp-1", "operator", audiences=["thermostat"], scope="  ")
+    with pytest.raises(OperatorError, match="unknown audience"):
+        await admin.add_client("lamp-1", "operator", audiences=["nowhere"], scope="x")
+    with pytest.raises(OperatorError, match="no enabled client"):
+        await admin.provision_oscore("nobody", "operator", lambda c: {})
+    with pytest.raises(OperatorError, match="no OSCORE context provisioned"):
+        await admin.withdraw_oscore("sensor-1", "operator", lambda _client_id: False)
+    with pytest.raises(OperatorError, match="no key family"):
+        await admin.rotate_keys("nowhere", "operator")
+    assert len(await sensor.service.store.audit_entries()) == entries  # nothing recorded
+
+
+@pytest.mark.parametrize(
+    ("profile", "token_format", "own_keys", "key_alg", "expected"),
+    [
+        ("bearer", "cwt", False, None, (False, None)),
+        ("bearer", "cwt", True, "EdDSA", (True, "EdDSA")),
+        ("coap_oscore", "cwt", False, None, (True, "AES-CCM-16-64-128")),
+        ("bearer", "cwt", False, "EdDSA", "--key-alg needs --own-keys"),
+        ("bearer", "jwt", True, "HMAC256/64", "MACed CWTs, not JWTs"),
+        ("coap_oscore", "jwt", False, None, "encrypted CWTs, not JWTs"),
+        ("coap_oscore", "cwt", True, "ES256", "coap_oscore audience's keys are AES"),
+        ("bearer", "cwt", True, "AES-CCM-16-64-128", "for --profile coap_oscore"),
+    ],
+)
+def test_own_key_family_decision(
+    profile: str, token_format: str, own_keys: bool, key_alg: str | None, expected: Any
+) -> None:
+    if isinstance(expected, str):
+        with pytest.raises(OperatorError, match=expected):
+            own_key_family(profile, token_format, own_keys, key_alg)
+    else:
+        assert own_key_family(profile, token_format, own_keys, key_alg) == expected
+
+
+def test_new_client_text_decisions() -> None:
+    assert client_scope("temp:read  temp:write temp:read") == ("temp:read", "temp:write")
+    for bad in ("", " \t", "temp:read bad\x00"):
+        with pytest.raises(OperatorError):
+            client_scope(bad)
+    with pytest.raises(OperatorError, match="without control characters"):
+        wire_text("sensor\n", "the client id")
+    assert checked_lifetime(1) == 1
+    with pytest.raises(OperatorError, match="--lifetime must be 1 to"):
+        checked_lifetime(0)

@@ -10,10 +10,11 @@ from typing import Any
 
 import cbor2
 
+from coap_auth.cli.registry import operator_actor
 from coap_auth.cli.runtime import print_rows, when, with_service
 from coap_auth.errors import OperatorError
-from coap_auth.keys import DEFAULT_FAMILY, symmetric_cose_key
 from coap_auth.service import AuthService
+from coap_auth.service.admin import DEFAULT_FAMILY
 
 
 def parse_kid(text: str) -> bytes:
@@ -28,12 +29,8 @@ def parse_kid(text: str) -> bytes:
 
 @with_service
 async def cmd_keys_list(args: argparse.Namespace, service: AuthService) -> int:
-    keys = [k for ring in service.keys.rings.values() for k in ring.keys]
-    if args.family is not None:
-        keys = [k for k in keys if k.family == args.family]
-    keys.sort(key=lambda k: (k.family != DEFAULT_FAMILY, k.family, k.created_at))
     rows = []
-    for key in keys:
+    for key in service.admin.list_keys(args.family):
         row = key.public_view()
         for name in ("created", "activated", "retired", "ended"):
             row[name] = when(row[f"{name}_at"])
@@ -59,8 +56,7 @@ async def cmd_keys_list(args: argparse.Namespace, service: AuthService) -> int:
 
 @with_service
 async def cmd_keys_rotate(args: argparse.Namespace, service: AuthService) -> int:
-    await service.rotate_keys(args.family, force=args.force)
-    ring = service.keys.ring(args.family)
+    ring = await service.admin.rotate_keys(args.family, operator_actor(), force=args.force)
     next_key = ring.next
     print(
         f"family {args.family}: active key {ring.active.kid.hex()}; next key "
@@ -72,10 +68,8 @@ async def cmd_keys_rotate(args: argparse.Namespace, service: AuthService) -> int
 @with_service
 async def cmd_keys_revoke(args: argparse.Namespace, service: AuthService) -> int:
     kid = parse_kid(args.kid)
-    changed = await service.revoke_key(kid)
-    family = changed[0].family
-    ring = service.keys.ring(family)
-    print(f"key {args.kid} revoked; family {family}: active key {ring.active.kid.hex()}")
+    ring = await service.admin.revoke_key(kid, operator_actor())
+    print(f"key {args.kid} revoked; family {ring.family}: active key {ring.active.kid.hex()}")
     return 0
 
 
@@ -84,15 +78,7 @@ async def cmd_keys_export(args: argparse.Namespace, service: AuthService) -> int
     """Print a symmetric family's published keys for provisioning its audience."""
     if (args.family is None) == (args.family_option is None):
         raise OperatorError("name the family: keys export FAMILY")
-    family = args.family or args.family_option
-    if family not in service.keys.rings:
-        raise OperatorError(f"no key family {family!r}")
-    ring = service.keys.ring(family)
-    if not ring.published:  # `audiences remove` ended its keys
-        raise OperatorError(f"key family {family!r} has no published keys")
-    if not ring.active.symmetric:
-        raise OperatorError("only symmetric families are exported; others are at /keys")
-    key_set = [symmetric_cose_key(k) for k in ring.published]
+    key_set = service.admin.export_keys(args.family or args.family_option)
     # A COSE_KeySet holding secret keys: printed for the operator to provision, never logged.
     print(base64.urlsafe_b64encode(cbor2.dumps(key_set)).decode("ascii"))
     return 0
@@ -117,7 +103,7 @@ async def cmd_audit_verify(args: argparse.Namespace, service: AuthService) -> in
 async def cmd_audit_tail(args: argparse.Namespace, service: AuthService) -> int:
     if args.n < 1:
         raise OperatorError("-n must be at least 1")
-    rows = [e.public_view() for e in await service.store.audit_entries(last=args.n)]
+    rows = [e.public_view() for e in await service.admin.audit_tail(args.n)]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

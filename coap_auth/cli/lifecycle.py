@@ -8,21 +8,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from coap_auth.cli.registry import read_public_key
+from coap_auth.cli.registry import operator_actor, read_public_key
 from coap_auth.cli.runtime import when, with_service
 from coap_auth.errors import OperatorError
 from coap_auth.service import AuthService
-from coap_auth.service.admin import AudienceOutcome, ClientOutcome
-from coap_auth.store import TOKEN_FORMATS
+from coap_auth.service.admin import TOKEN_FORMATS, AudienceOutcome, ClientOutcome
 
 KILLED = "{} refresh families killed, their access tokens revoked"
-
-
-def operator_actor() -> str:
-    """Who the audit log says acted, passed to every use case: "operator", as the commands
-    that do not pass one yet (clients add, keys rotate) record it; one place to name the
-    operator's login instead, once they all pass it."""
-    return "operator"
 
 
 def _show(args: argparse.Namespace, outcome: ClientOutcome | AudienceOutcome, *lines: str) -> int:

@@ -11,16 +11,17 @@ from cryptography.hazmat.primitives import serialization
 
 from coap_auth.cli.runtime import print_rows, with_service
 from coap_auth.errors import OperatorError
-from coap_auth.keys import ALG_NAMES, DEFAULT_FAMILY
 from coap_auth.service import AuthService
-from coap_auth.service.admin import new_secret
-from coap_auth.store import PROFILES, TOKEN_FORMATS, Audience, AuditEvent, Client
-from coap_auth.store.records import OSCORE_TOKEN_ALG
-from coap_auth.text import has_control_character
+from coap_auth.service.admin import DEFAULT_FAMILY, KEY_ALGS, PROFILES, TOKEN_FORMATS
 from coap_auth.tokens import cose_key_from_public
-from coap_auth.wire import MAX_TOKEN_LIFETIME
 
-KEY_ALGS = tuple(ALG_NAMES)  # ES256, EdDSA, HMAC256/64, AES-CCM-16-64-128
+
+def operator_actor() -> str:
+    """Who the audit log says acted, passed to every use case the CLI calls: "operator"; the
+    one place to name the operator's login instead."""
+    return "operator"
+
+
 # Secure by default (design of issue 15): tokens bound to the client's EDHOC key.
 DEFAULT_PROFILE = "edhoc_oscore"
 
@@ -35,79 +36,44 @@ def read_public_key(path: Path) -> dict[int, Any]:
         raise OperatorError(f"{path} is not a PEM P-256 or Ed25519 public key") from None
 
 
-def wire_text(value: str, what: str) -> str:
-    """An id or scope as devices will send it: the service refuses control characters on the
-    wire, so one registered with them could never be used."""
-    if not value or has_control_character(value):
-        raise OperatorError(f"{what} must be non-empty text without control characters")
-    return value
-
-
 # -- audiences --------------------------------------------------------------------------------
 
 
 @with_service
 async def cmd_audiences_add(args: argparse.Namespace, service: AuthService) -> int:
-    lifetime = args.lifetime if args.lifetime is not None else service.settings.token_lifetime
-    if not 1 <= lifetime <= MAX_TOKEN_LIFETIME:
-        # Resource servers refuse longer-lived tokens (device_client's max_lifetime).
-        raise OperatorError(f"--lifetime must be 1 to {MAX_TOKEN_LIFETIME} seconds")
-    key_alg = args.key_alg
-    own_keys = args.own_keys
-    if args.profile == "coap_oscore":
-        # RFC 9203 §3.2: its tokens carry a master secret, encrypted under keys it alone
-        # shares with the AS.
-        if key_alg not in (None, OSCORE_TOKEN_ALG):
-            raise OperatorError(f"a coap_oscore audience's keys are {OSCORE_TOKEN_ALG}")
-        if args.token_format == "jwt":
-            raise OperatorError("a coap_oscore audience takes encrypted CWTs, not JWTs")
-        key_alg, own_keys = OSCORE_TOKEN_ALG, True
-    elif key_alg == OSCORE_TOKEN_ALG:
-        raise OperatorError(f"{OSCORE_TOKEN_ALG} keys are for --profile coap_oscore")
-    if key_alg is not None and not own_keys:
-        raise OperatorError("--key-alg needs --own-keys")
-    if key_alg == "HMAC256/64" and args.token_format == "jwt":
-        raise OperatorError("an HMAC256/64 audience takes MACed CWTs, not JWTs")
-    secret = new_secret() if args.introspect_secret else None
     public_key = (
         None if args.introspect_public_key is None else read_public_key(args.introspect_public_key)
     )
-    await _id_is_free(service, args.id, "audience")
-    if own_keys and args.id in service.keys.rings:
-        # Its keys ended with it (audiences remove); a family is never brought back to life.
-        raise OperatorError(
-            f"key family {args.id} belonged to a removed audience: choose another id"
-        )
-    audience = Audience(
-        wire_text(args.id, "the audience id"),
-        args.token_format,
-        lifetime,
-        service.clock.now(),
-        key_family=args.id if own_keys else DEFAULT_FAMILY,
-        key_alg=key_alg or (service.settings.signing_alg if own_keys else None),
-        introspect_secret_digest=None if secret is None else service.secret_digest(secret),
-        introspect_public_key=public_key,
+    outcome = await service.admin.add_audience(
+        args.id,
+        operator_actor(),
         profile=args.profile,
+        token_format=args.token_format,
+        lifetime=args.lifetime,
+        own_keys=args.own_keys,
+        key_alg=args.key_alg,
+        introspect_secret=args.introspect_secret,
+        introspect_public_key=public_key,
     )
-    await service.store.add_audience(audience)
-    await service.load_keys()  # creates the audience's own key family
+    audience = outcome.audience
+    assert audience is not None
     print(
         f"audience {audience.audience_id} added ({audience.profile}, {audience.token_format},"
-        f" {lifetime} s tokens)"
+        f" {audience.lifetime} s tokens)"
     )
-    if own_keys:
+    if audience.key_family != DEFAULT_FAMILY:  # --own-keys
         print(f"key family {audience.key_family} ({audience.key_alg})")
     if audience.profile == "coap_oscore":
         print(f"provision its token key: coap-auth keys export {audience.key_family}")
-    if secret is not None:
+    if outcome.introspection_secret is not None:
         # Printed once; only a keyed digest is stored.
-        print(f"introspection secret: {secret}")
+        print(f"introspection secret: {outcome.introspection_secret}")
     return 0
 
 
 @with_service
 async def cmd_audiences_list(args: argparse.Namespace, service: AuthService) -> int:
-    rows = [a.public_view() for a in await service.store.list_audiences()]
+    rows = [a.public_view() for a in await service.admin.list_audiences()]
     columns = [
         "audience_id",
         "profile",
@@ -125,52 +91,26 @@ async def cmd_audiences_list(args: argparse.Namespace, service: AuthService) -> 
 
 @with_service
 async def cmd_clients_add(args: argparse.Namespace, service: AuthService) -> int:
-    scope = tuple(dict.fromkeys(wire_text(s, "a scope") for s in args.scope.split()))
-    if not scope:
-        raise OperatorError("--scope must name at least one scope")
-    await _id_is_free(service, args.id, "client")
-    secret = None
-    public_key = None
-    if args.public_key is not None:
-        public_key = read_public_key(args.public_key)
-    else:
-        secret = new_secret()
-    client = Client(
-        client_id=wire_text(args.id, "the client id"),
-        audiences=tuple(dict.fromkeys(wire_text(a, "an audience") for a in args.audience)),
-        scope=scope,
-        created_at=service.clock.now(),
-        secret_digest=service.secret_digest(secret) if secret is not None else None,
+    public_key = None if args.public_key is None else read_public_key(args.public_key)
+    outcome = await service.admin.add_client(
+        args.id,
+        operator_actor(),
+        audiences=args.audience,
+        scope=args.scope,
         public_key=public_key,
     )
-    await service.store.add_client(client)
-    print(f"client {client.client_id} added")
-    if secret is not None:
+    print(f"client {outcome.client_id} added")
+    if outcome.secret is not None:
         # Printed once; only a keyed digest is stored.
-        print(f"secret: {secret}")
+        print(f"secret: {outcome.secret}")
     return 0
 
 
 @with_service
 async def cmd_clients_list(args: argparse.Namespace, service: AuthService) -> int:
-    rows = [c.public_view() for c in await service.store.list_clients()]
+    rows = [c.public_view() for c in await service.admin.list_clients()]
     print_rows(rows, args.json, ["client_id", "audiences", "scope", "auth", "disabled"])
     return 0
-
-
-async def _id_is_free(service: AuthService, wanted: str, kind: str) -> None:
-    """EDHOC names a peer by its id alone, so clients, audiences and the AS itself share one
-    name space: an id taken by the other kind (or the issuer id) is refused."""
-    if wanted == service.settings.issuer:
-        raise OperatorError(f"{wanted!r} is the AS's own issuer id")
-    taken = (
-        await service.store.get_audience(wanted)
-        if kind == "client"
-        else await service.store.get_client(wanted)
-    )
-    if taken is not None:
-        other = "an audience" if kind == "client" else "a client"
-        raise OperatorError(f"{wanted!r} is already {other} id (one name space for EDHOC peers)")
 
 
 @with_service
@@ -181,21 +121,16 @@ async def cmd_clients_oscore(args: argparse.Namespace, service: AuthService) -> 
     from coap_auth.secure import provisioned
 
     data_dir = service.settings.data_dir
-    now = service.clock.now()
     if args.remove:
-        if not provisioned.remove(data_dir, args.id):
-            raise OperatorError(f"no OSCORE context provisioned for {args.id!r}")
-        await service.store.append_audit(
-            [AuditEvent(now, "operator", "client.oscore_removed", args.id)]
+        await service.admin.withdraw_oscore(
+            args.id, operator_actor(), lambda client_id: provisioned.remove(data_dir, client_id)
         )
         print(f"OSCORE context of client {args.id} removed")
         return 0
-    client = await service.store.get_client(args.id)
-    if client is None or client.disabled:
-        raise OperatorError(f"no enabled client {args.id!r}")
-    device = provisioned.provision(data_dir, args.id, client.created_at)
-    await service.store.append_audit(
-        [AuditEvent(now, "operator", "client.oscore_provisioned", args.id)]
+    device = await service.admin.provision_oscore(
+        args.id,
+        operator_actor(),
+        lambda client: provisioned.provision(data_dir, client.client_id, client.created_at),
     )
     if args.json:
         print(json.dumps(device, indent=2))

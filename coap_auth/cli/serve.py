@@ -23,7 +23,7 @@ async def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     where = settings.data_dir if not settings.store else f"{settings.data_dir} and the database"
     async with opened_service(settings, create=True) as service:
         active = service.key_ring.active
-        created = "default" in service.keys.created_families
+        created = service.admin.created_first_keys
     if not created:
         print(f"{where} already initialised; nothing changed")
     else:

@@ -212,16 +212,12 @@ async def cmd_show_keys(args: argparse.Namespace, settings: Settings) -> int:
 async def _show_trl_from_store(args: argparse.Namespace, service: AuthService) -> int:
     """The operator's view: every listed hash, in the form `tokens revoke --hash` takes, with
     the number of the update that listed it (while the store keeps that update)."""
-    hashes, first, last = await service.store.trl()
-    listed_by: dict[bytes, tuple[int, int]] = {}
-    if last:
-        for update in reversed(await service.store.trl_updates(first, last)):  # oldest first
-            for added in update.added:
-                listed_by[added] = (update.seq, update.at)
-    rows = []
-    for token_hash in hashes:
-        seq, at = listed_by.get(token_hash, (None, None))
-        rows.append({"hash": token_hash.hex(), "update": seq, "listed": when(at)})
+    listing = await service.admin.revocation_listing()
+    first, last = listing.first, listing.last
+    rows = [
+        {"hash": listed.token_hash.hex(), "update": listed.update, "listed": when(listed.at)}
+        for listed in listing.hashes
+    ]
     if args.json:
         print(json.dumps({"updates": [first, last], "hashes": rows}, indent=2))
         return 0

@@ -6,15 +6,14 @@ import argparse
 import json
 from typing import Any
 
-from coap_auth.cli.lifecycle import operator_actor
+from coap_auth.cli.registry import operator_actor
 from coap_auth.cli.runtime import print_rows, when, with_service
 from coap_auth.service import AuthService
 
 
 @with_service
 async def cmd_tokens_families(args: argparse.Namespace, service: AuthService) -> int:
-    families = await service.store.list_families(args.client, service.clock.now())
-    rows = [f.public_view() for f in families]
+    rows = [f.public_view() for f in await service.admin.list_families(args.client)]
     for row in rows:
         row["last_used"] = when(row["last_used_at"])
         row["expires"] = when(row["expires_at"])

@@ -1,80 +1,77 @@
-"""The operator's use cases on the registry: disable, enable, remove a client, rotate its
-secret, replace its key; change or remove an audience; revoke tokens. Each names its actor.
+"""The operator's use cases: add, disable, enable, remove a client, rotate its secret, replace
+its key, provision its OSCORE context; add, change, remove an audience; rotate and revoke keys;
+revoke tokens; and the reads the operator lists. Each change names its actor.
 
-What a change stores and which refresh families die with it are pure decisions (the functions
-below the class); the store applies each in one transaction with its audit events.
+What a change stores and which refresh families die with it are pure decisions
+(coap_auth.service.admin_decisions); the store applies each in one transaction with its audit
+events.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
 
 from coap_auth.clock import Clock
 from coap_auth.config import LIMITS, Settings
-from coap_auth.errors import OperatorError, TokenError, UnsupportedPopKey
-from coap_auth.keys import DEFAULT_FAMILY, ENDED, KeyState, SigningKey
+from coap_auth.errors import OperatorError
+from coap_auth.keys import ALG_NAMES, DEFAULT_FAMILY, KeyRing, SigningKey, symmetric_cose_key
+from coap_auth.service.admin_decisions import (
+    AudienceCredential,
+    AudienceOutcome,
+    ClientOutcome,
+    Introspection,
+    ListedHash,
+    TrlListing,
+    audience_changed,
+    checked_lifetime,
+    client_scope,
+    disabled,
+    enabled,
+    family_ended,
+    hash_range,
+    own_key_family,
+    rekeyed,
+    secret_rotated,
+    wire_text,
+)
 from coap_auth.service.client_auth import secret_digest
 from coap_auth.service.rollover import KeyRollover
-from coap_auth.store import Audience, AuditEvent, Client, MasterKey, RefreshFamily, Store
-from coap_auth.store.records import RegistryChange
-from coap_auth.tokens import cose_key_from_public, public_key_from_cose
-from coap_auth.wire import MAX_TOKEN_LIFETIME
+from coap_auth.store import (
+    PROFILES,
+    TOKEN_FORMATS,
+    Audience,
+    AuditEntry,
+    AuditEvent,
+    Client,
+    MasterKey,
+    RefreshFamily,
+    Store,
+)
+from coap_auth.store.records import Profile, RegistryChange, TokenFormat
 
+# What the command line offers (choices, defaults), named here so that it needs no store or
+# key internals (tests/test_layering.py).
+__all__ = [
+    "DEFAULT_FAMILY",
+    "KEY_ALGS",
+    "PROFILES",
+    "TOKEN_FORMATS",
+    "Administration",
+    "AudienceOutcome",
+    "ClientOutcome",
+    "ListedHash",
+    "TrlListing",
+    "new_secret",
+]
+KEY_ALGS = tuple(ALG_NAMES)  # ES256, EdDSA, HMAC256/64, AES-CCM-16-64-128
 SECRET_BYTES = 24  # 192 bits, as base64url text
-TOKEN_HASH_HEX = 66  # 0x01 || SHA-256: 33 bytes
-MIN_HASH_PREFIX_HEX = 16  # what the access log prints of a token hash
-Introspection = Literal["secret", "public-key", "none"]
 
 
 def new_secret() -> str:
     return secrets.token_urlsafe(SECRET_BYTES)
-
-
-@dataclass(frozen=True, slots=True)
-class ClientOutcome:
-    """What a client use case did: the client as now stored (None: removed), how many refresh
-    families died (their access tokens on the TRL), and a generated secret, shown once."""
-
-    client_id: str
-    client: Client | None
-    killed_families: int = 0
-    secret: str | None = field(default=None, repr=False)
-    oscore_context_removed: bool = False
-
-    def view(self) -> dict[str, Any]:
-        """The result as JSON shows it (the secret only here, once)."""
-        shown: dict[str, Any] = {"client_id": self.client_id, "removed": self.client is None}
-        if self.client is not None:
-            shown.update(self.client.public_view())
-        shown["killed_families"] = self.killed_families
-        if self.client is None:
-            shown["oscore_context_removed"] = self.oscore_context_removed
-        if self.secret is not None:
-            shown["secret"] = self.secret
-        return shown
-
-
-@dataclass(frozen=True, slots=True)
-class AudienceOutcome:
-    audience_id: str
-    audience: Audience | None  # None: removed
-    killed_families: int = 0
-    introspection_secret: str | None = field(default=None, repr=False)
-    ended_keys: int = 0
-
-    def view(self) -> dict[str, Any]:
-        shown: dict[str, Any] = {"audience_id": self.audience_id, "removed": self.audience is None}
-        if self.audience is not None:
-            shown.update(self.audience.public_view())
-        else:
-            shown["killed_families"] = self.killed_families
-            shown["ended_keys"] = self.ended_keys
-        if self.introspection_secret is not None:
-            shown["introspection_secret"] = self.introspection_secret
-        return shown
 
 
 class Administration:
@@ -93,6 +90,57 @@ class Administration:
         self._master_key = master_key
 
     # -- clients ----------------------------------------------------------------------------
+
+    async def add_client(
+        self,
+        client_id: str,
+        actor: str,
+        *,
+        audiences: Sequence[str],
+        scope: str,
+        public_key: dict[Any, Any] | None = None,
+    ) -> ClientOutcome:
+        """Register a client that authenticates with `public_key` (signed assertions) or,
+        without one, with a generated secret, shown once (only a keyed digest is stored).
+        `scope` is space-separated."""
+        scopes = client_scope(scope)
+        await self._id_is_free(client_id, "client")
+        secret = new_secret() if public_key is None else None
+        client = Client(
+            client_id=wire_text(client_id, "the client id"),
+            audiences=tuple(dict.fromkeys(wire_text(a, "an audience") for a in audiences)),
+            scope=scopes,
+            created_at=self.clock.now(),
+            secret_digest=None if secret is None else secret_digest(self._master_key, secret),
+            public_key=public_key,
+        )
+        await self.store.add_client(client, actor)
+        return ClientOutcome(client_id, client, secret=secret)
+
+    async def list_clients(self) -> list[Client]:
+        return await self.store.list_clients()
+
+    async def provision_oscore(
+        self, client_id: str, actor: str, provision: Callable[[Client], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """An OSCORE context for an enabled client that cannot run EDHOC: `provision` creates
+        it (coap_auth.secure.provisioned, which the transport owns) and returns the device's
+        side, which is returned as it is; the audit log records that it was made, not what."""
+        client = await self.store.get_client(client_id)
+        if client is None or client.disabled:
+            raise OperatorError(f"no enabled client {client_id!r}")
+        device = provision(client)
+        await self._audit(actor, "client.oscore_provisioned", client_id)
+        return device
+
+    async def withdraw_oscore(
+        self, client_id: str, actor: str, withdraw: Callable[[str], bool]
+    ) -> None:
+        """Withdraw the OSCORE context provisioned for a client (`withdraw`: True if there
+        was one; coap_auth.secure.provisioned.remove)."""
+        if not withdraw(client_id):
+            raise OperatorError(f"no OSCORE context provisioned for {client_id!r}")
+        await self._audit(actor, "client.oscore_removed", client_id)
 
     async def disable_client(self, client_id: str, actor: str, *, revoke: bool) -> ClientOutcome:
         """Refuse new grants at once (and the client's OSCORE contexts, checked per request);
@@ -140,8 +188,7 @@ class Administration:
             raise OperatorError(f"no client {client_id!r}")
         withdrawn = withdraw_context(client_id)
         if withdrawn:
-            event = AuditEvent(self.clock.now(), actor, "client.oscore_removed", client_id)
-            await self.store.append_audit([event])
+            await self._audit(actor, "client.oscore_removed", client_id)
         return ClientOutcome(client_id, None, killed, oscore_context_removed=withdrawn)
 
     async def _change_client(
@@ -154,6 +201,54 @@ class Administration:
         return ClientOutcome(client_id, client, killed)
 
     # -- audiences --------------------------------------------------------------------------
+
+    async def add_audience(
+        self,
+        audience_id: str,
+        actor: str,
+        *,
+        profile: Profile,
+        token_format: TokenFormat,
+        lifetime: int | None = None,
+        own_keys: bool = False,
+        key_alg: str | None = None,
+        introspect_secret: bool = False,
+        introspect_public_key: dict[Any, Any] | None = None,
+    ) -> AudienceOutcome:
+        """Register an audience (its tokens live `lifetime` s, default the token_lifetime
+        setting). With `own_keys` (always for coap_oscore) it signs with a key family of its
+        own, whose first keys are created here. It calls /introspect with a generated secret
+        (`introspect_secret`, shown once) or with assertions signed by `introspect_public_key`."""
+        lifetime = checked_lifetime(self.settings.token_lifetime if lifetime is None else lifetime)
+        own_keys, key_alg = own_key_family(profile, token_format, own_keys, key_alg)
+        secret = new_secret() if introspect_secret else None
+        await self._id_is_free(audience_id, "audience")
+        if own_keys and audience_id in self._keys.rings:
+            # Its keys ended with it (audiences remove); a family is never brought back to life.
+            raise OperatorError(
+                f"key family {audience_id} belonged to a removed audience: choose another id"
+            )
+        audience = Audience(
+            wire_text(audience_id, "the audience id"),
+            token_format,
+            lifetime,
+            self.clock.now(),
+            key_family=audience_id if own_keys else DEFAULT_FAMILY,
+            key_alg=key_alg or (self.settings.signing_alg if own_keys else None),
+            introspect_secret_digest=(
+                None if secret is None else secret_digest(self._master_key, secret)
+            ),
+            introspect_public_key=introspect_public_key,
+            profile=profile,
+        )
+        await self.store.add_audience(audience, actor)
+        # Creates its own family's keys. The audit log names the service as their creator: a
+        # running server may create them first, on the change feed's news of the audience.
+        await self._keys.load()
+        return AudienceOutcome(audience_id, audience, introspection_secret=secret)
+
+    async def list_audiences(self) -> list[Audience]:
+        return await self.store.list_audiences()
 
     async def update_audience(
         self,
@@ -207,6 +302,65 @@ class Administration:
         await self._keys.load()
         return len(changed)
 
+    async def _id_is_free(self, wanted: str, kind: str) -> None:
+        """EDHOC names a peer by its id alone, so clients, audiences and the AS itself share
+        one name space: an id taken by the other kind (or the issuer id) is refused."""
+        if wanted == self.settings.issuer:
+            raise OperatorError(f"{wanted!r} is the AS's own issuer id")
+        taken = (
+            await self.store.get_audience(wanted)
+            if kind == "client"
+            else await self.store.get_client(wanted)
+        )
+        if taken is not None:
+            other = "an audience" if kind == "client" else "a client"
+            raise OperatorError(
+                f"{wanted!r} is already {other} id (one name space for EDHOC peers)"
+            )
+
+    # -- keys -------------------------------------------------------------------------------
+
+    @property
+    def created_first_keys(self) -> bool:
+        """Whether this process created the default family's first keys (a first start)."""
+        return DEFAULT_FAMILY in self._keys.created_families
+
+    def list_keys(self, family: str | None = None) -> list[SigningKey]:
+        """Every key in every state, of one family or of all: the default family first, then
+        by family, oldest first."""
+        keys = [
+            key
+            for ring in self._keys.rings.values()
+            for key in ring.keys
+            if family is None or key.family == family
+        ]
+        keys.sort(key=lambda k: (k.family != DEFAULT_FAMILY, k.family, k.created_at))
+        return keys
+
+    async def rotate_keys(self, family: str, actor: str, *, force: bool = False) -> KeyRing:
+        """Rotate now: next becomes active, active retires, a new next key is published
+        (`force`: even before the pre-publication lead has passed). Returns the family."""
+        await self._keys.rotate(family, force=force, actor=actor)
+        return self._keys.ring(family)
+
+    async def revoke_key(self, kid: bytes, actor: str) -> KeyRing:
+        """A compromised key: unpublished at once and trusted no longer (its family's next
+        key takes over if it was active). Returns its family."""
+        changed = await self._keys.revoke(kid, actor=actor)
+        return self._keys.ring(changed[0].family)
+
+    def export_keys(self, family: str) -> list[dict[int, Any]]:
+        """A symmetric family's published keys as COSE_Keys, secrets included, for the
+        operator to provision its audience (asymmetric families are public at /keys)."""
+        if family not in self._keys.rings:
+            raise OperatorError(f"no key family {family!r}")
+        ring = self._keys.ring(family)
+        if not ring.published:  # `audiences remove` ended its keys
+            raise OperatorError(f"key family {family!r} has no published keys")
+        if not ring.active.symmetric:
+            raise OperatorError("only symmetric families are exported; others are at /keys")
+        return [symmetric_cose_key(k) for k in ring.published]
+
     # -- tokens -----------------------------------------------------------------------------
 
     async def revoke_client_tokens(self, client_id: str, actor: str) -> int:
@@ -231,152 +385,26 @@ class Administration:
             raise OperatorError("no live, unrevoked access token has that hash")
         return found[0]
 
+    async def list_families(self, client_id: str | None = None) -> list[RefreshFamily]:
+        """Live refresh families, of one client or of all."""
+        return await self.store.list_families(client_id, self.clock.now())
 
-# -- pure decisions -------------------------------------------------------------------------
+    async def revocation_listing(self) -> TrlListing:
+        """The whole TRL, each hash with the update that listed it while the store keeps it."""
+        hashes, first, last = await self.store.trl()
+        listed_by: dict[bytes, tuple[int, int]] = {}
+        if last:
+            for update in reversed(await self.store.trl_updates(first, last)):  # oldest first
+                for added in update.added:
+                    listed_by[added] = (update.seq, update.at)
+        listed = tuple(ListedHash(h, *listed_by.get(h, (None, None))) for h in hashes)
+        return TrlListing(listed, first, last)
 
+    # -- audit ------------------------------------------------------------------------------
 
-def disabled(client: Client, revoke: bool) -> RegistryChange[Client]:
-    """Disabled, and with `revoke` its families killed: also for a client disabled before
-    without --revoke, the operator's natural second step."""
-    if client.disabled and not revoke:
-        raise OperatorError(f"client {client.client_id} is already disabled")
-    return RegistryChange(
-        replace(client, disabled=True),
-        "client.disabled",
-        {"revoke": revoke},
-        kill=(lambda _family: True) if revoke else None,
-        kill_reason="client disabled",
-    )
+    async def audit_tail(self, last: int) -> list[AuditEntry]:
+        """The latest `last` entries of the audit log, oldest first."""
+        return await self.store.audit_entries(last=last)
 
-
-def enabled(client: Client) -> RegistryChange[Client]:
-    if not client.disabled:
-        raise OperatorError(f"client {client.client_id} is not disabled")
-    return RegistryChange(replace(client, disabled=False), "client.enabled")
-
-
-def secret_rotated(client: Client, digest: bytes, now: int, overlap: int) -> RegistryChange[Client]:
-    """The new digest; the current one stays valid until now + overlap (none when 0). The
-    secret before that, from an earlier rotation, ends here."""
-    if client.secret_digest is None:
-        raise OperatorError(
-            f"client {client.client_id} authenticates with a key, not a secret"
-            " (replace it with clients set-key)"
-        )
-    until = now + overlap if overlap > 0 else None
-    rotated = replace(
-        client,
-        secret_digest=digest,
-        previous_secret_digest=client.secret_digest if until is not None else None,
-        previous_secret_until=until,
-    )
-    return RegistryChange(
-        rotated, "client.secret_rotated", {"overlap": overlap, "previous_secret_until": until}
-    )
-
-
-def rekeyed(client: Client, public_key: dict[Any, Any]) -> RegistryChange[Client]:
-    """The new key instead of the old key or secret; the families bound to the old key (cnf)
-    die, so none keeps minting tokens bound to it."""
-    old_key = client.public_key
-    if old_key is not None and same_key(old_key, public_key):
-        raise OperatorError(f"client {client.client_id} already has that key")
-    changed = replace(
-        client,
-        public_key=public_key,
-        secret_digest=None,
-        previous_secret_digest=None,
-        previous_secret_until=None,
-    )
-    was = "public-key" if old_key is not None else "secret"
-    return RegistryChange(
-        changed,
-        "client.key_replaced",
-        {"was": was},
-        kill=None if old_key is None else (lambda family: bound_to(family, old_key)),
-        kill_reason="client key replaced",
-    )
-
-
-def same_key(a: Mapping[Any, Any], b: Mapping[Any, Any]) -> bool:
-    """Whether two COSE_Keys are the same public key (compared in their canonical form)."""
-    try:
-        return cose_key_from_public(public_key_from_cose(a)) == cose_key_from_public(
-            public_key_from_cose(b)
-        )
-    except (TokenError, UnsupportedPopKey):
-        return False
-
-
-def bound_to(family: RefreshFamily, key: Mapping[Any, Any]) -> bool:
-    return family.cnf is not None and same_key(family.cnf, key)
-
-
-@dataclass(frozen=True, slots=True)
-class AudienceCredential:
-    """How an audience is to authenticate to /introspect (None: unchanged)."""
-
-    introspection: Introspection | None
-    secret_digest: bytes | None = field(default=None, repr=False)
-    public_key: dict[Any, Any] | None = None
-
-
-def audience_changed(
-    audience: Audience,
-    lifetime: int | None,
-    token_format: str | None,
-    credential: AudienceCredential,
-) -> RegistryChange[Audience]:
-    """The audience with a new lifetime, token format or introspection credential, refused
-    where `audiences add` would refuse the result."""
-    if lifetime is None and token_format is None and credential.introspection is None:
-        raise OperatorError("nothing to change: give --lifetime, --token-format or introspection")
-    details: dict[str, Any] = {}
-    changed = audience
-    if lifetime is not None:
-        if not 1 <= lifetime <= MAX_TOKEN_LIFETIME:
-            # Resource servers refuse longer-lived tokens (device_client's max_lifetime).
-            raise OperatorError(f"--lifetime must be 1 to {MAX_TOKEN_LIFETIME} seconds")
-        changed = replace(changed, lifetime=lifetime)
-        details["lifetime"] = lifetime
-    if token_format is not None:
-        if token_format not in ("cwt", "jwt"):
-            raise OperatorError("--token-format is cwt or jwt")
-        if token_format == "jwt" and audience.profile == "coap_oscore":
-            raise OperatorError("a coap_oscore audience takes encrypted CWTs, not JWTs")
-        if token_format == "jwt" and audience.symmetric:
-            raise OperatorError(f"an {audience.key_alg} audience takes MACed CWTs, not JWTs")
-        changed = replace(changed, token_format=token_format)  # type: ignore[arg-type]
-        details["token_format"] = token_format
-    if credential.introspection is not None:
-        changed = replace(
-            changed,
-            introspect_secret_digest=credential.secret_digest,
-            introspect_public_key=credential.public_key,
-        )
-        details["introspection"] = credential.introspection
-    return RegistryChange(changed, "audience.changed", details)
-
-
-def family_ended(current: list[SigningKey], family: str, now: int) -> list[SigningKey]:
-    """Every key of `family` not ended yet, removed now (unpublished, private part erased)."""
-    return [
-        replace(key, state=KeyState.REMOVED, ended_at=now, private_key=None)
-        for key in current
-        if key.family == family and key.state not in ENDED
-    ]
-
-
-def hash_range(hash_hex: str) -> tuple[bytes, bytes]:
-    """The lowest and highest token hash a lowercase hex prefix (or a whole hash) names.
-    Raises OperatorError for anything else."""
-    if not (
-        MIN_HASH_PREFIX_HEX <= len(hash_hex) <= TOKEN_HASH_HEX
-        and all(c in "0123456789abcdef" for c in hash_hex)
-    ):
-        raise OperatorError(
-            f"--hash takes the token hash in lowercase hex: all {TOKEN_HASH_HEX} digits,"
-            f" or the first {MIN_HASH_PREFIX_HEX} or more (as the access log prints it)"
-        )
-    pad = TOKEN_HASH_HEX - len(hash_hex)
-    return bytes.fromhex(hash_hex + "0" * pad), bytes.fromhex(hash_hex + "f" * pad)
+    async def _audit(self, actor: str, event: str, subject: str) -> None:
+        await self.store.append_audit([AuditEvent(self.clock.now(), actor, event, subject)])

@@ -49,7 +49,7 @@ _AUDIENCE_SET = assignments(AUDIENCE_COLUMNS, lambda n: f"${n}")
 class PostgresStore(PostgresTokenTables):
     # -- audiences and clients -------------------------------------------------------------
 
-    async def add_audience(self, audience: Audience) -> None:
+    async def add_audience(self, audience: Audience, actor: str = "operator") -> None:
         row = sealed_row(self._registry_mac, AUDIENCES, audience_to_row(audience))
 
         async def add(conn: Conn) -> None:
@@ -69,7 +69,7 @@ class PostgresStore(PostgresTokenTables):
                 "profile": audience.profile,
             }
             event = AuditEvent(
-                audience.created_at, "operator", "audience.added", audience.audience_id, details
+                audience.created_at, actor, "audience.added", audience.audience_id, details
             )
             await self._audit(conn, [event], registry=True)
 
@@ -85,7 +85,7 @@ class PostgresStore(PostgresTokenTables):
         rows = await self._read(f"SELECT {AUDIENCE_SELECT} FROM audiences ORDER BY audience_id")
         return trusted_audiences(self._registry_mac, rows)
 
-    async def add_client(self, client: Client) -> None:
+    async def add_client(self, client: Client, actor: str = "operator") -> None:
         row = sealed_row(self._registry_mac, CLIENTS, client_to_row(client))
 
         async def add(conn: Conn) -> None:
@@ -115,9 +115,7 @@ class PostgresStore(PostgresTokenTables):
                 "scope": " ".join(client.scope),
                 "auth": client.public_view()["auth"],
             }
-            event = AuditEvent(
-                client.created_at, "operator", "client.added", client.client_id, details
-            )
+            event = AuditEvent(client.created_at, actor, "client.added", client.client_id, details)
             await self._audit(conn, [event], registry=True)
 
         await self._in_tx(add)

@@ -60,7 +60,7 @@ class SqliteStore(TokenTables):
 
     # -- audiences and clients -------------------------------------------------------------
 
-    async def add_audience(self, audience: Audience) -> None:
+    async def add_audience(self, audience: Audience, actor: str = "operator") -> None:
         row = sealed_row(self._registry_mac, AUDIENCES, audience_to_row(audience))
 
         def add(conn: sqlite3.Connection) -> None:
@@ -84,7 +84,7 @@ class SqliteStore(TokenTables):
                 [
                     AuditEvent(
                         audience.created_at,
-                        "operator",
+                        actor,
                         "audience.added",
                         audience.audience_id,
                         details,
@@ -105,7 +105,7 @@ class SqliteStore(TokenTables):
         rows = await self._read(f"SELECT {AUDIENCE_SELECT} FROM audiences ORDER BY audience_id")
         return trusted_audiences(self._registry_mac, rows)
 
-    async def add_client(self, client: Client) -> None:
+    async def add_client(self, client: Client, actor: str = "operator") -> None:
         row = sealed_row(self._registry_mac, CLIENTS, client_to_row(client))
 
         def add(conn: sqlite3.Connection) -> None:
@@ -127,11 +127,7 @@ class SqliteStore(TokenTables):
             }
             self._audit(
                 conn,
-                [
-                    AuditEvent(
-                        client.created_at, "operator", "client.added", client.client_id, details
-                    )
-                ],
+                [AuditEvent(client.created_at, actor, "client.added", client.client_id, details)],
                 registry=True,
             )
 
