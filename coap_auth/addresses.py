@@ -10,6 +10,13 @@ import ipaddress
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix
 
 
+def authority(host: str, port: int) -> str:
+    """`host:port` as a URI's authority has it (RFC 3986 §3.2.2) and as messages name an
+    endpoint: an IPv6 literal in brackets (one already in brackets is kept)."""
+    literal = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"{literal}:{port}"
+
+
 @functools.lru_cache(maxsize=65_536)  # parsing an address is ~10 µs; hosts repeat
 def address_key(host: str) -> str:
     """The rate-limit key of a source address: an IPv4 address whole (also when it reaches an

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from coap_auth.addresses import authority
 from coap_auth.errors import OperatorError
 from coap_auth.metrics import Metrics
 
@@ -98,8 +99,7 @@ class MonitoringListener:
 
     @property
     def url(self) -> str:
-        host = f"[{self.bind}]" if ":" in self.bind else self.bind
-        return f"http://{host}:{self.port}"
+        return f"http://{authority(self.bind, self.port)}"
 
     @property
     def addresses(self) -> list[str]:

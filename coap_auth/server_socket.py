@@ -16,7 +16,9 @@ import socket
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-__all__ = ["BindError", "Resolver", "bind_server_socket", "host_port"]
+from coap_auth.addresses import authority
+
+__all__ = ["BindError", "Resolver", "bind_server_socket"]
 
 # (host, port) -> the socket addresses it may be bound as, best first: coap_auth.udp passes
 # aiocoap's own resolution (IPv6, IPv4 mapped), so that nothing here imports aiocoap.
@@ -43,11 +45,6 @@ class BindError(OSError):
         return str(self.strerror)
 
 
-def host_port(host: str, port: int) -> str:
-    """`host:port`, an IPv6 address in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 async def bind_server_socket(
     bind: tuple[str, int], log: logging.Logger, resolve: Resolver, *, reuse_port: bool = False
 ) -> socket.socket:
@@ -55,7 +52,7 @@ async def bind_server_socket(
     `resolve` gives, IPv6 with IPv4 mapped), with SO_REUSEPORT only if `reuse_port`.
     Raises BindError."""
     host, port = bind
-    where = host_port(host, port)
+    where = authority(host, port)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         # getaddrinfo would take 99999 for 34463 (modulo 65536), and 65536 for 0.
         raise BindError(errno.EINVAL, f"cannot serve on {where}: the port must be 0 to 65535")
@@ -100,7 +97,13 @@ async def _first_address(
     except (StopAsyncIteration, OSError):
         pass
     else:
-        log.warning("%s resolves to several addresses: serving on %s only", host, additional)
+        # The one kept, and the first one left out (aiocoap's udp6 does the same).
+        log.warning(
+            "%s resolves to several addresses: serving on %s only, not on %s",
+            host,
+            sockaddr[0],
+            additional[0],
+        )
     finally:
         await addresses.aclose()
     return sockaddr

@@ -306,6 +306,24 @@ async def test_check_passes_against_serve_and_fails_when_nothing_listens(tmp_pat
     assert len(bad.stderr.splitlines()) == 1
 
 
+async def test_check_answers_the_echo_challenge_of_a_service_that_does_not_know_it(
+    tmp_path: Path,
+) -> None:
+    """A service bound to one of the host's public addresses has not verified the address
+    `check` asks from, and answers /.well-known/core (too large to send unasked, 3x rule)
+    with an Echo challenge: check took that 4.01 for a failure. Here loopback is not
+    verified either (verified_networks empty)."""
+    data_dir = tmp_path / "data"
+    provision(data_dir)
+    async with serve_process(
+        data_dir, tmp_path / "serve.log", COAP_AUTH_VERIFIED_NETWORKS=""
+    ) as server:
+        port = server.url.rsplit(":", 1)[1]
+        result = await asyncio.to_thread(check, "--port", port)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "/.well-known/core answered 2.05" in result.stdout
+
+
 async def test_check_is_not_fooled_by_another_listener(tmp_path: Path) -> None:
     """Attack round 1: any HTTP 200 on the metrics port and any 2.xx CoAP answer made `check`
     say ok with the service down. It wants coap-auth's health document and its </token>."""

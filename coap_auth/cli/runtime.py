@@ -11,14 +11,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import aiocoap
+
 from coap_auth.cli import data_lock
 from coap_auth.clock import SystemClock
 from coap_auth.config import Settings
+from coap_auth.echo import request_answering_echo
 from coap_auth.errors import OperatorError
 from coap_auth.service import AuthService
 from coap_auth.store import MasterKey, SqliteStore, Store
 from coap_auth.store.master_key import make_private
 from coap_auth.store.sqlite import DB_FILE
+from coap_auth.udp import create_client_context
 
 Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 
@@ -143,6 +147,33 @@ def with_service(fn: Callable[[argparse.Namespace, AuthService], Awaitable[int]]
             return await fn(args, service)
 
     return run
+
+
+async def coap_get(uri: str, timeout: float) -> aiocoap.Message:
+    """GET `uri` over coap-auth's own client transport, answering an Echo challenge (RFC 9175
+    §2.3: the service challenges an address it has not verified before a large answer);
+    aiocoap fetches a block-wise answer whole. Raises TimeoutError past `timeout` s (the
+    challenge and the repeat together), OSError or aiocoap's errors."""
+    context = await create_client_context()
+    try:
+        _, response = await request_answering_echo(
+            context, lambda: aiocoap.Message(code=aiocoap.GET, uri=uri), timeout=timeout
+        )
+    finally:
+        await context.shutdown()
+    return response
+
+
+def seconds(text: str) -> float:
+    """A `--timeout` argument: more than 0, at most a minute (a hostile server's endless
+    block-wise answer is held until then)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 60:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 60 seconds")
+    return value
 
 
 def when(timestamp: int | None) -> str:

@@ -17,12 +17,11 @@ from typing import Any
 import aiocoap
 import cbor2
 
-from coap_auth.cli.runtime import print_rows, when, with_service
+from coap_auth.addresses import authority
+from coap_auth.cli.runtime import coap_get, print_rows, seconds, when, with_service
 from coap_auth.config import Settings
-from coap_auth.echo import request_answering_echo
 from coap_auth.errors import OperatorError
 from coap_auth.service import AuthService
-from coap_auth.udp import create_client_context
 from coap_auth.wire import CoseAlg, CoseCurve, CoseKeyOp, CoseKeyParam, TrlParam
 
 DEFAULT_TIMEOUT = 10.0  # s: an answer, Echo round trip and block-wise transfer included
@@ -80,22 +79,13 @@ def diagnostic(value: Any) -> str:
 
 
 def _uri(host: str, port: int, path: str) -> str:
-    literal = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    return f"coap://{literal}:{port}{path}"
+    return f"coap://{authority(host, port)}{path}"
 
 
 async def _get(uri: str, timeout: float) -> aiocoap.Message:
-    """GET `uri` on device_client's fixed transport, answering an Echo challenge (RFC 9175
-    §2.3): the service challenges an unverified address before a large answer. aiocoap
-    fetches a block-wise answer whole."""
+    """GET `uri` (coap_get); OperatorError, in one line, unless the answer is 2.05."""
     try:
-        context = await create_client_context()
-    except OSError as exc:
-        raise OperatorError(f"cannot open a UDP socket: {exc.strerror or exc}") from None
-    try:
-        _, response = await request_answering_echo(
-            context, lambda: aiocoap.Message(code=aiocoap.GET, uri=uri), timeout=timeout
-        )
+        response = await coap_get(uri, timeout)
     except TimeoutError:
         raise OperatorError(f"no answer from {uri} within {timeout:g} s") from None
     except (OSError, aiocoap.error.Error) as exc:
@@ -103,8 +93,6 @@ async def _get(uri: str, timeout: float) -> aiocoap.Message:
         cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
         reason = getattr(cause, "strerror", None) or type(exc).__name__
         raise OperatorError(f"cannot reach {uri}: {reason}") from None
-    finally:
-        await context.shutdown()
     if response.code != aiocoap.CONTENT:
         raise OperatorError(f"{uri} answered {response.code}{_refusal_hint(response)}")
     return response
@@ -262,17 +250,6 @@ async def cmd_show_trl(args: argparse.Namespace, settings: Settings) -> int:
 # -- parsers ---------------------------------------------------------------------------------
 
 
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    # At most a minute: a hostile server's endless block-wise answer is held until then.
-    if not 0 < value <= 60:
-        raise argparse.ArgumentTypeError("must be more than 0 and at most 60 seconds")
-    return value
-
-
 def add_parsers(
     sub: Any, common: argparse.ArgumentParser, listing: argparse.ArgumentParser
 ) -> None:
@@ -282,7 +259,7 @@ def add_parsers(
     )
     coap.add_argument("--port", type=int, help="its UDP port (default: the `port` setting)")
     coap.add_argument(
-        "--timeout", type=_timeout, default=DEFAULT_TIMEOUT, help="seconds to wait (default 10)"
+        "--timeout", type=seconds, default=DEFAULT_TIMEOUT, help="seconds to wait (default 10)"
     )
     coap.add_argument(
         "--diag", action="store_true", help="print the CBOR answer in diagnostic notation"

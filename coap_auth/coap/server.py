@@ -18,6 +18,7 @@ from typing import Any
 import aiocoap
 
 from coap_auth import config
+from coap_auth.addresses import authority
 from coap_auth.coap.blockwise import BlockwiseUploads
 from coap_auth.coap.edhoc import EdhocResource
 from coap_auth.coap.endpoint import Endpoint
@@ -160,8 +161,7 @@ class Server:
 
     @property
     def url(self) -> str:
-        host = f"[{self.bind}]" if ":" in self.bind else self.bind
-        return f"coap://{host}:{self.port}"
+        return f"coap://{authority(self.bind, self.port)}"
 
     async def start(self) -> None:
         await self.service.load_keys()
