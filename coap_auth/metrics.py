@@ -139,9 +139,8 @@ class Metrics:
             child = self._store_children[operation] = self.store_duration.labels(operation)
         return child
 
-    def grant(self, grant_type: str, access_token: bytes) -> None:
-        # A JWS compact serialisation starts with base64url "ey"; everything else is a CWT.
-        token_format = "jwt" if access_token[:1] == b"e" else "cwt"
+    def grant(self, grant_type: str, token_format: str) -> None:
+        """One token issued: `token_format` as the service minted it ("cwt" or "jwt")."""
         self.grants.labels(grant_type, token_format).inc()
 
 

@@ -133,6 +133,8 @@ class IssuedToken:
     # refresh family it belongs to (never the token itself).
     token_hash: bytes = b""
     family_id: bytes | None = None
+    # What _mint made: "jwt", or "cwt" (signed, MACed or encrypted).
+    token_format: str = "cwt"
 
     @property
     def hash_prefix(self) -> str:
@@ -328,7 +330,7 @@ class AuthService:
         await self.store.start_family(
             family, self._master_key.digest(refresh_token), _access_record(issued)
         )
-        self.metrics.grant("client_credentials", issued.access_token)
+        self.metrics.grant("client_credentials", issued.token_format)
         return replace(
             issued,
             narrowed_scope=scope if narrowed else None,
@@ -397,7 +399,7 @@ class AuthService:
             raise InvalidGrant("refresh token invalid or expired")
         # The store may have rerun the transaction: the last token minted is the stored one.
         token = issued[-1]
-        self.metrics.grant("refresh_token", token.access_token)
+        self.metrics.grant("refresh_token", token.token_format)
         family_id = outcome.family.family_id if outcome.family is not None else None
         return replace(token, refresh_token=successor, family_id=family_id)
 
@@ -464,6 +466,7 @@ class AuthService:
         rs_key = audience.introspect_public_key
         return IssuedToken(
             access_token=access_token,
+            token_format="cwt" if as_cwt or material is not None else "jwt",
             token_hash=token_hash(access_token),
             expires_in=lifetime,
             token_type=TokenType.POP if confirmation is not None else TokenType.BEARER,
