@@ -22,7 +22,7 @@ from coap_auth.store.base import AudienceChange, ClientChange, KeyTransition
 from coap_auth.store.key_rows import key_from_row, key_to_row
 from coap_auth.store.postgres_base import Conn
 from coap_auth.store.postgres_tokens import PostgresTokenTables
-from coap_auth.store.records import Audience, Client, RefreshFamily
+from coap_auth.store.records import Audience, Client
 from coap_auth.store.registry_changes import checked_change, refuse_if_named
 from coap_auth.store.registry_mac import AUDIENCES, CLIENTS, RegistryReport
 from coap_auth.store.rows import (
@@ -33,7 +33,6 @@ from coap_auth.store.rows import (
     assignments,
     audience_to_row,
     client_to_row,
-    family_from_row,
     registry_report,
     sealed_row,
     trusted_audience,
@@ -168,7 +167,7 @@ class PostgresStore(PostgresTokenTables):
             )
             killed = []
             if planned.kill is not None:
-                live = await self._live_families(conn, "client_id", client_id, now)
+                live = await self._unkilled_families(conn, "client_id", client_id)
                 killed = [f for f in live if planned.kill(f)]
                 # Lock order (postgres_base): family rows, the TRL lock, then the audit lock.
                 await self._kill(conn, killed, planned.kill_reason, now, actor)
@@ -182,7 +181,7 @@ class PostgresStore(PostgresTokenTables):
         async def remove(conn: Conn) -> int | None:
             if await self._client_for_update(conn, client_id) is None:
                 return None
-            families = await self._live_families(conn, "client_id", client_id, now)
+            families = await self._unkilled_families(conn, "client_id", client_id)
             await self._kill(conn, families, "client removed", now, actor)
             await conn.execute("DELETE FROM clients WHERE client_id = $1", client_id)
             details = {"killed_families": len(families)}
@@ -222,7 +221,7 @@ class PostgresStore(PostgresTokenTables):
                 return None
             named = [r[0] for r in await conn.fetch("SELECT audiences FROM clients")]
             refuse_if_named(audience_id, named)
-            families = await self._live_families(conn, "audience", audience_id, now)
+            families = await self._unkilled_families(conn, "audience", audience_id)
             await self._kill(conn, families, "audience removed", now, actor)
             await conn.execute("DELETE FROM audiences WHERE audience_id = $1", audience_id)
             await self._notify(conn, "keys")
@@ -249,20 +248,6 @@ class PostgresStore(PostgresTokenTables):
         )
         found = trusted_audiences(self._registry_mac, rows)
         return found[0] if found else None
-
-    async def _live_families(
-        self, conn: Conn, column: str, value: str, now: int
-    ) -> list[RefreshFamily]:
-        """Unkilled families of one client or one audience (`column`), locked in family_id
-        order; also those past their own expiry, since a token refreshed just before it
-        outlives them."""
-        assert column in ("client_id", "audience")
-        rows = await conn.fetch(
-            f"SELECT * FROM refresh_families WHERE {column} = $1 AND killed_at IS NULL"
-            " ORDER BY family_id FOR UPDATE",
-            value,
-        )
-        return [family_from_row(r) for r in rows]
 
     async def registry_report(self) -> RegistryReport:
         async with (

@@ -139,17 +139,25 @@ class PostgresTokenTables(PostgresBase):
         self, client_id: str, reason: str, now: int, actor: str = "operator"
     ) -> int:
         async def kill(conn: Conn) -> int:
-            rows = await conn.fetch(
-                "SELECT * FROM refresh_families WHERE client_id = $1 AND killed_at IS NULL"
-                " ORDER BY family_id FOR UPDATE",
-                client_id,
-            )
+            families = await self._unkilled_families(conn, "client_id", client_id)
             # All of them in one go: one TRL update, and every access row locked before the
             # TRL lock (killing them one by one deadlocks with a concurrent revoke_access).
-            await self._kill(conn, [family_from_row(r) for r in rows], reason, now, actor)
-            return len(rows)
+            await self._kill(conn, families, reason, now, actor)
+            return len(families)
 
         return await self._in_tx(kill)
+
+    async def _unkilled_families(self, conn: Conn, column: str, value: str) -> list[RefreshFamily]:
+        """Unkilled families of one client or one audience (`column`), locked in family_id
+        order; also those past their own expiry, since a token refreshed just before it
+        outlives them."""
+        assert column in ("client_id", "audience")
+        rows = await conn.fetch(
+            f"SELECT * FROM refresh_families WHERE {column} = $1 AND killed_at IS NULL"
+            " ORDER BY family_id FOR UPDATE",
+            value,
+        )
+        return [family_from_row(r) for r in rows]
 
     async def kill_family_of(
         self, refresh_digest: bytes, client_id: str, reason: str, now: int

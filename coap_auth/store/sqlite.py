@@ -17,7 +17,7 @@ from coap_auth.store.audit import AuditEvent, key_events
 from coap_auth.store.base import AudienceChange, ClientChange, KeyTransition
 from coap_auth.store.key_rows import key_from_row, key_to_row
 from coap_auth.store.master_key import MasterKey
-from coap_auth.store.records import Audience, Client, RefreshFamily
+from coap_auth.store.records import Audience, Client
 from coap_auth.store.registry_changes import checked_change, refuse_if_named
 from coap_auth.store.registry_mac import AUDIENCES, CLIENTS, RegistryReport
 from coap_auth.store.rows import (
@@ -28,7 +28,6 @@ from coap_auth.store.rows import (
     assignments,
     audience_to_row,
     client_to_row,
-    family_from_row,
     registry_report,
     sealed_row,
     trusted_audience,
@@ -177,7 +176,7 @@ class SqliteStore(TokenTables):
             )
             killed = []
             if planned.kill is not None:
-                live = self._live_families(conn, "client_id", client_id, now)
+                live = self._unkilled_families(conn, "client_id", client_id)
                 killed = [f for f in live if planned.kill(f)]
                 self._kill(conn, killed, planned.kill_reason, now, actor)
             event = AuditEvent(now, actor, planned.event, client_id, planned.details)
@@ -190,7 +189,7 @@ class SqliteStore(TokenTables):
         def remove(conn: sqlite3.Connection) -> int | None:
             if self._client_in_tx(conn, client_id) is None:
                 return None
-            families = self._live_families(conn, "client_id", client_id, now)
+            families = self._unkilled_families(conn, "client_id", client_id)
             self._kill(conn, families, "client removed", now, actor)
             conn.execute("DELETE FROM clients WHERE client_id = ?", (client_id,))
             details = {"killed_families": len(families)}
@@ -228,7 +227,7 @@ class SqliteStore(TokenTables):
                 return None
             named = [r[0] for r in conn.execute("SELECT audiences FROM clients")]
             refuse_if_named(audience_id, named)
-            families = self._live_families(conn, "audience", audience_id, now)
+            families = self._unkilled_families(conn, "audience", audience_id)
             self._kill(conn, families, "audience removed", now, actor)
             conn.execute("DELETE FROM audiences WHERE audience_id = ?", (audience_id,))
             conn.execute("UPDATE change_feed SET counter = counter + 1 WHERE id = 1")
@@ -254,19 +253,6 @@ class SqliteStore(TokenTables):
         ).fetchall()
         found = trusted_audiences(self._registry_mac, rows)
         return found[0] if found else None
-
-    def _live_families(
-        self, conn: sqlite3.Connection, column: str, value: str, now: int
-    ) -> list[RefreshFamily]:
-        """Unkilled families of one client or one audience (`column`), in family_id order; also
-        those past their own expiry, since a token refreshed just before it outlives them."""
-        assert column in ("client_id", "audience")
-        rows = conn.execute(
-            f"SELECT * FROM refresh_families WHERE {column} = ? AND killed_at IS NULL"
-            " ORDER BY family_id",
-            (value,),
-        )
-        return [family_from_row(r) for r in rows]
 
     async def registry_report(self) -> RegistryReport:
         def read(conn: sqlite3.Connection) -> RegistryReport:

@@ -121,18 +121,24 @@ class TokenTables(SqliteBase):
         self, client_id: str, reason: str, now: int, actor: str = "operator"
     ) -> int:
         def kill(conn: sqlite3.Connection) -> int:
-            families = [
-                family_from_row(r)
-                for r in conn.execute(
-                    "SELECT * FROM refresh_families"
-                    " WHERE client_id = ? AND killed_at IS NULL ORDER BY family_id",
-                    (client_id,),
-                )
-            ]
+            families = self._unkilled_families(conn, "client_id", client_id)
             self._kill(conn, families, reason, now, actor)  # one TRL update for all
             return len(families)
 
         return await self._in_tx(kill)
+
+    def _unkilled_families(
+        self, conn: sqlite3.Connection, column: str, value: str
+    ) -> list[RefreshFamily]:
+        """Unkilled families of one client or one audience (`column`), in family_id order; also
+        those past their own expiry, since a token refreshed just before it outlives them."""
+        assert column in ("client_id", "audience")
+        rows = conn.execute(
+            f"SELECT * FROM refresh_families WHERE {column} = ? AND killed_at IS NULL"
+            " ORDER BY family_id",
+            (value,),
+        )
+        return [family_from_row(r) for r in rows]
 
     async def kill_family_of(
         self, refresh_digest: bytes, client_id: str, reason: str, now: int
