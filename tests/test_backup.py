@@ -43,6 +43,7 @@ from tests.processes import (
     run_cli,
     serve_process,
 )
+from tests.store.test_sqlite_shape import UNSPEND as UNSPENDING
 
 REQUEST_TIMEOUT = 5
 DB_FILE = "coap-auth.sqlite3"
@@ -356,10 +357,7 @@ def test_restore_refuses_what_is_not_a_good_backup(
     one_error_line(run_cli("restore", backup, data_dir=data_dir), "--replace")
 
 
-UNSPEND = (
-    "CREATE TRIGGER zz_unspend AFTER UPDATE OF spent_at ON refresh_tokens"
-    " BEGIN UPDATE refresh_tokens SET spent_at = NULL WHERE digest = NEW.digest; END"
-)
+UNSPEND = "CREATE TRIGGER zz_unspend" + UNSPENDING  # un-spends every refresh token
 
 
 def test_a_backup_carrying_a_trigger_is_refused_and_so_is_a_database_with_one(
