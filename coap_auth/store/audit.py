@@ -18,6 +18,7 @@ import hmac
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import cbor2
@@ -31,12 +32,42 @@ GENESIS = bytes(32)
 LEGACY_HEAD_DOMAIN = "coap-auth audit head v1"
 HEAD_DOMAIN = "coap-auth audit head v2"
 
+
+class AuditName(StrEnum):
+    """Every event the audit log records."""
+
+    AUDIENCE_ADDED = "audience.added"
+    AUDIENCE_CHANGED = "audience.changed"
+    AUDIENCE_REMOVED = "audience.removed"
+    CLIENT_ADDED = "client.added"
+    CLIENT_DISABLED = "client.disabled"
+    CLIENT_ENABLED = "client.enabled"
+    CLIENT_KEY_REPLACED = "client.key_replaced"
+    CLIENT_OSCORE_PROVISIONED = "client.oscore_provisioned"
+    CLIENT_OSCORE_REMOVED = "client.oscore_removed"
+    CLIENT_REMOVED = "client.removed"
+    CLIENT_SECRET_ROTATED = "client.secret_rotated"
+    FAMILY_KILLED = "family.killed"
+    KEY_ACTIVATED = "key.activated"
+    KEY_CREATED = "key.created"
+    KEY_REMOVED = "key.removed"
+    KEY_RETIRED = "key.retired"
+    KEY_REVOKED = "key.revoked"
+    STORE_MIGRATED = "store.migrated"
+    STORE_RESTORED = "store.restored"
+    TOKEN_REVOKED = "token.revoked"
+
+
+# Who acts when no operator does: the service answering requests, the key scheduler.
+SERVICE_ACTOR = "service"
+SCHEDULER_ACTOR = "scheduler"
+
 # The state a key moved into, as the event name that records it.
 _KEY_EVENTS = {
-    "active": "key.activated",
-    "retiring": "key.retired",
-    "removed": "key.removed",
-    "revoked": "key.revoked",
+    "active": AuditName.KEY_ACTIVATED,
+    "retiring": AuditName.KEY_RETIRED,
+    "removed": AuditName.KEY_REMOVED,
+    "revoked": AuditName.KEY_REVOKED,
 }
 
 
@@ -232,7 +263,11 @@ def migration_plan(
     `registry` is the digest of the registry rows as the migration sealed them."""
     seq, last_mac = newest or (0, GENESIS)
     event = AuditEvent(
-        now, "service", "store.migrated", "schema", {"from": from_version, "to": to_version}
+        now,
+        SERVICE_ACTOR,
+        AuditName.STORE_MIGRATED,
+        "schema",
+        {"from": from_version, "to": to_version},
     )
     start = sealed_head(mac, seq, last_mac, registry)
     entries, head = append_plan(mac, start, newest, [event], registry)
@@ -252,7 +287,9 @@ def reseal_plan(
     last_mac, MAC as schema 3 sealed it) gains the registry digest, and the migration is
     recorded. A head that does not verify is not re-sealed (that would launder it): it stays
     for `audit verify` to report."""
-    event = AuditEvent(now, "service", "store.migrated", "schema", {"from": 3, "to": to_version})
+    event = AuditEvent(
+        now, SERVICE_ACTOR, AuditName.STORE_MIGRATED, "schema", {"from": 3, "to": to_version}
+    )
     head = None
     if legacy is not None and legacy_head_verifies(mac, *legacy):
         head = sealed_head(mac, legacy[0], legacy[1], registry)
@@ -270,7 +307,11 @@ def upgrade_plan(
     """A migration from a sealed schema (4 and on) that changes neither the registry nor the
     head: recorded as the next entry, like any other event (`append_plan`)."""
     event = AuditEvent(
-        now, "service", "store.migrated", "schema", {"from": from_version, "to": to_version}
+        now,
+        SERVICE_ACTOR,
+        AuditName.STORE_MIGRATED,
+        "schema",
+        {"from": from_version, "to": to_version},
     )
     return append_plan(mac, head, newest, [event])
 
@@ -318,7 +359,7 @@ def key_events(
         old = before.get(key.kid)
         details = {"family": key.family, "alg": key.alg.name, "state": key.state.value}
         if old is None:
-            events.append(AuditEvent(now, actor, "key.created", key.kid.hex(), details))
+            events.append(AuditEvent(now, actor, AuditName.KEY_CREATED, key.kid.hex(), details))
         elif old.state != key.state:
             events.append(AuditEvent(now, actor, _KEY_EVENTS[key.state], key.kid.hex(), details))
     return events

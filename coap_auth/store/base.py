@@ -6,32 +6,38 @@ SQLite (default) and PostgreSQL implement it and pass one contract test suite.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Literal, Protocol
+from typing import Protocol, TypeVar
 
 from coap_auth.keys import SigningKey
 from coap_auth.store.audit import AuditEntry, AuditEvent, AuditSnapshot
 from coap_auth.store.records import (
+    UNCHECKED,
     Audience,
     ChangeCounters,
     Client,
     IssuedAccess,
+    Minted,
     RefreshFamily,
     RefreshOutcome,
     RegistryChange,
+    RegistryVersions,
+    TokenStatus,
     TrlUpdate,
 )
 from coap_auth.store.registry_mac import RegistryReport
 
-# Called inside the refresh transaction to mint the successor's access token; raising
-# aborts the refresh and changes nothing. A store may rerun a transaction that lost a race
-# (PostgreSQL: a deadlock or serialization failure), calling this again: only the last
-# call's token is stored.
-Mint = Callable[[RefreshFamily], IssuedAccess]
+M = TypeVar("M")
+
+# Called inside the refresh transaction with the family, once the refresh is decided to
+# rotate: returns the successor's access token, or a refusal (Minted.access None: nothing is
+# written), never raises. A store may rerun a transaction that lost a race (PostgreSQL: a
+# deadlock or serialization failure), calling this again: the last call's result is the one
+# stored and returned.
+Mint = Callable[[RefreshFamily], Minted[M]]
 # Called inside the key transaction with every stored key; returns the keys to insert or
 # update (empty: nothing to do). Raising aborts and changes nothing. Like `Mint`, it may be
 # called again if the transaction is rerun; only the last call's result is stored.
 KeyTransition = Callable[[list[SigningKey]], list[SigningKey]]
-TokenStatus = Literal["live", "revoked"]
 # Called inside the registry transaction with the stored record (its MAC verified); returns
 # the change to store. Raising (OperatorError) aborts and changes nothing. Like `Mint`, it may
 # be called again if the transaction is rerun; only the last call's result is stored.
@@ -116,8 +122,15 @@ class Store(Protocol):
     # Refresh-token families (docs/protocol.md "Refresh tokens"). Refresh tokens are passed and
     # kept only as digests.
     async def start_family(
-        self, family: RefreshFamily, refresh_digest: bytes, access: IssuedAccess
-    ) -> None: ...
+        self,
+        family: RefreshFamily,
+        refresh_digest: bytes,
+        access: IssuedAccess,
+        registry: RegistryVersions = UNCHECKED,
+    ) -> bool:
+        """A grant, in one transaction: the family, its first refresh token and the access
+        token's record; False (nothing written) when a row of `registry` changed since."""
+        ...
 
     async def rotate_refresh(
         self,
@@ -128,16 +141,13 @@ class Store(Protocol):
         now: int,
         grace: int,
         idle_timeout: int,
-        mint: Mint,
-    ) -> RefreshOutcome:
-        """Spend a refresh token and store its successor, atomically.
-
-        rotated: it was live. grace: it was spent less than `grace` s ago and its successor
-        was still unused (that successor is spent instead). reused: spent otherwise, so the
-        family is killed and its unexpired access tokens revoked. unknown / dead / expired:
-        no such token for this client, family already dead, or idle/absolute expiry (which
-        ends the family but leaves its access tokens to expire on their own).
-        """
+        mint: Mint[M],
+        registry: RegistryVersions = UNCHECKED,
+    ) -> RefreshOutcome[M]:
+        """Spend a refresh token and store its successor, in one transaction, as
+        coap_auth.store.decisions.plan_refresh decides (RefreshStatus says each outcome).
+        Before writing a rotation, the rows of `registry` and of the mint's own are checked
+        (decisions.registry_current): stale, nothing written."""
         ...
 
     async def kill_families(

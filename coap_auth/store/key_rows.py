@@ -4,7 +4,7 @@ as associated data), or NULL once the key has ended. Shared by the SQL stores.""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -45,19 +45,19 @@ def _seal(master_key: MasterKey, key: SigningKey) -> bytes:
     return master_key.encrypt(plain, key.kid)
 
 
-def key_from_row(master_key: MasterKey, row: Sequence[Any]) -> SigningKey:
-    (
-        kid,
-        alg,
-        state,
-        sealed,
-        created_at,
-        activated_at,
-        retire_until,
-        family,
-        retired_at,
-        ended_at,
-    ) = row
+# A signing key's columns, in the order key_to_row gives its values.
+KEY_COLUMNS = (
+    "kid, alg, state, private_key, created_at, activated_at, retire_until, family,"
+    " retired_at, ended_at"
+)
+
+
+def key_from_row(master_key: MasterKey, row: Mapping[str, Any]) -> SigningKey:
+    """A key from a row of KEY_COLUMNS, read by name, its private part unsealed."""
+    kid, alg, state, sealed = row["kid"], row["alg"], row["state"], row["private_key"]
+    created_at, activated_at = row["created_at"], row["activated_at"]
+    retire_until, family = row["retire_until"], row["family"]
+    retired_at, ended_at = row["retired_at"], row["ended_at"]
     alg = CoseAlg(alg)
     if sealed is None and state in PUBLISHED:
         # Only an ended key loses its private part, so the row was edited (a revoked key put

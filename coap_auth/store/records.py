@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Generic, Literal, TypeVar
 
 from coap_auth.keys import ALG_NAMES, SYMMETRIC_ALGS
@@ -44,6 +45,9 @@ class Audience:
     # "bearer" for records (and rows) from before profiles; `audiences add` defaults to
     # "edhoc_oscore".
     profile: Profile = BEARER
+    # The row's MAC as read from the store (b"": not read from one): what a grant decided from
+    # a cached record names, so the store can tell the row has not changed since.
+    version: bytes = field(default=b"", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # RFC 9203 §3.2: the token carries a master secret, so it is encrypted under a key
@@ -92,6 +96,8 @@ class Client:
     # moment; both None otherwise (schema 7).
     previous_secret_digest: bytes | None = field(default=None, repr=False)
     previous_secret_until: int | None = None
+    # As Audience.version.
+    version: bytes = field(default=b"", compare=False, repr=False)
 
     def previous_secret_valid(self, now: int) -> bool:
         """Whether the secret before the last rotation is still accepted at `now`."""
@@ -174,13 +180,61 @@ class IssuedAccess:
     audience: str | None = None
 
 
-RefreshStatus = Literal["rotated", "grace", "reused", "unknown", "dead", "expired"]
+class RefreshStatus(StrEnum):
+    """How a refresh ended (coap_auth.store.decisions.plan_refresh)."""
+
+    ROTATED = "rotated"  # the token was live: spent, its successor stored
+    GRACE = "grace"  # spent moments ago, successor unused: the successor replaced
+    REUSED = "reused"  # spent otherwise: theft, the family killed
+    UNKNOWN = "unknown"  # no such token for this client
+    DEAD = "dead"  # its family was killed before
+    EXPIRED = "expired"  # idle or absolute expiry: the family ends
+    REFUSED = "refused"  # the mint refused (e.g. a wider scope): nothing changed
+    STALE = "stale"  # a registry row the mint used changed meanwhile: nothing changed
+
+
+class TokenStatus(StrEnum):
+    """An issued access token we keep a record of."""
+
+    LIVE = "live"
+    REVOKED = "revoked"
 
 
 @dataclass(frozen=True, slots=True)
-class RefreshOutcome:
+class RegistryVersions:
+    """The registry rows a grant was decided from (the service's cache), as (id, MAC): the
+    store writes the grant only if each row is still stored with that MAC (b"": no such row)."""
+
+    clients: tuple[tuple[str, bytes], ...] = ()
+    audiences: tuple[tuple[str, bytes], ...] = ()
+
+    def __add__(self, other: RegistryVersions) -> RegistryVersions:
+        return RegistryVersions(self.clients + other.clients, self.audiences + other.audiences)
+
+
+# A write that rests on no cached registry row.
+UNCHECKED = RegistryVersions()
+
+M = TypeVar("M")
+
+
+@dataclass(frozen=True, slots=True)
+class Minted(Generic[M]):
+    """What a refresh's mint made of the family: `value` for the caller (the token, or why it is
+    refused), the record to store (`access`; None refuses: nothing is written), and the
+    registry rows it was decided from."""
+
+    value: M
+    access: IssuedAccess | None
+    registry: RegistryVersions = UNCHECKED
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshOutcome(Generic[M]):
     status: RefreshStatus
     family: RefreshFamily | None = None
+    # The mint's value, when it ran (rotated, grace, refused).
+    minted: M | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,3 +256,6 @@ class ChangeCounters:
 
     keys: int
     revocations: int
+    # The registry digest of the audit head (coap_auth.store.audit): it moves with every
+    # client or audience change, so a registry cache knows to reload (b"": not read).
+    registry: bytes = b""

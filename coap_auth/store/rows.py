@@ -75,7 +75,7 @@ REGISTRY_IDS = (
 )
 
 
-def audience_from_row(row: Row) -> Audience:
+def audience_from_row(row: Row, version: bytes = b"") -> Audience:
     (
         audience_id,
         token_format,
@@ -99,6 +99,7 @@ def audience_from_row(row: Row) -> Audience:
             None if introspect_public_key is None else cbor2.loads(introspect_public_key)
         ),
         profile=profile,
+        version=version,
     )
 
 
@@ -117,7 +118,7 @@ def audience_to_row(audience: Audience) -> tuple[Any, ...]:
     )
 
 
-def client_from_row(row: Row) -> Client:
+def client_from_row(row: Row, version: bytes = b"") -> Client:
     (
         client_id,
         audiences,
@@ -139,6 +140,7 @@ def client_from_row(row: Row) -> Client:
         disabled=bool(disabled),
         previous_secret_digest=previous_secret_digest,
         previous_secret_until=previous_secret_until,
+        version=version,
     )
 
 
@@ -188,26 +190,39 @@ def seals(mac: Mac, table: str, rows: Iterable[Row]) -> list[tuple[bytes, Any]]:
     return sealed
 
 
-def _checked(mac: Mac, table: str, rows: Iterable[Row]) -> Iterator[tuple[Any, ...]]:
-    """The rows whose MAC verifies; each other one is logged (one line, naming its id) and
-    left out, exactly as if it were not there."""
+def _checked(mac: Mac, table: str, rows: Iterable[Row]) -> Iterator[tuple[tuple[Any, ...], bytes]]:
+    """The rows whose MAC verifies, as (values, MAC); each other one is logged (one line,
+    naming its id) and left out, exactly as if it were not there."""
     for row in rows:
         values = row_values(table, row)
-        fault = row_fault(mac, table, values, tuple(row)[-1])
+        stored = tuple(row)[-1]
+        fault = row_fault(mac, table, values, stored)
         if fault is None:
-            yield values
+            yield values, bytes(stored)
         else:
             log.error("refused the %s", fault.describe())
 
 
+def verified_mac(mac: Mac, table: str, row: Row | None) -> bytes | None:
+    """The MAC of a registry row read by CLIENT_SELECT / AUDIENCE_SELECT if it verifies: what
+    a grant decided from a cached record is checked against. None for no row, and for a row
+    that does not verify (logged): a grant never rests on a row edited without the master key."""
+    if row is None:
+        return None
+    for _, stored in _checked(mac, table, [row]):
+        return stored
+    return None
+
+
 def trusted_clients(mac: Mac, rows: Iterable[Row]) -> list[Client]:
-    """Clients from rows of CLIENT_SELECT, without any whose MAC does not verify."""
-    return [client_from_row(values) for values in _checked(mac, CLIENTS, rows)]
+    """Clients from rows of CLIENT_SELECT, without any whose MAC does not verify; each carries
+    its MAC as its version."""
+    return [client_from_row(values, mac_) for values, mac_ in _checked(mac, CLIENTS, rows)]
 
 
 def trusted_audiences(mac: Mac, rows: Iterable[Row]) -> list[Audience]:
     """Audiences from rows of AUDIENCE_SELECT, without any whose MAC does not verify."""
-    return [audience_from_row(values) for values in _checked(mac, AUDIENCES, rows)]
+    return [audience_from_row(values, mac_) for values, mac_ in _checked(mac, AUDIENCES, rows)]
 
 
 def stand_in_rows(mac: Mac) -> tuple[Row, Row]:
@@ -253,39 +268,37 @@ def registry_report(
     return RegistryReport(len(client_rows), len(audience_rows), tuple(faults))
 
 
-def family_from_row(row: Row) -> RefreshFamily:
-    (
-        family_id,
-        client_id,
-        audience,
-        scope,
-        cnf,
-        created_at,
-        last_used_at,
-        expires_at,
-        killed_at,
-        kill_reason,
-    ) = row
+# A refresh family's columns: what every read of one selects, by name.
+FAMILY_COLUMNS = (
+    "family_id, client_id, audience, scope, cnf, created_at, last_used_at, expires_at,"
+    " killed_at, kill_reason"
+)
+
+
+def family_from_row(row: Mapping[str, Any]) -> RefreshFamily:
+    """A family from a row read by column name (sqlite3.Row, asyncpg.Record)."""
+    cnf = row["cnf"]
     return RefreshFamily(
-        family_id=family_id,
-        client_id=client_id,
-        audience=audience,
-        scope=scope,
-        created_at=created_at,
-        last_used_at=last_used_at,
-        expires_at=expires_at,
+        family_id=bytes(row["family_id"]),
+        client_id=row["client_id"],
+        audience=row["audience"],
+        scope=row["scope"],
+        created_at=row["created_at"],
+        last_used_at=row["last_used_at"],
+        expires_at=row["expires_at"],
         cnf=None if cnf is None else cbor2.loads(cnf),
-        killed_at=killed_at,
-        kill_reason=kill_reason,
+        killed_at=row["killed_at"],
+        kill_reason=row["kill_reason"],
     )
 
 
 TRL_UPDATE_COLUMNS = "seq, at, removed, added"
 
 
-def trl_update_from_row(row: Row) -> TrlUpdate:
-    seq, at, removed, added = row
-    return TrlUpdate(seq, at, tuple(cbor2.loads(removed)), tuple(cbor2.loads(added)))
+def trl_update_from_row(row: Mapping[str, Any]) -> TrlUpdate:
+    """An update from a row of TRL_UPDATE_COLUMNS, read by name."""
+    removed, added = cbor2.loads(row["removed"]), cbor2.loads(row["added"])
+    return TrlUpdate(row["seq"], row["at"], tuple(removed), tuple(added))
 
 
 AUDIT_COLUMNS = "seq, at, actor, event, subject, details, mac"
@@ -304,30 +317,11 @@ def audit_entry_to_row(entry: AuditEntry) -> tuple[Any, ...]:
     )
 
 
-def audit_entry_from_row(row: Row) -> AuditEntry:
-    seq, at, actor, event, subject, details, mac = row
-    return AuditEntry(seq, AuditEvent(at, actor, event, subject, json.loads(details)), mac)
-
-
-def family_kill_events(
-    families: Iterable[RefreshFamily],
-    revoked: Mapping[bytes, Mapping[bytes, int]] | None,
-    reason: str,
-    actor: str,
-    now: int,
-) -> list[AuditEvent]:
-    """One audit event per killed family; `revoked` maps its id to the access tokens the kill
-    put on the TRL, hash to exp (None when the kill revoked none). The hashes and exps are
-    recorded so `audit verify` can tell if one is taken off the list early."""
-    events = []
-    for family in families:
-        details: dict[str, Any] = {"client_id": family.client_id, "reason": reason}
-        if revoked is not None:
-            tokens = revoked.get(family.family_id, {})
-            details["revoked_access_tokens"] = len(tokens)
-            details["access_tokens"] = {h.hex(): exp for h, exp in sorted(tokens.items())}
-        events.append(AuditEvent(now, actor, "family.killed", family.family_id.hex(), details))
-    return events
+def audit_entry_from_row(row: Mapping[str, Any]) -> AuditEntry:
+    """An entry from a row of AUDIT_COLUMNS, read by name."""
+    details = json.loads(row["details"])
+    event = AuditEvent(row["at"], row["actor"], row["event"], row["subject"], details)
+    return AuditEntry(row["seq"], event, bytes(row["mac"]))
 
 
 # The revocation state `audit verify` compares with the log (`revocation_audit`), read in the
@@ -341,10 +335,16 @@ REMOVALS_QUERY = "SELECT seq, removed FROM trl_updates ORDER BY seq"
 
 
 def revocation_rows(
-    access: Iterable[Row], families: Iterable[Row], removals: Iterable[Row]
+    access: Iterable[Mapping[str, Any]],
+    families: Iterable[Mapping[str, Any]],
+    removals: Iterable[Mapping[str, Any]],
 ) -> RevocationRows:
+    """The rows of ACCESS_STATE_QUERY, FAMILY_STATE_QUERY and REMOVALS_QUERY, by name."""
     return RevocationRows(
-        tuple(AccessRow(*r) for r in access),
-        tuple((r[0], r[1]) for r in families),
-        tuple((r[0], r[1]) for r in removals),
+        tuple(
+            AccessRow(r["token_hash"], r["family_id"], r["exp"], r["revoked_at"], r["delisted_at"])
+            for r in access
+        ),
+        tuple((r["family_id"], r["killed_at"]) for r in families),
+        tuple((r["seq"], r["removed"]) for r in removals),
     )
