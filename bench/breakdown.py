@@ -44,7 +44,7 @@ async def _time(name: str, operation: Callable[[], Awaitable[object]], count: in
 
 
 def _durable_connection(path: Path) -> sqlite3.Connection:
-    # As SqliteBase._connect: WAL, synchronous=FULL, autocommit with explicit transactions.
+    # As SqliteDatabase._connect: WAL, synchronous=FULL, autocommit with explicit transactions.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")

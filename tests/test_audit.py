@@ -140,6 +140,7 @@ def test_the_chain_is_keyed_by_the_master_key(audited: Path, tmp_path: Path) -> 
     shutil.copytree(audited, data_dir)
     forger = MasterKey(b"\x07" * 32)
     with contextlib.closing(sqlite3.connect(data_dir / DB)) as conn, conn:
+        conn.row_factory = sqlite3.Row
         conn.execute("UPDATE audit_log SET subject = 'mallory' WHERE seq = 4")
         previous = GENESIS
         for row in conn.execute("SELECT * FROM audit_log ORDER BY seq").fetchall():

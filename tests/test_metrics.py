@@ -131,7 +131,7 @@ async def test_a_scrape_after_traffic_counts_what_happened(
     assert response.code == aiocoap.CHANGED
     edhoc = await sensor.request(aiocoap.POST, "/.well-known/edhoc", b"\xf5 not message_1")
     assert edhoc.code == aiocoap.BAD_REQUEST
-    await sensor.service.rotate_keys(force=True)
+    await sensor.service.rotate_keys(force=True, actor="operator")
     await sensor.server.check_changes()  # what the next tick does: TRL and key set re-read
 
     samples = await scrape(sensor.server)
@@ -176,7 +176,7 @@ async def test_healthz_answers_200_then_503_while_the_store_fails(sensor: Coap) 
     assert json.loads(body)["status"] == "ok"
     assert (await asyncio.to_thread(http_get, url + "/other"))[0] == 404
 
-    connection = sensor.service.store.inner._conn  # type: ignore[attr-defined]
+    connection = sensor.service.store.inner.database.connection  # type: ignore[attr-defined]
     connection.execute("PRAGMA query_only=ON")  # SQLITE_READONLY on the next write
     try:
         response, _ = await sensor.post_ace(

@@ -1,5 +1,7 @@
 """Refresh rotation survives a crash: SIGKILL the real server in the middle of a refresh storm,
-restart it on the same data directory, and check the store and the wire.
+restart it on the same data directory, and check the store and the wire. Grants too: SIGKILL
+in a storm of concurrent grants (group-committed, many to a transaction), and none answered is
+lost, none unanswered is half written.
 
 What must hold after the restart (docs/protocol.md "Refresh tokens"):
 - every refresh token the client received was committed (a 2.01 only for what is stored);
@@ -33,6 +35,8 @@ STORM_BEFORE_KILL = 0.4  # s of refresh storm before SIGKILL
 MIN_REFRESHES = 2 * FAMILIES  # the storm must have done something before the kill
 STORM_PROGRESS_TIMEOUT = 10  # s, to reach MIN_REFRESHES
 AFTER_KILL = 0.3  # s to let responses already sent before the kill reach the client
+GRANTS_IN_FLIGHT = 48  # concurrent grant requests: the store commits them in batches
+MIN_GRANTS = 4 * GRANTS_IN_FLIGHT  # answered before the kill
 
 # docs/protocol.md numbers
 CF_ACE_CBOR = 19
@@ -55,6 +59,10 @@ def serve(data_dir: Path, log: Path) -> contextlib.AbstractAsyncContextManager[S
         COAP_AUTH_RATE_LIMIT_PER_ADDRESS="0",
         COAP_AUTH_RATE_LIMIT_PER_CLIENT="0",
     )
+
+
+def _grant_body(client_id: str, secret: str) -> dict[int, Any]:
+    return {CLIENT_ID: client_id, CLIENT_SECRET: secret, AUDIENCE: "thermostat"}
 
 
 # -- the client -----------------------------------------------------------------------------------
@@ -151,6 +159,20 @@ class Db:
                 family_id,
             )
         ]
+
+    def orphans(self) -> list[tuple[str, bytes]]:
+        """Half-written grants: a family without its refresh token or its access token's
+        record, or a token row without its family."""
+        rows = self.query(
+            "SELECT 'family', f.family_id FROM refresh_families f"
+            " WHERE NOT EXISTS (SELECT 1 FROM refresh_tokens t WHERE t.family_id = f.family_id)"
+            " OR NOT EXISTS (SELECT 1 FROM access_tokens a WHERE a.family_id = f.family_id)"
+            " UNION ALL SELECT 'refresh', t.digest FROM refresh_tokens t"
+            " WHERE NOT EXISTS (SELECT 1 FROM refresh_families f WHERE f.family_id = t.family_id)"
+            " UNION ALL SELECT 'access', a.token_hash FROM access_tokens a"
+            " WHERE NOT EXISTS (SELECT 1 FROM refresh_families f WHERE f.family_id = a.family_id)"
+        )
+        return [(kind, bytes(value)) for kind, value in rows]
 
     def killed(self, family_id: bytes) -> bool:
         rows = self.query("SELECT killed_at FROM refresh_families WHERE family_id = ?", family_id)
@@ -293,3 +315,83 @@ async def _present_after_restart(
         spent, spent_body = await post_token(context, url, _refresh_body(token, client_id, secret))
         spent_results.append((spent.code, spent_body))
     return (response.code, body), new_token, spent_results
+
+
+async def _grant_forever(
+    context: aiocoap.Context, url: str, answered: list[bytes], body: dict[int, Any]
+) -> str | None:
+    """Ask for grants one after another; each answered one's refresh token goes to `answered`.
+    Returns why it stopped: None when the server died (that request's fate unknown)."""
+    while True:
+        try:
+            response, answer = await post_token(context, url, body)
+        except Exception:
+            return None
+        if response.code != aiocoap.CREATED:
+            return f"{response.code} {answer!r}"
+        answered.append(answer[REFRESH_TOKEN])
+
+
+async def test_grant_storm_killed_mid_flight_loses_no_answered_grant(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    log = tmp_path / "server.log"
+    secret = provision(data_dir, "--lifetime", "600")
+    body = _grant_body("sensor-1", secret)
+    answered: list[bytes] = []
+
+    # -- storm of grants, then SIGKILL -------------------------------------------------------------
+    async with serve(data_dir, log) as server:
+        context = await aiocoap.Context.create_client_context()
+        tasks: list[asyncio.Task[str | None]] = []
+        try:
+            tasks = [
+                asyncio.create_task(_grant_forever(context, server.url, answered, body))
+                for _ in range(GRANTS_IN_FLIGHT)
+            ]
+            await asyncio.sleep(STORM_BEFORE_KILL)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + STORM_PROGRESS_TIMEOUT
+            while len(answered) < MIN_GRANTS and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            assert not any(t.done() for t in tasks), [t.result() for t in tasks if t.done()]
+            assert len(answered) >= MIN_GRANTS, server.log_tail()
+
+            server.process.kill()  # SIGKILL, as likely as not with a batch being committed
+            await asyncio.wait_for(server.process.wait(), 10)
+            await asyncio.sleep(AFTER_KILL)
+        finally:
+            for task in tasks:
+                task.cancel()
+            stopped = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+            await asyncio.wait_for(context.shutdown(), 10)
+    assert [s for s in stopped if isinstance(s, str)] == []  # only the kill stopped them
+
+    # -- restart on the same data dir --------------------------------------------------------------
+    async with serve(data_dir, log) as server:
+        db = Db(data_dir)
+        assert db.orphans() == [], "a grant was half written"
+        rows = [db.token(token) for token in answered]
+        assert all(row is not None for row in rows), "a grant answered 2.01 was lost"
+        families = {row.family_id for row in rows if row is not None}
+        assert len(families) == len(answered)
+        stored = db.query("SELECT count(*) FROM refresh_families")[0][0]
+        # Committed but unanswered (the kill came between the commit and the answer): whole.
+        assert stored >= len(answered)
+
+        # And they work: each answered grant's refresh token refreshes, once.
+        context = await aiocoap.Context.create_client_context()
+        try:
+            sample = answered[:: max(1, len(answered) // 16)]
+            results = await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        post_token(context, server.url, _refresh_body(token, "sensor-1", secret))
+                        for token in sample
+                    )
+                ),
+                60,
+            )
+        finally:
+            await asyncio.wait_for(context.shutdown(), 10)
+        for response, answer in results:
+            assert response.code == aiocoap.CREATED, (response.code, answer, server.log_tail())

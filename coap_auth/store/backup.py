@@ -212,6 +212,7 @@ def _connection(path: Path, *, read_only: bool = False) -> Iterator[sqlite3.Conn
     else:
         target, uri = str(path), False
     conn = sqlite3.connect(target, uri=uri, isolation_level=None, timeout=_BUSY_MS / 1000)
+    conn.row_factory = sqlite3.Row  # rows are read by column name
     try:
         yield conn
     finally:

@@ -2,16 +2,18 @@
 the whole list's history and each requester's update collection, reading them, sweeping.
 
 Functions of a connection inside the caller's transaction (a writer holds the lock: BEGIN
-IMMEDIATE), so numbering by MAX(seq) + 1 cannot race.
+IMMEDIATE), so numbering by MAX(seq) + 1 cannot race. What a sweep delists and forgets is
+decided in coap_auth.store.decisions.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import cbor2
 
+from coap_auth.store.decisions import AccessRecord, delistable, forgettable, updates_kept
 from coap_auth.store.records import TrlUpdate
 from coap_auth.store.rows import TRL_UPDATE_COLUMNS, trl_update_from_row
 from coap_auth.store.trl_history import Owner, requester_rows
@@ -29,10 +31,10 @@ _LISTED = (
     "SELECT token_hash FROM access_tokens WHERE revoked_at IS NOT NULL AND delisted_at IS NULL"
     " ORDER BY revoked_at, token_hash"
 )
-_BOUNDS = "SELECT COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM trl_updates"
+_BOUNDS = "SELECT COALESCE(MIN(seq), 0) AS first, COALESCE(MAX(seq), 0) AS last FROM trl_updates"
 _BOUNDS_FOR = (
-    "SELECT COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM trl_requester_updates"
-    " WHERE requester = ?"
+    "SELECT COALESCE(MIN(seq), 0) AS first, COALESCE(MAX(seq), 0) AS last"
+    " FROM trl_requester_updates WHERE requester = ?"
 )
 # Numbered after the requester's newest row, which pruning always keeps.
 _APPEND_FOR = (
@@ -40,6 +42,24 @@ _APPEND_FOR = (
     " SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2, ?3, ?4, ?5 FROM trl_requester_updates"
     " WHERE requester = ?1"
 )
+# An access_tokens row as the decisions read it (decisions.AccessRecord).
+ACCESS_COLUMNS = "token_hash, family_id, client_id, audience, exp, revoked_at, delisted_at"
+
+
+def access_records(rows: Iterable[sqlite3.Row]) -> list[AccessRecord]:
+    """Rows of ACCESS_COLUMNS, by name."""
+    return [
+        AccessRecord(
+            token_hash=r["token_hash"],
+            family_id=r["family_id"],
+            client_id=r["client_id"],
+            audience=r["audience"],
+            exp=r["exp"],
+            revoked_at=r["revoked_at"],
+            delisted_at=r["delisted_at"],
+        )
+        for r in rows
+    ]
 
 
 def revoke(conn: sqlite3.Connection, owners: Mapping[bytes, Owner], now: int) -> list[bytes]:
@@ -80,19 +100,19 @@ def record_update(
 
 def read_trl(conn: sqlite3.Connection, requester: str | None) -> tuple[list[bytes], int, int]:
     if requester is None:
-        hashes = [r[0] for r in conn.execute(_LISTED)]
+        hashes = [r["token_hash"] for r in conn.execute(_LISTED)]
     else:
-        hashes = [r[0] for r in conn.execute(_LISTED_FOR, (requester,))]
+        hashes = [r["token_hash"] for r in conn.execute(_LISTED_FOR, (requester,))]
     first, last = read_bounds(conn, requester)
     return hashes, first, last
 
 
 def read_bounds(conn: sqlite3.Connection, requester: str | None) -> tuple[int, int]:
     if requester is None:
-        first, last = conn.execute(_BOUNDS).fetchone()
+        row = conn.execute(_BOUNDS).fetchone()
     else:
-        first, last = conn.execute(_BOUNDS_FOR, (requester,)).fetchone()
-    return int(first), int(last)
+        row = conn.execute(_BOUNDS_FOR, (requester,)).fetchone()
+    return int(row["first"]), int(row["last"])
 
 
 def read_updates(
@@ -114,35 +134,47 @@ def read_updates(
 
 
 def read_changes_since(conn: sqlite3.Connection, trl_seq: int | None) -> tuple[frozenset[str], int]:
-    newest = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM trl_updates").fetchone()[0])
+    newest = int(
+        conn.execute("SELECT COALESCE(MAX(seq), 0) AS newest FROM trl_updates").fetchone()["newest"]
+    )
     if trl_seq is None or trl_seq >= newest:
         return frozenset(), newest
     rows = conn.execute(
         "SELECT DISTINCT requester FROM trl_requester_updates WHERE trl_seq > ?", (trl_seq,)
     )
-    return frozenset(r[0] for r in rows), newest
+    return frozenset(r["requester"] for r in rows), newest
+
+
+def next_expiry(conn: sqlite3.Connection) -> int | None:
+    """The earliest exp among listed hashes."""
+    row = conn.execute(
+        "SELECT MIN(exp) AS exp FROM access_tokens"
+        " WHERE revoked_at IS NOT NULL AND delisted_at IS NULL"
+    ).fetchone()
+    return row["exp"]
 
 
 def sweep(conn: sqlite3.Connection, now: int, keep_updates: int) -> int:
-    expired = {
-        r[0]: (r[1], r[2])
-        for r in conn.execute(
-            "SELECT token_hash, client_id, audience FROM access_tokens"
-            " WHERE revoked_at IS NOT NULL AND delisted_at IS NULL AND exp <= ?"
-            " ORDER BY revoked_at, token_hash",
+    """Delist and forget what the decisions say, prune the histories; how many delisted."""
+    # Candidates by the exp index. A delisted row is done with (neither decision takes it):
+    # left out here so a sweep does not rebuild every token ever revoked.
+    records = access_records(
+        conn.execute(
+            f"SELECT {ACCESS_COLUMNS} FROM access_tokens WHERE exp <= ? AND delisted_at IS NULL",
             (now,),
         )
-    }
-    if expired:
+    )
+    delisted = delistable(records, now)
+    if delisted:
         conn.executemany(
             "UPDATE access_tokens SET delisted_at = ? WHERE token_hash = ?",
-            [(now, h) for h in expired],
+            [(now, h) for h in delisted],
         )
-        record_update(conn, now, removed=list(expired), added=[], owners=expired)
-    # Records of tokens that expired unrevoked are no longer needed for anything.
-    conn.execute("DELETE FROM access_tokens WHERE revoked_at IS NULL AND exp <= ?", (now,))
-    # The newest row of each history is always kept: the next is numbered after it.
-    keep = max(keep_updates, 1)
+        record_update(conn, now, removed=list(delisted), added=[], owners=delisted)
+    conn.executemany(
+        "DELETE FROM access_tokens WHERE token_hash = ?", [(h,) for h in forgettable(records, now)]
+    )
+    keep = updates_kept(keep_updates)
     conn.execute(
         "DELETE FROM trl_updates WHERE seq <= (SELECT MAX(seq) FROM trl_updates) - ?", (keep,)
     )
@@ -151,4 +183,4 @@ def sweep(conn: sqlite3.Connection, now: int, keep_updates: int) -> int:
         " FROM trl_requester_updates m WHERE m.requester = trl_requester_updates.requester) - ?",
         (keep,),
     )
-    return len(expired)
+    return len(delisted)

@@ -26,20 +26,21 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
 async def test_a_read_only_database_is_unavailable_and_changes_nothing(
     store: SqliteStore,
 ) -> None:
-    assert store._conn is not None
-    store._conn.execute("PRAGMA query_only=ON")  # SQLITE_READONLY on the next write
+    connection = store.database.connection
+    connection.execute("PRAGMA query_only=ON")  # SQLITE_READONLY on the next write
 
     with pytest.raises(StoreUnavailable):
         await store.add_audience(Audience("thermostat", "cwt", 600, 0))
 
-    store._conn.execute("PRAGMA query_only=OFF")
+    connection.execute("PRAGMA query_only=OFF")
     assert await store.list_audiences() == []
 
 
 async def test_a_bad_statement_is_a_fault_not_unavailability(store: SqliteStore) -> None:
     def bad_statement() -> None:
-        assert store._conn is not None
-        store._conn.execute("SELECT * FROM no_such_table")
+        store.database.connection.execute("SELECT 1 FROM no_such_table")
 
     with pytest.raises(sqlite3.OperationalError, match="no such table"):
-        await store._run(bad_statement)
+        await store.database.run(bad_statement)
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        await store.database.write(lambda conn: conn.execute("SELECT 1 FROM no_such_table"))

@@ -31,7 +31,7 @@ from coap_auth.store import (
     Store,
 )
 from coap_auth.store.audit import AuditEvent, verify_chain, verify_log
-from coap_auth.store.records import RegistryChange
+from coap_auth.store.records import UNCHECKED, Minted, RegistryChange, RegistryVersions
 from coap_auth.store.registry_mac import RegistryReport
 from coap_auth.store.sqlite import DB_FILE
 from coap_auth.store.sqlite_schema import SCHEMA_VERSION
@@ -119,11 +119,11 @@ class Minter:
         self.families: list[RefreshFamily] = []
         self.issued: list[IssuedAccess] = []
 
-    def __call__(self, family: RefreshFamily) -> IssuedAccess:
+    def __call__(self, family: RefreshFamily) -> Minted[IssuedAccess]:
         access = _access(family.client_id, self.exp)
         self.families.append(family)
         self.issued.append(access)
-        return access
+        return Minted(access, access)
 
 
 async def _start(
@@ -605,6 +605,146 @@ async def test_failing_mint_in_grace_keeps_successor_live(registered: Store) -> 
     # The grace attempt rolled back: d1 was not spent, so it still rotates.
     assert await _rotate(registered, d1, _digest(), T0 + 12) == "rotated"
     assert family.family_id in await _live_ids(registered, T0 + 12)
+
+
+async def _versions(store: Store, client_id: str = "sensor-1") -> RegistryVersions:
+    """The registry rows a grant for this client decides from, as stored now."""
+    client = await store.get_client(client_id)
+    audience = await store.get_audience("thermostat")
+    assert client is not None and audience is not None and client.version and audience.version
+    return RegistryVersions(((client_id, client.version),), (("thermostat", audience.version),))
+
+
+async def _nothing_written(
+    store: Store, family: RefreshFamily, digest: bytes, access: IssuedAccess
+) -> None:
+    assert family.family_id not in await _live_ids(store, T0 + 10)
+    assert await store.token_status(access.token_hash) is None
+    assert await _rotate(store, digest, _digest(), T0 + 10) == "unknown"
+
+
+async def test_start_family_checks_the_registry_rows_it_was_decided_from(
+    registered: Store,
+) -> None:
+    versions = await _versions(registered)
+    started, digest, access = _family(), _digest(), _access()
+    assert await registered.start_family(started, digest, access, versions) is True
+    assert started.family_id in await _live_ids(registered, T0 + 10)
+    assert await registered.token_status(access.token_hash) == "live"
+    # A client named as absent (b"") is current while there is no such row.
+    absent = RegistryVersions((("sensor-9", b""),))
+    assert await registered.start_family(_family(), _digest(), _access(), absent) is True
+
+    # The client changed since the grant was decided: nothing is written.
+    assert await registered.disable_client("sensor-1", T0 + 1)
+    for stale in (versions, RegistryVersions((("sensor-2", b""),)), absent + versions):
+        family, digest, access = _family(), _digest(), _access()
+        assert await registered.start_family(family, digest, access, stale) is False
+        await _nothing_written(registered, family, digest, access)
+
+
+async def test_start_family_refuses_a_changed_audience(registered: Store) -> None:
+    versions = await _versions(registered)
+    longer = Audience("thermostat", "cwt", 2 * ACCESS_LIFETIME, T0)
+    await registered.update_audience(
+        "thermostat", lambda _a: RegistryChange(longer, "audience.changed"), "operator", T0 + 1
+    )
+    family, digest, access = _family(), _digest(), _access()
+    assert await registered.start_family(family, digest, access, versions) is False
+    await _nothing_written(registered, family, digest, access)
+
+
+class Refuser:
+    """A mint that refuses (a wider scope, say): a value for the caller, nothing to store."""
+
+    def __init__(self, registry: RegistryVersions = UNCHECKED) -> None:
+        self.registry = registry
+        self.calls = 0
+
+    def __call__(self, family: RefreshFamily) -> Minted[str]:
+        self.calls += 1
+        return Minted("refused: wider scope", None, self.registry)
+
+
+async def _unchanged_after(store: Store, family: RefreshFamily, presented: bytes) -> None:
+    """The refresh wrote nothing: its successor is unknown, last_used_at did not move, the
+    presented token is as it was (it rotates now, as a live one; not "grace")."""
+    listed = {f.family_id: f for f in await store.list_families("sensor-1", T0 + 11)}
+    assert listed[family.family_id].last_used_at == T0
+    assert await _rotate(store, presented, _digest(), T0 + 12) == "rotated"
+
+
+async def test_a_refused_mint_writes_nothing(registered: Store, backend: Backend) -> None:
+    family, d0, _ = await _start(registered)
+    successor, refuser = _digest(), Refuser()
+
+    outcome = await registered.rotate_refresh(
+        d0,
+        successor,
+        client_id="sensor-1",
+        now=T0 + 10,
+        grace=GRACE,
+        idle_timeout=IDLE,
+        mint=refuser,
+    )
+
+    assert outcome.status == "refused" and refuser.calls == 1
+    assert outcome.minted == "refused: wider scope"
+    assert outcome.family is not None and outcome.family.family_id == family.family_id
+    assert await backend.unspent_digests(family.family_id) == [d0]
+    assert await _rotate(registered, successor, _digest(), T0 + 11) == "unknown"
+    await _unchanged_after(registered, family, d0)
+
+
+async def test_a_stale_registry_refresh_writes_nothing(registered: Store, backend: Backend) -> None:
+    family, d0, _ = await _start(registered)
+    versions = await _versions(registered)
+    assert await registered.disable_client("sensor-1", T0 + 1)
+
+    # Stale by the versions the request was decided from, or by those the mint used.
+    for registry, mint_registry in ((versions, UNCHECKED), (UNCHECKED, versions)):
+        successor, mint = _digest(), Minter()
+        outcome = await registered.rotate_refresh(
+            d0,
+            successor,
+            client_id="sensor-1",
+            now=T0 + 10,
+            grace=GRACE,
+            idle_timeout=IDLE,
+            mint=lambda f, mint=mint, r=mint_registry: replace(mint(f), registry=r),
+            registry=registry,
+        )
+        assert outcome.status == "stale" and outcome.minted is None
+        assert len(mint.issued) == 1
+        assert await registered.token_status(mint.issued[0].token_hash) is None
+        assert await backend.unspent_digests(family.family_id) == [d0]
+        assert await _rotate(registered, successor, _digest(), T0 + 11) == "unknown"
+    await _unchanged_after(registered, family, d0)
+
+
+async def test_a_refused_or_stale_grace_refresh_keeps_the_successor_live(
+    registered: Store, backend: Backend
+) -> None:
+    family, d0, _ = await _start(registered)
+    d1 = _digest()
+    assert await _rotate(registered, d0, d1, T0 + 10) == "rotated"
+    stale = RegistryVersions((("sensor-1", b"not its mac"),))
+
+    for mint, status in ((Refuser(), "refused"), (Refuser(stale), "stale")):
+        outcome = await registered.rotate_refresh(
+            d0,
+            _digest(),
+            client_id="sensor-1",
+            now=T0 + 11,
+            grace=GRACE,
+            idle_timeout=IDLE,
+            mint=mint,
+        )
+        assert outcome.status == status and mint.calls == 1
+
+    # Neither attempt spent d1: it is the one live token, and it rotates.
+    assert await backend.unspent_digests(family.family_id) == [d1]
+    assert await _rotate(registered, d1, _digest(), T0 + 12) == "rotated"
 
 
 async def test_kill_families_counts_and_revokes(registered: Store) -> None:

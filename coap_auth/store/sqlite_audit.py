@@ -1,0 +1,101 @@
+"""The SQLite store's audit chain and change feed: appending to the chain in the caller's
+transaction, reading it back (with what `audit verify` compares), and the change counters."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+
+from coap_auth.store.audit import AuditEntry, AuditEvent, AuditSnapshot, append_plan
+from coap_auth.store.records import ChangeCounters
+from coap_auth.store.registry_mac import Mac
+from coap_auth.store.rows import (
+    ACCESS_STATE_QUERY,
+    AUDIT_COLUMNS,
+    FAMILY_STATE_QUERY,
+    REMOVALS_QUERY,
+    audit_entry_from_row,
+    audit_entry_to_row,
+    revocation_rows,
+)
+from coap_auth.store.sqlite_schema import read_head, registry_digest_of
+
+_AUDIT_VALUES = ", ".join("?" * len(AUDIT_COLUMNS.split(",")))
+
+
+class SqliteAudit:
+    """The chain under the master key's audit MAC; every method runs in the caller's
+    transaction (a write's, or a read's)."""
+
+    def __init__(self, audit_mac: Mac) -> None:
+        self._mac = audit_mac
+
+    def append(
+        self, conn: sqlite3.Connection, events: Iterable[AuditEvent], *, registry: bool = False
+    ) -> None:
+        """Append to the chain and move its head; `registry`: the transaction wrote a client
+        or audience row, the head records the new digest."""
+        events = list(events)
+        if not events:
+            return
+        newest = conn.execute("SELECT seq, mac FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+        last = None if newest is None else (newest["seq"], newest["mac"])
+        digest = registry_digest_of(conn) if registry else None
+        entries, head = append_plan(self._mac, read_head(conn), last, events, digest)
+        conn.executemany(
+            f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ({_AUDIT_VALUES})",
+            [audit_entry_to_row(entry) for entry in entries],
+        )
+        if head is not None:
+            conn.execute(
+                "UPDATE audit_head SET seq = ?, last_mac = ?, mac = ?, registry = ? WHERE id = 1",
+                (head.seq, head.last_mac, head.mac, head.registry),
+            )
+
+
+def entries(conn: sqlite3.Connection, last: int | None) -> list[AuditEntry]:
+    """Every entry in order, or the last `last` ones."""
+    if last is None:
+        rows = conn.execute(f"SELECT {AUDIT_COLUMNS} FROM audit_log ORDER BY seq")
+    else:
+        rows = conn.execute(
+            f"SELECT {AUDIT_COLUMNS} FROM"
+            f" (SELECT {AUDIT_COLUMNS} FROM audit_log ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+            (last,),
+        )
+    return [audit_entry_from_row(r) for r in rows]
+
+
+def snapshot(conn: sqlite3.Connection) -> AuditSnapshot:
+    """The chain, its head, the registry digest and the revocation state, as one read."""
+    rows = conn.execute(f"SELECT {AUDIT_COLUMNS} FROM audit_log ORDER BY seq").fetchall()
+    holds_data = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM signing_keys) OR EXISTS (SELECT 1 FROM clients)"
+        " OR EXISTS (SELECT 1 FROM audiences) AS holds_data"
+    ).fetchone()["holds_data"]
+    revocation = revocation_rows(
+        conn.execute(ACCESS_STATE_QUERY),
+        conn.execute(FAMILY_STATE_QUERY),
+        conn.execute(REMOVALS_QUERY),
+    )
+    return AuditSnapshot(
+        tuple(audit_entry_from_row(r) for r in rows),
+        read_head(conn),
+        bool(holds_data),
+        registry_digest_of(conn),
+        revocation,
+    )
+
+
+def change_counters(conn: sqlite3.Connection) -> ChangeCounters:
+    """The change feed's counters and the audit head's registry digest, in one read."""
+    row = conn.execute(
+        "SELECT f.counter, f.revocations, h.registry FROM change_feed f"
+        " LEFT JOIN audit_head h ON h.id = 1 WHERE f.id = 1"
+    ).fetchone()
+    return ChangeCounters(int(row["counter"]), int(row["revocations"]), row["registry"] or b"")
+
+
+def bump_keys(conn: sqlite3.Connection) -> None:
+    """Servers reload keys and rotation policies."""
+    conn.execute("UPDATE change_feed SET counter = counter + 1 WHERE id = 1")
