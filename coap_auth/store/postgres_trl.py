@@ -32,9 +32,10 @@ _LISTED = (
     "SELECT token_hash FROM access_tokens WHERE revoked_at IS NOT NULL AND delisted_at IS NULL"
     " ORDER BY revoked_at, token_hash"
 )
-_BOUNDS = "SELECT COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM trl_updates"
+_BOUNDS = "SELECT COALESCE(MIN(seq), 0) AS first, COALESCE(MAX(seq), 0) AS last FROM trl_updates"
 _BOUNDS_FOR = (
-    "SELECT COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM trl_requester_updates"
+    "SELECT COALESCE(MIN(seq), 0) AS first, COALESCE(MAX(seq), 0) AS last"
+    " FROM trl_requester_updates"
     " WHERE requester = $1"
 )
 # One statement for every requester of an update, each numbered after its newest row (which
@@ -82,15 +83,15 @@ async def read_trl(conn: Conn, requester: str | None) -> tuple[list[bytes], int,
     else:
         rows = await conn.fetch(_LISTED_FOR, requester)
     first, last = await read_bounds(conn, requester)
-    return [r[0] for r in rows], first, last
+    return [bytes(r["token_hash"]) for r in rows], first, last
 
 
 async def read_bounds(conn: Conn, requester: str | None) -> tuple[int, int]:
     if requester is None:
-        first, last = await conn.fetchrow(_BOUNDS)
+        row = await conn.fetchrow(_BOUNDS)
     else:
-        first, last = await conn.fetchrow(_BOUNDS_FOR, requester)
-    return int(first), int(last)
+        row = await conn.fetchrow(_BOUNDS_FOR, requester)
+    return int(row["first"]), int(row["last"])
 
 
 async def read_updates(
@@ -121,13 +122,12 @@ async def read_changes_since(conn: Conn, trl_seq: int | None) -> tuple[frozenset
     rows = await conn.fetch(
         "SELECT DISTINCT requester FROM trl_requester_updates WHERE trl_seq > $1", trl_seq
     )
-    return frozenset(r[0] for r in rows), newest
+    return frozenset(r["requester"] for r in rows), newest
 
 
-async def prune(conn: Conn, keep_updates: int) -> None:
-    """Keep the last `keep_updates` rows of each history, and always its newest: the next is
-    numbered after it."""
-    keep = max(keep_updates, 1)
+async def prune(conn: Conn, keep: int) -> None:
+    """Keep the last `keep` rows of each history (decisions.updates_kept: at least its newest,
+    which the next is numbered after)."""
     await conn.execute(
         "DELETE FROM trl_updates WHERE seq <= (SELECT MAX(seq) FROM trl_updates) - $1", keep
     )

@@ -1,11 +1,14 @@
-"""How the PostgreSQL store behaves when the database misbehaves: a read-only standby, a
-change feed whose callback fails, a stop while a query is stuck."""
+"""How the PostgreSQL store behaves when the database misbehaves (a read-only standby, a change
+feed whose callback fails, a stop while a query is stuck, a lost race) and when writes race: a
+grant against a registry change in flight, grants sharing a transaction."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +22,14 @@ from coap_auth.store import (
     IssuedAccess,
     MasterKey,
     RefreshFamily,
-    postgres_base,
+    postgres_database,
+    postgres_grants,
     postgres_tokens,
 )
 from coap_auth.store.postgres import PostgresStore
+from coap_auth.store.records import Minted, RefreshOutcome, RefreshStatus, RegistryVersions
+from coap_auth.store.registry_mac import CLIENTS
+from coap_auth.store.rows import client_to_row, sealed_row
 from tests import pg
 
 pytestmark = pg.needs_postgres
@@ -87,7 +94,7 @@ async def test_a_read_only_database_answers_store_unavailable(schema: str, tmp_p
 async def test_change_feed_survives_a_failing_callback_and_stops_on_cancel(
     store: PostgresStore, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(postgres_base, "RECONNECT_DELAY", 0.05)
+    monkeypatch.setattr(postgres_database, "RECONNECT_DELAY", 0.05)
     calls = 0
     called_again = asyncio.Event()
 
@@ -118,7 +125,7 @@ async def test_change_feed_survives_a_failing_callback_and_stops_on_cancel(
 async def test_close_does_not_wait_for_a_stuck_query(
     store: PostgresStore, schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(postgres_base, "CLOSE_TIMEOUT", 0.2)
+    monkeypatch.setattr(postgres_database, "CLOSE_TIMEOUT", 0.2)
     assert pg.PG_DSN is not None
     admin = await asyncpg.connect(pg.PG_DSN, server_settings={"search_path": schema})
     try:
@@ -151,22 +158,22 @@ async def test_a_rolled_back_refresh_is_rerun_and_only_the_committed_token_count
     first = IssuedAccess(secrets.token_bytes(33), "c", T0 + 600)
     await store.start_family(family, refresh_digest, first)
 
-    record_access = postgres_tokens._record_access
+    store_rotation = postgres_tokens._store_rotation
     calls = 0
 
-    async def deadlocks_once(conn: Any, access: IssuedAccess, family_id: bytes) -> None:
+    async def deadlocks_once(conn: Any, *args: Any) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise asyncpg.exceptions.DeadlockDetectedError("injected")
-        await record_access(conn, access, family_id)
+        await store_rotation(conn, *args)
 
-    monkeypatch.setattr(postgres_tokens, "_record_access", deadlocks_once)
+    monkeypatch.setattr(postgres_tokens, "_store_rotation", deadlocks_once)
     minted: list[IssuedAccess] = []
 
-    def mint(_family: RefreshFamily) -> IssuedAccess:
+    def mint(_family: RefreshFamily) -> Minted[bytes]:
         minted.append(IssuedAccess(secrets.token_bytes(33), "c", T0 + 700))
-        return minted[-1]
+        return Minted(minted[-1].token_hash, minted[-1])
 
     outcome = await store.rotate_refresh(
         refresh_digest,
@@ -179,5 +186,145 @@ async def test_a_rolled_back_refresh_is_rerun_and_only_the_committed_token_count
     )
     assert outcome.status == "rotated"
     assert len(minted) == 2
+    assert outcome.minted == minted[-1].token_hash  # the value of the committed run
     assert await store.token_status(minted[-1].token_hash) == "live"
     assert await store.token_status(minted[0].token_hash) is None
+
+
+async def _registered(store: PostgresStore) -> RegistryVersions:
+    """Audience "thermostat" and client "c" added; the versions a cached grant names."""
+    await store.add_audience(Audience("thermostat", "cwt", 600, T0))
+    await store.add_client(Client("c", ("thermostat",), ("s",), T0, secret_digest=b"x" * 32))
+    client, audience = await store.get_client("c"), await store.get_audience("thermostat")
+    assert client is not None and audience is not None
+    return RegistryVersions((("c", client.version),), (("thermostat", audience.version),))
+
+
+@contextlib.asynccontextmanager
+async def _in_flight(schema: str, statement: str, *args: Any) -> AsyncIterator[asyncpg.Connection]:
+    """`statement` run in a transaction left open (its row locks held); yields the connection,
+    whose transaction the caller commits."""
+    assert pg.PG_DSN is not None
+    conn = await asyncpg.connect(pg.PG_DSN, server_settings={"search_path": schema})
+    try:
+        await conn.execute("BEGIN")
+        await conn.execute(statement, *args)
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def test_a_grant_waits_for_a_disable_in_flight_and_sees_it(
+    store: PostgresStore, schema: str
+) -> None:
+    """No grant commits for a client whose disable committed before it: the grant's check
+    shares the client row, so it waits for the disable holding it, then reads its MAC."""
+    registry = await _registered(store)
+    client = await store.get_client("c")
+    assert client is not None
+    disabled = sealed_row(
+        store._db.master_key.registry_mac, CLIENTS, client_to_row(replace(client, disabled=True))
+    )
+    family = RefreshFamily(secrets.token_bytes(16), "c", "thermostat", "s", T0, T0, T0 + 9999)
+    access = IssuedAccess(secrets.token_bytes(33), "c", T0 + 600, "thermostat")
+    async with _in_flight(
+        schema, "UPDATE clients SET disabled = TRUE, mac = $1 WHERE client_id = 'c'", disabled[-1]
+    ) as disabling:
+        grant = asyncio.create_task(
+            store.start_family(family, secrets.token_bytes(32), access, registry)
+        )
+        await asyncio.sleep(0.3)
+        assert not grant.done()  # waiting on the client row
+        await disabling.execute("COMMIT")
+        assert await asyncio.wait_for(grant, 5) is False
+    assert await store.list_families("c", T0) == []
+    assert await store.token_status(access.token_hash) is None
+
+
+async def test_a_refresh_waits_for_an_audience_change_in_flight_and_sees_it(
+    store: PostgresStore, schema: str
+) -> None:
+    """The family's audience row is shared before the family is locked (the lock order), so a
+    refresh whose mint named the audience as cached is stale once a change of it commits."""
+    registry = await _registered(store)
+    family = RefreshFamily(secrets.token_bytes(16), "c", "thermostat", "s", T0, T0, T0 + 9999)
+    digest = secrets.token_bytes(32)
+    first = IssuedAccess(secrets.token_bytes(33), "c", T0 + 600, "thermostat")
+    assert await store.start_family(family, digest, first, registry)
+
+    def mint(_family: RefreshFamily) -> Minted[str]:
+        access = IssuedAccess(secrets.token_bytes(33), "c", T0 + 700, "thermostat")
+        return Minted("token", access, RegistryVersions(audiences=registry.audiences))
+
+    async def rotate() -> RefreshOutcome[str]:
+        return await store.rotate_refresh(
+            digest,
+            secrets.token_bytes(32),
+            client_id="c",
+            now=T0 + 5,
+            grace=30,
+            idle_timeout=9999,
+            mint=mint,
+            registry=RegistryVersions(clients=registry.clients),
+        )
+
+    async with _in_flight(
+        schema, "UPDATE audiences SET mac = $1 WHERE audience_id = 'thermostat'", b"m" * 32
+    ) as changing:
+        refresh = asyncio.create_task(rotate())
+        await asyncio.sleep(0.3)
+        assert not refresh.done()  # waiting on the audience row
+        await changing.execute("COMMIT")
+        outcome = await asyncio.wait_for(refresh, 5)
+    assert outcome.status is RefreshStatus.STALE and outcome.minted is None
+    # Nothing was written: the token presented is still live.
+    rows = await pg.fetch(schema, "SELECT spent_at FROM refresh_tokens WHERE digest = $1", digest)
+    assert [r["spent_at"] for r in rows] == [None]
+
+
+async def test_concurrent_grants_share_a_transaction_each_with_its_outcome(
+    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Grants arriving while the grant transactions are busy go in one transaction (one
+    commit); a stale one is refused alone, and one that fails (a duplicate family) fails
+    alone: the others of its batch are written."""
+    registry = await _registered(store)
+    stale = RegistryVersions((("c", b"old mac"),), registry.audiences)
+    monkeypatch.setattr(postgres_grants, "GRANT_TRANSACTIONS", 1)
+    write_all = postgres_grants._write_all
+    batches: list[int] = []
+
+    async def counted(conn: Any, *, batch: list[Any], mac: Any) -> list[bool]:
+        batches.append(len(batch))
+        return await write_all(conn, batch=batch, mac=mac)
+
+    monkeypatch.setattr(postgres_grants, "_write_all", counted)
+    taken = RefreshFamily(secrets.token_bytes(16), "c", "thermostat", "s", T0, T0, T0 + 9999)
+    first = IssuedAccess(secrets.token_bytes(33), "c", T0 + 600, "thermostat")
+    assert await store.start_family(taken, secrets.token_bytes(32), first, registry)
+    batches.clear()
+
+    grants = []
+    for n in range(12):
+        family_id = taken.family_id if n == 5 else secrets.token_bytes(16)
+        family = RefreshFamily(family_id, "c", "thermostat", "s", T0, T0, T0 + 9999)
+        access = IssuedAccess(secrets.token_bytes(33), "c", T0 + 600, "thermostat")
+        grants.append((family, access, stale if n % 4 == 3 else registry))
+    results = await asyncio.gather(
+        *(store.start_family(f, secrets.token_bytes(32), a, r) for f, a, r in grants),
+        return_exceptions=True,
+    )
+
+    assert batches[0] == 12  # all in one transaction, which failed; then each alone
+    assert isinstance(results[5], asyncpg.UniqueViolationError)
+    expected = [n % 4 != 3 for n in range(12)]
+    assert [r for n, r in enumerate(results) if n != 5] == expected[:5] + expected[6:]
+    for (_, access, _), result in zip(grants, results, strict=True):
+        if result is True:
+            assert await store.token_status(access.token_hash) == "live"
+        elif result is False:
+            assert await store.token_status(access.token_hash) is None
+    live = {f.family_id for f in await store.list_families("c", T0)}
+    assert live == {taken.family_id} | {
+        f.family_id for (f, _, _), r in zip(grants, results, strict=True) if r is True
+    }
