@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import fields
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from coap_auth.coap import blockwise, messages, observers
 from coap_auth.config import ENV_PREFIX, LIMITS, NOT_SETTINGS, Settings, load_settings
 from coap_auth.errors import OperatorError, ServiceUnavailable
 from coap_auth.secure import contexts, credentials, edhoc, site
-from coap_auth.service import core, rollover
+from coap_auth.service import grants, minting, rollover
 from coap_auth.wire import (
     CLIENT_ASSERTION,
     TOKEN_FORMAT,
@@ -98,7 +98,8 @@ def test_documented_default_range_unit_and_environment(name: str) -> None:
     documented = tomllib.loads(f"value = {unquote(default)}")["value"]
     expected = getattr(Settings(), name)
     assert documented == (str(expected) if isinstance(expected, Path) else expected)
-    assert type(documented) is type(expected) or isinstance(expected, Path)
+    # A path is documented as text, and so is a choice (a StrEnum, e.g. log_format).
+    assert type(documented) is type(expected) or isinstance(expected, Path | StrEnum)
     assert allowed == limit.text
     assert unit == limit.unit
     assert meaning
@@ -216,8 +217,8 @@ FIXED_NUMBERS = [
     f"{echo.MAX_VERIFIED_PER_PREFIX} per IPv6 /64",
     f"at most {echo.AMPLIFICATION_FACTOR} times the request",
     f"is at most {rollover.MAX_KEYS_MAX_AGE:,} s",
-    f"Opaque, {core.REFRESH_TOKEN_BYTES} random bytes",
-    f"cti 7 (bstr, {core.CTI_BYTES} random bytes)",
+    f"Opaque, {grants.REFRESH_TOKEN_BYTES} random bytes",
+    f"cti 7 (bstr, {minting.CTI_BYTES} random bytes)",
     f"{contexts.MASTER_SECRET_BYTES}-byte master secret, {contexts.MASTER_SALT_BYTES}-byte salt, "
     f"sender and recipient ids up to {contexts.MAX_ID_BYTES} bytes, "
     f"replay window {contexts.REPLAY_WINDOW}",

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from coap_auth.cli import data_lock
+from coap_auth.cli.registry import operator_actor
 from coap_auth.cli.runtime import open_service
 from coap_auth.clock import SystemClock
 from coap_auth.config import Settings
 from coap_auth.errors import OperatorError
 from coap_auth.secure.provisioned import DIRECTORY as OSCORE_DIRECTORY
 from coap_auth.service import AuthService
-from coap_auth.store import AuditEvent, ChainReport, MasterKey, SqliteStore, Store
+from coap_auth.store import ChainReport, MasterKey, SqliteStore, Store
 from coap_auth.store import backup as copies
 from coap_auth.store.master_key import ENV_VAR, FILE_NAME, KEY_BYTES, make_private
 from coap_auth.store.sqlite import DB_FILE
@@ -215,9 +216,7 @@ async def _record_restore(
     the restore in its audit log (a deliberate rollback is then visible there), verify it."""
     service = await open_service(settings)
     try:
-        details = {"backup_entries": backed_up.entries, "backup_head": backed_up.head_mac.hex()}
-        event = AuditEvent(now, "operator", "store.restored", "database", details)
-        await service.store.append_audit([event])
+        await service.admin.record_restore(backed_up.entries, backed_up.head_mac, operator_actor())
         return await _verified(service.store, master_key, settings, settings.data_dir / DB_FILE)
     finally:
         await service.store.close()

@@ -50,6 +50,7 @@ from coap_auth.store import (
     RefreshFamily,
     Store,
 )
+from coap_auth.store.audit import AuditName
 from coap_auth.store.records import Profile, RegistryChange, TokenFormat
 
 # What the command line offers (choices, defaults), named here so that it needs no store or
@@ -130,7 +131,7 @@ class Administration:
         if client is None or client.disabled:
             raise OperatorError(f"no enabled client {client_id!r}")
         device = provision(client)
-        await self._audit(actor, "client.oscore_provisioned", client_id)
+        await self._audit(actor, AuditName.CLIENT_OSCORE_PROVISIONED, client_id)
         return device
 
     async def withdraw_oscore(
@@ -140,7 +141,7 @@ class Administration:
         was one; coap_auth.secure.provisioned.remove)."""
         if not withdraw(client_id):
             raise OperatorError(f"no OSCORE context provisioned for {client_id!r}")
-        await self._audit(actor, "client.oscore_removed", client_id)
+        await self._audit(actor, AuditName.CLIENT_OSCORE_REMOVED, client_id)
 
     async def disable_client(self, client_id: str, actor: str, *, revoke: bool) -> ClientOutcome:
         """Refuse new grants at once (and the client's OSCORE contexts, checked per request);
@@ -188,7 +189,7 @@ class Administration:
             raise OperatorError(f"no client {client_id!r}")
         withdrawn = withdraw_context(client_id)
         if withdrawn:
-            await self._audit(actor, "client.oscore_removed", client_id)
+            await self._audit(actor, AuditName.CLIENT_OSCORE_REMOVED, client_id)
         return ClientOutcome(client_id, None, killed, oscore_context_removed=withdrawn)
 
     async def _change_client(
@@ -406,5 +407,12 @@ class Administration:
         """The latest `last` entries of the audit log, oldest first."""
         return await self.store.audit_entries(last=last)
 
-    async def _audit(self, actor: str, event: str, subject: str) -> None:
+    async def record_restore(self, entries: int, head_mac: bytes, actor: str) -> None:
+        """`coap-auth restore` put a backup in place: the log says so, and of which backup
+        (its entries and head), so a deliberate rollback is visible there."""
+        details = {"backup_entries": entries, "backup_head": head_mac.hex()}
+        event = AuditEvent(self.clock.now(), actor, AuditName.STORE_RESTORED, "database", details)
+        await self.store.append_audit([event])
+
+    async def _audit(self, actor: str, event: AuditName, subject: str) -> None:
         await self.store.append_audit([AuditEvent(self.clock.now(), actor, event, subject)])

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from coap_auth.errors import OperatorError, TokenError, UnsupportedPopKey
 from coap_auth.keys import ENDED, KeyState, SigningKey
 from coap_auth.store import Audience, Client, RefreshFamily
+from coap_auth.store.audit import AuditName
 from coap_auth.store.records import OSCORE_TOKEN_ALG, RegistryChange
 from coap_auth.text import has_control_character
 from coap_auth.tokens import cose_key_from_public, public_key_from_cose
@@ -147,7 +148,7 @@ def disabled(client: Client, revoke: bool) -> RegistryChange[Client]:
         raise OperatorError(f"client {client.client_id} is already disabled")
     return RegistryChange(
         replace(client, disabled=True),
-        "client.disabled",
+        AuditName.CLIENT_DISABLED,
         {"revoke": revoke},
         kill=(lambda _family: True) if revoke else None,
         kill_reason="client disabled",
@@ -157,7 +158,7 @@ def disabled(client: Client, revoke: bool) -> RegistryChange[Client]:
 def enabled(client: Client) -> RegistryChange[Client]:
     if not client.disabled:
         raise OperatorError(f"client {client.client_id} is not disabled")
-    return RegistryChange(replace(client, disabled=False), "client.enabled")
+    return RegistryChange(replace(client, disabled=False), AuditName.CLIENT_ENABLED)
 
 
 def secret_rotated(client: Client, digest: bytes, now: int, overlap: int) -> RegistryChange[Client]:
@@ -176,7 +177,9 @@ def secret_rotated(client: Client, digest: bytes, now: int, overlap: int) -> Reg
         previous_secret_until=until,
     )
     return RegistryChange(
-        rotated, "client.secret_rotated", {"overlap": overlap, "previous_secret_until": until}
+        rotated,
+        AuditName.CLIENT_SECRET_ROTATED,
+        {"overlap": overlap, "previous_secret_until": until},
     )
 
 
@@ -196,7 +199,7 @@ def rekeyed(client: Client, public_key: dict[Any, Any]) -> RegistryChange[Client
     was = "public-key" if old_key is not None else "secret"
     return RegistryChange(
         changed,
-        "client.key_replaced",
+        AuditName.CLIENT_KEY_REPLACED,
         {"was": was},
         kill=None if old_key is None else (lambda family: bound_to(family, old_key)),
         kill_reason="client key replaced",
@@ -257,7 +260,7 @@ def audience_changed(
             introspect_public_key=credential.public_key,
         )
         details["introspection"] = credential.introspection
-    return RegistryChange(changed, "audience.changed", details)
+    return RegistryChange(changed, AuditName.AUDIENCE_CHANGED, details)
 
 
 # -- keys and tokens ---------------------------------------------------------------------------

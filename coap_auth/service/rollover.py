@@ -23,7 +23,7 @@ from coap_auth.keys import (
     SigningKey,
     rings_by_family,
 )
-from coap_auth.metrics import Metrics
+from coap_auth.metrics import Metrics, RotationTrigger
 from coap_auth.store import Audience, Store
 from coap_auth.tokens import VerificationKey
 from coap_auth.wire import CoseAlg
@@ -184,7 +184,7 @@ class KeyRollover:
 
         changed = await self.store.update_keys(advance, "scheduler", now)
         if changed:
-            self._count_rotations(changed, "scheduled")
+            self._count_rotations(changed, RotationTrigger.SCHEDULED)
             log.info("scheduled key change: %s", _describe(changed))
         await self._load()
         return changed
@@ -192,7 +192,7 @@ class KeyRollover:
     # -- operator actions -------------------------------------------------------------------------
 
     async def rotate(
-        self, family: str = DEFAULT_FAMILY, *, force: bool = False, actor: str = "operator"
+        self, family: str = DEFAULT_FAMILY, *, actor: str, force: bool = False
     ) -> list[SigningKey]:
         async with self._lock:
             return await self._rotate(family, force, actor)
@@ -209,17 +209,17 @@ class KeyRollover:
             _in_family(family, lambda ring: ring.rotate(now, policy, force=force)[1]), actor, now
         )
         await self._load()
-        self._count_rotations(changed, "manual")
+        self._count_rotations(changed, RotationTrigger.MANUAL)
         log.info("keys rotated: %s", _describe(changed))
         return changed
 
-    def _count_rotations(self, changed: list[SigningKey], trigger: str) -> None:
+    def _count_rotations(self, changed: list[SigningKey], trigger: RotationTrigger) -> None:
         """One rotation per family in which a key became active."""
         rotated = {k.family for k in changed if k.state == KeyState.ACTIVE}
         if rotated:
             self.metrics.key_rotations.labels(trigger).inc(len(rotated))
 
-    async def revoke(self, kid: bytes, *, actor: str = "operator") -> list[SigningKey]:
+    async def revoke(self, kid: bytes, *, actor: str) -> list[SigningKey]:
         async with self._lock:
             return await self._revoke(kid, actor)
 

@@ -8,8 +8,7 @@ import asyncio
 import cbor2
 import pytest
 
-from coap_auth.service import AuthService
-from coap_auth.service.core import TokenRequest
+from coap_auth.service import AuthService, TokenRequest
 from coap_auth.store import Audience, Client
 from coap_auth.tokens import token_hash
 from coap_auth.wire import CoseAlg
