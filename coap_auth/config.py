@@ -14,6 +14,7 @@ import tomllib
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,13 @@ from coap_auth.wire import MAX_TOKEN_LIFETIME
 
 ENV_PREFIX = "COAP_AUTH_"
 DEFAULT_DATA_DIR = Path("coap-auth-data")
+
+
+class LogFormat(StrEnum):
+    """How `serve` writes its log: lines of text, or one JSON object per line."""
+
+    TEXT = "text"
+    JSON = "json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +85,7 @@ class Settings:
     change_poll_interval: float = 0.5
     log_level: str = "INFO"
     # "text" (one line per record) or "json" (one JSON object per line).
-    log_format: str = "text"
+    log_format: LogFormat = LogFormat.TEXT
     # Prometheus metrics and /healthz on an HTTP listener: off while metrics_port is 0.
     metrics_bind: str = "127.0.0.1"
     metrics_port: int = 0
@@ -202,7 +210,7 @@ LIMITS: Mapping[str, Limit] = {
     # It also paces the key schedule and TRL expiry, and change propagation between instances.
     "change_poll_interval": Between(0.01, 60, "s"),
     "log_level": OneOf(LOG_LEVELS, fold_case=True),
-    "log_format": OneOf(("text", "json")),
+    "log_format": OneOf(tuple(LogFormat)),
     "metrics_bind": HOST,
     "metrics_port": Between(0, 65535, grouped=False),  # 0: off
     "client_secret_overlap": Between(0, 30 * DAY, "s"),
@@ -264,6 +272,8 @@ def _coerce(name: str, value: Any) -> Any:
             return float(value)
         if not isinstance(value, str):
             raise ValueError
+        if kind in ("LogFormat", LogFormat) and value in tuple(LogFormat):
+            return LogFormat(value)  # anything else is refused by the setting's range
         return value
     except (TypeError, ValueError):
         limit = LIMITS[name]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -20,6 +21,36 @@ from coap_auth.errors import CoapAuthError, OperatorError, StoreUnavailable
 # A request is answered in about a millisecond; a store write waits for a durable commit.
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class GrantKind(StrEnum):
+    """The `grant_type` label of coap_auth_grants."""
+
+    CLIENT_CREDENTIALS = "client_credentials"
+    REFRESH_TOKEN = "refresh_token"
+
+
+class KillCause(StrEnum):
+    """The `reason` label of coap_auth_family_kills."""
+
+    REUSE = "reuse"
+    CLIENT_REVOKE = "client_revoke"
+
+
+class RotationTrigger(StrEnum):
+    """The `trigger` label of coap_auth_key_rotations."""
+
+    SCHEDULED = "scheduled"
+    MANUAL = "manual"
+
+
+class StoreErrorKind(StrEnum):
+    """The `error` label of coap_auth_store_errors."""
+
+    UNAVAILABLE = "unavailable"  # the store's condition (5.03)
+    FAULT = "fault"  # anything else (5.00)
+
+
 # Store methods that run for the store's lifetime (a change listener), not one operation.
 UNTIMED_STORE_METHODS = frozenset({"watch_changes"})
 S = TypeVar("S")
@@ -139,7 +170,7 @@ class Metrics:
             child = self._store_children[operation] = self.store_duration.labels(operation)
         return child
 
-    def grant(self, grant_type: str, token_format: str) -> None:
+    def grant(self, grant_type: GrantKind, token_format: str) -> None:
         """One token issued: `token_format` as the service minted it ("cwt" or "jwt")."""
         self.grants.labels(grant_type, token_format).inc()
 
@@ -179,11 +210,11 @@ class MeasuredStore:
                 if not isinstance(error, StoreUnavailable):
                     metrics.store_answered_at = now()
                     raise
-                metrics.store_errors.labels(name, "unavailable").inc()
+                metrics.store_errors.labels(name, StoreErrorKind.UNAVAILABLE).inc()
                 metrics.store_failed_at = now()
                 raise
             except Exception:
-                metrics.store_errors.labels(name, "fault").inc()
+                metrics.store_errors.labels(name, StoreErrorKind.FAULT).inc()
                 metrics.store_failed_at = now()
                 raise
             histogram.observe(time.perf_counter() - started)

@@ -15,7 +15,7 @@ import aiocoap
 
 from coap_auth.cli import data_lock
 from coap_auth.clock import SystemClock
-from coap_auth.config import Settings
+from coap_auth.config import LogFormat, Settings
 from coap_auth.echo import request_answering_echo
 from coap_auth.errors import OperatorError
 from coap_auth.service import AuthService
@@ -72,7 +72,7 @@ def configure_logging(settings: Settings) -> None:
     or (log_format json) as JSON objects; aiocoap's own per-request chatter only from WARNING
     (our access log has one line per request)."""
     handler = logging.StreamHandler()
-    if settings.log_format == "json":
+    if settings.log_format == LogFormat.JSON:
         handler.setFormatter(JsonFormatter())
         logging.captureWarnings(True)  # a Python warning too is one JSON line
     else:
