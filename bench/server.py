@@ -94,14 +94,14 @@ async def serve(data_dir: Path, port: int) -> None:
                 print(f"rss {rss_bytes()}", flush=True)
             elif line == "rotate":
                 t0 = time.monotonic()
-                await service.rotate_keys(force=True)
+                await service.rotate_keys(force=True, actor="operator")
                 t1 = time.monotonic()
                 await server.check_changes()
                 t2 = time.monotonic()
                 print(f"rotated {t0} {t1} {t2}", flush=True)
             elif line.startswith("revoke "):
                 t0 = time.monotonic()
-                await service.revoke_token_hash(bytes.fromhex(line.split()[1]))
+                await service.revoke_token_hash(bytes.fromhex(line.split()[1]), actor="operator")
                 t1 = time.monotonic()
                 await server.check_changes()
                 t2 = time.monotonic()

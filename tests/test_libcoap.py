@@ -90,7 +90,7 @@ async def test_libcoap_observes_a_rotation(coap: Coap) -> None:
     before = (await coap.request(aiocoap.GET, "/keys")).payload
     observer = asyncio.create_task(coap_client("-s", "3", f"{coap.base}/keys"))
     await until(lambda: len(coap.server.observers) == 1)  # libcoap is another process
-    await coap.service.rotate_keys(force=True)
+    await coap.service.rotate_keys(force=True, actor="operator")
     await coap.server.tick()
     after = (await coap.request(aiocoap.GET, "/keys")).payload
 
@@ -149,7 +149,7 @@ async def test_libcoap_observes_through_the_echo_challenge(unverified: Coap) -> 
     observer = asyncio.create_task(coap_client("-s", "3", f"{unverified.base}/keys"))
     await until(lambda: len(unverified.server.observers) == 1)  # libcoap is another process
     assert unverified.server.guard.challenges == 1
-    await unverified.service.rotate_keys(force=True)
+    await unverified.service.rotate_keys(force=True, actor="operator")
     await unverified.server.tick()
 
     sets = cbor_items(await observer)

@@ -172,7 +172,7 @@ async def test_rotation_and_revocation_on_a_reach_observers_of_b(pair: Any) -> N
     a, b, context = pair
     first, keys_updates, _keys_request = await observe(context, b, "/keys")
 
-    changed = await a.service.rotate_keys(force=True)
+    changed = await a.service.rotate_keys(force=True, actor="operator")
     new_next = next(k.kid for k in changed if k.state == "next")
     update = await asyncio.wait_for(anext(keys_updates), NOTIFY_TIMEOUT)
     assert new_next in {k[2] for k in cbor2.loads(update.payload)}

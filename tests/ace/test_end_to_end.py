@@ -436,7 +436,7 @@ async def test_revocation_ends_the_context(world: World) -> None:
         old = await _use(world, client, b"21.0")
         context = _held_context(client)
         # What `coap-auth tokens revoke --hash HASH` does; the thermostat follows its TRL.
-        assert await world.service.revoke_token_hash(old.token_hash)
+        assert await world.service.revoke_token_hash(old.token_hash, actor="operator")
         await eventually(lambda: world.thermostat.trl.is_revoked(old.token_hash), "TRL entry")
         await eventually(lambda: not world.rs_contexts(), "context dropped")
         assert any(
@@ -468,7 +468,7 @@ async def test_key_withdrawal_ends_the_context(world: World) -> None:
         [held] = world.rs_contexts()
         kid = held.access_token.kid
         # What `coap-auth keys revoke KID` does.
-        assert await world.service.revoke_key(kid)
+        assert await world.service.revoke_key(kid, actor="operator")
         if world.profile == "coap_oscore":
             # The AES key never was at /keys: the operator exports the family again and the
             # thermostat takes it (SIGHUP in the example).

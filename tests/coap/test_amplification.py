@@ -222,7 +222,7 @@ async def lab(sensor: Coap) -> Coap:
         issued = await service.issue_token(
             TokenRequest(client_id="lamp-1", client_secret=sensor.secrets["lamp-1"])
         )
-        assert await service.revoke_token_hash(token_hash(issued.access_token))
+        assert await service.revoke_token_hash(token_hash(issued.access_token), actor="operator")
     return sensor
 
 
@@ -414,7 +414,7 @@ async def test_an_observe_registration_needs_the_echo_then_is_notified(coap: Coa
         answer = (await probe(port, registration, sock=sock)).answer
         assert answer.code == aiocoap.CONTENT and answer.opt.observe is not None
 
-        await coap.service.rotate_keys(force=True)
+        await coap.service.rotate_keys(force=True, actor="operator")
         await coap.server.check_changes()
         while True:
             data = await asyncio.wait_for(loop.sock_recv(sock, 4096), ANSWER_TIMEOUT)

@@ -91,7 +91,7 @@ async def test_dead_observers_cannot_cancel_a_live_one(
 
     compromised = service.key_ring.active.kid
     assert compromised in resource_server.key_set.kids
-    await service.revoke_key(compromised)
+    await service.revoke_key(compromised, actor="operator")
     await server.tick()
     await within(
         NOTICE_WITHIN,
@@ -101,7 +101,7 @@ async def test_dead_observers_cannot_cancel_a_live_one(
 
     # The RS still hears every change. (The AS ignores ICMP: the dead observations end when
     # their periodic confirmable notification goes unacknowledged, RFC 7641 §4.5.)
-    await service.rotate_keys(force=True)
+    await service.rotate_keys(force=True, actor="operator")
     await server.tick()
     published = {k.kid for k in service.keys.published()}
     await within(
@@ -182,7 +182,7 @@ async def test_forged_icmp_naming_the_rs_does_not_end_its_observation(
     await asyncio.sleep(0.1)  # the AS has read them from its error queue, and ignored them
 
     compromised = service.key_ring.active.kid
-    await service.revoke_key(compromised)
+    await service.revoke_key(compromised, actor="operator")
     await server.tick()
     await within(
         NOTICE_WITHIN,

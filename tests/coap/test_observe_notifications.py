@@ -16,7 +16,7 @@ from tests.coap.observing import RawObserver, ack, reset, server_with, until
 
 async def change_keys(service: AuthService, server: Server) -> bytes:
     """Rotate (the published set changes); the COSE_KeySet observers should now hold."""
-    await service.rotate_keys(force=True)
+    await service.rotate_keys(force=True, actor="operator")
     await server.tick()
     return server.keys_resource._render(102).payload
 

@@ -38,7 +38,7 @@ async def revoke_one(service: AuthService) -> bytes:
         TokenRequest(client_id="sensor-1", client_secret=SECRET, audience="thermostat")
     )
     hashed = token_hash(issued.access_token)
-    assert await service.revoke_token_hash(hashed)
+    assert await service.revoke_token_hash(hashed, actor="operator")
     return hashed
 
 

@@ -343,7 +343,7 @@ async def test_introspection_of_every_token_state(rs: Coap) -> None:
     assert (await introspect(rs, b"not a token"))[1] == {10: False}
     assert (await introspect(rs, active[:-5]))[1] == {10: False}
     # Signed by a key that has since been revoked.
-    await service.revoke_key(service.key_ring.active.kid)
+    await service.revoke_key(service.key_ring.active.kid, actor="operator")
     assert (await introspect(rs, active))[1] == {10: False}
     fresh = (await grant(rs, "sensor-2", "rs-door"))[AceParam.ACCESS_TOKEN]
     assert (await introspect(rs, fresh))[1][10] is True

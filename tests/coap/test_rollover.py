@@ -115,7 +115,7 @@ async def test_three_scheduled_rotations_and_a_revocation_reach_every_observer(
     # Emergency: the active key is compromised. It vanishes from the set at once, and the
     # next key (already published) signs from now on.
     compromised = service.key_ring.active.kid
-    await service.revoke_key(compromised)
+    await service.revoke_key(compromised, actor="operator")
     await sensor.server.tick()
     await observer.next()
     assert compromised not in observer.notified
@@ -170,11 +170,11 @@ async def test_rotation_before_the_lead_is_refused_unless_forced(coap: Coap) -> 
     service = coap.service
     before = service.key_ring
     with pytest.raises(OperatorError, match="lead"):
-        await service.rotate_keys()
+        await service.rotate_keys(actor="operator")
     assert await coap.service.store.load_keys() == list(before.keys)
     audit_before = len(await service.store.audit_entries())
 
-    await service.rotate_keys(force=True)
+    await service.rotate_keys(force=True, actor="operator")
     assert service.key_ring.active.kid == before.next.kid
     events = [e.event.event for e in (await service.store.audit_entries())[audit_before:]]
     assert sorted(events) == ["key.activated", "key.created", "key.retired"]
@@ -183,19 +183,19 @@ async def test_rotation_before_the_lead_is_refused_unless_forced(coap: Coap) -> 
 async def test_revoking_next_or_retiring_keys_and_bad_kids(coap: Coap) -> None:
     service = coap.service
     service.clock.advance(service.settings.key_prepublication_lead)
-    await service.rotate_keys()
+    await service.rotate_keys(actor="operator")
     ring = service.key_ring
     retiring = next(k for k in ring.keys if k.state == KeyState.RETIRING)
-    await service.revoke_key(ring.next.kid)
+    await service.revoke_key(ring.next.kid, actor="operator")
     assert service.key_ring.next is not None and service.key_ring.next.kid != ring.next.kid
     assert service.key_ring.active.kid == ring.active.kid  # the active key is untouched
-    await service.revoke_key(retiring.kid)
+    await service.revoke_key(retiring.kid, actor="operator")
     published = {k.kid for k in service.keys.published()}
     assert retiring.kid not in published and ring.next.kid not in published
     with pytest.raises(OperatorError, match="already revoked"):
-        await service.revoke_key(retiring.kid)
+        await service.revoke_key(retiring.kid, actor="operator")
     with pytest.raises(OperatorError, match="no key"):
-        await service.revoke_key(b"\x00" * 8)
+        await service.revoke_key(b"\x00" * 8, actor="operator")
 
 
 async def _own_family_audience(coap: Coap, audience_id: str, key_alg: str, lifetime: int) -> None:
@@ -224,7 +224,7 @@ async def test_an_audience_with_its_own_family_is_isolated_from_the_default(sens
     door_kid = await token_kid(sensor, "lock-1")
     assert door_kid == door_ring.active.kid
     # Compromise of the door family: the default family goes on signing with the same key.
-    await service.revoke_key(door_kid)
+    await service.revoke_key(door_kid, actor="operator")
     assert service.keys.ring().active == default_ring.active
     assert await token_kid(sensor) == default_ring.active.kid
     assert await token_kid(sensor, "lock-1") == door_ring.next.kid

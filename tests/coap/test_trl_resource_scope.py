@@ -100,7 +100,7 @@ async def test_trl_resource_answers_each_peer_from_its_own_collection(
     mine = await _issue(service, "sensor-1", "thermostat")
     theirs = await _issue(service, "sensor-2", "lock")
     for h in (mine, theirs):
-        assert await service.revoke_token_hash(h)
+        assert await service.revoke_token_hash(h, actor="operator")
     trl = TrlResource(service)
 
     # Full queries: each peer its own hashes, as client or as audience, and its own cursor
@@ -123,7 +123,7 @@ async def test_trl_resource_answers_each_peer_from_its_own_collection(
     # Cursors are the peer's own indexes: sensor-1 pages through its four updates.
     more = [await _issue(service, "sensor-1", "thermostat") for _ in range(3)]
     for h in more:
-        assert await service.revoke_token_hash(h)
+        assert await service.revoke_token_hash(h, actor="operator")
     paged = await _render(trl, "diff=2&cursor=0", "sensor-1")
     assert paged == {DIFF: [[[], [more[1]]], [[], [more[0]]]], CURSOR: 2, MORE: True}
     paged = await _render(trl, "diff=2&cursor=2", "sensor-1")
@@ -145,10 +145,10 @@ async def test_diff_reach_is_max_n_of_the_peer_own_updates(service: AuthService)
     service.revocations.max_diff_batch = 2
     await _register(service)
     theirs = await _issue(service, "sensor-2", "lock")
-    assert await service.revoke_token_hash(theirs)
+    assert await service.revoke_token_hash(theirs, actor="operator")
     mine = [await _issue(service, "sensor-1", "thermostat") for _ in range(5)]
     for h in mine:
-        assert await service.revoke_token_hash(h)
+        assert await service.revoke_token_hash(h, actor="operator")
     # What the server's sweep keeps: each history's last 2 x MAX_N.
     await service.store.sweep_expired(service.clock.now(), keep_updates=2 * 3)
     trl = TrlResource(service)
@@ -238,10 +238,10 @@ async def test_an_observer_is_notified_only_of_changes_pertaining_to_it(
     theirs = await _issue(service, "sensor-2", "lock")
 
     # Nothing known yet of what observers were told: the first change notifies everyone.
-    assert await service.revoke_token_hash(mine)
+    assert await service.revoke_token_hash(mine, actor="operator")
     assert await _changed(trl, observers) == set(peers)
 
-    assert await service.revoke_token_hash(theirs)
+    assert await service.revoke_token_hash(theirs, actor="operator")
     assert await _changed(trl, observers) == {"sensor-2", "lock", None}
     # A change notification with nothing new (another instance's tick) notifies nobody.
     assert await _changed(trl, observers) == set()
@@ -259,7 +259,7 @@ async def test_an_observer_is_notified_only_of_changes_pertaining_to_it(
 
     # Several changes before the task runs are one round: each observer is notified once.
     other = await _issue(service, "sensor-1", "thermostat")
-    assert await service.revoke_token_hash(other)
+    assert await service.revoke_token_hash(other, actor="operator")
     trl.trl_changed()
     assert await _changed(trl, observers) == {"sensor-1", "thermostat", None}
 
@@ -267,7 +267,7 @@ async def test_an_observer_is_notified_only_of_changes_pertaining_to_it(
 async def test_trl_resource_caches_per_peer_and_forgets_on_change(service: AuthService) -> None:
     await _register(service)
     mine = await _issue(service, "sensor-1", "thermostat")
-    assert await service.revoke_token_hash(mine)
+    assert await service.revoke_token_hash(mine, actor="operator")
     trl = TrlResource(service)
 
     # The first peer's cached answer is never served to the second.
@@ -277,7 +277,7 @@ async def test_trl_resource_caches_per_peer_and_forgets_on_change(service: AuthS
 
     # A revocation reaches the peer it pertains to at once (the cached answer is dropped).
     theirs = await _issue(service, "sensor-2", "lock")
-    assert await service.revoke_token_hash(theirs)
+    assert await service.revoke_token_hash(theirs, actor="operator")
     assert (await _render(trl, "", "sensor-2"))[FULL] == [theirs]
     assert (await _render(trl, "", "sensor-1"))[FULL] == [mine]
 
@@ -299,7 +299,7 @@ async def test_when_the_store_cannot_tell_whom_everyone_is_notified(
     observers = {r: await _observe(trl, r) for r in ("sensor-1", "lock", "sensor-3")}
     await _changed(trl, observers)  # the first round learns where the list is
     mine = await _issue(service, "sensor-1", "thermostat")
-    assert await service.revoke_token_hash(mine)
+    assert await service.revoke_token_hash(mine, actor="operator")
 
     async def unavailable(trl_seq: int | None) -> Any:
         raise StoreUnavailable("the database is unreachable; retry shortly")

@@ -88,7 +88,7 @@ async def test_key_set_watcher_observes_through_the_challenge_and_follows_a_rota
         assert sensor.server.guard.challenges == 1  # the registration
         assert sensor.server.verified.is_verified("127.0.0.1")
 
-        await sensor.service.rotate_keys(force=True)
+        await sensor.service.rotate_keys(force=True, actor="operator")
         await sensor.server.check_changes()
         # The clock stands still, so no poll: the notification brought it.
         await eventually(lambda: watcher.key_set.kids == _published(sensor), "the rotation")
@@ -99,7 +99,7 @@ async def test_key_set_watcher_observes_through_the_challenge_and_follows_a_rota
         clock.advance(sensor.server.verified.lifetime + 1)
         await confirmed(clock, watcher)
         assert sensor.server.guard.challenges == 2
-        await sensor.service.rotate_keys(force=True)
+        await sensor.service.rotate_keys(force=True, actor="operator")
         await sensor.server.check_changes()
         await eventually(lambda: watcher.key_set.kids == _published(sensor), "a second rotation")
     finally:
@@ -166,7 +166,7 @@ async def test_a_declined_registration_polls_and_registers_again_after_a_back_of
         assert declined.registrations == 1
 
         # A rotation: notified to the first, polled by the second within check_interval.
-        await coap.service.rotate_keys(force=True)
+        await coap.service.rotate_keys(force=True, actor="operator")
         await coap.server.check_changes()
         await eventually(lambda: observed.key_set.kids == _published(coap), "the notification")
         assert declined.key_set.kids != _published(coap)
@@ -185,7 +185,7 @@ async def test_a_declined_registration_polls_and_registers_again_after_a_back_of
         clock.advance(200)
         await eventually(lambda: declined.observe_retry_at is None, "the observation")
         assert declined.registrations == 3 and declined.declined == 2
-        await coap.service.rotate_keys(force=True)
+        await coap.service.rotate_keys(force=True, actor="operator")
         await coap.server.check_changes()
         await eventually(lambda: declined.key_set.kids == _published(coap), "a notification")
     finally:

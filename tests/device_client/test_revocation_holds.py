@@ -88,7 +88,9 @@ async def test_a_held_token_dies_with_its_revoked_key(
     assert (await rs.send(aiocoap.GET, "/temp")).code == aiocoap.CONTENT
 
     kid = decode_cose(token).kid
-    await sensor.service.revoke_key(kid)  # `coap-auth keys revoke` while the RS holds the token
+    await sensor.service.revoke_key(
+        kid, actor="operator"
+    )  # `coap-auth keys revoke` while the RS holds the token
     await sensor.server.check_changes()
     await eventually(lambda: kid not in rs.keys.key_set.kids, "the RS saw the key leave /keys")
 
@@ -127,7 +129,7 @@ async def test_with_the_as_away_the_rs_fails_closed_and_recovers(
 
     # The AS goes away; meanwhile the operator revokes the token (it is in the store).
     await sensor.server.stop()
-    assert await sensor.service.revoke_token_hash(token_hash(token))
+    assert await sensor.service.revoke_token_hash(token_hash(token), actor="operator")
 
     # Within the bound the RS still serves from what it knew ...
     clock.advance(BOUND - 10)
@@ -259,7 +261,7 @@ async def test_a_lost_observation_is_found_by_the_poll_behind_observe(
     server = await restarts.restart()
     registrations = rs.keys.registrations
     kid = decode_cose(token).kid
-    await server.service.revoke_key(kid)
+    await server.service.revoke_key(kid, actor="operator")
     await server.check_changes()
     await asyncio.sleep(0.2)  # a notification, had there been an observation, would be in
     assert kid in rs.keys.key_set.kids  # nobody told the RS

@@ -48,7 +48,7 @@ async def _sees(watcher: KeySetWatcher, kids: frozenset[bytes]) -> None:
 async def _rotate(server: Server) -> frozenset[bytes]:
     # --force: the tests do not wait out the pre-publication lead on the clock; the new
     # active key was published (and notified) at the previous rotation all the same.
-    await server.service.rotate_keys(force=True)
+    await server.service.rotate_keys(force=True, actor="operator")
     await server.check_changes()  # what the change-feed poll does every 0.5 s
     return _published(server.service)
 

@@ -128,8 +128,10 @@ async def test_revoked_token_is_rejected(sensor: Coap, clock: SettableClock) -> 
 
 async def test_unknown_key_tampered_and_garbage(sensor: Coap, clock: SettableClock) -> None:
     keys = await fetch_key_set(sensor)
-    await sensor.service.rotate_keys(force=True)
-    await sensor.service.rotate_keys(force=True)  # the active key is one `keys` never held
+    await sensor.service.rotate_keys(force=True, actor="operator")
+    await sensor.service.rotate_keys(
+        force=True, actor="operator"
+    )  # the active key is one `keys` never held
     await sensor.server.check_changes()
     token = await issue_token(sensor, clock)
     verifier = _verifier(keys, clock)
