@@ -13,6 +13,19 @@ from coap_auth.errors import InvalidClaims, MalformedToken, UnsupportedPopKey
 from coap_auth.tokens.cose_key import b64url, b64url_decode, cose_key_to_jwk, jwk_to_cose_key
 from coap_auth.wire import CnfMethod, CwtClaim, OscoreInput
 
+# Module aliases of the labels `from_cwt_map` reads on every verification.
+_ISS, _SUB, _AUD, _EXP, _NBF, _IAT, _CTI, _CNF, _SCOPE = (
+    CwtClaim.ISS,
+    CwtClaim.SUB,
+    CwtClaim.AUD,
+    CwtClaim.EXP,
+    CwtClaim.NBF,
+    CwtClaim.IAT,
+    CwtClaim.CTI,
+    CwtClaim.CNF,
+    CwtClaim.SCOPE,
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Claims:
@@ -77,9 +90,13 @@ class Claims:
 
     @classmethod
     def from_cwt_map(cls, claims: Any) -> Claims:
+        # Every device verification comes here: claim labels are read through the module's
+        # aliases (an enum member lookup costs ~0.1 us), and exact types skip the general
+        # checks. The checks, their order and messages are those `_text` and `_date` make.
         if not isinstance(claims, dict):
             raise MalformedToken("CWT claims must be a map")
-        cnf = claims.get(CwtClaim.CNF)
+        get = claims.get
+        cnf = get(_CNF)
         cnf_key = cnf_osc = None
         if cnf is not None:
             # RFC 8747 §3.1: one confirmation method; we issue a COSE_Key, or (RFC 9203) an
@@ -92,21 +109,26 @@ class Claims:
                 cnf_osc = check_oscore_input(cnf[CnfMethod.OSC])
             else:
                 raise MalformedToken("cnf claim must hold a COSE_Key or OSCORE input material")
-        scope = claims.get(CwtClaim.SCOPE)
+        scope = get(_SCOPE)
         if scope is not None and not isinstance(scope, str):
             raise MalformedToken("scope claim must be a text string")
-        return cls(
-            iss=_text(claims, CwtClaim.ISS, "iss"),
-            sub=_text(claims, CwtClaim.SUB, "sub"),
-            aud=_text(claims, CwtClaim.AUD, "aud"),
-            exp=_date(claims.get(CwtClaim.EXP), "exp"),
-            iat=_date(claims.get(CwtClaim.IAT), "iat"),
-            cti=_cti(claims.get(CwtClaim.CTI)),
-            scope=scope,
-            nbf=None if claims.get(CwtClaim.NBF) is None else _date(claims[CwtClaim.NBF], "nbf"),
-            cnf_key=cnf_key,
-            cnf_osc=cnf_osc,
-        )
+        iss, sub, aud = get(_ISS), get(_SUB), get(_AUD)
+        if not isinstance(iss, str):
+            raise MalformedToken("iss claim must be a text string")
+        if not isinstance(sub, str):
+            raise MalformedToken("sub claim must be a text string")
+        if not isinstance(aud, str):
+            raise MalformedToken("aud claim must be a text string")
+        exp, iat, cti, nbf = get(_EXP), get(_IAT), get(_CTI), get(_NBF)
+        if type(exp) is not int:
+            exp = _date(exp, "exp")
+        if type(iat) is not int:
+            iat = _date(iat, "iat")
+        if not isinstance(cti, bytes):
+            raise MalformedToken("cti claim must be a byte string")
+        if nbf is not None and type(nbf) is not int:
+            nbf = _date(nbf, "nbf")
+        return cls(iss, sub, aud, exp, iat, cti, scope, nbf, cnf_key, cnf_osc)
 
     @classmethod
     def from_jwt_dict(cls, claims: Any) -> Claims:
@@ -213,9 +235,3 @@ def _date(value: Any, name: str) -> int:
     if value != value or value in (float("inf"), float("-inf")):
         raise MalformedToken(f"{name} claim must be a NumericDate")
     return int(value)
-
-
-def _cti(value: Any) -> bytes:
-    if not isinstance(value, bytes):
-        raise MalformedToken("cti claim must be a byte string")
-    return value

@@ -29,6 +29,14 @@ MAX_TOKEN_BYTES = 8192
 _CWT_TAG = b"\xd8\x3d"
 _ARRAY_OF_FOUR, _ARRAY_OF_THREE, _EMPTY_MAP = b"\x84", b"\x83", b"\xa0"
 _MAJOR_BYTES, _MAJOR_TAG = 2, 6
+# 61(18([...])) and 61(17([...])), array of four, every head shortest: how a canonical signed
+# or MACed CWT starts.
+_CANONICAL_STARTS = {
+    _CWT_TAG + deterministic.head(_MAJOR_TAG, tag) + _ARRAY_OF_FOUR: tag
+    for tag in (CoseTag.SIGN1, CoseTag.MAC0)
+}
+_START_LEN = 4
+_ES256 = CoseAlg.ES256  # looked up once: read on every verification
 
 
 def encode_cwt(claims: Claims, private_key: PrivateKey, alg: CoseAlg, kid: bytes) -> bytes:
@@ -113,6 +121,14 @@ def _decode(token: bytes, *, low_s: bool = True) -> tuple[cose.CoseMessage, Any]
         raise MalformedToken("token too large or not bytes")
     if not token.startswith(_CWT_TAG):
         raise MalformedToken("not a CWT: tag 61 around a COSE_Sign1 or COSE_Mac0")
+    message = _canonical_message(token)
+    if message is not None:
+        # What the general path below would check too, in its order, less what the token's
+        # canonical form already settles (well-formed, empty unprotected header, the bytes).
+        claims = deterministic.loads(message.payload, "CWT claims")
+        if low_s and message.alg == _ES256 and not es256.is_canonical(message.tag_or_signature):
+            raise MalformedToken("ES256 signature must be 64 bytes with a low s")
+        return message, claims
     try:
         item = cbor2.loads(token)
     except Exception:
@@ -130,6 +146,53 @@ def _decode(token: bytes, *, low_s: bool = True) -> tuple[cose.CoseMessage, Any]
     if low_s and message.alg == CoseAlg.ES256 and not es256.is_canonical(message.tag_or_signature):
         raise MalformedToken("ES256 signature must be 64 bytes with a low s")
     return message, claims
+
+
+def _canonical_message(token: bytes) -> cose.CoseMessage | None:
+    """The COSE_Sign1 or COSE_Mac0 of a token in canonical form, its members sliced out of
+    the bytes (no CBOR decoder, no re-encoding to compare); None for anything else, which the
+    general path in `_decode` decodes (or refuses) as before. Raises what `cose.message`
+    raises for the protected header."""
+    tag = _CANONICAL_STARTS.get(token[:_START_LEN])
+    if tag is None:
+        return None
+    protected = _byte_string(token, _START_LEN)
+    if protected is None or token[protected[1] : protected[1] + 1] != _EMPTY_MAP:
+        return None
+    payload = _byte_string(token, protected[1] + 1)
+    if payload is None:
+        return None
+    last = _byte_string(token, payload[1])
+    if last is None or last[1] != len(token):
+        return None
+    return cose.message(tag, protected[0], {}, payload[0], last[0])
+
+
+def _byte_string(data: bytes, at: int) -> tuple[bytes, int] | None:
+    """The byte string whose shortest head starts at `at`, and where it ends; None when
+    the head is another type, not shortest, or the string runs past the end. (Heads of
+    4 or 8 bytes never are shortest under MAX_TOKEN_BYTES.)"""
+    if at >= len(data):
+        return None
+    initial = data[at]
+    if initial >> 5 != _MAJOR_BYTES:
+        return None
+    length = initial & 0x1F
+    start = at + 1
+    if length == 24:  # RFC 8949 §3: one-byte argument, shortest only from 24
+        if start >= len(data) or data[start] < 24:
+            return None
+        length, start = data[start], start + 1
+    elif length == 25:  # two-byte argument, shortest only from 256
+        length, start = int.from_bytes(data[start : start + 2], "big"), start + 2
+        if length < 256 or start > len(data):
+            return None
+    elif length > 25:
+        return None
+    end = start + length
+    if end > len(data):
+        return None
+    return data[start:end], end
 
 
 def _canonical_bytes(message: cose.CoseMessage) -> bytes:

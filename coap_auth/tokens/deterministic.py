@@ -21,6 +21,11 @@ _SMALL_UINTS = tuple(bytes([n]) for n in range(24))
 _FLOAT16, _FLOAT32, _FLOAT64 = 0xF9, 0xFA, 0xFB
 # RFC 8949 §4.2.2: a NaN is written as the half-precision quiet NaN.
 _NAN = b"\xf9\x7e\x00"
+# Claims nest three deep at most (cnf, COSE_Key, its members); deeper takes the long way.
+_PLAIN_DEPTH = 8
+# RFC 8949 §3: a 1-, 2-, 4- or 8-byte argument is shortest only from these values on.
+_SHORTEST_FROM = {1: 24, 2: 2**8, 4: 2**16, 8: 2**32}
+_KEY_TYPES = (int, str, bytes)
 
 
 def dumps(value: Any) -> bytes:
@@ -37,6 +42,11 @@ def loads(data: bytes, what: str) -> Any:
     Decoding and re-encoding gives the one deterministic form; anything else differs from it:
     long heads, indefinite lengths, unsorted or duplicate keys, trailing bytes, tags cbor2
     turns into other types (bignums that fit an integer, dates, sets)."""
+    # The usual case, read straight from the bytes: what `_read` takes is in deterministic
+    # form by construction (~2x faster than decoding with cbor2 and encoding again).
+    read = _read(data, 0, 0) if data else None
+    if read is not None and read[1] == len(data):
+        return read[0]
     try:
         item = cbor2.loads(data)
         rebuilt = dumps(item)
@@ -45,6 +55,123 @@ def loads(data: bytes, what: str) -> Any:
     if rebuilt != data:
         raise MalformedToken(f"{what} is not in deterministic CBOR encoding")
     return item
+
+
+def _read(data: bytes, at: int, depth: int) -> tuple[Any, int] | None:
+    """The item at `at` and where it ends, as cbor2 decodes it, if it is in deterministic
+    form and of the kinds claims and headers hold: integers, byte and text strings, arrays,
+    and maps with integer or string keys. None for anything else (other kinds, long heads,
+    unsorted or repeated keys, bad UTF-8, truncation), which `loads` leaves to cbor2."""
+    size = len(data)
+    if at >= size:
+        return None
+    initial = data[at]
+    if initial < 24:  # 0 to 23, the whole item in one byte
+        return initial, at + 1
+    major, argument = initial >> 5, initial & 0x1F
+    at += 1
+    if argument >= 24:
+        if argument > 27:  # reserved, or an indefinite length
+            return None
+        width = 1 << (argument - 24)
+        end = at + width
+        if end > size:
+            return None
+        argument = int.from_bytes(data[at:end], "big")
+        if argument < _SHORTEST_FROM[width]:
+            return None
+        at = end
+    if major == _UINT:
+        return argument, at
+    if major == _NINT:
+        return -1 - argument, at
+    if major == _BYTES or major == _TEXT:
+        end = at + argument
+        if end > size:
+            return None
+        if major == _BYTES:
+            return data[at:end], end
+        try:
+            return data[at:end].decode("utf-8"), end
+        except UnicodeDecodeError:
+            return None
+    if depth >= _PLAIN_DEPTH:
+        return None
+    if major == _ARRAY:
+        items = []
+        for _ in range(argument):
+            read = _read(data, at, depth + 1)
+            if read is None:
+                return None
+            items.append(read[0])
+            at = read[1]
+        return items, at
+    if major == _MAP:
+        return _read_map(data, at, argument, depth)
+    return None  # tags, simple values, floats
+
+
+def _read_map(data: bytes, at: int, count: int, depth: int) -> tuple[Any, int] | None:
+    """`_read` of a map's `count` entries from `at`. The items claims and headers hold most,
+    small labels, integers, short strings, are read here without a call each."""
+    size = len(data)
+    out: dict[Any, Any] = {}
+    # Where the previous key's encoding starts and ends (none yet: empty, below any key).
+    previous_start = previous_end = 0
+    for _ in range(count):
+        if at >= size:
+            return None
+        key: Any = data[at]
+        # RFC 8949 §4.2.1: keys sorted bytewise by their encodings, none twice.
+        if key < 24:  # a small label: its encoding is the one byte `key`
+            if previous_end and key <= data[previous_start]:
+                return None
+            key_end = at + 1
+        else:
+            key_read = _read(data, at, depth + 1)
+            if key_read is None or type(key_read[0]) not in _KEY_TYPES:
+                return None
+            key, key_end = key_read
+            if data[at:key_end] <= data[previous_start:previous_end]:
+                return None
+        previous_start, previous_end = at, key_end
+        at = key_end
+        if at >= size:
+            return None
+        initial = data[at]
+        if initial < 0x18:  # unsigned 0 to 23
+            out[key] = initial
+            at += 1
+        elif initial < 0x1C:  # unsigned, a 1-, 2-, 4- or 8-byte argument (dates)
+            width = 1 << (initial - 0x18)
+            end = at + 1 + width
+            value = int.from_bytes(data[at + 1 : end], "big")
+            if end > size or value < _SHORTEST_FROM[width]:
+                return None
+            out[key] = value
+            at = end
+        elif 0x20 <= initial < 0x38:  # negative -1 to -24
+            out[key] = 0x1F - initial
+            at += 1
+        elif 0x40 <= initial < 0x58 or 0x60 <= initial < 0x78:  # bytes, text: 0-23 long
+            end = at + 1 + (initial & 0x1F)
+            if end > size:
+                return None
+            if initial < 0x58:
+                out[key] = data[at + 1 : end]
+            else:
+                try:
+                    out[key] = data[at + 1 : end].decode("utf-8")
+                except UnicodeDecodeError:
+                    return None
+            at = end
+        else:
+            value_read = _read(data, at, depth + 1)
+            if value_read is None:
+                return None
+            out[key] = value_read[0]
+            at = value_read[1]
+    return out, at
 
 
 def _encode(value: Any, out: bytearray) -> None:
