@@ -19,6 +19,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@ $(VENV)/.installed
 
+$(VENV)/.installed-postgres: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[postgres]'
+	touch $@ $(VENV)/.installed
+
 run: $(VENV)/.installed
 	$(BIN)/coap-auth serve --data-dir $(DATA_DIR) --port $(PORT)
 
@@ -32,7 +36,8 @@ test: $(VENV)/.installed-test
 # Benchmarks (bench/): prints a table and rewrites bench/results.md, keeping its notes.
 # A few minutes; not part of `make test`. `python -m bench --issue16` runs only issue 16's
 # measurements (amplification, 10,000 observers, TRL observers; ~45 s) and prints them.
-bench: $(VENV)/.installed
+# The workers part also measures PostgreSQL (when it answers), hence asyncpg.
+bench: $(VENV)/.installed-postgres
 	$(BIN)/python -m bench
 
 # Known vs unknown client ids: the median time /token takes to refuse each (about a minute).

@@ -1,7 +1,9 @@
 """`make bench` (`python -m bench`): every measurement of issues 7 and 16 in one run, printed
 as a table and written to bench/results.md (the hand-written notes at its end are kept).
 `--issue16` runs only issue 16's (amplification, 10,000 observers of /keys, TRL observers)
-and prints them without writing results.md."""
+and prints them without writing results.md; `--workers` likewise the 1 vs 2 workers runs,
+on SQLite and on the PostgreSQL `--pg-dsn` names (skipped, with the reason, if it does not
+answer)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 import cbor2
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from bench import amplification, report, tokens_bench
+from bench import amplification, postgres, report, tokens_bench
 from bench import coap_wire as wire
 from bench.breakdown import issue_breakdown
 from bench.fanout import ObserverGroup, measure_fan_out
@@ -25,14 +27,13 @@ from bench.loadgen import (
     EndpointPool,
     PhaseResult,
     issue_workload,
-    keys_workload,
     noop_workload,
     refresh_workload,
     run_closed_loop,
     token_request,
 )
 from bench.processes import (
-    COAP_AUTH,
+    HOST,
     DataDir,
     ServerProcess,
     cpu_seconds,
@@ -47,15 +48,13 @@ from bench.protected_channel import (
     register_devices,
 )
 from bench.revocations import fill_trl, measure_trl_fan_out
+from bench.workers import WorkerRun, multi_process
 from coap_auth.tokens import cose_key_from_public
 
-HOST = "127.0.0.1"
 CONCURRENCY = (1, 8, 64)
 ROUNDS = 2  # each (workload, concurrency) twice, interleaved with the others
 DURATION = 2.0  # measured seconds per phase
 WARMUP = 0.5
-WORKER_CONCURRENCY = 64
-WORKER_SEQUENCE = (1, 2, 1, 2, 1)
 FAN_OUT = (1000,)  # observers of /keys; KEYS_OBSERVERS more in issue16()
 # The second rotation follows the first this long after: long enough for a notification whose
 # ACK was lost to be retransmitted once (ACK_TIMEOUT 2 s x up to 1.5), not for a whole
@@ -215,61 +214,7 @@ async def amplification_probes(base: Path, data: DataDir) -> list[amplification.
             await server.stop()
 
 
-async def multi_process(base: Path, data: DataDir) -> list[report.WorkerRun]:
-    """`coap-auth serve --workers N` (N processes on one port by SO_REUSEPORT), one store:
-    1, 2, 1, 2, 1 workers, a fresh `serve` for each count, so that drift on a shared machine
-    lands on both sides."""
-    port = free_udp_port()
-    pool = EndpointPool(HOST, port)
-    workloads = [
-        issue_workload(data.client_id, data.secret, "thermostat"),
-        keys_workload(),
-    ]
-    runs = []
-    try:
-        for number, count in enumerate(WORKER_SEQUENCE, 1):
-            server = await serve_workers(data.path, port, count, base / f"workers-{number}.log")
-            try:
-                await asyncio.sleep(0.5)
-                pids = worker_pids(server.pid)
-                if len(pids) != count:
-                    raise RuntimeError(f"serve --workers {count} runs {len(pids)} worker(s)")
-                for workload in workloads:
-                    endpoints = await pool.take(WORKER_CONCURRENCY)
-                    phase = await run_closed_loop(
-                        endpoints,
-                        workload,
-                        DURATION,
-                        WARMUP,
-                        lambda pids=pids: sum(cpu_seconds(p) for p in pids),
-                        machine_busy_seconds,
-                    )
-                    runs.append(report.WorkerRun(count, phase))
-                    rate = f"{phase.rate:8.0f} req/s"
-                    print(f"  {count} worker(s) {workload.name:9} {rate}", flush=True)
-            finally:
-                await server.stop()
-    finally:
-        pool.close()
-    return runs
-
-
-async def serve_workers(data_dir: Path, port: int, count: int, log: Path) -> ServerProcess:
-    """`coap-auth serve --workers COUNT` on `port`, ready once it prints its listening line
-    (all its workers bound)."""
-    argv = [COAP_AUTH, "serve", "--data-dir", str(data_dir), "--bind", HOST, "--port", str(port)]
-    return await ServerProcess._start(
-        [*argv, "--workers", str(count)], port, log, "coap-auth listening"
-    )
-
-
-def worker_pids(pid: int) -> list[int]:
-    """The processes serving: a supervisor's children (`--workers` above 1), or `pid`."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(child) for child in children] or [pid]
-
-
-async def run(keep: bool) -> report.Results:
+async def run(keep: bool, pg_dsn: str) -> report.Results:
     raise_file_limit()
     base = Path(tempfile.mkdtemp(prefix="coap-auth-bench-"))
     started = time.monotonic()
@@ -310,9 +255,8 @@ async def run(keep: bool) -> report.Results:
         print("issue 16: amplification, observers at scale ...", flush=True)
         issue16_results = await issue16(base)
 
-        print("multi-process (coap-auth serve --workers N) ...", flush=True)
-        workers_data = make_data_dir(base / "workers")
-        worker_runs = await multi_process(base, workers_data)
+        print("multi-process (coap-auth serve --workers N), SQLite and PostgreSQL ...", flush=True)
+        target, worker_runs = await workers(base, pg_dsn)
 
         return report.Results(
             verification=verification,
@@ -325,8 +269,29 @@ async def run(keep: bool) -> report.Results:
             memory_per_observer=memory,
             issue16=issue16_results,
             workers=worker_runs,
+            postgres=target,
             wall_seconds=time.monotonic() - started,
         )
+    finally:
+        if keep:
+            print(f"kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+async def workers(base: Path, pg_dsn: str) -> tuple[postgres.PostgresTarget, list[WorkerRun]]:
+    """1 vs 2 workers: on a SQLite data directory, and on PostgreSQL if it answers."""
+    target = await postgres.probe(pg_dsn)
+    if target.skipped:
+        print(f"  PostgreSQL runs skipped: {target.skipped}", flush=True)
+    data = make_data_dir(base / "workers")
+    return await multi_process(base, data, target, DURATION, WARMUP)
+
+
+async def run_workers(keep: bool, pg_dsn: str) -> tuple[postgres.PostgresTarget, list[WorkerRun]]:
+    base = Path(tempfile.mkdtemp(prefix="coap-auth-bench-"))
+    try:
+        return await workers(base, pg_dsn)
     finally:
         if keep:
             print(f"kept {base}")
@@ -363,12 +328,28 @@ def main() -> None:
     parser.add_argument(
         "--issue16", action="store_true", help="only issue 16's measurements, printed"
     )
+    parser.add_argument(
+        "--workers", action="store_true", help="only the 1 vs 2 workers runs, printed"
+    )
+    parser.add_argument(
+        "--pg-dsn",
+        default=postgres.default_dsn(),
+        help="the PostgreSQL database for the workers runs, each in a schema of its own "
+        f"(default: COAP_AUTH_TEST_PG_DSN, else {postgres.LOCAL_DSN}); '' skips them",
+    )
     args = parser.parse_args()
+    if args.workers:
+        target, runs = asyncio.run(run_workers(args.keep, args.pg_dsn))
+        targets: list[list[str]] = []
+        print()
+        print("\n".join(report.workers_section(runs, target, targets)))
+        print("\n".join(report.targets_table(targets)))
+        return
     if args.issue16:
         print()
         print("\n".join(report.issue16_section(asyncio.run(run_issue16(args.keep)), [])))
         return
-    results = asyncio.run(run(args.keep))
+    results = asyncio.run(run(args.keep, args.pg_dsn))
     text = report.render(results)
     print()
     print(text)

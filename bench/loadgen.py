@@ -130,12 +130,15 @@ class PhaseResult:
     latencies: list[float] = field(default_factory=list)
     client_cpu: float = 0.0  # seconds of this process's CPU during the phase
     server_cpu: float = 0.0  # seconds of the server processes' CPU
+    database_cpu: float = 0.0  # seconds of the database server's CPU (PostgreSQL), if measured
     machine_cpu: float = 0.0  # busy CPU seconds of the whole machine, every process
 
     @property
     def other_cpu(self) -> float:
-        """CPU seconds used by neither the servers nor this load generator: other load."""
-        return max(0.0, self.machine_cpu - self.server_cpu - self.client_cpu)
+        """CPU seconds used by neither the servers, nor their database, nor this load
+        generator: other load."""
+        used = self.server_cpu + self.database_cpu + self.client_cpu
+        return max(0.0, self.machine_cpu - used)
 
     @property
     def rate(self) -> float:
@@ -148,6 +151,7 @@ class PhaseResult:
         self.latencies += other.latencies
         self.client_cpu += other.client_cpu
         self.server_cpu += other.server_cpu
+        self.database_cpu += other.database_cpu
         self.machine_cpu += other.machine_cpu
 
     def percentile(self, fraction: float) -> float:
@@ -164,10 +168,12 @@ async def run_closed_loop(
     warmup: float,
     server_cpu: Callable[[], float] = lambda: 0.0,
     machine_cpu: Callable[[], float] = lambda: 0.0,
+    database_cpu: Callable[[], float] = lambda: 0.0,
 ) -> PhaseResult:
     """Every endpoint runs one worker; only responses that arrive inside the measured
     window (after the warm-up) count. `server_cpu()` reads the servers' CPU seconds,
-    `machine_cpu()` the whole machine's busy CPU seconds."""
+    `machine_cpu()` the whole machine's busy CPU seconds, `database_cpu()` the database
+    server's."""
     states: list[dict[str, Any]] = [{} for _ in endpoints]
     if workload.prepare is not None:
         await asyncio.gather(
@@ -177,7 +183,7 @@ async def run_closed_loop(
     start = time.perf_counter()
     measured_from = start + warmup
     end = measured_from + duration
-    cpu_at_window: list[tuple[float, float, float]] = []
+    cpu_at_window: list[tuple[float, float, float, float]] = []
 
     async def worker(endpoint: Endpoint, state: dict[str, Any]) -> None:
         while True:
@@ -202,9 +208,9 @@ async def run_closed_loop(
 
     async def cpu_marker() -> None:
         await asyncio.sleep(warmup)
-        cpu_at_window.append((time.process_time(), server_cpu(), machine_cpu()))
+        cpu_at_window.append((time.process_time(), server_cpu(), machine_cpu(), database_cpu()))
         await asyncio.sleep(duration)
-        cpu_at_window.append((time.process_time(), server_cpu(), machine_cpu()))
+        cpu_at_window.append((time.process_time(), server_cpu(), machine_cpu(), database_cpu()))
 
     await asyncio.gather(
         cpu_marker(), *(worker(e, s) for e, s in zip(endpoints, states, strict=True))
@@ -212,6 +218,7 @@ async def run_closed_loop(
     result.client_cpu = cpu_at_window[1][0] - cpu_at_window[0][0]
     result.server_cpu = cpu_at_window[1][1] - cpu_at_window[0][1]
     result.machine_cpu = cpu_at_window[1][2] - cpu_at_window[0][2]
+    result.database_cpu = cpu_at_window[1][3] - cpu_at_window[0][3]
     return result
 
 

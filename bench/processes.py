@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 COAP_AUTH = shutil.which("coap-auth", path=str(Path(sys.executable).parent)) or "coap-auth"
+HOST = "127.0.0.1"
 CLIENT_ID = "sensor-1"
 SCOPE = "temp:read temp:write"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -43,10 +44,10 @@ def free_udp_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _cli(data_dir: Path, *args: str) -> str:
+def _cli(data_dir: Path, *args: str, settings: dict[str, str] | None = None) -> str:
     done = subprocess.run(
         [COAP_AUTH, *args, "--data-dir", str(data_dir)],
-        env=clean_env(),
+        env=clean_env(settings),
         capture_output=True,
         text=True,
         check=True,
@@ -61,17 +62,23 @@ class DataDir:
     secret: str
 
 
-def make_data_dir(path: Path) -> DataDir:
+def make_data_dir(path: Path, settings: dict[str, str] | None = None) -> DataDir:
     """As an operator would: init, a CWT audience, a JWT audience, one client with a secret.
     The audiences are `bearer` (tokens bound only when the client sends req_cnf), so that a
     client with a secret gets a token without a registered key, as the bench's plain
-    workloads need; the default profile (edhoc_oscore) would bind every token."""
-    _cli(path, "init")
-    _cli(path, "audiences", "add", "thermostat", "--token-format", "cwt", "--profile", "bearer")
-    _cli(path, "audiences", "add", "dashboard", "--token-format", "jwt", "--profile", "bearer")
+    workloads need; the default profile (edhoc_oscore) would bind every token. `settings`
+    (COAP_AUTH_* variables) name another store than the SQLite file in `path`; `path` then
+    holds the master key."""
+    _cli(path, "init", settings=settings)
+    for audience, token_format in (("thermostat", "cwt"), ("dashboard", "jwt")):
+        _cli(
+            path, "audiences", "add", audience, "--token-format", token_format,
+            "--profile", "bearer", settings=settings,
+        )  # fmt: skip
     out = _cli(
         path, "clients", "add", CLIENT_ID,
         "--audience", "thermostat", "--audience", "dashboard", "--scope", SCOPE, "--secret",
+        settings=settings,
     )  # fmt: skip
     secret = next(line.split(":", 1)[1].strip() for line in out.splitlines()
                   if line.startswith("secret:"))  # fmt: skip
@@ -139,9 +146,19 @@ class ServerProcess:
         return await cls._start([*argv, "--port", str(port)], port, log, "listening", settings)
 
     @classmethod
-    async def worker(cls, data_dir: Path, port: int, log: Path) -> ServerProcess:
-        argv = [COAP_AUTH, "serve", "--data-dir", str(data_dir), "--bind", "127.0.0.1"]
-        return await cls._start([*argv, "--port", str(port)], port, log, "coap-auth listening")
+    async def worker(
+        cls,
+        data_dir: Path,
+        port: int,
+        log: Path,
+        count: int = 1,
+        settings: dict[str, str] | None = None,
+    ) -> ServerProcess:
+        """`coap-auth serve --workers COUNT` on `port`, ready once it prints its listening
+        line (all its workers bound). `settings`: COAP_AUTH_* variables over BENCH_SETTINGS."""
+        argv = [COAP_AUTH, "serve", "--data-dir", str(data_dir), "--bind", HOST]
+        argv += ["--port", str(port), "--workers", str(count)]
+        return await cls._start(argv, port, log, "coap-auth listening", settings)
 
     @classmethod
     async def _start(

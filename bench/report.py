@@ -18,9 +18,11 @@ from bench import amplification
 from bench.breakdown import Part
 from bench.fanout import FanOut
 from bench.loadgen import PhaseResult
+from bench.postgres import PostgresTarget
 from bench.protected_channel import HandshakeResult
 from bench.revocations import TrlFanOut
 from bench.tokens_bench import SizeRow, VerificationRow
+from bench.workers import POSTGRES, SQLITE, WORKER_CONCURRENCY, WORKER_SEQUENCE, WorkerRun
 
 NOTES_HEADING = "## Notes"
 MAX_RESPONSE_BYTES = 256
@@ -44,12 +46,6 @@ class FanOutRun:
 
 
 @dataclass(frozen=True)
-class WorkerRun:
-    workers: int
-    phase: PhaseResult
-
-
-@dataclass(frozen=True)
 class Issue16:
     probes: list[amplification.ProbeResult]
     trl: TrlFanOut
@@ -68,7 +64,8 @@ class Results:
     fan_out: list[FanOutRun]
     memory_per_observer: dict[int, int]  # observers -> bytes of server RSS per observer
     issue16: Issue16
-    workers: list[WorkerRun]
+    workers: list[WorkerRun]  # SQLite's, then PostgreSQL's at each step
+    postgres: PostgresTarget
     wall_seconds: float
 
 
@@ -166,6 +163,8 @@ def render(r: Results) -> str:
         "*client CPU*: the load generator's share of one core; *other load*: CPU used meanwhile "
         "by processes outside the bench (the machine is shared), in cores x 100 %."
     )
+    add("")
+    add(_grants_per_core(r.throughput))
     add("")
     add("Where an issue's server time goes, part by part (in process, no CoAP, one at a time):")
     add("")
@@ -330,68 +329,154 @@ def render(r: Results) -> str:
     )
 
     # -- 6: multi-process -------------------------------------------------------------------
-    add("## Several `coap-auth serve` workers on one port")
-    add("")
-    add(
-        "`coap-auth serve --workers N` (its workers share the port through SO_REUSEPORT; the "
-        "kernel spreads the generator's 64 source ports over them), one SQLite data directory, "
-        "a fresh serve per phase. Order 1, 2, 1, 2, 1 workers; each side is the mean of its runs. "
-        "`GET /keys` (cached bytes, no store access) shows what the stack alone scales to."
+    out += workers_section(r.workers, r.postgres, targets)
+
+    # -- targets ----------------------------------------------------------------------------
+    summary = targets_table(targets) + [""]
+    title_end = 6  # after the title, the machine line and the generator line
+    return "\n".join(out[:title_end] + summary + out[title_end:]).rstrip() + "\n"
+
+
+# Keycloak's published sizing, quoted as context next to our grants per core.
+KEYCLOAK_SIZING = "https://www.keycloak.org/high-availability/concepts-memory-and-cpu-sizing"
+KEYCLOAK_GRANTS_PER_VCPU = 120  # client-credential grants per second for one vCPU
+
+
+def _grants_per_core(throughput: dict[tuple[str, int], PhaseResult]) -> str:
+    """Token issue at its best concurrency: grants per second per core of server CPU, with
+    Keycloak's sizing figure as context (different machine, different work)."""
+    best = max((p for (name, _), p in throughput.items() if name == "issue"), key=lambda p: p.rate)
+    cores = best.server_cpu / best.duration
+    per_core = f"{best.rate / cores:,.0f}" if cores else "n/a"
+    return (
+        f"Grants per second per core: token issue (client credentials: client id and secret) "
+        f"peaked at {best.rate:,.0f} grants/s at concurrency {best.concurrency}, for "
+        f"{cores:.2f} cores of server CPU (the server process alone, SQLite in it): "
+        f"**{per_core} grants/s per core**. As context only: Keycloak's sizing guide "
+        f"([Concepts for sizing CPU and memory resources]({KEYCLOAK_SIZING})) allots one vCPU "
+        f"for each {KEYCLOAK_GRANTS_PER_VCPU} client-credential grants per second (tested up "
+        "to 2,000 per second), most of it spent on new TLS connections, as each of its clients "
+        "makes a single request. Not a comparison: other machines, and other work (here plain "
+        "CoAP over UDP on loopback, no TLS, an ES256-signed CWT, and a durable commit with "
+        "fsync for every grant)."
     )
-    add("")
+
+
+def workers_section(
+    runs: list[WorkerRun], target: PostgresTarget, targets: list[list[str]]
+) -> list[str]:
+    """1 vs 2 `serve` workers on SQLite and PostgreSQL as markdown; adds the target rows."""
+    out = ["## Several `coap-auth serve` workers on one port", ""]
+    order = ", ".join(str(count) for count in WORKER_SEQUENCE)
+    if target.skipped:
+        where = f"PostgreSQL: skipped ({target.skipped})."
+    else:
+        where = (
+            f"Then, at each step, PostgreSQL {target.version} ({target.shown}"
+            + (", on this machine" if target.local else "")
+            + "), issue only: each run on a schema of its own, new and empty, with its own "
+            "data directory made as an operator would (init, audiences, client), dropped "
+            "afterwards, so that no run issues into tables an earlier one filled."
+        )
+    out.append(
+        "`coap-auth serve --workers N` (its workers share the port through SO_REUSEPORT; the "
+        f"kernel spreads the generator's {WORKER_CONCURRENCY} source ports over them), a fresh "
+        f"serve per phase. Order {order} workers; at each step first one SQLite data directory "
+        f"(the same in every step): issue, then `GET /keys`. {where} Each side is the mean of "
+        "its runs. `GET /keys` (cached bytes, no store access) shows what the stack alone "
+        "scales to."
+    )
+    out.append("")
     rows = []
-    scaling: dict[str, float] = {}
-    for name in dict.fromkeys(w.phase.workload for w in r.workers):
+    scaling: dict[tuple[str, str], float] = {}
+    for store, name in dict.fromkeys((w.store, w.phase.workload) for w in runs):
+        mine = [w for w in runs if w.store == store and w.phase.workload == name]
         rates = {
-            count: statistics.mean(
-                w.phase.rate for w in r.workers if w.workers == count and w.phase.workload == name
-            )
+            count: statistics.mean(w.phase.rate for w in mine if w.workers == count)
             for count in (1, 2)
         }
-        scaling[name] = rates[2] / rates[1] if rates[1] else float("nan")
-        for w in r.workers:
-            if w.phase.workload != name:
-                continue
+        scaling[store, name] = rates[2] / rates[1] if rates[1] else float("nan")
+        for w in mine:
             p = w.phase
+            database = "–"
+            if store == POSTGRES:
+                database = f"{p.database_cpu / p.duration:.0%}" if target.local else "n/a"
             rows.append(
                 [
+                    store,
                     name,
                     str(w.workers),
                     f"{p.rate:,.0f}",
                     _ms(p.percentile(0.5)),
                     _ms(p.percentile(0.99)),
                     f"{p.server_cpu / p.duration:.0%}",
+                    database,
                     f"{p.client_cpu / p.duration:.0%}",
                     f"{p.other_cpu / p.duration:.0%}",
                     str(p.errors),
                 ]
             )
         rows.append(
-            [f"**{name}: 2 vs 1**", "", f"**{scaling[name]:.2f} x**", "", "", "", "", "", ""]
+            [f"**{store}**", f"**{name}: 2 vs 1**", "", f"**{scaling[store, name]:.2f} x**"]
+            + [""] * 7
         )
     out += _table(
-        ["workload", "workers", "req/s", "p50 ms", "p99 ms", "server CPU", "client CPU",
-         "other load", "errors"],
+        ["store", "workload", "workers", "req/s", "p50 ms", "p99 ms", "server CPU",
+         "PostgreSQL CPU", "client CPU", "other load", "errors"],
         rows,
     )  # fmt: skip
-    add("")
-    add(
-        f"CPU columns: share of one core (this machine has {os.cpu_count()}); *other load* is "
-        "the CPU that processes outside the bench used meanwhile (/proc/stat)."
+    out.append("")
+    out.append(
+        f"CPU columns: share of one core (this machine has {os.cpu_count()}); *server CPU* is "
+        "the workers'; *PostgreSQL CPU* every `postgres` process on this machine, whoever it "
+        "served; *other load* the CPU that processes outside the bench (and PostgreSQL) used "
+        "meanwhile (/proc/stat)."
     )
-    add("")
+    out.append("")
+    one_pg = [w.phase for w in runs if w.store == POSTGRES and w.workers == 1]
+    if one_pg and target.local:
+        seconds = sum(p.duration for p in one_pg)
+        rate = sum(p.ok for p in one_pg) / seconds
+        ours = sum(p.server_cpu for p in one_pg) / seconds
+        theirs = sum(p.database_cpu for p in one_pg) / seconds
+        generator = sum(p.client_cpu for p in one_pg) / seconds
+        # Per CPU second of the worker's: what PostgreSQL and the generator spend alongside.
+        # A worker is one process and uses at most one core; a busy one needs `need` cores.
+        need = 1 + (theirs + generator) / ours
+        cores = os.cpu_count() or 1
+        ceiling = min(2.0, cores / need) / min(1.0, cores / need)
+        out.append(
+            f"One worker on PostgreSQL: {rate:,.0f} grants/s for {ours:.2f} cores of the "
+            f"worker's CPU and {theirs:.2f} of PostgreSQL's: {rate / ours:,.0f} grants/s per "
+            f"core of coap-auth, {rate / (ours + theirs):,.0f} counting PostgreSQL's. A worker "
+            f"is one process, at most one core; a worker busy on its core makes PostgreSQL and "
+            f"the load generator use {need - 1:.2f} more, so with all three on these {cores} "
+            f"cores two busy workers can reach at most **{ceiling:.2f} x** one."
+        )
+        out.append("")
+    if target.skipped:
+        targets.append(["2 PG workers >= 1.6 x one (issue)", target.skipped, "skipped"])
+    else:
+        pg = scaling[POSTGRES, "issue"]
+        targets.append(
+            [
+                "2 PG workers >= 1.6 x one (issue)",
+                f"{pg:.2f} x (PostgreSQL {target.version}, a fresh schema each run)",
+                _verdict(pg >= 1.6),
+            ]
+        )
     targets.append(
         [
-            "2 workers >= 1.6 x one (issue)",
-            f"{scaling['issue']:.2f} x (GET /keys: {scaling['GET /keys']:.2f} x)",
-            _verdict(scaling["issue"] >= 1.6),
+            "2 SQLite workers vs one (issue): reference, one writer",
+            f"{scaling[SQLITE, 'issue']:.2f} x (GET /keys: {scaling[SQLITE, 'GET /keys']:.2f} x)",
+            "reference",
         ]
     )
+    return out
 
-    # -- targets ----------------------------------------------------------------------------
-    summary = ["## Targets", ""] + _table(["target", "measured", "verdict"], targets) + [""]
-    title_end = 6  # after the title, the machine line and the generator line
-    return "\n".join(out[:title_end] + summary + out[title_end:]).rstrip() + "\n"
+
+def targets_table(targets: list[list[str]]) -> list[str]:
+    return ["## Targets", ""] + _table(["target", "measured", "verdict"], targets)
 
 
 HANDSHAKE_TARGET = 0.010  # s, EDHOC + first /token, median

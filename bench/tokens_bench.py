@@ -39,7 +39,8 @@ SCOPE = "temp:read temp:write"
 
 
 def sample_claims(with_cnf: bool) -> Claims:
-    """What the service puts in a token for the bench client (core.py: AuthService._mint)."""
+    """What the service puts in a token for the bench client (TokenMinter.mint in
+    coap_auth.service.minting)."""
     now = int(time.time())
     cnf = None
     if with_cnf:
