@@ -93,6 +93,18 @@ class Deployment:
         finally:
             await conn.close()
 
+    async def row(self, sql: str) -> tuple[Any, ...]:
+        """One row, as stored, read directly."""
+        if self.store == "sqlite":
+            with contextlib.closing(sqlite3.connect(self.data_dir / "coap-auth.sqlite3")) as conn:
+                return tuple(conn.execute(sql).fetchone())
+        assert pg.PG_DSN is not None
+        conn = await asyncpg.connect(pg.PG_DSN, server_settings={"search_path": self.schema})
+        try:
+            return tuple(await conn.fetchrow(sql))
+        finally:
+            await conn.close()
+
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pg.needs_postgres)])
 async def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Deployment]:
@@ -273,6 +285,33 @@ async def test_edited_audiences_behave_as_unknown_and_are_reported(
     assert len(problems) == 2, problems
     assert any("audience 'thermostat': its MAC does not match" in line for line in problems)
     assert any("audience 'dashboard': its MAC does not match" in line for line in problems)
+
+
+async def test_a_row_put_back_to_an_older_copy_is_never_taken_up(
+    registered: Registered, tmp_path: Path
+) -> None:
+    """Someone with the database alone writes back sensor-1's row as it was before `clients
+    disable`, MAC and all (a valid MAC: the row is genuine, only old). The row MAC cannot tell;
+    the audit head's registry digest can, and /token trusts no row while they differ."""
+    deployment = registered.deployment
+    sensor = {CLIENT_ID: "sensor-1", CLIENT_SECRET: registered.secret}
+    enabled = await deployment.row("SELECT disabled, mac FROM clients WHERE client_id = 'sensor-1'")
+    async with _served(registered, tmp_path) as (url, context):
+        assert (await _post(context, url + "/token", sensor))[0].code == aiocoap.CREATED
+        deployment.cli_ok("clients", "disable", "sensor-1")
+        assert (await _post(context, url + "/token", sensor))[0].code == UNAUTHORIZED
+
+        await deployment.tamper(
+            "UPDATE clients SET disabled = $1, mac = $2 WHERE client_id = 'sensor-1'", *enabled
+        )
+        response, body = await _post(context, url + "/token", sensor)
+        assert (response.code, body) == (UNAUTHORIZED, INVALID_CLIENT_BODY)
+    # A server started afresh reads the rows anew: still refused, and said why.
+    async with _served(registered, tmp_path) as (url, context):
+        response, body = await _post(context, url + "/token", sensor)
+        assert (response.code, body) == (UNAUTHORIZED, INVALID_CLIENT_BODY)
+    log = (tmp_path / "serve.log").read_text()
+    assert "not the ones the audit head records" in log, log[-2000:]
 
 
 def test_audit_verify_on_an_untouched_store_reports_the_registry(registered: Registered) -> None:

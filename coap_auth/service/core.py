@@ -293,14 +293,17 @@ class AuthService:
             return await self.authenticate(client_id, secret, assertion, peer, lookup=cached)
         except InvalidClient:
             # The cache may be behind the store (a client added, re-keyed or enabled since it
-            # loaded). Only if the store holds another row than the cache for an id looked up
-            # is the caller authenticated again, against the store: a failure costs one read
-            # per id, an unknown id what a known one with a bad secret or signature does.
-            for caller_id, client in seen.items():
+            # loaded). Only if the store holds another row than the cache for an id looked up,
+            # and the registry has moved since the load, is the caller authenticated again, on
+            # the reloaded cache: a failure costs one read per id (an unknown id what a known
+            # one with a bad secret or signature does), and a row changed outside coap-auth
+            # (an older sealed copy put back) is never taken up.
+            for caller_id, client in list(seen.items()):
                 stored = await self.store.get_client(caller_id)
-                if _version(stored) != _version(client):
-                    self.registry.stale()
-                    return await self.authenticate(client_id, secret, assertion, peer)
+                if _version(stored) != _version(client) and await self.registry.reload_if_moved():
+                    return await self.authenticate(
+                        client_id, secret, assertion, peer, lookup=cached
+                    )
             raise
 
     def secret_digest(self, secret: str) -> bytes:

@@ -11,10 +11,13 @@ without the master key are never used: the cache holds only rows whose MAC verif
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 
 from coap_auth.store import Audience, Client, Store
 from coap_auth.store.records import RegistryVersions
+
+log = logging.getLogger("coap_auth.service")
 
 
 class RegistryCache:
@@ -22,25 +25,24 @@ class RegistryCache:
         self._store = store
         self._clients: dict[str, Client] | None = None
         self._audiences: dict[str, Audience] = {}
-        # The registry digest the loaded rows are of (None: not loaded, or told to reload).
+        # The change feed's registry digest when the rows were loaded (None: not loaded).
         self._digest: bytes | None = None
         # One load at a time: the requests that find the cache empty wait for the same load.
         self._loading = asyncio.Lock()
 
     async def client(self, client_id: str) -> Client | None:
-        """The client as loaded, without a store read. (When authentication fails the service
-        asks the store itself: a client added, or changed, since the load.)"""
+        """The client as loaded, without a store read."""
         clients, _ = await self._loaded()
         return clients.get(client_id)
 
     async def audience(self, audience_id: str) -> Audience | None:
-        """The audience as loaded; one not loaded is asked of the store (added since)."""
+        """The audience as loaded; one not loaded is looked for again once the registry has
+        moved (an audience added since the load)."""
         _, audiences = await self._loaded()
         found = audiences.get(audience_id)
-        if found is None:
-            found = await self._store.get_audience(audience_id)
-            if found is not None:
-                self.stale()
+        if found is None and await self.reload_if_moved():
+            _, audiences = await self._loaded()
+            found = audiences.get(audience_id)
         return found
 
     async def audiences(self) -> list[Audience]:
@@ -56,6 +58,16 @@ class RegistryCache:
         """The change feed's registry digest: reload at the next use if it moved."""
         if digest != self._digest:
             self._clients = None
+
+    async def reload_if_moved(self) -> bool:
+        """Reload now if the registry moved since the load (one read of the change feed);
+        whether it did. Rows that differ from the loaded ones while the registry has not moved
+        were changed outside coap-auth: they are not taken up."""
+        self.changed((await self._store.change_counters()).registry)
+        if self._clients is not None:
+            return False
+        await self._loaded()
+        return True
 
     def stale(self) -> None:
         """The store refused a grant decided from these rows: reload at the next use."""
@@ -74,8 +86,20 @@ class RegistryCache:
         # The digest first: a change committed between the reads moves it again, and the
         # next tick reloads.
         digest = (await self._store.change_counters()).registry
-        clients = {c.client_id: c for c in await self._store.list_clients()}
-        self._audiences = {a.audience_id: a for a in await self._store.list_audiences()}
+        snapshot = await self._store.registry_snapshot()
+        clients = {c.client_id: c for c in snapshot.clients}
+        audiences = {a.audience_id: a for a in snapshot.audiences}
+        if not snapshot.matches_head:
+            # Rows put back to older sealed copies, or removed, outside coap-auth: which ones
+            # cannot be told, so none is trusted until the registry is mended (audit verify
+            # says how it differs; a restore, or the change that moves the head).
+            if digest != self._digest:
+                log.error(
+                    "the client and audience rows are not the ones the audit head records:"
+                    " /token refuses every client; run `coap-auth audit verify`"
+                )
+            clients, audiences = {}, {}
+        self._audiences = audiences
         self._clients, self._digest = clients, digest
         return clients
 

@@ -206,6 +206,20 @@ def head_verifies(mac: Mac, head: AuditHead | None) -> bool:
     )
 
 
+def registry_matches(
+    mac: Mac, head: AuditHead | None, newest_seq: int | None, rows_digest: bytes
+) -> bool:
+    """Whether the registry rows (their digest, registry_mac.registry_digest) are the ones a
+    verified, current head records: what `audit verify` checks, for a reader that acts on the
+    rows (the /token path's registry cache)."""
+    return (
+        head_verifies(mac, head)
+        and head is not None
+        and head.seq == (newest_seq or 0)
+        and hmac.compare_digest(head.registry, rows_digest)
+    )
+
+
 def legacy_head_verifies(mac: Mac, seq: Any, last_mac: Any, stored: Any) -> bool:
     """A head as schema 3 sealed it (no registry digest); read only by the migration to 4."""
     return (

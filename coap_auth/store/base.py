@@ -20,6 +20,7 @@ from coap_auth.store.records import (
     RefreshFamily,
     RefreshOutcome,
     RegistryChange,
+    RegistrySnapshot,
     RegistryVersions,
     TokenStatus,
     TrlUpdate,
@@ -95,6 +96,11 @@ class Store(Protocol):
         """Kill the live families of the audience (their access tokens revoked in one TRL
         update) and delete it, in one transaction; raises OperatorError (changing nothing)
         while any client row names it; None: no such audience."""
+        ...
+
+    async def registry_snapshot(self) -> RegistrySnapshot:
+        """The trusted clients and audiences, and whether the rows match the audit head, in
+        one consistent read (what the /token path's registry cache loads)."""
         ...
 
     async def registry_report(self) -> RegistryReport:

@@ -32,6 +32,7 @@ from coap_auth.store.records import (
     IssuedAccess,
     RefreshFamily,
     RefreshOutcome,
+    RegistrySnapshot,
     RegistryVersions,
     TokenStatus,
     TrlUpdate,
@@ -75,6 +76,9 @@ class PostgresStore:
 
     async def list_clients(self) -> list[Client]:
         return await self._registry.list_clients()
+
+    async def registry_snapshot(self) -> RegistrySnapshot:
+        return await self._registry.snapshot()
 
     async def disable_client(self, client_id: str, now: int, actor: str = "operator") -> bool:
         return await self._registry.disable_client(client_id, now, actor)

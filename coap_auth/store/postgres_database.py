@@ -35,7 +35,13 @@ from typing import Any, TypeVar
 import asyncpg
 
 from coap_auth.errors import OperatorError, StoreUnavailable
-from coap_auth.store.audit import AuditEntry, AuditEvent, AuditSnapshot, append_plan
+from coap_auth.store.audit import (
+    AuditEntry,
+    AuditEvent,
+    AuditSnapshot,
+    append_plan,
+    registry_matches,
+)
 from coap_auth.store.master_key import MasterKey
 from coap_auth.store.postgres_schema import (
     SCHEMA_VERSION,
@@ -222,6 +228,12 @@ class PostgresDatabase:
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             yield conn
+
+    async def registry_matches_head(self, conn: Conn) -> bool:
+        """audit.registry_matches for the rows and head the transaction sees."""
+        newest = await conn.fetchval("SELECT MAX(seq) FROM audit_log")
+        head = await read_head(conn)
+        return registry_matches(self._audit_mac, head, newest, await registry_digest_of(conn))
 
     async def fetch(self, query: str, *args: Any) -> list[Any]:
         """One statement's rows, outside any transaction."""

@@ -25,7 +25,7 @@ from coap_auth.store.decisions import (
 )
 from coap_auth.store.postgres_database import Change, Conn, PostgresDatabase
 from coap_auth.store.postgres_tokens import PostgresTokens
-from coap_auth.store.records import Audience, Client
+from coap_auth.store.records import Audience, Client, RegistrySnapshot
 from coap_auth.store.registry_changes import checked_change, refuse_if_named
 from coap_auth.store.registry_mac import AUDIENCES, CLIENTS, RegistryReport
 from coap_auth.store.rows import (
@@ -88,6 +88,20 @@ class PostgresRegistry:
     async def list_audiences(self) -> list[Audience]:
         rows = await self._db.fetch(f"SELECT {AUDIENCE_SELECT} FROM audiences ORDER BY audience_id")
         return trusted_audiences(self._mac, rows)
+
+    async def snapshot(self) -> RegistrySnapshot:
+        """See Store.registry_snapshot."""
+        async with self._db.snapshot() as conn:
+            clients = await conn.fetch(f"SELECT {CLIENT_SELECT} FROM clients ORDER BY client_id")
+            audiences = await conn.fetch(
+                f"SELECT {AUDIENCE_SELECT} FROM audiences ORDER BY audience_id"
+            )
+            matches = await self._db.registry_matches_head(conn)
+        return RegistrySnapshot(
+            tuple(trusted_clients(self._mac, clients)),
+            tuple(trusted_audiences(self._mac, audiences)),
+            matches,
+        )
 
     async def update_audience(
         self, audience_id: str, change: AudienceChange, actor: str, now: int

@@ -212,6 +212,17 @@ class RegistryVersions:
         return RegistryVersions(self.clients + other.clients, self.audiences + other.audiences)
 
 
+@dataclass(frozen=True, slots=True)
+class RegistrySnapshot:
+    """The registry in one consistent read: the clients and audiences whose MAC verifies, and
+    whether the rows as stored are the ones the audit head records (audit.registry_matches):
+    a row put back to an older sealed copy, or deleted, outside coap-auth, fails that."""
+
+    clients: tuple[Client, ...]
+    audiences: tuple[Audience, ...]
+    matches_head: bool
+
+
 # A write that rests on no cached registry row.
 UNCHECKED = RegistryVersions()
 

@@ -35,6 +35,7 @@ from coap_auth.store.records import (
     IssuedAccess,
     RefreshFamily,
     RefreshOutcome,
+    RegistrySnapshot,
     RegistryVersions,
     TokenStatus,
     TrlUpdate,
@@ -119,6 +120,9 @@ class SqliteStore:
         return await self.database.write(
             lambda c: self._registry.remove_audience(c, audience_id, actor, now)
         )
+
+    async def registry_snapshot(self) -> RegistrySnapshot:
+        return await self.database.read(self._registry.snapshot)
 
     async def registry_report(self) -> RegistryReport:
         return await self.database.read(self._registry.report)

@@ -6,7 +6,13 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable
 
-from coap_auth.store.audit import AuditEntry, AuditEvent, AuditSnapshot, append_plan
+from coap_auth.store.audit import (
+    AuditEntry,
+    AuditEvent,
+    AuditSnapshot,
+    append_plan,
+    registry_matches,
+)
 from coap_auth.store.records import ChangeCounters
 from coap_auth.store.registry_mac import Mac
 from coap_auth.store.rows import (
@@ -29,6 +35,11 @@ class SqliteAudit:
 
     def __init__(self, audit_mac: Mac) -> None:
         self._mac = audit_mac
+
+    def registry_matches_head(self, conn: sqlite3.Connection) -> bool:
+        """audit.registry_matches for the rows and head the transaction sees."""
+        newest = conn.execute("SELECT MAX(seq) AS seq FROM audit_log").fetchone()["seq"]
+        return registry_matches(self._mac, read_head(conn), newest, registry_digest_of(conn))
 
     def append(
         self, conn: sqlite3.Connection, events: Iterable[AuditEvent], *, registry: bool = False

@@ -20,7 +20,7 @@ from coap_auth.store.decisions import (
     disable_event,
     removal_event,
 )
-from coap_auth.store.records import Audience, Client
+from coap_auth.store.records import Audience, Client, RegistrySnapshot
 from coap_auth.store.registry_changes import checked_change, refuse_if_named
 from coap_auth.store.registry_mac import AUDIENCES, CLIENTS, Mac, RegistryReport
 from coap_auth.store.rows import (
@@ -134,6 +134,14 @@ class SqliteRegistry:
     def get_client(self, conn: sqlite3.Connection, client_id: str) -> Client | None:
         rows = conn.execute(_CLIENT_BY_ID, (client_id,)).fetchall()
         return trusted_client(self._mac, rows, self._stand_in_client)
+
+    def snapshot(self, conn: sqlite3.Connection) -> RegistrySnapshot:
+        """In the caller's read transaction: see Store.registry_snapshot."""
+        return RegistrySnapshot(
+            tuple(self.list_clients(conn)),
+            tuple(self.list_audiences(conn)),
+            self._audit.registry_matches_head(conn),
+        )
 
     def list_clients(self, conn: sqlite3.Connection) -> list[Client]:
         rows = conn.execute(f"SELECT {CLIENT_SELECT} FROM clients ORDER BY client_id")
