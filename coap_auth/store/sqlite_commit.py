@@ -29,6 +29,9 @@ log = logging.getLogger("coap_auth.store")
 # Ops one transaction takes at most: a write waits for at most the batch in flight and its own,
 # each bounded (a batch's ops are short: indexed reads and a few inserts).
 MAX_BATCH = 64
+# Ops queued at most behind the batch in flight (16 batches): beyond, a write is refused at once
+# (5.03) instead of waiting on a disk or a lock holder slower than the writes arriving.
+MAX_QUEUED = 1024
 # SQLite primary result codes that describe the store's condition, not a bug: BUSY, LOCKED,
 # NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL (https://sqlite.org/rescode.html).
 _STORE_CONDITIONS = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
@@ -68,10 +71,12 @@ class GroupCommit:
         executor: Executor,
         connection: Callable[[], sqlite3.Connection],
         max_batch: int = MAX_BATCH,
+        max_queued: int = MAX_QUEUED,
     ) -> None:
         self._executor = executor
         self._connection = connection
         self._max_batch = max_batch
+        self._max_queued = max_queued
         self._queue: deque[_Queued] = deque()
         self._in_flight: asyncio.Future[list[_Done]] | None = None
         self._starting = False  # a batch's start is scheduled on the loop
@@ -83,6 +88,10 @@ class GroupCommit:
         """Run `op` in the next batch's transaction; its result once that batch committed.
         A caller cancelled while its op is queued drops it (it never runs); once its batch
         started, the op runs and commits all the same, unheard."""
+        if len(self._queue) >= self._max_queued:
+            # The disk (or a lock holder) is slower than the writes arriving: refuse more at
+            # once, rather than queue them unboundedly and commit them for callers long gone.
+            raise StoreUnavailable("the store is busy; retry shortly")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.append(_Queued(op, future))

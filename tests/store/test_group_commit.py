@@ -23,7 +23,7 @@ import pytest
 
 from coap_auth.errors import StoreUnavailable
 from coap_auth.store import Audience, Client, IssuedAccess, MasterKey, RefreshFamily, SqliteStore
-from coap_auth.store.sqlite_commit import MAX_BATCH
+from coap_auth.store.sqlite_commit import MAX_BATCH, MAX_QUEUED
 
 T0 = 1_700_000_000
 WAIT = 10  # s, at most, for the writer thread to reach the gate
@@ -281,3 +281,23 @@ async def test_close_waits_for_the_writes_in_flight(tmp_path: Path) -> None:
         assert all([await _stored(reopened, grant) for grant in grants])
     finally:
         await reopened.close()
+
+
+async def test_writes_beyond_the_queue_bound_are_refused_at_once(store: SqliteStore) -> None:
+    """A writer held up (a slow disk, a lock holder) does not make writes pile up without
+    bound: beyond MAX_QUEUED behind the batch in flight, a write is refused (5.03) at once,
+    and changes nothing; those queued before it commit once the writer moves on."""
+    gate = Gate()
+    held = await gate.hold(store)
+    queued = _grants(MAX_QUEUED)
+    tasks = _queue(store, queued)
+    await asyncio.sleep(0)  # every queued write has reached the queue
+    refused = _grants(3)
+    for grant in refused:
+        with pytest.raises(StoreUnavailable):
+            await store.start_family(*grant)
+    gate.opened.set()
+    await held
+    assert await asyncio.gather(*tasks) == [True] * MAX_QUEUED
+    assert not any([await _stored(store, grant) for grant in refused])
+    assert await store.start_family(*_grants(1)[0])  # and writes go on
