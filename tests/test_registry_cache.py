@@ -23,6 +23,7 @@ import pytest
 
 from coap_auth.errors import InvalidClient
 from coap_auth.service import AuthService, TokenRequest
+from coap_auth.service.registry_cache import RegistryCache
 from coap_auth.store import Audience, Client
 from coap_auth.wire import GrantType
 from tests import pg
@@ -225,3 +226,45 @@ async def test_an_unknown_client_costs_what_a_wrong_secret_does(
     # One lookup in the store either way (the cache may be behind it): an unknown id costs
     # what a known one with a wrong secret does.
     assert unknown == _new_calls(before, _store_calls(service)) == {"get_client": 1}
+
+
+class _HeldSnapshots:
+    """The real store, whose registry snapshots can be held at a gate once read: a reload
+    that read its rows before a change, and would install them after it."""
+
+    def __init__(self, store: Any) -> None:
+        self.store, self.hold = store, False
+        self.read, self.gate = asyncio.Event(), asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def registry_snapshot(self) -> Any:
+        snapshot = await self.store.registry_snapshot()
+        if self.hold:
+            self.read.set()
+            await self.gate.wait()
+        return snapshot
+
+
+async def test_a_reload_that_read_before_a_change_is_not_kept(service: AuthService) -> None:
+    now = service.clock.now()
+    await service.store.add_audience(Audience("thermostat", "cwt", 3600, now))
+    await service.store.add_client(
+        Client("sensor-1", ("thermostat",), ("r",), now, secret_digest=bytes(32))
+    )
+    held = _HeldSnapshots(service.store)
+    cache = RegistryCache(held)
+    assert (await cache.client("sensor-1")) is not None
+
+    held.hold = True
+    cache.changed(b"moved")  # a change-feed tick: reload
+    reload = asyncio.create_task(cache.client("sensor-1"))
+    await held.read.wait()  # the reload has read its rows...
+    await service.store.disable_client("sensor-1", now + 1, "operator")
+    cache.stale()  # ...when a grant finds the row changed
+    held.hold = False
+    held.gate.set()
+    await reload
+    found = await cache.client("sensor-1")
+    assert found is not None and found.disabled, "the rows read before the change were kept"

@@ -29,6 +29,8 @@ class RegistryCache:
         self._digest: bytes | None = None
         # One load at a time: the requests that find the cache empty wait for the same load.
         self._loading = asyncio.Lock()
+        # Moves with every request to reload: a load that began before one is not installed.
+        self._generation = 0
 
     async def client(self, client_id: str) -> Client | None:
         """The client as loaded, without a store read."""
@@ -57,7 +59,7 @@ class RegistryCache:
     def changed(self, digest: bytes) -> None:
         """The change feed's registry digest: reload at the next use if it moved."""
         if digest != self._digest:
-            self._clients = None
+            self.stale()
 
     async def reload_if_moved(self) -> bool:
         """Reload now if the registry moved since the load (one read of the change feed);
@@ -72,17 +74,20 @@ class RegistryCache:
     def stale(self) -> None:
         """The store refused a grant decided from these rows: reload at the next use."""
         self._clients = None
+        self._generation += 1
 
     async def _loaded(self) -> tuple[Mapping[str, Client], Mapping[str, Audience]]:
         clients = self._clients
         if clients is None:
             async with self._loading:
-                clients = self._clients
-                if clients is None:
-                    clients = await self._load()
+                while (clients := self._clients) is None:
+                    await self._load()
         return clients, self._audiences
 
-    async def _load(self) -> dict[str, Client]:
+    async def _load(self) -> None:
+        """Read the registry and install it, unless told to reload meanwhile (then the caller
+        loads again: what was read may be older than the change that asked)."""
+        generation = self._generation
         # The digest first: a change committed between the reads moves it again, and the
         # next tick reloads.
         digest = (await self._store.change_counters()).registry
@@ -99,9 +104,9 @@ class RegistryCache:
                     " /token refuses every client; run `coap-auth audit verify`"
                 )
             clients, audiences = {}, {}
-        self._audiences = audiences
-        self._clients, self._digest = clients, digest
-        return clients
+        if generation == self._generation:
+            self._audiences = audiences
+            self._clients, self._digest = clients, digest
 
 
 def versions(client: Client, *audiences: Audience) -> RegistryVersions:
