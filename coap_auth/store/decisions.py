@@ -10,17 +10,21 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from coap_auth.store.audit import SERVICE_ACTOR, AuditEvent, AuditName
 from coap_auth.store.records import (
     Audience,
     Client,
+    Minted,
     RefreshFamily,
+    RefreshOutcome,
     RefreshStatus,
     RegistryVersions,
 )
 from coap_auth.store.trl_history import Owner
+
+M = TypeVar("M")
 
 
 class KillReason(StrEnum):
@@ -100,6 +104,27 @@ def plan_refresh(
         return RefreshPlan(RefreshStatus.GRACE)
     # RFC 9700 §4.14.2: a spent refresh token used again means theft.
     return RefreshPlan(RefreshStatus.REUSED, REUSE_KILL)
+
+
+def unminted(plan: RefreshPlan, family: RefreshFamily | None) -> RefreshOutcome[Any] | None:
+    """The outcome of a refresh that does not rotate (after its kill, if the plan has one):
+    the family is named unless the token was unknown. None: it rotates, mint first."""
+    if plan.rotates:
+        return None
+    return RefreshOutcome(plan.status, None if plan.status is RefreshStatus.UNKNOWN else family)
+
+
+def settle_refresh(
+    plan: RefreshPlan, family: RefreshFamily, minted: Minted[M], registry_current: bool
+) -> RefreshOutcome[M]:
+    """The outcome of a rotating refresh once minted: STALE when a registry row it rests on
+    changed, REFUSED when the mint refused (both write nothing), else the plan's status, and
+    the rotation is written (the store writes only when the status is the plan's)."""
+    if not registry_current:
+        return RefreshOutcome(RefreshStatus.STALE)
+    if minted.access is None:
+        return RefreshOutcome(RefreshStatus.REFUSED, family, minted.value)
+    return RefreshOutcome(plan.status, family, minted.value)
 
 
 # -- family kills and revocation -------------------------------------------------------------

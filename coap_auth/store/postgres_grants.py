@@ -163,14 +163,16 @@ class PostgresGrants:
                 functools.partial(_write_all, batch=batch, mac=self._db.master_key.registry_mac)
             )
         except asyncio.CancelledError:
-            for waiting in batch:
-                waiting.done.cancel()
+            # The store is closing: its callers hear 5.03, not a cancellation of their own.
+            _unavailable(batch)
             raise
         except Exception as exc:
             if len(batch) > 1 and not isinstance(exc, StoreUnavailable):
-                # A statement failed: maybe one grant's. Each goes alone, to fail by itself.
+                # A statement failed: maybe one grant's. Each goes alone, to fail by itself
+                # (those whose caller has gone are not written at all).
                 for waiting in batch:
-                    await self._write([waiting])
+                    if not waiting.done.done():
+                        await self._write([waiting])
                 return
             # The database is out of reach (or a lone grant failed): every grant says so.
             for waiting in batch:
@@ -188,8 +190,7 @@ class PostgresGrants:
         for task in self._slots:
             task.cancel()
         await asyncio.gather(*self._slots, return_exceptions=True)
-        for waiting in self._waiting:
-            waiting.done.cancel()
+        _unavailable(self._waiting)
         self._waiting.clear()
 
 
@@ -197,6 +198,12 @@ class PostgresGrants:
 class _Waiting:
     grant: Grant
     done: asyncio.Future[bool]
+
+
+def _unavailable(waiting: list[_Waiting]) -> None:
+    for w in waiting:
+        if not w.done.done():
+            w.done.set_exception(StoreUnavailable("the store is closing; retry shortly"))
 
 
 async def _write_all(conn: Conn, *, batch: list[_Waiting], mac: Mac) -> list[bool]:

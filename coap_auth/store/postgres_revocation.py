@@ -146,7 +146,10 @@ class PostgresRevocations:
             # Candidates by the exp index, decided in decisions; the rows to forget are locked
             # (token_hash order, before the TRL lock) and decided again as locked, since a
             # kill may have revoked one meanwhile.
-            forget = forgettable(await access_records(conn, "exp <= $1", now), now)
+            # (Not delisted: those stay, and neither decision would pick one; without it every
+            # token ever revoked would be read again at every sweep.)
+            candidates = "exp <= $1 AND delisted_at IS NULL"
+            forget = forgettable(await access_records(conn, candidates, now), now)
             if forget:
                 locked = await access_records(conn, "token_hash = ANY($1)", forget, lock=True)
                 forget = forgettable(locked, now)
@@ -155,7 +158,7 @@ class PostgresRevocations:
             # delisted are revoked and committed, and nothing but a sweep (under this lock)
             # writes them again.
             await self._db.lock(conn, self._db.locks.trl)
-            expired = delistable(await access_records(conn, "exp <= $1", now), now)
+            expired = delistable(await access_records(conn, candidates, now), now)
             if expired:
                 await conn.execute(
                     "UPDATE access_tokens SET delisted_at = $1 WHERE token_hash = ANY($2)",

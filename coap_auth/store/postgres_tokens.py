@@ -18,6 +18,8 @@ from coap_auth.store.decisions import (
     kill_events,
     plan_refresh,
     revocable,
+    settle_refresh,
+    unminted,
 )
 from coap_auth.store.postgres_database import Conn, PostgresDatabase
 from coap_auth.store.postgres_grants import Grant, PostgresGrants, RegistryView, ids
@@ -123,22 +125,21 @@ class PostgresTokens:
             if plan.kill is not None:
                 # The kill commits with the outcome (reused, expired).
                 await self.kill(conn, [family], plan.kill, now)
-                return RefreshOutcome(plan.status, family)
-            if not plan.rotates:
-                known = plan.status is not RefreshStatus.UNKNOWN
-                return RefreshOutcome(plan.status, family if known else None)
+            done = unminted(plan, family)
+            if done is not None:
+                return done
             minted = mint(family)
             # A row the mint names beyond those shared above (none is expected) is shared
             # now, out of the lock order: a deadlock that may cause is retried.
-            if not await view.current(conn, registry + minted.registry):
-                return RefreshOutcome(RefreshStatus.STALE)
-            if minted.access is None:
-                return RefreshOutcome(RefreshStatus.REFUSED, family, minted.value)
+            is_current = await view.current(conn, registry + minted.registry)
+            outcome = settle_refresh(plan, family, minted, is_current)
+            if outcome.status is not plan.status or minted.access is None:
+                return outcome
             replaced = token["successor"] if plan.spends_successor else None
             await _store_rotation(
                 conn, family, refresh_digest, successor_digest, replaced, minted.access, now
             )
-            return RefreshOutcome(plan.status, family, minted.value)
+            return outcome
 
         return await self._db.transaction(rotate)
 

@@ -22,12 +22,13 @@ from coap_auth.store.decisions import (
     registry_current,
     revocable,
     revocation_event,
+    settle_refresh,
+    unminted,
 )
 from coap_auth.store.records import (
     IssuedAccess,
     RefreshFamily,
     RefreshOutcome,
-    RefreshStatus,
     RegistryVersions,
     TokenStatus,
 )
@@ -113,19 +114,18 @@ class SqliteTokens:
         plan = plan_refresh(
             token, family, client_id=client_id, now=now, grace=grace, idle_timeout=idle_timeout
         )
-        if plan.status is RefreshStatus.UNKNOWN:
-            return RefreshOutcome(plan.status)
-        assert row is not None and family is not None
         if plan.kill is not None:
+            assert family is not None
             self.kill(conn, [family], plan.kill, now)
-            return RefreshOutcome(plan.status, family)
-        if not plan.rotates:
-            return RefreshOutcome(plan.status, family)
+        done = unminted(plan, family)
+        if done is not None:
+            return done
+        assert row is not None and family is not None
         minted = mint(family)
-        if not current(conn, registry + minted.registry, self._registry_mac):
-            return RefreshOutcome(RefreshStatus.STALE)
-        if minted.access is None:
-            return RefreshOutcome(RefreshStatus.REFUSED, family, minted.value)
+        is_current = current(conn, registry + minted.registry, self._registry_mac)
+        outcome = settle_refresh(plan, family, minted, is_current)
+        if outcome.status is not plan.status or minted.access is None:
+            return outcome
         if plan.spends_successor:
             # The device never got its successor: that one is replaced, not kept live.
             conn.execute(
@@ -142,7 +142,7 @@ class SqliteTokens:
             (now, family.family_id),
         )
         _record_access(conn, minted.access, family.family_id)
-        return RefreshOutcome(plan.status, family, minted.value)
+        return outcome
 
     # -- family kills --------------------------------------------------------------------------
 

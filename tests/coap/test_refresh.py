@@ -12,8 +12,7 @@ import aiocoap
 import cbor2
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from coap_auth.store.registry_mac import CLIENTS, row_mac
-from coap_auth.store.rows import client_to_row
+from coap_auth.store.records import RegistryChange
 from coap_auth.tokens import cose_key_from_public, token_hash, verify_cwt
 from coap_auth.wire import AceParam, CoapCode, GrantType
 from tests.conftest import Coap
@@ -258,17 +257,17 @@ async def test_expiry_ends_the_family_without_revoking_its_access_tokens(sensor:
 
 async def test_refresh_follows_an_operator_narrowing_the_client(sensor: Coap) -> None:
     body = await _grant(sensor)
-    database = sensor.service.settings.data_dir / "coap-auth.sqlite3"
-    # What an operator tool does (with the master key): change the row and seal it again.
-    client = await sensor.service.store.get_client("sensor-1")
-    assert client is not None
-    narrowed = client_to_row(dataclasses.replace(client, scope=("temp:write",)))
-    mac = row_mac(sensor.service._master_key.registry_mac, CLIENTS, narrowed)
-    with contextlib.closing(sqlite3.connect(database)) as conn, conn:
-        conn.execute(
-            "UPDATE clients SET scope = 'temp:write', mac = ? WHERE client_id = 'sensor-1'",
-            (mac,),
-        )
+    # What an operator tool does through the store (the row sealed again, the audit head
+    # moved with it, in one transaction).
+    narrowed = await sensor.service.store.update_client(
+        "sensor-1",
+        lambda client: RegistryChange(
+            dataclasses.replace(client, scope=("temp:write",)), "client.scope_narrowed"
+        ),
+        "operator",
+        sensor.service.clock.now(),
+    )
+    assert narrowed is not None
     response, err = await _refresh(sensor, body[AceParam.REFRESH_TOKEN])
     assert _is_invalid_grant(response, err)
     response, body = await _refresh(
