@@ -23,6 +23,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import cbor2
@@ -74,6 +75,16 @@ _KCCS_PREFIX = bytes([0xA1, ID_CRED_KCCS])  # {14: ...}
 Resolver = Callable[[str], Awaitable[list[Any]]]
 # An EAD item as the hook below sees it: label (positive), critical, value (or None).
 EadItem = tuple[int, bool, bytes | None]
+
+
+class HandshakeOutcome(StrEnum):
+    """How a handshake at the responder ended: the `outcome` label of the EDHOC metric."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"  # a message that could not be processed (an EDHOC error was sent)
+    REFUSED = "refused"  # message_3 refused: its credential is not accepted, or it fails
+    EVICTED = "evicted"  # an unfinished handshake pushed out by newer ones
+    EXPIRED = "expired"  # an unfinished handshake that timed out
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +143,7 @@ class Responder:
         per_address: int = 8,
         handshake_timeout: int = 10,
         ead_3: Ead3Handler | None = None,
-        outcome: Callable[[str], None] = lambda outcome: None,
+        outcome: Callable[[HandshakeOutcome], None] = lambda outcome: None,
     ) -> None:
         self.identity = identity
         # Told how each handshake ended, for metrics: completed, refused (message_3 named
@@ -171,7 +182,7 @@ class Responder:
         try:
             return self._message_1(message_1, address)
         except EdhocFailure:
-            self._outcome("failed")
+            self._outcome(HandshakeOutcome.FAILED)
             raise
 
     def _message_1(self, message_1: bytes, address: str) -> bytes:
@@ -203,9 +214,11 @@ class Responder:
         try:
             context = await self._message_3(payload)
         except EdhocFailure as failure:
-            self._outcome("refused" if failure.info in _REFUSALS else "failed")
+            self._outcome(
+                HandshakeOutcome.REFUSED if failure.info in _REFUSALS else HandshakeOutcome.FAILED
+            )
             raise
-        self._outcome("completed")
+        self._outcome(HandshakeOutcome.COMPLETED)
         return context
 
     async def _message_3(self, payload: bytes) -> OscoreContext:
@@ -301,13 +314,13 @@ class Responder:
         mine = self._by_address.setdefault(pending.address, [])
         while len(mine) >= self.per_address:
             self._take(mine[0])
-            self._outcome("evicted")
+            self._outcome(HandshakeOutcome.EVICTED)
         while len(self._pending) >= self.max_pending:
             # Fair: the address holding the most handshakes loses its oldest, so a device
             # with one handshake in flight goes only when every address holds just one.
             busiest = max(self._by_address.values(), key=len)
             self._take(busiest[0])
-            self._outcome("evicted")
+            self._outcome(HandshakeOutcome.EVICTED)
         self._pending[c_r] = pending
         self._by_address.setdefault(pending.address, []).append(c_r)
         self.contexts.reserve(c_r)
@@ -331,7 +344,7 @@ class Responder:
             if now - oldest.started < self.handshake_timeout:
                 break
             self._take(c_r)
-            self._outcome("expired")
+            self._outcome(HandshakeOutcome.EXPIRED)
 
 
 def _ead_item(item: Any) -> EadItem:

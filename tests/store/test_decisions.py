@@ -15,17 +15,33 @@ from coap_auth.store.decisions import (
     FamilyKill,
     KillReason,
     PresentedToken,
+    RefreshPlan,
+    audience_added_event,
+    client_added_event,
     delistable,
+    disable_event,
     forgettable,
     kill_events,
     may_revoke,
     plan_refresh,
     registry_current,
+    removal_event,
     revocable,
     revocation_event,
+    settle_refresh,
+    unminted,
     updates_kept,
 )
-from coap_auth.store.records import RefreshFamily, RefreshStatus, RegistryVersions
+from coap_auth.store.records import (
+    Audience,
+    Client,
+    IssuedAccess,
+    Minted,
+    RefreshFamily,
+    RefreshOutcome,
+    RefreshStatus,
+    RegistryVersions,
+)
 
 NOW = 1_000_000
 GRACE, IDLE = 30, 3600
@@ -219,3 +235,58 @@ def test_an_absent_row_is_expected_absent() -> None:
     assert registry_current(absent, {}, {"gone": None})
     assert not registry_current(absent, {}, {"gone": b"added meanwhile"})
     assert registry_current(RegistryVersions(), {}, {})
+
+
+# -- registry audit events -------------------------------------------------------------------
+
+
+def test_registry_events_name_what_changed_and_never_a_secret() -> None:
+    audience = Audience("thermostat", "cwt", 600, NOW, profile="bearer")
+    client = Client("sensor-1", ("thermostat",), ("r", "w"), NOW, secret_digest=b"\x01" * 32)
+    added = audience_added_event(audience, "operator alice")
+    assert (added.at, added.actor, added.event, added.subject) == (
+        NOW,
+        "operator alice",
+        AuditName.AUDIENCE_ADDED,
+        "thermostat",
+    )
+    assert added.details == {"token_format": "cwt", "key_family": "default", "profile": "bearer"}
+    joined = client_added_event(client, "operator alice")
+    assert joined.event == AuditName.CLIENT_ADDED and joined.subject == "sensor-1"
+    assert joined.details == {"audiences": ["thermostat"], "scope": "r w", "auth": "secret"}
+    assert (b"\x01" * 32).hex() not in joined.details_json()
+    gone = removal_event(AuditName.CLIENT_REMOVED, "sensor-1", 3, "operator", NOW + 1)
+    assert (gone.event, gone.details, gone.at) == (
+        AuditName.CLIENT_REMOVED,
+        {"killed_families": 3},
+        NOW + 1,
+    )
+    off = disable_event("sensor-1", "operator", NOW + 2)
+    assert (off.event, off.subject, dict(off.details)) == (
+        AuditName.CLIENT_DISABLED,
+        "sensor-1",
+        {},
+    )
+
+
+def test_a_refresh_settles_stale_then_refused_then_as_planned() -> None:
+    family = _family()
+    rotated, grace = RefreshPlan(RefreshStatus.ROTATED), RefreshPlan(RefreshStatus.GRACE)
+    access = IssuedAccess(b"\x01", "sensor-1", NOW + 60, "thermostat")
+    made, refused = Minted("token", access), Minted("no", None)
+    assert settle_refresh(rotated, family, made, False).status is RefreshStatus.STALE
+    assert settle_refresh(rotated, family, refused, False).status is RefreshStatus.STALE
+    outcome = settle_refresh(rotated, family, refused, True)
+    assert (outcome.status, outcome.minted) == (RefreshStatus.REFUSED, "no")
+    outcome = settle_refresh(grace, family, made, True)
+    assert (outcome.status, outcome.family, outcome.minted) == (
+        RefreshStatus.GRACE,
+        family,
+        "token",
+    )
+    assert unminted(rotated, family) is None
+    assert unminted(RefreshPlan(RefreshStatus.UNKNOWN), family) == RefreshOutcome(
+        RefreshStatus.UNKNOWN
+    )
+    dead = unminted(RefreshPlan(RefreshStatus.DEAD), family)
+    assert dead is not None and (dead.status, dead.family) == (RefreshStatus.DEAD, family)

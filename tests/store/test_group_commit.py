@@ -301,3 +301,11 @@ async def test_writes_beyond_the_queue_bound_are_refused_at_once(store: SqliteSt
     assert await asyncio.gather(*tasks) == [True] * MAX_QUEUED
     assert not any([await _stored(store, grant) for grant in refused])
     assert await store.start_family(*_grants(1)[0])  # and writes go on
+
+
+async def test_commits_are_durable(store: SqliteStore) -> None:
+    """No answer before its write is on disk: the writer connection commits with
+    synchronous=FULL in WAL mode (a SIGKILL test cannot tell, the page cache survives it)."""
+    connection = store.database.connection
+    assert connection.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
