@@ -212,6 +212,13 @@ async def migrate(
     `conn` is an asyncpg connection; `now` dates the audit entry that records a migration;
     `sealed_before` is the version this instance's marker records: an older database (or one
     that lost its version but holds data) is refused, not sealed again."""
+    # An up-to-date schema is left alone: the DDL below locks every table (CREATE INDEX IF NOT
+    # EXISTS takes a SHARE lock even when the index exists), which deadlocked with the grants
+    # and refreshes other instances write meanwhile, so a CLI command or a new instance
+    # failed at random under load.
+    if await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL"):
+        if await conn.fetchval("SELECT max(version) FROM schema_version") == SCHEMA_VERSION:
+            return
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key)
         await conn.execute(SCHEMA)

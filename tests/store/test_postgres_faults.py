@@ -328,3 +328,16 @@ async def test_concurrent_grants_share_a_transaction_each_with_its_outcome(
     assert live == {taken.family_id} | {
         f.family_id for (f, _, _), r in zip(grants, results, strict=True) if r is True
     }
+
+
+async def test_opening_an_up_to_date_schema_takes_no_table_lock(
+    store: PostgresStore, schema: str, tmp_path: Path
+) -> None:
+    """Another instance opening (or any CLI command) while grants are being written: opening
+    a schema already at this version runs no DDL, so it takes no lock a grant holds (it
+    deadlocked with grants, and the command died with a traceback)."""
+    async with _in_flight(schema, "LOCK TABLE refresh_families IN ROW EXCLUSIVE MODE"):
+        assert pg.PG_DSN is not None
+        other = PostgresStore(pg.PG_DSN, MasterKey.load(tmp_path, create=False), schema=schema)
+        await asyncio.wait_for(other.open(), 10)
+        await other.close()
