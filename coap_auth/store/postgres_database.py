@@ -153,6 +153,12 @@ class PostgresDatabase:
                 await migrate(
                     conn, self.locks.schema, self.master_key, int(time.time()), sealed_before
                 )
+                # Fail at start, not at the first grant: a schema already up to date was only
+                # read, so a standby (or a read-only role) is asked, without taking a lock.
+                if await conn.fetchval(
+                    "SELECT current_setting('transaction_read_only') = 'on' OR pg_is_in_recovery()"
+                ):
+                    raise asyncpg.exceptions.ReadOnlySQLTransactionError("read-only")
             write_marker(self._marker, SCHEMA_VERSION)
         except (*CONNECTION_ERRORS, asyncpg.exceptions.ReadOnlySQLTransactionError) as exc:
             await self.close()

@@ -11,14 +11,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import cbor2
-
 from coap_auth.errors import StoreUnavailable
 from coap_auth.store.decisions import registry_current
 from coap_auth.store.postgres_database import CLOSE_TIMEOUT, Conn, PostgresDatabase
 from coap_auth.store.records import UNCHECKED, IssuedAccess, RefreshFamily, RegistryVersions
 from coap_auth.store.registry_mac import AUDIENCES, CLIENTS, Mac
-from coap_auth.store.rows import AUDIENCE_SELECT, CLIENT_SELECT, verified_mac
+from coap_auth.store.rows import AUDIENCE_SELECT, CLIENT_SELECT, family_to_row, verified_mac
 
 # A grant's rows in one statement (one round trip): the family, its first refresh token and
 # the access token's record. The foreign keys are checked at the statement's end.
@@ -94,16 +92,9 @@ class Grant:
         access: IssuedAccess,
         registry: RegistryVersions,
     ) -> Grant:
-        cnf = None if family.cnf is None else cbor2.dumps(family.cnf)
+        # _GRANT's parameters: the family's columns but the kill's (a new family is live).
         rows = (
-            family.family_id,
-            family.client_id,
-            family.audience,
-            family.scope,
-            cnf,
-            family.created_at,
-            family.last_used_at,
-            family.expires_at,
+            *family_to_row(family)[:8],
             refresh_digest,
             access.token_hash,
             access.client_id,

@@ -275,6 +275,23 @@ FAMILY_COLUMNS = (
 )
 
 
+def family_to_row(family: RefreshFamily) -> tuple[Any, ...]:
+    """A family's values in FAMILY_COLUMNS order."""
+    cnf = None if family.cnf is None else cbor2.dumps(family.cnf)
+    return (
+        family.family_id,
+        family.client_id,
+        family.audience,
+        family.scope,
+        cnf,
+        family.created_at,
+        family.last_used_at,
+        family.expires_at,
+        family.killed_at,
+        family.kill_reason,
+    )
+
+
 def family_from_row(row: Mapping[str, Any]) -> RefreshFamily:
     """A family from a row read by column name (sqlite3.Row, asyncpg.Record)."""
     cnf = row["cnf"]

@@ -9,8 +9,6 @@ from __future__ import annotations
 import sqlite3
 from typing import TypeVar
 
-import cbor2
-
 from coap_auth.store.base import Mint
 from coap_auth.store.decisions import (
     AccessRecord,
@@ -38,6 +36,7 @@ from coap_auth.store.rows import (
     CLIENT_SELECT,
     FAMILY_COLUMNS,
     family_from_row,
+    family_to_row,
     verified_mac,
 )
 from coap_auth.store.sqlite_audit import SqliteAudit
@@ -72,21 +71,9 @@ class SqliteTokens:
     ) -> bool:
         if not current(conn, registry, self._registry_mac):
             return False
-        cnf = None if family.cnf is None else cbor2.dumps(family.cnf)
         conn.execute(
             f"INSERT INTO refresh_families ({FAMILY_COLUMNS}) VALUES ({_FAMILY_INSERT})",
-            (
-                family.family_id,
-                family.client_id,
-                family.audience,
-                family.scope,
-                cnf,
-                family.created_at,
-                family.last_used_at,
-                family.expires_at,
-                family.killed_at,
-                family.kill_reason,
-            ),
+            family_to_row(family),
         )
         _issue_refresh(conn, refresh_digest, family.family_id, family.created_at)
         _record_access(conn, access, family.family_id)
