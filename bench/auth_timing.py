@@ -60,7 +60,7 @@ async def main() -> None:
         service = AuthService(store, master, settings, clock)
         await service.load_keys()
         now = clock.now()
-        await store.add_audience(Audience("thermostat", "cwt", 600, now))
+        await store.add_audience(Audience("thermostat", "cwt", 600, now), "operator")
         await store.add_client(
             Client(
                 "sensor-1",
@@ -68,7 +68,8 @@ async def main() -> None:
                 ("r",),
                 now,
                 secret_digest=service.secret_digest("right-secret"),
-            )
+            ),
+            "operator",
         )
         es, ed = ec.generate_private_key(ec.SECP256R1()), ed25519.Ed25519PrivateKey.generate()
         await store.add_client(
@@ -78,7 +79,8 @@ async def main() -> None:
                 ("r",),
                 now,
                 public_key=cose_key_from_public(es.public_key()),
-            )
+            ),
+            "operator",
         )
         await store.add_client(
             Client(
@@ -87,7 +89,8 @@ async def main() -> None:
                 ("r",),
                 now,
                 public_key=cose_key_from_public(ed.public_key()),
-            )
+            ),
+            "operator",
         )
         wrong_es, wrong_ed = (
             ec.generate_private_key(ec.SECP256R1()),

@@ -87,7 +87,7 @@ async def register_devices(data: DataDir, count: int) -> Devices:
                 created_at=service.clock.now(),
                 public_key=cose_key_from_public(key.public_key()),
             )
-            await service.store.add_client(client)
+            await service.store.add_client(client, "operator")
             identities.append(device_credential(client.client_id, key))
         return Devices(identities, service.edhoc_identity.credential)
     finally:

@@ -156,7 +156,8 @@ class Coap:
         self, audience_id: str, token_format: str = "cwt", lifetime: int = 3600
     ) -> None:
         await self.service.store.add_audience(
-            Audience(audience_id, token_format, lifetime, self.service.clock.now())  # type: ignore[arg-type]
+            Audience(audience_id, token_format, lifetime, self.service.clock.now()),  # type: ignore[arg-type]
+            "operator",
         )
 
     async def add_secret_client(
@@ -170,7 +171,8 @@ class Coap:
                 tuple(scope.split()),
                 self.service.clock.now(),
                 secret_digest=self.service.secret_digest(secret),
-            )
+            ),
+            "operator",
         )
         self.secrets[client_id] = secret
         SEEN_SECRETS.add(secret.encode())
@@ -186,7 +188,8 @@ class Coap:
                 tuple(scope.split()),
                 self.service.clock.now(),
                 public_key=cose_key,
-            )
+            ),
+            "operator",
         )
 
 

@@ -77,7 +77,7 @@ async def test_libcoap_gets_a_token_that_verifies(sensor: Coap, tmp_path: Path) 
 async def test_libcoap_reads_keys_whole_and_block_wise(coap: Coap) -> None:
     for n in range(6):  # a set over 1024 bytes
         audience = Audience(f"rs-{n}", "cwt", 600, coap.service.clock.now(), key_family=f"rs-{n}")
-        await coap.service.store.add_audience(audience)
+        await coap.service.store.add_audience(audience, "operator")
     await coap.server.tick()
     ours = (await coap.request(aiocoap.GET, "/keys")).payload
     assert len(ours) > 1024

@@ -74,7 +74,7 @@ async def pair(schema: str, tmp_path: Path) -> AsyncIterator[tuple[Instance, Ins
     b = await start_instance(
         pg.PG_DSN, schema, master_key, clock, tmp_path / "b", change_poll_interval=30.0
     )
-    await a.service.store.add_audience(Audience("thermostat", "cwt", 600, clock.now()))
+    await a.service.store.add_audience(Audience("thermostat", "cwt", 600, clock.now()), "operator")
     await a.service.store.add_client(
         Client(
             "sensor-1",
@@ -82,7 +82,8 @@ async def pair(schema: str, tmp_path: Path) -> AsyncIterator[tuple[Instance, Ins
             ("temp:read",),
             clock.now(),
             secret_digest=a.service.secret_digest(SECRET),
-        )
+        ),
+        "operator",
     )
     context = await aiocoap.Context.create_client_context()
     try:
@@ -198,7 +199,7 @@ async def test_lost_database_answers_5_03_with_max_age_and_recovers(
         master_key, clock = MasterKey(secrets.token_bytes(32)), SettableClock()
         instance = await start_instance(dsn, schema, master_key, clock, tmp_path)
         store = instance.service.store
-        await store.add_audience(Audience("thermostat", "cwt", 600, clock.now()))
+        await store.add_audience(Audience("thermostat", "cwt", 600, clock.now()), "operator")
         await store.add_client(
             Client(
                 "sensor-1",
@@ -206,7 +207,8 @@ async def test_lost_database_answers_5_03_with_max_age_and_recovers(
                 ("temp:read",),
                 clock.now(),
                 secret_digest=instance.service.secret_digest(SECRET),
-            )
+            ),
+            "operator",
         )
         context = await aiocoap.Context.create_client_context()
         admin = await asyncpg.connect(pg.PG_DSN)

@@ -178,12 +178,13 @@ def _new_calls(before: dict[str, float], after: dict[str, float]) -> dict[str, f
 
 async def test_a_warm_grant_and_refresh_are_one_store_call_each(service: AuthService) -> None:
     now = service.clock.now()
-    await service.store.add_audience(Audience("thermostat", "cwt", 3600, now))
+    await service.store.add_audience(Audience("thermostat", "cwt", 3600, now), "operator")
     secret = "secret-of-sensor-1-0123456789abcdef"
     await service.store.add_client(
         Client(
             "sensor-1", ("thermostat",), ("r",), now, secret_digest=service.secret_digest(secret)
-        )
+        ),
+        "operator",
     )
     grant = TokenRequest(client_id="sensor-1", client_secret=secret)
     await service.issue_token(grant)  # loads the cache
@@ -207,12 +208,13 @@ async def test_an_unknown_client_costs_what_a_wrong_secret_does(
     service: AuthService,
 ) -> None:
     now = service.clock.now()
-    await service.store.add_audience(Audience("thermostat", "cwt", 3600, now))
+    await service.store.add_audience(Audience("thermostat", "cwt", 3600, now), "operator")
     secret = "secret-of-sensor-1-0123456789abcdef"
     await service.store.add_client(
         Client(
             "sensor-1", ("thermostat",), ("r",), now, secret_digest=service.secret_digest(secret)
-        )
+        ),
+        "operator",
     )
     await service.issue_token(TokenRequest(client_id="sensor-1", client_secret=secret))
 
@@ -249,9 +251,9 @@ class _HeldSnapshots:
 
 async def test_a_reload_that_read_before_a_change_is_not_kept(service: AuthService) -> None:
     now = service.clock.now()
-    await service.store.add_audience(Audience("thermostat", "cwt", 3600, now))
+    await service.store.add_audience(Audience("thermostat", "cwt", 3600, now), "operator")
     await service.store.add_client(
-        Client("sensor-1", ("thermostat",), ("r",), now, secret_digest=bytes(32))
+        Client("sensor-1", ("thermostat",), ("r",), now, secret_digest=bytes(32)), "operator"
     )
     held = _HeldSnapshots(service.store)
     cache = RegistryCache(held)

@@ -178,7 +178,7 @@ async def fleet(tmp_path: Path) -> AsyncIterator[tuple[Server, LossyRelay, list[
     server = Server(service, "127.0.0.1", 0)
     await server.start()
     now = service.clock.now()
-    await store.add_audience(Audience("thermostat", "cwt", 600, now))
+    await store.add_audience(Audience("thermostat", "cwt", 600, now), "operator")
     loop = asyncio.get_running_loop()
     relay = LossyRelay(("127.0.0.1", server.port), random.Random(9700))  # type: ignore[arg-type]
     transport, _ = await loop.create_datagram_endpoint(lambda: relay, local_addr=("127.0.0.1", 0))
@@ -200,7 +200,8 @@ async def fleet(tmp_path: Path) -> AsyncIterator[tuple[Server, LossyRelay, list[
                 ("temp:read",),
                 now,
                 secret_digest=service.secret_digest(secret),
-            )
+            ),
+            "operator",
         )
         devices.append(Device(client_id, secret, endpoints[n][1], in_flight))
     try:

@@ -55,21 +55,20 @@ class Store(Protocol):
     # made here and below appends its audit event in the same transaction. Each row is MACed
     # under the master key (coap_auth.store.registry_mac) when written; one whose MAC does
     # not verify is never returned (get_* answer None, list_* leave it out) and is logged.
-    # `actor` is whom the audit event names; service.admin always passes it. The "operator"
-    # defaults here and below stay only for the tests that seed a store directly.
-    async def add_audience(self, audience: Audience, actor: str = "operator") -> None: ...
+    # `actor` is whom the audit event names (service.admin passes the operator's).
+    async def add_audience(self, audience: Audience, actor: str) -> None: ...
 
     async def get_audience(self, audience_id: str) -> Audience | None: ...
 
     async def list_audiences(self) -> list[Audience]: ...
 
-    async def add_client(self, client: Client, actor: str = "operator") -> None: ...
+    async def add_client(self, client: Client, actor: str) -> None: ...
 
     async def get_client(self, client_id: str) -> Client | None: ...
 
     async def list_clients(self) -> list[Client]: ...
 
-    async def disable_client(self, client_id: str, now: int, actor: str = "operator") -> bool: ...
+    async def disable_client(self, client_id: str, now: int, actor: str) -> bool: ...
 
     async def update_client(
         self, client_id: str, change: ClientChange, actor: str, now: int
@@ -156,9 +155,7 @@ class Store(Protocol):
         (decisions.registry_current): stale, nothing written."""
         ...
 
-    async def kill_families(
-        self, client_id: str, reason: str, now: int, actor: str = "operator"
-    ) -> int:
+    async def kill_families(self, client_id: str, reason: str, now: int, actor: str) -> int:
         """Kill every unkilled family of a client, revoking their unexpired access tokens in
         one TRL update; return how many families. A family past its own expiry counts too:
         a token refreshed just before the end outlives it."""

@@ -59,7 +59,7 @@ class PostgresStore:
 
     # -- audiences and clients -------------------------------------------------------------
 
-    async def add_audience(self, audience: Audience, actor: str = "operator") -> None:
+    async def add_audience(self, audience: Audience, actor: str) -> None:
         await self._registry.add_audience(audience, actor)
 
     async def get_audience(self, audience_id: str) -> Audience | None:
@@ -68,7 +68,7 @@ class PostgresStore:
     async def list_audiences(self) -> list[Audience]:
         return await self._registry.list_audiences()
 
-    async def add_client(self, client: Client, actor: str = "operator") -> None:
+    async def add_client(self, client: Client, actor: str) -> None:
         await self._registry.add_client(client, actor)
 
     async def get_client(self, client_id: str) -> Client | None:
@@ -80,7 +80,7 @@ class PostgresStore:
     async def registry_snapshot(self) -> RegistrySnapshot:
         return await self._registry.snapshot()
 
-    async def disable_client(self, client_id: str, now: int, actor: str = "operator") -> bool:
+    async def disable_client(self, client_id: str, now: int, actor: str) -> bool:
         return await self._registry.disable_client(client_id, now, actor)
 
     async def update_client(
@@ -188,9 +188,7 @@ class PostgresStore:
             registry=registry,
         )
 
-    async def kill_families(
-        self, client_id: str, reason: str, now: int, actor: str = "operator"
-    ) -> int:
+    async def kill_families(self, client_id: str, reason: str, now: int, actor: str) -> int:
         return await self._tokens.kill_families(client_id, reason, now, actor)
 
     async def kill_family_of(

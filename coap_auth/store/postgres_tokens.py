@@ -143,9 +143,7 @@ class PostgresTokens:
 
         return await self._db.transaction(rotate)
 
-    async def kill_families(
-        self, client_id: str, reason: str, now: int, actor: str = "operator"
-    ) -> int:
+    async def kill_families(self, client_id: str, reason: str, now: int, actor: str) -> int:
         async def kill(conn: Conn) -> int:
             families = await self.unkilled_families(conn, "client_id", client_id)
             # All of them in one go: one TRL update, and every access row locked before the

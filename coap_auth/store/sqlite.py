@@ -74,7 +74,7 @@ class SqliteStore:
 
     # -- audiences and clients -------------------------------------------------------------
 
-    async def add_audience(self, audience: Audience, actor: str = "operator") -> None:
+    async def add_audience(self, audience: Audience, actor: str) -> None:
         await self.database.write(lambda c: self._registry.add_audience(c, audience, actor))
 
     async def get_audience(self, audience_id: str) -> Audience | None:
@@ -83,7 +83,7 @@ class SqliteStore:
     async def list_audiences(self) -> list[Audience]:
         return await self.database.read(self._registry.list_audiences)
 
-    async def add_client(self, client: Client, actor: str = "operator") -> None:
+    async def add_client(self, client: Client, actor: str) -> None:
         await self.database.write(lambda c: self._registry.add_client(c, client, actor))
 
     async def get_client(self, client_id: str) -> Client | None:
@@ -92,7 +92,7 @@ class SqliteStore:
     async def list_clients(self) -> list[Client]:
         return await self.database.read(self._registry.list_clients)
 
-    async def disable_client(self, client_id: str, now: int, actor: str = "operator") -> bool:
+    async def disable_client(self, client_id: str, now: int, actor: str) -> bool:
         return await self.database.write(
             lambda c: self._registry.disable_client(c, client_id, now, actor)
         )
@@ -217,9 +217,7 @@ class SqliteStore:
 
         return await self.database.write(rotate)
 
-    async def kill_families(
-        self, client_id: str, reason: str, now: int, actor: str = "operator"
-    ) -> int:
+    async def kill_families(self, client_id: str, reason: str, now: int, actor: str) -> int:
         def kill(conn: sqlite3.Connection) -> int:
             families = self._tokens.unkilled_families(conn, "client_id", client_id)
             self._tokens.kill(conn, families, FamilyKill(reason, actor), now)

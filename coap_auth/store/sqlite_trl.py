@@ -151,7 +151,7 @@ def next_expiry(conn: sqlite3.Connection) -> int | None:
         "SELECT MIN(exp) AS exp FROM access_tokens"
         " WHERE revoked_at IS NOT NULL AND delisted_at IS NULL"
     ).fetchone()
-    return row["exp"]
+    return None if row["exp"] is None else int(row["exp"])
 
 
 def sweep(conn: sqlite3.Connection, now: int, keep_updates: int) -> int:

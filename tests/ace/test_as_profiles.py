@@ -404,7 +404,8 @@ async def test_edhoc_oscore_refuses_a_client_without_a_key(world: Protected) -> 
             (SCOPE_TEXT,),
             service.clock.now(),
             secret_digest=service.secret_digest("unused-secret-0123456789"),
-        )
+        ),
+        "operator",
     )
     oscore = device_side(provision(service.settings.data_dir, "legacy"))
     world.server.reload_provisioned()
@@ -536,7 +537,8 @@ async def test_coap_oscore_material_never_travels_unprotected(world: Protected) 
             (SCOPE_TEXT,),
             service.clock.now(),
             secret_digest=service.secret_digest(secret),
-        )
+        ),
+        "operator",
     )
     context = await create_client_context()
     try:

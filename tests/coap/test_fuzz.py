@@ -78,7 +78,7 @@ class ServerThread:
         self.server = Server(self.service, "127.0.0.1", 0)
         await self.server.start()
         now = self.service.clock.now()
-        await self.store.add_audience(Audience("thermostat", "cwt", 600, now))
+        await self.store.add_audience(Audience("thermostat", "cwt", 600, now), "operator")
         await self.store.add_audience(
             Audience(
                 "door",
@@ -86,7 +86,8 @@ class ServerThread:
                 600,
                 now,
                 introspect_secret_digest=self.service.secret_digest(SECRET),
-            )
+            ),
+            "operator",
         )
         await self.store.add_client(
             Client(
@@ -95,7 +96,8 @@ class ServerThread:
                 ("temp:read",),
                 now,
                 secret_digest=self.service.secret_digest(SECRET),
-            )
+            ),
+            "operator",
         )
 
     async def snapshot(self) -> tuple[Any, ...]:

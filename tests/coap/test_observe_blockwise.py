@@ -31,7 +31,7 @@ async def sixteen_keys(service: AuthService, server: Server) -> bytes:
     active and a next key), a COSE_KeySet well over 1024 bytes."""
     for n in range(7):
         audience = Audience(f"rs-{n}", "cwt", 600, service.clock.now(), key_family=f"rs-{n}")
-        await service.store.add_audience(audience)
+        await service.store.add_audience(audience, "operator")
     await server.tick()
     payload = server.keys_resource._render(102).payload
     assert len(cbor2.loads(payload)) == 16 and len(payload) > 1024

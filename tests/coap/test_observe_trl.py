@@ -23,7 +23,7 @@ SECRET = "secret-of-sensor-1-0123456789abcdef"
 async def revoke_one(service: AuthService) -> bytes:
     if await service.store.get_client("sensor-1") is None:
         now = service.clock.now()
-        await service.store.add_audience(Audience("thermostat", "cwt", 600, now))
+        await service.store.add_audience(Audience("thermostat", "cwt", 600, now), "operator")
         SEEN_SECRETS.add(SECRET.encode())
         await service.store.add_client(
             Client(
@@ -32,7 +32,8 @@ async def revoke_one(service: AuthService) -> bytes:
                 ("temp:read",),
                 now,
                 secret_digest=service.secret_digest(SECRET),
-            )
+            ),
+            "operator",
         )
     issued = await service.issue_token(
         TokenRequest(client_id="sensor-1", client_secret=SECRET, audience="thermostat")

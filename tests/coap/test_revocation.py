@@ -85,7 +85,8 @@ async def rs(sensor: Coap) -> Coap:
             600,
             sensor.service.clock.now(),
             introspect_secret_digest=sensor.service.secret_digest(RS_SECRET),
-        )
+        ),
+        "operator",
     )
     await sensor.add_secret_client("sensor-2", ("thermostat", "rs-door"), "temp:read")
     return sensor

@@ -207,7 +207,8 @@ async def _own_family_audience(coap: Coap, audience_id: str, key_alg: str, lifet
             coap.service.clock.now(),
             key_family=audience_id,
             key_alg=key_alg,
-        )
+        ),
+        "operator",
     )
     await coap.service.load_keys()
     await coap.server.check_changes()

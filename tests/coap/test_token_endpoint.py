@@ -231,7 +231,9 @@ async def test_wrong_secret_and_unknown_client_look_the_same(sensor: Coap) -> No
 
 
 async def test_disabled_client_is_refused(sensor: Coap) -> None:
-    assert await sensor.service.store.disable_client("sensor-1", sensor.service.clock.now())
+    assert await sensor.service.store.disable_client(
+        "sensor-1", sensor.service.clock.now(), "operator"
+    )
     response, body = await sensor.post_ace(TOKEN, _cred(sensor))
     _ace_error(response, body, CoapCode.UNAUTHORIZED, 2)
 

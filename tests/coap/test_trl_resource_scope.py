@@ -77,7 +77,7 @@ async def _register(service: AuthService) -> None:
     for audience_id, key in AUDIENCE_KEYS.items():
         public = cose_key_from_public(key.public_key())
         await service.store.add_audience(
-            Audience(audience_id, "cwt", 600, now, introspect_public_key=public)
+            Audience(audience_id, "cwt", 600, now, introspect_public_key=public), "operator"
         )
     clients = (("sensor-1", ("thermostat",)), ("sensor-2", ("lock",)), ("sensor-3", ("lock",)))
     for client_id, audiences in clients:
@@ -89,7 +89,8 @@ async def _register(service: AuthService) -> None:
                 ("temp:read",),
                 now,
                 secret_digest=service.secret_digest(_secret(client_id)),
-            )
+            ),
+            "operator",
         )
 
 

@@ -75,7 +75,8 @@ async def doors(
                 600,
                 clock.now(),
                 introspect_secret_digest=service.secret_digest(RS_SECRET),
-            )
+            ),
+            "operator",
         )
     await sensor.add_secret_client(CLIENT, ("door-cwt", "door-jwt"), "door:open")
     keys = await fetch_key_set(sensor)

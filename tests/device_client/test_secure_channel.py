@@ -117,7 +117,8 @@ async def protected(
                 lifetime,
                 clock.now(),
                 introspect_public_key=cose_key_from_public(key.private_key.public_key()),
-            )
+            ),
+            "operator",
         )
     world = Protected(
         coap,

@@ -100,7 +100,7 @@ async def test_dead_family_falls_back_to_a_new_grant_with_the_device_key(
 ) -> None:
     client = _client(sensor, device_context, meter, clock)
     first = await client.token()
-    assert await sensor.service.store.kill_families("meter-7", "test", clock.now()) == 1
+    assert await sensor.service.store.kill_families("meter-7", "test", clock.now(), "operator") == 1
 
     clock.advance(first.refresh_at - clock.now())
     second = await client.token()
@@ -231,7 +231,7 @@ async def test_secrets_and_tokens_never_reach_logs_or_repr(
     first = await client.token()
     clock.advance(first.refresh_at - clock.now())
     second = await client.token()
-    await sensor.service.store.kill_families("sensor-1", "test", clock.now())
+    await sensor.service.store.kill_families("sensor-1", "test", clock.now(), "operator")
     client.discard_access_token()
     third = await client.token()  # refresh refused, then a new grant
 

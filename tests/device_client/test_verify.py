@@ -162,7 +162,8 @@ async def test_required_scope(sensor: Coap, clock: SettableClock) -> None:
 async def test_symmetric_audience_with_exported_keys(sensor: Coap, clock: SettableClock) -> None:
     # An audience with its own HMAC family: tokens are 61(17(...)), keys never at /keys.
     await sensor.service.store.add_audience(
-        Audience("lock", "cwt", 300, clock.now(), key_family="lock", key_alg="HMAC256/64")
+        Audience("lock", "cwt", 300, clock.now(), key_family="lock", key_alg="HMAC256/64"),
+        "operator",
     )
     await sensor.service.load_keys()
     await sensor.add_secret_client("opener", ("lock",), "door:open")

@@ -87,7 +87,8 @@ class Protected:
                     tuple(scope.split()),
                     self.service.clock.now(),
                     public_key=cose_key_from_public(key.public_key()),
-                )
+                ),
+                "operator",
             )
         return await self._device(client_id, key)
 
@@ -102,7 +103,8 @@ class Protected:
                 600,
                 self.service.clock.now(),
                 introspect_public_key=cose_key_from_public(key.public_key()),
-            )
+            ),
+            "operator",
         )
         return await self._device(audience_id, key)
 
@@ -116,8 +118,12 @@ class Protected:
 
 @pytest.fixture
 async def protected(service: AuthService) -> AsyncIterator[Protected]:
-    await service.store.add_audience(Audience("thermostat", "cwt", 600, service.clock.now()))
-    await service.store.add_audience(Audience("dashboard", "jwt", 900, service.clock.now()))
+    await service.store.add_audience(
+        Audience("thermostat", "cwt", 600, service.clock.now()), "operator"
+    )
+    await service.store.add_audience(
+        Audience("dashboard", "jwt", 900, service.clock.now()), "operator"
+    )
     server = Server(service, "127.0.0.1", 0)
     await server.start()
     world = Protected(server, service, f"coap://127.0.0.1:{server.port}", [])

@@ -113,7 +113,9 @@ async def test_a_disabled_device_no_longer_reads_its_list(protected: Protected) 
     device = await protected.device("sensor-1")
     await device.handshake()
     assert (await device.request(aiocoap.GET, "/revoke/trl")).code == aiocoap.CONTENT
-    await protected.service.store.disable_client("sensor-1", protected.service.clock.now())
+    await protected.service.store.disable_client(
+        "sensor-1", protected.service.clock.now(), "operator"
+    )
     assert (await device.request(aiocoap.GET, "/revoke/trl")).code == aiocoap.UNAUTHORIZED
 
 

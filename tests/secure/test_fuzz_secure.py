@@ -111,7 +111,7 @@ class SecureServerThread:
         self.server = Server(self.service, "127.0.0.1", 0)
         await self.server.start()
         now = self.service.clock.now()
-        await self.store.add_audience(Audience("thermostat", "cwt", 600, now))
+        await self.store.add_audience(Audience("thermostat", "cwt", 600, now), "operator")
         for name, identity in self.devices.items():
             await self.store.add_client(
                 Client(
@@ -120,7 +120,8 @@ class SecureServerThread:
                     ("temp:read",),
                     now,
                     public_key=cose_key_from_public(identity.private_key.public_key()),
-                )
+                ),
+                "operator",
             )
         self.server_credential = self.service.edhoc_identity.credential
 

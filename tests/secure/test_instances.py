@@ -36,7 +36,7 @@ async def test_a_device_moved_to_another_instance_recovers(schema: str, tmp_path
         pg.PG_DSN, schema, master_key, clock, tmp_path / "b", require_oscore=True
     )
     key = ec.generate_private_key(ec.SECP256R1())
-    await a.service.store.add_audience(Audience("thermostat", "cwt", 600, clock.now()))
+    await a.service.store.add_audience(Audience("thermostat", "cwt", 600, clock.now()), "operator")
     await a.service.store.add_client(
         Client(
             "sensor-1",
@@ -44,7 +44,8 @@ async def test_a_device_moved_to_another_instance_recovers(schema: str, tmp_path
             ("temp:read",),
             clock.now(),
             public_key=cose_key_from_public(key.public_key()),
-        )
+        ),
+        "operator",
     )
     assert a.service.edhoc_identity.credential == b.service.edhoc_identity.credential
     # One address for the device, as a load balancer would give: a relay to A, then to B.

@@ -132,7 +132,9 @@ async def test_the_channel_is_the_caller(protected: Protected) -> None:
     assert response.code == aiocoap.UNAUTHORIZED
     assert body[AceParam.ERROR] == 2  # invalid_client
     # A disabled client loses the use of its open context at once.
-    await protected.service.store.disable_client("sensor-1", protected.service.clock.now())
+    await protected.service.store.disable_client(
+        "sensor-1", protected.service.clock.now(), "operator"
+    )
     response, body = await device.post_ace("/token", {AceParam.AUDIENCE: "thermostat"})
     assert response.code == aiocoap.UNAUTHORIZED
     assert body[AceParam.ERROR] == 2

@@ -63,7 +63,8 @@ async def provisioned_device(protected: Protected, client_id: str) -> OscoreCont
             ("temp:read",),
             registered_at,
             secret_digest=service.secret_digest("unused-secret-0123456789"),
-        )
+        ),
+        "operator",
     )
     device = device_side(provision(service.settings.data_dir, client_id, registered_at))
     protected.server.reload_provisioned()
@@ -121,7 +122,7 @@ async def test_a_disabled_client_loses_its_provisioned_context(protected: Protec
     try:
         client.client_credentials[f"{protected.base}/*"] = device
         assert (await token(client, protected.base)).code == aiocoap.CREATED
-        await service.store.disable_client("legacy-2", service.clock.now())
+        await service.store.disable_client("legacy-2", service.clock.now(), "operator")
         answer = await token(client, protected.base)
         assert answer.code == aiocoap.UNAUTHORIZED
         assert cbor2.loads(answer.payload)[AceParam.ERROR] == 2
@@ -152,7 +153,8 @@ async def test_a_client_added_again_does_not_inherit_a_provisioned_context(
                 ("temp:read",),
                 service.clock.now(),
                 secret_digest=service.secret_digest("another-secret-0123456789"),
-            )
+            ),
+            "operator",
         )
         answer = await token(client, protected.base)
         assert answer.code == aiocoap.UNAUTHORIZED

@@ -18,10 +18,11 @@ T0 = 1_700_000_000
 async def store(backend: Backend) -> Store:
     """A store with six entries in its log."""
     store = await backend.open_store()
-    await store.add_audience(Audience("thermostat", "cwt", 600, T0))
+    await store.add_audience(Audience("thermostat", "cwt", 600, T0), "operator")
     for n in range(1, 6):
         await store.add_client(
-            Client(f"sensor-{n}", ("thermostat",), ("temp:read",), T0, secret_digest=bytes(32))
+            Client(f"sensor-{n}", ("thermostat",), ("temp:read",), T0, secret_digest=bytes(32)),
+            "operator",
         )
     return store
 

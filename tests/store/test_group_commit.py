@@ -33,9 +33,9 @@ WAIT = 10  # s, at most, for the writer thread to reach the gate
 async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     store = SqliteStore.in_data_dir(tmp_path, MasterKey(secrets.token_bytes(32)))
     await store.open()
-    await store.add_audience(Audience("thermostat", "cwt", 600, T0))
+    await store.add_audience(Audience("thermostat", "cwt", 600, T0), "operator")
     await store.add_client(
-        Client("sensor-1", ("thermostat",), ("temp:read",), T0, secret_digest=bytes(32))
+        Client("sensor-1", ("thermostat",), ("temp:read",), T0, secret_digest=bytes(32)), "operator"
     )
     yield store
     await store.close()

@@ -37,14 +37,14 @@ def _rotate_default(current: list[SigningKey]) -> list[SigningKey]:
 
 
 async def _register(store: Store) -> None:
-    await store.add_audience(Audience("thermostat", "cwt", 600, T0))
+    await store.add_audience(Audience("thermostat", "cwt", 600, T0), "operator")
     initial = KeyRing.initial(CoseAlg.ES256, T0).keys
     await store.update_keys(lambda _current: list(initial), "operator", T0)
     for client_id in KILLED + SPARED:
         client = Client(
             client_id, ("thermostat",), ("temp:read",), T0, secret_digest=secrets.token_bytes(32)
         )
-        await store.add_client(client)
+        await store.add_client(client, "operator")
 
 
 async def _start_families(store: Store) -> dict[str, list[bytes]]:
@@ -83,11 +83,18 @@ async def _one_round(stores: list[Store], audit_mac: Mac, round_: int) -> None:
         if n < ROTATIONS:
             ops.append(("rotate", on.update_keys(_rotate_default, "scheduler", NOW)))
         if n < len(KILLED):
-            ops.append(("kill", on.kill_families(KILLED[n], "revoked by operator", NOW)))
+            ops.append(
+                ("kill", on.kill_families(KILLED[n], "revoked by operator", NOW, "operator"))
+            )
         if n < len(singles):
             ops.append(("revoke", off.revoke_access(singles[n], None, NOW, "operator")))
         if n < NEW_AUDIENCES:
-            ops.append(("audience", on.add_audience(Audience(f"a{round_}-{n}", "cwt", 600, NOW))))
+            ops.append(
+                (
+                    "audience",
+                    on.add_audience(Audience(f"a{round_}-{n}", "cwt", 600, NOW), "operator"),
+                )
+            )
 
     results = await asyncio.wait_for(asyncio.gather(*(op for _, op in ops)), timeout=30)
 

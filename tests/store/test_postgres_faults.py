@@ -69,13 +69,13 @@ async def test_a_read_only_database_answers_store_unavailable(schema: str, tmp_p
             store = PostgresStore(dsn, master_key, schema=schema)
             await store.open()
             try:
-                await store.add_audience(Audience("thermostat", "cwt", 600, T0))
+                await store.add_audience(Audience("thermostat", "cwt", 600, T0), "operator")
 
                 # Failover in progress: the server this instance reaches is a standby.
                 await admin.execute(f"ALTER ROLE {role} SET default_transaction_read_only = on")
                 await _cut_sessions(admin, role, store)
                 with pytest.raises(StoreUnavailable, match="read-only"):
-                    await store.add_audience(Audience("dashboard", "jwt", 600, T0))
+                    await store.add_audience(Audience("dashboard", "jwt", 600, T0), "operator")
                 assert [a.audience_id for a in await store.list_audiences()] == ["thermostat"]
                 # An instance starting against a standby says so.
                 with pytest.raises(OperatorError, match="read-only"):
@@ -84,7 +84,7 @@ async def test_a_read_only_database_answers_store_unavailable(schema: str, tmp_p
                 # The primary is back: writes work again without a restart.
                 await admin.execute(f"ALTER ROLE {role} RESET default_transaction_read_only")
                 await _cut_sessions(admin, role, store)
-                await store.add_audience(Audience("dashboard", "jwt", 600, T0))
+                await store.add_audience(Audience("dashboard", "jwt", 600, T0), "operator")
             finally:
                 await store.close()
     finally:
@@ -114,7 +114,7 @@ async def test_change_feed_survives_a_failing_callback_and_stops_on_cancel(
         assert pg.PG_DSN is not None and pg.PG_DSN not in caplog.text
         # Still listening: a change made now is heard.
         called_again.clear()
-        await store.add_audience(Audience("thermostat", "cwt", 600, T0))
+        await store.add_audience(Audience("thermostat", "cwt", 600, T0), "operator")
         await asyncio.wait_for(called_again.wait(), 5)
     finally:
         watcher.cancel()
@@ -133,7 +133,9 @@ async def test_close_does_not_wait_for_a_stuck_query(
         blocker = admin.transaction()
         await blocker.start()
         await admin.execute("SELECT * FROM change_feed FOR UPDATE")
-        stuck = asyncio.create_task(store.add_audience(Audience("thermostat", "cwt", 600, T0)))
+        stuck = asyncio.create_task(
+            store.add_audience(Audience("thermostat", "cwt", 600, T0), "operator")
+        )
         await asyncio.sleep(0.2)
         assert not stuck.done()
 
@@ -151,8 +153,10 @@ async def test_a_rolled_back_refresh_is_rerun_and_only_the_committed_token_count
 ) -> None:
     """A deadlock rolls the whole refresh back and it runs again: `mint` runs twice, and only
     the token of the committed run is recorded (the service answers with that one)."""
-    await store.add_audience(Audience("thermostat", "cwt", 600, T0))
-    await store.add_client(Client("c", ("thermostat",), ("s",), T0, secret_digest=b"x" * 32))
+    await store.add_audience(Audience("thermostat", "cwt", 600, T0), "operator")
+    await store.add_client(
+        Client("c", ("thermostat",), ("s",), T0, secret_digest=b"x" * 32), "operator"
+    )
     family = RefreshFamily(secrets.token_bytes(16), "c", "thermostat", "s", T0, T0, T0 + 9999)
     refresh_digest = secrets.token_bytes(32)
     first = IssuedAccess(secrets.token_bytes(33), "c", T0 + 600)
@@ -193,8 +197,10 @@ async def test_a_rolled_back_refresh_is_rerun_and_only_the_committed_token_count
 
 async def _registered(store: PostgresStore) -> RegistryVersions:
     """Audience "thermostat" and client "c" added; the versions a cached grant names."""
-    await store.add_audience(Audience("thermostat", "cwt", 600, T0))
-    await store.add_client(Client("c", ("thermostat",), ("s",), T0, secret_digest=b"x" * 32))
+    await store.add_audience(Audience("thermostat", "cwt", 600, T0), "operator")
+    await store.add_client(
+        Client("c", ("thermostat",), ("s",), T0, secret_digest=b"x" * 32), "operator"
+    )
     client, audience = await store.get_client("c"), await store.get_audience("thermostat")
     assert client is not None and audience is not None
     return RegistryVersions((("c", client.version),), (("thermostat", audience.version),))

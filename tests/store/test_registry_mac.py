@@ -53,10 +53,10 @@ METER = Client("meter-7", ("thermostat",), ("temp:read",), T0, public_key=DEVICE
 @pytest.fixture
 async def store(backend: Backend) -> Store:
     store = await backend.open_store()
-    await store.add_audience(THERMOSTAT)
-    await store.add_audience(Audience("dashboard", "jwt", 900, T0))
-    await store.add_client(SENSOR)
-    await store.add_client(METER)
+    await store.add_audience(THERMOSTAT, "operator")
+    await store.add_audience(Audience("dashboard", "jwt", 900, T0), "operator")
+    await store.add_client(SENSOR, "operator")
+    await store.add_client(METER, "operator")
     return store
 
 
@@ -209,7 +209,7 @@ async def test_a_rogue_row_inserted_in_the_database_is_never_used(
 async def test_disabling_keeps_the_row_sealed_and_a_bad_row_is_not_resealed(
     backend: Backend, store: Store
 ) -> None:
-    assert await store.disable_client("sensor-1", T0 + 1)
+    assert await store.disable_client("sensor-1", T0 + 1, "operator")
     assert (await store.get_client("sensor-1")) == Client(
         "sensor-1", ("thermostat",), ("temp:read",), T0, SECRET_DIGEST, None, True
     )
@@ -220,7 +220,7 @@ async def test_disabling_keeps_the_row_sealed_and_a_bad_row_is_not_resealed(
     await backend.execute(
         "UPDATE clients SET public_key = $1 WHERE client_id = 'meter-7'", cbor2.dumps(ATTACKER_KEY)
     )
-    assert not await store.disable_client("meter-7", T0 + 2)
+    assert not await store.disable_client("meter-7", T0 + 2, "operator")
     faults = (await store.registry_report()).faults
     assert sorted(f.row_id for f in faults) == ["meter-7", "sensor-1"]
 
@@ -391,7 +391,7 @@ async def test_a_version_5_database_migrates_its_audiences_to_bearer(
     assert verify_log(backend.master_key.audit_mac, await store.audit_snapshot()).ok
     assert marker.read_text() == f"{SCHEMA_VERSION}\n"
     # The new column takes the other profiles, and the audit records them.
-    await store.add_audience(OSCORE_RS)
+    await store.add_audience(OSCORE_RS, "operator")
     assert await store.get_audience("oscore-rs") == OSCORE_RS
     added = (await store.audit_entries())[-1].event
     assert (added.event, added.details["profile"]) == ("audience.added", "coap_oscore")
@@ -401,8 +401,8 @@ async def test_a_version_5_database_migrates_its_audiences_to_bearer(
 
 
 async def test_the_mac_covers_a_profile_other_than_bearer(backend: Backend, store: Store) -> None:
-    await store.add_audience(OSCORE_RS)
-    await store.add_audience(EDHOC_RS)
+    await store.add_audience(OSCORE_RS, "operator")
+    await store.add_audience(EDHOC_RS, "operator")
     assert await store.get_audience("edhoc-rs") == EDHOC_RS
     assert (await store.get_audience("edhoc-rs")).profile == "edhoc_oscore"  # type: ignore[union-attr]
     assert (await store.registry_report()).ok

@@ -90,7 +90,7 @@ async def test_open_writes_a_private_marker(backend: Backend) -> None:
 
 async def test_a_downgraded_database_is_refused(backend: Backend) -> None:
     store = await backend.open_store()
-    await store.add_client(Client("sensor-1", (), (), T0, secret_digest=bytes(32)))
+    await store.add_client(Client("sensor-1", (), (), T0, secret_digest=bytes(32)), "operator")
     await _back_to_version_3(backend)
     with pytest.raises(OperatorError) as raised:
         await backend.open_store()
@@ -99,7 +99,7 @@ async def test_a_downgraded_database_is_refused(backend: Backend) -> None:
 
 async def test_a_version_3_database_without_a_marker_migrates(backend: Backend) -> None:
     store = await backend.open_store()
-    await store.add_client(Client("sensor-1", (), (), T0, secret_digest=bytes(32)))
+    await store.add_client(Client("sensor-1", (), (), T0, secret_digest=bytes(32)), "operator")
     await _back_to_version_3(backend)
     marker_path(backend.tmp_path, _marker(backend)).unlink()
     migrated = await _unmarked_store(backend)

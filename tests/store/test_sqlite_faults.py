@@ -30,7 +30,7 @@ async def test_a_read_only_database_is_unavailable_and_changes_nothing(
     connection.execute("PRAGMA query_only=ON")  # SQLITE_READONLY on the next write
 
     with pytest.raises(StoreUnavailable):
-        await store.add_audience(Audience("thermostat", "cwt", 600, 0))
+        await store.add_audience(Audience("thermostat", "cwt", 600, 0), "operator")
 
     connection.execute("PRAGMA query_only=OFF")
     assert await store.list_audiences() == []

@@ -66,9 +66,9 @@ async def store(backend: Backend) -> Store:
 @pytest.fixture
 async def registered(store: Store) -> Store:
     """A store with audience `thermostat` and secret clients `sensor-1` and `sensor-2`."""
-    await store.add_audience(Audience("thermostat", "cwt", ACCESS_LIFETIME, T0))
+    await store.add_audience(Audience("thermostat", "cwt", ACCESS_LIFETIME, T0), "operator")
     for client_id in ("sensor-1", "sensor-2"):
-        await store.add_client(_secret_client(client_id))
+        await store.add_client(_secret_client(client_id), "operator")
     return store
 
 
@@ -170,8 +170,8 @@ async def test_audiences_add_get_list(store: Store) -> None:
     thermostat = Audience("thermostat", "cwt", 600, T0)
     dashboard = Audience("dashboard", "jwt", 900, T0 + 1)
     assert await store.list_audiences() == []
-    await store.add_audience(thermostat)
-    await store.add_audience(dashboard)
+    await store.add_audience(thermostat, "operator")
+    await store.add_audience(dashboard, "operator")
 
     assert await store.get_audience("thermostat") == thermostat
     assert await store.get_audience("dashboard") == dashboard
@@ -182,24 +182,24 @@ async def test_audiences_add_get_list(store: Store) -> None:
 
 async def test_duplicate_audience_raises_and_changes_nothing(store: Store) -> None:
     original = Audience("thermostat", "cwt", 600, T0)
-    await store.add_audience(original)
+    await store.add_audience(original, "operator")
 
     with pytest.raises(OperatorError):
-        await store.add_audience(Audience("thermostat", "jwt", 900, T0 + 5))
+        await store.add_audience(Audience("thermostat", "jwt", 900, T0 + 5), "operator")
 
     assert await store.get_audience("thermostat") == original
     assert await store.list_audiences() == [original]
 
 
 async def test_clients_add_get_list_roundtrip(store: Store) -> None:
-    await store.add_audience(Audience("thermostat", "cwt", 600, T0))
-    await store.add_audience(Audience("dashboard", "jwt", 900, T0))
+    await store.add_audience(Audience("thermostat", "cwt", 600, T0), "operator")
+    await store.add_audience(Audience("dashboard", "jwt", 900, T0), "operator")
     secret = _secret_client("sensor-1", ("thermostat", "dashboard"))
     x, y = secrets.token_bytes(32), secrets.token_bytes(32)
     cose_key = {1: 2, -1: 1, -2: x, -3: y}
     keyed = Client("sensor-2", ("thermostat",), ("temp:read",), T0 + 1, public_key=cose_key)
-    await store.add_client(secret)
-    await store.add_client(keyed)
+    await store.add_client(secret, "operator")
+    await store.add_client(keyed, "operator")
 
     got = await store.get_client("sensor-1")
     assert got == secret
@@ -221,7 +221,7 @@ async def test_duplicate_client_raises_and_changes_nothing(registered: Store) ->
     before_list = await registered.list_clients()
 
     with pytest.raises(OperatorError):
-        await registered.add_client(_secret_client("sensor-1"))
+        await registered.add_client(_secret_client("sensor-1"), "operator")
 
     after = await registered.get_client("sensor-1")
     assert after == before
@@ -239,15 +239,15 @@ async def test_client_with_unknown_audience_raises_and_changes_nothing(
     before = await registered.list_clients()
 
     with pytest.raises(OperatorError):
-        await registered.add_client(_secret_client("sensor-3", audiences))
+        await registered.add_client(_secret_client("sensor-3", audiences), "operator")
 
     assert await registered.get_client("sensor-3") is None
     assert await registered.list_clients() == before
 
 
 async def test_disable_client(registered: Store) -> None:
-    assert await registered.disable_client("sensor-1", T0) is True
-    assert await registered.disable_client("no-such-client", T0) is False
+    assert await registered.disable_client("sensor-1", T0, "operator") is True
+    assert await registered.disable_client("no-such-client", T0, "operator") is False
 
     sensor_1 = await registered.get_client("sensor-1")
     sensor_2 = await registered.get_client("sensor-2")
@@ -636,7 +636,7 @@ async def test_start_family_checks_the_registry_rows_it_was_decided_from(
     assert await registered.start_family(_family(), _digest(), _access(), absent) is True
 
     # The client changed since the grant was decided: nothing is written.
-    assert await registered.disable_client("sensor-1", T0 + 1)
+    assert await registered.disable_client("sensor-1", T0 + 1, "operator")
     for stale in (versions, RegistryVersions((("sensor-2", b""),)), absent + versions):
         family, digest, access = _family(), _digest(), _access()
         assert await registered.start_family(family, digest, access, stale) is False
@@ -699,7 +699,7 @@ async def test_a_refused_mint_writes_nothing(registered: Store, backend: Backend
 async def test_a_stale_registry_refresh_writes_nothing(registered: Store, backend: Backend) -> None:
     family, d0, _ = await _start(registered)
     versions = await _versions(registered)
-    assert await registered.disable_client("sensor-1", T0 + 1)
+    assert await registered.disable_client("sensor-1", T0 + 1, "operator")
 
     # Stale by the versions the request was decided from, or by those the mint used.
     for registry, mint_registry in ((versions, UNCHECKED), (UNCHECKED, versions)):
@@ -757,7 +757,7 @@ async def test_kill_families_counts_and_revokes(registered: Store) -> None:
     assert await _rotate(registered, d_a, d_a1, T0 + 10, mint=rotated) == "rotated"
     before = await registered.change_counters()
 
-    assert await registered.kill_families("sensor-1", "revoked by operator", now) == 2
+    assert await registered.kill_families("sensor-1", "revoked by operator", now, "operator") == 2
 
     assert (await registered.change_counters()).revocations > before.revocations
     assert set(await _listed(registered)) == {
@@ -773,8 +773,8 @@ async def test_kill_families_counts_and_revokes(registered: Store) -> None:
     )
     assert a_other.token_hash not in await _listed(registered)
     # Already dead families are not counted again.
-    assert await registered.kill_families("sensor-1", "again", now + 2) == 0
-    assert await registered.kill_families("no-such-client", "none", now + 2) == 0
+    assert await registered.kill_families("sensor-1", "again", now + 2, "operator") == 0
+    assert await registered.kill_families("no-such-client", "none", now + 2, "operator") == 0
 
 
 # -- registry lifecycle (issue 18): update and remove, with their families ------------------------
@@ -883,7 +883,12 @@ async def test_a_token_that_outlives_its_family_is_revoked_with_it(registered: S
     _, _, other = await _start(registered, _family("sensor-2", lifetime=100), _access("sensor-2"))
     after_the_family = ends + 10
 
-    assert await registered.kill_families("sensor-1", "revoked by operator", after_the_family) == 1
+    assert (
+        await registered.kill_families(
+            "sensor-1", "revoked by operator", after_the_family, "operator"
+        )
+        == 1
+    )
     assert await _listed(registered) == [outliving.token_hash]
     assert await registered.remove_client("sensor-2", "operator", after_the_family) == 1
     assert set(await _listed(registered)) == {outliving.token_hash, other.token_hash}
@@ -905,8 +910,8 @@ async def test_update_audience_is_sealed_and_heard(registered: Store) -> None:
 
 
 async def test_remove_audience_is_refused_while_clients_name_it(registered: Store) -> None:
-    await registered.add_audience(Audience("valve", "cwt", 600, T0))
-    await registered.add_client(_secret_client("valve-client", ("valve",)))
+    await registered.add_audience(Audience("valve", "cwt", 600, T0), "operator")
+    await registered.add_client(_secret_client("valve-client", ("valve",)), "operator")
     family, _, access = await _start(registered, replace(_family("valve-client"), audience="valve"))
     other, _, _ = await _start(registered)
 

@@ -43,10 +43,10 @@ async def _registered(backend: Backend) -> Store:
     both."""
     store = await backend.open_store()
     for audience_id in (THERMOSTAT, LOCK):
-        await store.add_audience(Audience(audience_id, "cwt", 600, T0))
+        await store.add_audience(Audience(audience_id, "cwt", 600, T0), "operator")
     for client_id, audiences in ((SENSOR_1, (THERMOSTAT,)), (SENSOR_2, (THERMOSTAT, LOCK))):
         await store.add_client(
-            Client(client_id, audiences, ("temp:read",), T0, secret_digest=bytes(32))
+            Client(client_id, audiences, ("temp:read",), T0, secret_digest=bytes(32)), "operator"
         )
     return store
 
@@ -80,7 +80,9 @@ async def test_each_requester_has_its_own_update_collection(backend: Backend) ->
     t2 = await _issue(store, SENSOR_2, THERMOSTAT, T0 + 200)
     t3 = await _issue(store, SENSOR_2, LOCK, T0 + 100)
     assert await store.revoke_access(t1, None, T0 + 1, "operator")  # list update 1
-    assert await store.kill_families(SENSOR_2, "stolen", T0 + 2) == 2  # update 2: t2, t3
+    assert (
+        await store.kill_families(SENSOR_2, "stolen", T0 + 2, "operator") == 2
+    )  # update 2: t2, t3
     t2_t3 = tuple(sorted([t2, t3]))  # one update lists its hashes in order
     everyone = (SENSOR_1, SENSOR_2, THERMOSTAT, LOCK, "stranger")
 
@@ -138,16 +140,17 @@ async def test_an_id_that_is_client_and_audience_sees_both_once(backend: Backend
     """A device registered under one id as client and as resource server: one series item
     per update, each hash in it once."""
     store = await _registered(backend)
-    await store.add_audience(Audience("gateway", "cwt", 600, T0))
+    await store.add_audience(Audience("gateway", "cwt", 600, T0), "operator")
     await store.add_client(
-        Client("gateway", ("gateway", LOCK), ("temp:read",), T0, secret_digest=bytes(32))
+        Client("gateway", ("gateway", LOCK), ("temp:read",), T0, secret_digest=bytes(32)),
+        "operator",
     )
     to_itself = await _issue(store, "gateway", "gateway", T0 + 100)
     to_lock = await _issue(store, "gateway", LOCK, T0 + 100)
     for_it = await _issue(store, SENSOR_1, "gateway", T0 + 100)
     await _issue(store, SENSOR_1, THERMOSTAT, T0 + 100)
-    assert await store.kill_families("gateway", "lost", T0 + 1) == 2
-    assert await store.kill_families(SENSOR_1, "lost", T0 + 2) == 2
+    assert await store.kill_families("gateway", "lost", T0 + 1, "operator") == 2
+    assert await store.kill_families(SENSOR_1, "lost", T0 + 2, "operator") == 2
 
     hashes, first, last = await store.trl("gateway")
     assert (hashes, first, last) == ([*sorted([to_itself, to_lock]), for_it], 1, 2)

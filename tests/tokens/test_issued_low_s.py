@@ -21,8 +21,8 @@ SECRET = "secret-of-low-s-client-0123456789abcdef"
 @pytest.fixture
 async def issuer(service: AuthService) -> AuthService:
     now = service.clock.now()
-    await service.store.add_audience(Audience("meter-cwt", "cwt", 600, now))
-    await service.store.add_audience(Audience("meter-jwt", "jwt", 600, now))
+    await service.store.add_audience(Audience("meter-cwt", "cwt", 600, now), "operator")
+    await service.store.add_audience(Audience("meter-jwt", "jwt", 600, now), "operator")
     await service.store.add_client(
         Client(
             "low-s-client",
@@ -30,7 +30,8 @@ async def issuer(service: AuthService) -> AuthService:
             ("temp:read",),
             now,
             secret_digest=service.secret_digest(SECRET),
-        )
+        ),
+        "operator",
     )
     return service
 
