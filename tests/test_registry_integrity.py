@@ -306,12 +306,19 @@ async def test_a_row_put_back_to_an_older_copy_is_never_taken_up(
         )
         response, body = await _post(context, url + "/token", sensor)
         assert (response.code, body) == (UNAUTHORIZED, INVALID_CLIENT_BODY)
+        # The operator's next change of the registry would record the rows as they stand,
+        # sealing the put-back row into the head: it is refused, and changes nothing.
+        refused = deployment.cli("clients", "disable", "meter-7")
+        assert refused.returncode == 2 and "restore a backup" in refused.stderr, refused.stderr
+        response, body = await _post(context, url + "/token", sensor)
+        assert (response.code, body) == (UNAUTHORIZED, INVALID_CLIENT_BODY)
     # A server started afresh reads the rows anew: still refused, and said why.
     async with _served(registered, tmp_path) as (url, context):
         response, body = await _post(context, url + "/token", sensor)
         assert (response.code, body) == (UNAUTHORIZED, INVALID_CLIENT_BODY)
     log = (tmp_path / "serve.log").read_text()
     assert "not the ones the audit head records" in log, log[-2000:]
+    assert deployment.cli("audit", "verify").returncode == 2, "the evidence is kept"
 
 
 def test_audit_verify_on_an_untouched_store_reports_the_registry(registered: Registered) -> None:

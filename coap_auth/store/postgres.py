@@ -37,6 +37,7 @@ from coap_auth.store.records import (
     TokenStatus,
     TrlUpdate,
 )
+from coap_auth.store.registry_changes import refuse_unless_intact
 from coap_auth.store.registry_mac import RegistryReport
 
 M = TypeVar("M")
@@ -60,6 +61,7 @@ class PostgresStore:
     # -- audiences and clients -------------------------------------------------------------
 
     async def add_audience(self, audience: Audience, actor: str) -> None:
+        await self._refuse_unless_intact()
         await self._registry.add_audience(audience, actor)
 
     async def get_audience(self, audience_id: str) -> Audience | None:
@@ -69,6 +71,7 @@ class PostgresStore:
         return await self._registry.list_audiences()
 
     async def add_client(self, client: Client, actor: str) -> None:
+        await self._refuse_unless_intact()
         await self._registry.add_client(client, actor)
 
     async def get_client(self, client_id: str) -> Client | None:
@@ -77,26 +80,38 @@ class PostgresStore:
     async def list_clients(self) -> list[Client]:
         return await self._registry.list_clients()
 
+    async def _refuse_unless_intact(self) -> None:
+        """Before a change of clients or audiences: the registry is the one the audit head
+        records, in one consistent read (registry_changes.refuse_unless_intact). (A change
+        made between this read and the write is an operator's: it moved the head too.)"""
+        async with self._db.snapshot() as conn:
+            refuse_unless_intact(await self._db.registry_matches_head(conn))
+
     async def registry_snapshot(self) -> RegistrySnapshot:
         return await self._registry.snapshot()
 
     async def disable_client(self, client_id: str, now: int, actor: str) -> bool:
+        await self._refuse_unless_intact()
         return await self._registry.disable_client(client_id, now, actor)
 
     async def update_client(
         self, client_id: str, change: ClientChange, actor: str, now: int
     ) -> tuple[Client, int] | None:
+        await self._refuse_unless_intact()
         return await self._registry.update_client(client_id, change, actor, now)
 
     async def remove_client(self, client_id: str, actor: str, now: int) -> int | None:
+        await self._refuse_unless_intact()
         return await self._registry.remove_client(client_id, actor, now)
 
     async def update_audience(
         self, audience_id: str, change: AudienceChange, actor: str, now: int
     ) -> Audience | None:
+        await self._refuse_unless_intact()
         return await self._registry.update_audience(audience_id, change, actor, now)
 
     async def remove_audience(self, audience_id: str, actor: str, now: int) -> int | None:
+        await self._refuse_unless_intact()
         return await self._registry.remove_audience(audience_id, actor, now)
 
     async def registry_report(self) -> RegistryReport:

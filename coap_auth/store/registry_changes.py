@@ -1,5 +1,6 @@
 """Checks every store makes on an operator's change of a client or audience, written once:
-a change keeps the record's identity, and an audience named by a client stays."""
+a change keeps the record's identity, an audience named by a client stays, and the registry it
+changes is the one the audit head records."""
 
 from __future__ import annotations
 
@@ -39,3 +40,15 @@ def refuse_if_named(audience_id: str, client_audiences: Iterable[str]) -> None:
     if naming:
         clients = "1 client still names" if naming == 1 else f"{naming} clients still name"
         raise OperatorError(f"{clients} audience {audience_id}; remove those clients first")
+
+
+def refuse_unless_intact(matches_head: bool) -> None:
+    """Raises OperatorError, changing nothing, when the client and audience rows are not the
+    ones the audit head records (audit.registry_matches): a change would record them as they
+    are, sealing rows put back to older copies outside coap-auth into the head."""
+    if not matches_head:
+        raise OperatorError(
+            "the client and audience rows are not the ones the audit log's head records"
+            " (changed outside coap-auth?): `coap-auth audit verify` shows how; restore a"
+            " backup before changing clients or audiences"
+        )

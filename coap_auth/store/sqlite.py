@@ -40,6 +40,7 @@ from coap_auth.store.records import (
     TokenStatus,
     TrlUpdate,
 )
+from coap_auth.store.registry_changes import refuse_unless_intact
 from coap_auth.store.registry_mac import RegistryReport
 from coap_auth.store.sqlite_audit import SqliteAudit, bump_keys
 from coap_auth.store.sqlite_base import SqliteDatabase
@@ -48,6 +49,7 @@ from coap_auth.store.sqlite_tokens import SqliteTokens
 
 DB_FILE = "coap-auth.sqlite3"
 M = TypeVar("M")
+T = TypeVar("T")
 
 
 class SqliteStore:
@@ -75,7 +77,7 @@ class SqliteStore:
     # -- audiences and clients -------------------------------------------------------------
 
     async def add_audience(self, audience: Audience, actor: str) -> None:
-        await self.database.write(lambda c: self._registry.add_audience(c, audience, actor))
+        await self._registry_write(lambda c: self._registry.add_audience(c, audience, actor))
 
     async def get_audience(self, audience_id: str) -> Audience | None:
         return await self.database.read(lambda c: self._registry.get_audience(c, audience_id))
@@ -84,7 +86,7 @@ class SqliteStore:
         return await self.database.read(self._registry.list_audiences)
 
     async def add_client(self, client: Client, actor: str) -> None:
-        await self.database.write(lambda c: self._registry.add_client(c, client, actor))
+        await self._registry_write(lambda c: self._registry.add_client(c, client, actor))
 
     async def get_client(self, client_id: str) -> Client | None:
         return await self.database.read(lambda c: self._registry.get_client(c, client_id))
@@ -93,33 +95,43 @@ class SqliteStore:
         return await self.database.read(self._registry.list_clients)
 
     async def disable_client(self, client_id: str, now: int, actor: str) -> bool:
-        return await self.database.write(
+        return await self._registry_write(
             lambda c: self._registry.disable_client(c, client_id, now, actor)
         )
 
     async def update_client(
         self, client_id: str, change: ClientChange, actor: str, now: int
     ) -> tuple[Client, int] | None:
-        return await self.database.write(
+        return await self._registry_write(
             lambda c: self._registry.update_client(c, client_id, change, actor, now)
         )
 
     async def remove_client(self, client_id: str, actor: str, now: int) -> int | None:
-        return await self.database.write(
+        return await self._registry_write(
             lambda c: self._registry.remove_client(c, client_id, actor, now)
         )
 
     async def update_audience(
         self, audience_id: str, change: AudienceChange, actor: str, now: int
     ) -> Audience | None:
-        return await self.database.write(
+        return await self._registry_write(
             lambda c: self._registry.update_audience(c, audience_id, change, actor, now)
         )
 
     async def remove_audience(self, audience_id: str, actor: str, now: int) -> int | None:
-        return await self.database.write(
+        return await self._registry_write(
             lambda c: self._registry.remove_audience(c, audience_id, actor, now)
         )
+
+    async def _registry_write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """A change of clients or audiences, in one write transaction that first checks the
+        registry is the one the audit head records (registry_changes.refuse_unless_intact)."""
+
+        def checked(conn: sqlite3.Connection) -> T:
+            refuse_unless_intact(self._audit.registry_matches_head(conn))
+            return op(conn)
+
+        return await self.database.write(checked)
 
     async def registry_snapshot(self) -> RegistrySnapshot:
         return await self.database.read(self._registry.snapshot)
