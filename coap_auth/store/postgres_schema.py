@@ -7,6 +7,7 @@ migrate) it once; migrating seals the registry rows and the audit head under the
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from coap_auth.errors import OperatorError
@@ -216,8 +217,12 @@ async def migrate(
     # EXISTS takes a SHARE lock even when the index exists), which deadlocked with the grants
     # and refreshes other instances write meanwhile, so a CLI command or a new instance
     # failed at random under load.
+    # (Read from the catalogue, which takes no table lock: a table or index lost since runs the
+    # DDL again, as every open did before, which makes it anew.)
     if await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL"):
-        if await conn.fetchval("SELECT max(version) FROM schema_version") == SCHEMA_VERSION:
+        if await conn.fetchval(
+            "SELECT max(version) FROM schema_version"
+        ) == SCHEMA_VERSION and await _all_present(conn):
             return
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key)
@@ -262,6 +267,20 @@ async def migrate(
                 await conn.execute(_LISTED_INDEXES)
                 await _attribute_history(conn)
             await conn.execute("UPDATE schema_version SET version = $1", SCHEMA_VERSION)
+
+
+# Every table and index the DDL above makes, by name.
+_MADE = tuple(re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", SCHEMA + _LISTED_INDEXES))
+
+
+async def _all_present(conn: Any) -> bool:
+    """Whether every table and index of the schema exists (in the search path's schema)."""
+    found = await conn.fetchval(
+        "SELECT count(*) FROM unnest($1::text[]) AS made(name)"
+        " WHERE to_regclass(quote_ident(made.name)) IS NOT NULL",
+        list(_MADE),
+    )
+    return int(found) == len(_MADE)
 
 
 async def _attribute_history(conn: Any) -> None:

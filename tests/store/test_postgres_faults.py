@@ -347,3 +347,25 @@ async def test_opening_an_up_to_date_schema_takes_no_table_lock(
         other = PostgresStore(pg.PG_DSN, MasterKey.load(tmp_path, create=False), schema=schema)
         await asyncio.wait_for(other.open(), 10)
         await other.close()
+
+
+async def test_opening_makes_a_lost_table_or_index_anew(
+    store: PostgresStore, schema: str, tmp_path: Path
+) -> None:
+    """An up-to-date schema is only read at open, but one that lost a table or an index
+    (dropped by hand) gets the schema's DDL again, which makes them anew."""
+    assert pg.PG_DSN is not None
+    admin = await asyncpg.connect(pg.PG_DSN, server_settings={"search_path": schema})
+    try:
+        await admin.execute("DROP INDEX refresh_tokens_family")
+        await admin.execute("DROP TABLE trl_requester_updates")
+        other = PostgresStore(pg.PG_DSN, MasterKey.load(tmp_path, create=False), schema=schema)
+        await other.open()
+        await other.close()
+        made = await admin.fetchval(
+            "SELECT to_regclass('refresh_tokens_family') IS NOT NULL"
+            " AND to_regclass('trl_requester_updates') IS NOT NULL"
+        )
+        assert made
+    finally:
+        await admin.close()
