@@ -100,8 +100,9 @@ class RegistryCache:
             # says how it differs; a restore, or the change that moves the head).
             if digest != self._digest:
                 log.error(
-                    "the client and audience rows are not the ones the audit head records:"
-                    " /token refuses every client; run `coap-auth audit verify`"
+                    "the client and audience rows are not the ones the audit head records (or"
+                    " the head itself was changed): /token refuses every client; run"
+                    " `coap-auth audit verify`"
                 )
             clients, audiences = {}, {}
         if generation == self._generation:

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from coap_auth.errors import OperatorError
+from coap_auth.errors import OperatorError, StoreUnavailable
 from coap_auth.store.master_key import MasterKey, make_private
 from coap_auth.store.seal_marker import marker_path, read_marker, write_marker
 from coap_auth.store.sqlite_commit import GroupCommit, store_condition, unavailable
@@ -44,6 +44,7 @@ class SqliteDatabase:
         self._conn: sqlite3.Connection | None = None
         self._read_conn: sqlite3.Connection | None = None
         self._commits = GroupCommit(self._executor, lambda: self.connection)
+        self._closing = False
         # Next to the master key (its data directory), outside the database.
         home = master_key.home
         self._marker = None if home is None else marker_path(home, "sqlite")
@@ -78,7 +79,10 @@ class SqliteDatabase:
 
     async def write(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """Run `op` in a write transaction (shared with the writes queued with it: it must not
-        commit, nor depend on being alone); raising undoes what it wrote, and only that."""
+        commit, nor depend on being alone); raising undoes what it wrote, and only that. Once
+        the store is closing, 5.03."""
+        if self._closing:
+            raise StoreUnavailable("the store is closing; retry shortly")
         return await self._commits.write(op)
 
     async def read(self, op: Callable[[sqlite3.Connection], T]) -> T:
@@ -113,7 +117,9 @@ class SqliteDatabase:
         self._read_conn = self._conn  # nothing writes: one connection serves
 
     async def close(self) -> None:
-        """Wait for every write queued or in flight, then close the connections."""
+        """Wait for every write queued or in flight (none is taken from now on), then close
+        the connections."""
+        self._closing = True
         await self._commits.idle()
         if self._read_conn is not None and self._read_conn is not self._conn:
             await self._on(self._reader, self._read_conn.close)

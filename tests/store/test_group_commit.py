@@ -309,3 +309,12 @@ async def test_commits_are_durable(store: SqliteStore) -> None:
     connection = store.database.connection
     assert connection.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_a_write_after_close_is_refused_as_unavailable(tmp_path: Path) -> None:
+    """A request still running when the server stops hears 5.03, not a fault."""
+    store = SqliteStore.in_data_dir(tmp_path, MasterKey(secrets.token_bytes(32)))
+    await store.open()
+    await store.close()
+    with pytest.raises(StoreUnavailable):
+        await store.start_family(*_grants(1)[0])
