@@ -22,7 +22,7 @@ from coap_auth.clock import Clock
 from coap_auth.config import Settings
 from coap_auth.errors import InvalidClient, MalformedToken, TokenError, UnsupportedPopKey
 from coap_auth.secure.credentials import PeerCredential
-from coap_auth.store import MasterKey, Store
+from coap_auth.store import Audience, Client, MasterKey, Store
 from coap_auth.text import has_control_character
 from coap_auth.tokens import alg_for_key, cose_key_from_public, decode_cose, public_key_from_cose
 from coap_auth.tokens.cose import verify_sign1
@@ -197,3 +197,33 @@ class Authenticator:
         CBOR item: only an int can name one)."""
         named = alg if isinstance(alg, int) and not isinstance(alg, bool) else CoseAlg.ES256
         return self._dummy_keys.get(named, self._dummy_keys[CoseAlg.ES256])
+
+
+def client_credentials(client: Client | None, now: int) -> Credentials[Client] | None:
+    """What authenticates a client: its secret (and, while its overlap lasts, the one before
+    the last `clients rotate-secret`) or its key; disabled or not."""
+    if client is None:
+        return None
+    previous = client.previous_secret_digest if client.previous_secret_valid(now) else None
+    return Credentials(
+        client,
+        client.client_id,
+        client.secret_digest,
+        client.public_key,
+        client.disabled,
+        previous,
+    )
+
+
+def audience_credentials(audience: Audience | None) -> Credentials[Audience] | None:
+    """What authenticates an audience to /introspect, if it may use it at all."""
+    if audience is None or (
+        audience.introspect_secret_digest is None and audience.introspect_public_key is None
+    ):
+        return None
+    return Credentials(
+        audience,
+        audience.audience_id,
+        audience.introspect_secret_digest,
+        audience.introspect_public_key,
+    )

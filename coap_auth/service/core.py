@@ -24,8 +24,15 @@ from coap_auth.keys import DEFAULT_FAMILY, KeyRing, SigningKey, cose_key_set, jw
 from coap_auth.metrics import KillCause, Metrics, measured_store
 from coap_auth.secure.credentials import EdhocIdentity, PeerCredential, device_credential
 from coap_auth.service.admin import Administration
-from coap_auth.service.client_auth import Authenticator, Credentials, Lookup
+from coap_auth.service.client_auth import (
+    Authenticator,
+    Credentials,
+    Lookup,
+    audience_credentials,
+    client_credentials,
+)
 from coap_auth.service.grants import Grants
+from coap_auth.service.introspection import verified_claims
 from coap_auth.service.minting import IssuedToken, TokenMinter, TokenRequest
 from coap_auth.service.rate_limit import RateLimiter
 from coap_auth.service.registry_cache import RegistryCache
@@ -40,21 +47,15 @@ from coap_auth.store import (
     Store,
     verify_log,
 )
+from coap_auth.store.records import TokenStatus
 from coap_auth.store.revocation_audit import revocation_report
 from coap_auth.tokens import (
     Claims,
-    decode_cose,
     public_key_from_cose,
     token_hash,
-    verify_cwt,
-    verify_jwt,
-    verify_maced_cwt,
 )
-from coap_auth.tokens.cwt import decrypt_cwt
 from coap_auth.wire import (
     ContentFormat,
-    CoseAlg,
-    CoseTag,
 )
 
 log = logging.getLogger("coap_auth.service")
@@ -287,7 +288,7 @@ class AuthService:
 
         async def cached(caller_id: str) -> Credentials[Client] | None:
             seen[caller_id] = client = await self.registry.client(caller_id)
-            return self._credentials_of(client)
+            return client_credentials(client, self.clock.now())
 
         try:
             return await self.authenticate(client_id, secret, assertion, peer, lookup=cached)
@@ -385,7 +386,7 @@ class AuthService:
             )
         # Only a token of this audience's own key family can be for it: a resource server that
         # holds an HMAC family's key cannot mint tokens another audience would accept.
-        claims = self._verified_claims(request.token, audience.key_family)
+        claims = verified_claims(request.token, audience.key_family, self.keys)
         if claims is None:
             return None
         try:
@@ -395,60 +396,15 @@ class AuthService:
         except TokenError:
             return None
         # And only a token we issued and have not revoked (our record of it, by hash).
-        if await self.store.token_status(token_hash(request.token)) != "live":
+        if await self.store.token_status(token_hash(request.token)) is not TokenStatus.LIVE:
             return None
         return claims
 
-    def _verified_claims(self, token: bytes, family: str) -> Claims | None:
-        """Claims of a token signed, MACed or (coap_oscore) encrypted by a published key of
-        `family`, else None."""
-        try:
-            if token[:1] == b"e":  # a JWS compact serialisation starts with base64url "ey"
-                return verify_jwt(token, self.keys.lookup_in(family))
-            message = decode_cose(token)
-            if message.tag == CoseTag.ENCRYPT0:
-                return decrypt_cwt(
-                    token,
-                    lambda kid: self.keys.secret_key(kid, family, CoseAlg.AES_CCM_16_64_128),
-                )
-            if message.tag == CoseTag.MAC0:
-                kid = message.kid
-                key = self.keys.mac_key(kid, family) if isinstance(kid, bytes) else None
-                return None if key is None else verify_maced_cwt(token, key)
-            return verify_cwt(token, self.keys.lookup_in(family))
-        except TokenError:
-            return None
-
     async def _client_credentials(self, client_id: str) -> Credentials[Client] | None:
-        return self._credentials_of(await self.store.get_client(client_id))
-
-    def _credentials_of(self, client: Client | None) -> Credentials[Client] | None:
-        if client is None:
-            return None
-        return Credentials(
-            client,
-            client.client_id,
-            client.secret_digest,
-            client.public_key,
-            client.disabled,
-            # A rotated secret's predecessor, until its overlap ends (clients rotate-secret).
-            client.previous_secret_digest
-            if client.previous_secret_valid(self.clock.now())
-            else None,
-        )
+        return client_credentials(await self.store.get_client(client_id), self.clock.now())
 
     async def _audience_credentials(self, audience_id: str) -> Credentials[Audience] | None:
-        audience = await self.store.get_audience(audience_id)
-        if audience is None or (
-            audience.introspect_secret_digest is None and audience.introspect_public_key is None
-        ):
-            return None
-        return Credentials(
-            audience,
-            audience.audience_id,
-            audience.introspect_secret_digest,
-            audience.introspect_public_key,
-        )
+        return audience_credentials(await self.store.get_audience(audience_id))
 
 
 def _version(client: Client | None) -> bytes | None:
