@@ -45,9 +45,11 @@ from coap_auth.store.audit import (
 from coap_auth.store.master_key import MasterKey
 from coap_auth.store.postgres_schema import (
     SCHEMA_VERSION,
+    insert_entries,
     migrate,
     read_head,
     registry_digest_of,
+    write_head,
 )
 from coap_auth.store.records import ChangeCounters
 from coap_auth.store.rows import (
@@ -56,7 +58,6 @@ from coap_auth.store.rows import (
     FAMILY_STATE_QUERY,
     REMOVALS_QUERY,
     audit_entry_from_row,
-    audit_entry_to_row,
     revocation_rows,
 )
 from coap_auth.store.seal_marker import marker_path, read_marker, write_marker
@@ -281,19 +282,9 @@ class PostgresDatabase:
             events,
             digest,
         )
-        await conn.executemany(
-            f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            [audit_entry_to_row(entry) for entry in entries],
-        )
+        await insert_entries(conn, entries)
         if head is not None:
-            await conn.execute(
-                "UPDATE audit_head SET seq = $1, last_mac = $2, mac = $3, registry = $4"
-                " WHERE id = 1",
-                head.seq,
-                head.last_mac,
-                head.mac,
-                head.registry,
-            )
+            await write_head(conn, head, insert=False)
 
     async def append_audit(self, events: Iterable[AuditEvent]) -> None:
         events = list(events)

@@ -13,6 +13,7 @@ from typing import Any
 from coap_auth.errors import OperatorError
 from coap_auth.store.audit import (
     GENESIS,
+    AuditEntry,
     AuditHead,
     migration_plan,
     reseal_plan,
@@ -237,7 +238,7 @@ async def migrate(
             if problem:
                 raise OperatorError(problem)
             head = sealed_head(master_key.audit_mac, 0, GENESIS, EMPTY_REGISTRY)
-            await _write_head(conn, head, insert=True)
+            await write_head(conn, head, insert=True)
             # A no-op on tables just created; tables that lost their version get the columns.
             await conn.execute(_FROM_5)
             await conn.execute(_FROM_6)
@@ -309,7 +310,16 @@ async def registry_digest_of(conn: Any) -> bytes:
     return registry_digest(tuple(r) for r in await conn.fetch(REGISTRY_IDS))
 
 
-async def _write_head(conn: Any, head: AuditHead, *, insert: bool) -> None:
+async def insert_entries(conn: Any, entries: list[AuditEntry]) -> None:
+    """Append these audit entries (the caller's transaction)."""
+    await conn.executemany(
+        f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        [audit_entry_to_row(entry) for entry in entries],
+    )
+
+
+async def write_head(conn: Any, head: AuditHead, *, insert: bool) -> None:
+    """Store the audit head (the first one: `insert`)."""
     if insert:
         query = (
             "INSERT INTO audit_head (id, seq, last_mac, mac, registry) VALUES (1, $1, $2, $3, $4)"
@@ -332,12 +342,9 @@ async def _reseal(conn: Any, master_key: MasterKey, now: int) -> None:
         await registry_digest_of(conn),
         SCHEMA_VERSION,
     )
-    await conn.executemany(
-        f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        [audit_entry_to_row(entry) for entry in entries],
-    )
+    await insert_entries(conn, entries)
     if head is not None:
-        await _write_head(conn, head, insert=False)
+        await write_head(conn, head, insert=False)
 
 
 async def _record_upgrade(conn: Any, master_key: MasterKey, version: int, now: int) -> None:
@@ -350,12 +357,9 @@ async def _record_upgrade(conn: Any, master_key: MasterKey, version: int, now: i
         SCHEMA_VERSION,
         now,
     )
-    await conn.executemany(
-        f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        [audit_entry_to_row(entry) for entry in entries],
-    )
+    await insert_entries(conn, entries)
     if head is not None:
-        await _write_head(conn, head, insert=False)
+        await write_head(conn, head, insert=False)
 
 
 async def read_head(conn: Any) -> AuditHead | None:
@@ -382,8 +386,5 @@ async def _seal(conn: Any, master_key: MasterKey, version: int, now: int) -> Non
         now,
         await registry_digest_of(conn),
     )
-    await conn.executemany(
-        f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        [audit_entry_to_row(entry) for entry in entries],
-    )
-    await _write_head(conn, head, insert=True)
+    await insert_entries(conn, entries)
+    await write_head(conn, head, insert=True)

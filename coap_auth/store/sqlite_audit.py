@@ -21,12 +21,14 @@ from coap_auth.store.rows import (
     FAMILY_STATE_QUERY,
     REMOVALS_QUERY,
     audit_entry_from_row,
-    audit_entry_to_row,
     revocation_rows,
 )
-from coap_auth.store.sqlite_schema import read_head, registry_digest_of
-
-_AUDIT_VALUES = ", ".join("?" * len(AUDIT_COLUMNS.split(",")))
+from coap_auth.store.sqlite_schema import (
+    insert_entries,
+    read_head,
+    registry_digest_of,
+    write_head,
+)
 
 
 class SqliteAudit:
@@ -53,15 +55,9 @@ class SqliteAudit:
         last = None if newest is None else (newest["seq"], newest["mac"])
         digest = registry_digest_of(conn) if registry else None
         entries, head = append_plan(self._mac, read_head(conn), last, events, digest)
-        conn.executemany(
-            f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ({_AUDIT_VALUES})",
-            [audit_entry_to_row(entry) for entry in entries],
-        )
+        insert_entries(conn, entries)
         if head is not None:
-            conn.execute(
-                "UPDATE audit_head SET seq = ?, last_mac = ?, mac = ?, registry = ? WHERE id = 1",
-                (head.seq, head.last_mac, head.mac, head.registry),
-            )
+            write_head(conn, head, insert=False)
 
 
 def entries(conn: sqlite3.Connection, last: int | None) -> list[AuditEntry]:

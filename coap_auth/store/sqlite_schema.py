@@ -263,7 +263,7 @@ def migrate(
         if not has_tables:
             _script(conn, SCHEMA)
             head = sealed_head(master_key.audit_mac, 0, GENESIS, EMPTY_REGISTRY)
-            _write_head(conn, head, insert=True)
+            write_head(conn, head, insert=True)
         elif version > SCHEMA_VERSION:
             raise RuntimeError(f"database schema {version} is newer than this coap-auth")
         elif version < SCHEMA_VERSION:
@@ -351,8 +351,8 @@ def _seal_audit_head(
     entries, head = migration_plan(
         master_key.audit_mac, newest, version, SCHEMA_VERSION, now, registry_digest_of(conn)
     )
-    _insert_entries(conn, entries)
-    _write_head(conn, head, insert=True)
+    insert_entries(conn, entries)
+    write_head(conn, head, insert=True)
 
 
 def _reseal_audit_head(conn: sqlite3.Connection, master_key: MasterKey, now: int) -> None:
@@ -361,9 +361,9 @@ def _reseal_audit_head(conn: sqlite3.Connection, master_key: MasterKey, now: int
     entries, head = reseal_plan(
         master_key.audit_mac, legacy, newest, now, registry_digest_of(conn), SCHEMA_VERSION
     )
-    _insert_entries(conn, entries)
+    insert_entries(conn, entries)
     if head is not None:
-        _write_head(conn, head, insert=False)
+        write_head(conn, head, insert=False)
 
 
 def _record_upgrade(
@@ -373,9 +373,9 @@ def _record_upgrade(
     entries, head = upgrade_plan(
         master_key.audit_mac, read_head(conn), newest, version, SCHEMA_VERSION, now
     )
-    _insert_entries(conn, entries)
+    insert_entries(conn, entries)
     if head is not None:
-        _write_head(conn, head, insert=False)
+        write_head(conn, head, insert=False)
 
 
 def read_head(conn: sqlite3.Connection) -> AuditHead | None:
@@ -385,14 +385,16 @@ def read_head(conn: sqlite3.Connection) -> AuditHead | None:
     return None if row is None else AuditHead(*row)
 
 
-def _insert_entries(conn: sqlite3.Connection, entries: list[AuditEntry]) -> None:
+def insert_entries(conn: sqlite3.Connection, entries: list[AuditEntry]) -> None:
+    """Append these audit entries (the caller's transaction)."""
     conn.executemany(
         f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
         [audit_entry_to_row(entry) for entry in entries],
     )
 
 
-def _write_head(conn: sqlite3.Connection, head: AuditHead, *, insert: bool) -> None:
+def write_head(conn: sqlite3.Connection, head: AuditHead, *, insert: bool) -> None:
+    """Store the audit head (the first one: `insert`)."""
     values = (head.seq, head.last_mac, head.mac, head.registry)
     if insert:
         conn.execute(
