@@ -26,6 +26,7 @@ from bench.loadgen import (
     TOKEN_OPTIONS,
     EndpointPool,
     PhaseResult,
+    floor_workload,
     issue_workload,
     noop_workload,
     refresh_workload,
@@ -99,6 +100,7 @@ async def endpoint_throughput(
     pool = EndpointPool(HOST, server.port)
     workloads = [
         noop_workload(data.client_id, data.secret, "thermostat"),
+        floor_workload(data.client_id, data.secret, "thermostat"),
         issue_workload(data.client_id, data.secret, "thermostat"),
         oscore_issue_workload(devices),
         refresh_workload(data.client_id, data.secret, "thermostat"),

@@ -253,6 +253,18 @@ def noop_workload(client_id: str, secret: str, audience: str) -> Workload:
     )
 
 
+def floor_workload(client_id: str, secret: str, audience: str) -> Workload:
+    """The same request bytes to the bench-only /floor resource (a signature and a durable
+    row, nothing else)."""
+    payload = token_request(client_id, secret, audience)
+    options = wire.request_options("/floor", content_format=19)
+    return Workload(
+        "floor",
+        build=lambda state: (wire.POST, options, payload),
+        accept=lambda state, response: response.code == wire.CREATED,
+    )
+
+
 def refresh_workload(client_id: str, secret: str, audience: str) -> Workload:
     """Each worker holds one refresh family and always sends its newest refresh token."""
     grant = token_request(client_id, secret, audience)

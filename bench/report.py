@@ -126,12 +126,18 @@ def render(r: Results) -> str:
         "its own EDHOC run (next section); refresh sends `{33: 3, 37: rt, 24, 25}` along each "
         f"worker's own refresh family. Each row: "
         f"{next(iter(r.throughput.values())).duration:.0f} s measured, in windows interleaved "
-        "no-op, issue, OSCORE issue, refresh at each concurrency, after a 0.5 s warm-up each."
+        "no-op, floor, issue, OSCORE issue, refresh at each concurrency, after a 0.5 s warm-up "
+        "each. *floor* (`/floor`, bench only) takes the same request and does only what no "
+        "grant can leave out: an ES256 signature over a token-sized payload and one durable row "
+        "through the store's group commit (fsync, shared with the writes queued with it), then "
+        "answers as `/noop` does; it parses, authenticates, encodes and logs nothing. Its ratio "
+        "is the most any grant that signs its token and commits it before answering can reach "
+        "on this stack."
     )
     add("")
     rows = []
-    ratios: dict[str, list[tuple[int, float]]] = {"issue": [], "refresh": []}
-    order = {"no-op": 0, "issue": 1, "OSCORE issue": 2, "refresh": 3}
+    ratios: dict[str, list[tuple[int, float]]] = {"floor": [], "issue": [], "refresh": []}
+    order = {"no-op": 0, "floor": 1, "issue": 2, "OSCORE issue": 3, "refresh": 4}
     by_concurrency = sorted(r.throughput.items(), key=lambda item: (item[0][1], order[item[0][0]]))
     for (name, concurrency), phase in by_concurrency:
         noop = r.throughput[("no-op", concurrency)]
@@ -173,10 +179,13 @@ def render(r: Results) -> str:
         [[p.name, f"{p.cpu_us:.0f}", f"{p.wall_us:.0f}"] for p in r.breakdown],
     )
     add("")
-    for name, minimum in (("issue", 0.6), ("refresh", 0.5)):
+    for name, minimum in RATIO_TARGETS.items():
         measured = " / ".join(f"c{c} {x:.2f}" for c, x in ratios[name])
-        met = all(x >= minimum for _, x in ratios[name])
-        targets.append([f"token {name} >= {minimum} x no-op", measured, _verdict(met)])
+        met = all(x >= minimum.get(c, minimum[0]) for c, x in ratios[name])
+        wanted = f" (c1: {minimum[1]})" if 1 in minimum else ""
+        targets.append([f"token {name} >= {minimum[0]} x no-op{wanted}", measured, _verdict(met)])
+    floor = " / ".join(f"c{c} {x:.2f}" for c, x in ratios["floor"])
+    targets.append(["floor (signature + durable row) x no-op: reference", floor, "reference"])
 
     # -- protected channel ------------------------------------------------------------------
     out += _protected_channel(r, targets)
@@ -473,6 +482,11 @@ def workers_section(
         ]
     )
     return out
+
+
+# Issue 17: issue >= 0.6 x no-op at concurrency 8 and 64, >= 0.4 x at 1; refresh >= 0.5 x.
+# Key 0: every concurrency not named.
+RATIO_TARGETS = {"issue": {0: 0.6, 1: 0.4}, "refresh": {0: 0.5}}
 
 
 def targets_table(targets: list[list[str]]) -> list[str]:

@@ -3,6 +3,8 @@
 Run as `python -m bench.server --data-dir D --port P`. Same settings, logging and `Server` as
 `coap-auth serve`; `/noop` answers a POST like /token does (2.01, a token-sized ACE body)
 without doing anything, so its rate is the CoAP stack's own ceiling in the same process.
+`/floor` does what no grant can skip and nothing else: an ES256 signature and one durable row
+through the store's group commit, then the same answer (the floor under a grant's cost).
 Driven over stdin, one command a line; answers on stdout:
   rss     -> "rss <bytes>" after a garbage collection
   rotate  -> force a key rotation and notify observers: "rotated <t0> <t1> <t2>"
@@ -32,11 +34,14 @@ from pathlib import Path
 import aiocoap
 import cbor2
 from aiocoap import resource
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from coap_auth.cli.runtime import configure_logging, open_service
 from coap_auth.coap.options import OptionCheckingSite
 from coap_auth.coap.server import Server
 from coap_auth.config import load_settings
+from coap_auth.store.sqlite_base import SqliteDatabase
 
 # About the size of a real /token answer: a ~150-byte CWT, expires_in, token_type, refresh token.
 NOOP_BODY = cbor2.dumps({1: bytes(150), 2: 3600, 34: 1, 37: bytes(32)})
@@ -47,6 +52,28 @@ class NoopResource(resource.Resource):
 
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
         return aiocoap.Message(code=aiocoap.CREATED, payload=NOOP_BODY, content_format=19)
+
+
+class FloorResource(resource.Resource):
+    """Answers POST as /noop does after an ES256 signature over a token-sized payload and one
+    durable row through the SQLite store's group commit (a commit with fsync, shared by the
+    writes queued with it, as a grant's): the work no grant can leave out. It parses,
+    authenticates, encodes and logs nothing."""
+
+    def __init__(self, database: SqliteDatabase) -> None:
+        super().__init__()
+        self._database = database
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._algorithm = ec.ECDSA(hashes.SHA256())
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        row = (self._key.sign(NOOP_BODY, self._algorithm),)
+        await self._database.write(lambda conn: conn.execute(FLOOR_INSERT, row))
+        return aiocoap.Message(code=aiocoap.CREATED, payload=NOOP_BODY, content_format=19)
+
+
+FLOOR_TABLE = "CREATE TABLE IF NOT EXISTS bench_floor (signature BLOB NOT NULL)"
+FLOOR_INSERT = "INSERT INTO bench_floor (signature) VALUES (?)"
 
 
 def resources_site(server: Server) -> OptionCheckingSite:
@@ -80,6 +107,9 @@ async def serve(data_dir: Path, port: int) -> None:
     # Bench only: the product's site never has /noop. It goes on the site inside the OSCORE
     # wrapper, where /token is, so that a plain /noop takes the same path as a plain /token.
     resources_site(server).add_resource(["noop"], NoopResource())
+    database = service.store.inner.database  # the bench server runs on SQLite
+    await database.write(lambda conn: conn.execute(FLOOR_TABLE))
+    resources_site(server).add_resource(["floor"], FloorResource(database))
     await server.start()
     print(f"listening {server.port}", flush=True)
 
