@@ -15,8 +15,8 @@ from coap_auth.errors import StoreUnavailable
 from coap_auth.store.decisions import registry_current
 from coap_auth.store.postgres_database import CLOSE_TIMEOUT, Conn, PostgresDatabase
 from coap_auth.store.records import UNCHECKED, IssuedAccess, RefreshFamily, RegistryVersions
-from coap_auth.store.registry_mac import AUDIENCES, CLIENTS, Mac
-from coap_auth.store.rows import AUDIENCE_SELECT, CLIENT_SELECT, family_to_row, verified_mac
+from coap_auth.store.registry_mac import AUDIENCES, CLIENTS
+from coap_auth.store.rows import AUDIENCE_SELECT, CLIENT_SELECT, VerifiedRows, family_to_row
 
 # A grant's rows in one statement (one round trip): the family, its first refresh token and
 # the access token's record. The foreign keys are checked at the statement's end.
@@ -50,10 +50,10 @@ def ids(pairs: Iterable[tuple[str, bytes]]) -> list[str]:
 
 class RegistryView:
     """The registry rows a transaction has share-locked, as their MACs if they verify (None: no
-    row, or one edited without the master key: rows.verified_mac)."""
+    row, or one edited without the master key: rows.verified_mac, by `verified`)."""
 
-    def __init__(self, mac: Mac) -> None:
-        self._mac = mac
+    def __init__(self, verified: VerifiedRows) -> None:
+        self._verified = verified
         self.audiences: dict[str, bytes | None] = {}
         self.clients: dict[str, bytes | None] = {}
 
@@ -67,7 +67,7 @@ class RegistryView:
             if not wanted:
                 continue
             found = {r[key]: r for r in await conn.fetch(query, wanted)}
-            seen.update({i: verified_mac(self._mac, table, found.get(i)) for i in wanted})
+            seen.update({i: self._verified.mac(table, found.get(i)) for i in wanted})
 
     async def current(self, conn: Conn, versions: RegistryVersions) -> bool:
         """decisions.registry_current of `versions` against the stored rows (locking those
@@ -104,14 +104,6 @@ class Grant:
         return cls(rows, registry)
 
 
-async def write_grant(conn: Conn, grant: Grant, view: RegistryView) -> bool:
-    """The grant's rows, unless a registry row it was decided from changed (False)."""
-    if grant.registry != UNCHECKED and not await view.current(conn, grant.registry):
-        return False
-    await conn.execute(_GRANT, *grant.rows)
-    return True
-
-
 class PostgresGrants:
     """Grants, written in shared transactions: a grant waits for no one (a free transaction
     slot takes it at once), and grants arriving while every slot is busy go together in the
@@ -126,6 +118,12 @@ class PostgresGrants:
         self._db = db
         self._waiting: list[_Waiting] = []
         self._slots: set[asyncio.Task[None]] = set()
+        # The registry rows grants and refreshes rest on, as last verified.
+        self._verified = VerifiedRows(db.master_key.registry_mac)
+
+    def view(self) -> RegistryView:
+        """A new view for one run of a transaction (a rerun reads the rows again)."""
+        return RegistryView(self._verified)
 
     async def start(self, grant: Grant) -> bool:
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -151,7 +149,7 @@ class PostgresGrants:
     async def _write(self, batch: list[_Waiting]) -> None:
         try:
             results = await self._db.transaction(
-                functools.partial(_write_all, batch=batch, mac=self._db.master_key.registry_mac)
+                functools.partial(_write_all, batch=batch, verified=self._verified)
             )
         except asyncio.CancelledError:
             # The store is closing: its callers hear 5.03, not a cancellation of their own.
@@ -197,14 +195,21 @@ def _unavailable(waiting: list[_Waiting]) -> None:
             w.done.set_exception(StoreUnavailable("the store is closing; retry shortly"))
 
 
-async def _write_all(conn: Conn, *, batch: list[_Waiting], mac: Mac) -> list[bool]:
+async def _write_all(conn: Conn, *, batch: list[_Waiting], verified: VerifiedRows) -> list[bool]:
+    """Each grant's rows, unless a registry row it was decided from changed (False)."""
     # Every registry row of the batch is locked first, in the lock order; the grants then
-    # share that view (it cannot change before the commit).
-    view = RegistryView(mac)
+    # share that view (it cannot change before the commit). A view per run: a rerun reads anew.
+    view = RegistryView(verified)
     registries = [w.grant.registry for w in batch]
     await view.lock(
         conn,
         [a for r in registries for a in ids(r.audiences)],
         [c for r in registries for c in ids(r.clients)],
     )
-    return [await write_grant(conn, w.grant, view) for w in batch]
+    written = [r == UNCHECKED or await view.current(conn, r) for r in registries]
+    # The rows of those written, in batch order, in one round trip (executemany pipelines its
+    # statements): the first that fails fails the transaction, as it did one by one.
+    rows = [w.grant.rows for w, current in zip(batch, written, strict=True) if current]
+    if rows:
+        await conn.executemany(_GRANT, rows)
+    return written

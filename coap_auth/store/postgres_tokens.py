@@ -22,7 +22,7 @@ from coap_auth.store.decisions import (
     unminted,
 )
 from coap_auth.store.postgres_database import Conn, PostgresDatabase
-from coap_auth.store.postgres_grants import Grant, PostgresGrants, RegistryView, ids
+from coap_auth.store.postgres_grants import Grant, PostgresGrants, ids
 from coap_auth.store.postgres_revocation import PostgresRevocations, access_records
 from coap_auth.store.records import (
     UNCHECKED,
@@ -94,7 +94,7 @@ class PostgresTokens:
             # Lock order: the registry rows the refresh may be decided from (the caller's,
             # and the family's audience, which the mint reads), then the family, then its
             # token. A family's audience never changes, so the one read unlocked holds.
-            view = RegistryView(self._db.master_key.registry_mac)
+            view = self._grants.view()
             await view.lock(
                 conn, [*ids(registry.audiences), found["audience"]], ids(registry.clients)
             )

@@ -3,7 +3,9 @@ commit, each op inside its own savepoint, so one that fails takes no other op wi
 
 Writes queue on the event loop. While no batch is in flight, everything queued (up to
 MAX_BATCH ops) goes to the writer thread as one batch: BEGIN IMMEDIATE; per op SAVEPOINT, op,
-RELEASE (ROLLBACK TO first, if it raised); one COMMIT. Every op's caller hears after that
+RELEASE (ROLLBACK TO first, if it raised); one COMMIT. An op alone in its batch runs without a
+savepoint: if it raises, the transaction is rolled back instead (the same outcome, without
+copying every page it touches to the savepoint's journal). Every op's caller hears after that
 COMMIT returned (synchronous=FULL: durable), all in one hop back to the loop. The writes that
 arrive during a batch's fsync make up the next one, and a batch starts once the loop has run
 what was ready (the callers just answered may write again): no timer, no wait when idle.
@@ -78,7 +80,7 @@ class GroupCommit:
         self._max_batch = max_batch
         self._max_queued = max_queued
         self._queue: deque[_Queued] = deque()
-        self._in_flight: asyncio.Future[list[_Done]] | None = None
+        self._in_flight = False  # a batch is on the writer thread
         self._starting = False  # a batch's start is scheduled on the loop
         self._idle: asyncio.Event | None = None
         # Transactions committed (read by tests and benchmarks: batches, not ops).
@@ -95,13 +97,13 @@ class GroupCommit:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.append(_Queued(op, future))
-        if self._in_flight is None:
+        if not self._in_flight:
             self._start_soon(loop)
         return await future
 
     async def idle(self) -> None:
         """Return once nothing is queued or in flight (what `close` waits for)."""
-        while self._in_flight is not None or self._starting or self._queue:
+        while self._in_flight or self._starting or self._queue:
             self._idle = self._idle or asyncio.Event()
             await self._idle.wait()
 
@@ -124,28 +126,25 @@ class GroupCommit:
             self._went_idle()
             return
         try:
-            in_flight = loop.run_in_executor(self._executor, self._run, [q.op for q in batch])
+            self._executor.submit(self._run_batch, loop, batch)
         except BaseException as exc:  # the executor shut down (closed store), or worse
             self._fail(batch, exc)
             self._went_idle()
             raise
-        self._in_flight = in_flight
-        in_flight.add_done_callback(lambda done: self._finished(loop, batch, done))
+        self._in_flight = True
 
     def _finished(
         self,
         loop: asyncio.AbstractEventLoop,
         batch: list[_Queued],
-        in_flight: asyncio.Future[list[_Done]],
+        outcome: list[_Done] | BaseException,
     ) -> None:
-        self._in_flight = None
+        self._in_flight = False
         try:
-            if in_flight.cancelled():
-                self._fail(batch, asyncio.CancelledError())
-            elif (error := in_flight.exception()) is not None:
-                self._fail(batch, error)
+            if isinstance(outcome, BaseException):
+                self._fail(batch, outcome)
             else:
-                for queued, done in zip(batch, in_flight.result(), strict=True):
+                for queued, done in zip(batch, outcome, strict=True):
                     if queued.future.done():
                         continue  # cancelled after its batch started: committed, unheard
                     if done.error is None:
@@ -177,11 +176,27 @@ class GroupCommit:
 
     # -- the writer thread's side ------------------------------------------------------------
 
+    def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Queued]) -> None:
+        """Run the batch, then hand its outcome to the loop: one call, no future chained
+        between the threads."""
+        outcome: list[_Done] | BaseException
+        try:
+            outcome = self._run([q.op for q in batch])
+        except BaseException as exc:
+            outcome = exc
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(self._finished, loop, batch, outcome)
+
     def _run(self, ops: list[Op]) -> list[_Done]:
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")  # writers queue on the lock, not fail mid-way
         try:
-            done = [_one(conn, op) for op in ops]
+            if len(ops) == 1:
+                done = [_alone(conn, ops[0])]
+                if done[0].error is not None:
+                    return done  # rolled back: nothing to commit
+            else:
+                done = [_one(conn, op) for op in ops]
             conn.execute("COMMIT")
         except BaseException:
             # Nothing of the batch is stored; the connection leaves no transaction open (a
@@ -207,6 +222,17 @@ def _one(conn: sqlite3.Connection, op: Op) -> _Done:
         return _Done(error=exc)
     conn.execute("RELEASE op")
     return _Done(value)
+
+
+def _alone(conn: sqlite3.Connection, op: Op) -> _Done:
+    """An op alone in its transaction: what it wrote goes with the transaction if it raises."""
+    try:
+        return _Done(op(conn))
+    except Exception as exc:
+        if not conn.in_transaction:
+            raise  # SQLite rolled it back already (as in _one: the batch fails)
+        conn.execute("ROLLBACK")
+        return _Done(error=exc)
 
 
 def _for_caller(error: Exception) -> Exception:

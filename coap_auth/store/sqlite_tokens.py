@@ -35,15 +35,20 @@ from coap_auth.store.rows import (
     AUDIENCE_SELECT,
     CLIENT_SELECT,
     FAMILY_COLUMNS,
+    VerifiedRows,
     family_from_row,
     family_to_row,
-    verified_mac,
 )
 from coap_auth.store.sqlite_audit import SqliteAudit
 from coap_auth.store.sqlite_trl import ACCESS_COLUMNS, access_records, revoke
 
 M = TypeVar("M")
-_FAMILY_INSERT = ", ".join("?" * len(FAMILY_COLUMNS.split(",")))
+_FAMILY_INSERT = (
+    f"INSERT INTO refresh_families ({FAMILY_COLUMNS})"
+    f" VALUES ({', '.join('?' * len(FAMILY_COLUMNS.split(',')))})"
+)
+_CLIENT_ROW = f"SELECT {CLIENT_SELECT} FROM clients WHERE client_id = ?"
+_AUDIENCE_ROW = f"SELECT {AUDIENCE_SELECT} FROM audiences WHERE audience_id = ?"
 # The presented refresh token, its successor's state and its family, by one read.
 _PRESENTED = (
     "SELECT t.spent_at AS spent_at, t.successor AS successor,"
@@ -57,7 +62,8 @@ _PRESENTED = (
 class SqliteTokens:
     def __init__(self, audit: SqliteAudit, registry_mac: Mac) -> None:
         self._audit = audit
-        self._registry_mac = registry_mac
+        # The registry rows grants rest on, as last verified (used on the writer thread).
+        self._verified = VerifiedRows(registry_mac)
 
     # -- grants and refreshes ------------------------------------------------------------------
 
@@ -69,12 +75,9 @@ class SqliteTokens:
         access: IssuedAccess,
         registry: RegistryVersions,
     ) -> bool:
-        if not current(conn, registry, self._registry_mac):
+        if not current(conn, registry, self._verified):
             return False
-        conn.execute(
-            f"INSERT INTO refresh_families ({FAMILY_COLUMNS}) VALUES ({_FAMILY_INSERT})",
-            family_to_row(family),
-        )
+        conn.execute(_FAMILY_INSERT, family_to_row(family))
         _issue_refresh(conn, refresh_digest, family.family_id, family.created_at)
         _record_access(conn, access, family.family_id)
         return True
@@ -109,7 +112,7 @@ class SqliteTokens:
             return done
         assert row is not None and family is not None
         minted = mint(family)
-        is_current = current(conn, registry + minted.registry, self._registry_mac)
+        is_current = current(conn, registry + minted.registry, self._verified)
         outcome = settle_refresh(plan, family, minted, is_current)
         if outcome.status is not plan.status or minted.access is None:
             return outcome
@@ -243,29 +246,17 @@ def token_hashes_between(
     return [r["token_hash"] for r in rows]
 
 
-def current(conn: sqlite3.Connection, registry: RegistryVersions, mac: Mac) -> bool:
+def current(conn: sqlite3.Connection, registry: RegistryVersions, rows: VerifiedRows) -> bool:
     """Whether the registry rows a grant was decided from are stored as they were then (and
     still verify under the master key)."""
     if not registry.clients and not registry.audiences:
         return True
     clients = {
-        client_id: verified_mac(
-            mac,
-            CLIENTS,
-            conn.execute(
-                f"SELECT {CLIENT_SELECT} FROM clients WHERE client_id = ?", (client_id,)
-            ).fetchone(),
-        )
+        client_id: rows.mac(CLIENTS, conn.execute(_CLIENT_ROW, (client_id,)).fetchone())
         for client_id, _ in registry.clients
     }
     audiences = {
-        audience_id: verified_mac(
-            mac,
-            AUDIENCES,
-            conn.execute(
-                f"SELECT {AUDIENCE_SELECT} FROM audiences WHERE audience_id = ?", (audience_id,)
-            ).fetchone(),
-        )
+        audience_id: rows.mac(AUDIENCES, conn.execute(_AUDIENCE_ROW, (audience_id,)).fetchone())
         for audience_id, _ in registry.audiences
     }
     return registry_current(registry, clients, audiences)

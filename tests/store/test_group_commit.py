@@ -155,6 +155,22 @@ async def test_a_failing_op_loses_nothing_else_and_leaves_no_half_write(
     assert await store.database.run(lambda: store.database.connection.in_transaction) is False
 
 
+async def test_an_op_alone_in_its_batch_that_fails_leaves_no_half_write(
+    store: SqliteStore,
+) -> None:
+    """A batch of one op runs without a savepoint: its transaction is rolled back instead."""
+    first = _grants(1)[0]
+    assert await store.start_family(*first)
+    failing: Grant = (_family(), first[1], _access())  # its refresh token collides
+    with _counting_transactions(store) as begun:
+        with pytest.raises(sqlite3.IntegrityError):
+            await store.start_family(*failing)
+    assert len(begun) == 1
+    assert not await _stored(store, failing)
+    assert await store.database.run(lambda: store.database.connection.in_transaction) is False
+    assert await store.start_family(*_grants(1)[0])
+
+
 @contextmanager
 def _file_writes_fail() -> Iterator[Any]:
     """What the returned op starts (in the writer thread, just before the batch's COMMIT) and

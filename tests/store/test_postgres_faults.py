@@ -300,9 +300,9 @@ async def test_concurrent_grants_share_a_transaction_each_with_its_outcome(
     write_all = postgres_grants._write_all
     batches: list[int] = []
 
-    async def counted(conn: Any, *, batch: list[Any], mac: Any) -> list[bool]:
+    async def counted(conn: Any, *, batch: list[Any], verified: Any) -> list[bool]:
         batches.append(len(batch))
-        return await write_all(conn, batch=batch, mac=mac)
+        return await write_all(conn, batch=batch, verified=verified)
 
     monkeypatch.setattr(postgres_grants, "_write_all", counted)
     taken = RefreshFamily(secrets.token_bytes(16), "c", "thermostat", "s", T0, T0, T0 + 9999)

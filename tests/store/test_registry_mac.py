@@ -28,8 +28,10 @@ from coap_auth.store.registry_mac import AUDIENCES, CLIENTS, RegistryReport, row
 from coap_auth.store.rows import (
     AUDIENCE_COLUMNS,
     CLIENT_COLUMNS,
+    VerifiedRows,
     audience_to_row,
     client_to_row,
+    sealed_row,
 )
 from coap_auth.store.seal_marker import marker_path
 from coap_auth.store.sqlite import DB_FILE
@@ -254,6 +256,56 @@ def test_the_mac_covers_every_column_and_names_its_table() -> None:
     # The MAC key is not the audit chain's.
     master = MasterKey(b"\x01" * 32)
     assert master.registry_mac(b"x") != master.audit_mac(b"x")
+
+
+class CountingMac:
+    """A registry MAC that counts the rows it was computed over."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._mac = MasterKey(b"\x01" * 32).registry_mac
+
+    def __call__(self, data: bytes) -> bytes:
+        self.calls += 1
+        return self._mac(data)
+
+
+def test_a_row_is_maced_again_unless_read_exactly_as_it_verified(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    mac = CountingMac()
+    row = sealed_row(mac, CLIENTS, client_to_row(SENSOR))
+    verified = VerifiedRows(mac)
+    assert verified.mac(CLIENTS, None) is None
+    assert verified.mac(CLIENTS, row) == row[-1]
+    calls = mac.calls
+    assert verified.mac(CLIENTS, list(row)) == row[-1] and mac.calls == calls
+
+    # Another value in a column, or the same value of another type (one CBOR item more or
+    # less, or another): checked in full, refused and logged every time, never kept.
+    created = CLIENT_COLUMNS.index("created_at")
+    for changed in (T0 + 1, float(T0), T0 + 1):
+        edited = (*row[:created], changed, *row[created + 1 :])
+        with caplog.at_level(logging.ERROR, logger="coap_auth.store"):
+            caplog.clear()
+            assert verified.mac(CLIENTS, edited) is None
+        assert "refused the registry row of client 'sensor-1'" in caplog.text
+    assert mac.calls == calls + 3
+    assert verified.mac(CLIENTS, row) == row[-1] and mac.calls == calls + 3
+
+
+def test_verified_rows_keep_the_newest_rows_up_to_their_limit() -> None:
+    mac = CountingMac()
+    rows = [
+        sealed_row(mac, CLIENTS, client_to_row(replace(SENSOR, client_id=f"sensor-{n}")))
+        for n in range(3)
+    ]
+    verified = VerifiedRows(mac, limit=2)
+    for row in rows:
+        assert verified.mac(CLIENTS, row) == row[-1]
+    calls = mac.calls
+    assert verified.mac(CLIENTS, rows[2]) == rows[2][-1] and mac.calls == calls
+    assert verified.mac(CLIENTS, rows[0]) == rows[0][-1] and mac.calls == calls + 1
 
 
 # -- migration from schema version 2 ----------------------------------------------------------

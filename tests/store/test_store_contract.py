@@ -654,6 +654,48 @@ async def test_start_family_refuses_a_changed_audience(registered: Store) -> Non
     await _nothing_written(registered, family, digest, access)
 
 
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "UPDATE clients SET scope = 'temp:read temp:write admin' WHERE client_id = 'sensor-1'",
+        "UPDATE audiences SET lifetime = 315360000 WHERE audience_id = 'thermostat'",
+    ],
+    ids=["client", "audience"],
+)
+async def test_a_row_edited_without_the_master_key_stops_the_writes_resting_on_it(
+    registered: Store, backend: Backend, edit: str
+) -> None:
+    """The row keeps its MAC column, so only its MAC check tells: grants and refreshes that
+    rested on it just before (the store has seen it verify) are refused from the next one on,
+    and work again once it is as it was (rows.VerifiedRows)."""
+    versions = await _versions(registered)
+    family, d0, _ = await _start(registered)
+    assert await registered.start_family(_family(), _digest(), _access(), versions) is True
+    assert await _rotate(registered, d0, d1 := _digest(), T0 + 1) == "rotated"
+    (row,) = await backend.query(
+        "SELECT scope, lifetime FROM clients, audiences"
+        " WHERE client_id = 'sensor-1' AND audience_id = 'thermostat'"
+    )
+
+    await backend.execute(edit)
+    started, digest, access = _family(), _digest(), _access()
+    assert await registered.start_family(started, digest, access, versions) is False
+    await _nothing_written(registered, started, digest, access)
+    minter = Minter()
+
+    def rests_on_both(family: RefreshFamily) -> Minted[IssuedAccess]:
+        return replace(minter(family), registry=versions)
+
+    assert await _rotate(registered, d1, _digest(), T0 + 2, mint=rests_on_both) == "stale"
+    assert await backend.unspent_digests(family.family_id) == [d1]
+
+    await backend.execute("UPDATE clients SET scope = $1 WHERE client_id = 'sensor-1'", row[0])
+    await backend.execute(
+        "UPDATE audiences SET lifetime = $1 WHERE audience_id = 'thermostat'", row[1]
+    )
+    assert await registered.start_family(_family(), _digest(), _access(), versions) is True
+
+
 class Refuser:
     """A mint that refuses (a wider scope, say): a value for the caller, nothing to store."""
 
