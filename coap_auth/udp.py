@@ -368,7 +368,7 @@ async def check_port_free(bind: tuple[str, int], log: logging.Logger) -> None:
     (await bind_server_socket(bind, log, _resolver(log))).close()
 
 
-class ServerContext(aiocoap.Context):  # type: ignore[misc]
+class ServerContext(aiocoap.Context):
     """aiocoap's Context, with each request's rendering task named plainly. aiocoap names it
     `"Rendering for %r" % request`, formatting the whole request and its addresses (through
     `ipaddress`) for every request it serves: about a fifth of a plain request's CPU, for a
