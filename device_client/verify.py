@@ -47,6 +47,9 @@ _KeyUsed = tuple[bytes, VerificationKey | bytes]
 _MACED_CWT_PREFIX = bytes([0xD8, CoseTag.CWT, 0xC0 | CoseTag.MAC0])
 _ENCRYPTED_CWT_PREFIX = bytes([0xD8, CoseTag.CWT, 0xC0 | CoseTag.ENCRYPT0])
 
+# A key set or TRL the caller fixed: taken as current by the staleness check.
+_FIXED_SOURCES = (KeySet, RevocationList)
+
 # What a verified token binds to (design "Profiles"): a master secret (RFC 9203), a client's
 # key (the EDHOC + OSCORE profile), or nothing (a bearer token).
 Profile = Literal["coap_oscore", "edhoc_oscore", "bearer"]
@@ -131,6 +134,38 @@ class VerifiedToken:
     def allows(self, *scopes: str) -> bool:
         """Whether the token's scope covers every one of `scopes`. Raises nothing."""
         return set(scopes) <= self.claims.scopes
+
+
+class _VerifiedFields:
+    """VerifiedToken's own slots, writable: filled by `_verified`, then made a VerifiedToken."""
+
+    __slots__ = VerifiedToken.__slots__
+    claims: Claims
+    token_hash: bytes
+    format: Literal["cwt", "jwt"]
+    kid: bytes
+    key: VerificationKey | bytes | None
+
+
+def _verified(
+    claims: Claims,
+    th: bytes,
+    token_format: Literal["cwt", "jwt"],
+    kid: bytes,
+    key: VerificationKey | bytes,
+) -> VerifiedToken:
+    """`VerifiedToken(claims, th, token_format, kid, key)` in a third of the time: a frozen
+    dataclass's __init__ sets each field through object.__setattr__; plain stores fill the
+    same slots here, then the object is given its class (allowed between classes of one
+    layout; a changed VerifiedToken fails here with TypeError). As `Claims` are read."""
+    fields = _VerifiedFields()
+    fields.claims = claims
+    fields.token_hash = th
+    fields.format = token_format
+    fields.kid = kid
+    fields.key = key
+    fields.__class__ = VerifiedToken  # type: ignore[assignment]
+    return fields  # type: ignore[return-value]
 
 
 def _decrypts(token: bytes, key: VerificationKey | bytes) -> bool:
@@ -260,22 +295,29 @@ class TokenVerifier:
         is_jwt = token.startswith(_JWT_PREFIX)
         if is_jwt:
             claims = verify_jwt(token, lookup)
-        elif token.startswith(_MACED_CWT_PREFIX):
-            claims = self._verify_maced(token, used)
-        elif token.startswith(_ENCRYPTED_CWT_PREFIX):
-            claims = self._decrypt(token, used)
         else:
-            claims = verify_cwt(token, lookup)
+            start = token[: len(_MACED_CWT_PREFIX)]
+            if start == _MACED_CWT_PREFIX:
+                claims = self._verify_maced(token, used)
+            elif start == _ENCRYPTED_CWT_PREFIX:
+                claims = self._decrypt(token, used)
+            else:
+                claims = verify_cwt(token, lookup)
         self._validate(claims, now)
         # RFC 9770 §4: the hash of the access_token bytes, exactly as the AS hashed them (the
         # token codecs accept only the one canonical form, so this hash names this token).
         th = token_hash(token)
         if self.revocations is not None and self.revocations.is_revoked(th):
             raise TokenRevoked("token revoked")
-        if not scope_set(scope) <= claims.scopes:
+        # scope_set(scope) <= claims.scopes, without a set of the usual one-string request.
+        if scope is not None and not (
+            claims.scopes.issuperset(scope.split())
+            if type(scope) is str
+            else scope_set(scope) <= claims.scopes
+        ):
             raise InsufficientScope("token scope does not cover the request")
         kid, key = used[-1]
-        return VerifiedToken(claims, th, "jwt" if is_jwt else "cwt", kid, key)
+        return _verified(claims, th, "jwt" if is_jwt else "cwt", kid, key)
 
     def _verify_maced(self, token: bytes, used: list[_KeyUsed]) -> Claims:
         # docs/protocol.md: 61(17(...)), COSE_Mac0 with HMAC 256/64, for a symmetric audience.
@@ -321,7 +363,7 @@ class TokenVerifier:
         if self.max_staleness is None:
             return
         for what, source in (("key set", self.keys), ("revocation list", self.revocations)):
-            if source is None or isinstance(source, KeySet | RevocationList):
+            if source is None or isinstance(source, _FIXED_SOURCES):
                 continue  # fixed by the caller, taken as current
             confirmed_at = getattr(source, "confirmed_at", None)
             if confirmed_at is None or now - confirmed_at > self.max_staleness:

@@ -47,10 +47,17 @@ _STRUCTURE_HEADS = {
     context: b"\x84" + deterministic.head(_MAJOR_TEXT, len(context)) + context.encode("ascii")
     for context in ("Signature1", "MAC0")
 }
+# The Sig_structure of a COSE_Sign1 up to its protected header (RFC 9052 §4.4).
+SIGNATURE1_HEAD = _STRUCTURE_HEADS["Signature1"]
 _EMPTY_BYTES = b"\x40"
 # Members read on every verification, looked up once (an enum member lookup costs ~0.1 us).
 _ALG, _KID = CoseHeader.ALG, CoseHeader.KID
 _ES256, _EDDSA, _SIGN1 = CoseAlg.ES256, CoseAlg.EDDSA, CoseTag.SIGN1
+# The protected header {1: alg, 4: kid} of a signed token up to its kid's head, by alg.
+_SIGNED_HEADER_STARTS = {
+    alg: deterministic.dumps({CoseHeader.ALG: alg, CoseHeader.KID: b""})[:-1]
+    for alg in (CoseAlg.ES256, CoseAlg.EDDSA)
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +83,12 @@ class CoseMessage:
         return self.protected.get(_KID, self.unprotected.get(_KID))
 
 
-def _protected_header(alg: CoseAlg, kid: bytes | None) -> bytes:
+def protected_header(alg: CoseAlg, kid: bytes | None) -> bytes:
+    """The protected header {1: alg, 4: kid} (kid only when given) in deterministic CBOR."""
+    start = _SIGNED_HEADER_STARTS.get(alg) if isinstance(alg, int) else None
+    if start is not None and type(kid) is bytes:
+        # What the AS signs with: the bytes below, less the map, its sorting and the enums.
+        return start + deterministic.head(_MAJOR_BYTES, len(kid)) + kid
     header: dict[int, Any] = {CoseHeader.ALG: alg}
     if kid is not None:
         header[CoseHeader.KID] = kid
@@ -104,20 +116,27 @@ def sign1(
     """COSE_Sign1 as a CBOR tag 18 object: [protected, {}, payload, signature].
 
     ES256 signatures are low-s (docs/protocol.md), so the token has one byte form."""
-    protected = _protected_header(alg, kid)
-    to_sign = _sig_structure("Signature1", protected, payload)
-    if alg == CoseAlg.ES256 and isinstance(private_key, ec.EllipticCurvePrivateKey):
-        signature = es256.sign(private_key, to_sign)
-    elif alg == CoseAlg.EDDSA and isinstance(private_key, ed25519.Ed25519PrivateKey):
-        signature = private_key.sign(to_sign)
-    else:
-        raise ValueError("key does not match algorithm")
+    protected = protected_header(alg, kid)
+    signature = sign1_signature(protected, payload, private_key, alg)
     return cbor2.CBORTag(CoseTag.SIGN1, [protected, {}, payload, signature])
+
+
+def sign1_signature(
+    protected: bytes, payload: bytes, private_key: PrivateKey, alg: CoseAlg
+) -> bytes:
+    """The signature of a COSE_Sign1 with this protected header and payload (RFC 9052 §4.4;
+    ES256 low-s). ValueError when the key is not one of `alg`."""
+    to_sign = _sig_structure("Signature1", protected, payload)
+    if alg == _ES256 and isinstance(private_key, ec.EllipticCurvePrivateKey):
+        return es256.sign(private_key, to_sign)
+    if alg == _EDDSA and isinstance(private_key, ed25519.Ed25519PrivateKey):
+        return private_key.sign(to_sign)
+    raise ValueError("key does not match algorithm")
 
 
 def mac0(payload: bytes, key: bytes, kid: bytes | None) -> cbor2.CBORTag:
     """COSE_Mac0 with HMAC 256/64 as a CBOR tag 17 object."""
-    protected = _protected_header(CoseAlg.HMAC_256_64, kid)
+    protected = protected_header(CoseAlg.HMAC_256_64, kid)
     tag = _hmac_256_64(key, _sig_structure("MAC0", protected, payload))
     return cbor2.CBORTag(CoseTag.MAC0, [protected, {}, payload, tag])
 
@@ -218,7 +237,14 @@ def verify_sign1(
     if message.tag != _SIGN1 or message.alg != alg:
         raise InvalidSignature("algorithm not allowed for this key")
     signed = _sig_structure("Signature1", message.protected_bytes, message.payload)
-    signature = message.tag_or_signature
+    verify_signature(signed, message.tag_or_signature, public_key, alg, low_s=low_s)
+
+
+def verify_signature(
+    signed: bytes, signature: bytes, public_key: PublicKey, alg: CoseAlg, *, low_s: bool = True
+) -> None:
+    """The signature check of `verify_sign1`, on a Sig_structure already built (the CWT layer
+    builds a canonical token's from its bytes) by a message whose alg is `alg`."""
     try:
         if alg == _ES256 and isinstance(public_key, ec.EllipticCurvePublicKey):
             if not (es256.is_canonical(signature) or (not low_s and len(signature) == 64)):

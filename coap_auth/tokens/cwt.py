@@ -17,7 +17,8 @@ from coap_auth.errors import InvalidSignature, MalformedToken
 from coap_auth.tokens import cose, deterministic, es256
 from coap_auth.tokens.claims import Claims
 from coap_auth.tokens.cose_key import PrivateKey, VerificationKey
-from coap_auth.wire import CoseAlg, CoseTag
+from coap_auth.tokens.cwt_claims import read_claims, write_claims
+from coap_auth.wire import CoseAlg, CoseHeader, CoseTag
 
 KeyLookup = Callable[[bytes], VerificationKey | None]
 # kid -> the AES-CCM-16-64-128 key of an encrypted CWT, or None.
@@ -37,24 +38,53 @@ _CANONICAL_STARTS = {
 }
 _START_LEN = 4
 _ES256 = CoseAlg.ES256  # looked up once: read on every verification
+# A signed CWT as the AS writes it (cose.sign1): 61(18([h'{1: alg, 4: kid}', {}, payload,
+# signature])), alg ES256 or EdDSA (both sign in 64 bytes), a kid of at most 18 bytes (its
+# protected header fits a one-byte head). Its first ten bytes, up to the kid, name the alg
+# and the kid's length: d8 3d d2 84 4d a2 01 26 04 48 for ES256 and an 8-byte kid.
+_SIGN1_START = _CWT_TAG + deterministic.head(_MAJOR_TAG, CoseTag.SIGN1) + _ARRAY_OF_FOUR
+_LONGEST_PLAIN_KID = 18
+
+
+def _plain_start(alg: CoseAlg, kid_len: int) -> bytes:
+    header = deterministic.dumps({CoseHeader.ALG: alg, CoseHeader.KID: bytes(kid_len)})
+    return _SIGN1_START + deterministic.head(_MAJOR_BYTES, len(header)) + header[: -kid_len or None]
+
+
+_PLAIN_STARTS = {
+    _plain_start(alg, kid_len): (alg, kid_len)
+    for alg in (CoseAlg.ES256, CoseAlg.EDDSA)
+    for kid_len in range(_LONGEST_PLAIN_KID + 1)
+}
+_KID_AT = len(_plain_start(CoseAlg.ES256, 0))
+_SIGNATURE_LEN = 64
+_SIGNATURE_HEAD = deterministic.head(_MAJOR_BYTES, _SIGNATURE_LEN)
+# The shortest such token: an empty kid, {}, an empty payload, the signature.
+_PLAIN_MIN = _KID_AT + 2 + len(_SIGNATURE_HEAD) + _SIGNATURE_LEN
+# Byte-string heads (RFC 8949 §3): 0x40 + length up to 23, then 0x58 + 1 byte, 0x59 + 2.
+_SHORT_BYTES, _BYTES_1, _BYTES_2 = 0x40, 0x58, 0x59
+_EMPTY_BYTES = b"\x40"
 
 
 def encode_cwt(claims: Claims, private_key: PrivateKey, alg: CoseAlg, kid: bytes) -> bytes:
     """A signed CWT: tag 61 around COSE_Sign1, protected {1: alg, 4: kid}, unprotected {}."""
-    payload = deterministic.dumps(claims.to_cwt_map())
-    return cbor2.dumps(cbor2.CBORTag(CoseTag.CWT, cose.sign1(payload, private_key, alg, kid)))
+    payload = write_claims(claims)
+    protected = cose.protected_header(alg, kid)
+    signature = cose.sign1_signature(protected, payload, private_key, alg)
+    # What cbor2.dumps(61(18([protected, {}, payload, signature]))) writes: shortest heads.
+    return _token_bytes(CoseTag.SIGN1, protected, payload, signature)
 
 
 def encode_maced_cwt(claims: Claims, key: bytes, kid: bytes) -> bytes:
     """A MACed CWT (HMAC 256/64) for an audience that shares a symmetric key."""
-    payload = deterministic.dumps(claims.to_cwt_map())
+    payload = write_claims(claims)
     return cbor2.dumps(cbor2.CBORTag(CoseTag.CWT, cose.mac0(payload, key, kid)))
 
 
 def encode_encrypted_cwt(claims: Claims, key: bytes, kid: bytes) -> bytes:
     """An encrypted CWT, tag 61 around COSE_Encrypt0 (AES-CCM-16-64-128, a fresh random IV in
     the protected header {1: 10, 4: kid, 5: iv}), for an audience that shares `key`."""
-    payload = deterministic.dumps(claims.to_cwt_map())
+    payload = write_claims(claims)
     iv = secrets.token_bytes(cose.CCM_NONCE_LEN)
     return cbor2.dumps(cbor2.CBORTag(CoseTag.CWT, cose.encrypt0(payload, key, kid, iv)))
 
@@ -81,13 +111,42 @@ def peek_kid(token: bytes) -> bytes | None:
 
 def verify_cwt(token: bytes, lookup: KeyLookup) -> Claims:
     """Verify a signed CWT against the key its kid names; return its (unvalidated) claims."""
-    message, claims = _decode(token)
-    kid = message.kid
-    key = lookup(kid) if isinstance(kid, bytes) else None
+    plain = _plain_sign1(token)
+    if plain is None:
+        message, claims_map = _decode(token)
+        kid = message.kid
+        key = lookup(kid) if isinstance(kid, bytes) else None
+        if key is None:
+            raise InvalidSignature("unknown key id")
+        cose.verify_sign1(message, key.public_key, key.alg)
+        return Claims.from_cwt_map(claims_map)
+    # A token as the AS writes it: the checks above, in their order and with their errors,
+    # less what its form settles (a canonical token, its header {1: alg, 4: kid}).
+    alg, protected_end, payload_start, payload_end = plain
+    payload = token[payload_start:payload_end]
+    claims = read_claims(payload)
+    if claims is None:
+        claims_map = deterministic.loads(payload, "CWT claims")
+    signature = token[-_SIGNATURE_LEN:]
+    if alg == _ES256 and not es256.is_canonical(signature):
+        raise MalformedToken("ES256 signature must be 64 bytes with a low s")
+    key = lookup(token[_KID_AT:protected_end])
     if key is None:
         raise InvalidSignature("unknown key id")
-    cose.verify_sign1(message, key.public_key, key.alg)
-    return Claims.from_cwt_map(claims)
+    if key.alg != alg:
+        raise InvalidSignature("algorithm not allowed for this key")
+    # RFC 9052 §4.4: the Sig_structure's byte strings are the token's own, shortest heads
+    # and all; external_aad (empty) stands where the token has its unprotected header.
+    signed = b"".join(
+        (
+            cose.SIGNATURE1_HEAD,
+            token[_START_LEN:protected_end],
+            _EMPTY_BYTES,
+            token[protected_end + 1 : payload_end],
+        )
+    )
+    cose.verify_signature(signed, signature, key.public_key, key.alg)
+    return Claims.from_cwt_map(claims_map) if claims is None else claims
 
 
 def verify_maced_cwt(token: bytes, key: bytes) -> Claims:
@@ -148,6 +207,46 @@ def _decode(token: bytes, *, low_s: bool = True) -> tuple[cose.CoseMessage, Any]
     return message, claims
 
 
+def _plain_sign1(token: bytes) -> tuple[CoseAlg, int, int, int] | None:
+    """(alg, where the protected header ends, where the payload starts and ends) of a signed
+    CWT in the form the AS writes (`_PLAIN_STARTS`); None for anything else, which `_decode`
+    reads (or refuses) as before. Such a token is canonical: every head shortest, the
+    unprotected header empty, nothing after the signature, the protected header the
+    deterministic map {1: alg, 4: kid} with no crit."""
+    if not isinstance(token, bytes):
+        return None
+    size = len(token)
+    plain = _PLAIN_STARTS.get(token[:_KID_AT]) if _PLAIN_MIN <= size <= MAX_TOKEN_BYTES else None
+    if plain is None:
+        return None
+    alg, kid_len = plain
+    protected_end = _KID_AT + kid_len
+    if token[protected_end] != _EMPTY_MAP[0]:
+        return None
+    head = token[protected_end + 1]
+    payload_start = protected_end + 2
+    if head < _BYTES_1:
+        payload_len = head - _SHORT_BYTES
+        if payload_len < 0:
+            return None
+    elif head == _BYTES_1 and token[payload_start] >= 24:
+        payload_len, payload_start = token[payload_start], payload_start + 1
+    elif head == _BYTES_2:
+        payload_len = int.from_bytes(token[payload_start : payload_start + 2], "big")
+        payload_start += 2
+        if payload_len < 2**8:
+            return None
+    else:
+        return None
+    payload_end = payload_start + payload_len
+    if (
+        payload_end + len(_SIGNATURE_HEAD) + _SIGNATURE_LEN != size
+        or token[payload_end : payload_end + len(_SIGNATURE_HEAD)] != _SIGNATURE_HEAD
+    ):
+        return None
+    return alg, protected_end, payload_start, payload_end
+
+
 def _canonical_message(token: bytes) -> cose.CoseMessage | None:
     """The COSE_Sign1 or COSE_Mac0 of a token in canonical form, its members sliced out of
     the bytes (no CBOR decoder, no re-encoding to compare); None for anything else, which the
@@ -198,20 +297,23 @@ def _byte_string(data: bytes, at: int) -> tuple[bytes, int] | None:
 def _canonical_bytes(message: cose.CoseMessage) -> bytes:
     """61(tag([protected, {}, payload, signature])), or 61(16([protected, {}, ciphertext])),
     with every head shortest (RFC 8949 §4.2.1)."""
-    encrypted = message.tag == CoseTag.ENCRYPT0
+    last = None if message.tag == CoseTag.ENCRYPT0 else message.tag_or_signature
+    return _token_bytes(message.tag, message.protected_bytes, message.payload, last)
+
+
+def _token_bytes(tag: int, protected: bytes, payload: bytes, last: bytes | None) -> bytes:
+    """61(tag([protected, {}, payload, last])), or without `last` when None, every head
+    shortest."""
     parts = [
         _CWT_TAG,
-        deterministic.head(_MAJOR_TAG, message.tag),
-        _ARRAY_OF_THREE if encrypted else _ARRAY_OF_FOUR,
-        deterministic.head(_MAJOR_BYTES, len(message.protected_bytes)),
-        message.protected_bytes,
+        deterministic.head(_MAJOR_TAG, tag),
+        _ARRAY_OF_THREE if last is None else _ARRAY_OF_FOUR,
+        deterministic.head(_MAJOR_BYTES, len(protected)),
+        protected,
         _EMPTY_MAP,
-        deterministic.head(_MAJOR_BYTES, len(message.payload)),
-        message.payload,
+        deterministic.head(_MAJOR_BYTES, len(payload)),
+        payload,
     ]
-    if not encrypted:
-        parts += [
-            deterministic.head(_MAJOR_BYTES, len(message.tag_or_signature)),
-            message.tag_or_signature,
-        ]
+    if last is not None:
+        parts += [deterministic.head(_MAJOR_BYTES, len(last)), last]
     return b"".join(parts)

@@ -17,7 +17,6 @@ from coap_auth.errors import MalformedToken
 
 _UINT, _NINT, _BYTES, _TEXT, _ARRAY, _MAP, _TAG = 0, 1, 2, 3, 4, 5, 6
 _FALSE, _TRUE, _NULL = b"\xf4", b"\xf5", b"\xf6"
-_SMALL_UINTS = tuple(bytes([n]) for n in range(24))
 _FLOAT16, _FLOAT32, _FLOAT64 = 0xF9, 0xFA, 0xFB
 # RFC 8949 §4.2.2: a NaN is written as the half-precision quiet NaN.
 _NAN = b"\xf9\x7e\x00"
@@ -26,6 +25,8 @@ _PLAIN_DEPTH = 8
 # RFC 8949 §3: a 1-, 2-, 4- or 8-byte argument is shortest only from these values on.
 _SHORTEST_FROM = {1: 24, 2: 2**8, 4: 2**16, 8: 2**32}
 _KEY_TYPES = (int, str, bytes)
+# The one-byte encodings of -24 to 23 (RFC 8949 §3.1: major types 1 and 0).
+_SMALL_INT_KEYS = {n: bytes([n if n >= 0 else 0x20 | (-1 - n)]) for n in range(-24, 24)}
 
 
 def dumps(value: Any) -> bytes:
@@ -55,6 +56,12 @@ def loads(data: bytes, what: str) -> Any:
     if rebuilt != data:
         raise MalformedToken(f"{what} is not in deterministic CBOR encoding")
     return item
+
+
+def read_item(data: bytes, at: int, depth: int) -> tuple[Any, int] | None:
+    """The item at `at` of an item being read by `loads` (`depth` maps and arrays deep) and
+    where it ends, when `loads`' fast reader takes it; else None. Raises nothing."""
+    return _read(data, at, depth)
 
 
 def _read(data: bytes, at: int, depth: int) -> tuple[Any, int] | None:
@@ -240,9 +247,12 @@ def _map(value: dict[Any, Any], out: bytearray) -> None:
 
 
 def _key(key: Any) -> bytes:
-    # Claims and header labels are mostly small integers: their encoding is one byte.
-    if type(key) is int and 0 <= key < 24:
-        return _SMALL_UINTS[key]
+    # Claims, header and COSE_Key labels are mostly small integers, often IntEnum members:
+    # their encoding is one byte (bool is an int to Python, not to CBOR).
+    if isinstance(key, int) and type(key) is not bool:
+        encoded = _SMALL_INT_KEYS.get(int(key))
+        if encoded is not None:
+            return encoded
     return dumps(key)
 
 

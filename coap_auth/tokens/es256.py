@@ -15,14 +15,20 @@ P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 HALF_ORDER = P256_ORDER // 2
 COORD_LEN = 32
 SIGNATURE_LEN = 2 * COORD_LEN
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())  # immutable: made once
 _ZERO = bytes(COORD_LEN)
 _ORDER_BYTES = P256_ORDER.to_bytes(COORD_LEN, "big")
 _HALF_ORDER_BYTES = HALF_ORDER.to_bytes(COORD_LEN, "big")
+# DER heads (X.690 §8.1.3.4, §8.3) around 32-byte r and s: SEQUENCE of 68 bytes, INTEGER of
+# 32; or SEQUENCE of 69, INTEGER of 33 with a zero sign byte, when r's top bit is set.
+_R_HEAD = bytes((0x30, 68, 2, COORD_LEN))
+_R_HEAD_SIGNED = bytes((0x30, 69, 2, COORD_LEN + 1, 0))
+_S_HEAD = bytes((2, COORD_LEN))
 
 
 def sign(private_key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
     """A raw, low-s ES256 signature of `data`."""
-    r, s = decode_dss_signature(private_key.sign(data, ec.ECDSA(hashes.SHA256())))
+    r, s = decode_dss_signature(private_key.sign(data, _ECDSA_SHA256))
     return _raw(r, min(s, P256_ORDER - s))
 
 
@@ -51,6 +57,12 @@ def is_canonical(signature: bytes) -> bool:
 def to_der(signature: bytes) -> bytes:
     """The DER form `cryptography` verifies (the caller has checked the length): the
     SEQUENCE of two INTEGERs `encode_dss_signature` makes, written out (half its time)."""
+    first_r, first_s = signature[0], signature[COORD_LEN]
+    if first_r and 0 < first_s < 0x80:
+        # All low-s signatures but ~1 in 85 (a zero top byte in r or s, to strip): s needs
+        # no sign byte (low, below 0x80), r one when its top bit is set.
+        r_head = _R_HEAD_SIGNED if first_r >= 0x80 else _R_HEAD
+        return b"".join((r_head, signature[:COORD_LEN], _S_HEAD, signature[COORD_LEN:]))
     r = _der_integer(signature[:COORD_LEN])
     s = _der_integer(signature[COORD_LEN:])
     # X.690 §8.1.3.4: short-form lengths, as the body is at most 70 bytes.
