@@ -72,8 +72,26 @@ class FloorResource(resource.Resource):
         return aiocoap.Message(code=aiocoap.CREATED, payload=NOOP_BODY, content_format=19)
 
 
-FLOOR_TABLE = "CREATE TABLE IF NOT EXISTS bench_floor (signature BLOB NOT NULL)"
-FLOOR_INSERT = "INSERT INTO bench_floor (signature) VALUES (?)"
+# /floor's rows go to a database file of their own, attached to the store's writer connection:
+# the store's file holds only what coap-auth makes (it refuses to open otherwise). Its commits
+# are as durable as the store's (WAL, synchronous=FULL).
+FLOOR_SETUP = (
+    "ATTACH DATABASE ? AS bench",
+    "PRAGMA bench.journal_mode=WAL",
+    "PRAGMA bench.synchronous=FULL",
+    "CREATE TABLE IF NOT EXISTS bench.floor (signature BLOB NOT NULL)",
+)
+FLOOR_INSERT = "INSERT INTO bench.floor (signature) VALUES (?)"
+
+
+async def attach_floor(database: SqliteDatabase, path: Path) -> None:
+    def attach() -> None:
+        conn = database.connection
+        conn.execute(FLOOR_SETUP[0], (str(path),))
+        for statement in FLOOR_SETUP[1:]:
+            conn.execute(statement)
+
+    await database.run(attach)
 
 
 def resources_site(server: Server) -> OptionCheckingSite:
@@ -108,7 +126,7 @@ async def serve(data_dir: Path, port: int) -> None:
     # wrapper, where /token is, so that a plain /noop takes the same path as a plain /token.
     resources_site(server).add_resource(["noop"], NoopResource())
     database = service.store.inner.database  # the bench server runs on SQLite
-    await database.write(lambda conn: conn.execute(FLOOR_TABLE))
+    await attach_floor(database, data_dir / "bench-floor.sqlite3")
     resources_site(server).add_resource(["floor"], FloorResource(database))
     await server.start()
     print(f"listening {server.port}", flush=True)
