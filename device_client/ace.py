@@ -8,8 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import cbor2
-
+from coap_auth.tokens import untagged
 from coap_auth.wire import AceErrorCode, AceParam, ProblemDetail, TokenType
 
 MAX_RESPONSE_BYTES = 4096
@@ -77,7 +76,7 @@ def _load_map(payload: bytes) -> dict[Any, Any] | None:
     if not payload or len(payload) > MAX_RESPONSE_BYTES:
         return None
     try:
-        body = cbor2.loads(payload)
+        body = untagged.loads(payload)
     except Exception:
         return None
     return body if isinstance(body, dict) else None

@@ -18,6 +18,7 @@ from coap_auth.errors import BadRequest, CoapAuthError, MalformedToken, TokenErr
 from coap_auth.secure.ace_oscore import check_nonce, check_recipient_id, derive_context, new_nonce
 from coap_auth.secure.contexts import OscoreContext
 from coap_auth.secure.credentials import PeerCredential
+from coap_auth.tokens import untagged
 from coap_auth.wire import AceParam, ContentFormat
 from device_client.rs_common import bad_parameter, refusal
 from device_client.verify import VerifiedToken
@@ -31,7 +32,7 @@ log = logging.getLogger("device_client.rs")
 def read_ace_map(payload: bytes) -> dict[Any, Any]:
     """An application/ace+cbor body: one CBOR map with an access_token. Raises BadRequest."""
     try:
-        body = cbor2.loads(payload)
+        body = untagged.loads(payload)
     except Exception:  # cbor2 raises more than CBORDecodeError on odd input
         raise BadRequest("payload is not an application/ace+cbor map") from None
     if not isinstance(body, dict):

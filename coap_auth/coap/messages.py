@@ -24,6 +24,7 @@ from coap_auth.service import (
     TokenSubmission,
 )
 from coap_auth.text import has_control_character
+from coap_auth.tokens import untagged
 from coap_auth.wire import (
     CLIENT_ASSERTION,
     TOKEN_FORMAT,
@@ -61,7 +62,7 @@ def decode_ace_payload(
     if len(payload) > max_payload:
         raise PayloadTooLarge(f"request payload larger than {max_payload} bytes", size1=max_payload)
     try:
-        body = cbor2.loads(payload)
+        body = untagged.loads(payload)
     except Exception:
         # Includes RecursionError for absurd nesting: any undecodable body is the client's fault.
         raise InvalidRequest("request body is not well-formed CBOR") from None

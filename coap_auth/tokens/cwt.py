@@ -14,7 +14,7 @@ from typing import Any
 import cbor2
 
 from coap_auth.errors import InvalidSignature, MalformedToken
-from coap_auth.tokens import cose, deterministic, es256
+from coap_auth.tokens import cose, deterministic, es256, untagged
 from coap_auth.tokens.claims import Claims
 from coap_auth.tokens.cose_key import PrivateKey, VerificationKey
 from coap_auth.tokens.cwt_claims import read_claims, write_claims
@@ -28,6 +28,8 @@ SecretLookup = Callable[[bytes], bytes | None]
 MAX_TOKEN_BYTES = 8192
 # Tag 61 in its shortest head (RFC 8949 §3: 61 > 23 takes one extra byte).
 _CWT_TAG = b"\xd8\x3d"
+# The only tags a token holds outside its payload: CWT around the COSE message's own.
+_ENVELOPE_TAGS = frozenset(map(int, CoseTag))
 _ARRAY_OF_FOUR, _ARRAY_OF_THREE, _EMPTY_MAP = b"\x84", b"\x83", b"\xa0"
 _MAJOR_BYTES, _MAJOR_TAG = 2, 6
 # 61(18([...])) and 61(17([...])), array of four, every head shortest: how a canonical signed
@@ -189,7 +191,7 @@ def _decode(token: bytes, *, low_s: bool = True) -> tuple[cose.CoseMessage, Any]
             raise MalformedToken("ES256 signature must be 64 bytes with a low s")
         return message, claims
     try:
-        item = cbor2.loads(token)
+        item = untagged.loads(token, _ENVELOPE_TAGS)
     except Exception:
         raise MalformedToken("token is not well-formed CBOR") from None
     message = cose.decode(item.value)

@@ -14,6 +14,7 @@ from typing import Any
 import cbor2
 
 from coap_auth.errors import MalformedToken
+from coap_auth.tokens import untagged
 
 _UINT, _NINT, _BYTES, _TEXT, _ARRAY, _MAP, _TAG = 0, 1, 2, 3, 4, 5, 6
 _FALSE, _TRUE, _NULL = b"\xf4", b"\xf5", b"\xf6"
@@ -49,7 +50,7 @@ def loads(data: bytes, what: str) -> Any:
     if read is not None and read[1] == len(data):
         return read[0]
     try:
-        item = cbor2.loads(data)
+        item = untagged.loads(data)
         rebuilt = dumps(item)
     except Exception:  # cbor2's decode errors, TypeError from dumps, RecursionError
         raise MalformedToken(f"{what} is not well-formed CBOR of the kinds a token holds") from None

@@ -17,7 +17,15 @@ from pycose.messages import CoseMessage
 
 from coap_auth.tokens import Claims, cose_key_from_public, verify_cwt
 from coap_auth.tokens.cose import sign1
-from coap_auth.wire import AceParam, CoapCode, ContentFormat, CoseAlg, CoseHeader, CwtClaim
+from coap_auth.wire import (
+    AceErrorCode,
+    AceParam,
+    CoapCode,
+    ContentFormat,
+    CoseAlg,
+    CoseHeader,
+    CwtClaim,
+)
 from tests import raw_coap
 from tests.conftest import Coap
 
@@ -423,3 +431,17 @@ async def test_assertion_must_be_tagged_and_short_lived(
     at_limit = _assertion(device, CoseAlg.ES256, now, cti=b"ok", exp_in=300)
     response, _ = await sensor.post_ace(TOKEN, {"client_assertion": at_limit})
     assert response.code == aiocoap.CREATED
+
+
+async def test_a_tagged_request_body_is_refused_before_cbor2_decodes_its_tags(sensor: Coap) -> None:
+    """Attack (issue 17 review): tag 35 makes cbor2 compile a regular expression, tag 36
+    parse a MIME message, as it decodes; an unauthenticated /token body full of them cost
+    the server milliseconds before any check. Refused unread now, as malformed CBOR."""
+    body = {
+        AceParam.CLIENT_ID: "sensor-1",
+        AceParam.CLIENT_SECRET: cbor2.CBORTag(35, "(a|b)+c"),
+        AceParam.AUDIENCE: [cbor2.CBORTag(36, "Subject: x\n\nbody") for _ in range(8)],
+    }
+    response, decoded = await sensor.post_ace("/token", body)
+    _ace_error(response, decoded, CoapCode.BAD_REQUEST, AceErrorCode.INVALID_REQUEST)
+    assert decoded[AceParam.ERROR_DESCRIPTION] == "request body is not well-formed CBOR"

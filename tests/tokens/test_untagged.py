@@ -1,0 +1,130 @@
+"""Bytes anyone may send are read without cbor2's tag decoders (coap_auth.tokens.untagged):
+an unsigned token, an ACE body or a COSE header holding tag 35 (a regular expression cbor2
+compiles) or 36 (a MIME message it parses) is refused before anything is decoded, not after
+10-20 ms of that work (attack on issue 17's verification fast path)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from unittest import mock
+
+import cbor2
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coap_auth.errors import MalformedToken
+from coap_auth.tokens import VerificationKey, cose, untagged, verify_cwt
+from coap_auth.wire import CoseAlg, CoseTag
+
+KEY = ec.generate_private_key(ec.SECP256R1())
+KID = b"k1"
+ENVELOPE = frozenset(map(int, CoseTag))
+
+
+@contextmanager
+def nothing_compiled() -> Iterator[mock.MagicMock]:
+    """Fails the test if anything compiles a regular expression meanwhile (cbor2 does so for
+    tag 35 as it decodes)."""
+    with mock.patch.object(re, "compile", wraps=re.compile) as compiled:
+        yield compiled
+    assert compiled.call_count == 0, "a regular expression was compiled from the input"
+
+
+def regex_tag(n: int) -> cbor2.CBORTag:
+    return cbor2.CBORTag(35, f"(a{n}|b)+c")
+
+
+def cwt(payload: bytes, unprotected: dict[Any, Any] | None = None) -> bytes:
+    message = cose.sign1(payload, KEY, CoseAlg.ES256, KID)
+    if unprotected is not None:
+        message.value[1] = unprotected
+    return cbor2.dumps(cbor2.CBORTag(CoseTag.CWT, message))
+
+
+def lookup() -> Any:
+    keys = {KID: VerificationKey(KID, CoseAlg.ES256, KEY.public_key())}
+    return keys.get
+
+
+def test_a_regex_tag_in_the_claims_is_refused_before_it_is_compiled() -> None:
+    token = cwt(cbor2.dumps({1: "as", 2: "meter-7", 99: [regex_tag(n) for n in range(50)]}))
+    with pytest.raises(MalformedToken) as refused, nothing_compiled():
+        verify_cwt(token, lookup())
+    assert "not well-formed CBOR" in str(refused.value)
+
+
+def test_a_regex_tag_in_the_unprotected_header_is_refused_before_it_is_compiled() -> None:
+    token = cwt(cbor2.dumps({1: "as"}), unprotected={4: regex_tag(1)})
+    with pytest.raises(MalformedToken) as refused, nothing_compiled():
+        verify_cwt(token, lookup())
+    assert "not well-formed CBOR" in str(refused.value)
+
+
+def test_the_envelope_tags_are_taken() -> None:
+    token = cwt(cbor2.dumps({1: "as"}))
+    assert not untagged.foreign_tag(token, ENVELOPE)
+    assert untagged.foreign_tag(token)  # tag 61 itself, when no tag is taken
+
+
+@pytest.mark.parametrize(
+    ("item", "foreign"),
+    [
+        (cbor2.CBORTag(35, "x"), True),
+        ([2**64, -(2**70)], False),  # bignums (tags 2 and 3) are taken everywhere
+        ([1, {2: [3, cbor2.CBORTag(36, "m")]}], True),
+        ({cbor2.CBORTag(4, (1, 2)): 1}, True),  # a tag as a map key
+        (cbor2.CBORTag(18, [b"", {}, b"", b""]), False),  # taken
+        (cbor2.CBORTag(18, [cbor2.CBORTag(5, [1, 2])]), True),  # inside a taken tag
+        (cbor2.dumps(cbor2.CBORTag(35, "x")), False),  # inside a byte string: not read
+        ([1.5, None, True, "text", b"bytes", -(2**64)], False),
+        ({"a": [[[[[]]]]], 1: {}}, False),
+    ],
+)
+def test_tags_are_found_wherever_they_nest(item: Any, foreign: bool) -> None:
+    assert untagged.foreign_tag(cbor2.dumps(item), frozenset({18})) is foreign
+
+
+def test_tags_in_indefinite_lengths_are_found() -> None:
+    # [_ "a", {_ 1: 35("x")}]: an indefinite array holding an indefinite map.
+    data = b"\x9f\x61a\xbf\x01\xd8\x23\x61x\xff\xff"
+    assert untagged.foreign_tag(data)
+    assert not untagged.foreign_tag(b"\x9f\x61a\xbf\x01\x02\xff\xff")
+    # Chunked strings are skipped chunk by chunk: (_ h'01', h'0203').
+    assert not untagged.foreign_tag(b"\x5f\x41\x01\x42\x02\x03\xff")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x1c", b"\x9f\x01", b"\x5a\xff\xff\xff\xff", b"\x85\x01", b"\xd8"],
+)
+def test_malformed_input_is_left_to_cbor2(data: bytes) -> None:
+    assert not untagged.foreign_tag(data)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - cbor2's own error, whatever it is
+        untagged.loads(data)
+
+
+PLAIN = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text() | st.binary(),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.integers() | st.text(), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(PLAIN, st.integers(min_value=0, max_value=2**64 - 1).filter(lambda tag: tag not in (2, 3)))
+def test_untagged_items_decode_as_cbor2_decodes_them_and_a_tag_anywhere_is_found(
+    value: Any, tag: int
+) -> None:
+    data = cbor2.dumps(value)
+    assert not untagged.foreign_tag(data)
+    assert cbor2.dumps(untagged.loads(data)) == cbor2.dumps(cbor2.loads(data))
+    tagged = cbor2.dumps([value, cbor2.CBORTag(tag, value)])
+    assert untagged.foreign_tag(tagged)
+    assert not untagged.foreign_tag(tagged, frozenset({tag}))
