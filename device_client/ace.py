@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from coap_auth.tokens import untagged
+from coap_auth import untagged
 from coap_auth.wire import AceErrorCode, AceParam, ProblemDetail, TokenType
 
 MAX_RESPONSE_BYTES = 4096

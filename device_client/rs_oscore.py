@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 import aiocoap
 import cbor2
 
+from coap_auth import untagged
 from coap_auth.errors import BadRequest, CoapAuthError, MalformedToken, TokenError
 from coap_auth.secure.ace_oscore import check_nonce, check_recipient_id, derive_context, new_nonce
 from coap_auth.secure.contexts import OscoreContext
 from coap_auth.secure.credentials import PeerCredential
-from coap_auth.tokens import untagged
 from coap_auth.wire import AceParam, ContentFormat
 from device_client.rs_common import bad_parameter, refusal
 from device_client.verify import VerifiedToken

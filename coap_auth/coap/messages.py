@@ -10,6 +10,7 @@ from typing import Any
 
 import cbor2
 
+from coap_auth import untagged
 from coap_auth.errors import (
     InvalidRequest,
     PayloadTooLarge,
@@ -24,7 +25,6 @@ from coap_auth.service import (
     TokenSubmission,
 )
 from coap_auth.text import has_control_character
-from coap_auth.tokens import untagged
 from coap_auth.wire import (
     CLIENT_ASSERTION,
     TOKEN_FORMAT,

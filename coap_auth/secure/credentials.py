@@ -154,10 +154,10 @@ def device_credential(subject: str, private_key: ec.EllipticCurvePrivateKey) -> 
 
 def parse_credential(ccs: bytes) -> EdhocCredential:
     """A CCS received by value; raises CredentialError unless it is one we can use."""
-    import cbor2
+    from coap_auth import untagged
 
     try:
-        claims = cbor2.loads(ccs)
+        claims = untagged.loads(ccs)
     except Exception:
         raise CredentialError("credential is not CBOR") from None
     if not isinstance(claims, dict) or set(claims) - {2, 8}:

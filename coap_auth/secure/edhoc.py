@@ -29,6 +29,7 @@ from typing import Any
 import cbor2
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from coap_auth import untagged
 from coap_auth.secure.contexts import (
     MASTER_SALT_BYTES,
     MASTER_SECRET_BYTES,
@@ -289,7 +290,7 @@ class Responder:
             keys = await resolve(offered.subject)
             return offered if any(offered.same_key(key) for key in keys) else None
         try:
-            named = cbor2.loads(id_cred)
+            named = untagged.loads(id_cred)
         except Exception:
             return None
         kid = named.get(ID_CRED_KID) if isinstance(named, dict) and len(named) == 1 else None

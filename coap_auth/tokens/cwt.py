@@ -13,8 +13,9 @@ from typing import Any
 
 import cbor2
 
+from coap_auth import untagged
 from coap_auth.errors import InvalidSignature, MalformedToken
-from coap_auth.tokens import cose, deterministic, es256, untagged
+from coap_auth.tokens import cose, deterministic, es256
 from coap_auth.tokens.claims import Claims
 from coap_auth.tokens.cose_key import PrivateKey, VerificationKey
 from coap_auth.tokens.cwt_claims import read_claims, write_claims

@@ -13,8 +13,8 @@ from typing import Any
 
 import cbor2
 
+from coap_auth import untagged
 from coap_auth.errors import MalformedToken
-from coap_auth.tokens import untagged
 
 _UINT, _NINT, _BYTES, _TEXT, _ARRAY, _MAP, _TAG = 0, 1, 2, 3, 4, 5, 6
 _FALSE, _TRUE, _NULL = b"\xf4", b"\xf5", b"\xf6"

@@ -58,8 +58,10 @@ def test_import_needs_only_the_pure_parts_of_coap_auth() -> None:
     # secure.credentials: EDHOC credentials, pure (EDHOC itself loads with a channel's first
     # handshake); addresses: a source address as a budget key, the standard library only;
     # echo: Echo values and the amplification guard (RFC 9175), both sides; server_socket:
-    # how udp binds a server socket (SO_REUSEPORT only when asked), the standard library only.
+    # how udp binds a server socket (SO_REUSEPORT only when asked), the standard library only;
+    # untagged: untrusted CBOR read without cbor2's tag decoders, cbor2 only.
     allowed = {
+        "coap_auth.untagged",
         "coap_auth.server_socket",
         "coap_auth.echo",
         "coap_auth.exchanges",

@@ -1,4 +1,4 @@
-"""Bytes anyone may send are read without cbor2's tag decoders (coap_auth.tokens.untagged):
+"""Bytes anyone may send are read without cbor2's tag decoders (coap_auth.untagged):
 an unsigned token, an ACE body or a COSE header holding tag 35 (a regular expression cbor2
 compiles) or 36 (a MIME message it parses) is refused before anything is decoded, not after
 10-20 ms of that work (attack on issue 17's verification fast path)."""
@@ -17,8 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from coap_auth import untagged
 from coap_auth.errors import MalformedToken
-from coap_auth.tokens import VerificationKey, cose, untagged, verify_cwt
+from coap_auth.tokens import VerificationKey, cose, verify_cwt
 from coap_auth.wire import CoseAlg, CoseTag
 
 KEY = ec.generate_private_key(ec.SECP256R1())
