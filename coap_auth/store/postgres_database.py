@@ -160,6 +160,12 @@ class PostgresDatabase:
                     "SELECT current_setting('transaction_read_only') = 'on' OR pg_is_in_recovery()"
                 ):
                     raise asyncpg.exceptions.ReadOnlySQLTransactionError("read-only")
+                foreign = [row["what"] for row in await conn.fetch(_FOREIGN_OBJECTS, self._schema)]
+                if foreign:
+                    raise OperatorError(
+                        f"the PostgreSQL schema {self._schema} holds what coap-auth did not make:"
+                        f" {', '.join(sorted(foreign))} (edited?); refusing to use it"
+                    )
             write_marker(self._marker, SCHEMA_VERSION)
         except (*CONNECTION_ERRORS, asyncpg.exceptions.ReadOnlySQLTransactionError) as exc:
             await self.close()
@@ -371,6 +377,24 @@ class PostgresDatabase:
                 with contextlib.suppress(Exception):  # close() cuts the connection on failure
                     await conn.close(timeout=LISTEN_CLOSE_TIMEOUT)
             await asyncio.sleep(RECONNECT_DELAY)
+
+
+# What coap-auth never makes on its tables, and what could change what its statements do
+# unseen (as SQLite's open refuses a trigger or a view it did not make): a trigger can turn an
+# operator's UPDATE into nothing (the CLI says done; the rows and the audit head agree), a rule
+# rewrites statements, row security hides rows.
+_FOREIGN_OBJECTS = """
+SELECT 'trigger ' || t.tgname || ' on ' || c.relname AS what
+FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND NOT t.tgisinternal
+UNION ALL
+SELECT 'rule ' || rulename || ' on ' || tablename FROM pg_rules WHERE schemaname = $1
+UNION ALL
+SELECT 'row security on ' || c.relname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND (c.relrowsecurity OR c.relforcerowsecurity)
+"""
 
 
 async def _keep_session(_conn: Conn) -> None:

@@ -369,3 +369,34 @@ async def test_opening_makes_a_lost_table_or_index_anew(
         assert made
     finally:
         await admin.close()
+
+
+@pytest.mark.parametrize(
+    ("ddl", "named"),
+    [
+        (
+            "CREATE FUNCTION keep_old() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RETURN OLD; END $$;"
+            " CREATE TRIGGER k1 BEFORE UPDATE ON clients FOR EACH ROW EXECUTE FUNCTION keep_old()",
+            "trigger k1 on clients",
+        ),
+        ("CREATE RULE r1 AS ON UPDATE TO clients DO INSTEAD NOTHING", "rule r1 on clients"),
+        ("ALTER TABLE audiences ENABLE ROW LEVEL SECURITY", "row security on audiences"),
+    ],
+)
+async def test_a_trigger_rule_or_row_security_it_did_not_make_is_refused_at_open(
+    store: PostgresStore, schema: str, tmp_path: Path, ddl: str, named: str
+) -> None:
+    """Attack (issue 17, round 3): a BEFORE UPDATE trigger returning OLD turned `clients
+    disable` and `rotate-secret` into nothing while the CLI said done, and the audit head,
+    recorded from the unchanged rows, verified. As SQLite's open refuses what it did not make,
+    so does PostgreSQL's (every CLI command and every instance opens the store)."""
+    assert pg.PG_DSN is not None
+    admin = await asyncpg.connect(pg.PG_DSN, server_settings={"search_path": schema})
+    try:
+        await admin.execute(ddl)
+        other = PostgresStore(pg.PG_DSN, MasterKey.load(tmp_path, create=False), schema=schema)
+        with pytest.raises(OperatorError, match=f"holds what coap-auth did not make: {named}"):
+            await other.open()
+    finally:
+        await admin.close()
