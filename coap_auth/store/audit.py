@@ -220,6 +220,24 @@ def registry_matches(
     )
 
 
+# What the change feed gives for the registry while the audit head does not verify, or is not
+# the end of the chain (a head put back, or its digest): no digest equals it, so every reader
+# reloads the registry, and finds it untrusted (`registry_matches`).
+UNVERIFIED_HEAD = b"unverified head"
+
+
+def registry_signal(mac: Mac, head: AuditHead | None, newest_seq: int | None) -> bytes:
+    """The change feed's registry value: the digest a verified, current head records, else
+    UNVERIFIED_HEAD (b"" without a head). Readers reload when it moves; taking the stored
+    digest unverified let a digest put back by hand, with the rows it names, hide a change
+    from them (attack round 3, F1)."""
+    if head is None:
+        return b""
+    if head_verifies(mac, head) and head.seq == (newest_seq or 0):
+        return head.registry
+    return UNVERIFIED_HEAD
+
+
 def legacy_head_verifies(mac: Mac, seq: Any, last_mac: Any, stored: Any) -> bool:
     """A head as schema 3 sealed it (no registry digest); read only by the migration to 4."""
     return (

@@ -41,6 +41,7 @@ from coap_auth.store.audit import (
     AuditSnapshot,
     append_plan,
     registry_matches,
+    registry_signal,
 )
 from coap_auth.store.master_key import MasterKey
 from coap_auth.store.postgres_schema import (
@@ -331,16 +332,16 @@ class PostgresDatabase:
     # -- change feed -------------------------------------------------------------------------
 
     async def change_counters(self) -> ChangeCounters:
-        rows = await self.fetch(
-            "SELECT counter, revocations, (SELECT registry FROM audit_head WHERE id = 1)"
-            " AS registry FROM change_feed WHERE id = 1"
-        )
-        registry = rows[0]["registry"]
-        return ChangeCounters(
-            int(rows[0]["counter"]),
-            int(rows[0]["revocations"]),
-            b"" if registry is None else bytes(registry),
-        )
+        """The change feed's counters and the verified audit head's registry digest
+        (audit.registry_signal), in one snapshot."""
+        async with self.snapshot() as conn:
+            row = await conn.fetchrow(
+                "SELECT counter, revocations, (SELECT MAX(seq) FROM audit_log) AS newest"
+                " FROM change_feed WHERE id = 1"
+            )
+            head = await read_head(conn)
+        registry = registry_signal(self._audit_mac, head, row["newest"])
+        return ChangeCounters(int(row["counter"]), int(row["revocations"]), registry)
 
     async def watch_changes(self, changed: Callable[[], None]) -> None:
         """LISTEN for every instance's NOTIFY and call `changed`; reconnects forever, until

@@ -307,7 +307,7 @@ class SqliteStore:
         return await self.database.read(sqlite_audit.snapshot)
 
     async def change_counters(self) -> ChangeCounters:
-        return await self.database.read(sqlite_audit.change_counters)
+        return await self.database.read(self._audit.change_counters)
 
     async def watch_changes(self, changed: Callable[[], None]) -> None:
         """No push from a file: readers poll `change_counters`."""

@@ -12,6 +12,7 @@ from coap_auth.store.audit import (
     AuditSnapshot,
     append_plan,
     registry_matches,
+    registry_signal,
 )
 from coap_auth.store.records import ChangeCounters
 from coap_auth.store.registry_mac import Mac
@@ -37,6 +38,9 @@ class SqliteAudit:
 
     def __init__(self, audit_mac: Mac) -> None:
         self._mac = audit_mac
+
+    def change_counters(self, conn: sqlite3.Connection) -> ChangeCounters:
+        return change_counters(conn, self._mac)
 
     def registry_matches_head(self, conn: sqlite3.Connection) -> bool:
         """audit.registry_matches for the rows and head the transaction sees."""
@@ -94,13 +98,13 @@ def snapshot(conn: sqlite3.Connection) -> AuditSnapshot:
     )
 
 
-def change_counters(conn: sqlite3.Connection) -> ChangeCounters:
-    """The change feed's counters and the audit head's registry digest, in one read."""
-    row = conn.execute(
-        "SELECT f.counter, f.revocations, h.registry FROM change_feed f"
-        " LEFT JOIN audit_head h ON h.id = 1 WHERE f.id = 1"
-    ).fetchone()
-    return ChangeCounters(int(row["counter"]), int(row["revocations"]), row["registry"] or b"")
+def change_counters(conn: sqlite3.Connection, mac: Mac) -> ChangeCounters:
+    """The change feed's counters and the verified audit head's registry digest
+    (audit.registry_signal), in one read transaction."""
+    row = conn.execute("SELECT counter, revocations FROM change_feed WHERE id = 1").fetchone()
+    newest = conn.execute("SELECT MAX(seq) AS seq FROM audit_log").fetchone()["seq"]
+    registry = registry_signal(mac, read_head(conn), newest)
+    return ChangeCounters(int(row["counter"]), int(row["revocations"]), registry)
 
 
 def bump_keys(conn: sqlite3.Connection) -> None:

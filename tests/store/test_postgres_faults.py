@@ -26,6 +26,7 @@ from coap_auth.store import (
     postgres_grants,
     postgres_tokens,
 )
+from coap_auth.store.audit import UNVERIFIED_HEAD, AuditEvent
 from coap_auth.store.postgres import PostgresStore
 from coap_auth.store.records import Minted, RefreshOutcome, RefreshStatus, RegistryVersions
 from coap_auth.store.registry_mac import CLIENTS
@@ -398,5 +399,30 @@ async def test_a_trigger_rule_or_row_security_it_did_not_make_is_refused_at_open
         other = PostgresStore(pg.PG_DSN, MasterKey.load(tmp_path, create=False), schema=schema)
         with pytest.raises(OperatorError, match=f"holds what coap-auth did not make: {named}"):
             await other.open()
+    finally:
+        await admin.close()
+
+
+async def test_the_change_feed_gives_no_digest_of_a_head_put_back(
+    store: PostgresStore, schema: str
+) -> None:
+    """Attack (issue 17, round 3, F1), PostgreSQL's half (tests/test_registry_head_putback.py
+    runs it end to end on SQLite): the registry value the change feed gives readers is the
+    digest of a verified, current audit head only; a digest or a whole older head put back
+    by hand reads as UNVERIFIED_HEAD, which no digest equals, so every reader reloads."""
+    assert pg.PG_DSN is not None
+    trusted = (await store.change_counters()).registry
+    assert trusted not in (b"", UNVERIFIED_HEAD)
+    admin = await asyncpg.connect(pg.PG_DSN, server_settings={"search_path": schema})
+    try:
+        older = await admin.fetchrow("SELECT seq, last_mac, registry, mac FROM audit_head")
+        await store.append_audit([AuditEvent(1, "operator", "test.event", "x")])
+        assert (await store.change_counters()).registry == trusted  # a head that moved on
+        await admin.execute("UPDATE audit_head SET registry = $1", b"\x00" * 32)
+        assert (await store.change_counters()).registry == UNVERIFIED_HEAD
+        await admin.execute(
+            "UPDATE audit_head SET seq = $1, last_mac = $2, registry = $3, mac = $4", *older
+        )
+        assert (await store.change_counters()).registry == UNVERIFIED_HEAD
     finally:
         await admin.close()
