@@ -244,22 +244,20 @@ def issue_workload(client_id: str, secret: str, audience: str) -> Workload:
 
 def noop_workload(client_id: str, secret: str, audience: str) -> Workload:
     """The same request bytes to the bench-only /noop resource of the same server."""
-    payload = token_request(client_id, secret, audience)
-    options = wire.request_options("/noop", content_format=19)
-    return Workload(
-        "no-op",
-        build=lambda state: (wire.POST, options, payload),
-        accept=lambda state, response: response.code == wire.CREATED,
-    )
+    return _same_request("no-op", "/noop", token_request(client_id, secret, audience))
 
 
 def floor_workload(client_id: str, secret: str, audience: str) -> Workload:
     """The same request bytes to the bench-only /floor resource (a signature and a durable
     row, nothing else)."""
-    payload = token_request(client_id, secret, audience)
-    options = wire.request_options("/floor", content_format=19)
+    return _same_request("floor", "/floor", token_request(client_id, secret, audience))
+
+
+def _same_request(name: str, path: str, payload: bytes) -> Workload:
+    """A /token request's bytes POSTed to `path`, answered 2.01."""
+    options = wire.request_options(path, content_format=19)
     return Workload(
-        "floor",
+        name,
         build=lambda state: (wire.POST, options, payload),
         accept=lambda state, response: response.code == wire.CREATED,
     )

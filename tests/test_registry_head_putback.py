@@ -10,7 +10,7 @@ put-back lands between two polls every time."""
 from __future__ import annotations
 
 import sqlite3
-from pathlib import Path
+from dataclasses import replace
 
 import aiocoap
 import pytest
@@ -23,17 +23,9 @@ BODY = {AceParam.CLIENT_ID: "sensor-1", AceParam.AUDIENCE: "thermostat"}
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(
-        data_dir=tmp_path,
-        bind="127.0.0.1",
-        port=0,
-        issuer="coap://as.test",
-        rate_limit_per_address=0,
-        rate_limit_per_client=0,
-        require_oscore=False,
-        change_poll_interval=60,
-    )
+def settings(settings: Settings) -> Settings:
+    """tests/conftest.py's, with the change poll at its slowest."""
+    return replace(settings, change_poll_interval=60)
 
 
 def _database(coap: Coap) -> sqlite3.Connection:
