@@ -30,21 +30,26 @@ class ForeignTag(ValueError):
 
 
 def loads(data: bytes, allowed: frozenset[int] = _NO_TAGS) -> Any:
-    """`cbor2.loads(data)`, unless `data` holds a tag outside `allowed` and the bignum tags
-    (ForeignTag, before anything is decoded). cbor2's own errors otherwise, as before."""
-    if foreign_tag(data, allowed):
-        raise ForeignTag("a CBOR tag that is not taken here")
+    """`cbor2.loads(data)`, unless `refused(data, allowed)` (ForeignTag, before anything is
+    decoded). cbor2's own errors otherwise, as before."""
+    if refused(data, allowed):
+        raise ForeignTag("a CBOR tag that is not taken here, or malformed CBOR")
     return cbor2.loads(data)
 
 
-def foreign_tag(data: bytes, allowed: frozenset[int] = _NO_TAGS) -> bool:
-    """Whether the CBOR item `data` starts with holds a tag outside `allowed` (the contents of
-    byte and text strings are not read). Reads heads only, never deeper than the data is long;
-    stops with False at anything malformed, which cbor2 then refuses."""
+def refused(data: bytes, allowed: frozenset[int] = _NO_TAGS, *, sequence: bool = False) -> bool:
+    """Whether to refuse `data` unread: the CBOR item it starts with (`sequence`: every item of
+    the CBOR sequence it is) holds a tag outside `allowed` and the bignum tags, or is not
+    well-formed as far as its heads tell (a break where none may be, a reserved head, a
+    truncated one). The contents of byte and text strings are not read. What follows a single
+    item is not read either (cbor2.loads ignores it)."""
     at, end = 0, len(data)
-    # Items still to read at each level of nesting; None: until a break (indefinite length).
-    pending: list[int | None] = [1]
-    while pending and at < end:
+    # Items still to read at each level of nesting; None: until a break (indefinite length),
+    # or, at the bottom of a sequence, until the end of the data.
+    pending: list[int | None] = [None] if sequence else [1]
+    while at < end:
+        if not pending:
+            return False  # one item read whole; the rest is not decoded
         left = pending[-1]
         if left == 0:
             pending.pop()
@@ -52,8 +57,8 @@ def foreign_tag(data: bytes, allowed: frozenset[int] = _NO_TAGS) -> bool:
         initial = data[at]
         at += 1
         if initial == _BREAK:
-            if left is not None:
-                return False  # a break where none may be
+            if left is not None or len(pending) == 1:
+                return True  # cbor2 reads a stray break as a value and goes on
             pending.pop()
             continue
         if left is not None:
@@ -65,13 +70,13 @@ def foreign_tag(data: bytes, allowed: frozenset[int] = _NO_TAGS) -> bool:
         elif info in _ARGUMENT_BYTES:
             size = _ARGUMENT_BYTES[info]
             if at + size > end:
-                return False  # truncated
+                return True  # truncated
             argument = int.from_bytes(data[at : at + size], "big")
             at += size
         elif info == _INDEFINITE and 2 <= major <= 5:
             argument = None
         else:
-            return False  # reserved, or a float or simple value's: nothing nested in it
+            return True  # reserved
         if major in (2, 3):  # byte and text strings: skipped, or their chunks read
             if argument is None:
                 pending.append(None)
@@ -85,4 +90,7 @@ def foreign_tag(data: bytes, allowed: frozenset[int] = _NO_TAGS) -> bool:
             if argument not in allowed and argument not in _BIGNUMS:
                 return True
             pending.append(1)
-    return False
+    while pending and pending[-1] == 0:
+        pending.pop()
+    # Read to the end: whole only if nothing is left half read (a sequence's own level aside).
+    return at > end or pending != ([None] if sequence else [])

@@ -411,8 +411,8 @@ DEVICE_ALLOWED = (
 
 def device_client_violations(modules: Iterable[Module]) -> list[str]:
     """Every coap_auth name a device_client module imports must be wire, errors, tokens, udp,
-    addresses, untagged or secure (or the bare package those live in), so a new service module is kept out by
-    default."""
+    addresses, untagged or secure (or the bare package those live in), so a new service module
+    is kept out by default."""
     return allowlist_violations(modules, "device_client/", DEVICE_ALLOWED)
 
 

@@ -223,6 +223,8 @@ class Responder:
         return context
 
     async def _message_3(self, payload: bytes) -> OscoreContext:
+        if untagged.refused(payload):  # C_R, before cbor2's tag decoders see it
+            raise EdhocFailure("no connection identifier before message_3")
         stream = io.BytesIO(payload)
         try:
             c_r = _decode_connection_id(cbor2.CBORDecoder(stream).decode())
@@ -384,6 +386,8 @@ def _check_message_1(message_1: bytes) -> None:
     """RFC 9528 §5.2.3: refuse another method, and a selected suite we do not support with
     ERR_CODE 2 naming ours (the initiator may retry with it); and, before lakers sees it, a
     G_X that is not the x-coordinate of a P-256 point (lakers 0.6 panics on one)."""
+    if untagged.refused(message_1, sequence=True):  # before cbor2's tag decoders see it
+        raise EdhocFailure("message_1 malformed")
     stream = io.BytesIO(message_1)
     decoder = cbor2.CBORDecoder(stream)
     try:

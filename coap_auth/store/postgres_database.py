@@ -383,7 +383,10 @@ class PostgresDatabase:
 # What coap-auth never makes on its tables, and what could change what its statements do
 # unseen (as SQLite's open refuses a trigger or a view it did not make): a trigger can turn an
 # operator's UPDATE into nothing (the CLI says done; the rows and the audit head agree), a rule
-# rewrites statements, row security hides rows.
+# rewrites statements, row security hides rows; a foreign key onto one of its tables (from any
+# schema) makes its statements cascade into tables where anything may wait (a trigger outside
+# this schema put a disabled client's older row back, in coap-auth's own transaction). Its own
+# foreign keys are the two onto refresh_families, without actions.
 _FOREIGN_OBJECTS = """
 SELECT 'trigger ' || t.tgname || ' on ' || c.relname AS what
 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
@@ -395,6 +398,16 @@ UNION ALL
 SELECT 'row security on ' || c.relname
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = $1 AND (c.relrowsecurity OR c.relforcerowsecurity)
+UNION ALL
+SELECT 'foreign key ' || k.conname || ' on ' || n.nspname || '.' || c.relname
+FROM pg_constraint k
+JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_class r ON r.oid = k.confrelid JOIN pg_namespace rn ON rn.oid = r.relnamespace
+WHERE k.contype = 'f' AND (n.nspname = $1 OR rn.nspname = $1) AND NOT (
+    n.nspname = $1 AND rn.nspname = $1 AND r.relname = 'refresh_families'
+    AND c.relname IN ('refresh_tokens', 'access_tokens')
+    AND k.confupdtype = 'a' AND k.confdeltype = 'a'
+)
 """
 
 

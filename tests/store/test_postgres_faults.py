@@ -383,6 +383,15 @@ async def test_opening_makes_a_lost_table_or_index_anew(
         ),
         ("CREATE RULE r1 AS ON UPDATE TO clients DO INSTEAD NOTHING", "rule r1 on clients"),
         ("ALTER TABLE audiences ENABLE ROW LEVEL SECURITY", "row security on audiences"),
+        (
+            # Round 4: every sealed update changes the MAC, so it cascades into a table of
+            # another schema, where a trigger may do anything in coap-auth's transaction.
+            "ALTER TABLE clients ADD CONSTRAINT u1 UNIQUE (client_id, mac);"
+            " CREATE SCHEMA {schema}_elsewhere;"
+            " CREATE TABLE {schema}_elsewhere.shadow (client_id TEXT, mac BYTEA, FOREIGN KEY"
+            " (client_id, mac) REFERENCES clients (client_id, mac) ON UPDATE CASCADE)",
+            "foreign key shadow_client_id_mac_fkey on {schema}_elsewhere.shadow",
+        ),
     ],
 )
 async def test_a_trigger_rule_or_row_security_it_did_not_make_is_refused_at_open(
@@ -395,11 +404,13 @@ async def test_a_trigger_rule_or_row_security_it_did_not_make_is_refused_at_open
     assert pg.PG_DSN is not None
     admin = await asyncpg.connect(pg.PG_DSN, server_settings={"search_path": schema})
     try:
-        await admin.execute(ddl)
+        await admin.execute(ddl.format(schema=schema))
         other = PostgresStore(pg.PG_DSN, MasterKey.load(tmp_path, create=False), schema=schema)
+        named = named.format(schema=schema)
         with pytest.raises(OperatorError, match=f"holds what coap-auth did not make: {named}"):
             await other.open()
     finally:
+        await admin.execute(f"DROP SCHEMA IF EXISTS {schema}_elsewhere CASCADE")
         await admin.close()
 
 
