@@ -20,6 +20,8 @@ _BREAK = 0xFF
 _ARGUMENT_BYTES = {24: 1, 25: 2, 26: 4, 27: 8}
 _INDEFINITE = 31
 _NO_TAGS: frozenset[int] = frozenset()
+# An indefinite-length map's state on the scanner's stack (counts are >= 0).
+_KEY, _VALUE = -1, -2
 # Taken everywhere: cbor2 reads them as the integers they are (RFC 8949 §3.4.3), at no cost
 # beyond their length; what reads them then refuses the integers it does not take.
 _BIGNUMS = frozenset({2, 3})
@@ -44,8 +46,10 @@ def refused(data: bytes, allowed: frozenset[int] = _NO_TAGS, *, sequence: bool =
     truncated one). The contents of byte and text strings are not read. What follows a single
     item is not read either (cbor2.loads ignores it)."""
     at, end = 0, len(data)
-    # Items still to read at each level of nesting; None: until a break (indefinite length),
-    # or, at the bottom of a sequence, until the end of the data.
+    # Items still to read at each level of nesting; None: until a break (an indefinite array
+    # or string, or, at the bottom of a sequence, until the end of the data); _KEY and _VALUE:
+    # an indefinite map, before a key (a break may end it) or before that key's value (cbor2
+    # would read a break there as the value, and go on).
     pending: list[int | None] = [None] if sequence else [1]
     while at < end:
         if not pending:
@@ -57,11 +61,15 @@ def refused(data: bytes, allowed: frozenset[int] = _NO_TAGS, *, sequence: bool =
         initial = data[at]
         at += 1
         if initial == _BREAK:
-            if left is not None or len(pending) == 1:
+            if left not in (None, _KEY) or len(pending) == 1:
                 return True  # cbor2 reads a stray break as a value and goes on
             pending.pop()
             continue
-        if left is not None:
+        if left == _KEY:
+            pending[-1] = _VALUE
+        elif left == _VALUE:
+            pending[-1] = _KEY
+        elif left is not None:
             pending[-1] = left - 1
         major, info = initial >> 5, initial & 0x1F
         argument: int | None
@@ -85,7 +93,7 @@ def refused(data: bytes, allowed: frozenset[int] = _NO_TAGS, *, sequence: bool =
         elif major == 4:
             pending.append(argument)
         elif major == 5:
-            pending.append(None if argument is None else 2 * argument)
+            pending.append(_KEY if argument is None else 2 * argument)
         elif major == _TAG:
             if argument not in allowed and argument not in _BIGNUMS:
                 return True

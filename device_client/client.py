@@ -23,6 +23,7 @@ from typing import Any
 import aiocoap
 import cbor2
 
+from coap_auth import untagged
 from coap_auth.echo import request_answering_echo
 from coap_auth.errors import CoapAuthError
 from coap_auth.secure.credentials import EdhocCredential
@@ -539,7 +540,7 @@ def _parse_profile(payload: bytes) -> _Profile:
     parse_token_response): ace_profile (38, RFC 9200 §5.8.4.3), cnf (8: {4: OSCORE input
     material} of RFC 9203 §3.2, or {1: COSE_Key} of RFC 9201 §5) and rs_cnf (41: {1: COSE_Key},
     RFC 9201 §5). Raises ValueError for an ill-typed one, naming it but never its value."""
-    body = cbor2.loads(payload)
+    body = untagged.loads(payload)
     profile = body.get(AceParam.ACE_PROFILE)
     if profile is not None and (isinstance(profile, bool) or not isinstance(profile, int)):
         raise ValueError("/token answer has a non-integer ace_profile")

@@ -14,8 +14,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import cbor2
-
+from coap_auth import untagged
 from coap_auth.errors import CoapAuthError
 from coap_auth.tokens import VerificationKey, kid_text
 from coap_auth.wire import CoseAlg, CoseKeyParam, CoseKty
@@ -69,7 +68,7 @@ class KeySet:
         if len(payload) > MAX_KEY_SET_BYTES:
             raise ValueError("key set too large")
         try:
-            items = cbor2.loads(payload)
+            items = untagged.loads(payload)
         except Exception:
             raise ValueError("key set is not well-formed CBOR") from None
         if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):

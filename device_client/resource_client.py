@@ -52,6 +52,7 @@ from typing import Any, TypeVar
 import aiocoap
 import cbor2
 
+from coap_auth import untagged
 from coap_auth.echo import is_echo_challenge
 from coap_auth.errors import CoapAuthError
 from coap_auth.secure.credentials import (
@@ -530,7 +531,7 @@ def _load_map(payload: bytes) -> Mapping[Any, Any] | None:
     if not payload or len(payload) > MAX_ANSWER_BYTES:
         return None
     try:
-        body = cbor2.loads(payload)
+        body = untagged.loads(payload)
     except Exception:  # cbor2 raises more than CBORDecodeError on odd input
         return None
     return body if isinstance(body, dict) else None

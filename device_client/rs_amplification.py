@@ -42,6 +42,7 @@ from typing import Any
 import aiocoap
 import cbor2
 
+from coap_auth import untagged
 from coap_auth.addresses import network_list as comma_separated_networks
 from coap_auth.echo import AMPLIFICATION_FACTOR, VerifiedAddresses, request_size, within_bound
 from coap_auth.errors import PayloadTooLarge
@@ -164,7 +165,7 @@ def _hints_of(response: aiocoap.Message) -> dict[int, Any] | None:
     if response.opt.content_format != ContentFormat.ACE_CBOR:
         return None
     try:
-        hints = cbor2.loads(response.payload)
+        hints = untagged.loads(response.payload)
     except Exception:  # cbor2 raises more than CBORDecodeError on odd input
         return None
     return hints if isinstance(hints, dict) and HINT_AS in hints else None

@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import cbor2
-
+from coap_auth import untagged
 from coap_auth.wire import TrlParam
 
 # RFC 9770 §4: th = hash-alg id || digest; sha-256 (id 1) gives 33 bytes. Bound the length so
@@ -171,7 +170,7 @@ def _load_map(payload: bytes) -> dict[Any, Any]:
     if len(payload) > MAX_TRL_BYTES:
         raise ValueError("TRL answer too large")
     try:
-        document = cbor2.loads(payload)
+        document = untagged.loads(payload)
     except Exception:
         raise ValueError("TRL answer is not well-formed CBOR") from None
     if not isinstance(document, dict):

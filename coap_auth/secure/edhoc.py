@@ -427,6 +427,8 @@ def _check_message_1(message_1: bytes) -> None:
 def _check_message_3(message_3: bytes) -> None:
     """RFC 9528 §5.4.3: message_3 is one byte string, CIPHERTEXT_3, at least an AEAD tag
     long (and lakers 0.6 panics on a short or truncated one)."""
+    if untagged.refused(message_3):  # before cbor2's tag decoders see it
+        raise EdhocFailure("message_3 malformed")
     stream = io.BytesIO(message_3)
     try:
         ciphertext = cbor2.CBORDecoder(stream).decode()
@@ -454,6 +456,8 @@ def _shortest(message: bytes, items: list[Any]) -> bool:
 def _check_message_2(message_2: bytes) -> bool:
     """Whether message_2 is one byte string starting with a P-256 G_Y (RFC 9528 §5.3.1);
     lakers 0.6 panics on an off-curve G_Y."""
+    if untagged.refused(message_2):
+        return False
     stream = io.BytesIO(message_2)
     try:
         body = cbor2.CBORDecoder(stream).decode()
@@ -590,6 +594,8 @@ def _is_edhoc_error(response: Any) -> bool:
         return False
     if response.opt.content_format not in (None, EDHOC_CBOR_SEQ):
         return False
+    if untagged.refused(bytes(response.payload), sequence=True):
+        return False
     try:
         err_code = cbor2.CBORDecoder(io.BytesIO(bytes(response.payload))).decode()
     except Exception:  # cbor2 raises more than CBORDecodeError on odd input
@@ -599,7 +605,9 @@ def _is_edhoc_error(response: Any) -> bool:
 
 def _describe_error(response: Any) -> str:
     code = str(response.code)
-    if response.opt.content_format == EDHOC_CBOR_SEQ:
+    if response.opt.content_format == EDHOC_CBOR_SEQ and not untagged.refused(
+        bytes(response.payload), sequence=True
+    ):
         try:
             stream = io.BytesIO(bytes(response.payload))
             decoder = cbor2.CBORDecoder(stream)

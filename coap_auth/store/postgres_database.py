@@ -152,6 +152,14 @@ class PostgresDatabase:
             )
             sealed_before = read_marker(self._marker)
             async with self._pool.acquire() as conn:
+                # Before the migration, which writes the tables (and would set off what is
+                # found).
+                foreign = [row["what"] for row in await conn.fetch(_FOREIGN_OBJECTS, self._schema)]
+                if foreign:
+                    raise OperatorError(
+                        f"the PostgreSQL schema {self._schema} holds what coap-auth did not make:"
+                        f" {', '.join(sorted(foreign))} (edited?); refusing to use it"
+                    )
                 await migrate(
                     conn, self.locks.schema, self.master_key, int(time.time()), sealed_before
                 )
@@ -161,12 +169,6 @@ class PostgresDatabase:
                     "SELECT current_setting('transaction_read_only') = 'on' OR pg_is_in_recovery()"
                 ):
                     raise asyncpg.exceptions.ReadOnlySQLTransactionError("read-only")
-                foreign = [row["what"] for row in await conn.fetch(_FOREIGN_OBJECTS, self._schema)]
-                if foreign:
-                    raise OperatorError(
-                        f"the PostgreSQL schema {self._schema} holds what coap-auth did not make:"
-                        f" {', '.join(sorted(foreign))} (edited?); refusing to use it"
-                    )
             write_marker(self._marker, SCHEMA_VERSION)
         except (*CONNECTION_ERRORS, asyncpg.exceptions.ReadOnlySQLTransactionError) as exc:
             await self.close()

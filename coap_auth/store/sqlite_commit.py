@@ -14,6 +14,7 @@ what was ready (the callers just answered may write again): no timer, no wait wh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 from collections import deque
@@ -184,7 +185,8 @@ class GroupCommit:
             outcome = self._run([q.op for q in batch])
         except BaseException as exc:
             outcome = exc
-        if not loop.is_closed():
+        # The loop closed meanwhile (shutdown): nobody is left to answer.
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._finished, loop, batch, outcome)
 
     def _run(self, ops: list[Op]) -> list[_Done]:

@@ -194,3 +194,23 @@ async def test_a_tagged_message_1_is_refused_before_cbor2_decodes_its_tags(
     assert compiled.call_count == 0
     assert edhoc_error(answer)[0] == 1
     assert state(protected) == before
+
+
+async def test_a_tagged_message_3_is_refused_before_cbor2_decodes_its_tags(
+    protected: Protected,
+) -> None:
+    """Review (round 5): after a real message_1 and message_2, anyone holding the C_R sent a
+    message_3 that cbor2 decoded, tags and all, before finding it is no byte string (only C_R
+    was scanned). Refused unread now."""
+    port = protected.server.port
+    initiator = lakers.EdhocInitiator()
+    answer = await exchange(
+        port, edhoc_post(b"\xf5" + bytes(initiator.prepare_message_1(c_i=b"\x07", ead_1=None)))
+    )
+    assert answer.code == aiocoap.CHANGED
+    c_r, _, _ = initiator.parse_message_2(answer.payload)
+    tagged = b"\x98\x28" + b"\xd8\x23\x65(a|b)" * 40  # an array of 40 regexes
+    with mock.patch.object(re, "compile", wraps=re.compile) as compiled:
+        answer = await exchange(port, edhoc_post(encode_connection_id(bytes(c_r)) + tagged))
+    assert compiled.call_count == 0
+    assert edhoc_error(answer)[0] == 1

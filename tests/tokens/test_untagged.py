@@ -5,6 +5,7 @@ compiles) or 36 (a MIME message it parses) is refused before anything is decoded
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -111,6 +112,7 @@ def test_tags_in_indefinite_lengths_are_found() -> None:
         b"\xff",  # a stray break: cbor2 decodes it as a value
         b"\x82\xff\xd8\x23\x61x",  # ... and goes on to decode the tags after it
         b"\xa1\x01\xff",  # a break as a map value
+        b"\xbf\x01\xff\xd8\x23\x61a\x01\xff",  # ... of an indefinite map (review, round 5)
     ],
 )
 def test_malformed_input_is_refused_unread(data: bytes) -> None:
@@ -156,3 +158,15 @@ def test_untagged_items_decode_as_cbor2_decodes_them_and_a_tag_anywhere_is_found
     tagged = cbor2.dumps([value, cbor2.CBORTag(tag, value)])
     assert untagged.refused(tagged)
     assert not untagged.refused(tagged, frozenset({tag}))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from([*range(256), 0xFF, 0xBF, 0x9F, 0xD8, 0x23]), max_size=24))
+def test_nothing_the_scanner_lets_through_makes_cbor2_compile(raw: list[int]) -> None:
+    """Random bytes, biased to breaks, indefinite heads and tag 35: whatever `refused` lets
+    through, cbor2 decodes without compiling a regular expression."""
+    data = bytes(raw) + b"\x61a"
+    if untagged.refused(data):
+        return
+    with nothing_compiled(), contextlib.suppress(Exception):
+        cbor2.loads(data)
