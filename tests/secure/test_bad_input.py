@@ -99,17 +99,23 @@ async def test_wrong_method_and_content_format(protected: Protected) -> None:
     assert state(protected) == (0, 0)
 
 
-async def test_a_replayed_message_3_finds_no_handshake(protected: Protected) -> None:
-    device = await protected.device("sensor-1")
-    identity = device.identity
-    as_credential = protected.service.edhoc_identity.credential
-    port = protected.server.port
+async def _to_message_3(port: int) -> tuple[lakers.EdhocInitiator, bytes, bytes]:
+    """A real message_1 sent and message_2 read: the initiator, C_R and ID_CRED_R."""
     initiator = lakers.EdhocInitiator()
     answer = await exchange(
         port, edhoc_post(b"\xf5" + bytes(initiator.prepare_message_1(c_i=b"\x07", ead_1=None)))
     )
     assert answer.code == aiocoap.CHANGED
     c_r, id_cred_r, _ = initiator.parse_message_2(answer.payload)
+    return initiator, bytes(c_r), bytes(id_cred_r)
+
+
+async def test_a_replayed_message_3_finds_no_handshake(protected: Protected) -> None:
+    device = await protected.device("sensor-1")
+    identity = device.identity
+    as_credential = protected.service.edhoc_identity.credential
+    port = protected.server.port
+    initiator, c_r, id_cred_r = await _to_message_3(port)
     checked = lakers.credential_check_or_fetch(id_cred_r, as_credential.ccs)
     initiator.verify_message_2(identity.private_scalar, identity.credential.ccs, checked)
     message_3, _ = initiator.prepare_message_3(lakers.CredentialTransfer.ByReference, None)
@@ -203,12 +209,7 @@ async def test_a_tagged_message_3_is_refused_before_cbor2_decodes_its_tags(
     message_3 that cbor2 decoded, tags and all, before finding it is no byte string (only C_R
     was scanned). Refused unread now."""
     port = protected.server.port
-    initiator = lakers.EdhocInitiator()
-    answer = await exchange(
-        port, edhoc_post(b"\xf5" + bytes(initiator.prepare_message_1(c_i=b"\x07", ead_1=None)))
-    )
-    assert answer.code == aiocoap.CHANGED
-    c_r, _, _ = initiator.parse_message_2(answer.payload)
+    _, c_r, _ = await _to_message_3(port)
     tagged = b"\x98\x28" + b"\xd8\x23\x65(a|b)" * 40  # an array of 40 regexes
     with mock.patch.object(re, "compile", wraps=re.compile) as compiled:
         answer = await exchange(port, edhoc_post(encode_connection_id(bytes(c_r)) + tagged))
