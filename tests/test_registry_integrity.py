@@ -418,3 +418,26 @@ async def test_an_older_sealed_row_put_back_is_reported(registered: Registered, 
     assert result.returncode == 2, result.stdout
     problems = [line for line in result.stderr.splitlines() if line.startswith("coap-auth: error:")]
     assert len(problems) == 1 and REGISTRY_MISMATCH in problems[0], problems
+
+
+async def test_a_cell_that_is_not_utf8_refuses_its_row_alone(
+    registered: Registered, tmp_path: Path
+) -> None:
+    """Attack (round 3, F3): a client's TEXT cell set to bytes that are not UTF-8 (SQLite
+    takes them; PostgreSQL refuses them on input) made every /token answer 5.00 and `audit
+    verify` crash. The row now fails its MAC like any edit: refused alone, and reported."""
+    if registered.deployment.store != "sqlite":
+        pytest.skip("PostgreSQL refuses text that is not UTF-8 on input")
+    deployment = registered.deployment
+    sensor = {CLIENT_ID: "sensor-1", CLIENT_SECRET: registered.secret}
+    meter = {"client_assertion": _assertion(registered.meter, CoseAlg.ES256, "meter-7")}
+    await deployment.tamper(
+        "UPDATE clients SET scope = CAST(x'ff' AS TEXT) WHERE client_id = 'meter-7'"
+    )
+    async with _served(registered, tmp_path) as (url, context):
+        assert (await _post(context, url + "/token", sensor))[0].code == aiocoap.CREATED
+        response, body = await _post(context, url + "/token", meter)
+        assert (response.code, body) == (UNAUTHORIZED, INVALID_CLIENT_BODY)
+    result = deployment.cli("audit", "verify")
+    assert result.returncode == 2, result.stderr
+    assert "client 'meter-7': its MAC does not match" in result.stderr, result.stderr
