@@ -213,11 +213,15 @@ def registry_matches(
     verified, current head records: what `audit verify` checks, for a reader that acts on the
     rows (the /token path's registry cache)."""
     return (
-        head_verifies(mac, head)
+        head_is_current(mac, head, newest_seq)
         and head is not None
-        and head.seq == (newest_seq or 0)
         and hmac.compare_digest(head.registry, rows_digest)
     )
+
+
+def head_is_current(mac: Mac, head: AuditHead | None, newest_seq: int | None) -> bool:
+    """Whether `head` verifies and is where the chain ends (its newest entry, `newest_seq`)."""
+    return head_verifies(mac, head) and head is not None and head.seq == (newest_seq or 0)
 
 
 # What the change feed gives for the registry while the audit head does not verify, or is not
@@ -233,7 +237,7 @@ def registry_signal(mac: Mac, head: AuditHead | None, newest_seq: int | None) ->
     from them (attack round 3, F1)."""
     if head is None:
         return b""
-    if head_verifies(mac, head) and head.seq == (newest_seq or 0):
+    if head_is_current(mac, head, newest_seq):
         return head.registry
     return UNVERIFIED_HEAD
 

@@ -40,11 +40,15 @@ class SqliteAudit:
         self._mac = audit_mac
 
     def change_counters(self, conn: sqlite3.Connection) -> ChangeCounters:
-        return change_counters(conn, self._mac)
+        """The change feed's counters and the verified audit head's registry digest
+        (audit.registry_signal), in one read transaction."""
+        row = conn.execute("SELECT counter, revocations FROM change_feed WHERE id = 1").fetchone()
+        registry = registry_signal(self._mac, read_head(conn), _newest_seq(conn))
+        return ChangeCounters(int(row["counter"]), int(row["revocations"]), registry)
 
     def registry_matches_head(self, conn: sqlite3.Connection) -> bool:
         """audit.registry_matches for the rows and head the transaction sees."""
-        newest = conn.execute("SELECT MAX(seq) AS seq FROM audit_log").fetchone()["seq"]
+        newest = _newest_seq(conn)
         return registry_matches(self._mac, read_head(conn), newest, registry_digest_of(conn))
 
     def append(
@@ -98,13 +102,10 @@ def snapshot(conn: sqlite3.Connection) -> AuditSnapshot:
     )
 
 
-def change_counters(conn: sqlite3.Connection, mac: Mac) -> ChangeCounters:
-    """The change feed's counters and the verified audit head's registry digest
-    (audit.registry_signal), in one read transaction."""
-    row = conn.execute("SELECT counter, revocations FROM change_feed WHERE id = 1").fetchone()
-    newest = conn.execute("SELECT MAX(seq) AS seq FROM audit_log").fetchone()["seq"]
-    registry = registry_signal(mac, read_head(conn), newest)
-    return ChangeCounters(int(row["counter"]), int(row["revocations"]), registry)
+def _newest_seq(conn: sqlite3.Connection) -> int | None:
+    """The seq of the chain's newest entry (None: no entry)."""
+    newest: int | None = conn.execute("SELECT MAX(seq) AS seq FROM audit_log").fetchone()["seq"]
+    return newest
 
 
 def bump_keys(conn: sqlite3.Connection) -> None:
