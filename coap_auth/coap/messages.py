@@ -77,15 +77,15 @@ def decode_ace_payload(
 
 
 def _depth(value: Any, limit: int = MAX_DEPTH) -> int:
-    """How deep `value` nests, counting no further than limit + 1."""
+    """How deep `value` nests, counting no further than limit + 1. A body holds no tags
+    (`untagged.loads` refused them; bignums are integers), so no sets or CBORTag objects: only
+    maps and arrays (tuples, as map keys) nest."""
     if limit < 0:
         return 1
     if isinstance(value, dict):
         children: Any = [*value.keys(), *value.values()]
-    elif isinstance(value, list | tuple | set | frozenset):
+    elif isinstance(value, list | tuple):
         children = value
-    elif isinstance(value, cbor2.CBORTag):
-        children = [value.value]
     else:
         return 0
     return 1 + max((_depth(child, limit - 1) for child in children), default=0)
