@@ -157,7 +157,9 @@ def _verified(
     """`VerifiedToken(claims, th, token_format, kid, key)` in a third of the time: a frozen
     dataclass's __init__ sets each field through object.__setattr__; plain stores fill the
     same slots here, then the object is given its class (allowed between classes of one
-    layout; a changed VerifiedToken fails here with TypeError). As `Claims` are read."""
+    layout). A field added to VerifiedToken must be set here too: tests/device_client/
+    test_verify_fast.py compares what this builds with VerifiedToken(...). As `Claims` are
+    read."""
     fields = _VerifiedFields()
     fields.claims = claims
     fields.token_hash = th

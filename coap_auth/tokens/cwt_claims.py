@@ -126,7 +126,8 @@ def _new_claims(
     in a third of the time. A frozen dataclass's __init__ sets
     each field through object.__setattr__ (~1.5k machine instructions a field, 16k a token);
     a plain object with the same slots is filled by plain stores, then given its class
-    (allowed between classes of one layout; a changed Claims fails here with TypeError)."""
+    (allowed between classes of one layout). A field added to Claims must be set here too:
+    tests/tokens/test_fast_verification.py compares what this builds with Claims(...)."""
     fields = _ClaimFields()
     fields.iss = iss
     fields.sub = sub
